@@ -1,0 +1,56 @@
+# Gangway: the two commands.
+#   make dev   installs what a fresh Debian machine lacks, builds, and runs the local demo
+#   make test  installs what is missing, then fmt, clippy and the whole test suite
+#
+# Build products go to a cache outside the clone, so CI and repeated runs reuse them.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/gangway/target
+export CARGO_TERM_COLOR ?= never
+CARGO ?= cargo
+
+# System packages the build needs: libclang for RocksDB's bindings, a C++ compiler for RocksDB itself,
+# python3 for the example trainer the demo and the end-to-end tests run.
+APT_PACKAGES := libclang-dev clang g++ python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: dev test deps fmt lint unit sim-demo bench clean-cache help
+
+help:
+	@echo "make dev    - install missing system packages, build, run the local demo"
+	@echo "make test   - install missing system packages, fmt + clippy + every test"
+	@echo "make bench  - the benchmarks (release builds; prints numbers)"
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	@rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --locked
+
+test: deps fmt lint unit
+
+# Until the replicated server lands, the demo is the simulator on real traces: a short Philly window
+# per policy and one seed of the FGD experiment.
+dev: deps
+	$(CARGO) build --release --locked --bin gangway
+	$(CARGO_TARGET_DIR)/release/gangway sim replay --trace ../shared/traces/philly/philly.csv \
+	  --cluster deploy/sim/philly-cluster.toml --policy first-fit,best-fit,static-quota,gangway \
+	  --from 0 --to 259200
+	$(CARGO_TARGET_DIR)/release/gangway sim fgd --nodes ../shared/traces/openb/openb_node_list_gpu_node.csv \
+	  --pods ../shared/traces/openb/openb_pod_list_default.csv --tune 1.3 --seeds 1 \
+	  --policy best-fit,fgd,gangway
+
+bench: deps
+	$(CARGO) bench --locked -p gangway-scheduler --bench placement
+	$(CARGO) bench --locked -p gangway-consensus --bench raft_bench

@@ -1,0 +1,144 @@
+//! Replica configuration: a validated struct, so that a bad value fails at start-up with a message
+//! naming the field instead of as a confusing election storm later.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::ConsensusError;
+use crate::types::NodeId;
+
+/// Which log store backs the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogStorage {
+    /// RocksDB under `data_dir/raft-log`, fsynced appends. Use this in production.
+    #[default]
+    RocksDb,
+    /// In memory only; nothing survives a restart (snapshots still go to `data_dir`). For tests and
+    /// simulations.
+    Memory,
+}
+
+/// Everything a replica needs to start.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// This replica's id: unique in the cluster and stable for the life of `data_dir`.
+    pub node_id: NodeId,
+    /// The gRPC address other replicas (and forwarded writes) use to reach this replica.
+    pub advertise_addr: String,
+    /// Where the Raft log (RocksDB) and snapshots live.
+    pub data_dir: PathBuf,
+    /// Log store backend.
+    pub log_storage: LogStorage,
+    /// Lower bound of the randomized election timeout.
+    pub election_timeout_min: Duration,
+    /// Upper bound of the randomized election timeout.
+    pub election_timeout_max: Duration,
+    /// Leader heartbeat period; must be well below `election_timeout_min`.
+    pub heartbeat_interval: Duration,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_every_entries: u64,
+    /// How many entries to keep in the log behind a snapshot, so that slightly lagging followers
+    /// catch up from the log instead of by a snapshot.
+    pub keep_entries_after_snapshot: u64,
+    /// Snapshot transfer chunk size in bytes.
+    pub snapshot_chunk_bytes: usize,
+    /// Deadline for one replication/vote RPC.
+    pub rpc_timeout: Duration,
+    /// Deadline for a client `write` (including forwarding and waiting for a leader).
+    pub write_timeout: Duration,
+}
+
+impl ReplicaConfig {
+    /// Defaults suited to replicas in one data center; tune the election timeout up for WAN links.
+    pub fn new(node_id: NodeId, advertise_addr: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        ReplicaConfig {
+            node_id,
+            advertise_addr: advertise_addr.into(),
+            data_dir: data_dir.into(),
+            log_storage: LogStorage::RocksDb,
+            election_timeout_min: Duration::from_millis(750),
+            election_timeout_max: Duration::from_millis(1500),
+            heartbeat_interval: Duration::from_millis(150),
+            snapshot_every_entries: 10_000,
+            keep_entries_after_snapshot: 1_000,
+            snapshot_chunk_bytes: 1 << 20,
+            rpc_timeout: Duration::from_millis(1_000),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Check the values; the error names the offending field.
+    pub fn validate(&self) -> Result<(), ConsensusError> {
+        let bad = |m: String| Err(ConsensusError::Rejected(format!("invalid replica config: {m}")));
+        if self.advertise_addr.is_empty() {
+            return bad("advertise_addr must not be empty".into());
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir must not be empty".into());
+        }
+        if self.heartbeat_interval.is_zero() {
+            return bad("heartbeat_interval must be > 0".into());
+        }
+        if self.election_timeout_min <= self.heartbeat_interval {
+            return bad(format!(
+                "election_timeout_min ({:?}) must be greater than heartbeat_interval ({:?})",
+                self.election_timeout_min, self.heartbeat_interval
+            ));
+        }
+        if self.election_timeout_max <= self.election_timeout_min {
+            return bad(format!(
+                "election_timeout_max ({:?}) must be greater than election_timeout_min ({:?})",
+                self.election_timeout_max, self.election_timeout_min
+            ));
+        }
+        if self.snapshot_every_entries == 0 {
+            return bad("snapshot_every_entries must be > 0".into());
+        }
+        if self.snapshot_chunk_bytes == 0 {
+            return bad("snapshot_chunk_bytes must be > 0".into());
+        }
+        if self.rpc_timeout.is_zero() || self.write_timeout.is_zero() {
+            return bad("rpc_timeout and write_timeout must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// The openraft config derived from ours.
+    pub(crate) fn to_openraft(&self) -> Result<openraft::Config, ConsensusError> {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let cfg = openraft::Config {
+            cluster_name: "gangway".to_string(),
+            election_timeout_min: ms(self.election_timeout_min),
+            election_timeout_max: ms(self.election_timeout_max),
+            heartbeat_interval: ms(self.heartbeat_interval),
+            install_snapshot_timeout: ms(self.rpc_timeout).max(10_000),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: self.keep_entries_after_snapshot,
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes as u64,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        };
+        cfg.validate()
+            .map_err(|e| ConsensusError::Rejected(format!("invalid replica config: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c = ReplicaConfig::new(1, "127.0.0.1:1", "/tmp/x");
+        assert!(c.validate().is_ok());
+        assert!(c.to_openraft().is_ok());
+        c.election_timeout_max = c.election_timeout_min;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("election_timeout_max"), "{e}");
+        let mut c = ReplicaConfig::new(1, "", "/tmp/x");
+        assert!(c.validate().unwrap_err().to_string().contains("advertise_addr"));
+        c.advertise_addr = "a".into();
+        c.heartbeat_interval = Duration::from_secs(5);
+        assert!(c.validate().unwrap_err().to_string().contains("heartbeat_interval"));
+    }
+}

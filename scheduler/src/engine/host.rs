@@ -1,0 +1,80 @@
+//! A host (node) and what is free on it right now.
+
+use super::device::{DeviceSpec, MILLI_PER_DEVICE};
+use super::topology::HostTopology;
+use gangway_proto::ids::HostName;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// What the control plane lets the scheduler do with a host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Accepts new work.
+    Ready,
+    /// Keeps what runs, takes nothing new.
+    Cordoned,
+    /// Takes nothing new; its work is being moved away.
+    Draining,
+    /// Missed its heartbeats: takes nothing, its leases are revoked.
+    Down,
+}
+
+impl NodeState {
+    pub fn accepts_new_work(self) -> bool {
+        matches!(self, NodeState::Ready)
+    }
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeState::Ready => "ready",
+            NodeState::Cordoned => "cordoned",
+            NodeState::Draining => "draining",
+            NodeState::Down => "down",
+        })
+    }
+}
+
+/// A host as registered: its place in the tree, its CPU and memory, its devices.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSpec {
+    pub name: HostName,
+    pub topology: HostTopology,
+    pub cpu_milli: u64,
+    pub memory_mib: u64,
+    pub devices: Vec<DeviceSpec>,
+    pub state: NodeState,
+}
+
+/// A host and its free capacity. Free capacity is derived from the placements the cluster holds;
+/// it is kept here (not recomputed) because the engine reads it for every candidate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostState {
+    pub spec: HostSpec,
+    /// Free milli-devices per device index (1000 = the whole device is free).
+    pub free_milli: Vec<u32>,
+    pub free_cpu_milli: u64,
+    pub free_memory_mib: u64,
+}
+
+impl HostState {
+    pub fn new(spec: HostSpec) -> Self {
+        let free_milli = vec![MILLI_PER_DEVICE; spec.devices.len()];
+        Self {
+            free_cpu_milli: spec.cpu_milli,
+            free_memory_mib: spec.memory_mib,
+            free_milli,
+            spec,
+        }
+    }
+
+    /// Devices that are wholly free.
+    pub fn free_whole_devices(&self) -> usize {
+        self.free_milli
+            .iter()
+            .filter(|m| **m == MILLI_PER_DEVICE)
+            .count()
+    }
+}

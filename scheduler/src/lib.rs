@@ -1,0 +1,10 @@
+//! Gangway's scheduler crate.
+//!
+//! - [`engine`]: the pure placement engine. A function from a cluster snapshot and the pending gangs to
+//!   a [`engine::Plan`]; no tokio, no I/O, no clocks, so the server, the simulator and the tests all run
+//!   the very same decisions.
+//! - [`sim`]: the trace-driven simulator (`gangway sim`) that drives the engine under a discrete-event
+//!   clock and measures it on real production traces.
+
+pub mod engine;
+pub mod sim;
