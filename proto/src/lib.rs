@@ -1,8 +1,10 @@
 //! Gangway's API crate.
 //!
-//! It will hold the `.proto` services, the generated tonic/prost code and the domain types that cross
-//! crate and wire boundaries (ids, job specs, inventories, leases) with their validation. The scheduler
-//! service issue fills it; until then it holds only the identifiers every layer already shares, so that
-//! nothing here pretends to be an API that does not exist yet.
+//! The domain types that cross crate and wire boundaries, with their validation: identifiers, device
+//! kinds, topology levels, and the job spec people write (`spec`, TOML with field-path errors). The
+//! `.proto` services and generated tonic/prost code join them with the scheduler service.
 
+pub mod device;
 pub mod ids;
+pub mod spec;
+pub mod topology;

@@ -1,24 +1,7 @@
 //! Accelerator kinds and models.
 
+pub use gangway_proto::device::DeviceKind;
 use serde::{Deserialize, Serialize};
-use std::fmt;
-
-/// The family of an accelerator. A job asks for one kind; it never mixes them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceKind {
-    Gpu,
-    Tpu,
-}
-
-impl fmt::Display for DeviceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DeviceKind::Gpu => "gpu",
-            DeviceKind::Tpu => "tpu",
-        })
-    }
-}
 
 /// One accelerator model ("H100", "A100-80G", "TPU-v5p", or an opaque trace code such as "G2").
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -1,0 +1,919 @@
+//! Job specs as people write them (TOML), checked into a typed [`JobSpec`].
+//!
+//! Parsing is two steps. Serde reads the TOML into loosely typed "raw" structs that reject unknown
+//! fields (with the path of the offending key); then [`JobSpec::from_raw`] checks every value and
+//! collects *all* problems, each naming its field path and what was expected, so a person fixes a
+//! spec in one round trip. Nothing is accepted half-way: either every field is valid or there is no
+//! `JobSpec`.
+
+use crate::device::DeviceKind;
+use crate::topology::TopologyLevel;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+/// Most tasks a gang may have.
+pub const MAX_TASKS: u32 = 4096;
+/// Most whole devices one task may ask for.
+pub const MAX_DEVICES_PER_TASK: u32 = 64;
+/// Longest name of a job or queue.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Signals a task may ask to receive as its checkpoint request.
+pub const CHECKPOINT_SIGNALS: [&str; 6] = [
+    "SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT",
+];
+
+/// A job spec that passed validation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    pub queue: String,
+    pub priority: i32,
+    /// Gang size: all tasks are placed together or not at all.
+    pub tasks: u32,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub resources: Resources,
+    pub topology: TopologySpec,
+    /// `None`: the job cannot be checkpointed, so it is never migrated and only preempted by a stop.
+    pub checkpoint: Option<CheckpointSpec>,
+    pub estimated_runtime: Option<Duration>,
+}
+
+/// What each task needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub devices: DeviceCount,
+    pub kind: DeviceKind,
+    /// Accepted models; empty accepts any model of `kind`.
+    pub models: Vec<String>,
+    /// CPU reserved per task in milli-cores; 0 reserves none.
+    pub cpu_milli: u64,
+    /// Host memory reserved per task; 0 reserves none.
+    pub memory_mib: u64,
+}
+
+/// Devices per task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceCount {
+    /// A CPU-only task.
+    None,
+    /// Whole devices.
+    Whole(u32),
+    /// A share of one device in milli-devices (1..=999).
+    Fraction(u32),
+}
+
+/// Packing constraints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopologySpec {
+    pub required: Option<TopologyLevel>,
+    pub preferred: Option<TopologyLevel>,
+}
+
+/// How the worker asks the task to checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointSpec {
+    /// Canonical signal name, e.g. `SIGUSR1`.
+    pub signal: String,
+    /// How long the task has to write its manifest.
+    pub timeout: Duration,
+}
+
+/// One problem with one field.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    /// Dotted path of the field (`resources.devices`); empty for the document as a whole.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a spec.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub struct SpecError {
+    pub errors: Vec<FieldError>,
+}
+
+impl SpecError {
+    fn one(path: &str, message: impl Into<String>) -> Self {
+        Self {
+            errors: vec![FieldError {
+                path: path.to_owned(),
+                message: message.into(),
+            }],
+        }
+    }
+
+    /// The paths of all fields with problems, for tests and scripts.
+    pub fn paths(&self) -> Vec<&str> {
+        self.errors.iter().map(|e| e.path.as_str()).collect()
+    }
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid job spec")?;
+        for e in &self.errors {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: Option<toml::Value>,
+    queue: Option<toml::Value>,
+    priority: Option<toml::Value>,
+    tasks: Option<toml::Value>,
+    command: Option<toml::Value>,
+    #[serde(default)]
+    env: BTreeMap<String, toml::Value>,
+    resources: Option<RawResources>,
+    topology: Option<RawTopology>,
+    checkpoint: Option<RawCheckpoint>,
+    estimated_runtime: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    devices: Option<toml::Value>,
+    kind: Option<toml::Value>,
+    models: Option<toml::Value>,
+    cpu: Option<toml::Value>,
+    memory: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopology {
+    required: Option<toml::Value>,
+    preferred: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheckpoint {
+    signal: Option<toml::Value>,
+    timeout: Option<toml::Value>,
+}
+
+/// Collects field errors while the checks run.
+#[derive(Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn add(&mut self, path: &str, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+}
+
+fn describe(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => format!("the string {s:?}"),
+        toml::Value::Integer(i) => format!("the integer {i}"),
+        toml::Value::Float(x) => format!("the number {x}"),
+        toml::Value::Boolean(b) => format!("the boolean {b}"),
+        toml::Value::Datetime(d) => format!("the date {d}"),
+        toml::Value::Array(_) => "an array".to_owned(),
+        toml::Value::Table(_) => "a table".to_owned(),
+    }
+}
+
+fn check_name(
+    p: &mut Problems,
+    path: &str,
+    v: Option<&toml::Value>,
+    default: Option<&str>,
+) -> String {
+    let s = match (v, default) {
+        (None, Some(d)) => return d.to_owned(),
+        (None, None) => {
+            p.add(path, "is required: expected a name such as \"pretrain-7b\"");
+            return String::new();
+        }
+        (Some(toml::Value::String(s)), _) => s.clone(),
+        (Some(other), _) => {
+            p.add(path, format!("expected a string, got {}", describe(other)));
+            return String::new();
+        }
+    };
+    let valid_chars = s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let starts_ok = s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if s.is_empty() || s.len() > MAX_NAME_LEN || !valid_chars || !starts_ok {
+        p.add(
+            path,
+            format!(
+                "expected 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.', starting with a letter or digit, got {s:?}"
+            ),
+        );
+    }
+    s
+}
+
+fn check_int(p: &mut Problems, path: &str, v: &toml::Value, min: i64, max: i64) -> Option<i64> {
+    match v {
+        toml::Value::Integer(i) if (min..=max).contains(i) => Some(*i),
+        toml::Value::Integer(i) => {
+            p.add(
+                path,
+                format!("expected an integer from {min} to {max}, got {i}"),
+            );
+            None
+        }
+        other => {
+            p.add(
+                path,
+                format!(
+                    "expected an integer from {min} to {max}, got {}",
+                    describe(other)
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn check_duration(
+    p: &mut Problems,
+    path: &str,
+    v: &toml::Value,
+    min: Duration,
+    max: Duration,
+) -> Option<Duration> {
+    let toml::Value::String(s) = v else {
+        p.add(
+            path,
+            format!(
+                "expected a duration such as \"60s\" or \"2h\", got {}",
+                describe(v)
+            ),
+        );
+        return None;
+    };
+    match humantime::parse_duration(s) {
+        Ok(d) if d >= min && d <= max => Some(d),
+        Ok(_) => {
+            p.add(
+                path,
+                format!(
+                    "expected a duration from {} to {}, got {s:?}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            p.add(
+                path,
+                format!("expected a duration such as \"60s\" or \"2h\", got {s:?} ({e})"),
+            );
+            None
+        }
+    }
+}
+
+/// Milli-units from a TOML number with at most three decimals (`0.5` -> 500, `4` -> 4000).
+fn to_milli(v: &toml::Value) -> Option<u64> {
+    match v {
+        toml::Value::Integer(i) if *i >= 0 => u64::try_from(*i).ok()?.checked_mul(1000),
+        toml::Value::Float(x) if x.is_finite() && *x >= 0.0 && *x < 1e12 => {
+            let milli = (x * 1000.0).round();
+            ((x * 1000.0 - milli).abs() < 1e-6).then_some(milli as u64)
+        }
+        _ => None,
+    }
+}
+
+fn check_devices(p: &mut Problems, v: Option<&toml::Value>) -> DeviceCount {
+    const PATH: &str = "resources.devices";
+    let expected = format!(
+        "expected a whole number of devices from 0 to {MAX_DEVICES_PER_TASK}, or a fraction of one device from 0.001 to 0.999"
+    );
+    let Some(v) = v else {
+        p.add(PATH, format!("is required: {expected}"));
+        return DeviceCount::None;
+    };
+    match (v, to_milli(v)) {
+        (toml::Value::Integer(0), _) => DeviceCount::None,
+        (toml::Value::Integer(n), Some(_)) if *n as u64 <= u64::from(MAX_DEVICES_PER_TASK) => {
+            DeviceCount::Whole(*n as u32)
+        }
+        (toml::Value::Float(_), Some(m)) if m > 0 && m < 1000 => DeviceCount::Fraction(m as u32),
+        (toml::Value::Float(_), Some(m))
+            if m % 1000 == 0 && m / 1000 <= u64::from(MAX_DEVICES_PER_TASK) =>
+        {
+            if m == 0 {
+                DeviceCount::None
+            } else {
+                DeviceCount::Whole((m / 1000) as u32)
+            }
+        }
+        _ => {
+            p.add(PATH, format!("{expected}, got {}", describe(v)));
+            DeviceCount::None
+        }
+    }
+}
+
+/// Memory as integer MiB or a string with a unit: "512MiB", "32GiB", "1TiB".
+fn check_memory(p: &mut Problems, v: &toml::Value) -> u64 {
+    const PATH: &str = "resources.memory";
+    let parsed = match v {
+        toml::Value::Integer(i) if *i >= 0 => Some(*i as u64),
+        toml::Value::String(s) => {
+            let s = s.trim();
+            let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+            let (num, unit) = s.split_at(split);
+            let factor = match unit.trim() {
+                "MiB" | "Mi" => Some(1u64),
+                "GiB" | "Gi" => Some(1024),
+                "TiB" | "Ti" => Some(1024 * 1024),
+                _ => None,
+            };
+            match (num.parse::<u64>(), factor) {
+                (Ok(n), Some(f)) => n.checked_mul(f),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    parsed.unwrap_or_else(|| {
+        p.add(
+            PATH,
+            format!(
+                "expected memory per task as MiB (an integer) or a string such as \"32GiB\" (units MiB, GiB, TiB), got {}",
+                describe(v)
+            ),
+        );
+        0
+    })
+}
+
+fn check_level(p: &mut Problems, path: &str, v: Option<&toml::Value>) -> Option<TopologyLevel> {
+    match v? {
+        toml::Value::String(s) => match s.parse() {
+            Ok(level) => Some(level),
+            Err(e) => {
+                p.add(path, e.to_string());
+                None
+            }
+        },
+        other => {
+            p.add(
+                path,
+                format!(
+                    "expected one of host, nvlink, rack, pod, zone, datacenter, got {}",
+                    describe(other)
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn check_string_list(p: &mut Problems, path: &str, v: &toml::Value, what: &str) -> Vec<String> {
+    let toml::Value::Array(items) = v else {
+        p.add(
+            path,
+            format!("expected an array of {what}, got {}", describe(v)),
+        );
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            toml::Value::String(s) => out.push(s.clone()),
+            other => p.add(
+                &format!("{path}[{i}]"),
+                format!("expected a string, got {}", describe(other)),
+            ),
+        }
+    }
+    out
+}
+
+fn is_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Variables the worker sets itself; a spec may not override them.
+fn is_reserved_env(s: &str) -> bool {
+    s.starts_with("GANGWAY_") || s == "CUDA_VISIBLE_DEVICES" || s == "TPU_VISIBLE_CHIPS"
+}
+
+impl JobSpec {
+    /// Parses and validates a TOML job spec.
+    pub fn from_toml_str(text: &str) -> Result<JobSpec, SpecError> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| SpecError::one("", format!("not valid TOML: {}", e.message())))?;
+        let raw: RawSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let path = if path == "." { String::new() } else { path };
+            SpecError::one(&path, inner.message().to_owned())
+        })?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawSpec) -> Result<JobSpec, SpecError> {
+        let mut p = Problems::default();
+        let name = check_name(&mut p, "name", raw.name.as_ref(), None);
+        let queue = check_name(&mut p, "queue", raw.queue.as_ref(), Some("default"));
+        let priority = raw
+            .priority
+            .as_ref()
+            .and_then(|v| check_int(&mut p, "priority", v, -1_000_000, 1_000_000))
+            .unwrap_or(0) as i32;
+        let tasks = raw
+            .tasks
+            .as_ref()
+            .and_then(|v| check_int(&mut p, "tasks", v, 1, i64::from(MAX_TASKS)))
+            .unwrap_or(1) as u32;
+
+        let command = match raw.command.as_ref() {
+            None => {
+                p.add(
+                    "command",
+                    "is required: expected an array such as [\"python3\", \"train.py\"]",
+                );
+                Vec::new()
+            }
+            Some(v) => check_string_list(&mut p, "command", v, "strings"),
+        };
+        if raw.command.is_some()
+            && command.first().is_none_or(|c| c.is_empty())
+            && !p.0.iter().any(|e| e.path.starts_with("command"))
+        {
+            p.add(
+                "command",
+                "expected a non-empty program name as the first element",
+            );
+        }
+        if let Some(i) = command.iter().position(|c| c.contains('\0')) {
+            p.add(&format!("command[{i}]"), "must not contain a NUL byte");
+        }
+
+        let mut env = BTreeMap::new();
+        for (key, value) in &raw.env {
+            let path = format!("env.{key}");
+            if !is_env_name(key) {
+                p.add(&path, "expected a variable name of letters, digits and '_', not starting with a digit");
+            } else if is_reserved_env(key) {
+                p.add(&path, "is set by the worker (GANGWAY_*, CUDA_VISIBLE_DEVICES, TPU_VISIBLE_CHIPS) and cannot be overridden");
+            }
+            match value {
+                toml::Value::String(s) if !s.contains('\0') => {
+                    env.insert(key.clone(), s.clone());
+                }
+                other => p.add(
+                    &path,
+                    format!(
+                        "expected a string without NUL bytes, got {}",
+                        describe(other)
+                    ),
+                ),
+            }
+        }
+
+        let resources = match raw.resources {
+            None => {
+                p.add(
+                    "resources",
+                    "is required: expected a [resources] table with at least `devices`",
+                );
+                None
+            }
+            Some(r) => Some(Self::check_resources(&mut p, r)),
+        };
+
+        let topology = raw.topology.map_or(TopologySpec::default(), |t| {
+            let required = check_level(&mut p, "topology.required", t.required.as_ref());
+            let preferred = check_level(&mut p, "topology.preferred", t.preferred.as_ref());
+            if let (Some(r), Some(pref)) = (required, preferred) {
+                if pref > r {
+                    p.add(
+                        "topology.preferred",
+                        format!("expected a level no wider than required ({r}), got {pref}"),
+                    );
+                }
+            }
+            TopologySpec {
+                required,
+                preferred,
+            }
+        });
+
+        let checkpoint = raw.checkpoint.map(|c| {
+            let signal = match c.signal.as_ref() {
+                None => "SIGUSR1".to_owned(),
+                Some(toml::Value::String(s)) => {
+                    let canonical = if s.starts_with("SIG") {
+                        s.clone()
+                    } else {
+                        format!("SIG{s}")
+                    };
+                    if !CHECKPOINT_SIGNALS.contains(&canonical.as_str()) {
+                        p.add(
+                            "checkpoint.signal",
+                            format!(
+                                "expected one of {}, got {s:?}",
+                                CHECKPOINT_SIGNALS.join(", ")
+                            ),
+                        );
+                    }
+                    canonical
+                }
+                Some(other) => {
+                    p.add(
+                        "checkpoint.signal",
+                        format!(
+                            "expected a signal name such as \"SIGUSR1\", got {}",
+                            describe(other)
+                        ),
+                    );
+                    String::new()
+                }
+            };
+            let timeout = match c.timeout.as_ref() {
+                None => Duration::from_secs(60),
+                Some(v) => check_duration(
+                    &mut p,
+                    "checkpoint.timeout",
+                    v,
+                    Duration::from_secs(1),
+                    Duration::from_secs(24 * 3600),
+                )
+                .unwrap_or_default(),
+            };
+            CheckpointSpec { signal, timeout }
+        });
+
+        let estimated_runtime = raw.estimated_runtime.as_ref().and_then(|v| {
+            check_duration(
+                &mut p,
+                "estimated_runtime",
+                v,
+                Duration::from_secs(1),
+                Duration::from_secs(365 * 24 * 3600),
+            )
+        });
+
+        if let Some(r) = &resources {
+            if r.devices == DeviceCount::None && topology.required == Some(TopologyLevel::Nvlink) {
+                p.add(
+                    "topology.required",
+                    "nvlink needs devices: a CPU-only task has no NVLink domain",
+                );
+            }
+            if let DeviceCount::Fraction(_) = r.devices {
+                if tasks > 1 && topology.required == Some(TopologyLevel::Nvlink) {
+                    p.add(
+                        "topology.required",
+                        "nvlink cannot be required for a gang of fractional-device tasks",
+                    );
+                }
+            }
+        }
+
+        if !p.0.is_empty() {
+            return Err(SpecError { errors: p.0 });
+        }
+        Ok(JobSpec {
+            name,
+            queue,
+            priority,
+            tasks,
+            command,
+            env,
+            resources: resources.expect("resources present when no problem was found"),
+            topology,
+            checkpoint,
+            estimated_runtime,
+        })
+    }
+
+    fn check_resources(p: &mut Problems, r: RawResources) -> Resources {
+        let devices = check_devices(p, r.devices.as_ref());
+        let kind = match r.kind.as_ref() {
+            None => DeviceKind::Gpu,
+            Some(toml::Value::String(s)) => {
+                s.parse()
+                    .unwrap_or_else(|e: crate::device::UnknownDeviceKind| {
+                        p.add("resources.kind", e.to_string());
+                        DeviceKind::Gpu
+                    })
+            }
+            Some(other) => {
+                p.add(
+                    "resources.kind",
+                    format!("expected \"gpu\" or \"tpu\", got {}", describe(other)),
+                );
+                DeviceKind::Gpu
+            }
+        };
+        let models = r
+            .models
+            .as_ref()
+            .map(|v| check_string_list(p, "resources.models", v, "model names"))
+            .unwrap_or_default();
+        for (i, m) in models.iter().enumerate() {
+            if m.trim().is_empty() {
+                p.add(
+                    &format!("resources.models[{i}]"),
+                    "expected a model name, got an empty string",
+                );
+            } else if models[..i].contains(m) {
+                p.add(
+                    &format!("resources.models[{i}]"),
+                    format!("model {m:?} is listed twice"),
+                );
+            }
+        }
+        let cpu_milli = match r.cpu.as_ref() {
+            None => 0,
+            Some(v) => match to_milli(v) {
+                Some(m) if m <= 1_024_000 => m,
+                _ => {
+                    p.add(
+                        "resources.cpu",
+                        format!("expected CPU cores per task from 0 to 1024 with at most 3 decimals, got {}", describe(v)),
+                    );
+                    0
+                }
+            },
+        };
+        let memory_mib = r.memory.as_ref().map_or(0, |v| check_memory(p, v));
+        Resources {
+            devices,
+            kind,
+            models,
+            cpu_milli,
+            memory_mib,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+name = "pretrain-7b"
+queue = "research"
+priority = 100
+tasks = 2
+command = ["python3", "train.py", "--steps", "1000"]
+[resources]
+devices = 8
+kind = "gpu"
+models = ["H100", "A100-80G"]
+[topology]
+required = "rack"
+preferred = "host"
+[checkpoint]
+signal = "SIGUSR1"
+timeout = "60s"
+"#;
+
+    #[test]
+    fn the_documented_example_parses_into_typed_fields() {
+        let spec = JobSpec::from_toml_str(EXAMPLE).expect("example is valid");
+        assert_eq!(spec.name, "pretrain-7b");
+        assert_eq!(spec.queue, "research");
+        assert_eq!(spec.priority, 100);
+        assert_eq!(spec.tasks, 2);
+        assert_eq!(spec.command, ["python3", "train.py", "--steps", "1000"]);
+        assert_eq!(spec.resources.devices, DeviceCount::Whole(8));
+        assert_eq!(spec.resources.kind, DeviceKind::Gpu);
+        assert_eq!(spec.resources.models, ["H100", "A100-80G"]);
+        assert_eq!(spec.topology.required, Some(TopologyLevel::Rack));
+        assert_eq!(spec.topology.preferred, Some(TopologyLevel::Host));
+        let ck = spec.checkpoint.expect("checkpoint section");
+        assert_eq!(ck.signal, "SIGUSR1");
+        assert_eq!(ck.timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn defaults_fill_what_a_minimal_spec_leaves_out() {
+        let spec = JobSpec::from_toml_str(
+            "name = \"x\"\ncommand = [\"true\"]\n[resources]\ndevices = 0.25\ncpu = 1.5\nmemory = \"2GiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(spec.queue, "default");
+        assert_eq!(spec.priority, 0);
+        assert_eq!(spec.tasks, 1);
+        assert_eq!(spec.resources.devices, DeviceCount::Fraction(250));
+        assert_eq!(spec.resources.cpu_milli, 1500);
+        assert_eq!(spec.resources.memory_mib, 2048);
+        assert_eq!(spec.checkpoint, None);
+    }
+
+    /// Each bad spec is rejected, and the error names the field and what was expected.
+    #[test]
+    fn bad_specs_name_the_field_and_the_expectation() {
+        let base = |extra_top: &str, resources: &str| {
+            format!("name = \"j\"\ncommand = [\"true\"]\n{extra_top}\n[resources]\n{resources}\n")
+        };
+        let cases: Vec<(String, &str, &str)> = vec![
+            (base("gpus = 3", "devices = 1"), "gpus", "unknown field"),
+            (
+                base("", "devices = 1\ngpus = 2"),
+                "resources.gpus",
+                "unknown field",
+            ),
+            (base("tasks = 0", "devices = 1"), "tasks", "from 1 to 4096"),
+            (
+                base("tasks = \"two\"", "devices = 1"),
+                "tasks",
+                "expected an integer",
+            ),
+            (
+                base("priority = 1e3", "devices = 1"),
+                "priority",
+                "expected an integer",
+            ),
+            (
+                base("", "devices = -1"),
+                "resources.devices",
+                "whole number of devices",
+            ),
+            (
+                base("", "devices = 65"),
+                "resources.devices",
+                "whole number of devices",
+            ),
+            (
+                base("", "devices = 1.5"),
+                "resources.devices",
+                "fraction of one device",
+            ),
+            (
+                base("", "devices = 0.0001"),
+                "resources.devices",
+                "fraction",
+            ),
+            (
+                base("", "devices = 1\nkind = \"fpga\""),
+                "resources.kind",
+                "expected gpu or tpu",
+            ),
+            (
+                base("", "devices = 1\nmodels = [\"H100\", \"H100\"]"),
+                "resources.models[1]",
+                "twice",
+            ),
+            (
+                base("", "devices = 1\nmodels = [\"H100\", 3]"),
+                "resources.models[1]",
+                "expected a string",
+            ),
+            (
+                base("", "devices = 1\nmemory = \"12 bananas\""),
+                "resources.memory",
+                "units MiB",
+            ),
+            (
+                base("", "devices = 1\ncpu = -2"),
+                "resources.cpu",
+                "CPU cores",
+            ),
+            (
+                base("[topology]\nrequired = \"planet\"", "devices = 1"),
+                "topology.required",
+                "unknown topology level",
+            ),
+            (
+                base(
+                    "[topology]\nrequired = \"host\"\npreferred = \"rack\"",
+                    "devices = 1",
+                ),
+                "topology.preferred",
+                "no wider than required",
+            ),
+            (
+                base("[checkpoint]\nsignal = \"SIGKILL\"", "devices = 1"),
+                "checkpoint.signal",
+                "expected one of",
+            ),
+            (
+                base("[checkpoint]\ntimeout = \"soon\"", "devices = 1"),
+                "checkpoint.timeout",
+                "duration",
+            ),
+            (
+                base("[env]\nGANGWAY_JOB_ID = \"x\"", "devices = 1"),
+                "env.GANGWAY_JOB_ID",
+                "set by the worker",
+            ),
+            (
+                base("[env]\n\"1BAD\" = \"x\"", "devices = 1"),
+                "env.1BAD",
+                "variable name",
+            ),
+            (
+                base("estimated_runtime = 5", "devices = 1"),
+                "estimated_runtime",
+                "duration",
+            ),
+            (
+                "command = [\"true\"]\n[resources]\ndevices = 1\n".into(),
+                "name",
+                "is required",
+            ),
+            (
+                "name = \"bad name!\"\ncommand = [\"true\"]\n[resources]\ndevices = 1\n".into(),
+                "name",
+                "letters, digits",
+            ),
+            (
+                "name = \"j\"\n[resources]\ndevices = 1\n".into(),
+                "command",
+                "is required",
+            ),
+            (
+                "name = \"j\"\ncommand = []\n[resources]\ndevices = 1\n".into(),
+                "command",
+                "non-empty program",
+            ),
+            (
+                "name = \"j\"\ncommand = [\"true\"]\n".into(),
+                "resources",
+                "is required",
+            ),
+            (
+                "name = \"j\"\ncommand = [\"true\"]\n[resources]\n".into(),
+                "resources.devices",
+                "is required",
+            ),
+            ("name = = 3".into(), "", "not valid TOML"),
+        ];
+        for (text, path, needle) in cases {
+            let err = JobSpec::from_toml_str(&text).expect_err(&text);
+            let hit = err
+                .errors
+                .iter()
+                .find(|e| e.path == path)
+                .unwrap_or_else(|| panic!("no error at {path:?} for spec:\n{text}\ngot: {err}"));
+            assert!(
+                hit.message.contains(needle),
+                "error at {path} should mention {needle:?}, got {:?}",
+                hit.message
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = JobSpec::from_toml_str(
+            "name = \"\"\ntasks = 0\ncommand = [\"true\"]\n[resources]\ndevices = 100\nkind = \"x\"\n",
+        )
+        .unwrap_err();
+        let paths = err.paths();
+        for want in ["name", "tasks", "resources.devices", "resources.kind"] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes arrive, parsing returns a value or an error: never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+            let _ = JobSpec::from_toml_str(&text);
+        }
+
+        /// Valid device counts round-trip into the right demand.
+        #[test]
+        fn whole_device_counts_are_accepted(n in 1u32..=MAX_DEVICES_PER_TASK, tasks in 1u32..=64) {
+            let text = format!("name = \"j\"\ntasks = {tasks}\ncommand = [\"true\"]\n[resources]\ndevices = {n}\n");
+            let spec = JobSpec::from_toml_str(&text).unwrap();
+            proptest::prop_assert_eq!(spec.resources.devices, DeviceCount::Whole(n));
+            proptest::prop_assert_eq!(spec.tasks, tasks);
+        }
+    }
+}
