@@ -1,0 +1,179 @@
+//! Apply functions for node and queue commands.
+
+use super::command::{Event, NodeRegistration, Rejection, Response};
+use super::job_record::JobState;
+use super::node_record::NodeRecord;
+use super::store::ClusterStore;
+use crate::engine::{DeviceModel, DeviceSpec, HostSpec, NodeState, QueueConfig};
+use gangway_proto::ids::{HostName, JobId};
+
+impl ClusterStore {
+    pub(super) fn apply_register_node(
+        &mut self,
+        now: u64,
+        reg: NodeRegistration,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        let name = reg.name.clone();
+        let bad = |why: String| {
+            Response::Rejected(Rejection::BadNode {
+                node: name.clone(),
+                why,
+            })
+        };
+        // A model name means one kind everywhere: a host may not call a TPU "H100".
+        for (i, d) in reg.devices.iter().enumerate() {
+            if let Some(known) = self.engine.model(&d.model) {
+                if known.kind != d.kind {
+                    return bad(format!(
+                        "device {i} reports model {} as {} but the cluster knows it as {}",
+                        d.model, d.kind, known.kind
+                    ));
+                }
+            }
+        }
+        if let Some(existing) = self.nodes.get_mut(&name) {
+            // A restarted worker registers again. Its inventory must be what the cluster holds
+            // leases against; a changed host must be drained and removed first.
+            if existing.registration.devices != reg.devices
+                || existing.registration.topology != reg.topology
+                || existing.registration.cpu_milli != reg.cpu_milli
+                || existing.registration.memory_mib != reg.memory_mib
+            {
+                return bad(
+                    "re-registered with a different inventory or topology; remove the node first"
+                        .to_owned(),
+                );
+            }
+            existing.registration.address = reg.address;
+            if existing.state == NodeState::Down {
+                existing.state = NodeState::Ready;
+                existing.state_reason = "registered again".to_owned();
+                existing.state_changed_at_ms = now;
+                self.engine.set_node_state(&name, NodeState::Ready);
+                events.push(Event::SchedulingNeeded);
+            }
+            events.push(Event::AllocationsChanged(name));
+            return Response::Done;
+        }
+        for d in &reg.devices {
+            if self.engine.model(&d.model).is_none() {
+                self.engine.add_model(DeviceModel {
+                    name: d.model.clone(),
+                    kind: d.kind,
+                    memory_mib: d.memory_mib,
+                });
+            }
+        }
+        let spec = HostSpec {
+            name: name.clone(),
+            topology: reg.topology.clone(),
+            cpu_milli: reg.cpu_milli,
+            memory_mib: reg.memory_mib,
+            devices: reg
+                .devices
+                .iter()
+                .map(|d| DeviceSpec {
+                    model: d.model.clone(),
+                    nvlink_domain: d.nvlink_domain,
+                })
+                .collect(),
+            state: NodeState::Ready,
+        };
+        if let Err(e) = self.engine.add_host(spec) {
+            return bad(e.to_string());
+        }
+        self.device_epochs
+            .insert(name.clone(), vec![0; reg.devices.len()]);
+        self.nodes.insert(
+            name.clone(),
+            NodeRecord {
+                registration: reg,
+                state: NodeState::Ready,
+                state_reason: "registered".to_owned(),
+                registered_at_ms: now,
+                state_changed_at_ms: now,
+            },
+        );
+        events.push(Event::AllocationsChanged(name));
+        events.push(Event::SchedulingNeeded);
+        Response::Done
+    }
+
+    pub(super) fn apply_set_node_state(
+        &mut self,
+        now: u64,
+        node: HostName,
+        state: NodeState,
+        reason: String,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        if state == NodeState::Down {
+            return self.apply_node_down(now, node, reason, events);
+        }
+        let Some(record) = self.nodes.get_mut(&node) else {
+            return Response::Rejected(Rejection::UnknownNode(node));
+        };
+        if record.state != state {
+            record.state = state;
+            record.state_reason = reason;
+            record.state_changed_at_ms = now;
+            self.engine.set_node_state(&node, state);
+            events.push(Event::SchedulingNeeded);
+        }
+        Response::Done
+    }
+
+    /// Marks the node down and re-queues every gang with a task on it, from its last checkpoint.
+    pub(super) fn apply_node_down(
+        &mut self,
+        now: u64,
+        node: HostName,
+        reason: String,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        let Some(record) = self.nodes.get_mut(&node) else {
+            return Response::Rejected(Rejection::UnknownNode(node));
+        };
+        if record.state == NodeState::Down {
+            return Response::Done;
+        }
+        record.state = NodeState::Down;
+        record.state_reason = reason.clone();
+        record.state_changed_at_ms = now;
+        self.engine.set_node_state(&node, NodeState::Down);
+        let affected: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Running)
+            .filter(|j| {
+                j.lease
+                    .as_ref()
+                    .is_some_and(|l| l.placement.tasks.iter().any(|t| t.host == node))
+            })
+            .map(|j| j.id.clone())
+            .collect();
+        for job in affected {
+            self.revoke_lease(
+                now,
+                &job,
+                JobState::Pending,
+                format!("node {node} went down ({reason}); re-queued"),
+                events,
+            );
+        }
+        events.push(Event::AllocationsChanged(node));
+        events.push(Event::SchedulingNeeded);
+        Response::Done
+    }
+
+    pub(super) fn apply_set_queue(
+        &mut self,
+        queue: QueueConfig,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        self.queues.insert(queue.name.clone(), queue);
+        events.push(Event::SchedulingNeeded);
+        Response::Done
+    }
+}

@@ -1,0 +1,112 @@
+//! Applying a scheduling round: the plan applier (Nomad's model). The engine computed the plan
+//! from a snapshot; by the time it commits, the state may have moved on, so every part is re-checked
+//! here and a stale gang is discarded whole.
+
+use super::command::{Event, Response, TaskState};
+use super::job_record::{JobState, Lease, TaskRecord};
+use super::store::ClusterStore;
+use crate::engine::Plan;
+
+impl ClusterStore {
+    pub(super) fn apply_plan(&mut self, now: u64, plan: Plan, events: &mut Vec<Event>) -> Response {
+        let mut preempted = Vec::new();
+        for p in plan.preemptions {
+            let running = self
+                .jobs
+                .get(&p.victim)
+                .is_some_and(|j| j.state == JobState::Running);
+            if !running {
+                continue;
+            }
+            if let Some(victim) = self.jobs.get_mut(&p.victim) {
+                victim.preemptions += 1;
+            }
+            self.revoke_lease(
+                now,
+                &p.victim,
+                JobState::Pending,
+                format!(
+                    "preempted for job {} ({:?}); re-queued",
+                    p.preemptor, p.reason
+                ),
+                events,
+            );
+            preempted.push(p.victim);
+        }
+
+        let mut placed = Vec::new();
+        let mut stale = Vec::new();
+        for placement in plan.placements {
+            let job_id = placement.job.clone();
+            let Some(record) = self.jobs.get(&job_id) else {
+                stale.push((job_id, "job no longer exists".to_owned()));
+                continue;
+            };
+            if record.state != JobState::Pending {
+                stale.push((job_id, format!("job is {}", record.state)));
+                continue;
+            }
+            let request = record.gang_request();
+            if let Err(e) = self.engine.apply_placement(request, placement.clone(), now) {
+                let why = format!("placement went stale before it committed: {e}");
+                if let Some(record) = self.jobs.get_mut(&job_id) {
+                    record.pending_reason = Some(why.clone());
+                }
+                stale.push((job_id, why));
+                continue;
+            }
+            let epoch = self.next_epoch;
+            self.next_epoch += 1;
+            for t in &placement.tasks {
+                if let Some(epochs) = self.device_epochs.get_mut(&t.host) {
+                    for d in &t.devices {
+                        if let Some(e) = epochs.get_mut(usize::from(d.index)) {
+                            *e = epoch;
+                        }
+                    }
+                }
+                events.push(Event::AllocationsChanged(t.host.clone()));
+            }
+            let record = self
+                .jobs
+                .get_mut(&job_id)
+                .expect("job checked to exist above");
+            let hosts: Vec<String> = placement.tasks.iter().map(|t| t.host.to_string()).collect();
+            record.tasks = (0..placement.tasks.len())
+                .map(|_| TaskRecord {
+                    state: TaskState::Assigned,
+                    exit_code: None,
+                    message: String::new(),
+                })
+                .collect();
+            record.lease = Some(Lease {
+                epoch,
+                granted_at_ms: now,
+                placement,
+            });
+            record.last_epoch = Some(epoch);
+            record.state = JobState::Running;
+            record.pending_reason = None;
+            record.attempts += 1;
+            record.note(
+                now,
+                format!("leased (epoch {epoch}) on {}", hosts.join(", ")),
+            );
+            events.push(Event::JobChanged(job_id.clone()));
+            placed.push((job_id, epoch));
+        }
+
+        for pending in plan.pending {
+            if let Some(record) = self.jobs.get_mut(&pending.job) {
+                if record.state == JobState::Pending {
+                    record.pending_reason = Some(pending.reason.to_string());
+                }
+            }
+        }
+        Response::PlanApplied {
+            placed,
+            stale,
+            preempted,
+        }
+    }
+}

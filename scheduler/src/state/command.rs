@@ -1,0 +1,201 @@
+//! The replicated commands: every change to cluster state is one of these, committed through Raft and
+//! applied by [`super::ClusterStore::apply`] on every replica in log order.
+
+use crate::engine::{DeviceKind, HostTopology, NodeState, Plan, QueueConfig};
+use gangway_proto::ids::{HostName, JobId};
+use gangway_proto::spec::JobSpec;
+use serde::{Deserialize, Serialize};
+
+/// One accelerator as a worker reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInventory {
+    /// Stable identity (the NVML UUID for GPUs); what `CUDA_VISIBLE_DEVICES` is set to.
+    pub uuid: String,
+    pub model: String,
+    pub kind: DeviceKind,
+    pub memory_mib: u64,
+    /// Devices with equal values share an NVLink/NUMA domain.
+    pub nvlink_domain: u16,
+}
+
+/// What a worker tells the cluster about its host when it registers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRegistration {
+    pub name: HostName,
+    /// Where the worker can be reached (host:port), and the host part tasks use as master address.
+    pub address: String,
+    pub topology: HostTopology,
+    pub cpu_milli: u64,
+    pub memory_mib: u64,
+    pub devices: Vec<DeviceInventory>,
+}
+
+/// What a task reports about itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Leased to a worker, not yet confirmed running.
+    Assigned,
+    Running,
+    /// Exited with status 0.
+    Succeeded,
+    /// Exited non-zero, was killed, or could not start.
+    Failed,
+}
+
+impl TaskState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Failed)
+    }
+}
+
+/// A checkpoint a task wrote (its manifest), as committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointManifest {
+    /// Directory or file on the shared checkpoint storage.
+    pub path: String,
+    /// Training step (or any monotone progress counter) the checkpoint holds.
+    pub step: u64,
+    pub bytes: u64,
+}
+
+/// Every state change, one variant per kind of change, one apply function per variant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// A worker (re-)registers its host.
+    RegisterNode(NodeRegistration),
+    /// An operator cordons, drains or readmits a host.
+    SetNodeState {
+        node: HostName,
+        state: NodeState,
+        reason: String,
+    },
+    /// The leader declares a host down (missed heartbeats): its leases are revoked and its gangs
+    /// re-queued from their last checkpoint.
+    NodeDown {
+        node: HostName,
+        reason: String,
+    },
+    /// A client submits a job. The key makes retries (and duplicate submissions) create one job.
+    SubmitJob {
+        idempotency_key: Option<String>,
+        spec: JobSpec,
+    },
+    CancelJob {
+        job: JobId,
+        reason: String,
+    },
+    /// The leader's scheduling round. Every placement is re-checked against the state at apply time;
+    /// a gang whose placement went stale stays pending, whole.
+    ApplyPlan {
+        plan: Plan,
+    },
+    /// A worker's report about one task under one lease epoch. Idempotent: a report for an older
+    /// epoch, or one that repeats the current state, changes nothing.
+    TaskStatus {
+        job: JobId,
+        task: u32,
+        epoch: u64,
+        state: TaskState,
+        exit_code: Option<i32>,
+        message: String,
+    },
+    /// A checkpoint a task wrote under lease `epoch`.
+    RecordCheckpoint {
+        job: JobId,
+        epoch: u64,
+        manifest: CheckpointManifest,
+    },
+    /// Creates or changes a queue's guarantee.
+    SetQueue(QueueConfig),
+}
+
+impl Command {
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::RegisterNode(_) => "register_node",
+            Command::SetNodeState { .. } => "set_node_state",
+            Command::NodeDown { .. } => "node_down",
+            Command::SubmitJob { .. } => "submit_job",
+            Command::CancelJob { .. } => "cancel_job",
+            Command::ApplyPlan { .. } => "apply_plan",
+            Command::TaskStatus { .. } => "task_status",
+            Command::RecordCheckpoint { .. } => "record_checkpoint",
+            Command::SetQueue(_) => "set_queue",
+        }
+    }
+}
+
+/// Why a command changed nothing. Deterministic, so every replica answers the same.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "code", rename_all = "snake_case")]
+pub enum Rejection {
+    #[error("unknown node {0}")]
+    UnknownNode(HostName),
+    #[error("unknown job {0}")]
+    UnknownJob(JobId),
+    #[error("job {job} is {state}; {why}")]
+    WrongJobState {
+        job: JobId,
+        state: String,
+        why: String,
+    },
+    #[error("node {node}: {why}")]
+    BadNode { node: HostName, why: String },
+    #[error(
+        "report for job {job} under lease epoch {got} ignored: the current epoch is {current}"
+    )]
+    StaleEpoch { job: JobId, got: u64, current: u64 },
+    #[error("job {job} has no task {task}")]
+    UnknownTask { job: JobId, task: u32 },
+    #[error("invalid job: {0}")]
+    InvalidJob(String),
+}
+
+impl Rejection {
+    /// Stable code for the gRPC edge and scripts.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::UnknownNode(_) => "unknown_node",
+            Rejection::UnknownJob(_) => "unknown_job",
+            Rejection::WrongJobState { .. } => "wrong_job_state",
+            Rejection::BadNode { .. } => "bad_node",
+            Rejection::StaleEpoch { .. } => "stale_epoch",
+            Rejection::UnknownTask { .. } => "unknown_task",
+            Rejection::InvalidJob(_) => "invalid_job",
+        }
+    }
+}
+
+/// What applying a command did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// The command changed state (or repeated a change already made, which is the same to a client).
+    Done,
+    /// A job was created, or `existing` when the idempotency key had been seen.
+    Submitted {
+        job: JobId,
+        existing: bool,
+    },
+    /// What a scheduling round committed.
+    PlanApplied {
+        placed: Vec<(JobId, u64)>,
+        stale: Vec<(JobId, String)>,
+        preempted: Vec<JobId>,
+    },
+    Rejected(Rejection),
+}
+
+/// What watchers learn as commands apply: the worker API streams allocations of the nodes that
+/// changed; the leader's scheduling loop wakes on `SchedulingNeeded`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The desired allocations of this node changed (lease granted, revoked, job cancelled).
+    AllocationsChanged(HostName),
+    /// Something changed that may let a pending job be placed, or a new job arrived.
+    SchedulingNeeded,
+    JobChanged(JobId),
+}

@@ -1,0 +1,165 @@
+//! A job as the cluster remembers it: its spec, where it is in its life, its lease and checkpoints.
+
+use super::command::{CheckpointManifest, TaskState};
+use crate::engine::{DeviceDemand, GangPlacement, GangRequest};
+use gangway_proto::ids::{JobId, QueueName};
+use gangway_proto::spec::{DeviceCount, JobSpec};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a placement (first time, or re-queued after a node loss or preemption).
+    Pending,
+    /// Holds a lease; its tasks are assigned to workers.
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        })
+    }
+}
+
+/// The right to run a gang on given devices. Its epoch is unique and larger than any epoch granted
+/// before it, so a worker can refuse directives from an older lease (fencing).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub epoch: u64,
+    pub granted_at_ms: u64,
+    pub placement: GangPlacement,
+}
+
+/// One task (rank) of the current lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub state: TaskState,
+    pub exit_code: Option<i32>,
+    pub message: String,
+}
+
+/// The newest checkpoint of a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub epoch: u64,
+    pub manifest: CheckpointManifest,
+    pub recorded_at_ms: u64,
+}
+
+/// A line of a job's history, shown by `gangway job status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub at_ms: u64,
+    pub what: String,
+}
+
+/// How many history lines a job keeps; older ones are dropped so a job that is preempted a thousand
+/// times cannot grow the state without bound.
+pub const JOB_HISTORY_LIMIT: usize = 64;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub submitted_at_ms: u64,
+    pub state: JobState,
+    /// Why it waits, from the last scheduling round, in words for people.
+    pub pending_reason: Option<String>,
+    pub lease: Option<Lease>,
+    /// Epoch of the most recent lease, kept after it ends so late checkpoint reports still count.
+    pub last_epoch: Option<u64>,
+    /// One record per task of the current lease.
+    pub tasks: Vec<TaskRecord>,
+    /// Leases granted so far.
+    pub attempts: u32,
+    pub preemptions: u32,
+    pub last_checkpoint: Option<CheckpointRecord>,
+    pub finished_at_ms: Option<u64>,
+    pub history: Vec<JobEvent>,
+}
+
+impl JobRecord {
+    pub fn new(id: JobId, spec: JobSpec, now_ms: u64) -> Self {
+        let mut job = Self {
+            id,
+            spec,
+            submitted_at_ms: now_ms,
+            state: JobState::Pending,
+            pending_reason: Some("waiting for the next scheduling round".to_owned()),
+            lease: None,
+            last_epoch: None,
+            tasks: Vec::new(),
+            attempts: 0,
+            preemptions: 0,
+            last_checkpoint: None,
+            finished_at_ms: None,
+            history: Vec::new(),
+        };
+        job.note(now_ms, "submitted".to_owned());
+        job
+    }
+
+    pub fn note(&mut self, at_ms: u64, what: String) {
+        if self.history.len() == JOB_HISTORY_LIMIT {
+            self.history.remove(0);
+        }
+        self.history.push(JobEvent { at_ms, what });
+    }
+
+    /// Where a relaunch resumes from: the newest committed checkpoint.
+    pub fn restore_from(&self) -> Option<&str> {
+        self.last_checkpoint
+            .as_ref()
+            .map(|c| c.manifest.path.as_str())
+    }
+
+    /// The gang the engine places for this job.
+    pub fn gang_request(&self) -> GangRequest {
+        let r = &self.spec.resources;
+        GangRequest {
+            id: self.id.clone(),
+            queue: QueueName::new(self.spec.queue.clone()),
+            priority: self.spec.priority,
+            tasks: self.spec.tasks,
+            per_task: crate::engine::TaskDemand {
+                devices: match r.devices {
+                    DeviceCount::None => DeviceDemand::None,
+                    DeviceCount::Whole(n) => DeviceDemand::Whole(n),
+                    DeviceCount::Fraction(m) => DeviceDemand::Fraction(m),
+                },
+                cpu_milli: r.cpu_milli,
+                memory_mib: r.memory_mib,
+            },
+            kind: r.kind,
+            models: r.models.clone(),
+            required: self.spec.topology.required,
+            preferred: self.spec.topology.preferred,
+            estimated_runtime_ms: self
+                .spec
+                .estimated_runtime
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            checkpointable: self.spec.checkpoint.is_some(),
+            submitted_at_ms: self.submitted_at_ms,
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! The replicated cluster state (the FSM): nodes, jobs, leases, queues and checkpoints, changed only
+//! by [`Command`]s applied in log order.
+//!
+//! The consensus layer calls [`ClusterStore::apply`] with the leader-stamped time of each entry; the
+//! engine reads [`ClusterStore::engine`] as its snapshot; workers read [`ClusterStore::allocations_for`].
+
+mod apply_jobs;
+mod apply_nodes;
+mod apply_plan;
+pub mod command;
+pub mod job_record;
+pub mod node_record;
+pub mod store;
+
+pub use command::{
+    CheckpointManifest, Command, DeviceInventory, Event, NodeRegistration, Rejection, Response,
+    TaskState,
+};
+pub use job_record::{JobRecord, JobState, Lease};
+pub use node_record::NodeRecord;
+pub use store::{Allocation, ClusterStore};

@@ -1,0 +1,211 @@
+//! [`ClusterStore`]: the replicated cluster state and the one place commands are applied.
+//!
+//! Every replica applies the same commands in the same order and must end in the same state, so
+//! everything here is ordered maps, no clocks (time comes from the log entry), no randomness.
+
+use super::command::{Command, Event, Response};
+use super::job_record::{JobRecord, JobState};
+use super::node_record::NodeRecord;
+use crate::engine::{ClusterState, GangRequest, QueueConfig, SchedulerConfig};
+use gangway_proto::ids::{HostName, JobId, QueueName};
+use gangway_proto::spec::CheckpointSpec;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The port rank 0 listens on for its peers is `MASTER_PORT_BASE + epoch % MASTER_PORT_SPAN`: derived
+/// from the lease, so every rank computes the same address without another round trip.
+pub const MASTER_PORT_BASE: u64 = 29_500;
+pub const MASTER_PORT_SPAN: u64 = 10_000;
+
+/// One task a worker should be running: the desired state the worker diffs against what it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub job: JobId,
+    pub task: u32,
+    pub task_count: u32,
+    pub epoch: u64,
+    /// (device index on the host, device uuid, milli-devices)
+    pub devices: Vec<(u16, String, u32)>,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Rank 0's host and port.
+    pub master_addr: String,
+    pub checkpoint: Option<CheckpointSpec>,
+    pub restore_from: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStore {
+    pub(super) engine: ClusterState,
+    pub(super) nodes: BTreeMap<HostName, NodeRecord>,
+    pub(super) jobs: BTreeMap<JobId, JobRecord>,
+    pub(super) idempotency: BTreeMap<String, JobId>,
+    pub(super) queues: BTreeMap<QueueName, QueueConfig>,
+    pub(super) next_job_seq: u64,
+    /// The next lease epoch to grant. Epochs only grow, across all leases and devices.
+    pub(super) next_epoch: u64,
+    /// Newest epoch granted per device of each host.
+    pub(super) device_epochs: BTreeMap<HostName, Vec<u64>>,
+    /// Time of the last applied entry (leader-stamped, non-decreasing).
+    pub(super) now_ms: u64,
+}
+
+impl ClusterStore {
+    pub fn new() -> Self {
+        Self {
+            next_job_seq: 1,
+            next_epoch: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Applies one committed command at log time `now_ms`. Pushes watcher events into `events`.
+    pub fn apply(&mut self, now_ms: u64, command: Command, events: &mut Vec<Event>) -> Response {
+        self.now_ms = self.now_ms.max(now_ms);
+        let now = self.now_ms;
+        match command {
+            Command::RegisterNode(reg) => self.apply_register_node(now, reg, events),
+            Command::SetNodeState {
+                node,
+                state,
+                reason,
+            } => self.apply_set_node_state(now, node, state, reason, events),
+            Command::NodeDown { node, reason } => self.apply_node_down(now, node, reason, events),
+            Command::SubmitJob {
+                idempotency_key,
+                spec,
+            } => self.apply_submit_job(now, idempotency_key, spec, events),
+            Command::CancelJob { job, reason } => self.apply_cancel_job(now, job, reason, events),
+            Command::ApplyPlan { plan } => self.apply_plan(now, plan, events),
+            Command::TaskStatus {
+                job,
+                task,
+                epoch,
+                state,
+                exit_code,
+                message,
+            } => self.apply_task_status(now, job, task, epoch, state, exit_code, message, events),
+            Command::RecordCheckpoint {
+                job,
+                epoch,
+                manifest,
+            } => self.apply_record_checkpoint(now, job, epoch, manifest, events),
+            Command::SetQueue(queue) => self.apply_set_queue(queue, events),
+        }
+    }
+
+    /// Serialises the whole state (ordered maps, so equal states give equal bytes).
+    pub fn to_snapshot(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+
+    pub fn from_snapshot(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    pub fn engine(&self) -> &ClusterState {
+        &self.engine
+    }
+
+    pub fn nodes(&self) -> &BTreeMap<HostName, NodeRecord> {
+        &self.nodes
+    }
+
+    pub fn jobs(&self) -> &BTreeMap<JobId, JobRecord> {
+        &self.jobs
+    }
+
+    pub fn job(&self, id: &JobId) -> Option<&JobRecord> {
+        self.jobs.get(id)
+    }
+
+    pub fn queues(&self) -> &BTreeMap<QueueName, QueueConfig> {
+        &self.queues
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    /// Newest lease epoch granted on each device of a host (0: never leased).
+    pub fn device_epochs(&self, node: &HostName) -> Option<&[u64]> {
+        self.device_epochs.get(node).map(Vec::as_slice)
+    }
+
+    /// The gangs waiting for placement, oldest first.
+    pub fn pending_gangs(&self) -> Vec<GangRequest> {
+        let mut pending: Vec<GangRequest> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Pending)
+            .map(JobRecord::gang_request)
+            .collect();
+        pending.sort_by(|a, b| (a.submitted_at_ms, &a.id).cmp(&(b.submitted_at_ms, &b.id)));
+        pending
+    }
+
+    /// The engine configuration with this cluster's queues filled in.
+    pub fn scheduler_config(&self, base: &SchedulerConfig) -> SchedulerConfig {
+        let mut config = base.clone();
+        config.queues = self.queues.clone();
+        config
+    }
+
+    /// Everything a node's worker should run now.
+    pub fn allocations_for(&self, node: &HostName) -> Vec<Allocation> {
+        let mut out = Vec::new();
+        for job in self.jobs.values() {
+            let Some(lease) = &job.lease else { continue };
+            let master_addr = lease
+                .placement
+                .tasks
+                .first()
+                .and_then(|t| self.nodes.get(&t.host))
+                .map(|n| {
+                    let host = n
+                        .registration
+                        .address
+                        .rsplit_once(':')
+                        .map_or(n.registration.address.as_str(), |(h, _)| h);
+                    format!(
+                        "{host}:{}",
+                        MASTER_PORT_BASE + lease.epoch % MASTER_PORT_SPAN
+                    )
+                })
+                .unwrap_or_default();
+            for (rank, task) in lease.placement.tasks.iter().enumerate() {
+                if &task.host != node {
+                    continue;
+                }
+                if job.tasks.get(rank).is_some_and(|t| t.state.is_terminal()) {
+                    continue;
+                }
+                let inventory = self.nodes.get(node).map(|n| &n.registration.devices);
+                let devices = task
+                    .devices
+                    .iter()
+                    .map(|d| {
+                        let uuid = inventory
+                            .and_then(|inv| inv.get(usize::from(d.index)))
+                            .map(|i| i.uuid.clone())
+                            .unwrap_or_default();
+                        (d.index, uuid, d.milli)
+                    })
+                    .collect();
+                out.push(Allocation {
+                    job: job.id.clone(),
+                    task: rank as u32,
+                    task_count: job.spec.tasks,
+                    epoch: lease.epoch,
+                    devices,
+                    command: job.spec.command.clone(),
+                    env: job.spec.env.clone(),
+                    master_addr: master_addr.clone(),
+                    checkpoint: job.spec.checkpoint.clone(),
+                    restore_from: job.restore_from().map(str::to_owned),
+                });
+            }
+        }
+        out
+    }
+}
