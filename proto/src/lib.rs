@@ -1,10 +1,16 @@
 //! Gangway's API crate.
 //!
 //! The domain types that cross crate and wire boundaries, with their validation: identifiers, device
-//! kinds, topology levels, and the job spec people write (`spec`, TOML with field-path errors). The
-//! `.proto` services and generated tonic/prost code join them with the scheduler service.
+//! kinds, topology levels, the job spec people write (`spec`, TOML with field-path errors), and the
+//! gRPC API (`pb`, generated from `proto/gangway.proto`): the client API and the worker API.
 
 pub mod device;
 pub mod ids;
 pub mod spec;
 pub mod topology;
+
+/// Generated protobuf/tonic code for `proto/gangway.proto`.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("gangway.v1");
+}

@@ -1,0 +1,12 @@
+//! Generates the tonic/prost code for `proto/gangway.proto` with the vendored `protoc`, so a build
+//! never depends on a system protobuf compiler.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_with_config(config, &["proto/gangway.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto/gangway.proto");
+    Ok(())
+}
