@@ -41,7 +41,12 @@ pub trait StateMachine: Send + Sync + 'static {
     type Event: Clone + Send + Sync + std::fmt::Debug + 'static;
 
     /// Apply one committed command. Push any watcher events into `events`.
-    fn apply(&mut self, ctx: &ApplyContext, command: Self::Command, events: &mut Vec<Self::Event>) -> Self::Response;
+    fn apply(
+        &mut self,
+        ctx: &ApplyContext,
+        command: Self::Command,
+        events: &mut Vec<Self::Event>,
+    ) -> Self::Response;
 
     /// Serialize the whole state. Called with a consistent view (no apply runs concurrently).
     fn snapshot(&self) -> Result<Vec<u8>, AppError>;

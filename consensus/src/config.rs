@@ -50,7 +50,11 @@ pub struct ReplicaConfig {
 
 impl ReplicaConfig {
     /// Defaults suited to replicas in one data center; tune the election timeout up for WAN links.
-    pub fn new(node_id: NodeId, advertise_addr: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        node_id: NodeId,
+        advertise_addr: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+    ) -> Self {
         ReplicaConfig {
             node_id,
             advertise_addr: advertise_addr.into(),
@@ -69,7 +73,11 @@ impl ReplicaConfig {
 
     /// Check the values; the error names the offending field.
     pub fn validate(&self) -> Result<(), ConsensusError> {
-        let bad = |m: String| Err(ConsensusError::Rejected(format!("invalid replica config: {m}")));
+        let bad = |m: String| {
+            Err(ConsensusError::Rejected(format!(
+                "invalid replica config: {m}"
+            )))
+        };
         if self.advertise_addr.is_empty() {
             return bad("advertise_addr must not be empty".into());
         }
@@ -136,9 +144,17 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("election_timeout_max"), "{e}");
         let mut c = ReplicaConfig::new(1, "", "/tmp/x");
-        assert!(c.validate().unwrap_err().to_string().contains("advertise_addr"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("advertise_addr"));
         c.advertise_addr = "a".into();
         c.heartbeat_interval = Duration::from_secs(5);
-        assert!(c.validate().unwrap_err().to_string().contains("heartbeat_interval"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("heartbeat_interval"));
     }
 }

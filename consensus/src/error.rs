@@ -54,7 +54,9 @@ impl ConsensusError {
     /// Whether retrying (after a short wait, possibly against `NotLeader`'s leader) can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ConsensusError::NotLeader { .. } | ConsensusError::Unavailable(_) | ConsensusError::Timeout(_) => true,
+            ConsensusError::NotLeader { .. }
+            | ConsensusError::Unavailable(_)
+            | ConsensusError::Timeout(_) => true,
             ConsensusError::Storage(_)
             | ConsensusError::Fatal(_)
             | ConsensusError::Rejected(_)
@@ -89,7 +91,10 @@ pub(crate) struct WireError {
 impl From<&ConsensusError> for WireError {
     fn from(e: &ConsensusError) -> Self {
         let (leader_id, leader_addr) = match e {
-            ConsensusError::NotLeader { leader_id, leader_addr } => (*leader_id, leader_addr.clone()),
+            ConsensusError::NotLeader {
+                leader_id,
+                leader_addr,
+            } => (*leader_id, leader_addr.clone()),
             _ => (None, None),
         };
         WireError {
@@ -112,7 +117,9 @@ impl From<WireError> for ConsensusError {
             "consensus.storage" => ConsensusError::Storage(w.message),
             "consensus.fatal" => ConsensusError::Fatal(w.message),
             "consensus.rejected" => ConsensusError::Rejected(w.message),
-            "consensus.shutdown" => ConsensusError::Unavailable(format!("leader is shutting down: {}", w.message)),
+            "consensus.shutdown" => {
+                ConsensusError::Unavailable(format!("leader is shutting down: {}", w.message))
+            }
             _ => ConsensusError::Unavailable(w.message),
         }
     }
@@ -131,8 +138,17 @@ mod tests {
         assert_eq!(e.code(), "consensus.not_leader");
         assert!(e.is_retryable());
         let back: ConsensusError = WireError::from(&e).into();
-        assert!(matches!(back, ConsensusError::NotLeader { leader_id: Some(3), .. }));
+        assert!(matches!(
+            back,
+            ConsensusError::NotLeader {
+                leader_id: Some(3),
+                ..
+            }
+        ));
         assert!(!ConsensusError::Storage("fsync".into()).is_retryable());
-        assert_eq!(ConsensusError::Storage("x".into()).code(), "consensus.storage");
+        assert_eq!(
+            ConsensusError::Storage("x".into()).code(),
+            "consensus.storage"
+        );
     }
 }

@@ -17,8 +17,8 @@ use futures::StreamExt;
 use openraft::storage::EntryResponder;
 use openraft::storage::RaftStateMachine;
 use openraft::EntryPayload;
-use openraft::RaftSnapshotBuilder;
 use openraft::OptionalSend;
+use openraft::RaftSnapshotBuilder;
 use serde::Deserialize;
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -92,7 +92,7 @@ impl<S: StateMachine> StateMachineStore<S> {
             let body: SnapshotBody = codec::decode(&data)?;
             app.restore(&body.app)
                 .map_err(|e| io::Error::other(format!("restore application from snapshot: {e}")))?;
-            last_applied = meta.last_log_id.clone();
+            last_applied = meta.last_log_id;
             membership = meta.last_membership.clone();
             last_time_ms = body.last_time_ms;
             tracing::info!(snapshot = %meta, "state machine restored from on-disk snapshot");
@@ -139,7 +139,7 @@ impl<S: StateMachine> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> {
                 app,
             })?;
             let meta = SnapshotMeta {
-                last_log_id: g.last_applied.clone(),
+                last_log_id: g.last_applied,
                 last_membership: g.membership.clone(),
             };
             (meta, body)
@@ -151,7 +151,10 @@ impl<S: StateMachine> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> {
             .map_err(|e| storage_err(&self.health, "snapshot save task", e))?
             .map_err(|e| storage_err(&self.health, "save snapshot", e))?;
         tracing::info!(snapshot = %meta, bytes = data.len(), "snapshot built");
-        Ok(Snapshot { meta, snapshot: data })
+        Ok(Snapshot {
+            meta,
+            snapshot: data,
+        })
     }
 }
 
@@ -161,23 +164,25 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
         let g = self.state.read().unwrap_or_else(|p| p.into_inner());
-        Ok((g.last_applied.clone(), g.membership.clone()))
+        Ok((g.last_applied, g.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
-    where Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend {
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
         let mut last_index = None;
         let mut events = Vec::new();
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
-            let log_id = entry.log_id.clone();
+            let log_id = entry.log_id;
             let mut resp = LogResponse::default();
             {
                 let mut g = self.write();
                 match entry.payload {
                     EntryPayload::Blank => {}
                     EntryPayload::Membership(m) => {
-                        g.membership = StoredMembership::new(Some(log_id.clone()), m);
+                        g.membership = StoredMembership::new(Some(log_id), m);
                     }
                     EntryPayload::Normal(cmd) => {
                         let time_ms = g.last_time_ms.max(cmd.stamped_ms);
@@ -204,7 +209,7 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
                         }
                     }
                 }
-                g.last_applied = Some(log_id.clone());
+                g.last_applied = Some(log_id);
             }
             last_index = Some(log_id.index);
             if let Some(r) = responder {
@@ -229,7 +234,11 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> Result<(), io::Error> {
         let body: SnapshotBody = codec::decode(&snapshot)?;
         // Persist first: if restoring fails we still have not lost the leader's snapshot, and if we
         // crash after, restart restores from this file.
@@ -244,7 +253,7 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
             g.app
                 .restore(&body.app)
                 .map_err(|e| storage_err(&self.health, "restore application from snapshot", e))?;
-            g.last_applied = meta.last_log_id.clone();
+            g.last_applied = meta.last_log_id;
             g.membership = meta.last_membership.clone();
             g.last_time_ms = body.last_time_ms;
         }

@@ -29,7 +29,12 @@ pub struct LogCommand {
 
 impl std::fmt::Display for LogCommand {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LogCommand(t={}ms, {} bytes)", self.stamped_ms, self.command.len())
+        write!(
+            f,
+            "LogCommand(t={}ms, {} bytes)",
+            self.stamped_ms,
+            self.command.len()
+        )
     }
 }
 
@@ -57,13 +62,13 @@ openraft::declare_raft_types!(
 /// The concrete openraft handle for a given application state machine.
 pub(crate) type RaftOf<S> = openraft::Raft<TypeConfig, crate::state_machine::StateMachineStore<S>>;
 
-pub(crate) type LogId = openraft::alias::LogIdOf<TypeConfig>;
-pub(crate) type Entry = openraft::alias::EntryOf<TypeConfig>;
-pub(crate) type Vote = openraft::alias::VoteOf<TypeConfig>;
-pub(crate) type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
-pub(crate) type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+pub(crate) type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+pub(crate) type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+pub(crate) type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+pub(crate) type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
+pub(crate) type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
 /// The snapshot payload handed between openraft, the snapshot store and the network: whole bytes.
 /// Snapshots of the scheduler's state are megabytes, not gigabytes, so holding one in memory is fine;
 /// the network still streams it in chunks.
 pub(crate) type SnapshotData = Vec<u8>;
-pub(crate) type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
+pub(crate) type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;

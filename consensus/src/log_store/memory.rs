@@ -50,11 +50,16 @@ impl RaftLogReader<TypeConfig> for MemLogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        Ok(self.lock().logs.range(range).map(|(_, e)| e.clone()).collect())
+        Ok(self
+            .lock()
+            .logs
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        Ok(self.lock().vote.clone())
+        Ok(self.lock().vote)
     }
 }
 
@@ -65,8 +70,8 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
         let g = self.lock();
         let last = g.logs.values().next_back().map(|e| e.log_id());
         Ok(LogState {
-            last_log_id: last.or_else(|| g.last_purged.clone()),
-            last_purged_log_id: g.last_purged.clone(),
+            last_log_id: last.or(g.last_purged),
+            last_purged_log_id: g.last_purged,
         })
     }
 
@@ -75,7 +80,7 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.lock().vote = Some(vote.clone());
+        self.lock().vote = Some(*vote);
         Ok(())
     }
 
@@ -85,10 +90,14 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.lock().committed.clone())
+        Ok(self.lock().committed)
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,

@@ -30,6 +30,11 @@ impl StorageHealth {
         }
     }
 
+    /// The first storage failure, if any.
+    pub(crate) fn error(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// `Err(Storage)` once storage has failed.
     pub(crate) fn check(&self) -> Result<(), ConsensusError> {
         let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -119,7 +124,11 @@ mod any_impl {
             }
         }
 
-        async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+        async fn append<I>(
+            &mut self,
+            entries: I,
+            callback: IOFlushed<TypeConfig>,
+        ) -> Result<(), io::Error>
         where
             I: IntoIterator<Item = Entry> + OptionalSend,
             I::IntoIter: OptionalSend,
@@ -145,3 +154,6 @@ mod any_impl {
         }
     }
 }
+
+#[cfg(test)]
+mod conformance;

@@ -105,7 +105,12 @@ impl RocksLogStore {
         got.map(|b| codec::decode(&b)).transpose()
     }
 
-    fn put_meta<T: serde::Serialize>(&self, key: &[u8], v: &T, sync: bool) -> Result<(), io::Error> {
+    fn put_meta<T: serde::Serialize>(
+        &self,
+        key: &[u8],
+        v: &T,
+        sync: bool,
+    ) -> Result<(), io::Error> {
         let cf = self.cf(CF_META)?;
         let bytes = codec::encode(v)?;
         let mut wo = WriteOptions::default();
@@ -164,7 +169,10 @@ impl RaftLogReader<TypeConfig> for RocksLogStore {
         let cf = self.cf(CF_LOGS)?;
         let start_key = index_key(start);
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf, IteratorMode::From(&start_key, Direction::Forward)) {
+        for item in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start_key, Direction::Forward))
+        {
             let (k, v) = self.check("read entries", item)?;
             let idx = key_index(&k)?;
             if !range.contains(&idx) {
@@ -196,7 +204,7 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         };
         let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
         Ok(LogState {
-            last_log_id: last.or_else(|| last_purged.clone()),
+            last_log_id: last.or(last_purged),
             last_purged_log_id: last_purged,
         })
     }
@@ -220,7 +228,11 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -246,7 +258,8 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         let cf = self.cf(CF_LOGS)?;
         self.check(
             "truncate",
-            self.db.delete_range_cf(cf, index_key(from), index_key(u64::MAX)),
+            self.db
+                .delete_range_cf(cf, index_key(from), index_key(u64::MAX)),
         )?;
         // u64::MAX itself is excluded by delete_range; it can never be a real index.
         Ok(())
@@ -259,7 +272,8 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         let cf = self.cf(CF_LOGS)?;
         self.check(
             "purge",
-            self.db.delete_range_cf(cf, index_key(0), index_key(log_id.index() + 1)),
+            self.db
+                .delete_range_cf(cf, index_key(0), index_key(log_id.index() + 1)),
         )
     }
 }

@@ -28,7 +28,11 @@ pub enum PlacementError {
     #[error("job {0} already holds devices")]
     AlreadyRunning(JobId),
     #[error("job {job}: gang has {expected} tasks but the placement has {got}")]
-    TaskCount { job: JobId, expected: u32, got: usize },
+    TaskCount {
+        job: JobId,
+        expected: u32,
+        got: usize,
+    },
     #[error("job {job} task {task}: unknown host {host}")]
     UnknownHost {
         job: JobId,
@@ -48,7 +52,9 @@ pub enum PlacementError {
         task: usize,
         problem: String,
     },
-    #[error("job {job} task {task}: host {host} device {index} has {free} milli free, {wanted} wanted")]
+    #[error(
+        "job {job} task {task}: host {host} device {index} has {free} milli free, {wanted} wanted"
+    )]
     DeviceBusy {
         job: JobId,
         task: usize,
@@ -217,9 +223,10 @@ impl ClusterState {
                 got: placement.tasks.len(),
             });
         }
-        // What this gang takes from each host, accumulated across its tasks.
-        let mut taken: BTreeMap<usize, (Vec<u32>, u64, u64)> = BTreeMap::new();
-        let mut domain: Option<String> = None;
+        // What this gang takes from each host, accumulated across its tasks (gangs touch few
+        // hosts: a linear list beats a map).
+        let mut taken: Vec<(usize, Vec<u32>, u64, u64)> = Vec::new();
+        let mut first_host: Option<usize> = None;
         for (task, tp) in placement.tasks.iter().enumerate() {
             let Some(&hi) = self.host_index.get(&tp.host) else {
                 return Err(PlacementError::UnknownHost {
@@ -238,10 +245,9 @@ impl ClusterState {
                 });
             }
             if let Some(level) = request.required {
-                let key = Self::domain_key(&host.spec.topology, &host.spec.name, level);
-                match &domain {
-                    None => domain = Some(key),
-                    Some(d) if *d != key => {
+                match first_host {
+                    None => first_host = Some(hi),
+                    Some(f) if !Self::same_domain(&self.hosts[f].spec, &host.spec, level) => {
                         return Err(PlacementError::OutsideRequiredDomain {
                             job: job.clone(),
                             level,
@@ -251,38 +257,60 @@ impl ClusterState {
                 }
             }
             self.check_task_devices(request, task, host, tp)?;
-            let entry = taken
-                .entry(hi)
-                .or_insert_with(|| (vec![0; host.free_milli.len()], 0, 0));
+            let pos = match taken.iter().position(|t| t.0 == hi) {
+                Some(p) => p,
+                None => {
+                    taken.push((hi, vec![0; host.free_milli.len()], 0, 0));
+                    taken.len() - 1
+                }
+            };
+            let entry = &mut taken[pos];
             for share in &tp.devices {
                 let i = usize::from(share.index);
-                entry.0[i] += share.milli;
-                if entry.0[i] > host.free_milli[i] {
+                entry.1[i] += share.milli;
+                if entry.1[i] > host.free_milli[i] {
                     return Err(PlacementError::DeviceBusy {
                         job: job.clone(),
                         task,
                         host: tp.host.clone(),
                         index: share.index,
-                        free: host.free_milli[i].saturating_sub(entry.0[i] - share.milli),
+                        free: host.free_milli[i].saturating_sub(entry.1[i] - share.milli),
                         wanted: share.milli,
                     });
                 }
             }
-            entry.1 += tp.cpu_milli;
-            entry.2 += tp.memory_mib;
-            if entry.1 > host.free_cpu_milli || entry.2 > host.free_memory_mib {
+            entry.2 += tp.cpu_milli;
+            entry.3 += tp.memory_mib;
+            if entry.2 > host.free_cpu_milli || entry.3 > host.free_memory_mib {
                 return Err(PlacementError::HostResources {
                     job: job.clone(),
                     task,
                     host: tp.host.clone(),
                     what: format!(
                         "cpu {} of {} milli free, memory {} of {} MiB free",
-                        entry.1, host.free_cpu_milli, entry.2, host.free_memory_mib
+                        entry.2, host.free_cpu_milli, entry.3, host.free_memory_mib
                     ),
                 });
             }
         }
         Ok(())
+    }
+
+    /// Whether two hosts share the domain of a level (same as comparing [`Self::domain_key`]s,
+    /// without building strings).
+    pub fn same_domain(a: &HostSpec, b: &HostSpec, level: TopologyLevel) -> bool {
+        let (ta, tb) = (&a.topology, &b.topology);
+        let dc = ta.datacenter == tb.datacenter;
+        let zone = dc && ta.zone == tb.zone;
+        let pod = zone && ta.pod == tb.pod;
+        let rack = pod && ta.rack == tb.rack;
+        match level {
+            TopologyLevel::Datacenter => dc,
+            TopologyLevel::Zone => zone,
+            TopologyLevel::Pod => pod,
+            TopologyLevel::Rack => rack,
+            TopologyLevel::Host | TopologyLevel::Nvlink => rack && a.name == b.name,
+        }
     }
 
     fn check_task_devices(
@@ -302,24 +330,27 @@ impl ClusterState {
         {
             return Err(bad(format!(
                 "placement reserves cpu {} / memory {} but the task needs cpu {} / memory {}",
-                tp.cpu_milli, tp.memory_mib, request.per_task.cpu_milli, request.per_task.memory_mib
+                tp.cpu_milli,
+                tp.memory_mib,
+                request.per_task.cpu_milli,
+                request.per_task.memory_mib
             )));
         }
-        let expected: Vec<u32> = match request.per_task.devices {
-            DeviceDemand::None => vec![],
-            DeviceDemand::Whole(n) => vec![MILLI_PER_DEVICE; n as usize],
-            DeviceDemand::Fraction(m) => vec![m],
+        let (want_count, want_milli) = match request.per_task.devices {
+            DeviceDemand::None => (0usize, 0u32),
+            DeviceDemand::Whole(n) => (n as usize, MILLI_PER_DEVICE),
+            DeviceDemand::Fraction(m) => (1, m),
         };
-        let got: Vec<u32> = tp.devices.iter().map(|d| d.milli).collect();
-        if got != expected {
+        if tp.devices.len() != want_count || tp.devices.iter().any(|d| d.milli != want_milli) {
+            let got: Vec<u32> = tp.devices.iter().map(|d| d.milli).collect();
             return Err(bad(format!(
                 "placement gives shares {got:?} but the task needs {:?}",
                 request.per_task.devices
             )));
         }
-        let mut seen = std::collections::BTreeSet::new();
         let mut nvlink_domain = None;
-        for share in &tp.devices {
+        let mut last_model: Option<&str> = None;
+        for (k, share) in tp.devices.iter().enumerate() {
             let i = usize::from(share.index);
             let Some(spec) = host.spec.devices.get(i) else {
                 return Err(bad(format!(
@@ -327,15 +358,19 @@ impl ClusterState {
                     host.spec.name, share.index
                 )));
             };
-            if !seen.insert(share.index) {
+            if tp.devices[..k].iter().any(|d| d.index == share.index) {
                 return Err(bad(format!("device {} given twice", share.index)));
             }
-            let kind = self.models.get(&spec.model).map(|m| m.kind);
-            if kind != Some(request.kind) || !request.accepts_model(&spec.model) {
-                return Err(bad(format!(
-                    "host {} device {} is a {} which the job does not accept",
-                    host.spec.name, share.index, spec.model
-                )));
+            // A device of the same model as the previous one is already checked.
+            if last_model != Some(spec.model.as_str()) {
+                let kind = self.models.get(&spec.model).map(|m| m.kind);
+                if kind != Some(request.kind) || !request.accepts_model(&spec.model) {
+                    return Err(bad(format!(
+                        "host {} device {} is a {} which the job does not accept",
+                        host.spec.name, share.index, spec.model
+                    )));
+                }
+                last_model = Some(spec.model.as_str());
             }
             if request.required == Some(TopologyLevel::Nvlink) {
                 match nvlink_domain {

@@ -78,3 +78,32 @@ impl HostState {
             .count()
     }
 }
+
+impl HostSpec {
+    /// A ready host with `devices` devices of one model, split evenly into `nvlink_domains`
+    /// NVLink domains (1 for one domain).
+    pub fn uniform(
+        name: impl Into<String>,
+        topology: HostTopology,
+        model: &str,
+        devices: u16,
+        nvlink_domains: u16,
+        cpu_milli: u64,
+        memory_mib: u64,
+    ) -> Self {
+        let per = devices.div_ceil(nvlink_domains.max(1)).max(1);
+        Self {
+            name: HostName::new(name),
+            topology,
+            cpu_milli,
+            memory_mib,
+            devices: (0..devices)
+                .map(|i| DeviceSpec {
+                    model: model.to_owned(),
+                    nvlink_domain: i / per,
+                })
+                .collect(),
+            state: NodeState::Ready,
+        }
+    }
+}

@@ -80,3 +80,85 @@ impl GangRequest {
         self.models.is_empty() || self.models.iter().any(|m| m == model)
     }
 }
+
+impl GangRequest {
+    /// A gang of `tasks` tasks each needing `devices` GPUs (any model), with defaults that tests,
+    /// tools and the simulator override with the `with_*` methods: queue `default`, priority 0,
+    /// 1 CPU core and 1 GiB per task, no topology constraint, no runtime estimate, not
+    /// checkpointable, submitted at 0.
+    pub fn new(id: impl Into<String>, tasks: u32, devices: DeviceDemand) -> Self {
+        Self {
+            id: JobId::new(id),
+            queue: QueueName::new("default"),
+            priority: 0,
+            tasks,
+            per_task: TaskDemand {
+                devices,
+                cpu_milli: 1000,
+                memory_mib: 1024,
+            },
+            kind: DeviceKind::Gpu,
+            models: Vec::new(),
+            required: None,
+            preferred: None,
+            estimated_runtime_ms: None,
+            checkpointable: false,
+            submitted_at_ms: 0,
+        }
+    }
+
+    pub fn with_queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = QueueName::new(queue);
+        self
+    }
+
+    pub fn with_priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    pub fn with_kind(mut self, kind: DeviceKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    pub fn with_models(mut self, models: &[&str]) -> Self {
+        self.models = models.iter().map(|m| (*m).to_owned()).collect();
+        self
+    }
+
+    pub fn with_required(mut self, level: TopologyLevel) -> Self {
+        self.required = Some(level);
+        self
+    }
+
+    pub fn with_preferred(mut self, level: TopologyLevel) -> Self {
+        self.preferred = Some(level);
+        self
+    }
+
+    pub fn with_runtime_ms(mut self, ms: u64) -> Self {
+        self.estimated_runtime_ms = Some(ms);
+        self
+    }
+
+    pub fn with_checkpointable(mut self, checkpointable: bool) -> Self {
+        self.checkpointable = checkpointable;
+        self
+    }
+
+    pub fn with_submitted_at_ms(mut self, ms: u64) -> Self {
+        self.submitted_at_ms = ms;
+        self
+    }
+
+    pub fn with_cpu_milli(mut self, cpu: u64) -> Self {
+        self.per_task.cpu_milli = cpu;
+        self
+    }
+
+    pub fn with_memory_mib(mut self, mem: u64) -> Self {
+        self.per_task.memory_mib = mem;
+        self
+    }
+}

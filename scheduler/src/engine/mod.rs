@@ -1,15 +1,33 @@
 //! The placement engine: pure, deterministic, no I/O.
 //!
-//! `schedule(&ClusterState, &[GangRequest], &SchedulerConfig) -> Plan` is the whole contract. The
+//! [`schedule`] runs one round: queue order (priority, submission time, job id) -> admit (quota and
+//! head-of-line rules of the policy) -> filter (per host: ready, accepted kind/model, free devices,
+//! CPU, memory) -> candidate domains (every domain of the required level; narrowest first for
+//! topology-aware policies) -> score whole-gang placements -> commit into the round's overlay
+//! ([`index::Overlay`]) so later gangs see earlier ones, or discard whole. Gangs that are not
+//! placed get a [`PendingReason`] whose `Display` is a sentence for people; higher-priority gangs
+//! may name preemption victims ([`preemption`]).
+//!
+//! Policies ([`policy`], selected by `SchedulerConfig::policy`): `first-fit`, `best-fit`, `fgd`,
+//! `static-quota`, `backfill` and `gangway` (the default), each a [`framework::Policy`].
+//!
+//! `schedule(&ClusterState, &[GangRequest], &SchedulerConfig, now_ms) -> Plan` is the whole contract. The
 //! caller (the leader's scheduling loop, the simulator, a test) owns the state, applies the plan through
 //! [`ClusterState::apply_placement`] (which re-checks it) and calls again on the next event.
 
 pub mod cluster;
 pub mod config;
 pub mod device;
+pub mod fragmentation;
+pub mod framework;
 pub mod host;
+pub mod index;
 pub mod job;
 pub mod plan;
+pub mod policy;
+pub mod preemption;
+pub mod quota;
+pub mod schedule;
 pub mod topology;
 
 pub use cluster::{ClusterState, PlacementError, RunningGang};
@@ -21,4 +39,5 @@ pub use plan::{
     DeviceShare, GangPlacement, PendingJob, PendingReason, Plan, Preemption, PreemptionReason,
     TaskPlacement,
 };
+pub use schedule::{describe_wanted, schedule};
 pub use topology::{HostTopology, TopologyLevel};

@@ -36,7 +36,7 @@ pub struct GangPlacement {
 
 /// Why a running gang is to be stopped (checkpoint first) to make room.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum PreemptionReason {
     /// A gang of higher priority needs the devices.
     HigherPriority {
@@ -68,7 +68,7 @@ pub struct PendingJob {
 /// Why a gang could not be placed in this round. `Display` gives the sentence shown to people;
 /// the variant is for metrics and scripts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "code", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum PendingReason {
     /// No host in the cluster has devices this job accepts (kind/model), whatever is free.
     NoMatchingDevices { wanted: String },
@@ -97,6 +97,13 @@ pub enum PendingReason {
     BlockedBehind { job: JobId, why: String },
     /// Anything a policy plugin reports that has no variant of its own.
     Policy { plugin: String, message: String },
+    /// Enough devices are free (in the required domain, if any), but no set of hosts can take the
+    /// tasks with their devices, CPU and memory (shape or host resources).
+    NoHostFits {
+        wanted: String,
+        free: u64,
+        detail: String,
+    },
 }
 
 impl std::fmt::Display for PendingReason {
@@ -144,6 +151,11 @@ impl std::fmt::Display for PendingReason {
                 write!(f, "waiting behind job {job}: {why}")
             }
             PendingReason::Policy { plugin, message } => write!(f, "{plugin}: {message}"),
+            PendingReason::NoHostFits {
+                wanted,
+                free,
+                detail,
+            } => write!(f, "needs {wanted}; {free} are free but {detail}"),
         }
     }
 }

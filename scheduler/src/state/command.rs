@@ -60,8 +60,11 @@ pub struct CheckpointManifest {
 }
 
 /// Every state change, one variant per kind of change, one apply function per variant.
+///
+/// Commands, responses and everything inside them are externally tagged serde enums: the Raft log
+/// encodes them with bincode, which cannot decode internally tagged (`#[serde(tag = ...)]`) enums.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Command {
     /// A worker (re-)registers its host.
     RegisterNode(NodeRegistration),
@@ -130,7 +133,7 @@ impl Command {
 
 /// Why a command changed nothing. Deterministic, so every replica answers the same.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[serde(tag = "code", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Rejection {
     #[error("unknown node {0}")]
     UnknownNode(HostName),
@@ -171,7 +174,7 @@ impl Rejection {
 
 /// What applying a command did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "result", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Response {
     /// The command changed state (or repeated a change already made, which is the same to a client).
     Done,

@@ -1,0 +1,158 @@
+//! The server side of the Raft transport: a tonic service that hands each RPC to the local Raft.
+//!
+//! It is exposed as a plain tonic service ([`crate::ReplicaHandle::grpc_service`]) so the scheduler
+//! can mount it next to its own services on one port, and [`crate::ReplicaHandle::serve`] runs it
+//! alone on a listener (tests, or a dedicated Raft port).
+
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+use tonic::Streaming;
+
+use crate::app::StateMachine;
+use crate::codec;
+use crate::error::WireError;
+use crate::log_store::StorageHealth;
+use crate::pb;
+use crate::pb::raft_transport_server::RaftTransport;
+use crate::types::RaftOf;
+use crate::types::Snapshot;
+use crate::types::SnapshotMeta;
+use crate::types::Vote;
+use crate::write_path::propose_local;
+use crate::write_path::ForwardReply;
+
+/// The tonic implementation of `gangway.consensus.v1.RaftTransport` for one replica.
+pub struct RaftGrpcService<S: StateMachine> {
+    raft: RaftOf<S>,
+    health: StorageHealth,
+    write_timeout: Duration,
+}
+
+impl<S: StateMachine> RaftGrpcService<S> {
+    pub(crate) fn new(raft: RaftOf<S>, health: StorageHealth, write_timeout: Duration) -> Self {
+        RaftGrpcService {
+            raft,
+            health,
+            write_timeout,
+        }
+    }
+}
+
+fn bad_request(e: std::io::Error) -> Status {
+    Status::invalid_argument(format!("undecodable raft message: {e}"))
+}
+
+fn reply<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftPayload>, Status> {
+    let data = codec::encode(v).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(pb::RaftPayload { data }))
+}
+
+fn raft_err(e: impl std::fmt::Display) -> Status {
+    // The Raft core is gone (shutdown or fatal error): the peer treats it as unreachable.
+    Status::unavailable(format!("raft core unavailable: {e}"))
+}
+
+#[tonic::async_trait]
+impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
+    async fn append_entries(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let rpc = codec::decode(&req.into_inner().data).map_err(bad_request)?;
+        let resp = self.raft.append_entries(rpc).await.map_err(raft_err)?;
+        reply(&resp)
+    }
+
+    async fn vote(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let rpc = codec::decode(&req.into_inner().data).map_err(bad_request)?;
+        let resp = self.raft.vote(rpc).await.map_err(raft_err)?;
+        reply(&resp)
+    }
+
+    async fn pre_vote(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let rpc = codec::decode(&req.into_inner().data).map_err(bad_request)?;
+        let resp = self.raft.pre_vote(rpc).await.map_err(raft_err)?;
+        reply(&resp)
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let rpc = codec::decode(&req.into_inner().data).map_err(bad_request)?;
+        let resp = self
+            .raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(raft_err)?;
+        reply(&resp)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let mut stream = req.into_inner();
+        let mut header: Option<(Vote, SnapshotMeta)> = None;
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if header.is_none() {
+                if chunk.header.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "first snapshot chunk lacks a header",
+                    ));
+                }
+                header = Some(codec::decode(&chunk.header).map_err(bad_request)?);
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        let (vote, meta) =
+            header.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let snapshot = Snapshot {
+            meta,
+            snapshot: data,
+        };
+        let resp = self
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(raft_err)?;
+        reply(&resp)
+    }
+
+    async fn forward_write(
+        &self,
+        req: Request<pb::ForwardWriteRequest>,
+    ) -> Result<Response<pb::ForwardWriteReply>, Status> {
+        let command = req.into_inner().command;
+        // One hop only: the receiver proposes locally or answers NotLeader; it never forwards
+        // again, so a stale leader hint cannot make a write bounce around the cluster.
+        let outcome = tokio::time::timeout(
+            self.write_timeout,
+            propose_local(&self.raft, &self.health, command),
+        )
+        .await;
+        let r = match outcome {
+            Ok(Ok((index, response))) => ForwardReply::Applied { index, response },
+            Ok(Err(e)) => ForwardReply::Failed(WireError::from(&e)),
+            Err(_) => {
+                ForwardReply::Failed(WireError::from(&crate::error::ConsensusError::Timeout(
+                    "leader did not apply the forwarded write in time; outcome unknown".into(),
+                )))
+            }
+        };
+        let data = codec::encode(&r).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ForwardWriteReply { data }))
+    }
+}

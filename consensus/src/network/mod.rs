@@ -1,0 +1,12 @@
+//! Raft transport: the client side (openraft's network trait over gRPC), the pluggable connector
+//! and the fault injector used by tests.
+
+pub(crate) mod client;
+pub(crate) mod fault;
+pub(crate) mod transport;
+
+pub use fault::FaultInjector;
+pub use fault::Verdict;
+pub use transport::Connector;
+pub use transport::TcpConnector;
+pub use transport::Transport;

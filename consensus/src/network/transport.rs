@@ -1,0 +1,175 @@
+//! How a replica reaches its peers: a [`Connector`] that turns an address into a gRPC channel, an
+//! optional [`FaultInjector`], and a per-address channel cache.
+//!
+//! Why an injected connector: the real binary dials plain TCP, tests run several replicas in one
+//! process on loopback with faults injected between them, and a future deployment may want TLS or a
+//! Unix socket; none of that should touch the Raft code.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+
+use super::fault::FaultInjector;
+use super::fault::Verdict;
+use crate::pb::raft_transport_client::RaftTransportClient;
+use crate::types::NodeId;
+
+/// Turns a peer address into a (lazily connecting) gRPC channel.
+pub trait Connector: Send + Sync + 'static {
+    /// A channel to `addr` (`host:port`). Must not block: connect lazily.
+    fn channel(&self, addr: &str) -> Result<Channel, String>;
+}
+
+/// Plain TCP (HTTP/2 without TLS), what `gangway server` uses.
+#[derive(Debug, Clone)]
+pub struct TcpConnector {
+    /// Deadline for establishing a TCP connection.
+    pub connect_timeout: Duration,
+}
+
+impl Default for TcpConnector {
+    fn default() -> Self {
+        TcpConnector {
+            connect_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Connector for TcpConnector {
+    fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        Ok(ep.connect_lazy())
+    }
+}
+
+/// Why an RPC did not produce a reply.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CallError {
+    /// The request was never sent (bad address, injected drop before sending). Safe to retry.
+    #[error("not sent: {0}")]
+    NotSent(String),
+    /// The request may have been delivered but no usable reply came back.
+    #[error("no reply: {0}")]
+    NoReply(String),
+    /// The RPC ran past its deadline; it may have been delivered.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// The transport shared by every client of one replica (Raft replication and write forwarding).
+#[derive(Clone)]
+pub struct Transport {
+    connector: Arc<dyn Connector>,
+    faults: Option<Arc<FaultInjector>>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        Transport::new(Arc::new(TcpConnector::default()))
+    }
+}
+
+impl Transport {
+    /// A transport over `connector`, without faults.
+    pub fn new(connector: Arc<dyn Connector>) -> Self {
+        Transport {
+            connector,
+            faults: None,
+            channels: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Plain TCP, no faults: production.
+    pub fn tcp() -> Self {
+        Transport::default()
+    }
+
+    /// Route every message through `faults` (tests).
+    pub fn with_faults(mut self, faults: Arc<FaultInjector>) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
+    fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, CallError> {
+        let mut cache = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let ch = match cache.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = self.connector.channel(addr).map_err(CallError::NotSent)?;
+                cache.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(RaftTransportClient::new(ch)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX))
+    }
+
+    async fn gate(&self, from: NodeId, to: NodeId) -> bool {
+        match self.faults.as_ref().map(|f| f.verdict(from, to)) {
+            None | Some(Verdict::Deliver) => true,
+            Some(Verdict::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                true
+            }
+            Some(Verdict::Drop) => false,
+        }
+    }
+
+    /// Run one RPC from `from` to `to` at `addr`, applying faults in both directions and a deadline.
+    pub(crate) async fn call<T, F, Fut>(
+        &self,
+        from: NodeId,
+        to: NodeId,
+        addr: &str,
+        timeout: Duration,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnOnce(RaftTransportClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let client = self.client(addr)?;
+        let run = async {
+            if !self.gate(from, to).await {
+                // Model a lost request: the sender learns nothing until its deadline, but we do
+                // not make it wait the full deadline (tests would crawl); it is reported as not sent.
+                return Err(CallError::NotSent(format!("injected drop {from}->{to}")));
+            }
+            let reply = f(client).await.map_err(|s| {
+                if s.code() == tonic::Code::Unavailable && is_connect_failure(s.message()) {
+                    CallError::NotSent(format!("{s}"))
+                } else {
+                    CallError::NoReply(format!("{s}"))
+                }
+            })?;
+            if !self.gate(to, from).await {
+                return Err(CallError::NoReply(format!(
+                    "injected drop of reply {to}->{from}"
+                )));
+            }
+            Ok(reply.into_inner())
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Timeout(timeout)),
+        }
+    }
+}
+
+/// Whether a tonic status says the connection could not be established (so nothing was sent),
+/// as opposed to a connection that broke after the request may have left.
+fn is_connect_failure(msg: &str) -> bool {
+    msg.contains("error trying to connect") || msg.contains("tcp connect error")
+}

@@ -1,0 +1,161 @@
+//! Placement throughput on a synthetic fleet: 10,000 hosts x 8 GPUs (racks of 32 hosts, pods of
+//! 10 racks, zones of 10 pods), 10,000 pending gangs per round, one core. Prints numbers.
+//!
+//! `cargo bench -p gangway-scheduler --bench placement`
+
+use gangway_scheduler::engine::{
+    schedule, ClusterState, DeviceDemand, DeviceKind, DeviceModel, GangRequest, HostSpec,
+    HostTopology, PolicyName, SchedulerConfig, TopologyLevel,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
+
+const HOSTS: usize = 10_000;
+
+fn fleet() -> ClusterState {
+    let mut c = ClusterState::new([DeviceModel {
+        name: "H100".into(),
+        kind: DeviceKind::Gpu,
+        memory_mib: 80 * 1024,
+    }]);
+    for i in 0..HOSTS {
+        let rack = i / 32;
+        let pod = rack / 10;
+        let zone = pod / 10;
+        c.add_host(HostSpec::uniform(
+            format!("host-{i:05}"),
+            HostTopology::new(
+                "dc1",
+                &format!("z{zone}"),
+                &format!("p{pod}"),
+                &format!("r{rack}"),
+            ),
+            "H100",
+            8,
+            2,
+            192_000,
+            2 * 1024 * 1024,
+        ))
+        .expect("host");
+    }
+    c
+}
+
+fn single_tasks(n: usize, seed: u64) -> Vec<GangRequest> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let d = match rng.random_range(0..10) {
+                0..=4 => DeviceDemand::Whole(1),
+                5..=6 => DeviceDemand::Whole(2),
+                7 => DeviceDemand::Whole(4),
+                _ => DeviceDemand::Fraction(rng.random_range(1..10) * 100),
+            };
+            GangRequest::new(format!("s{i:05}"), 1, d)
+                .with_cpu_milli(rng.random_range(1..=16) * 1000)
+                .with_memory_mib(rng.random_range(1..=64) * 1024)
+                .with_submitted_at_ms(i as u64)
+        })
+        .collect()
+}
+
+fn gangs(n: usize, seed: u64) -> Vec<GangRequest> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let tasks = rng.random_range(2..=8); // 16..64 GPUs
+            let r = GangRequest::new(format!("g{i:05}"), tasks, DeviceDemand::Whole(8))
+                .with_cpu_milli(96_000)
+                .with_memory_mib(512 * 1024)
+                .with_submitted_at_ms(i as u64);
+            match rng.random_range(0..3) {
+                0 => r.with_required(TopologyLevel::Rack),
+                1 => r.with_preferred(TopologyLevel::Rack),
+                _ => r.with_required(TopologyLevel::Pod),
+            }
+        })
+        .collect()
+}
+
+fn round(c: &ClusterState, pending: &[GangRequest], policy: PolicyName) -> (usize, f64) {
+    let config = SchedulerConfig {
+        policy,
+        preemption: false,
+        ..SchedulerConfig::default()
+    };
+    let t = Instant::now();
+    let plan = schedule(c, pending, &config, 0);
+    let secs = t.elapsed().as_secs_f64();
+    // Check the plan re-applies (outside the timing).
+    let mut c2 = c.clone();
+    let by_id: std::collections::HashMap<_, _> =
+        pending.iter().map(|r| (r.id.clone(), r)).collect();
+    for p in &plan.placements {
+        c2.apply_placement(by_id[&p.job].clone(), p.clone(), 0)
+            .expect("plan re-applies");
+    }
+    (plan.placements.len(), secs)
+}
+
+fn main() {
+    let c = fleet();
+    println!("fleet: {HOSTS} hosts, {} GPUs", HOSTS * 8);
+    let singles = single_tasks(10_000, 1);
+    let gang_list = gangs(10_000, 2);
+    let mut rates = Vec::new();
+    for policy in [
+        PolicyName::FirstFit,
+        PolicyName::BestFit,
+        PolicyName::Gangway,
+    ] {
+        let (n, s) = round(&c, &singles, policy);
+        let single_rate = n as f64 / s;
+        println!(
+            "{:<10} single tasks: {n} of {} placed in {:.3} s = {:.0} placements/s",
+            policy.as_str(),
+            singles.len(),
+            s,
+            single_rate
+        );
+        let (n, s) = round(&c, &gang_list, policy);
+        let gang_rate = n as f64 / s;
+        println!(
+            "{:<10} gangs (16-64 GPUs): {n} of {} placed in {:.3} s = {:.0} placements/s ({:.0} gangs examined/s)",
+            policy.as_str(),
+            gang_list.len(),
+            s,
+            gang_rate,
+            gang_list.len() as f64 / s
+        );
+        rates.push((policy, single_rate, gang_rate));
+    }
+    let ff = rates[0];
+    let gw = rates[2];
+    println!(
+        "gangway vs first-fit: single {:.2}x, gangs {:.2}x the placement rate",
+        gw.1 / ff.1,
+        gw.2 / ff.2
+    );
+
+    // The re-check every plan goes through.
+    let c2 = c.clone();
+    let config = SchedulerConfig {
+        policy: PolicyName::FirstFit,
+        ..SchedulerConfig::default()
+    };
+    let plan = schedule(&c, &singles, &config, 0);
+    let by_id: std::collections::HashMap<_, _> =
+        singles.iter().map(|r| (r.id.clone(), r)).collect();
+    let t = Instant::now();
+    for p in &plan.placements {
+        c2.check_placement(by_id[&p.job], p).expect("checks");
+    }
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "check_placement: {} checks in {:.4} s = {:.0} checks/s",
+        plan.placements.len(),
+        s,
+        plan.placements.len() as f64 / s
+    );
+}
