@@ -5,7 +5,10 @@
 //!   the very same decisions.
 //! - [`sim`]: the trace-driven simulator (`gangway sim`) that drives the engine under a discrete-event
 //!   clock and measures it on real production traces.
+//! - [`state`]: the replicated cluster state (the FSM the consensus layer applies commands to).
+//! - [`server`]: the replica process's configuration (the services follow).
 
 pub mod engine;
+pub mod server;
 pub mod sim;
 pub mod state;

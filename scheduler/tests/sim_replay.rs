@@ -313,7 +313,6 @@ fn a_tick_at_min_runtime_lets_the_owner_preempt_the_borrower() {
 }
 
 #[test]
-#[ignore = "engine: after a reclaim preemption the next round re-places the (older) victim before the owner"]
 fn the_owner_runs_as_soon_as_the_borrower_is_preempted() {
     // Delays: borrower 0, owner 500 (100 -> 600). JCTs: owner 600 (ends 700), borrower 1100.
     let (c, jobs) = reclaim_case();

@@ -743,17 +743,22 @@ pub fn schedule(
 ) -> Plan {
     let mut round = Round::new(view, pending, config);
     let policy = round.policy;
+    let mut quota = QuotaBook::new(view, policy.quota_mode());
+    // Where queues may borrow, a gang that stays inside its queue's guarantee goes before one that
+    // would borrow, at equal priority (the Kueue/Volcano order). Without this, a borrower preempted
+    // for a queue reclaiming its quota is older than the owner and would take the freed devices
+    // back in the next round: preemption churn instead of reclaim.
+    let borrows = |req: &GangRequest| {
+        quota.mode == QuotaMode::Borrow
+            && !quota.within_guarantee(config, &req.queue, req.total_milli())
+    };
     let mut order: Vec<usize> = (0..pending.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (ra, rb) = (&pending[a], &pending[b]);
-        policy
-            .queue_key(ra)
-            .cmp(&policy.queue_key(rb))
-            .then_with(|| ra.id.cmp(&rb.id))
-            .then_with(|| a.cmp(&b))
+    order.sort_by_cached_key(|&i| {
+        let req = &pending[i];
+        let (priority, submitted) = policy.queue_key(req);
+        (priority, borrows(req), submitted, req.id.clone(), i)
     });
     let mut plan = Plan::default();
-    let mut quota = QuotaBook::new(view, policy.quota_mode());
     let mut seen: BTreeSet<&JobId> = BTreeSet::new();
     let mut blocked_queues: BTreeMap<&QueueName, &JobId> = BTreeMap::new();
     let mut reservation: Option<Reservation> = None;

@@ -1,0 +1,304 @@
+//! The server's configuration: a TOML file (template in `deploy/config/gangway-server.toml`) whose
+//! values flags override, validated as a whole so a bad value fails at start-up naming its field.
+
+use crate::engine::PolicyName;
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A problem with one configuration field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config field `{field}`: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+fn bad(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "expected a duration such as \"150ms\" or \"10s\", got {s:?} ({e})"
+        ))
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftSection {
+    #[serde(deserialize_with = "duration")]
+    pub election_timeout_min: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub election_timeout_max: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    pub snapshot_every_entries: u64,
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        Self {
+            election_timeout_min: Duration::from_millis(750),
+            election_timeout_max: Duration::from_millis(1500),
+            heartbeat_interval: Duration::from_millis(150),
+            snapshot_every_entries: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerSection {
+    #[serde(deserialize_with = "policy")]
+    pub policy: PolicyName,
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    pub preemption: bool,
+    #[serde(deserialize_with = "duration")]
+    pub min_runtime: Duration,
+}
+
+fn policy<'de, D: Deserializer<'de>>(d: D) -> Result<PolicyName, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        Self {
+            policy: PolicyName::Gangway,
+            interval: Duration::from_secs(1),
+            preemption: true,
+            min_runtime: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersSection {
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub node_ttl: Duration,
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(2),
+            node_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub id: u64,
+    pub listen: String,
+    #[serde(default)]
+    pub advertise: String,
+    pub http: String,
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub initial_cluster: String,
+    #[serde(default)]
+    pub allow_drills: bool,
+    #[serde(default)]
+    pub raft: RaftSection,
+    #[serde(default)]
+    pub scheduler: SchedulerSection,
+    #[serde(default)]
+    pub workers: WorkersSection,
+}
+
+impl ServerConfig {
+    /// Parses a TOML file's text. Unknown keys are errors naming the key's path.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| bad("", e.message().to_owned()))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            bad(
+                if path == "." { "" } else { &path },
+                e.into_inner().message().to_owned(),
+            )
+        })
+    }
+
+    /// The address peers and clients use for this replica.
+    pub fn advertise_addr(&self) -> &str {
+        if self.advertise.is_empty() {
+            &self.listen
+        } else {
+            &self.advertise
+        }
+    }
+
+    /// The founding voters from `initial_cluster` (`1=host:port,2=host:port`).
+    pub fn initial_members(&self) -> Result<BTreeMap<u64, String>, ConfigError> {
+        parse_members(&self.initial_cluster)
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return Err(bad("id", "expected a replica id of 1 or more"));
+        }
+        for (field, addr) in [("listen", &self.listen), ("http", &self.http)] {
+            addr.parse::<SocketAddr>().map_err(|_| {
+                bad(
+                    field,
+                    format!("expected host:port with a numeric IP, got {addr:?}"),
+                )
+            })?;
+        }
+        if !self.advertise.is_empty() && !self.advertise.contains(':') {
+            return Err(bad("advertise", "expected host:port"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(bad("data_dir", "expected a directory path"));
+        }
+        let members = self.initial_members()?;
+        if !members.is_empty() && !members.contains_key(&self.id) {
+            return Err(bad(
+                "initial_cluster",
+                format!("does not list this replica's id {}", self.id),
+            ));
+        }
+        let r = &self.raft;
+        if r.election_timeout_min.is_zero() || r.election_timeout_max <= r.election_timeout_min {
+            return Err(bad(
+                "raft.election_timeout_max",
+                "expected a value above raft.election_timeout_min, which must be above zero",
+            ));
+        }
+        if r.heartbeat_interval.is_zero() || r.heartbeat_interval * 2 > r.election_timeout_min {
+            return Err(bad(
+                "raft.heartbeat_interval",
+                "expected at most half of raft.election_timeout_min",
+            ));
+        }
+        if r.snapshot_every_entries == 0 {
+            return Err(bad("raft.snapshot_every_entries", "expected 1 or more"));
+        }
+        if self.scheduler.interval.is_zero() {
+            return Err(bad("scheduler.interval", "expected a duration above zero"));
+        }
+        let w = &self.workers;
+        if w.heartbeat_interval.is_zero() || w.node_ttl < w.heartbeat_interval * 2 {
+            return Err(bad(
+                "workers.node_ttl",
+                "expected at least twice workers.heartbeat_interval (above zero)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `1=host:port,2=host:port` into ordered members.
+pub fn parse_members(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| {
+            bad(
+                "initial_cluster",
+                format!("expected id=host:port, got {part:?}"),
+            )
+        })?;
+        let id: u64 = id.trim().parse().ok().filter(|i| *i > 0).ok_or_else(|| {
+            bad(
+                "initial_cluster",
+                format!("expected a replica id of 1 or more, got {id:?}"),
+            )
+        })?;
+        let addr = addr.trim();
+        if !addr.contains(':') {
+            return Err(bad(
+                "initial_cluster",
+                format!("expected host:port for replica {id}, got {addr:?}"),
+            ));
+        }
+        if out.insert(id, addr.to_owned()).is_some() {
+            return Err(bad(
+                "initial_cluster",
+                format!("replica id {id} is listed twice"),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEMPLATE: &str = include_str!("../../../deploy/config/gangway-server.toml");
+
+    #[test]
+    fn the_shipped_template_parses_and_validates() {
+        let c = ServerConfig::from_toml_str(TEMPLATE).expect("template parses");
+        c.validate().expect("template validates");
+        assert_eq!(c.id, 1);
+        assert_eq!(c.initial_members().unwrap().len(), 3);
+        assert_eq!(c.workers.node_ttl, Duration::from_secs(10));
+        assert_eq!(c.scheduler.policy, PolicyName::Gangway);
+        assert_eq!(c.advertise_addr(), "127.0.0.1:7101");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let with = |from: &str, to: &str| {
+            assert!(TEMPLATE.contains(from), "template lacks {from}");
+            TEMPLATE.replacen(from, to, 1)
+        };
+        let cases = [
+            (with("id = 1", "id = 0"), "id"),
+            (with("id = 1", "id = 4"), "initial_cluster"),
+            (
+                with("listen = \"127.0.0.1:7101\"", "listen = \"nowhere\""),
+                "listen",
+            ),
+            (
+                with(
+                    "heartbeat_interval = \"150ms\"",
+                    "heartbeat_interval = \"900ms\"",
+                ),
+                "raft.heartbeat_interval",
+            ),
+            (
+                with("node_ttl = \"10s\"", "node_ttl = \"1s\""),
+                "workers.node_ttl",
+            ),
+            (
+                with("1=127.0.0.1:7101,", "1=127.0.0.1:7101,1=x:1,"),
+                "initial_cluster",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = ServerConfig::from_toml_str(&text)
+                .and_then(|c| c.validate())
+                .expect_err(field);
+            assert_eq!(err.field, field, "{err}");
+        }
+        let err = ServerConfig::from_toml_str(&with("[scheduler]", "[scheduler]\ncolour = 1"))
+            .unwrap_err();
+        assert_eq!(err.field, "scheduler.colour", "{err}");
+        let err = ServerConfig::from_toml_str(&with("policy = \"gangway\"", "policy = \"random\""))
+            .unwrap_err();
+        assert_eq!(err.field, "scheduler.policy", "{err}");
+        let err = ServerConfig::from_toml_str(&with("interval = \"1s\"", "interval = \"often\""))
+            .unwrap_err();
+        assert!(err.message.contains("duration"), "{err}");
+    }
+}
