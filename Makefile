@@ -40,16 +40,20 @@ unit:
 
 test: deps fmt lint unit
 
-# Until the replicated server lands, the demo is the simulator on real traces: a short Philly window
-# per policy and one seed of the FGD experiment.
+# Until the replicated server lands, the demo is the simulator on real traces: two weeks of Philly at
+# five times its arrival rate through four policies (static reservations make jobs wait while GPUs
+# idle), then one seed of the FGD packing experiment. Plots go to $(DEMO_DIR).
+DEMO_DIR ?= $(CURDIR)/.demo
 dev: deps
 	$(CARGO) build --release --locked --bin gangway
+	@mkdir -p $(DEMO_DIR)
 	$(CARGO_TARGET_DIR)/release/gangway sim replay --trace ../shared/traces/philly/philly.csv \
 	  --cluster deploy/sim/philly-cluster.toml --policy first-fit,best-fit,static-quota,gangway \
-	  --from 0 --to 259200
+	  --from 30d --to 44d --load 5 --plot $(DEMO_DIR)/philly-replay.svg
 	$(CARGO_TARGET_DIR)/release/gangway sim fgd --nodes ../shared/traces/openb/openb_node_list_gpu_node.csv \
 	  --pods ../shared/traces/openb/openb_pod_list_default.csv --tune 1.3 --seeds 1 \
-	  --policy best-fit,fgd,gangway
+	  --policy best-fit,fgd,gangway --plot $(DEMO_DIR)/fgd.svg
+	@echo "plots: $(DEMO_DIR)/philly-replay.svg $(DEMO_DIR)/fgd.svg; more in scheduler/SIM.md"
 
 bench: deps
 	$(CARGO) bench --locked -p gangway-scheduler --bench placement
