@@ -6,6 +6,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/gangway/target
 export CARGO_TERM_COLOR ?= never
 CARGO ?= cargo
+SHELL := /bin/bash
 
 # System packages the build needs: libclang for RocksDB's bindings, a C++ compiler for RocksDB itself,
 # python3 for the example trainer the demo and the end-to-end tests run.
@@ -35,8 +36,12 @@ fmt:
 lint:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+# Ends with one totals line over every test binary, so a log's last line says how many tests ran.
 unit:
-	$(CARGO) test --workspace --locked
+	@mkdir -p $(CARGO_TARGET_DIR)
+	set -o pipefail; $(CARGO) test --workspace --locked 2>&1 | tee $(CARGO_TARGET_DIR)/test-output.log
+	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' \
+	  $(CARGO_TARGET_DIR)/test-output.log
 
 test: deps fmt lint unit
 

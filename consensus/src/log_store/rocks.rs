@@ -51,8 +51,26 @@ const KEY_LAST_PURGED: &[u8] = b"last_purged";
 #[derive(Clone)]
 pub struct RocksLogStore {
     db: Arc<DB>,
-    flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
+    flusher: Arc<Flusher>,
     health: StorageHealth,
+}
+
+/// The fsync thread and the channel to it, shared by every clone of the store. When the last clone
+/// goes, dropping this closes the channel and joins the thread, so the thread's handle on the DB is
+/// released before the store's drop returns: RocksDB is closed deterministically, never concurrently
+/// with process exit (where its background threads would find their mutexes already destroyed).
+struct Flusher {
+    tx: Option<mpsc::Sender<IOFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl RocksLogStore {
@@ -73,13 +91,16 @@ impl RocksLogStore {
         let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
         let flush_db = db.clone();
         let flush_health = health.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-log-fsync".into())
             .spawn(move || flusher_loop(flush_db, rx, flush_health))?;
 
         Ok(RocksLogStore {
             db,
-            flusher: tx,
+            flusher: Arc::new(Flusher {
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
             health,
         })
     }
@@ -245,7 +266,8 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         }
         // Written (readable) now, durable once the flusher's fsync covers it.
         self.check("append", self.db.write(batch))?;
-        if self.flusher.send(callback).is_err() {
+        let sent = self.flusher.tx.as_ref().map(|tx| tx.send(callback));
+        if !matches!(sent, Some(Ok(()))) {
             let msg = "raft log fsync thread is gone";
             self.health.fail(msg);
             return Err(io::Error::other(msg));
