@@ -154,8 +154,22 @@ impl ClusterStore {
     /// Everything a node's worker should run now.
     pub fn allocations_for(&self, node: &HostName) -> Vec<Allocation> {
         let mut out = Vec::new();
+        let inventory = self.nodes.get(node).map(|n| &n.registration.devices);
         for job in self.jobs.values() {
             let Some(lease) = &job.lease else { continue };
+            // Ranks of this job that this node should run (a finished rank never runs again).
+            let mine: Vec<(usize, &crate::engine::TaskPlacement)> = lease
+                .placement
+                .tasks
+                .iter()
+                .enumerate()
+                .filter(|(rank, t)| {
+                    &t.host == node && !job.tasks.get(*rank).is_some_and(|r| r.state.is_terminal())
+                })
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
             let master_addr = lease
                 .placement
                 .tasks
@@ -173,14 +187,7 @@ impl ClusterStore {
                     )
                 })
                 .unwrap_or_default();
-            for (rank, task) in lease.placement.tasks.iter().enumerate() {
-                if &task.host != node {
-                    continue;
-                }
-                if job.tasks.get(rank).is_some_and(|t| t.state.is_terminal()) {
-                    continue;
-                }
-                let inventory = self.nodes.get(node).map(|n| &n.registration.devices);
+            for (rank, task) in mine {
                 let devices = task
                     .devices
                     .iter()
