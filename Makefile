@@ -1,5 +1,5 @@
 # Gangway: the two commands.
-#   make dev   installs what a fresh Debian machine lacks, builds, and runs the local demo
+#   make dev   installs what a fresh Debian machine lacks, builds, and runs a local cluster with a demo
 #   make test  installs what is missing, then fmt, clippy and the whole test suite
 #
 # Build products go to a cache outside the clone, so CI and repeated runs reuse them.
@@ -16,7 +16,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: dev test deps fmt lint unit sim-demo bench clean-cache help
 
 help:
-	@echo "make dev    - install missing system packages, build, run the local demo"
+	@echo "make dev    - install missing system packages, build, run a local 3-replica cluster with a demo"
+	@echo "make sim-demo - the simulator on the Philly and openb traces, with plots"
 	@echo "make test   - install missing system packages, fmt + clippy + every test"
 	@echo "make bench  - the benchmarks (release builds; prints numbers)"
 
@@ -45,11 +46,19 @@ unit:
 
 test: deps fmt lint unit
 
-# Until the replicated server lands, the demo is the simulator on real traces: two weeks of Philly at
-# five times its arrival rate through four policies (static reservations make jobs wait while GPUs
-# idle), then one seed of the FGD packing experiment. Plots go to $(DEMO_DIR).
-DEMO_DIR ?= $(CURDIR)/.demo
+# The local cluster: three replicas as child processes, four fake 8-GPU hosts in two racks, a demo
+# workload; Ctrl-C stops it. A debug build: it shares the test build's cache, so after `make test`
+# it starts in seconds. DEV_FLAGS=--smoke runs the demo, checks it, and exits.
+DEV_FLAGS ?=
 dev: deps
+	$(CARGO) build --locked --bin gangway
+	$(CARGO_TARGET_DIR)/debug/gangway dev $(DEV_FLAGS)
+
+# The simulator on real traces: two weeks of Philly at five times its arrival rate through four
+# policies (static reservations make jobs wait while GPUs idle), then one seed of the FGD packing
+# experiment. Plots go to $(DEMO_DIR).
+DEMO_DIR ?= $(CURDIR)/.demo
+sim-demo: deps
 	$(CARGO) build --release --locked --bin gangway
 	@mkdir -p $(DEMO_DIR)
 	$(CARGO_TARGET_DIR)/release/gangway sim replay --trace ../shared/traces/philly/philly.csv \
@@ -63,3 +72,4 @@ dev: deps
 bench: deps
 	$(CARGO) bench --locked -p gangway-scheduler --bench placement
 	$(CARGO) bench --locked -p gangway-consensus --bench raft_bench
+	$(CARGO) bench --locked --bench e2e

@@ -25,12 +25,31 @@ enum Command {
     /// Replay production traces through the placement engine and compare policies.
     #[command(subcommand)]
     Sim(cmd::sim::SimCommand),
+    /// Run one scheduler replica (Raft member, client and worker API, leader loops).
+    Server(cmd::server::ServerArgs),
+    /// A local cluster: three replicas, a fleet of fake 8-GPU hosts, a demo workload.
+    Dev(cmd::dev::DevArgs),
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default: info for Gangway, warnings for libraries).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,gangway=info,gangway_scheduler=info,gangway_consensus=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sim(c) => cmd::sim::run(c),
+        Command::Server(args) => {
+            init_logging();
+            cmd::server::run(args)
+        }
+        Command::Dev(args) => cmd::dev::run(args),
     };
     match result {
         Ok(code) => code,

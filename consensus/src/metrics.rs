@@ -50,6 +50,8 @@ pub struct ReplicaMetrics {
     pub voters: BTreeSet<NodeId>,
     /// Learners of the effective membership.
     pub learners: BTreeSet<NodeId>,
+    /// Every member (voter or learner) with its gRPC address.
+    pub members: BTreeMap<NodeId, String>,
     /// Leader only: for every other member, how many entries it is behind the leader's log.
     pub replication_lag: BTreeMap<NodeId, u64>,
     /// Set once storage failed; the replica refuses writes from then on.
@@ -92,6 +94,10 @@ impl ReplicaMetrics {
             purged_index: m.purged.as_ref().map(|l| l.index),
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
+            members: membership
+                .nodes()
+                .map(|(id, node)| (*id, node.addr.clone()))
+                .collect(),
             replication_lag,
             storage_error,
         }

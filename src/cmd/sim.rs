@@ -13,8 +13,7 @@ use gangway_scheduler::sim::{
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-/// Exit code for invalid input (bad file, field or argument).
-const EXIT_INVALID: u8 = 3;
+use super::EXIT_INVALID;
 
 const ALL_POLICIES: &str = "first-fit,best-fit,fgd,static-quota,backfill,gangway";
 

@@ -124,6 +124,22 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// A configuration with every optional key at its default (what flags alone start from).
+    pub fn new(id: u64, listen: &str, http: &str, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            id,
+            listen: listen.to_owned(),
+            advertise: String::new(),
+            http: http.to_owned(),
+            data_dir: data_dir.into(),
+            initial_cluster: String::new(),
+            allow_drills: false,
+            raft: RaftSection::default(),
+            scheduler: SchedulerSection::default(),
+            workers: WorkersSection::default(),
+        }
+    }
+
     /// Parses a TOML file's text. Unknown keys are errors naming the key's path.
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
         let de = toml::Deserializer::parse(text).map_err(|e| bad("", e.message().to_owned()))?;

@@ -1,4 +1,26 @@
-//! `gangway server`: the replica process. Today it holds the server's validated configuration; the
-//! gRPC services, the leader's loops and the HTTP endpoints join it with the scheduler service.
+//! `gangway server`: the replica process.
+//!
+//! - [`replica::Replica`] starts everything one process serves and stops it cleanly.
+//! - [`fsm::SchedulerFsm`] plugs the replicated cluster state into the consensus layer.
+//! - [`client_api`] and [`worker_api`] are the gRPC services; [`error::ApiError`] is their error
+//!   contract (stable codes, leader hints).
+//! - [`leader`] holds the leader's loops: scheduling rounds and node-down detection, with the
+//!   in-memory heartbeat clocks of [`heartbeats`].
+//! - [`http`] serves `/metrics`, `/livez`, `/readyz`.
+//! - [`config`] is the validated server configuration (TOML file + flags).
 
+pub mod client_api;
 pub mod config;
+pub mod context;
+pub mod convert;
+pub mod error;
+pub mod fsm;
+pub mod heartbeats;
+pub mod http;
+pub mod leader;
+pub mod replica;
+pub mod worker_api;
+
+pub use config::ServerConfig;
+pub use fsm::SchedulerFsm;
+pub use replica::{Replica, ServerError};

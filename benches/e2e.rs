@@ -1,0 +1,311 @@
+//! End-to-end benchmark: three `gangway server` processes on loopback (the binary this build made),
+//! 1,000 simulated 8-GPU hosts registered through the worker API, then 10,000 single-GPU jobs and
+//! 1,000 rack-local 2x8-GPU gangs submitted by concurrent clients.
+//!
+//! Prints jobs placed per second and submit-to-lease latency (p50/p99), then kills the leader a few
+//! times under a trickle of submissions and prints leader-kill-to-first-new-placement (p50/p99).
+//!
+//! Run: `cargo bench --bench e2e` (release build). Sizes can be scaled down for a quick look with
+//! `GANGWAY_BENCH_HOSTS`, `GANGWAY_BENCH_JOBS`, `GANGWAY_BENCH_GANGS`, `GANGWAY_BENCH_KILLS`.
+
+use gangway::fleet::{FakeFleet, FakeHost, FleetOptions};
+use gangway_proto::pb;
+use gangway_proto::pb::client_api_client::ClientApiClient;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gangway");
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+struct Cluster {
+    addrs: Vec<String>,
+    configs: Vec<std::path::PathBuf>,
+    children: Vec<Option<Child>>,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("gangway-bench-").tempdir().unwrap();
+        let ports = free_ports(6);
+        let addrs: Vec<String> = ports[..3].iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let cluster = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut configs = Vec::new();
+        for i in 0..3 {
+            let data = dir.path().join(format!("data-{}", i + 1));
+            let cfg = dir.path().join(format!("replica-{}.toml", i + 1));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "id = {}\nlisten = \"{}\"\nhttp = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{cluster}\"\n\
+                     [raft]\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"\nheartbeat_interval = \"75ms\"\n\
+                     snapshot_every_entries = 20000\n[scheduler]\ninterval = \"1s\"\n[workers]\nheartbeat_interval = \"2s\"\nnode_ttl = \"20s\"\n",
+                    i + 1,
+                    addrs[i],
+                    ports[3 + i],
+                    data.display()
+                ),
+            )
+            .unwrap();
+            configs.push(cfg);
+        }
+        let mut c = Cluster {
+            addrs,
+            configs,
+            children: vec![None, None, None],
+            dir,
+        };
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("replica-{}.log", i + 1)))
+            .unwrap();
+        let child = Command::new(BIN)
+            .arg("server")
+            .arg("--config")
+            .arg(&self.configs[i])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn server");
+        self.children[i] = Some(child);
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn leader(&self, not: Option<usize>) -> usize {
+        loop {
+            for (i, a) in self.addrs.iter().enumerate() {
+                if Some(i) == not || self.children[i].is_none() {
+                    continue;
+                }
+                if let Some(mut c) = connect(a).await {
+                    if let Ok(s) = c.cluster_status(pb::Empty {}).await {
+                        if s.into_inner().role == "leader" {
+                            return i;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
+    }
+}
+
+async fn connect(addr: &str) -> Option<ClientApiClient<Channel>> {
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_millis(300))
+        .tcp_nodelay(true);
+    Some(ClientApiClient::new(ep.connect().await.ok()?))
+}
+
+fn single_gpu(i: usize) -> String {
+    format!("name = \"single-{i}\"\nqueue = \"batch\"\ncommand = [\"true\"]\n[resources]\ndevices = 1\n")
+}
+
+fn gang(i: usize) -> String {
+    format!(
+        "name = \"gang-{i}\"\nqueue = \"train\"\ntasks = 2\ncommand = [\"true\"]\n[resources]\ndevices = 8\n[topology]\nrequired = \"rack\"\n"
+    )
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+/// Submits every spec with `concurrency` clients against the leader (following redirects);
+/// returns submit start time per job id.
+async fn submit_all(addrs: &[String], specs: Vec<String>, concurrency: usize) -> BTreeMap<String, Instant> {
+    let specs = Arc::new(tokio::sync::Mutex::new(specs.into_iter().enumerate().collect::<Vec<_>>()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..concurrency {
+        let specs = specs.clone();
+        let addrs = addrs.to_vec();
+        tasks.spawn(async move {
+            let mut out = Vec::new();
+            let mut target = addrs[w % addrs.len()].clone();
+            let mut client = connect(&target).await;
+            loop {
+                let Some((i, spec)) = specs.lock().await.pop() else { break };
+                let started = Instant::now();
+                loop {
+                    let Some(c) = client.as_mut() else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        client = connect(&target).await;
+                        continue;
+                    };
+                    match c
+                        .submit_job(pb::SubmitJobRequest {
+                            spec_toml: spec.clone(),
+                            idempotency_key: format!("bench-{i}"),
+                        })
+                        .await
+                    {
+                        Ok(r) => {
+                            out.push((r.into_inner().job_id, started));
+                            break;
+                        }
+                        Err(s) => {
+                            if let Some(l) = s.metadata().get("x-gangway-leader").and_then(|v| v.to_str().ok()) {
+                                target = l.to_owned();
+                            }
+                            client = connect(&target).await;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            }
+            out
+        });
+    }
+    let mut all = BTreeMap::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r.expect("submitter"));
+    }
+    all
+}
+
+fn main() {
+    let hosts = env_or("GANGWAY_BENCH_HOSTS", 1_000);
+    let jobs = env_or("GANGWAY_BENCH_JOBS", 10_000);
+    let gangs = env_or("GANGWAY_BENCH_GANGS", 1_000);
+    let kills = env_or("GANGWAY_BENCH_KILLS", 5);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async move {
+        let mut cluster = Cluster::start();
+        let leader = cluster.leader(None).await;
+        println!("e2e bench: 3 replicas on loopback ({}), leader {}", Path::new(BIN).display(), leader + 1);
+        let fleet_hosts: Vec<FakeHost> = (0..hosts)
+            .map(|i| FakeHost::h100(&format!("h{i:04}"), &format!("r{:03}", i / 16)))
+            .collect();
+        let t = Instant::now();
+        let mut fleet = FakeFleet::start_with(
+            cluster.addrs.clone(),
+            fleet_hosts,
+            FleetOptions {
+                register_deadline: Duration::from_secs(60),
+                // Capacity must turn over: 10,000 + 16,000 GPUs of work against 8,000 GPUs.
+                task_runtime: Some(Duration::from_secs(3)),
+            },
+        )
+        .await
+        .expect("fleet");
+        println!("registered {hosts} hosts ({} GPUs) in {:.1}s", hosts * 8, t.elapsed().as_secs_f64());
+
+        // Phase 1: the submission storm.
+        let mut specs: Vec<String> = (0..jobs).map(single_gpu).collect();
+        specs.extend((0..gangs).map(gang));
+        let total = specs.len();
+        let t0 = Instant::now();
+        let submitted = submit_all(&cluster.addrs, specs, 64).await;
+        let submit_secs = t0.elapsed().as_secs_f64();
+        let all_placed = fleet
+            .wait_for(Duration::from_secs(600), |seen| submitted.keys().all(|id| seen.contains_key(id)))
+            .await;
+        let seen = fleet.seen();
+        let last = submitted
+            .keys()
+            .filter_map(|id| seen.get(id).map(|s| s.first_seen))
+            .max()
+            .unwrap_or(t0);
+        let placed = submitted.keys().filter(|id| seen.contains_key(*id)).count();
+        let span = last.duration_since(t0).as_secs_f64();
+        let mut lat: Vec<f64> = submitted
+            .iter()
+            .filter_map(|(id, at)| seen.get(id).map(|s| s.first_seen.duration_since(*at).as_secs_f64() * 1e3))
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        println!("submitted {total} jobs in {submit_secs:.1}s ({:.0}/s)", total as f64 / submit_secs);
+        println!(
+            "placed {placed}/{total}{} in {span:.1}s: {:.0} jobs placed/s (target >= 5000)",
+            if all_placed { "" } else { " (TIMED OUT)" },
+            placed as f64 / span
+        );
+        println!(
+            "submit-to-lease latency: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            lat.last().copied().unwrap_or(f64::NAN)
+        );
+
+        // Phase 2: leader kill to first new placement, `kills` times.
+        let mut failovers = Vec::new();
+        for k in 0..kills {
+            let leader = cluster.leader(None).await;
+            let killed_at = Instant::now();
+            cluster.kill(leader);
+            // Submit to the survivors until one accepts; the first placement after the kill ends it.
+            let survivors: Vec<String> = cluster
+                .addrs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != leader)
+                .map(|(_, a)| a.clone())
+                .collect();
+            let ids = submit_all(&survivors, vec![single_gpu(1_000_000 + k)], 1).await;
+            let id = ids.keys().next().cloned().expect("one submission");
+            fleet.wait_for(Duration::from_secs(60), |seen| seen.contains_key(&id)).await;
+            let at = fleet.seen()[&id].first_seen;
+            failovers.push(at.duration_since(killed_at).as_secs_f64() * 1e3);
+            cluster.spawn(leader);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        failovers.sort_by(f64::total_cmp);
+        println!(
+            "leader kill to first new placement over {kills} kills: p50 {:.0} ms, p99 {:.0} ms (target p99 < 1000 ms); all: {:?}",
+            percentile(&failovers, 0.5),
+            percentile(&failovers, 0.99),
+            failovers.iter().map(|f| f.round() as u64).collect::<Vec<_>>()
+        );
+        fleet.stop().await;
+    });
+}

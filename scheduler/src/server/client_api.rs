@@ -1,0 +1,384 @@
+//! The client API (`gangway submit`, `jobs`, `nodes`, `cluster ...`): validation at the edge, one
+//! replicated command per write, linearizable reads on the leader.
+//!
+//! Writes sent to a follower are forwarded to the leader by the consensus layer. Reads are served
+//! by the leader only (a follower's state may be stale); a follower answers `not_leader` with the
+//! leader's address, which clients follow.
+
+use super::context::ReplicaContext;
+use super::convert;
+use super::error::ApiError;
+use crate::engine::{NodeState, QueueConfig};
+use crate::state::{Command, JobState, Rejection, Response};
+use gangway_consensus::Role;
+use gangway_proto::ids::{HostName, JobId, QueueName};
+use gangway_proto::pb;
+use gangway_proto::pb::client_api_server::ClientApi;
+use gangway_proto::spec::JobSpec;
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::time::Instant;
+use tonic::{Request, Response as TonicResponse, Status};
+
+/// Snapshot bytes per streamed chunk.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// Longest idempotency key accepted (it is kept in the replicated state).
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+pub struct ClientService {
+    ctx: ReplicaContext,
+}
+
+impl ClientService {
+    pub fn new(ctx: ReplicaContext) -> Self {
+        Self { ctx }
+    }
+}
+
+type Reply<T> = Result<TonicResponse<T>, Status>;
+
+fn ok<T>(v: T) -> Reply<T> {
+    Ok(TonicResponse::new(v))
+}
+
+/// Request metadata key: `local` lets any replica answer a read from its own, possibly stale, state
+/// (for operators inspecting a follower, and for tests comparing replicas). Default: linearizable.
+pub const CONSISTENCY_KEY: &str = "x-gangway-consistency";
+
+fn local_read<T>(req: &Request<T>) -> bool {
+    req.metadata()
+        .get(CONSISTENCY_KEY)
+        .is_some_and(|v| v.as_bytes() == b"local")
+}
+
+impl ClientService {
+    /// A read on the leader (linearizable), or on this replica's own state when asked for.
+    async fn read<R>(
+        &self,
+        local: bool,
+        f: impl FnOnce(&super::fsm::SchedulerFsm) -> R,
+    ) -> Result<R, ApiError> {
+        if local {
+            Ok(self.ctx.raft.read_local(f))
+        } else {
+            self.ctx.read(f).await
+        }
+    }
+}
+
+fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiError> {
+    let v = value.trim();
+    if v.is_empty() {
+        Err(ApiError::invalid(field, "required"))
+    } else {
+        Ok(v)
+    }
+}
+
+fn parse_job_states(states: &[String]) -> Result<BTreeSet<JobState>, ApiError> {
+    states
+        .iter()
+        .map(|s| match s.as_str() {
+            "pending" => Ok(JobState::Pending),
+            "running" => Ok(JobState::Running),
+            "succeeded" => Ok(JobState::Succeeded),
+            "failed" => Ok(JobState::Failed),
+            "cancelled" => Ok(JobState::Cancelled),
+            other => Err(ApiError::invalid(
+                "states",
+                format!("expected pending, running, succeeded, failed or cancelled, got {other:?}"),
+            )),
+        })
+        .collect()
+}
+
+/// The states an operator may set; `down` is the leader's verdict alone.
+pub fn parse_operator_node_state(s: &str) -> Result<NodeState, ApiError> {
+    match s {
+        "ready" => Ok(NodeState::Ready),
+        "cordoned" => Ok(NodeState::Cordoned),
+        "draining" => Ok(NodeState::Draining),
+        other => Err(ApiError::invalid(
+            "state",
+            format!("expected ready, cordoned or draining, got {other:?}"),
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl ClientApi for ClientService {
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Reply<pb::SubmitJobReply> {
+        let req = req.into_inner();
+        let spec = JobSpec::from_toml_str(&req.spec_toml)
+            .map_err(|e| ApiError::InvalidSpec(e.to_string()))?;
+        let key = req.idempotency_key.trim();
+        if key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(ApiError::invalid(
+                "idempotency_key",
+                format!("expected at most {MAX_IDEMPOTENCY_KEY} bytes, got {}", key.len()),
+            )
+            .into());
+        }
+        let command = Command::SubmitJob {
+            idempotency_key: (!key.is_empty()).then(|| key.to_owned()),
+            spec,
+        };
+        match self.ctx.write(command).await? {
+            Response::Submitted { job, existing } => ok(pb::SubmitJobReply {
+                job_id: job.to_string(),
+                existing,
+            }),
+            other => Err(ApiError::Internal(format!("unexpected response {other:?}")).into()),
+        }
+    }
+
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Reply<pb::Empty> {
+        let req = req.into_inner();
+        let job = JobId::new(required("job_id", &req.job_id)?);
+        let reason = if req.reason.trim().is_empty() {
+            "cancelled by user".to_owned()
+        } else {
+            req.reason
+        };
+        self.ctx.write(Command::CancelJob { job, reason }).await?;
+        ok(pb::Empty {})
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Reply<pb::JobDetail> {
+        let id = JobId::new(required("job_id", &req.get_ref().job_id)?);
+        let detail = self
+            .read(local_read(&req), |fsm| fsm.store().job(&id).map(convert::job_detail))
+            .await?;
+        match detail {
+            Some(d) => ok(d),
+            None => Err(ApiError::from(Rejection::UnknownJob(id)).into()),
+        }
+    }
+
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Reply<pb::ListJobsReply> {
+        let local = local_read(&req);
+        let req = req.into_inner();
+        let states = parse_job_states(&req.states)?;
+        let queue = req.queue.trim().to_owned();
+        let jobs = self
+            .read(local, |fsm| {
+                fsm.store()
+                    .jobs()
+                    .values()
+                    .filter(|j| states.is_empty() || states.contains(&j.state))
+                    .filter(|j| queue.is_empty() || j.spec.queue == queue)
+                    .map(convert::job_summary)
+                    .collect()
+            })
+            .await?;
+        ok(pb::ListJobsReply { jobs })
+    }
+
+    async fn list_nodes(&self, req: Request<pb::Empty>) -> Reply<pb::ListNodesReply> {
+        let heartbeats = self.ctx.heartbeats.clone();
+        let now = Instant::now();
+        let nodes = self
+            .read(local_read(&req), |fsm| {
+                let store = fsm.store();
+                store
+                    .nodes()
+                    .values()
+                    .map(|n| {
+                        let age = heartbeats
+                            .silence(&n.registration.name, now)
+                            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                        convert::node_info(store, n, age)
+                    })
+                    .collect()
+            })
+            .await?;
+        ok(pb::ListNodesReply { nodes })
+    }
+
+    async fn set_node_state(&self, req: Request<pb::SetNodeStateRequest>) -> Reply<pb::Empty> {
+        let req = req.into_inner();
+        let node = HostName::new(required("node", &req.node)?);
+        let state = parse_operator_node_state(req.state.trim())?;
+        let reason = if req.reason.trim().is_empty() {
+            format!("set to {state} by an operator")
+        } else {
+            req.reason
+        };
+        self.ctx
+            .write(Command::SetNodeState {
+                node,
+                state,
+                reason,
+            })
+            .await?;
+        ok(pb::Empty {})
+    }
+
+    async fn list_leases(&self, req: Request<pb::Empty>) -> Reply<pb::ListLeasesReply> {
+        let leases = self
+            .read(local_read(&req), |fsm| convert::leases(fsm.store()))
+            .await?;
+        ok(pb::ListLeasesReply { leases })
+    }
+
+    async fn list_queues(&self, req: Request<pb::Empty>) -> Reply<pb::ListQueuesReply> {
+        let queues = self
+            .read(local_read(&req), |fsm| convert::queues(fsm.store()))
+            .await?;
+        ok(pb::ListQueuesReply { queues })
+    }
+
+    async fn set_queue(&self, req: Request<pb::QueueInfo>) -> Reply<pb::Empty> {
+        let req = req.into_inner();
+        let name = required("name", &req.name)?;
+        if name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(ApiError::invalid(
+                "name",
+                "expected up to 128 characters of letters, digits, '-', '_' or '.'",
+            )
+            .into());
+        }
+        let queue = QueueConfig {
+            name: QueueName::new(name),
+            guaranteed_milli: req.guaranteed_milli,
+            may_borrow: req.may_borrow,
+        };
+        self.ctx.write(Command::SetQueue(queue)).await?;
+        ok(pb::Empty {})
+    }
+
+    async fn cluster_status(&self, _req: Request<pb::Empty>) -> Reply<pb::ClusterStatusReply> {
+        // Served by any replica from its own view: this is how an operator finds the leader.
+        let m = self.ctx.raft.metrics();
+        let leader = self.ctx.raft.leader();
+        let role = match m.role {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Learner => "learner",
+            Role::Shutdown => "shutdown",
+        };
+        let last = m.last_log_index.unwrap_or(0);
+        let members = m
+            .members
+            .iter()
+            .map(|(id, addr)| pb::MemberInfo {
+                id: *id,
+                address: addr.clone(),
+                voter: m.voters.contains(id),
+                matched_index: if *id == m.id {
+                    last
+                } else {
+                    m.replication_lag.get(id).map_or(0, |lag| last.saturating_sub(*lag))
+                },
+            })
+            .collect();
+        ok(pb::ClusterStatusReply {
+            replica_id: m.id,
+            leader_id: leader.as_ref().map_or(0, |(id, _)| *id),
+            leader_address: leader.map(|(_, a)| a).unwrap_or_default(),
+            term: m.term,
+            commit_index: m.committed_index.unwrap_or(0),
+            applied_index: m.applied_index.unwrap_or(0),
+            members,
+            role: role.to_owned(),
+        })
+    }
+
+    async fn transfer_leader(&self, req: Request<pb::TransferLeaderRequest>) -> Reply<pb::Empty> {
+        let to = req.get_ref().to;
+        if to == 0 {
+            return Err(ApiError::invalid("to", "expected a replica id of 1 or more").into());
+        }
+        self.ctx.leader_only()?;
+        self.ctx
+            .raft
+            .transfer_leader(to)
+            .await
+            .map_err(|e| ApiError::from_consensus(self.ctx.id(), e))?;
+        ok(pb::Empty {})
+    }
+
+    async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Reply<pb::Empty> {
+        let req = req.into_inner();
+        if req.id == 0 {
+            return Err(ApiError::invalid("id", "expected a replica id of 1 or more").into());
+        }
+        let addr = required("address", &req.address)?;
+        if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
+            return Err(ApiError::invalid("address", "expected host:port").into());
+        }
+        self.ctx.leader_only()?;
+        let id = self.ctx.id();
+        self.ctx
+            .raft
+            .add_learner(req.id, addr)
+            .await
+            .map_err(|e| ApiError::from_consensus(id, e))?;
+        if req.voter {
+            self.ctx
+                .raft
+                .promote(BTreeSet::from([req.id]))
+                .await
+                .map_err(|e| ApiError::from_consensus(id, e))?;
+        }
+        ok(pb::Empty {})
+    }
+
+    async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Reply<pb::Empty> {
+        let target = req.get_ref().id;
+        self.ctx.leader_only()?;
+        let m = self.ctx.raft.metrics();
+        if !m.members.contains_key(&target) {
+            return Err(ApiError::invalid("id", format!("replica {target} is not a member")).into());
+        }
+        if m.voters.contains(&target) && m.voters.len() == 1 {
+            return Err(ApiError::FailedPrecondition(
+                "refusing to remove the last voter: the cluster would have no quorum".into(),
+            )
+            .into());
+        }
+        self.ctx
+            .raft
+            .remove(BTreeSet::from([target]))
+            .await
+            .map_err(|e| ApiError::from_consensus(self.ctx.id(), e))?;
+        ok(pb::Empty {})
+    }
+
+    type SaveSnapshotStream =
+        Pin<Box<dyn futures::Stream<Item = Result<pb::SnapshotChunk, Status>> + Send>>;
+
+    async fn save_snapshot(&self, _req: Request<pb::Empty>) -> Reply<Self::SaveSnapshotStream> {
+        let bytes = self
+            .ctx
+            .read(|fsm| serde_json::to_vec(fsm))
+            .await?
+            .map_err(|e| ApiError::Internal(format!("encode snapshot: {e}")))?;
+        let chunks: Vec<Result<pb::SnapshotChunk, Status>> = bytes
+            .chunks(SNAPSHOT_CHUNK)
+            .map(|c| Ok(pb::SnapshotChunk { data: c.to_vec() }))
+            .collect();
+        let stream: Self::SaveSnapshotStream = Box::pin(futures::stream::iter(chunks));
+        ok(stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operators_cannot_declare_a_node_down() {
+        assert_eq!(parse_operator_node_state("draining").unwrap(), NodeState::Draining);
+        let err = parse_operator_node_state("down").unwrap_err();
+        assert!(err.to_string().contains("field `state`"), "{err}");
+    }
+
+    #[test]
+    fn job_state_filters_name_the_field() {
+        assert_eq!(parse_job_states(&["running".into()]).unwrap().len(), 1);
+        let err = parse_job_states(&["runing".into()]).unwrap_err();
+        assert!(err.to_string().starts_with("field `states`"), "{err}");
+    }
+}

@@ -1,0 +1,68 @@
+//! [`ReplicaContext`]: what every service and loop of one replica shares: the Raft handle, the
+//! configuration and the leader's in-memory heartbeat clocks.
+
+use super::config::ServerConfig;
+use super::error::ApiError;
+use super::fsm::SchedulerFsm;
+use super::heartbeats::HeartbeatTracker;
+use crate::state::{Command, Response};
+use gangway_consensus::ReplicaHandle;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Clone)]
+pub struct ReplicaContext {
+    pub raft: ReplicaHandle<SchedulerFsm>,
+    pub config: Arc<ServerConfig>,
+    pub heartbeats: Arc<HeartbeatTracker>,
+}
+
+impl ReplicaContext {
+    pub fn id(&self) -> u64 {
+        self.raft.id()
+    }
+
+    /// Commits a command (a follower forwards it to the leader) and turns the state machine's
+    /// refusal into an error.
+    pub async fn write(&self, command: Command) -> Result<Response, ApiError> {
+        let kind = command.kind();
+        let response = self
+            .raft
+            .write(command)
+            .await
+            .map_err(|e| ApiError::from_consensus(self.id(), e))?;
+        metrics::counter!("gangway_commands_total", "kind" => kind).increment(1);
+        match response {
+            Response::Rejected(r) => Err(r.into()),
+            other => Ok(other),
+        }
+    }
+
+    /// A linearizable read on the leader; a follower answers `not_leader` with the leader's address.
+    pub async fn read<R>(&self, f: impl FnOnce(&SchedulerFsm) -> R) -> Result<R, ApiError> {
+        self.raft
+            .read(f)
+            .await
+            .map_err(|e| ApiError::from_consensus(self.id(), e))
+    }
+
+    /// Fails with `not_leader` unless this replica leads (for calls only the leader may serve).
+    pub fn leader_only(&self) -> Result<(), ApiError> {
+        if self.raft.is_leader() {
+            Ok(())
+        } else {
+            Err(ApiError::NotLeader {
+                replica: self.id(),
+                leader: self.raft.leader().map(|(_, addr)| addr),
+            })
+        }
+    }
+}
+
+/// The leader's wall clock in Unix milliseconds. Only ever used on the leader, for decisions it
+/// then commits (the consensus layer stamps entries with it); `apply` never reads a clock.
+pub fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

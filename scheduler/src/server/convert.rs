@@ -1,0 +1,252 @@
+//! From the replicated state to the wire: the protobuf messages the client and worker APIs return.
+//!
+//! Pure functions of a [`ClusterStore`], so every replica renders the same state the same way and the
+//! tests can check the rendering without a server.
+
+use crate::engine::MILLI_PER_DEVICE;
+use crate::state::{Allocation, ClusterStore, JobRecord, NodeRecord, TaskState};
+use gangway_proto::pb;
+use gangway_proto::spec::DeviceCount;
+use std::collections::BTreeMap;
+
+/// Devices per task as people write them: "8", "0.5", "0".
+pub fn devices_per_task(d: DeviceCount) -> String {
+    match d {
+        DeviceCount::None => "0".to_owned(),
+        DeviceCount::Whole(n) => n.to_string(),
+        DeviceCount::Fraction(m) => {
+            let s = format!("{:.3}", f64::from(m) / f64::from(MILLI_PER_DEVICE));
+            s.trim_end_matches('0').trim_end_matches('.').to_owned()
+        }
+    }
+}
+
+pub fn task_state(s: TaskState) -> &'static str {
+    match s {
+        TaskState::Assigned => "assigned",
+        TaskState::Running => "running",
+        TaskState::Succeeded => "succeeded",
+        TaskState::Failed => "failed",
+    }
+}
+
+pub fn job_summary(job: &JobRecord) -> pb::JobSummary {
+    let r = &job.spec.resources;
+    let (epoch, hosts) = match &job.lease {
+        Some(l) => {
+            let mut hosts: Vec<String> = l.placement.tasks.iter().map(|t| t.host.to_string()).collect();
+            hosts.dedup();
+            (l.epoch, hosts)
+        }
+        None => (0, Vec::new()),
+    };
+    pb::JobSummary {
+        id: job.id.to_string(),
+        name: job.spec.name.clone(),
+        queue: job.spec.queue.clone(),
+        priority: job.spec.priority,
+        state: job.state.to_string(),
+        tasks: job.spec.tasks,
+        devices_per_task: devices_per_task(r.devices),
+        kind: r.kind.to_string(),
+        submitted_at_ms: job.submitted_at_ms,
+        pending_reason: job.pending_reason.clone().unwrap_or_default(),
+        lease_epoch: epoch,
+        hosts,
+        attempts: job.attempts,
+        preemptions: job.preemptions,
+    }
+}
+
+pub fn job_detail(job: &JobRecord) -> pb::JobDetail {
+    let tasks = match &job.lease {
+        Some(lease) => lease
+            .placement
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let rec = job.tasks.get(i);
+                pb::TaskInfo {
+                    index: i as u32,
+                    host: t.host.to_string(),
+                    devices: t.devices.iter().map(|d| u32::from(d.index)).collect(),
+                    state: rec.map_or("assigned", |r| task_state(r.state)).to_owned(),
+                    has_exit_code: rec.is_some_and(|r| r.exit_code.is_some()),
+                    exit_code: rec.and_then(|r| r.exit_code).unwrap_or(0),
+                    message: rec.map(|r| r.message.clone()).unwrap_or_default(),
+                }
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    pb::JobDetail {
+        summary: Some(job_summary(job)),
+        tasks,
+        last_checkpoint: job.last_checkpoint.as_ref().map(|c| pb::CheckpointInfo {
+            epoch: c.epoch,
+            path: c.manifest.path.clone(),
+            step: c.manifest.step,
+            bytes: c.manifest.bytes,
+            recorded_at_ms: c.recorded_at_ms,
+        }),
+        history: job
+            .history
+            .iter()
+            .map(|h| pb::HistoryLine {
+                at_ms: h.at_ms,
+                what: h.what.clone(),
+            })
+            .collect(),
+        command: job.spec.command.clone(),
+        required_topology: job.spec.topology.required.map(|t| t.to_string()).unwrap_or_default(),
+        preferred_topology: job.spec.topology.preferred.map(|t| t.to_string()).unwrap_or_default(),
+        finished_at_ms: job.finished_at_ms.unwrap_or(0),
+    }
+}
+
+/// `heartbeat_age_ms`: from the leader's tracker; 0 where unknown.
+pub fn node_info(store: &ClusterStore, node: &NodeRecord, heartbeat_age_ms: u64) -> pb::NodeInfo {
+    let reg = &node.registration;
+    let free_milli = store
+        .engine()
+        .host(&reg.name)
+        .map_or(0, |h| h.free_milli.iter().map(|m| u64::from(*m)).sum());
+    let mut models: Vec<String> = reg.devices.iter().map(|d| d.model.clone()).collect();
+    models.sort();
+    models.dedup();
+    pb::NodeInfo {
+        name: reg.name.to_string(),
+        address: reg.address.clone(),
+        state: node.state.to_string(),
+        state_reason: node.state_reason.clone(),
+        datacenter: reg.topology.datacenter.clone(),
+        zone: reg.topology.zone.clone(),
+        pod: reg.topology.pod.clone(),
+        rack: reg.topology.rack.clone(),
+        devices: reg.devices.len() as u32,
+        free_milli,
+        models,
+        cpu_milli: reg.cpu_milli,
+        memory_mib: reg.memory_mib,
+        heartbeat_age_ms,
+    }
+}
+
+pub fn leases(store: &ClusterStore) -> Vec<pb::LeaseInfo> {
+    store
+        .jobs()
+        .values()
+        .filter_map(|j| {
+            let l = j.lease.as_ref()?;
+            Some(pb::LeaseInfo {
+                job_id: j.id.to_string(),
+                epoch: l.epoch,
+                granted_at_ms: l.granted_at_ms,
+                tasks: l
+                    .placement
+                    .tasks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| pb::TaskLease {
+                        task: i as u32,
+                        host: t.host.to_string(),
+                        devices: t.devices.iter().map(|d| u32::from(d.index)).collect(),
+                    })
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+pub fn queues(store: &ClusterStore) -> Vec<pb::QueueInfo> {
+    #[derive(Default)]
+    struct Counts {
+        pending: u32,
+        running: u32,
+    }
+    let mut counts: BTreeMap<&str, Counts> = BTreeMap::new();
+    for j in store.jobs().values() {
+        let c = counts.entry(j.spec.queue.as_str()).or_default();
+        match j.state {
+            crate::state::JobState::Pending => c.pending += 1,
+            crate::state::JobState::Running => c.running += 1,
+            _ => {}
+        }
+    }
+    // Every configured queue, and every queue a job names even without a guarantee.
+    let mut names: Vec<String> = store.queues().keys().map(|q| q.to_string()).collect();
+    names.extend(counts.keys().map(|q| (*q).to_owned()));
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| {
+            let qn = gangway_proto::ids::QueueName::new(name.clone());
+            let cfg = store.queues().get(&qn);
+            let c = counts.get(name.as_str());
+            pb::QueueInfo {
+                guaranteed_milli: cfg.map_or(0, |q| q.guaranteed_milli),
+                may_borrow: cfg.is_none_or(|q| q.may_borrow),
+                used_milli: store.engine().queue_usage_milli(&qn),
+                pending_jobs: c.map_or(0, |c| c.pending),
+                running_jobs: c.map_or(0, |c| c.running),
+                name,
+            }
+        })
+        .collect()
+}
+
+pub fn allocation(a: &Allocation) -> pb::Allocation {
+    pb::Allocation {
+        job_id: a.job.to_string(),
+        task: a.task,
+        task_count: a.task_count,
+        epoch: a.epoch,
+        devices: a
+            .devices
+            .iter()
+            .map(|(index, uuid, milli)| pb::AllocatedDevice {
+                index: u32::from(*index),
+                uuid: uuid.clone(),
+                milli: *milli,
+            })
+            .collect(),
+        command: a.command.clone(),
+        env: a.env.clone().into_iter().collect(),
+        master_addr: a.master_addr.clone(),
+        checkpoint_signal: a.checkpoint.as_ref().map(|c| c.signal.clone()).unwrap_or_default(),
+        checkpoint_timeout_ms: a
+            .checkpoint
+            .as_ref()
+            .map_or(0, |c| u64::try_from(c.timeout.as_millis()).unwrap_or(u64::MAX)),
+        restore_from: a.restore_from.clone().unwrap_or_default(),
+    }
+}
+
+/// A node's desired state as the worker API streams it.
+pub fn allocation_set(store: &ClusterStore, revision: u64, node: &gangway_proto::ids::HostName) -> pb::AllocationSet {
+    pb::AllocationSet {
+        revision,
+        allocations: store.allocations_for(node).iter().map(allocation).collect(),
+        device_epochs: store.device_epochs(node).map(<[u64]>::to_vec).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_counts_read_as_people_write_them() {
+        for (count, text) in [
+            (DeviceCount::None, "0"),
+            (DeviceCount::Whole(8), "8"),
+            (DeviceCount::Fraction(500), "0.5"),
+            (DeviceCount::Fraction(125), "0.125"),
+            (DeviceCount::Fraction(1), "0.001"),
+        ] {
+            assert_eq!(devices_per_task(count), text);
+        }
+    }
+}

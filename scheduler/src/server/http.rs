@@ -1,0 +1,131 @@
+//! The replica's HTTP port: `/metrics` (Prometheus text), `/livez` and `/readyz` for supervisors and
+//! load balancers, and the loop that keeps the cluster-state gauges current.
+
+use super::context::ReplicaContext;
+use crate::engine::{DeviceKind, NodeState, MILLI_PER_DEVICE};
+use crate::state::JobState;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use gangway_consensus::Role;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Clone)]
+struct HttpState {
+    ctx: ReplicaContext,
+    prometheus: PrometheusHandle,
+}
+
+pub fn router(ctx: ReplicaContext, prometheus: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .with_state(HttpState { ctx, prometheus })
+}
+
+async fn metrics_page(State(s): State<HttpState>) -> String {
+    s.prometheus.render()
+}
+
+/// Alive unless storage failed: a replica that cannot persist must be restarted (or replaced).
+async fn livez(State(s): State<HttpState>) -> (StatusCode, String) {
+    match s.ctx.raft.metrics().storage_error {
+        Some(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("storage failed: {e}\n")),
+        None => (StatusCode::OK, "ok\n".to_owned()),
+    }
+}
+
+/// Ready when this replica is a member that knows a leader and has applied what it knows is
+/// committed (within a small lag): then its answers, and its redirects, are current.
+async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
+    let m = s.ctx.raft.metrics();
+    let unready = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why + "\n");
+    if let Some(e) = m.storage_error {
+        return unready(format!("storage failed: {e}"));
+    }
+    if matches!(m.role, Role::Shutdown) {
+        return unready("shutting down".into());
+    }
+    let Some(leader) = m.leader else {
+        return unready("no leader known".into());
+    };
+    let committed = m.committed_index.unwrap_or(0);
+    let applied = m.applied_index.unwrap_or(0);
+    if committed.saturating_sub(applied) > 1_000 {
+        return unready(format!("applying: {applied} of {committed} committed entries"));
+    }
+    (StatusCode::OK, format!("ready: leader {leader}, applied {applied}\n"))
+}
+
+/// Refreshes the cluster-state gauges every `period` on every replica (followers report their view,
+/// so a dashboard may scrape any of them).
+pub async fn gauge_loop(ctx: ReplicaContext, period: Duration, mut stop: watch::Receiver<bool>) {
+    let mut queues_seen: BTreeSet<String> = BTreeSet::new();
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let m = ctx.raft.metrics();
+        metrics::gauge!("gangway_raft_term").set(m.term as f64);
+        metrics::gauge!("gangway_raft_is_leader").set(if m.role == Role::Leader { 1.0 } else { 0.0 });
+        metrics::gauge!("gangway_raft_commit_index").set(m.committed_index.unwrap_or(0) as f64);
+        metrics::gauge!("gangway_raft_applied_index").set(m.applied_index.unwrap_or(0) as f64);
+
+        let (pending, running, nodes, devices) = ctx.raft.read_local(|fsm| {
+            let store = fsm.store();
+            let mut pending: BTreeMap<String, u64> = BTreeMap::new();
+            let mut running: BTreeMap<String, u64> = BTreeMap::new();
+            for j in store.jobs().values() {
+                match j.state {
+                    JobState::Pending => *pending.entry(j.spec.queue.clone()).or_default() += 1,
+                    JobState::Running => *running.entry(j.spec.queue.clone()).or_default() += 1,
+                    _ => {}
+                }
+            }
+            let mut nodes: BTreeMap<String, u64> = BTreeMap::new();
+            for n in store.nodes().values() {
+                *nodes.entry(n.state.to_string()).or_default() += 1;
+            }
+            // (kind, leased milli, total milli) over every registered device.
+            let mut devices: BTreeMap<DeviceKind, (u64, u64)> =
+                [(DeviceKind::Gpu, (0, 0)), (DeviceKind::Tpu, (0, 0))].into();
+            let engine = store.engine();
+            for h in engine.hosts() {
+                for (i, d) in h.spec.devices.iter().enumerate() {
+                    let Some(kind) = engine.model(&d.model).map(|m| m.kind) else { continue };
+                    let e = devices.entry(kind).or_default();
+                    let free = u64::from(h.free_milli.get(i).copied().unwrap_or(0));
+                    e.0 += u64::from(MILLI_PER_DEVICE).saturating_sub(free);
+                    e.1 += u64::from(MILLI_PER_DEVICE);
+                }
+            }
+            (pending, running, nodes, devices)
+        });
+        queues_seen.extend(pending.keys().cloned());
+        queues_seen.extend(running.keys().cloned());
+        for q in &queues_seen {
+            let p = pending.get(q).copied().unwrap_or(0);
+            let r = running.get(q).copied().unwrap_or(0);
+            metrics::gauge!("gangway_pending_jobs", "queue" => q.clone()).set(p as f64);
+            metrics::gauge!("gangway_running_jobs", "queue" => q.clone()).set(r as f64);
+        }
+        for state in [NodeState::Ready, NodeState::Cordoned, NodeState::Draining, NodeState::Down] {
+            let s = state.to_string();
+            let n = nodes.get(&s).copied().unwrap_or(0);
+            metrics::gauge!("gangway_nodes", "state" => s).set(n as f64);
+        }
+        for (kind, (leased, total)) in devices {
+            let k = kind.to_string();
+            let allocated = leased as f64 / f64::from(MILLI_PER_DEVICE);
+            metrics::gauge!("gangway_allocated_devices", "kind" => k.clone()).set(allocated);
+            metrics::gauge!("gangway_devices", "kind" => k).set(total as f64 / f64::from(MILLI_PER_DEVICE));
+        }
+    }
+}

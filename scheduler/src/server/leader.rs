@@ -1,0 +1,223 @@
+//! The leader's loops: scheduling rounds and node-down detection.
+//!
+//! Both run on every replica and act only while it leads. A scheduling round is Nomad's model: read
+//! the state (linearizable, so a new leader sees every committed entry), run the pure engine on it,
+//! and commit the resulting plan as one `ApplyPlan` command, which every replica re-checks as it
+//! applies. A round never writes when nothing would change, so an idle cluster writes nothing.
+
+use super::context::{wall_clock_ms, ReplicaContext};
+use crate::engine::{self, Plan, SchedulerConfig};
+use crate::state::{Command, Event, JobState, Response};
+use gangway_consensus::{ConsensusError, Role, StateChange};
+use gangway_proto::ids::{HostName, JobId};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::watch;
+
+/// The engine configuration from the server's `[scheduler]` section.
+pub fn engine_config(ctx: &ReplicaContext) -> SchedulerConfig {
+    let s = &ctx.config.scheduler;
+    SchedulerConfig {
+        policy: s.policy,
+        preemption: s.preemption,
+        min_runtime_ms: u64::try_from(s.min_runtime.as_millis()).unwrap_or(u64::MAX),
+        ..SchedulerConfig::default()
+    }
+}
+
+/// Keeps the heartbeat clocks in step with leadership: a new term restarts every node's grace.
+fn observe_leadership(ctx: &ReplicaContext) -> bool {
+    let m = ctx.raft.metrics();
+    if m.role == Role::Leader {
+        ctx.heartbeats.lead(m.term, Instant::now());
+        true
+    } else {
+        ctx.heartbeats.step_down();
+        false
+    }
+}
+
+/// Runs scheduling rounds on every `SchedulingNeeded` event (coalesced) and at least every
+/// `scheduler.interval`, while this replica leads, until `stop` turns true.
+pub async fn scheduling_loop(ctx: ReplicaContext, mut stop: watch::Receiver<bool>) {
+    let mut changes = ctx.raft.subscribe();
+    let mut tick = tokio::time::interval(ctx.config.scheduler.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let base = engine_config(&ctx);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+            change = changes.recv() => match change {
+                Ok(StateChange::Event { event: Event::SchedulingNeeded, .. })
+                | Ok(StateChange::SnapshotInstalled { .. })
+                | Err(RecvError::Lagged(_)) => {}
+                Ok(StateChange::Event { .. }) => continue,
+                Err(RecvError::Closed) => return,
+            },
+        }
+        // Everything that arrived meanwhile is covered by the round about to run.
+        loop {
+            match changes.try_recv() {
+                Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                Err(TryRecvError::Empty) | Err(TryRecvError::Closed) => break,
+            }
+        }
+        if !observe_leadership(&ctx) {
+            continue;
+        }
+        match scheduling_round(&ctx, &base).await {
+            Ok(outcome) => {
+                if outcome.placed > 0 || outcome.preempted > 0 || outcome.stale > 0 {
+                    tracing::info!(
+                        placed = outcome.placed,
+                        preempted = outcome.preempted,
+                        stale = outcome.stale,
+                        pending = outcome.pending,
+                        "scheduling round committed"
+                    );
+                }
+            }
+            Err(e) => {
+                metrics::counter!("gangway_scheduling_rounds_total", "result" => "error").increment(1);
+                tracing::warn!(error = %e, "scheduling round failed; retrying on the next event or tick");
+            }
+        }
+    }
+}
+
+/// What one round did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RoundOutcome {
+    pub pending: usize,
+    pub placed: usize,
+    pub preempted: usize,
+    pub stale: usize,
+}
+
+/// One round: snapshot, engine, commit. Only the leader's own log takes the plan (`try_write`): a
+/// deposed leader's plan is dropped rather than forwarded to the new one.
+pub async fn scheduling_round(
+    ctx: &ReplicaContext,
+    base: &SchedulerConfig,
+) -> Result<RoundOutcome, ConsensusError> {
+    let started = Instant::now();
+    let snapshot = ctx
+        .raft
+        .read(|fsm| {
+            let store = fsm.store();
+            let pending = store.pending_gangs();
+            if pending.is_empty() {
+                return None;
+            }
+            let reasons: BTreeMap<JobId, String> = store
+                .jobs()
+                .values()
+                .filter(|j| j.state == JobState::Pending)
+                .filter_map(|j| Some((j.id.clone(), j.pending_reason.clone()?)))
+                .collect();
+            Some((store.engine().clone(), pending, store.scheduler_config(base), reasons))
+        })
+        .await?;
+    let Some((view, pending, config, reasons)) = snapshot else {
+        return Ok(RoundOutcome::default());
+    };
+    let now = wall_clock_ms();
+    let pending_count = pending.len();
+    let mut plan: Plan = tokio::task::spawn_blocking(move || engine::schedule(&view, &pending, &config, now))
+        .await
+        .map_err(|e| ConsensusError::Fatal(format!("scheduling task panicked: {e}")))?;
+    // Only reasons that changed are written: an unchanged backlog costs no log entries.
+    plan.pending
+        .retain(|p| reasons.get(&p.job).is_none_or(|r| *r != p.reason.to_string()));
+    metrics::histogram!("gangway_scheduling_attempt_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    if plan.placements.is_empty() && plan.preemptions.is_empty() && plan.pending.is_empty() {
+        metrics::counter!("gangway_scheduling_rounds_total", "result" => "no_change").increment(1);
+        return Ok(RoundOutcome {
+            pending: pending_count,
+            ..RoundOutcome::default()
+        });
+    }
+    let response = ctx.raft.try_write(Command::ApplyPlan { plan }).await?;
+    metrics::counter!("gangway_scheduling_rounds_total", "result" => "committed").increment(1);
+    let Response::PlanApplied {
+        placed,
+        stale,
+        preempted,
+    } = response
+    else {
+        return Err(ConsensusError::Fatal(format!(
+            "ApplyPlan answered {response:?}"
+        )));
+    };
+    metrics::counter!("gangway_jobs_placed_total").increment(placed.len() as u64);
+    metrics::counter!("gangway_preemptions_total").increment(preempted.len() as u64);
+    metrics::counter!("gangway_plan_stale_placements_total").increment(stale.len() as u64);
+    Ok(RoundOutcome {
+        pending: pending_count,
+        placed: placed.len(),
+        preempted: preempted.len(),
+        stale: stale.len(),
+    })
+}
+
+/// Declares down every node silent for longer than `workers.node_ttl`, while this replica leads.
+/// The state machine then revokes its leases and re-queues its gangs from their last checkpoint.
+pub async fn node_down_loop(ctx: ReplicaContext, mut stop: watch::Receiver<bool>) {
+    let ttl = ctx.config.workers.node_ttl;
+    let period = (ctx.config.workers.heartbeat_interval / 2).max(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        if !observe_leadership(&ctx) {
+            continue;
+        }
+        // A linearizable read: a new leader acts only on state that includes its own term's
+        // first entry (DESIGN section 4), never on what it had applied as a follower.
+        let live: Vec<HostName> = match ctx
+            .raft
+            .read(|fsm| {
+                fsm.store()
+                    .nodes()
+                    .values()
+                    .filter(|n| n.state != crate::engine::NodeState::Down)
+                    .map(|n| n.registration.name.clone())
+                    .collect()
+            })
+            .await
+        {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::debug!(error = %e, "node-down check skipped: not confirmed as leader");
+                continue;
+            }
+        };
+        for node in ctx.heartbeats.expired(&live, ttl, Instant::now()) {
+            let reason = format!(
+                "no heartbeat for more than {}",
+                humantime::format_duration(ttl)
+            );
+            tracing::warn!(%node, %reason, "declaring node down");
+            match ctx
+                .raft
+                .try_write(Command::NodeDown {
+                    node: node.clone(),
+                    reason,
+                })
+                .await
+            {
+                Ok(_) => metrics::counter!("gangway_nodes_declared_down_total").increment(1),
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "could not declare node down; will retry");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! [`Replica`]: one `gangway server` process: the Raft replica, its gRPC port (client API, worker
+//! API, Raft transport), its HTTP port, and the leader's loops, started and stopped together.
+
+use super::client_api::ClientService;
+use super::config::{ConfigError, ServerConfig};
+use super::context::ReplicaContext;
+use super::fsm::SchedulerFsm;
+use super::heartbeats::HeartbeatTracker;
+use super::worker_api::WorkerService;
+use super::{http, leader};
+use gangway_consensus::{ConsensusError, ReplicaConfig, ReplicaHandle, Transport};
+use gangway_proto::pb::client_api_server::ClientApiServer;
+use gangway_proto::pb::worker_api_server::WorkerApiServer;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Why a replica could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("consensus: {0}")]
+    Consensus(#[from] ConsensusError),
+    #[error("{what} server failed: {message}")]
+    Serve { what: &'static str, message: String },
+}
+
+/// The process-wide Prometheus recorder: installed once, shared by every replica a process runs
+/// (tests run several in one process).
+fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&buckets)
+                .expect("static bucket list is non-empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding program): then ours only
+            // renders an empty page rather than failing the replica.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+pub struct Replica {
+    ctx: ReplicaContext,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+}
+
+impl Replica {
+    /// Validates the configuration, opens the data directory and binds both ports. A brand-new data
+    /// directory with an `initial_cluster` bootstraps the cluster (every founding replica does this
+    /// with the same member list, so the cluster forms whichever of them starts first).
+    pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
+        config.validate()?;
+        let members = config.initial_members()?;
+        let bind = |addr: String, what| async move {
+            TcpListener::bind(&addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, what, source })
+        };
+        let grpc_listener = bind(config.listen.clone(), "grpc").await?;
+        let http_listener = bind(config.http.clone(), "http").await?;
+
+        let mut rc = ReplicaConfig::new(config.id, config.advertise_addr(), &config.data_dir);
+        rc.election_timeout_min = config.raft.election_timeout_min;
+        rc.election_timeout_max = config.raft.election_timeout_max;
+        rc.heartbeat_interval = config.raft.heartbeat_interval;
+        rc.snapshot_every_entries = config.raft.snapshot_every_entries;
+        let raft = ReplicaHandle::start(rc, SchedulerFsm::new(), Transport::tcp()).await?;
+        let fresh = raft.metrics().last_log_index.is_none();
+        if fresh && !members.is_empty() {
+            tracing::info!(?members, "new data directory: bootstrapping the founding members");
+            raft.initialize(members).await?;
+        }
+        Ok(Self {
+            ctx: ReplicaContext {
+                raft,
+                config: Arc::new(config),
+                heartbeats: Arc::new(HeartbeatTracker::new()),
+            },
+            grpc_listener,
+            http_listener,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> std::net::SocketAddr {
+        self.grpc_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        self.http_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn handle(&self) -> ReplicaHandle<SchedulerFsm> {
+        self.ctx.raft.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops the loops and servers and closes the replica.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let Replica {
+            ctx,
+            grpc_listener,
+            http_listener,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks: JoinSet<Result<(), ServerError>> = JoinSet::new();
+
+        let grpc = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(ctx.raft.grpc_service())
+            .add_service(ClientApiServer::new(ClientService::new(ctx.clone())))
+            .add_service(WorkerApiServer::new(WorkerService::new(ctx.clone())));
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+            grpc.serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(|e| ServerError::Serve {
+                what: "grpc",
+                message: e.to_string(),
+            })
+        });
+
+        let prometheus = prometheus();
+        let app = http::router(ctx.clone(), prometheus.clone());
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            axum::serve(http_listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+                .map_err(|e| ServerError::Serve {
+                    what: "http",
+                    message: e.to_string(),
+                })
+        });
+
+        let c = ctx.clone();
+        let s = stop_rx.clone();
+        tasks.spawn(async move {
+            leader::scheduling_loop(c, s).await;
+            Ok(())
+        });
+        let c = ctx.clone();
+        let s = stop_rx.clone();
+        tasks.spawn(async move {
+            leader::node_down_loop(c, s).await;
+            Ok(())
+        });
+        let c = ctx.clone();
+        let s = stop_rx.clone();
+        tasks.spawn(async move {
+            http::gauge_loop(c, Duration::from_secs(1), s).await;
+            Ok(())
+        });
+
+        // Without an installed exporter nobody drains histogram buffers: do it here.
+        let mut s = stop_rx.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = s.wait_for(|v| *v) => return Ok(()),
+                    _ = tick.tick() => prometheus.run_upkeep(),
+                }
+            }
+        });
+
+        tracing::info!(
+            id = ctx.id(),
+            grpc = %ctx.config.listen,
+            http = %ctx.config.http,
+            "replica serving"
+        );
+        // Run until asked to stop or until a server fails.
+        let failure = tokio::select! {
+            _ = shutdown => None,
+            Some(done) = tasks.join_next() => match done {
+                Ok(Err(e)) => Some(e),
+                Ok(Ok(())) => None,
+                Err(e) => Some(ServerError::Serve { what: "task", message: e.to_string() }),
+            },
+        };
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        ctx.raft.shutdown().await?;
+        tracing::info!(id = ctx.id(), "replica stopped");
+        failure.map_or(Ok(()), Err)
+    }
+}

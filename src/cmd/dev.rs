@@ -1,0 +1,299 @@
+//! `gangway dev`: a whole cluster on this machine. Three replicas as real child processes on loopback
+//! with their own data directories, a fleet of four 8-GPU hosts in two racks, a demo workload, and a
+//! printout of where to look. Ctrl-C stops everything cleanly.
+//!
+//! The hosts are simulated through the real worker API (they register, heartbeat and acknowledge
+//! their allocations) until the worker agent ships; then they become `gangway worker` processes.
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use gangway::fleet::{FakeFleet, FakeHost};
+use gangway_proto::pb;
+use gangway_proto::pb::client_api_client::ClientApiClient;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+#[derive(Args, Debug, Clone)]
+pub struct DevArgs {
+    /// First gRPC port; replicas use PORT, PORT+1, PORT+2 and HTTP ports PORT+1000...
+    #[arg(long, default_value_t = 7101)]
+    pub base_port: u16,
+    /// Where data directories and logs go (default: a fresh temporary directory, removed on exit).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Run the demo, check that it was scheduled, stop everything and exit (for CI and smoke tests).
+    #[arg(long)]
+    pub smoke: bool,
+}
+
+/// Replica timings for a laptop demo: fast failover, short node TTL, short min-runtime.
+fn replica_config(id: u64, port: u16, http: u16, data: &Path, cluster: &str) -> String {
+    format!(
+        r#"id = {id}
+listen = "127.0.0.1:{port}"
+http = "127.0.0.1:{http}"
+data_dir = "{}"
+initial_cluster = "{cluster}"
+allow_drills = true
+
+[raft]
+election_timeout_min = "500ms"
+election_timeout_max = "1000ms"
+heartbeat_interval = "100ms"
+
+[scheduler]
+interval = "1s"
+min_runtime = "30s"
+
+[workers]
+heartbeat_interval = "1s"
+node_ttl = "6s"
+"#,
+        data.display()
+    )
+}
+
+/// The demo jobs: a rack-local 2x8 gang, single GPUs that pack, a half GPU, a 4-GPU NVLink job, and
+/// one that can never fit (so `gangway jobs` shows a pending reason).
+const DEMO_JOBS: &[(&str, &str)] = &[
+    (
+        "pretrain",
+        r#"name = "pretrain-7b"
+queue = "research"
+priority = 100
+tasks = 2
+command = ["python3", "train.py", "--steps", "1000"]
+[resources]
+devices = 8
+kind = "gpu"
+[topology]
+required = "rack"
+preferred = "host"
+[checkpoint]
+signal = "SIGUSR1"
+timeout = "60s"
+"#,
+    ),
+    (
+        "finetune",
+        r#"name = "finetune"
+queue = "research"
+tasks = 1
+command = ["python3", "finetune.py"]
+[resources]
+devices = 4
+[topology]
+required = "nvlink"
+"#,
+    ),
+    (
+        "notebook-1",
+        r#"name = "notebook-1"
+queue = "interactive"
+command = ["jupyter", "lab"]
+[resources]
+devices = 1
+"#,
+    ),
+    (
+        "notebook-2",
+        r#"name = "notebook-2"
+queue = "interactive"
+command = ["jupyter", "lab"]
+[resources]
+devices = 0.5
+"#,
+    ),
+    (
+        "too-big",
+        r#"name = "needs-16-per-host"
+queue = "research"
+command = ["python3", "big.py"]
+[resources]
+devices = 16
+"#,
+    ),
+];
+
+struct Cluster {
+    children: Vec<Child>,
+    addrs: Vec<String>,
+}
+
+impl Cluster {
+    async fn start(exe: &Path, dir: &Path, base: u16) -> anyhow::Result<Self> {
+        let ports: Vec<u16> = (0..3).map(|i| base + i).collect();
+        let cluster: String = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut children = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let id = i as u64 + 1;
+            let data = dir.join(format!("replica-{id}"));
+            std::fs::create_dir_all(&data)?;
+            let config = dir.join(format!("replica-{id}.toml"));
+            std::fs::write(&config, replica_config(id, *port, port + 1000, &data, &cluster))?;
+            let log = std::fs::File::create(dir.join(format!("replica-{id}.log")))?;
+            let child = Command::new(exe)
+                .arg("server")
+                .arg("--config")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting replica {id}"))?;
+            children.push(child);
+        }
+        Ok(Self {
+            children,
+            addrs: ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+        })
+    }
+
+    /// Polls ClusterStatus until some replica reports a leader.
+    async fn wait_for_leader(&mut self, timeout: Duration) -> anyhow::Result<(u64, String)> {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            for (i, c) in self.children.iter_mut().enumerate() {
+                if let Some(status) = c.try_wait()? {
+                    bail!("replica {} exited early ({status}); see its log", i + 1);
+                }
+            }
+            for addr in &self.addrs {
+                let Ok(mut c) = ClientApiClient::connect(format!("http://{addr}")).await else {
+                    continue;
+                };
+                if let Ok(r) = c.cluster_status(pb::Empty {}).await {
+                    let r = r.into_inner();
+                    if r.leader_id != 0 {
+                        return Ok((r.leader_id, r.leader_address));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(anyhow!("no leader elected within {timeout:?}"))
+    }
+
+    /// SIGTERM every replica, then wait (killing any that does not stop in time).
+    async fn stop(mut self) {
+        for c in &self.children {
+            if let Some(pid) = c.id() {
+                // SIGTERM lets the replica shut down cleanly (flush, close RocksDB).
+                let _ = std::process::Command::new("kill")
+                    .arg("-TERM")
+                    .arg(pid.to_string())
+                    .status();
+            }
+        }
+        for c in &mut self.children {
+            if tokio::time::timeout(Duration::from_secs(10), c.wait())
+                .await
+                .is_err()
+            {
+                let _ = c.kill().await;
+            }
+        }
+    }
+}
+
+async fn submit_demo(leader: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut client = ClientApiClient::connect(format!("http://{leader}")).await?;
+    let mut ids = Vec::new();
+    for (key, spec) in DEMO_JOBS {
+        let r = client
+            .submit_job(pb::SubmitJobRequest {
+                spec_toml: (*spec).to_owned(),
+                idempotency_key: format!("dev-demo-{key}"),
+            })
+            .await
+            .map_err(|s| anyhow!("submitting {key}: {}", s.message()))?;
+        ids.push(((*key).to_owned(), r.into_inner().job_id));
+    }
+    Ok(ids)
+}
+
+pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("locating the gangway binary")?;
+    let temp;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            temp = tempfile::Builder::new().prefix("gangway-dev-").tempdir()?;
+            temp.path().to_owned()
+        }
+    };
+    println!("gangway dev: three replicas in {}", dir.display());
+    let mut cluster = Cluster::start(&exe, &dir, args.base_port).await?;
+    let result = demo(&mut cluster, &dir, &args).await;
+    cluster.stop().await;
+    result
+}
+
+async fn demo(cluster: &mut Cluster, dir: &Path, args: &DevArgs) -> anyhow::Result<ExitCode> {
+    let (leader_id, leader) = cluster.wait_for_leader(Duration::from_secs(30)).await?;
+    println!("leader: replica {leader_id} at {leader}");
+    let hosts = vec![
+        FakeHost::h100("host-1", "r1"),
+        FakeHost::h100("host-2", "r1"),
+        FakeHost::h100("host-3", "r2"),
+        FakeHost::h100("host-4", "r2"),
+    ];
+    let mut fleet = FakeFleet::start(cluster.addrs.clone(), hosts, Duration::from_secs(30)).await?;
+    println!("fleet: 4 hosts x 8 H100 in racks r1 (host-1, host-2) and r2 (host-3, host-4)");
+    let ids = submit_demo(&leader).await?;
+    let placeable: Vec<String> = ids
+        .iter()
+        .filter(|(k, _)| *k != "too-big")
+        .map(|(_, id)| id.clone())
+        .collect();
+    let all_placed = fleet
+        .wait_for(Duration::from_secs(30), |seen| {
+            placeable.iter().all(|id| seen.contains_key(id))
+        })
+        .await;
+    for (key, id) in &ids {
+        let seen = fleet.seen();
+        match seen.get(id) {
+            Some(l) => println!("  {key:<11} {id:<10} leased (epoch {}) on {}", l.epoch, l.hosts.join(", ")),
+            None => println!("  {key:<11} {id:<10} pending"),
+        }
+    }
+    let addrs = cluster.addrs.join(",");
+    if args.smoke {
+        fleet.stop().await;
+        if !all_placed {
+            bail!("the demo's placeable jobs were not all leased within 30s");
+        }
+        println!("smoke: every placeable demo job was leased; stopping");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "\nTry, in another terminal:\n  export GANGWAY_ADDR={addrs}\n  gangway jobs\n  gangway job status {}\n  gangway nodes\n  gangway leases\n  gangway cluster status\n  gangway cluster transfer-leader --to 2\n\
+         Metrics: http://127.0.0.1:{}/metrics  Logs: {}/replica-*.log\nCtrl-C stops everything.",
+        ids.last().map_or("", |(_, id)| id.as_str()),
+        args.base_port + 1000,
+        dir.display()
+    );
+    super::server::shutdown_signal().await;
+    println!("stopping");
+    fleet.stop().await;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,411 @@
+//! [`FakeFleet`]: many simulated accelerator hosts driven through the real worker API, for the
+//! end-to-end tests, the end-to-end benchmark and `gangway dev`.
+//!
+//! Each host registers, heartbeats, and watches its desired allocations like a worker does, but runs
+//! nothing: a new allocation is acknowledged as running at once, and the moment each job first
+//! appears on a host is recorded, which is what submit-to-lease latency is measured against. It
+//! follows the leader by itself (`not_leader` hints, then the next address).
+
+use anyhow::{anyhow, Context};
+use gangway_proto::pb;
+use gangway_proto::pb::worker_api_client::WorkerApiClient;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tonic::transport::{Channel, Endpoint};
+
+/// One simulated host.
+#[derive(Clone, Debug)]
+pub struct FakeHost {
+    pub name: String,
+    pub datacenter: String,
+    pub zone: String,
+    pub pod: String,
+    pub rack: String,
+    pub devices: u32,
+    pub model: String,
+    /// "gpu" or "tpu".
+    pub kind: String,
+}
+
+impl FakeHost {
+    /// An 8-device H100 host in `rack` of pod p1, zone z1, dc1.
+    pub fn h100(name: &str, rack: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            datacenter: "dc1".into(),
+            zone: "z1".into(),
+            pod: "p1".into(),
+            rack: rack.to_owned(),
+            devices: 8,
+            model: "H100".into(),
+            kind: "gpu".into(),
+        }
+    }
+
+    fn register_request(&self, index: usize) -> pb::RegisterRequest {
+        pb::RegisterRequest {
+            node: self.name.clone(),
+            address: format!("127.0.0.1:{}", 20_000 + index % 40_000),
+            datacenter: self.datacenter.clone(),
+            zone: self.zone.clone(),
+            pod: self.pod.clone(),
+            rack: self.rack.clone(),
+            cpu_milli: 128_000,
+            memory_mib: 1_024_000,
+            devices: (0..self.devices)
+                .map(|d| pb::Device {
+                    uuid: format!("GPU-{}-{d}", self.name),
+                    model: self.model.clone(),
+                    kind: self.kind.clone(),
+                    memory_mib: 81_920,
+                    // Two NVLink domains of four on an 8-device host, like an HGX board's halves.
+                    nvlink_domain: d / 4,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A job as the fleet saw it: when its first task appeared on a host, and under which epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenLease {
+    pub first_seen: Instant,
+    pub epoch: u64,
+    pub hosts: Vec<String>,
+}
+
+/// Shared leader-following connection to the worker API.
+#[derive(Clone)]
+struct Follower {
+    addrs: Arc<Vec<String>>,
+    current: Arc<Mutex<(usize, Option<String>)>>,
+}
+
+fn endpoint(addr: &str) -> anyhow::Result<Endpoint> {
+    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .with_context(|| format!("bad replica address {addr:?}"))?
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true))
+}
+
+impl Follower {
+    fn new(addrs: Vec<String>) -> Self {
+        Self {
+            addrs: Arc::new(addrs),
+            current: Arc::new(Mutex::new((0, None))),
+        }
+    }
+
+    /// The address to try now: a leader hint if there is one, else the list in turn.
+    fn target(&self) -> String {
+        let g = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        g.1.clone()
+            .unwrap_or_else(|| self.addrs[g.0 % self.addrs.len()].clone())
+    }
+
+    /// After a failure: follow the hint, or move to the next address.
+    fn failed(&self, status: Option<&tonic::Status>) {
+        let mut g = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let hint = status
+            .and_then(|s| s.metadata().get("x-gangway-leader"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        match hint {
+            Some(h) if g.1.as_deref() != Some(h.as_str()) => g.1 = Some(h),
+            _ => {
+                g.1 = None;
+                g.0 += 1;
+            }
+        }
+    }
+
+    async fn client(&self) -> anyhow::Result<WorkerApiClient<Channel>> {
+        let target = self.target();
+        let channel = endpoint(&target)?.connect_lazy();
+        Ok(WorkerApiClient::new(channel))
+    }
+}
+
+/// Retry while the error is about leadership or reachability; give up on anything else.
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+    )
+}
+
+/// How the simulated hosts behave.
+#[derive(Clone, Debug)]
+pub struct FleetOptions {
+    /// How long registration may keep retrying while the cluster has no leader.
+    pub register_deadline: Duration,
+    /// Each task "finishes" (reported succeeded) this long after it first appears; `None`: tasks
+    /// run until revoked.
+    pub task_runtime: Option<Duration>,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        Self {
+            register_deadline: Duration::from_secs(30),
+            task_runtime: None,
+        }
+    }
+}
+
+pub struct FakeFleet {
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    seen: Arc<Mutex<BTreeMap<String, SeenLease>>>,
+    changed: watch::Receiver<u64>,
+}
+
+impl FakeFleet {
+    /// Registers every host (retrying until the cluster has a leader, up to `deadline`) and starts
+    /// heartbeating and watching allocations.
+    pub async fn start(
+        addrs: Vec<String>,
+        hosts: Vec<FakeHost>,
+        deadline: Duration,
+    ) -> anyhow::Result<Self> {
+        let options = FleetOptions {
+            register_deadline: deadline,
+            ..FleetOptions::default()
+        };
+        Self::start_with(addrs, hosts, options).await
+    }
+
+    pub async fn start_with(
+        addrs: Vec<String>,
+        hosts: Vec<FakeHost>,
+        options: FleetOptions,
+    ) -> anyhow::Result<Self> {
+        let deadline = options.register_deadline;
+        if addrs.is_empty() {
+            return Err(anyhow!("no replica addresses"));
+        }
+        let follower = Follower::new(addrs);
+        let until = Instant::now() + deadline;
+        let mut heartbeat_ms = 1_000;
+        for (i, host) in hosts.iter().enumerate() {
+            let req = host.register_request(i);
+            loop {
+                let mut c = follower.client().await?;
+                match c.register(req.clone()).await {
+                    Ok(r) => {
+                        heartbeat_ms = r.into_inner().heartbeat_interval_ms.max(50);
+                        break;
+                    }
+                    Err(s) if retryable(&s) && Instant::now() < until => {
+                        follower.failed(Some(&s));
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(s) => return Err(anyhow!("registering {}: {}", host.name, s.message())),
+                }
+            }
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let (changed_tx, changed) = watch::channel(0u64);
+        let changed_tx = Arc::new(changed_tx);
+        let seen = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut tasks = JoinSet::new();
+        let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+        tasks.spawn(heartbeat_loop(
+            follower.clone(),
+            names.clone(),
+            Duration::from_millis(heartbeat_ms),
+            stop_rx.clone(),
+        ));
+        for name in names {
+            tasks.spawn(watch_loop(
+                follower.clone(),
+                name,
+                options.task_runtime,
+                seen.clone(),
+                changed_tx.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        Ok(Self {
+            stop,
+            tasks,
+            seen,
+            changed,
+        })
+    }
+
+    /// Every job seen on some host so far.
+    pub fn seen(&self) -> BTreeMap<String, SeenLease> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until `pred` holds over the jobs seen, or `timeout`.
+    pub async fn wait_for(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&BTreeMap<String, SeenLease>) -> bool,
+    ) -> bool {
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            if pred(&self.seen()) {
+                return true;
+            }
+            if tokio::time::timeout_at(until, self.changed.changed())
+                .await
+                .is_err()
+            {
+                return pred(&self.seen());
+            }
+        }
+    }
+
+    /// Stops heartbeating (the hosts then go silent, as crashed hosts do).
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn heartbeat_loop(
+    follower: Follower,
+    names: Vec<String>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(mut c) = follower.client().await else {
+            continue;
+        };
+        for name in &names {
+            let req = pb::HeartbeatRequest {
+                node: name.clone(),
+                devices: Vec::new(),
+            };
+            if let Err(s) = c.heartbeat(req).await {
+                follower.failed(Some(&s));
+                break;
+            }
+        }
+    }
+}
+
+async fn watch_loop(
+    follower: Follower,
+    name: String,
+    task_runtime: Option<Duration>,
+    seen: Arc<Mutex<BTreeMap<String, SeenLease>>>,
+    changed: Arc<watch::Sender<u64>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut reported: BTreeMap<(String, u32), u64> = BTreeMap::new();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let Ok(mut c) = follower.client().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let stream = c
+            .watch_allocations(pb::WatchAllocationsRequest { node: name.clone() })
+            .await;
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(s) => {
+                follower.failed(Some(&s));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                m = stream.message() => m,
+            };
+            let set = match msg {
+                Ok(Some(set)) => set,
+                Ok(None) => break,
+                Err(s) => {
+                    follower.failed(Some(&s));
+                    break;
+                }
+            };
+            let now = Instant::now();
+            let mut new_any = false;
+            {
+                let mut g = seen.lock().unwrap_or_else(|p| p.into_inner());
+                for a in &set.allocations {
+                    let e = g.entry(a.job_id.clone()).or_insert_with(|| {
+                        new_any = true;
+                        SeenLease {
+                            first_seen: now,
+                            epoch: a.epoch,
+                            hosts: Vec::new(),
+                        }
+                    });
+                    if a.epoch > e.epoch {
+                        e.epoch = a.epoch;
+                        e.hosts.clear();
+                        new_any = true;
+                    }
+                    if a.epoch == e.epoch && !e.hosts.contains(&name) {
+                        e.hosts.push(name.clone());
+                        new_any = true;
+                    }
+                }
+            }
+            if new_any {
+                changed.send_modify(|v| *v += 1);
+            }
+            // Acknowledge each new task as running, once per (job, task, epoch).
+            for a in set.allocations {
+                let key = (a.job_id.clone(), a.task);
+                if reported.get(&key) == Some(&a.epoch) {
+                    continue;
+                }
+                let report = pb::TaskStatusReport {
+                    node: name.clone(),
+                    job_id: a.job_id.clone(),
+                    task: a.task,
+                    epoch: a.epoch,
+                    state: "running".into(),
+                    has_exit_code: false,
+                    exit_code: 0,
+                    message: String::new(),
+                };
+                if c.report_task_status(report.clone()).await.is_ok() {
+                    reported.insert(key, a.epoch);
+                    if let Some(runtime) = task_runtime {
+                        let mut c = c.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(runtime).await;
+                            let done = pb::TaskStatusReport {
+                                state: "succeeded".into(),
+                                has_exit_code: true,
+                                exit_code: 0,
+                                ..report
+                            };
+                            // Best effort: a lost report leaves the task running, as a hung
+                            // worker would; the benchmark counts placements, not completions.
+                            let _ = c.report_task_status(done).await;
+                        });
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
