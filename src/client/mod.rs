@@ -42,6 +42,8 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Longest wait for one TCP/HTTP2 connection, so a black-holed address does not eat the deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Shortest time one replica gets to answer a call that is safe to resend (see [`attempt_timeout`]).
+const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Leader hints followed in a row without backoff (a hint loop then slows down).
 const FREE_HINT_HOPS: u32 = 2;
 
@@ -159,6 +161,8 @@ pub struct Client {
     /// The leader named by the last `not_leader` answer, tried before the list.
     hint: Option<String>,
     conn: Option<Conn>,
+    /// How long one replica gets to answer a call that is safe to resend.
+    attempt_timeout: Duration,
 }
 
 impl Client {
@@ -172,7 +176,13 @@ impl Client {
             next: 0,
             hint: None,
             conn: None,
+            attempt_timeout: attempt_timeout(timeout),
         }
+    }
+
+    #[cfg(test)]
+    pub fn set_attempt_timeout(&mut self, d: Duration) {
+        self.attempt_timeout = d;
     }
 
     /// The address of the replica the client is connected to, if any (`host:port`).
@@ -199,15 +209,7 @@ impl Client {
                 .tcp_nodelay(true);
             let channel = match tokio::time::timeout(remaining, endpoint.connect()).await {
                 Ok(Ok(channel)) => channel,
-                Ok(Err(e)) => {
-                    let mut msg = format!("cannot connect: {e}");
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(s) = source {
-                        msg.push_str(&format!(": {s}"));
-                        source = s.source();
-                    }
-                    return Err((uri, msg));
-                }
+                Ok(Err(e)) => return Err((uri, format!("cannot connect: {}", error_chain(&e)))),
                 Err(_) => return Err((uri, "cannot connect: timed out".to_owned())),
             };
             self.conn = Some(Conn {
@@ -257,23 +259,35 @@ impl Client {
             };
             note_tried(&mut tried, &uri);
             let addr = display_addr(&uri).to_owned();
-            let status = match tokio::time::timeout(remaining, f(api)).await {
+            // A call that is safe to resend gives each replica a share of the deadline, so one that
+            // accepted the connection and then hung does not use all of it.
+            let limit = match retry {
+                Retry::Safe => remaining.min(self.attempt_timeout),
+                Retry::UnlessOutcomeUnknown => remaining,
+            };
+            let status = match tokio::time::timeout(limit, f(api)).await {
                 Ok(Ok(reply)) => return Ok(reply.into_inner()),
                 Ok(Err(status)) => status,
                 Err(_) => {
-                    self.conn = None;
-                    return Err(match retry {
-                        Retry::Safe => ClientError::NoLeader {
-                            waited: self.timeout,
-                            tried,
-                            last: format!("{addr}: no answer before the deadline"),
-                        },
-                        Retry::UnlessOutcomeUnknown => ClientError::OutcomeUnknown {
-                            addr,
-                            method,
-                            message: "no answer before the deadline".to_owned(),
-                        },
-                    });
+                    let message = format!(
+                        "no answer within {}",
+                        humantime::format_duration(round_ms(limit))
+                    );
+                    match retry {
+                        Retry::Safe => {
+                            last = format!("{addr}: {message}");
+                            self.advance();
+                            continue;
+                        }
+                        Retry::UnlessOutcomeUnknown => {
+                            self.conn = None;
+                            return Err(ClientError::OutcomeUnknown {
+                                addr,
+                                method,
+                                message,
+                            });
+                        }
+                    }
                 }
             };
             last = format!("{addr}: {}", describe(&status));
@@ -315,6 +329,34 @@ impl Client {
             }
         }
     }
+}
+
+/// An error and its sources on one line, without the repeats tonic's wrapped errors produce
+/// (`tcp connect error: tcp connect error: Connection refused`).
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        let joined = parts.join(": ");
+        match parts.last_mut() {
+            Some(last) if text.starts_with(last.as_str()) => *last = text,
+            _ if joined.contains(&text) => {}
+            _ => parts.push(text),
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
+/// How long one replica gets to answer a call that is safe to resend: a third of the deadline, at
+/// least [`MIN_ATTEMPT_TIMEOUT`] (the deadline still bounds it).
+fn attempt_timeout(timeout: Duration) -> Duration {
+    (timeout / 3).max(MIN_ATTEMPT_TIMEOUT)
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
 }
 
 fn note_tried(tried: &mut Vec<String>, uri: &str) {

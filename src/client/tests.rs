@@ -29,6 +29,10 @@ struct Fake {
     hook: Hook,
     calls: Arc<Mutex<Vec<Call>>>,
     snapshot: Vec<Result<Vec<u8>, Status>>,
+    /// The first call of this method answers only after this long.
+    hang: Option<(&'static str, Duration)>,
+    /// GetJob's answer: state and pending reason.
+    job_state: (&'static str, &'static str),
 }
 
 impl Fake {
@@ -41,6 +45,8 @@ impl Fake {
             hook: Arc::new(hook),
             calls: Arc::default(),
             snapshot: Vec::new(),
+            hang: None,
+            job_state: ("running", ""),
         }
     }
 
@@ -49,7 +55,7 @@ impl Fake {
         Self::new(name, |_, _| None)
     }
 
-    fn enter(&self, method: &'static str, key: &str) -> Result<(), Status> {
+    async fn enter(&self, method: &'static str, key: &str) -> Result<(), Status> {
         let n = {
             let mut calls = self.calls.lock().unwrap();
             calls.push(Call {
@@ -58,6 +64,11 @@ impl Fake {
             });
             calls.iter().filter(|c| c.method == method).count()
         };
+        if let Some((m, d)) = self.hang {
+            if m == method && n == 1 {
+                tokio::time::sleep(d).await;
+            }
+        }
         match (self.hook)(method, n) {
             Some(status) => Err(status),
             None => Ok(()),
@@ -83,7 +94,7 @@ impl ClientApi for Fake {
         r: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobReply>, Status> {
         let req = r.into_inner();
-        self.enter("SubmitJob", &req.idempotency_key)?;
+        self.enter("SubmitJob", &req.idempotency_key).await?;
         let existing = self
             .calls()
             .iter()
@@ -99,18 +110,19 @@ impl ClientApi for Fake {
         &self,
         _: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        self.enter("CancelJob", "")?;
+        self.enter("CancelJob", "").await?;
         Ok(Response::new(pb::Empty {}))
     }
     async fn get_job(
         &self,
         r: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobDetail>, Status> {
-        self.enter("GetJob", "")?;
+        self.enter("GetJob", "").await?;
         Ok(Response::new(pb::JobDetail {
             summary: Some(pb::JobSummary {
                 id: r.into_inner().job_id,
-                state: "running".to_owned(),
+                state: self.job_state.0.to_owned(),
+                pending_reason: self.job_state.1.to_owned(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -120,7 +132,7 @@ impl ClientApi for Fake {
         &self,
         _: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsReply>, Status> {
-        self.enter("ListJobs", "")?;
+        self.enter("ListJobs", "").await?;
         Ok(Response::new(pb::ListJobsReply {
             jobs: vec![pb::JobSummary {
                 id: format!("job-from-{}", self.name),
@@ -132,14 +144,14 @@ impl ClientApi for Fake {
         &self,
         _: Request<pb::Empty>,
     ) -> Result<Response<pb::ListNodesReply>, Status> {
-        self.enter("ListNodes", "")?;
+        self.enter("ListNodes", "").await?;
         Ok(Response::new(pb::ListNodesReply::default()))
     }
     async fn set_node_state(
         &self,
         _: Request<pb::SetNodeStateRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        self.enter("SetNodeState", "")?;
+        self.enter("SetNodeState", "").await?;
         Ok(Response::new(pb::Empty {}))
     }
     async fn list_leases(
@@ -161,7 +173,7 @@ impl ClientApi for Fake {
         &self,
         _: Request<pb::Empty>,
     ) -> Result<Response<pb::ClusterStatusReply>, Status> {
-        self.enter("ClusterStatus", "")?;
+        self.enter("ClusterStatus", "").await?;
         Ok(Response::new(pb::ClusterStatusReply {
             role: format!("leader-{}", self.name),
             ..Default::default()
@@ -171,7 +183,7 @@ impl ClientApi for Fake {
         &self,
         _: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        self.enter("TransferLeader", "")?;
+        self.enter("TransferLeader", "").await?;
         Ok(Response::new(pb::Empty {}))
     }
     async fn add_member(
@@ -193,7 +205,7 @@ impl ClientApi for Fake {
         &self,
         _: Request<pb::Empty>,
     ) -> Result<Response<SnapshotStream>, Status> {
-        self.enter("SaveSnapshot", "")?;
+        self.enter("SaveSnapshot", "").await?;
         let chunks: Vec<Result<pb::SnapshotChunk, Status>> = self
             .snapshot
             .iter()
@@ -614,4 +626,161 @@ async fn a_broken_snapshot_stream_leaves_no_file() {
         "old file kept"
     );
     assert!(!dir.path().join("snap.json.tmp").exists());
+}
+
+#[tokio::test]
+async fn a_hung_replica_is_skipped_for_a_safe_call() {
+    let mut hung = Fake::serving("a");
+    hung.hang = Some(("ListJobs", Duration::from_secs(30)));
+    let a = start(hung.clone()).await;
+    let live = Fake::serving("b");
+    let b = start(live.clone()).await;
+    let mut c = client(&[&a, &b], Duration::from_secs(5));
+    c.set_attempt_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let jobs = c
+        .list_jobs(&[], "")
+        .await
+        .expect("the second replica answers");
+    assert_eq!(jobs[0].id, "job-from-b");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!((hung.count("ListJobs"), live.count("ListJobs")), (1, 1));
+}
+
+#[tokio::test]
+async fn a_hung_non_idempotent_write_is_an_unknown_outcome_at_the_deadline() {
+    let mut hung = Fake::serving("a");
+    hung.hang = Some(("CancelJob", Duration::from_secs(30)));
+    let a = start(hung.clone()).await;
+    let mut c = client(&[&a], Duration::from_millis(500));
+    c.set_attempt_timeout(Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let err = c.cancel_job("j1", "").await.unwrap_err();
+    assert!(matches!(err, ClientError::OutcomeUnknown { .. }), "{err:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "waited for the whole deadline"
+    );
+    assert_eq!(hung.count("CancelJob"), 1);
+}
+
+#[test]
+fn error_chains_drop_repeats() {
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for E {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+    let e = E(
+        "transport error",
+        Some(Box::new(E(
+            "tcp connect error",
+            Some(Box::new(E(
+                "tcp connect error: Connection refused",
+                Some(Box::new(E("Connection refused", None))),
+            ))),
+        ))),
+    );
+    assert_eq!(
+        error_chain(&e),
+        "transport error: tcp connect error: Connection refused"
+    );
+}
+
+const VALID_SPEC: &str = r#"
+name = "pretrain"
+tasks = 2
+command = ["python3", "train.py"]
+[resources]
+devices = 8
+kind = "gpu"
+"#;
+
+fn submit_args(
+    addr: &str,
+    file: &std::path::Path,
+    wait: Option<Duration>,
+) -> crate::cmd::jobs::SubmitArgs {
+    crate::cmd::jobs::SubmitArgs {
+        file: file.to_owned(),
+        idempotency_key: None,
+        wait,
+        opts: crate::cmd::common::ClientOpts {
+            addr: crate::cmd::common::AddrList(parse_addr_list(addr).unwrap()),
+            timeout: Duration::from_secs(5),
+            output: crate::cmd::output::Output::Json,
+        },
+    }
+}
+
+#[tokio::test]
+async fn submit_validates_locally_before_sending() {
+    let fake = Fake::serving("a");
+    let a = start(fake.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "name = \"x\"\ntasks = 0\n").unwrap();
+    let err = crate::cmd::jobs::submit(submit_args(&a, &file, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_INVALID);
+    assert!(err.to_string().contains("tasks: "), "{err}");
+    assert_eq!(
+        fake.count("SubmitJob"),
+        0,
+        "an invalid spec never leaves the machine"
+    );
+
+    let missing = dir.path().join("missing.toml");
+    let err = crate::cmd::jobs::submit(submit_args(&a, &missing, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_INVALID);
+}
+
+#[tokio::test]
+async fn submit_wait_ends_when_the_job_runs_or_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("job.toml");
+    std::fs::write(&file, VALID_SPEC).unwrap();
+
+    let running = Fake::serving("a");
+    let a = start(running.clone()).await;
+    crate::cmd::jobs::submit(submit_args(&a, &file, Some(Duration::from_secs(5))))
+        .await
+        .expect("running at once");
+    assert_eq!(
+        (running.count("SubmitJob"), running.count("GetJob")),
+        (1, 1)
+    );
+
+    let mut pending = Fake::serving("b");
+    pending.job_state = ("pending", "needs 16 gpu in one rack");
+    let b = start(pending.clone()).await;
+    let started = std::time::Instant::now();
+    let err = crate::cmd::jobs::submit(submit_args(&b, &file, Some(Duration::from_millis(1200))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), super::error::EXIT_NOT_PLACEABLE, "{err}");
+    assert!(
+        err.to_string().contains("needs 16 gpu in one rack"),
+        "{err}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1200));
+    assert!(pending.count("GetJob") >= 2, "polled");
+
+    let mut failed = Fake::serving("c");
+    failed.job_state = ("failed", "");
+    let c = start(failed).await;
+    let err = crate::cmd::jobs::submit(submit_args(&c, &file, Some(Duration::from_secs(5))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_ERROR, "{err}");
 }

@@ -301,3 +301,71 @@ pub async fn save_snapshot(client: &mut Client, file: &Path) -> Result<u64, Clie
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(role: &str, replica_id: u64) -> pb::ClusterStatusReply {
+        pb::ClusterStatusReply {
+            replica_id,
+            leader_id: 1,
+            leader_address: "10.0.0.1:7101".into(),
+            term: 4,
+            commit_index: 100,
+            applied_index: 99,
+            role: role.into(),
+            members: vec![
+                pb::MemberInfo {
+                    id: 1,
+                    address: "10.0.0.1:7101".into(),
+                    voter: true,
+                    matched_index: 100,
+                },
+                pb::MemberInfo {
+                    id: 3,
+                    address: "10.0.0.3:7101".into(),
+                    voter: false,
+                    matched_index: 58,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn lag_is_known_only_on_the_leader() {
+        let on_leader = ClusterView::from(&reply("leader", 1));
+        assert_eq!(on_leader.members[1].lag, Some(42));
+        assert!(on_leader.members[0].leader);
+        let on_follower = ClusterView::from(&reply("follower", 2));
+        assert_eq!(on_follower.members[1].lag, None);
+        assert_eq!(on_follower.members[1].matched_index, None);
+
+        let text = cluster_table(&on_leader);
+        assert!(text.contains("Leader:   1 (10.0.0.1:7101)"), "{text}");
+        assert!(
+            text.contains("3   10.0.0.3:7101  learner  58       42"),
+            "{text}"
+        );
+        let text = cluster_table(&on_follower);
+        assert!(
+            text.contains("3   10.0.0.3:7101  learner  -        -"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn member_addresses_drop_the_scheme() {
+        assert_eq!(parse_member_addr("http://h:1").unwrap(), "h:1");
+        assert_eq!(parse_member_addr("h:1").unwrap(), "h:1");
+        assert!(parse_member_addr("h").is_err());
+    }
+
+    #[test]
+    fn snapshot_temp_file_sits_beside_the_target() {
+        assert_eq!(
+            tmp_path(Path::new("/backups/snap.json")),
+            Path::new("/backups/snap.json.tmp")
+        );
+    }
+}

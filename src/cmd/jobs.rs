@@ -585,3 +585,171 @@ pub async fn cancel(opts: ClientOpts, args: CancelArgs) -> Result<(), ClientErro
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary() -> pb::JobSummary {
+        pb::JobSummary {
+            id: "j-1".into(),
+            name: "pretrain".into(),
+            queue: "research".into(),
+            priority: 100,
+            state: "running".into(),
+            tasks: 2,
+            devices_per_task: "8".into(),
+            kind: "gpu".into(),
+            submitted_at_ms: 1_700_000_000_000,
+            pending_reason: String::new(),
+            lease_epoch: 7,
+            hosts: vec!["host-a".into(), "host-b".into()],
+            attempts: 2,
+            preemptions: 1,
+        }
+    }
+
+    #[test]
+    fn job_json_has_stable_keys() {
+        let v = serde_json::to_value(JobView::from(&summary())).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = [
+            "id",
+            "name",
+            "queue",
+            "priority",
+            "state",
+            "tasks",
+            "devices_per_task",
+            "kind",
+            "devices",
+            "submitted_at_ms",
+            "submitted_at",
+            "pending_reason",
+            "lease_epoch",
+            "hosts",
+            "attempts",
+            "preemptions",
+        ];
+        want.sort_unstable();
+        assert_eq!(keys, want);
+        assert_eq!(v["devices"], "2x8 gpu");
+        assert_eq!(v["submitted_at"], "2023-11-14T22:13:20.000Z");
+    }
+
+    #[test]
+    fn jobs_table_rows() {
+        let mut pending = summary();
+        pending.id = "j-2".into();
+        pending.state = "pending".into();
+        pending.lease_epoch = 0;
+        pending.hosts.clear();
+        pending.devices_per_task = "0.5".into();
+        pending.tasks = 1;
+        pending.pending_reason = "no free gpu share".into();
+        let view = JobListView {
+            jobs: vec![JobView::from(&summary()), JobView::from(&pending)],
+        };
+        let now = 1_700_000_000_000 + 310_000;
+        let text = jobs_table(&view, now);
+        let lines: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(lines[0][0], "ID");
+        assert_eq!(
+            lines[1],
+            [
+                "j-1",
+                "pretrain",
+                "research",
+                "100",
+                "running",
+                "2",
+                "2x8",
+                "gpu",
+                "7",
+                "host-a,host-b",
+                "5m10s"
+            ]
+        );
+        assert_eq!(
+            lines[2],
+            [
+                "j-2", "pretrain", "research", "100", "pending", "1", "1x0.5", "gpu", "-", "-",
+                "5m10s", "no", "free", "gpu", "share"
+            ]
+        );
+        assert_eq!(jobs_table(&JobListView { jobs: vec![] }, now), "No jobs.");
+    }
+
+    #[test]
+    fn job_detail_shows_placement_checkpoint_and_history() {
+        let detail = pb::JobDetail {
+            summary: Some(summary()),
+            tasks: vec![
+                pb::TaskInfo {
+                    index: 0,
+                    host: "host-a".into(),
+                    devices: vec![0, 1, 2, 3, 4, 5, 6, 7],
+                    state: "running".into(),
+                    ..Default::default()
+                },
+                pb::TaskInfo {
+                    index: 1,
+                    host: "host-b".into(),
+                    devices: vec![4, 5],
+                    state: "failed".into(),
+                    has_exit_code: true,
+                    exit_code: 137,
+                    message: "OOM".into(),
+                },
+            ],
+            last_checkpoint: Some(pb::CheckpointInfo {
+                epoch: 6,
+                path: "/ckpt/400".into(),
+                step: 400,
+                bytes: 3 << 30,
+                recorded_at_ms: 1_700_000_100_000,
+            }),
+            history: vec![pb::HistoryLine {
+                at_ms: 1_700_000_000_000,
+                what: "submitted".into(),
+            }],
+            command: vec!["python3".into(), "train.py".into()],
+            required_topology: "rack".into(),
+            ..Default::default()
+        };
+        let view = JobDetailView::from(&detail);
+        assert_eq!(view.task_placements[0].exit_code, None);
+        assert_eq!(view.task_placements[1].exit_code, Some(137));
+        let text = job_detail_table(&view, 1_700_000_160_000);
+        for want in [
+            "Job:         j-1 (pretrain)",
+            "Lease epoch: 7",
+            "Attempts:    2  preemptions 1",
+            "Command:     python3 train.py",
+            "Topology:    required rack, preferred -",
+            "Checkpoint:  step 400 at /ckpt/400 (3.0 GiB, epoch 6, 1m ago)",
+            "0     host-a  0-7      running  -",
+            "1     host-b  4-5      failed   137   OOM",
+            "  2023-11-14T22:13:20.000Z  submitted",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["id"], "j-1", "summary fields are flattened in");
+        assert_eq!(json["task_placements"][1]["exit_code"], 137);
+        assert_eq!(json["last_checkpoint"]["step"], 400);
+        assert_eq!(json["finished_at"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn an_empty_checkpoint_is_none() {
+        let detail = pb::JobDetail {
+            last_checkpoint: Some(pb::CheckpointInfo::default()),
+            ..Default::default()
+        };
+        assert!(JobDetailView::from(&detail).last_checkpoint.is_none());
+    }
+}

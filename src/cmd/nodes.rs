@@ -272,3 +272,76 @@ pub async fn leases(args: LeasesArgs) -> Result<(), ClientError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_and_lease_tables() {
+        let node = pb::NodeInfo {
+            name: "host-a".into(),
+            address: "10.0.1.5:7201".into(),
+            state: "draining".into(),
+            state_reason: "disk swap".into(),
+            datacenter: "dc1".into(),
+            rack: "r2".into(),
+            devices: 8,
+            free_milli: 5500,
+            models: vec!["H100".into()],
+            heartbeat_age_ms: 0,
+            ..Default::default()
+        };
+        let view = NodeListView {
+            nodes: vec![NodeView::from(&node)],
+        };
+        assert_eq!(view.nodes[0].heartbeat_age_ms, None);
+        let line = nodes_table(&view).lines().nth(1).unwrap().to_owned();
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [
+                "host-a",
+                "10.0.1.5:7201",
+                "draining",
+                "8",
+                "5.5",
+                "H100",
+                "dc1/r2",
+                "-",
+                "disk",
+                "swap"
+            ]
+        );
+
+        let lease = pb::LeaseInfo {
+            job_id: "j-1".into(),
+            epoch: 3,
+            granted_at_ms: 1_000,
+            tasks: vec![
+                pb::TaskLease {
+                    task: 0,
+                    host: "host-a".into(),
+                    devices: vec![0, 1, 2, 3],
+                },
+                pb::TaskLease {
+                    task: 1,
+                    host: "host-b".into(),
+                    devices: vec![6],
+                },
+            ],
+        };
+        let view = LeaseListView {
+            leases: vec![LeaseView::from(&lease)],
+        };
+        let line = leases_table(&view, 61_000)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            line.split_whitespace().collect::<Vec<_>>(),
+            ["j-1", "3", "1m", "0@host-a[0-3]", "1@host-b[6]"]
+        );
+    }
+}
