@@ -29,20 +29,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Where `--help` lists the flags every client command shares.
+const CLIENT_HEADING: &str = "Client options";
+
 /// Flags of every client command.
 #[derive(Args, Debug, Clone)]
 pub struct ClientOpts {
     /// Replica addresses, comma-separated (host:port, http:// optional). Any replica will do: the
     /// client follows the leader.
-    #[arg(long, global = true, env = "GANGWAY_ADDR", default_value = DEFAULT_ADDR,
+    #[arg(long, global = true, env = "GANGWAY_ADDR", help_heading = CLIENT_HEADING, default_value = DEFAULT_ADDR,
           value_parser = parse_addrs, value_name = "HOST:PORT,...")]
     pub addr: AddrList,
     /// Give up on a call (and its retries across replicas) after this long.
-    #[arg(long, global = true, env = "GANGWAY_TIMEOUT", default_value = "15s",
+    #[arg(long, global = true, env = "GANGWAY_TIMEOUT", help_heading = CLIENT_HEADING, default_value = "15s",
           value_parser = parse_duration, value_name = "DURATION")]
     pub timeout: Duration,
     /// Output format.
-    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table,
+          help_heading = CLIENT_HEADING)]
     pub output: Output,
 }
 

@@ -99,7 +99,7 @@ pub struct CancelArgs {
     /// The job id.
     pub id: String,
     /// Why, recorded in the job's history.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub reason: String,
 }
 
@@ -283,6 +283,9 @@ pub fn jobs_table(view: &JobListView, now_ms: u64) -> String {
         "ID", "NAME", "QUEUE", "PRIO", "STATE", "TASKS", "DEVICES", "EPOCH", "HOSTS", "AGE",
         "REASON",
     ]);
+    if view.jobs.is_empty() {
+        return "No jobs.".to_owned();
+    }
     for j in &view.jobs {
         t.add_row(vec![
             j.id.clone(),
@@ -297,9 +300,6 @@ pub fn jobs_table(view: &JobListView, now_ms: u64) -> String {
             age_since(j.submitted_at_ms, now_ms),
             j.pending_reason.clone(),
         ]);
-    }
-    if view.jobs.is_empty() {
-        return "No jobs.".to_owned();
     }
     table_string(t)
 }

@@ -41,7 +41,7 @@ pub struct NodeStateArgs {
     /// The node's name (as in `gangway nodes`).
     pub name: String,
     /// Why, shown in `gangway nodes`.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub reason: String,
 }
 
