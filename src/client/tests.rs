@@ -784,3 +784,26 @@ async fn submit_wait_ends_when_the_job_runs_or_with_exit_2() {
         .unwrap_err();
     assert_eq!(err.exit_code(), EXIT_ERROR, "{err}");
 }
+
+#[tokio::test]
+async fn a_dead_leader_hint_falls_back_to_the_list() {
+    let dead = dead_addr();
+    let follower = Fake::new("a", move |_, _| {
+        Some(status(
+            Code::Unavailable,
+            "not_leader",
+            "not the leader",
+            Some(&dead),
+        ))
+    });
+    let a = start(follower.clone()).await;
+    let live = Fake::serving("b");
+    let b = start(live.clone()).await;
+    let mut c = client(&[&a, &b], Duration::from_secs(5));
+    let st = c
+        .cluster_status()
+        .await
+        .expect("the list's next replica answers");
+    assert_eq!(st.role, "leader-b");
+    assert_eq!(follower.count("ClusterStatus"), 1);
+}
