@@ -14,6 +14,10 @@
 //!   [`ClientError::OutcomeUnknown`].
 //! * Anything else returns at once.
 //!
+//! A call that is safe to resend gives one replica at most a third of the deadline (at least 5 s)
+//! before moving on, so a replica that accepts connections and then hangs does not use all of it; a
+//! call that is not waits until the deadline and then reports an unknown outcome.
+//!
 //! Everything stops at the deadline (`--timeout`), with [`ClientError::NoLeader`] (exit code 5).
 
 mod addr;
