@@ -1,10 +1,13 @@
 //! `gangway`: the one binary. `gangway server|worker|dev|sim` and the client commands.
 //!
-//! This file is the clap front end only; each subcommand lives in `src/cmd/`.
+//! This file is the clap front end only; each subcommand lives in `src/cmd/`, the leader-following
+//! gRPC client in `src/client/`.
 
+mod client;
 mod cmd;
 
 use clap::{Parser, Subcommand};
+use cmd::common::run_client;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
@@ -25,6 +28,30 @@ enum Command {
     /// Replay production traces through the placement engine and compare policies.
     #[command(subcommand)]
     Sim(cmd::sim::SimCommand),
+
+    // ----- client commands (talk to a cluster over gRPC; see docs/CLI.md) -----
+    /// Submit a job spec (TOML); prints the job id.
+    Submit(cmd::jobs::SubmitArgs),
+    /// List jobs.
+    Jobs(cmd::jobs::JobsArgs),
+    /// One job: status, cancel.
+    Job(cmd::jobs::JobGroup),
+    /// Cancel a job (same as `gangway job cancel`).
+    Cancel(cmd::jobs::CancelCmd),
+    /// List nodes: state, free devices, heartbeat.
+    Nodes(cmd::nodes::NodesArgs),
+    /// Drain, cordon or uncordon a node.
+    Node(cmd::nodes::NodeGroup),
+    /// List device leases: job, epoch, tasks' hosts and devices.
+    Leases(cmd::nodes::LeasesArgs),
+    /// List queues and their quotas.
+    Queues(cmd::queues::QueuesArgs),
+    /// Create or change a queue.
+    Queue(cmd::queues::QueueGroup),
+    /// The replicated cluster: status, leadership, membership, snapshots.
+    Cluster(cmd::cluster::ClusterGroup),
+
+    // ----- processes -----
     /// Run one scheduler replica (Raft member, client and worker API, leader loops).
     Server(cmd::server::ServerArgs),
     /// A local cluster: three replicas, a fleet of fake 8-GPU hosts, a demo workload.
@@ -42,7 +69,19 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            // --help and --version are not errors; bad arguments exit 3 (clap's own code, 2,
+            // means "not placeable" here).
+            return if err.use_stderr() {
+                ExitCode::from(client::EXIT_INVALID)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let result = match cli.command {
         Command::Sim(c) => cmd::sim::run(c),
         Command::Server(args) => {
@@ -50,6 +89,16 @@ fn main() -> ExitCode {
             cmd::server::run(args)
         }
         Command::Dev(args) => cmd::dev::run(args),
+        Command::Submit(a) => run_client(cmd::jobs::submit(a)),
+        Command::Jobs(a) => run_client(cmd::jobs::jobs(a)),
+        Command::Job(g) => run_client(cmd::jobs::job(g)),
+        Command::Cancel(c) => run_client(cmd::jobs::cancel(c.opts, c.args)),
+        Command::Nodes(a) => run_client(cmd::nodes::nodes(a)),
+        Command::Node(g) => run_client(cmd::nodes::node(g)),
+        Command::Leases(a) => run_client(cmd::nodes::leases(a)),
+        Command::Queues(a) => run_client(cmd::queues::queues(a)),
+        Command::Queue(g) => run_client(cmd::queues::queue(g)),
+        Command::Cluster(g) => run_client(cmd::cluster::cluster(g)),
     };
     match result {
         Ok(code) => code,
@@ -57,5 +106,106 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("gangway").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn guaranteed_devices_parse_to_milli() {
+        for (arg, want) in [("2.5", 2500), ("3", 3000), ("0.125", 125)] {
+            let cli = parse(&["queue", "set", "research", "--guaranteed", arg]).unwrap();
+            let Command::Queue(g) = cli.command else {
+                panic!("not a queue command")
+            };
+            let cmd::queues::QueueCommand::Set(a) = g.command;
+            assert_eq!(a.guaranteed, Some(want), "{arg}");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        let cases: [(&[&str], &str); 9] = [
+            (
+                &["queue", "set", "q", "--guaranteed", "lots"],
+                "--guaranteed",
+            ),
+            (
+                &["queue", "set", "q", "--guaranteed", "0.0001"],
+                "--guaranteed",
+            ),
+            (&["queue", "set", "q", "--guaranteed", "-1"], "--guaranteed"),
+            (&["jobs", "--addr", "nohost"], "--addr"),
+            (&["jobs", "--addr", ""], "--addr"),
+            (&["jobs", "--timeout", "soon"], "--timeout"),
+            (&["jobs", "--state", "sleeping"], "--state"),
+            (&["nodes", "--watch", "--interval", "0s"], "--interval"),
+            (&["submit", "job.toml", "--wait", "forever"], "--wait"),
+        ];
+        for (args, flag) in cases {
+            let err = parse(args).expect_err(&format!("{args:?} should be rejected"));
+            assert!(err.use_stderr());
+            assert!(err.to_string().contains(flag), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn queue_set_needs_a_change_and_one_borrow_flag() {
+        assert!(parse(&["queue", "set", "q"]).is_err());
+        assert!(parse(&["queue", "set", "q", "--may-borrow", "--no-borrow"]).is_err());
+        assert!(parse(&["queue", "set", "q", "--no-borrow"]).is_ok());
+    }
+
+    #[test]
+    fn client_flags_work_before_and_after_the_subcommand() {
+        for args in [
+            &["job", "--addr", "a:1,b:2", "-o", "json", "status", "j1"][..],
+            &["job", "status", "j1", "--addr", "a:1,b:2", "-o", "json"][..],
+        ] {
+            let cli = parse(args).unwrap();
+            let Command::Job(g) = cli.command else {
+                panic!("not a job command")
+            };
+            assert_eq!(g.opts.addr.0, ["http://a:1", "http://b:2"], "{args:?}");
+            assert_eq!(g.opts.output, cmd::output::Output::Json, "{args:?}");
+        }
+        let cli = parse(&["jobs", "--state", "pending,running", "--timeout", "2s"]).unwrap();
+        let Command::Jobs(a) = cli.command else {
+            panic!("not jobs")
+        };
+        assert_eq!(a.opts.timeout, std::time::Duration::from_secs(2));
+        assert_eq!(
+            a.state,
+            [
+                cmd::jobs::JobStateArg::Pending,
+                cmd::jobs::JobStateArg::Running
+            ]
+        );
+    }
+
+    #[test]
+    fn cancel_exists_at_the_top_and_under_job() {
+        assert!(matches!(
+            parse(&["cancel", "j1", "--reason", "oops"])
+                .unwrap()
+                .command,
+            Command::Cancel(_)
+        ));
+        assert!(matches!(
+            parse(&["job", "cancel", "j1"]).unwrap().command,
+            Command::Job(_)
+        ));
     }
 }

@@ -1,8 +1,14 @@
-//! One module per subcommand.
+//! One module per subcommand (group).
 
+pub mod cluster;
+pub mod common;
 pub mod dev;
+pub mod jobs;
+pub mod nodes;
+pub mod output;
+pub mod queues;
 pub mod server;
 pub mod sim;
 
 /// Exit code for invalid input: a bad spec, file, flag or field.
-pub const EXIT_INVALID: u8 = 3;
+pub use crate::client::EXIT_INVALID;

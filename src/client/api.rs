@@ -1,0 +1,181 @@
+//! One typed method per client RPC, each with its resend rule stated once, here.
+
+use super::{Client, ClientError, Retry};
+use gangway_proto::pb;
+use tonic::codec::Streaming;
+
+impl Client {
+    /// Submits a spec. Safe to resend: the server creates one job per idempotency key.
+    pub async fn submit_job(
+        &mut self,
+        spec_toml: &str,
+        idempotency_key: &str,
+    ) -> Result<pb::SubmitJobReply, ClientError> {
+        self.call("SubmitJob", Retry::Safe, |mut api| {
+            let req = pb::SubmitJobRequest {
+                spec_toml: spec_toml.to_owned(),
+                idempotency_key: idempotency_key.to_owned(),
+            };
+            async move { api.submit_job(req).await }
+        })
+        .await
+    }
+
+    /// Cancels a job. Not resent after an unknown outcome: a second cancel of a job the first one
+    /// ended fails with `wrong_job_state`, which would hide that the first one worked.
+    pub async fn cancel_job(&mut self, job_id: &str, reason: &str) -> Result<(), ClientError> {
+        self.call("CancelJob", Retry::UnlessOutcomeUnknown, |mut api| {
+            let req = pb::CancelJobRequest {
+                job_id: job_id.to_owned(),
+                reason: reason.to_owned(),
+            };
+            async move { api.cancel_job(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn get_job(&mut self, job_id: &str) -> Result<pb::JobDetail, ClientError> {
+        self.call("GetJob", Retry::Safe, |mut api| {
+            let req = pb::GetJobRequest {
+                job_id: job_id.to_owned(),
+            };
+            async move { api.get_job(req).await }
+        })
+        .await
+    }
+
+    pub async fn list_jobs(
+        &mut self,
+        states: &[String],
+        queue: &str,
+    ) -> Result<Vec<pb::JobSummary>, ClientError> {
+        self.call("ListJobs", Retry::Safe, |mut api| {
+            let req = pb::ListJobsRequest {
+                states: states.to_vec(),
+                queue: queue.to_owned(),
+            };
+            async move { api.list_jobs(req).await }
+        })
+        .await
+        .map(|r| r.jobs)
+    }
+
+    pub async fn list_nodes(&mut self) -> Result<Vec<pb::NodeInfo>, ClientError> {
+        self.call("ListNodes", Retry::Safe, |mut api| async move {
+            api.list_nodes(pb::Empty {}).await
+        })
+        .await
+        .map(|r| r.nodes)
+    }
+
+    /// Sets a node's state. Safe to resend: it sets an absolute state, so applying it twice is
+    /// the same as once.
+    pub async fn set_node_state(
+        &mut self,
+        node: &str,
+        state: &str,
+        reason: &str,
+    ) -> Result<(), ClientError> {
+        self.call("SetNodeState", Retry::Safe, |mut api| {
+            let req = pb::SetNodeStateRequest {
+                node: node.to_owned(),
+                state: state.to_owned(),
+                reason: reason.to_owned(),
+            };
+            async move { api.set_node_state(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn list_leases(&mut self) -> Result<Vec<pb::LeaseInfo>, ClientError> {
+        self.call("ListLeases", Retry::Safe, |mut api| async move {
+            api.list_leases(pb::Empty {}).await
+        })
+        .await
+        .map(|r| r.leases)
+    }
+
+    pub async fn list_queues(&mut self) -> Result<Vec<pb::QueueInfo>, ClientError> {
+        self.call("ListQueues", Retry::Safe, |mut api| async move {
+            api.list_queues(pb::Empty {}).await
+        })
+        .await
+        .map(|r| r.queues)
+    }
+
+    /// Sets a queue's quota. Safe to resend: it sets absolute values.
+    pub async fn set_queue(
+        &mut self,
+        name: &str,
+        guaranteed_milli: u64,
+        may_borrow: bool,
+    ) -> Result<(), ClientError> {
+        self.call("SetQueue", Retry::Safe, |mut api| {
+            let req = pb::QueueInfo {
+                name: name.to_owned(),
+                guaranteed_milli,
+                may_borrow,
+                ..Default::default()
+            };
+            async move { api.set_queue(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn cluster_status(&mut self) -> Result<pb::ClusterStatusReply, ClientError> {
+        self.call("ClusterStatus", Retry::Safe, |mut api| async move {
+            api.cluster_status(pb::Empty {}).await
+        })
+        .await
+    }
+
+    /// Moves leadership. Not resent after an unknown outcome: the first may have moved it already.
+    pub async fn transfer_leader(&mut self, to: u64) -> Result<(), ClientError> {
+        self.call("TransferLeader", Retry::UnlessOutcomeUnknown, |mut api| {
+            let req = pb::TransferLeaderRequest { to };
+            async move { api.transfer_leader(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Adds a member. Not resent after an unknown outcome (membership changes are one at a time).
+    pub async fn add_member(
+        &mut self,
+        id: u64,
+        address: &str,
+        voter: bool,
+    ) -> Result<(), ClientError> {
+        self.call("AddMember", Retry::UnlessOutcomeUnknown, |mut api| {
+            let req = pb::AddMemberRequest {
+                id,
+                address: address.to_owned(),
+                voter,
+            };
+            async move { api.add_member(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes a member. Not resent after an unknown outcome.
+    pub async fn remove_member(&mut self, id: u64) -> Result<(), ClientError> {
+        self.call("RemoveMember", Retry::UnlessOutcomeUnknown, |mut api| {
+            let req = pb::RemoveMemberRequest { id };
+            async move { api.remove_member(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Opens the snapshot stream (the opening is retried; a stream that breaks is not resumed).
+    pub async fn save_snapshot(&mut self) -> Result<Streaming<pb::SnapshotChunk>, ClientError> {
+        self.call("SaveSnapshot", Retry::Safe, |mut api| async move {
+            api.save_snapshot(pb::Empty {}).await
+        })
+        .await
+    }
+}

@@ -1,0 +1,755 @@
+//! `gangway submit`, `gangway jobs`, `gangway job status|cancel` and `gangway cancel`.
+
+use super::common::{parse_duration, read_arg_file, ClientOpts, WatchOpts, Watcher};
+use super::output::{
+    age_since, format_bytes, format_devices, format_hosts, format_indices, new_table, or_dash,
+    print_action, rfc3339, table_string, to_json, Output, Render,
+};
+use crate::client::{Client, ClientError};
+use clap::{Args, Subcommand, ValueEnum};
+use gangway_proto::pb;
+use gangway_proto::spec::JobSpec;
+use serde::Serialize;
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How often `submit --wait` asks for the job's state.
+const WAIT_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// The job spec (TOML); `-` reads it from stdin. It is validated here first, with the same code
+    /// as the server.
+    pub file: PathBuf,
+    /// Submissions with the same key create one job. Default: a random key, made once per run, so
+    /// the client's own retries never create a second job.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    /// Wait until the job is running; exit 2 (not placeable yet) if it is not after this long.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub wait: Option<Duration>,
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+/// Job states, for `--state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum JobStateArg {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStateArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            JobStateArg::Pending => "pending",
+            JobStateArg::Running => "running",
+            JobStateArg::Succeeded => "succeeded",
+            JobStateArg::Failed => "failed",
+            JobStateArg::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct JobsArgs {
+    /// Only jobs in these states (comma-separated); default every state.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "STATE,...")]
+    pub state: Vec<JobStateArg>,
+    /// Only jobs of this queue.
+    #[arg(long, value_name = "QUEUE")]
+    pub queue: Option<String>,
+    #[command(flatten)]
+    pub watch: WatchOpts,
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct JobGroup {
+    #[command(subcommand)]
+    pub command: JobCommand,
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCommand {
+    /// A job's state, placement per task, lease epoch, checkpoint and history.
+    Status(JobStatusArgs),
+    /// Cancel a job: its tasks are stopped and its devices freed.
+    Cancel(CancelArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct JobStatusArgs {
+    /// The job id (as printed by `gangway submit`).
+    pub id: String,
+    #[command(flatten)]
+    pub watch: WatchOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    /// The job id.
+    pub id: String,
+    /// Why, recorded in the job's history.
+    #[arg(long, default_value = "", hide_default_value = true)]
+    pub reason: String,
+}
+
+/// `gangway cancel`: the same as `gangway job cancel`.
+#[derive(Args, Debug)]
+pub struct CancelCmd {
+    #[command(flatten)]
+    pub args: CancelArgs,
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON views
+// ---------------------------------------------------------------------------------------------
+
+/// `gangway submit -o json`.
+#[derive(Debug, Serialize)]
+pub struct SubmitView {
+    pub job_id: String,
+    /// True when the idempotency key had been used: no new job was created.
+    pub existing: bool,
+    /// With --wait: the state the wait ended in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// With --wait: why the job still waits (empty unless pending).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_reason: Option<String>,
+}
+
+/// One job in `gangway jobs -o json` (and the head of `job status`).
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub name: String,
+    pub queue: String,
+    pub priority: i32,
+    pub state: String,
+    pub tasks: u32,
+    /// Per task, as written in the spec: "8", "0.5", "0".
+    pub devices_per_task: String,
+    pub kind: String,
+    /// The whole gang, for people: "2x8 gpu".
+    pub devices: String,
+    pub submitted_at_ms: u64,
+    pub submitted_at: Option<String>,
+    /// Empty unless pending.
+    pub pending_reason: String,
+    /// 0 when the job holds no lease.
+    pub lease_epoch: u64,
+    pub hosts: Vec<String>,
+    pub attempts: u32,
+    pub preemptions: u32,
+}
+
+impl From<&pb::JobSummary> for JobView {
+    fn from(j: &pb::JobSummary) -> Self {
+        Self {
+            id: j.id.clone(),
+            name: j.name.clone(),
+            queue: j.queue.clone(),
+            priority: j.priority,
+            state: j.state.clone(),
+            tasks: j.tasks,
+            devices_per_task: j.devices_per_task.clone(),
+            kind: j.kind.clone(),
+            devices: format_devices(j.tasks, &j.devices_per_task, &j.kind),
+            submitted_at_ms: j.submitted_at_ms,
+            submitted_at: rfc3339(j.submitted_at_ms),
+            pending_reason: j.pending_reason.clone(),
+            lease_epoch: j.lease_epoch,
+            hosts: j.hosts.clone(),
+            attempts: j.attempts,
+            preemptions: j.preemptions,
+        }
+    }
+}
+
+/// `gangway jobs -o json`.
+#[derive(Debug, Serialize)]
+pub struct JobListView {
+    pub jobs: Vec<JobView>,
+}
+
+/// One task of a job.
+#[derive(Debug, Serialize)]
+pub struct TaskView {
+    pub index: u32,
+    pub host: String,
+    pub devices: Vec<u32>,
+    pub state: String,
+    pub exit_code: Option<i32>,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckpointView {
+    pub epoch: u64,
+    pub path: String,
+    pub step: u64,
+    pub bytes: u64,
+    pub recorded_at_ms: u64,
+    pub recorded_at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HistoryView {
+    pub at_ms: u64,
+    pub at: Option<String>,
+    pub what: String,
+}
+
+/// `gangway job status -o json`: the summary's fields, then the detail.
+#[derive(Debug, Serialize)]
+pub struct JobDetailView {
+    #[serde(flatten)]
+    pub job: JobView,
+    pub command: Vec<String>,
+    pub required_topology: String,
+    pub preferred_topology: String,
+    pub finished_at_ms: u64,
+    pub finished_at: Option<String>,
+    pub task_placements: Vec<TaskView>,
+    pub last_checkpoint: Option<CheckpointView>,
+    pub history: Vec<HistoryView>,
+}
+
+impl From<&pb::JobDetail> for JobDetailView {
+    fn from(d: &pb::JobDetail) -> Self {
+        let summary = d.summary.clone().unwrap_or_default();
+        Self {
+            job: JobView::from(&summary),
+            command: d.command.clone(),
+            required_topology: d.required_topology.clone(),
+            preferred_topology: d.preferred_topology.clone(),
+            finished_at_ms: d.finished_at_ms,
+            finished_at: rfc3339(d.finished_at_ms),
+            task_placements: d
+                .tasks
+                .iter()
+                .map(|t| TaskView {
+                    index: t.index,
+                    host: t.host.clone(),
+                    devices: t.devices.clone(),
+                    state: t.state.clone(),
+                    exit_code: t.has_exit_code.then_some(t.exit_code),
+                    message: t.message.clone(),
+                })
+                .collect(),
+            last_checkpoint: d
+                .last_checkpoint
+                .as_ref()
+                .filter(|c| !c.path.is_empty() || c.recorded_at_ms != 0)
+                .map(|c| CheckpointView {
+                    epoch: c.epoch,
+                    path: c.path.clone(),
+                    step: c.step,
+                    bytes: c.bytes,
+                    recorded_at_ms: c.recorded_at_ms,
+                    recorded_at: rfc3339(c.recorded_at_ms),
+                }),
+            history: d
+                .history
+                .iter()
+                .map(|h| HistoryView {
+                    at_ms: h.at_ms,
+                    at: rfc3339(h.at_ms),
+                    what: h.what.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tables
+// ---------------------------------------------------------------------------------------------
+
+pub fn jobs_table(view: &JobListView, now_ms: u64) -> String {
+    let mut t = new_table([
+        "ID", "NAME", "QUEUE", "PRIO", "STATE", "TASKS", "DEVICES", "EPOCH", "HOSTS", "AGE",
+        "REASON",
+    ]);
+    if view.jobs.is_empty() {
+        return "No jobs.".to_owned();
+    }
+    for j in &view.jobs {
+        t.add_row(vec![
+            j.id.clone(),
+            j.name.clone(),
+            j.queue.clone(),
+            j.priority.to_string(),
+            j.state.clone(),
+            j.tasks.to_string(),
+            j.devices.clone(),
+            epoch_cell(j.lease_epoch),
+            format_hosts(&j.hosts),
+            age_since(j.submitted_at_ms, now_ms),
+            j.pending_reason.clone(),
+        ]);
+    }
+    table_string(t)
+}
+
+fn epoch_cell(epoch: u64) -> String {
+    if epoch == 0 {
+        "-".to_owned()
+    } else {
+        epoch.to_string()
+    }
+}
+
+fn when(at_ms: u64, now_ms: u64) -> String {
+    match rfc3339(at_ms) {
+        Some(t) => format!("{t} ({} ago)", age_since(at_ms, now_ms)),
+        None => "-".to_owned(),
+    }
+}
+
+pub fn job_detail_table(v: &JobDetailView, now_ms: u64) -> String {
+    let j = &v.job;
+    let mut lines: Vec<(&str, String)> = vec![
+        ("Job", format!("{} ({})", j.id, j.name)),
+        ("Queue", format!("{}  priority {}", j.queue, j.priority)),
+        ("State", j.state.clone()),
+        ("Devices", j.devices.clone()),
+        ("Submitted", when(j.submitted_at_ms, now_ms)),
+    ];
+    if v.finished_at_ms != 0 {
+        lines.push(("Finished", when(v.finished_at_ms, now_ms)));
+    }
+    if !j.pending_reason.is_empty() {
+        lines.push(("Pending", j.pending_reason.clone()));
+    }
+    lines.push(("Lease epoch", epoch_cell(j.lease_epoch)));
+    lines.push((
+        "Attempts",
+        format!("{}  preemptions {}", j.attempts, j.preemptions),
+    ));
+    if !v.command.is_empty() {
+        lines.push(("Command", v.command.join(" ")));
+    }
+    if !v.required_topology.is_empty() || !v.preferred_topology.is_empty() {
+        lines.push((
+            "Topology",
+            format!(
+                "required {}, preferred {}",
+                or_dash(&v.required_topology),
+                or_dash(&v.preferred_topology)
+            ),
+        ));
+    }
+    lines.push((
+        "Checkpoint",
+        match &v.last_checkpoint {
+            None => "-".to_owned(),
+            Some(c) => format!(
+                "step {} at {} ({}, epoch {}, {})",
+                c.step,
+                c.path,
+                format_bytes(c.bytes),
+                c.epoch,
+                match rfc3339(c.recorded_at_ms) {
+                    Some(_) => format!("{} ago", age_since(c.recorded_at_ms, now_ms)),
+                    None => "-".to_owned(),
+                }
+            ),
+        },
+    ));
+    let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    let mut out: String = lines
+        .iter()
+        .map(|(k, v)| format!("{:<width$} {v}", format!("{k}:")))
+        .collect::<Vec<_>>()
+        .join("\n");
+
+    if !v.task_placements.is_empty() {
+        let mut t = new_table(["TASK", "HOST", "DEVICES", "STATE", "EXIT", "MESSAGE"]);
+        for task in &v.task_placements {
+            t.add_row(vec![
+                task.index.to_string(),
+                or_dash(&task.host),
+                or_dash(&format_indices(&task.devices)),
+                or_dash(&task.state),
+                task.exit_code
+                    .map_or_else(|| "-".to_owned(), |c| c.to_string()),
+                task.message.clone(),
+            ]);
+        }
+        out.push_str("\n\n");
+        out.push_str(&table_string(t));
+    }
+    if !v.history.is_empty() {
+        out.push_str("\n\nHistory:");
+        for h in &v.history {
+            out.push_str(&format!(
+                "\n  {}  {}",
+                h.at.as_deref().unwrap_or("-"),
+                h.what
+            ));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------------------------
+
+/// A fresh random idempotency key (128 bits, hex).
+pub fn new_idempotency_key() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn read_spec(file: &std::path::Path) -> Result<String, ClientError> {
+    if file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| ClientError::Usage(format!("cannot read the spec from stdin: {e}")))?;
+        Ok(text)
+    } else {
+        read_arg_file(file)
+    }
+}
+
+pub async fn submit(args: SubmitArgs) -> Result<(), ClientError> {
+    let text = read_spec(&args.file)?;
+    JobSpec::from_toml_str(&text).map_err(ClientError::InvalidSpec)?;
+    let key = args
+        .idempotency_key
+        .clone()
+        .unwrap_or_else(new_idempotency_key);
+    let mut client = args.opts.client();
+    let reply = client.submit_job(&text, &key).await?;
+    let mut view = SubmitView {
+        job_id: reply.job_id.clone(),
+        existing: reply.existing,
+        state: None,
+        pending_reason: None,
+    };
+    if reply.existing {
+        eprintln!(
+            "idempotency key {key} was already used: job {} exists, no new job created",
+            reply.job_id
+        );
+    }
+    let Some(wait) = args.wait else {
+        match args.opts.output {
+            Output::Table => println!("{}", view.job_id),
+            Output::Json => println!("{}", to_json(&view, false)),
+        }
+        return Ok(());
+    };
+    if args.opts.output == Output::Table {
+        // The id first, so a script has it even if the wait fails.
+        println!("{}", view.job_id);
+    }
+    let result = wait_running(&mut client, &reply.job_id, wait).await;
+    if let Ok(summary) | Err((Some(summary), _)) = &result {
+        view.state = Some(summary.state.clone());
+        view.pending_reason = Some(summary.pending_reason.clone());
+    }
+    match args.opts.output {
+        Output::Json => println!("{}", to_json(&view, false)),
+        Output::Table => {
+            if let Ok(s) = &result {
+                eprintln!("job {} is {} on {}", s.id, s.state, format_hosts(&s.hosts));
+            }
+        }
+    }
+    result.map(|_| ()).map_err(|(_, e)| e)
+}
+
+/// Polls the job until it runs (or has already run to success), fails, or `wait` passes.
+async fn wait_running(
+    client: &mut Client,
+    job_id: &str,
+    wait: Duration,
+) -> Result<pb::JobSummary, (Option<pb::JobSummary>, ClientError)> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let detail = client.get_job(job_id).await.map_err(|e| (None, e))?;
+        let s = detail.summary.unwrap_or_default();
+        match s.state.as_str() {
+            "running" | "succeeded" => return Ok(s),
+            "failed" | "cancelled" => {
+                let last = detail
+                    .history
+                    .last()
+                    .map(|h| format!(": {}", h.what))
+                    .unwrap_or_default();
+                let err = ClientError::Other(format!("job {job_id} is {}{last}", s.state));
+                return Err((Some(s), err));
+            }
+            _ => {}
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let reason = if s.pending_reason.is_empty() {
+                format!("state {}", or_dash(&s.state))
+            } else {
+                s.pending_reason.clone()
+            };
+            let err = ClientError::NotPlaceable {
+                job_id: job_id.to_owned(),
+                waited: wait,
+                reason,
+            };
+            return Err((Some(s), err));
+        }
+        tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
+    }
+}
+
+async fn jobs_frame(
+    client: &mut Client,
+    states: &[String],
+    queue: &str,
+    render: Render,
+) -> Result<String, ClientError> {
+    let jobs = client.list_jobs(states, queue).await?;
+    let view = JobListView {
+        jobs: jobs.iter().map(JobView::from).collect(),
+    };
+    Ok(render.view(&view, |v| jobs_table(v, render.now_ms)))
+}
+
+pub async fn jobs(args: JobsArgs) -> Result<(), ClientError> {
+    let states: Vec<String> = args.state.iter().map(|s| s.as_str().to_owned()).collect();
+    let queue = args.queue.clone().unwrap_or_default();
+    let mut client = args.opts.client();
+    let mut w = Watcher::new(&args.watch, args.opts.output);
+    loop {
+        let render = w.render();
+        let Some(frame) = w
+            .during(jobs_frame(&mut client, &states, &queue, render))
+            .await
+        else {
+            return Ok(());
+        };
+        w.show(frame)?;
+        if !w.next().await {
+            return Ok(());
+        }
+    }
+}
+
+async fn job_frame(client: &mut Client, id: &str, render: Render) -> Result<String, ClientError> {
+    let detail = client.get_job(id).await?;
+    let view = JobDetailView::from(&detail);
+    Ok(render.view(&view, |v| job_detail_table(v, render.now_ms)))
+}
+
+pub async fn job(group: JobGroup) -> Result<(), ClientError> {
+    match group.command {
+        JobCommand::Status(args) => {
+            let mut client = group.opts.client();
+            let mut w = Watcher::new(&args.watch, group.opts.output);
+            loop {
+                let render = w.render();
+                let Some(frame) = w.during(job_frame(&mut client, &args.id, render)).await else {
+                    return Ok(());
+                };
+                w.show(frame)?;
+                if !w.next().await {
+                    return Ok(());
+                }
+            }
+        }
+        JobCommand::Cancel(args) => cancel(group.opts, args).await,
+    }
+}
+
+pub async fn cancel(opts: ClientOpts, args: CancelArgs) -> Result<(), ClientError> {
+    let mut client = opts.client();
+    client.cancel_job(&args.id, &args.reason).await?;
+    print_action(
+        opts.output,
+        "cancel",
+        &args.id,
+        &format!("job {} cancelled", args.id),
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary() -> pb::JobSummary {
+        pb::JobSummary {
+            id: "j-1".into(),
+            name: "pretrain".into(),
+            queue: "research".into(),
+            priority: 100,
+            state: "running".into(),
+            tasks: 2,
+            devices_per_task: "8".into(),
+            kind: "gpu".into(),
+            submitted_at_ms: 1_700_000_000_000,
+            pending_reason: String::new(),
+            lease_epoch: 7,
+            hosts: vec!["host-a".into(), "host-b".into()],
+            attempts: 2,
+            preemptions: 1,
+        }
+    }
+
+    #[test]
+    fn job_json_has_stable_keys() {
+        let v = serde_json::to_value(JobView::from(&summary())).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = [
+            "id",
+            "name",
+            "queue",
+            "priority",
+            "state",
+            "tasks",
+            "devices_per_task",
+            "kind",
+            "devices",
+            "submitted_at_ms",
+            "submitted_at",
+            "pending_reason",
+            "lease_epoch",
+            "hosts",
+            "attempts",
+            "preemptions",
+        ];
+        want.sort_unstable();
+        assert_eq!(keys, want);
+        assert_eq!(v["devices"], "2x8 gpu");
+        assert_eq!(v["submitted_at"], "2023-11-14T22:13:20.000Z");
+    }
+
+    #[test]
+    fn jobs_table_rows() {
+        let mut pending = summary();
+        pending.id = "j-2".into();
+        pending.state = "pending".into();
+        pending.lease_epoch = 0;
+        pending.hosts.clear();
+        pending.devices_per_task = "0.5".into();
+        pending.tasks = 1;
+        pending.pending_reason = "no free gpu share".into();
+        let view = JobListView {
+            jobs: vec![JobView::from(&summary()), JobView::from(&pending)],
+        };
+        let now = 1_700_000_000_000 + 310_000;
+        let text = jobs_table(&view, now);
+        let lines: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(lines[0][0], "ID");
+        assert_eq!(
+            lines[1],
+            [
+                "j-1",
+                "pretrain",
+                "research",
+                "100",
+                "running",
+                "2",
+                "2x8",
+                "gpu",
+                "7",
+                "host-a,host-b",
+                "5m10s"
+            ]
+        );
+        assert_eq!(
+            lines[2],
+            [
+                "j-2", "pretrain", "research", "100", "pending", "1", "1x0.5", "gpu", "-", "-",
+                "5m10s", "no", "free", "gpu", "share"
+            ]
+        );
+        assert_eq!(jobs_table(&JobListView { jobs: vec![] }, now), "No jobs.");
+    }
+
+    #[test]
+    fn job_detail_shows_placement_checkpoint_and_history() {
+        let detail = pb::JobDetail {
+            summary: Some(summary()),
+            tasks: vec![
+                pb::TaskInfo {
+                    index: 0,
+                    host: "host-a".into(),
+                    devices: vec![0, 1, 2, 3, 4, 5, 6, 7],
+                    state: "running".into(),
+                    ..Default::default()
+                },
+                pb::TaskInfo {
+                    index: 1,
+                    host: "host-b".into(),
+                    devices: vec![4, 5],
+                    state: "failed".into(),
+                    has_exit_code: true,
+                    exit_code: 137,
+                    message: "OOM".into(),
+                },
+            ],
+            last_checkpoint: Some(pb::CheckpointInfo {
+                epoch: 6,
+                path: "/ckpt/400".into(),
+                step: 400,
+                bytes: 3 << 30,
+                recorded_at_ms: 1_700_000_100_000,
+            }),
+            history: vec![pb::HistoryLine {
+                at_ms: 1_700_000_000_000,
+                what: "submitted".into(),
+            }],
+            command: vec!["python3".into(), "train.py".into()],
+            required_topology: "rack".into(),
+            ..Default::default()
+        };
+        let view = JobDetailView::from(&detail);
+        assert_eq!(view.task_placements[0].exit_code, None);
+        assert_eq!(view.task_placements[1].exit_code, Some(137));
+        let text = job_detail_table(&view, 1_700_000_160_000);
+        for want in [
+            "Job:         j-1 (pretrain)",
+            "Lease epoch: 7",
+            "Attempts:    2  preemptions 1",
+            "Command:     python3 train.py",
+            "Topology:    required rack, preferred -",
+            "Checkpoint:  step 400 at /ckpt/400 (3.0 GiB, epoch 6, 1m ago)",
+            "0     host-a  0-7      running  -",
+            "1     host-b  4-5      failed   137   OOM",
+            "  2023-11-14T22:13:20.000Z  submitted",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["id"], "j-1", "summary fields are flattened in");
+        assert_eq!(json["task_placements"][1]["exit_code"], 137);
+        assert_eq!(json["last_checkpoint"]["step"], 400);
+        assert_eq!(json["finished_at"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn an_empty_checkpoint_is_none() {
+        let detail = pb::JobDetail {
+            last_checkpoint: Some(pb::CheckpointInfo::default()),
+            ..Default::default()
+        };
+        assert!(JobDetailView::from(&detail).last_checkpoint.is_none());
+    }
+}

@@ -1,0 +1,347 @@
+//! `gangway nodes`, `gangway node drain|cordon|uncordon` and `gangway leases`.
+
+use super::common::{ClientOpts, WatchOpts, Watcher};
+use super::output::{
+    age_since, format_age, format_indices, format_milli, new_table, or_dash, print_action, rfc3339,
+    table_string, Render,
+};
+use crate::client::{Client, ClientError};
+use clap::{Args, Subcommand};
+use gangway_proto::pb;
+use serde::Serialize;
+
+#[derive(Args, Debug)]
+pub struct NodesArgs {
+    #[command(flatten)]
+    pub watch: WatchOpts,
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct NodeGroup {
+    #[command(subcommand)]
+    pub command: NodeCommand,
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Stop placing work on the node and move its jobs elsewhere (checkpointing those that can).
+    Drain(NodeStateArgs),
+    /// Stop placing new work on the node; what runs there keeps running.
+    Cordon(NodeStateArgs),
+    /// Make the node schedulable again.
+    Uncordon(NodeStateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NodeStateArgs {
+    /// The node's name (as in `gangway nodes`).
+    pub name: String,
+    /// Why, shown in `gangway nodes`.
+    #[arg(long, default_value = "", hide_default_value = true)]
+    pub reason: String,
+}
+
+#[derive(Args, Debug)]
+pub struct LeasesArgs {
+    #[command(flatten)]
+    pub watch: WatchOpts,
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+/// One node in `gangway nodes -o json`.
+#[derive(Debug, Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub address: String,
+    pub state: String,
+    pub state_reason: String,
+    pub datacenter: String,
+    pub zone: String,
+    pub pod: String,
+    pub rack: String,
+    pub devices: u32,
+    /// Free capacity in milli-devices (1000 per device).
+    pub free_milli: u64,
+    pub models: Vec<String>,
+    pub cpu_milli: u64,
+    pub memory_mib: u64,
+    /// Milliseconds since the leader last heard from the worker; null when the answering replica
+    /// is not the leader.
+    pub heartbeat_age_ms: Option<u64>,
+}
+
+impl From<&pb::NodeInfo> for NodeView {
+    fn from(n: &pb::NodeInfo) -> Self {
+        Self {
+            name: n.name.clone(),
+            address: n.address.clone(),
+            state: n.state.clone(),
+            state_reason: n.state_reason.clone(),
+            datacenter: n.datacenter.clone(),
+            zone: n.zone.clone(),
+            pod: n.pod.clone(),
+            rack: n.rack.clone(),
+            devices: n.devices,
+            free_milli: n.free_milli,
+            models: n.models.clone(),
+            cpu_milli: n.cpu_milli,
+            memory_mib: n.memory_mib,
+            heartbeat_age_ms: (n.heartbeat_age_ms != 0).then_some(n.heartbeat_age_ms),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeListView {
+    pub nodes: Vec<NodeView>,
+}
+
+/// One task's devices under a lease.
+#[derive(Debug, Serialize)]
+pub struct TaskLeaseView {
+    pub task: u32,
+    pub host: String,
+    pub devices: Vec<u32>,
+}
+
+/// One lease in `gangway leases -o json`.
+#[derive(Debug, Serialize)]
+pub struct LeaseView {
+    pub job_id: String,
+    pub epoch: u64,
+    pub granted_at_ms: u64,
+    pub granted_at: Option<String>,
+    pub tasks: Vec<TaskLeaseView>,
+}
+
+impl From<&pb::LeaseInfo> for LeaseView {
+    fn from(l: &pb::LeaseInfo) -> Self {
+        Self {
+            job_id: l.job_id.clone(),
+            epoch: l.epoch,
+            granted_at_ms: l.granted_at_ms,
+            granted_at: rfc3339(l.granted_at_ms),
+            tasks: l
+                .tasks
+                .iter()
+                .map(|t| TaskLeaseView {
+                    task: t.task,
+                    host: t.host.clone(),
+                    devices: t.devices.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct LeaseListView {
+    pub leases: Vec<LeaseView>,
+}
+
+/// Where a node sits: `dc/zone/pod/rack`, empty levels left out.
+fn location(n: &NodeView) -> String {
+    let parts: Vec<&str> = [&n.datacenter, &n.zone, &n.pod, &n.rack]
+        .into_iter()
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .collect();
+    or_dash(&parts.join("/"))
+}
+
+pub fn nodes_table(view: &NodeListView) -> String {
+    if view.nodes.is_empty() {
+        return "No nodes.".to_owned();
+    }
+    let mut t = new_table([
+        "NAME",
+        "ADDRESS",
+        "STATE",
+        "DEVICES",
+        "FREE",
+        "MODELS",
+        "LOCATION",
+        "HEARTBEAT",
+        "REASON",
+    ]);
+    for n in &view.nodes {
+        t.add_row(vec![
+            n.name.clone(),
+            or_dash(&n.address),
+            n.state.clone(),
+            n.devices.to_string(),
+            format_milli(n.free_milli),
+            or_dash(&n.models.join(",")),
+            location(n),
+            n.heartbeat_age_ms
+                .map_or_else(|| "-".to_owned(), |ms| format!("{} ago", format_age(ms))),
+            n.state_reason.clone(),
+        ]);
+    }
+    table_string(t)
+}
+
+pub fn leases_table(view: &LeaseListView, now_ms: u64) -> String {
+    if view.leases.is_empty() {
+        return "No leases.".to_owned();
+    }
+    let mut t = new_table(["JOB", "EPOCH", "AGE", "TASKS"]);
+    for l in &view.leases {
+        let tasks = l
+            .tasks
+            .iter()
+            .map(|t| format!("{}@{}[{}]", t.task, t.host, format_indices(&t.devices)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        t.add_row(vec![
+            l.job_id.clone(),
+            l.epoch.to_string(),
+            age_since(l.granted_at_ms, now_ms),
+            tasks,
+        ]);
+    }
+    table_string(t)
+}
+
+async fn nodes_frame(client: &mut Client, render: Render) -> Result<String, ClientError> {
+    let nodes = client.list_nodes().await?;
+    let view = NodeListView {
+        nodes: nodes.iter().map(NodeView::from).collect(),
+    };
+    Ok(render.view(&view, nodes_table))
+}
+
+pub async fn nodes(args: NodesArgs) -> Result<(), ClientError> {
+    let mut client = args.opts.client();
+    let mut w = Watcher::new(&args.watch, args.opts.output);
+    loop {
+        let render = w.render();
+        let Some(frame) = w.during(nodes_frame(&mut client, render)).await else {
+            return Ok(());
+        };
+        w.show(frame)?;
+        if !w.next().await {
+            return Ok(());
+        }
+    }
+}
+
+pub async fn node(group: NodeGroup) -> Result<(), ClientError> {
+    let (args, state, action, done) = match &group.command {
+        NodeCommand::Drain(a) => (a, "draining", "drain", "draining"),
+        NodeCommand::Cordon(a) => (a, "cordoned", "cordon", "cordoned"),
+        NodeCommand::Uncordon(a) => (a, "ready", "uncordon", "ready"),
+    };
+    let mut client = group.opts.client();
+    client
+        .set_node_state(&args.name, state, &args.reason)
+        .await?;
+    print_action(
+        group.opts.output,
+        action,
+        &args.name,
+        &format!("node {} {done}", args.name),
+    );
+    Ok(())
+}
+
+async fn leases_frame(client: &mut Client, render: Render) -> Result<String, ClientError> {
+    let leases = client.list_leases().await?;
+    let view = LeaseListView {
+        leases: leases.iter().map(LeaseView::from).collect(),
+    };
+    Ok(render.view(&view, |v| leases_table(v, render.now_ms)))
+}
+
+pub async fn leases(args: LeasesArgs) -> Result<(), ClientError> {
+    let mut client = args.opts.client();
+    let mut w = Watcher::new(&args.watch, args.opts.output);
+    loop {
+        let render = w.render();
+        let Some(frame) = w.during(leases_frame(&mut client, render)).await else {
+            return Ok(());
+        };
+        w.show(frame)?;
+        if !w.next().await {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_and_lease_tables() {
+        let node = pb::NodeInfo {
+            name: "host-a".into(),
+            address: "10.0.1.5:7201".into(),
+            state: "draining".into(),
+            state_reason: "disk swap".into(),
+            datacenter: "dc1".into(),
+            rack: "r2".into(),
+            devices: 8,
+            free_milli: 5500,
+            models: vec!["H100".into()],
+            heartbeat_age_ms: 0,
+            ..Default::default()
+        };
+        let view = NodeListView {
+            nodes: vec![NodeView::from(&node)],
+        };
+        assert_eq!(view.nodes[0].heartbeat_age_ms, None);
+        let line = nodes_table(&view).lines().nth(1).unwrap().to_owned();
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [
+                "host-a",
+                "10.0.1.5:7201",
+                "draining",
+                "8",
+                "5.5",
+                "H100",
+                "dc1/r2",
+                "-",
+                "disk",
+                "swap"
+            ]
+        );
+
+        let lease = pb::LeaseInfo {
+            job_id: "j-1".into(),
+            epoch: 3,
+            granted_at_ms: 1_000,
+            tasks: vec![
+                pb::TaskLease {
+                    task: 0,
+                    host: "host-a".into(),
+                    devices: vec![0, 1, 2, 3],
+                },
+                pb::TaskLease {
+                    task: 1,
+                    host: "host-b".into(),
+                    devices: vec![6],
+                },
+            ],
+        };
+        let view = LeaseListView {
+            leases: vec![LeaseView::from(&lease)],
+        };
+        let line = leases_table(&view, 61_000)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            line.split_whitespace().collect::<Vec<_>>(),
+            ["j-1", "3", "1m", "0@host-a[0-3]", "1@host-b[6]"]
+        );
+    }
+}
