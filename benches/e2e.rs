@@ -43,9 +43,15 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Self {
-        let dir = tempfile::Builder::new().prefix("gangway-bench-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("gangway-bench-")
+            .tempdir()
+            .unwrap();
         let ports = free_ports(6);
-        let addrs: Vec<String> = ports[..3].iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let addrs: Vec<String> = ports[..3]
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
         let cluster = addrs
             .iter()
             .enumerate()
@@ -164,8 +170,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Submits every spec with `concurrency` clients against the leader (following redirects);
 /// returns submit start time per job id.
-async fn submit_all(addrs: &[String], specs: Vec<String>, concurrency: usize) -> BTreeMap<String, Instant> {
-    let specs = Arc::new(tokio::sync::Mutex::new(specs.into_iter().enumerate().collect::<Vec<_>>()));
+async fn submit_all(
+    addrs: &[String],
+    specs: Vec<String>,
+    concurrency: usize,
+) -> BTreeMap<String, Instant> {
+    let specs = Arc::new(tokio::sync::Mutex::new(
+        specs.into_iter().enumerate().collect::<Vec<_>>(),
+    ));
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..concurrency {
         let specs = specs.clone();
@@ -175,7 +187,9 @@ async fn submit_all(addrs: &[String], specs: Vec<String>, concurrency: usize) ->
             let mut target = addrs[w % addrs.len()].clone();
             let mut client = connect(&target).await;
             loop {
-                let Some((i, spec)) = specs.lock().await.pop() else { break };
+                let Some((i, spec)) = specs.lock().await.pop() else {
+                    break;
+                };
                 let started = Instant::now();
                 loop {
                     let Some(c) = client.as_mut() else {
@@ -195,7 +209,11 @@ async fn submit_all(addrs: &[String], specs: Vec<String>, concurrency: usize) ->
                             break;
                         }
                         Err(s) => {
-                            if let Some(l) = s.metadata().get("x-gangway-leader").and_then(|v| v.to_str().ok()) {
+                            if let Some(l) = s
+                                .metadata()
+                                .get("x-gangway-leader")
+                                .and_then(|v| v.to_str().ok())
+                            {
                                 target = l.to_owned();
                             }
                             client = connect(&target).await;
@@ -219,7 +237,10 @@ fn main() {
     let jobs = env_or("GANGWAY_BENCH_JOBS", 10_000);
     let gangs = env_or("GANGWAY_BENCH_GANGS", 1_000);
     let kills = env_or("GANGWAY_BENCH_KILLS", 5);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let mut cluster = Cluster::start();
         let leader = cluster.leader(None).await;

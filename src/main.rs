@@ -60,8 +60,11 @@ enum Command {
 
 /// Logs to stderr; `RUST_LOG` filters (default: info for Gangway, warnings for libraries).
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,gangway=info,gangway_scheduler=info,gangway_consensus=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "warn,gangway=info,gangway_scheduler=info,gangway_consensus=info",
+        )
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

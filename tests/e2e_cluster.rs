@@ -38,7 +38,7 @@ async fn leases_survive_a_leader_kill_and_the_killed_replica_catches_up() {
         .job_id;
     let placed = fleet
         .wait_for(Duration::from_secs(20), |seen| {
-            seen.contains_key(&gang) && seen.contains_key(&four)
+            seen.get(&gang).is_some_and(|l| l.hosts.len() == 2) && seen.contains_key(&four)
         })
         .await;
     assert!(placed, "both jobs leased\n{}", cluster.logs());
@@ -47,7 +47,13 @@ async fn leases_survive_a_leader_kill_and_the_killed_replica_catches_up() {
     assert_eq!(gang_hosts.len(), 2, "one task per host: {gang_hosts:?}");
     let racks: Vec<&str> = gang_hosts
         .iter()
-        .map(|h| if h == "host-1" || h == "host-2" { "r1" } else { "r2" })
+        .map(|h| {
+            if h == "host-1" || h == "host-2" {
+                "r1"
+            } else {
+                "r2"
+            }
+        })
         .collect();
     assert_eq!(racks[0], racks[1], "required = rack: {gang_hosts:?}");
 
@@ -56,13 +62,25 @@ async fn leases_survive_a_leader_kill_and_the_killed_replica_catches_up() {
     let mut views = Vec::new();
     for id in 1..=3 {
         assert!(
-            wait_applied(&cluster.addr(id), leader_status.commit_index, Duration::from_secs(10)).await,
+            wait_applied(
+                &cluster.addr(id),
+                leader_status.commit_index,
+                Duration::from_secs(10)
+            )
+            .await,
             "replica {id} applies the leases"
         );
-        views.push(local_leases(&cluster.addr(id)).await.expect("replica answers"));
+        views.push(
+            local_leases(&cluster.addr(id))
+                .await
+                .expect("replica answers"),
+        );
     }
     assert_eq!(views[0].len(), 2, "{views:?}");
-    assert!(views.iter().all(|v| *v == views[0]), "replicas disagree: {views:?}");
+    assert!(
+        views.iter().all(|v| *v == views[0]),
+        "replicas disagree: {views:?}"
+    );
     let before = views[0].clone();
 
     // Phase 3: kill -9 the leader. A new one takes over; the leases are unchanged, no host is
@@ -71,7 +89,9 @@ async fn leases_survive_a_leader_kill_and_the_killed_replica_catches_up() {
     let new_leader = cluster
         .wait_for_leader(Some(leader), Duration::from_secs(30))
         .await;
-    let after = local_leases(&cluster.addr(new_leader)).await.expect("new leader answers");
+    let after = local_leases(&cluster.addr(new_leader))
+        .await
+        .expect("new leader answers");
     assert_eq!(after, before, "leases changed across failover");
     let two = submit(&cluster.addr(new_leader), &single("two", 2), "two")
         .await
@@ -87,25 +107,38 @@ async fn leases_survive_a_leader_kill_and_the_killed_replica_catches_up() {
     // Longer than the node TTL (3 s): healthy hosts that kept heartbeating stay up.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut c = client(&cluster.addr(new_leader)).await.expect("connect");
-    let nodes = c.list_nodes(pb::Empty {}).await.expect("nodes").into_inner().nodes;
+    let nodes = c
+        .list_nodes(pb::Empty {})
+        .await
+        .expect("nodes")
+        .into_inner()
+        .nodes;
     assert!(
         nodes.iter().all(|n| n.state == "ready"),
         "a failover evicted a healthy host: {nodes:?}"
     );
     let leases = local_leases(&cluster.addr(new_leader)).await.unwrap();
     for lease in &before {
-        assert!(leases.contains(lease), "lease {lease:?} lost or re-issued: {leases:?}");
+        assert!(
+            leases.contains(lease),
+            "lease {lease:?} lost or re-issued: {leases:?}"
+        );
     }
 
     // Phase 4: the killed replica restarts on its data directory and catches up.
     cluster.start_replica(leader);
-    let target = status(&cluster.addr(new_leader)).await.unwrap().commit_index;
+    let target = status(&cluster.addr(new_leader))
+        .await
+        .unwrap()
+        .commit_index;
     assert!(
         wait_applied(&cluster.addr(leader), target, Duration::from_secs(30)).await,
         "restarted replica catches up\n{}",
         cluster.logs()
     );
-    let restarted = local_leases(&cluster.addr(leader)).await.expect("restarted answers");
+    let restarted = local_leases(&cluster.addr(leader))
+        .await
+        .expect("restarted answers");
     assert_eq!(restarted, leases, "restarted replica's state differs");
     fleet.stop().await;
 }
@@ -115,10 +148,16 @@ async fn invalid_specs_are_rejected_with_the_field_named_and_nothing_created() {
     let mut cluster = TestCluster::start(3);
     let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
     let cases = [
-        (single("x", 0).replace("devices = 0", "devices = -2"), "resources.devices"),
+        (
+            single("x", 0).replace("devices = 0", "devices = -2"),
+            "resources.devices",
+        ),
         (format!("{}\ncolour = \"red\"\n", single("x", 1)), "colour"),
         (GANG_2X8_RACK.replace("tasks = 2", "tasks = 0"), "tasks"),
-        (GANG_2X8_RACK.replace("\"rack\"", "\"building\""), "topology.required"),
+        (
+            GANG_2X8_RACK.replace("\"rack\"", "\"building\""),
+            "topology.required",
+        ),
     ];
     for replica in 1..=3 {
         for (spec, field) in &cases {
@@ -127,10 +166,18 @@ async fn invalid_specs_are_rejected_with_the_field_named_and_nothing_created() {
                 .expect_err("invalid spec accepted");
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
             assert_eq!(
-                err.metadata().get("x-gangway-code").unwrap().to_str().unwrap(),
+                err.metadata()
+                    .get("x-gangway-code")
+                    .unwrap()
+                    .to_str()
+                    .unwrap(),
                 "invalid_spec"
             );
-            assert!(err.message().contains(field), "{field} not named in {:?}", err.message());
+            assert!(
+                err.message().contains(field),
+                "{field} not named in {:?}",
+                err.message()
+            );
         }
     }
     let mut c = client(&cluster.addr(leader)).await.unwrap();
@@ -140,7 +187,10 @@ async fn invalid_specs_are_rejected_with_the_field_named_and_nothing_created() {
         .unwrap()
         .into_inner()
         .jobs;
-    assert!(jobs.is_empty(), "invalid submissions created jobs: {jobs:?}");
+    assert!(
+        jobs.is_empty(),
+        "invalid submissions created jobs: {jobs:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,13 +202,17 @@ async fn concurrent_submissions_with_one_idempotency_key_create_one_job() {
     for round in 0..5 {
         let key = format!("retry-key-{round}");
         let spec = single(&format!("job-{round}"), 1);
+        let (to_leader, to_follower) = (cluster.addr(leader), cluster.addr(follower));
         let (a, b) = tokio::join!(
-            submit(&cluster.addr(leader), &spec, &key),
-            submit(&cluster.addr(follower), &spec, &key)
+            submit(&to_leader, &spec, &key),
+            submit(&to_follower, &spec, &key)
         );
         let (a, b) = (a.expect("submit a"), b.expect("submit b"));
         assert_eq!(a.job_id, b.job_id, "round {round}: two jobs for one key");
-        assert!(a.existing != b.existing, "round {round}: exactly one created it: {a:?} {b:?}");
+        assert!(
+            a.existing != b.existing,
+            "round {round}: exactly one created it: {a:?} {b:?}"
+        );
     }
     let mut c = client(&cluster.addr(leader)).await.unwrap();
     let jobs = c
@@ -182,7 +236,11 @@ async fn followers_redirect_reads_to_the_leader_and_report_the_cluster() {
         .expect_err("a follower serves no linearizable reads");
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert_eq!(
-        err.metadata().get("x-gangway-leader").unwrap().to_str().unwrap(),
+        err.metadata()
+            .get("x-gangway-leader")
+            .unwrap()
+            .to_str()
+            .unwrap(),
         cluster.addr(leader)
     );
     let s = c.cluster_status(pb::Empty {}).await.unwrap().into_inner();
@@ -194,27 +252,40 @@ async fn followers_redirect_reads_to_the_leader_and_report_the_cluster() {
     // Health endpoints: every replica is live and ready once it knows the leader.
     for r in &cluster.replicas {
         for path in ["livez", "readyz"] {
-            let body = http_get(&r.http, path).await;
-            assert!(body.starts_with("HTTP/1.1 200"), "{path} on {}: {body}", r.id);
+            let body = http_get(&r.http, path, "HTTP/1.1 200").await;
+            assert!(
+                body.starts_with("HTTP/1.1 200"),
+                "{path} on {}: {body}",
+                r.id
+            );
         }
     }
-    let metrics = http_get(&cluster.addr_http(leader), "metrics").await;
+    // The gauges refresh every second.
+    let metrics = http_get(
+        &cluster.addr_http(leader),
+        "metrics",
+        "gangway_raft_is_leader 1",
+    )
+    .await;
     assert!(metrics.contains("gangway_raft_is_leader 1"), "{metrics}");
 }
 
-/// A bare HTTP/1.1 GET: the status line and body.
-async fn http_get(addr: &str, path: &str) -> String {
+/// A bare HTTP/1.1 GET, retried for up to 6 s until the response contains `want`.
+async fn http_get(addr: &str, path: &str, want: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut last = String::new();
-    // The gauges are refreshed every second: retry briefly.
     for _ in 0..30 {
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect http");
-        s.write_all(format!("GET /{path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        let mut s = tokio::net::TcpStream::connect(addr)
             .await
-            .unwrap();
+            .expect("connect http");
+        s.write_all(
+            format!("GET /{path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
-        if out.starts_with("HTTP/1.1 200") && (path != "metrics" || out.contains("gangway_raft_is_leader")) {
+        if out.contains(want) {
             return out;
         }
         last = out;

@@ -91,7 +91,9 @@ impl OneReplica {
 /// Heartbeats for the hosts in `alive` (which the test may shrink) every 150 ms.
 fn heartbeat(addr: String, alive: Arc<Mutex<Vec<String>>>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut w = WorkerApiClient::connect(format!("http://{addr}")).await.unwrap();
+        let mut w = WorkerApiClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
         loop {
             let hosts = alive.lock().unwrap().clone();
             for h in hosts {
@@ -209,12 +211,23 @@ async fn a_silent_node_is_declared_down_and_its_gang_requeued_from_its_checkpoin
     })
     .await;
     assert!(
-        requeued.history.iter().any(|h| h.what.contains(&format!("node {silent} went down"))),
+        requeued
+            .history
+            .iter()
+            .any(|h| h.what.contains(&format!("node {silent} went down"))),
         "{requeued:#?}"
     );
     let nodes = c.list_nodes(pb::Empty {}).await.unwrap().into_inner().nodes;
-    let down: Vec<&str> = nodes.iter().filter(|n| n.state == "down").map(|n| n.name.as_str()).collect();
-    assert_eq!(down, vec![silent.as_str()], "only the silent host is down: {nodes:?}");
+    let down: Vec<&str> = nodes
+        .iter()
+        .filter(|n| n.state == "down")
+        .map(|n| n.name.as_str())
+        .collect();
+    assert_eq!(
+        down,
+        vec![silent.as_str()],
+        "only the silent host is down: {nodes:?}"
+    );
 
     // Phase 4: the two live hosts are exactly enough: it is re-leased there, resuming from its
     // checkpoint.
@@ -255,7 +268,11 @@ async fn a_silent_node_is_declared_down_and_its_gang_requeued_from_its_checkpoin
         .await
         .expect_err("stale epoch accepted");
     assert_eq!(
-        err.metadata().get("x-gangway-code").unwrap().to_str().unwrap(),
+        err.metadata()
+            .get("x-gangway-code")
+            .unwrap()
+            .to_str()
+            .unwrap(),
         "stale_epoch",
         "{err:?}"
     );
@@ -272,8 +289,14 @@ async fn an_idle_cluster_writes_nothing() {
     let beats = heartbeat(r.addr.clone(), Arc::new(Mutex::new(vec!["a".to_owned()])));
     // One job that fits and one that never can (16 devices on an 8-device host).
     for (spec, key) in [
-        ("name = \"fits\"\nqueue = \"q\"\ncommand = [\"true\"]\n[resources]\ndevices = 2\n", "k1"),
-        ("name = \"never\"\nqueue = \"q\"\ncommand = [\"true\"]\n[resources]\ndevices = 16\n", "k2"),
+        (
+            "name = \"fits\"\nqueue = \"q\"\ncommand = [\"true\"]\n[resources]\ndevices = 2\n",
+            "k1",
+        ),
+        (
+            "name = \"never\"\nqueue = \"q\"\ncommand = [\"true\"]\n[resources]\ndevices = 16\n",
+            "k2",
+        ),
     ] {
         c.submit_job(pb::SubmitJobRequest {
             spec_toml: spec.into(),
@@ -292,7 +315,9 @@ async fn an_idle_cluster_writes_nothing() {
             .into_inner()
             .jobs;
         let never = jobs.iter().find(|j| j.name == "never").cloned().unwrap();
-        let placed = jobs.iter().any(|j| j.name == "fits" && j.state == "running");
+        let placed = jobs
+            .iter()
+            .any(|j| j.name == "fits" && j.state == "running");
         if placed && never.pending_reason.contains("16") {
             break never;
         }
@@ -301,9 +326,19 @@ async fn an_idle_cluster_writes_nothing() {
     };
     assert_eq!(never.state, "pending");
     // Ten scheduling intervals with nothing new: the log must not grow.
-    let before = c.cluster_status(pb::Empty {}).await.unwrap().into_inner().commit_index;
+    let before = c
+        .cluster_status(pb::Empty {})
+        .await
+        .unwrap()
+        .into_inner()
+        .commit_index;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    let after = c.cluster_status(pb::Empty {}).await.unwrap().into_inner().commit_index;
+    let after = c
+        .cluster_status(pb::Empty {})
+        .await
+        .unwrap()
+        .into_inner()
+        .commit_index;
     assert_eq!(before, after, "an idle cluster kept writing to its log");
     beats.abort();
     r.stop().await;

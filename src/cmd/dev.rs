@@ -137,7 +137,10 @@ impl Cluster {
             let data = dir.join(format!("replica-{id}"));
             std::fs::create_dir_all(&data)?;
             let config = dir.join(format!("replica-{id}.toml"));
-            std::fs::write(&config, replica_config(id, *port, port + 1000, &data, &cluster))?;
+            std::fs::write(
+                &config,
+                replica_config(id, *port, port + 1000, &data, &cluster),
+            )?;
             let log = std::fs::File::create(dir.join(format!("replica-{id}.log")))?;
             let child = Command::new(exe)
                 .arg("server")
@@ -272,7 +275,11 @@ async fn demo(cluster: &mut Cluster, dir: &Path, args: &DevArgs) -> anyhow::Resu
     for (key, id) in &ids {
         let seen = fleet.seen();
         match seen.get(id) {
-            Some(l) => println!("  {key:<11} {id:<10} leased (epoch {}) on {}", l.epoch, l.hosts.join(", ")),
+            Some(l) => println!(
+                "  {key:<11} {id:<10} leased (epoch {}) on {}",
+                l.epoch,
+                l.hosts.join(", ")
+            ),
             None => println!("  {key:<11} {id:<10} pending"),
         }
     }

@@ -81,8 +81,13 @@ node_ttl = "3s"
 }
 
 impl TestCluster {
+    /// Holds the one-cluster-at-a-time lock for tests that start processes some other way.
+    pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+        ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn start(n: usize) -> Self {
-        let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let serial = Self::serial();
         let dir = tempfile::Builder::new()
             .prefix("gangway-e2e-")
             .tempdir()
@@ -220,7 +225,10 @@ impl TestCluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("no leader (other than {not:?}) within {timeout:?}\n{}", self.logs());
+        panic!(
+            "no leader (other than {not:?}) within {timeout:?}\n{}",
+            self.logs()
+        );
     }
 }
 
@@ -309,7 +317,11 @@ pub fn single(name: &str, devices: u32) -> String {
 }
 
 /// Submits through the client API of `addr` (a follower forwards).
-pub async fn submit(addr: &str, spec: &str, key: &str) -> Result<pb::SubmitJobReply, tonic::Status> {
+pub async fn submit(
+    addr: &str,
+    spec: &str,
+    key: &str,
+) -> Result<pb::SubmitJobReply, tonic::Status> {
     let mut c = client(addr)
         .await
         .ok_or_else(|| tonic::Status::unavailable(format!("cannot connect to {addr}")))?;

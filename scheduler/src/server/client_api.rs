@@ -115,7 +115,10 @@ impl ClientApi for ClientService {
         if key.len() > MAX_IDEMPOTENCY_KEY {
             return Err(ApiError::invalid(
                 "idempotency_key",
-                format!("expected at most {MAX_IDEMPOTENCY_KEY} bytes, got {}", key.len()),
+                format!(
+                    "expected at most {MAX_IDEMPOTENCY_KEY} bytes, got {}",
+                    key.len()
+                ),
             )
             .into());
         }
@@ -147,7 +150,9 @@ impl ClientApi for ClientService {
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Reply<pb::JobDetail> {
         let id = JobId::new(required("job_id", &req.get_ref().job_id)?);
         let detail = self
-            .read(local_read(&req), |fsm| fsm.store().job(&id).map(convert::job_detail))
+            .read(local_read(&req), |fsm| {
+                fsm.store().job(&id).map(convert::job_detail)
+            })
             .await?;
         match detail {
             Some(d) => ok(d),
@@ -231,7 +236,11 @@ impl ClientApi for ClientService {
     async fn set_queue(&self, req: Request<pb::QueueInfo>) -> Reply<pb::Empty> {
         let req = req.into_inner();
         let name = required("name", &req.name)?;
-        if name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        if name.len() > 128
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
             return Err(ApiError::invalid(
                 "name",
                 "expected up to 128 characters of letters, digits, '-', '_' or '.'",
@@ -269,7 +278,9 @@ impl ClientApi for ClientService {
                 matched_index: if *id == m.id {
                     last
                 } else {
-                    m.replication_lag.get(id).map_or(0, |lag| last.saturating_sub(*lag))
+                    m.replication_lag
+                        .get(id)
+                        .map_or(0, |lag| last.saturating_sub(*lag))
                 },
             })
             .collect();
@@ -330,7 +341,9 @@ impl ClientApi for ClientService {
         self.ctx.leader_only()?;
         let m = self.ctx.raft.metrics();
         if !m.members.contains_key(&target) {
-            return Err(ApiError::invalid("id", format!("replica {target} is not a member")).into());
+            return Err(
+                ApiError::invalid("id", format!("replica {target} is not a member")).into(),
+            );
         }
         if m.voters.contains(&target) && m.voters.len() == 1 {
             return Err(ApiError::FailedPrecondition(
@@ -370,7 +383,10 @@ mod tests {
 
     #[test]
     fn operators_cannot_declare_a_node_down() {
-        assert_eq!(parse_operator_node_state("draining").unwrap(), NodeState::Draining);
+        assert_eq!(
+            parse_operator_node_state("draining").unwrap(),
+            NodeState::Draining
+        );
         let err = parse_operator_node_state("down").unwrap_err();
         assert!(err.to_string().contains("field `state`"), "{err}");
     }

@@ -15,9 +15,16 @@ pub struct ReplicaContext {
     pub raft: ReplicaHandle<SchedulerFsm>,
     pub config: Arc<ServerConfig>,
     pub heartbeats: Arc<HeartbeatTracker>,
+    /// Turns true when the replica begins to stop: long-lived streams end so the servers can drain.
+    pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl ReplicaContext {
+    /// A receiver that turns true when the replica begins to stop.
+    pub fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
     pub fn id(&self) -> u64 {
         self.raft.id()
     }

@@ -34,7 +34,12 @@ pub fn job_summary(job: &JobRecord) -> pb::JobSummary {
     let r = &job.spec.resources;
     let (epoch, hosts) = match &job.lease {
         Some(l) => {
-            let mut hosts: Vec<String> = l.placement.tasks.iter().map(|t| t.host.to_string()).collect();
+            let mut hosts: Vec<String> = l
+                .placement
+                .tasks
+                .iter()
+                .map(|t| t.host.to_string())
+                .collect();
             hosts.dedup();
             (l.epoch, hosts)
         }
@@ -99,8 +104,18 @@ pub fn job_detail(job: &JobRecord) -> pb::JobDetail {
             })
             .collect(),
         command: job.spec.command.clone(),
-        required_topology: job.spec.topology.required.map(|t| t.to_string()).unwrap_or_default(),
-        preferred_topology: job.spec.topology.preferred.map(|t| t.to_string()).unwrap_or_default(),
+        required_topology: job
+            .spec
+            .topology
+            .required
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
+        preferred_topology: job
+            .spec
+            .topology
+            .preferred
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
         finished_at_ms: job.finished_at_ms.unwrap_or(0),
     }
 }
@@ -215,21 +230,31 @@ pub fn allocation(a: &Allocation) -> pb::Allocation {
         command: a.command.clone(),
         env: a.env.clone().into_iter().collect(),
         master_addr: a.master_addr.clone(),
-        checkpoint_signal: a.checkpoint.as_ref().map(|c| c.signal.clone()).unwrap_or_default(),
-        checkpoint_timeout_ms: a
+        checkpoint_signal: a
             .checkpoint
             .as_ref()
-            .map_or(0, |c| u64::try_from(c.timeout.as_millis()).unwrap_or(u64::MAX)),
+            .map(|c| c.signal.clone())
+            .unwrap_or_default(),
+        checkpoint_timeout_ms: a.checkpoint.as_ref().map_or(0, |c| {
+            u64::try_from(c.timeout.as_millis()).unwrap_or(u64::MAX)
+        }),
         restore_from: a.restore_from.clone().unwrap_or_default(),
     }
 }
 
 /// A node's desired state as the worker API streams it.
-pub fn allocation_set(store: &ClusterStore, revision: u64, node: &gangway_proto::ids::HostName) -> pb::AllocationSet {
+pub fn allocation_set(
+    store: &ClusterStore,
+    revision: u64,
+    node: &gangway_proto::ids::HostName,
+) -> pb::AllocationSet {
     pb::AllocationSet {
         revision,
         allocations: store.allocations_for(node).iter().map(allocation).collect(),
-        device_epochs: store.device_epochs(node).map(<[u64]>::to_vec).unwrap_or_default(),
+        device_epochs: store
+            .device_epochs(node)
+            .map(<[u64]>::to_vec)
+            .unwrap_or_default(),
     }
 }
 

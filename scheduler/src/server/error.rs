@@ -58,7 +58,9 @@ impl ApiError {
             ApiError::InvalidSpec(_) => "invalid_spec",
             ApiError::InvalidArgument { .. } => "invalid_argument",
             ApiError::Rejected(r) => r.code(),
-            ApiError::NotLeader { leader: Some(_), .. } => "not_leader",
+            ApiError::NotLeader {
+                leader: Some(_), ..
+            } => "not_leader",
             ApiError::NotLeader { leader: None, .. } => "no_leader",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Timeout(_) => "timeout",
@@ -79,9 +81,9 @@ impl ApiError {
         match self {
             ApiError::InvalidSpec(_) | ApiError::InvalidArgument { .. } => Code::InvalidArgument,
             ApiError::Rejected(r) => match r {
-                Rejection::UnknownNode(_) | Rejection::UnknownJob(_) | Rejection::UnknownTask { .. } => {
-                    Code::NotFound
-                }
+                Rejection::UnknownNode(_)
+                | Rejection::UnknownJob(_)
+                | Rejection::UnknownTask { .. } => Code::NotFound,
                 Rejection::InvalidJob(_) => Code::InvalidArgument,
                 Rejection::WrongJobState { .. }
                 | Rejection::BadNode { .. }
@@ -146,14 +148,30 @@ mod tests {
     #[test]
     fn statuses_carry_code_and_leader_hint() {
         let cases: Vec<(ApiError, Code, &str, Option<&str>)> = vec![
-            (ApiError::InvalidSpec("tasks: expected 1 or more".into()), Code::InvalidArgument, "invalid_spec", None),
             (
-                ApiError::NotLeader { replica: 2, leader: Some("127.0.0.1:7101".into()) },
+                ApiError::InvalidSpec("tasks: expected 1 or more".into()),
+                Code::InvalidArgument,
+                "invalid_spec",
+                None,
+            ),
+            (
+                ApiError::NotLeader {
+                    replica: 2,
+                    leader: Some("127.0.0.1:7101".into()),
+                },
                 Code::Unavailable,
                 "not_leader",
                 Some("127.0.0.1:7101"),
             ),
-            (ApiError::NotLeader { replica: 2, leader: None }, Code::Unavailable, "no_leader", None),
+            (
+                ApiError::NotLeader {
+                    replica: 2,
+                    leader: None,
+                },
+                Code::Unavailable,
+                "no_leader",
+                None,
+            ),
             (
                 ApiError::from(Rejection::UnknownJob(JobId::new("j-9"))),
                 Code::NotFound,
@@ -161,19 +179,35 @@ mod tests {
                 None,
             ),
             (
-                ApiError::from(Rejection::StaleEpoch { job: JobId::new("j-1"), got: 1, current: 2 }),
+                ApiError::from(Rejection::StaleEpoch {
+                    job: JobId::new("j-1"),
+                    got: 1,
+                    current: 2,
+                }),
                 Code::FailedPrecondition,
                 "stale_epoch",
                 None,
             ),
-            (ApiError::from_consensus(1, ConsensusError::Timeout("t".into())), Code::DeadlineExceeded, "timeout", None),
+            (
+                ApiError::from_consensus(1, ConsensusError::Timeout("t".into())),
+                Code::DeadlineExceeded,
+                "timeout",
+                None,
+            ),
         ];
         for (err, grpc, code, leader) in cases {
             let status = Status::from(err.clone());
             assert_eq!(status.code(), grpc, "{err}");
-            assert_eq!(status.metadata().get(CODE_KEY).unwrap().to_str().unwrap(), code, "{err}");
             assert_eq!(
-                status.metadata().get(LEADER_KEY).map(|v| v.to_str().unwrap()),
+                status.metadata().get(CODE_KEY).unwrap().to_str().unwrap(),
+                code,
+                "{err}"
+            );
+            assert_eq!(
+                status
+                    .metadata()
+                    .get(LEADER_KEY)
+                    .map(|v| v.to_str().unwrap()),
                 leader,
                 "{err}"
             );

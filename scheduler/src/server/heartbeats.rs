@@ -125,20 +125,33 @@ mod tests {
         t.lead(3, t0);
         t.record(&host("a"), vec![], t0 + Duration::from_secs(8));
         let at = t0 + Duration::from_secs(11);
-        assert_eq!(t.expired([&host("a"), &host("b")], ttl, at), vec![host("b")]);
+        assert_eq!(
+            t.expired([&host("a"), &host("b")], ttl, at),
+            vec![host("b")]
+        );
 
         // Phase 2: the same term again changes nothing (a loop calls lead() every tick).
         t.lead(3, at);
-        assert_eq!(t.expired([&host("a"), &host("b")], ttl, at), vec![host("b")]);
+        assert_eq!(
+            t.expired([&host("a"), &host("b")], ttl, at),
+            vec![host("b")]
+        );
 
         // Phase 3: leadership lost and regained in term 5: both nodes get a fresh TTL, even "a"
         // whose last heartbeat is now old.
         t.step_down();
         let t1 = t0 + Duration::from_secs(30);
         t.lead(5, t1);
-        assert!(t.expired([&host("a"), &host("b")], ttl, t1 + ttl).is_empty());
+        assert!(t
+            .expired([&host("a"), &host("b")], ttl, t1 + ttl)
+            .is_empty());
         assert_eq!(
-            t.expired([&host("a"), &host("b")], ttl, t1 + ttl + Duration::from_millis(1)).len(),
+            t.expired(
+                [&host("a"), &host("b")],
+                ttl,
+                t1 + ttl + Duration::from_millis(1)
+            )
+            .len(),
             2
         );
     }

@@ -35,7 +35,10 @@ async fn metrics_page(State(s): State<HttpState>) -> String {
 /// Alive unless storage failed: a replica that cannot persist must be restarted (or replaced).
 async fn livez(State(s): State<HttpState>) -> (StatusCode, String) {
     match s.ctx.raft.metrics().storage_error {
-        Some(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("storage failed: {e}\n")),
+        Some(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("storage failed: {e}\n"),
+        ),
         None => (StatusCode::OK, "ok\n".to_owned()),
     }
 }
@@ -57,9 +60,14 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
     let committed = m.committed_index.unwrap_or(0);
     let applied = m.applied_index.unwrap_or(0);
     if committed.saturating_sub(applied) > 1_000 {
-        return unready(format!("applying: {applied} of {committed} committed entries"));
+        return unready(format!(
+            "applying: {applied} of {committed} committed entries"
+        ));
     }
-    (StatusCode::OK, format!("ready: leader {leader}, applied {applied}\n"))
+    (
+        StatusCode::OK,
+        format!("ready: leader {leader}, applied {applied}\n"),
+    )
 }
 
 /// Refreshes the cluster-state gauges every `period` on every replica (followers report their view,
@@ -74,7 +82,11 @@ pub async fn gauge_loop(ctx: ReplicaContext, period: Duration, mut stop: watch::
         }
         let m = ctx.raft.metrics();
         metrics::gauge!("gangway_raft_term").set(m.term as f64);
-        metrics::gauge!("gangway_raft_is_leader").set(if m.role == Role::Leader { 1.0 } else { 0.0 });
+        metrics::gauge!("gangway_raft_is_leader").set(if m.role == Role::Leader {
+            1.0
+        } else {
+            0.0
+        });
         metrics::gauge!("gangway_raft_commit_index").set(m.committed_index.unwrap_or(0) as f64);
         metrics::gauge!("gangway_raft_applied_index").set(m.applied_index.unwrap_or(0) as f64);
 
@@ -99,7 +111,9 @@ pub async fn gauge_loop(ctx: ReplicaContext, period: Duration, mut stop: watch::
             let engine = store.engine();
             for h in engine.hosts() {
                 for (i, d) in h.spec.devices.iter().enumerate() {
-                    let Some(kind) = engine.model(&d.model).map(|m| m.kind) else { continue };
+                    let Some(kind) = engine.model(&d.model).map(|m| m.kind) else {
+                        continue;
+                    };
                     let e = devices.entry(kind).or_default();
                     let free = u64::from(h.free_milli.get(i).copied().unwrap_or(0));
                     e.0 += u64::from(MILLI_PER_DEVICE).saturating_sub(free);
@@ -116,7 +130,12 @@ pub async fn gauge_loop(ctx: ReplicaContext, period: Duration, mut stop: watch::
             metrics::gauge!("gangway_pending_jobs", "queue" => q.clone()).set(p as f64);
             metrics::gauge!("gangway_running_jobs", "queue" => q.clone()).set(r as f64);
         }
-        for state in [NodeState::Ready, NodeState::Cordoned, NodeState::Draining, NodeState::Down] {
+        for state in [
+            NodeState::Ready,
+            NodeState::Cordoned,
+            NodeState::Draining,
+            NodeState::Down,
+        ] {
             let s = state.to_string();
             let n = nodes.get(&s).copied().unwrap_or(0);
             metrics::gauge!("gangway_nodes", "state" => s).set(n as f64);
@@ -125,7 +144,8 @@ pub async fn gauge_loop(ctx: ReplicaContext, period: Duration, mut stop: watch::
             let k = kind.to_string();
             let allocated = leased as f64 / f64::from(MILLI_PER_DEVICE);
             metrics::gauge!("gangway_allocated_devices", "kind" => k.clone()).set(allocated);
-            metrics::gauge!("gangway_devices", "kind" => k).set(total as f64 / f64::from(MILLI_PER_DEVICE));
+            metrics::gauge!("gangway_devices", "kind" => k)
+                .set(total as f64 / f64::from(MILLI_PER_DEVICE));
         }
     }
 }

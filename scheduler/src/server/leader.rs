@@ -80,7 +80,8 @@ pub async fn scheduling_loop(ctx: ReplicaContext, mut stop: watch::Receiver<bool
                 }
             }
             Err(e) => {
-                metrics::counter!("gangway_scheduling_rounds_total", "result" => "error").increment(1);
+                metrics::counter!("gangway_scheduling_rounds_total", "result" => "error")
+                    .increment(1);
                 tracing::warn!(error = %e, "scheduling round failed; retrying on the next event or tick");
             }
         }
@@ -117,7 +118,12 @@ pub async fn scheduling_round(
                 .filter(|j| j.state == JobState::Pending)
                 .filter_map(|j| Some((j.id.clone(), j.pending_reason.clone()?)))
                 .collect();
-            Some((store.engine().clone(), pending, store.scheduler_config(base), reasons))
+            Some((
+                store.engine().clone(),
+                pending,
+                store.scheduler_config(base),
+                reasons,
+            ))
         })
         .await?;
     let Some((view, pending, config, reasons)) = snapshot else {
@@ -125,12 +131,16 @@ pub async fn scheduling_round(
     };
     let now = wall_clock_ms();
     let pending_count = pending.len();
-    let mut plan: Plan = tokio::task::spawn_blocking(move || engine::schedule(&view, &pending, &config, now))
-        .await
-        .map_err(|e| ConsensusError::Fatal(format!("scheduling task panicked: {e}")))?;
+    let mut plan: Plan =
+        tokio::task::spawn_blocking(move || engine::schedule(&view, &pending, &config, now))
+            .await
+            .map_err(|e| ConsensusError::Fatal(format!("scheduling task panicked: {e}")))?;
     // Only reasons that changed are written: an unchanged backlog costs no log entries.
-    plan.pending
-        .retain(|p| reasons.get(&p.job).is_none_or(|r| *r != p.reason.to_string()));
+    plan.pending.retain(|p| {
+        reasons
+            .get(&p.job)
+            .is_none_or(|r| *r != p.reason.to_string())
+    });
     metrics::histogram!("gangway_scheduling_attempt_duration_seconds")
         .record(started.elapsed().as_secs_f64());
     if plan.placements.is_empty() && plan.preemptions.is_empty() && plan.pending.is_empty() {

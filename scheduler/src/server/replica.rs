@@ -19,6 +19,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+/// How long a stopping replica waits for open connections to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why a replica could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -43,7 +46,8 @@ fn prometheus() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let buckets = [
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
             ];
             let builder = PrometheusBuilder::new()
                 .set_buckets(&buckets)
@@ -89,7 +93,10 @@ impl Replica {
         let raft = ReplicaHandle::start(rc, SchedulerFsm::new(), Transport::tcp()).await?;
         let fresh = raft.metrics().last_log_index.is_none();
         if fresh && !members.is_empty() {
-            tracing::info!(?members, "new data directory: bootstrapping the founding members");
+            tracing::info!(
+                ?members,
+                "new data directory: bootstrapping the founding members"
+            );
             raft.initialize(members).await?;
         }
         Ok(Self {
@@ -97,6 +104,7 @@ impl Replica {
                 raft,
                 config: Arc::new(config),
                 heartbeats: Arc::new(HeartbeatTracker::new()),
+                shutdown: Arc::new(watch::channel(false).0),
             },
             grpc_listener,
             http_listener,
@@ -126,7 +134,7 @@ impl Replica {
             grpc_listener,
             http_listener,
         } = self;
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_rx = ctx.stopping();
         let mut tasks: JoinSet<Result<(), ServerError>> = JoinSet::new();
 
         let grpc = tonic::transport::Server::builder()
@@ -208,8 +216,16 @@ impl Replica {
                 Err(e) => Some(ServerError::Serve { what: "task", message: e.to_string() }),
             },
         };
-        let _ = stop_tx.send(true);
-        while tasks.join_next().await.is_some() {}
+        let _ = ctx.shutdown.send(true);
+        // Servers drain their connections; a client that holds one open cannot keep us up.
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+            tasks.shutdown().await;
+        }
         ctx.raft.shutdown().await?;
         tracing::info!(id = ctx.id(), "replica stopped");
         failure.map_or(Ok(()), Err)

@@ -40,7 +40,10 @@ impl WorkerService {
     fn intervals(&self) -> (u64, u64) {
         let w = &self.ctx.config.workers;
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        (ms(w.heartbeat_interval), ms(worker_lease_ttl(w.heartbeat_interval, w.node_ttl)))
+        (
+            ms(w.heartbeat_interval),
+            ms(worker_lease_ttl(w.heartbeat_interval, w.node_ttl)),
+        )
     }
 }
 
@@ -68,7 +71,11 @@ fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiError> {
 /// Checks a registration field by field; the error names the first bad one.
 pub fn registration_from_pb(req: pb::RegisterRequest) -> Result<NodeRegistration, ApiError> {
     let name = required("node", &req.node)?;
-    if name.len() > 253 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+    if name.len() > 253
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
         return Err(ApiError::invalid(
             "node",
             "expected a host name: up to 253 letters, digits, '-', '_' or '.'",
@@ -81,10 +88,12 @@ pub fn registration_from_pb(req: pb::RegisterRequest) -> Result<NodeRegistration
     let mut devices = Vec::with_capacity(req.devices.len());
     for (i, d) in req.devices.into_iter().enumerate() {
         let field = |f: &str| format!("devices[{i}].{f}");
-        let kind: DeviceKind = d
-            .kind
-            .parse()
-            .map_err(|e: gangway_proto::device::UnknownDeviceKind| ApiError::invalid(&field("kind"), e.to_string()))?;
+        let kind: DeviceKind =
+            d.kind
+                .parse()
+                .map_err(|e: gangway_proto::device::UnknownDeviceKind| {
+                    ApiError::invalid(&field("kind"), e.to_string())
+                })?;
         if d.model.trim().is_empty() {
             return Err(ApiError::invalid(&field("model"), "required"));
         }
@@ -137,7 +146,9 @@ impl WorkerApi for WorkerService {
         let name = reg.name.clone();
         self.ctx.write(Command::RegisterNode(reg)).await?;
         if self.ctx.raft.is_leader() {
-            self.ctx.heartbeats.record(&name, Vec::new(), Instant::now());
+            self.ctx
+                .heartbeats
+                .record(&name, Vec::new(), Instant::now());
         }
         let (heartbeat_interval_ms, lease_ttl_ms) = self.intervals();
         Ok(TonicResponse::new(pb::RegisterReply {
@@ -207,6 +218,7 @@ impl WorkerApi for WorkerService {
             .ok_or_else(|| ApiError::from(Rejection::UnknownNode(node.clone())))?;
         let (tx, rx) = mpsc::channel::<Result<pb::AllocationSet, Status>>(16);
         let ctx = self.ctx.clone();
+        let mut stopping = ctx.stopping();
         tokio::spawn(async move {
             let same = |a: &pb::AllocationSet, b: &pb::AllocationSet| {
                 a.allocations == b.allocations && a.device_epochs == b.device_epochs
@@ -217,21 +229,28 @@ impl WorkerApi for WorkerService {
             }
             let mut check = tokio::time::interval(LEADERSHIP_CHECK);
             loop {
+                // None: the replica is stopping.
                 let dirty = tokio::select! {
                     _ = tx.closed() => return,
+                    _ = stopping.changed() => None,
                     _ = check.tick() => {
                         if let Err(e) = ctx.leader_only() {
                             let _ = tx.send(Err(e.into())).await;
                             return;
                         }
-                        false
+                        Some(false)
                     }
                     change = changes.recv() => match change {
-                        Ok(StateChange::Event { event: Event::AllocationsChanged(n), .. }) => n == node,
-                        Ok(StateChange::Event { .. }) => false,
-                        Ok(StateChange::SnapshotInstalled { .. }) | Err(RecvError::Lagged(_)) => true,
+                        Ok(StateChange::Event { event: Event::AllocationsChanged(n), .. }) => Some(n == node),
+                        Ok(StateChange::Event { .. }) => Some(false),
+                        Ok(StateChange::SnapshotInstalled { .. }) | Err(RecvError::Lagged(_)) => Some(true),
                         Err(RecvError::Closed) => return,
                     },
+                };
+                let Some(dirty) = dirty else {
+                    let stopping = ApiError::Unavailable("replica is shutting down".into());
+                    let _ = tx.send(Err(stopping.into())).await;
+                    return;
                 };
                 if !dirty {
                     continue;
@@ -262,7 +281,13 @@ impl WorkerApi for WorkerService {
         let holder = self.ctx.raft.read_local(|fsm| {
             let lease = fsm.store().job(&job)?.lease.as_ref()?;
             (lease.epoch == req.epoch)
-                .then(|| lease.placement.tasks.get(req.task as usize).map(|t| t.host.clone()))
+                .then(|| {
+                    lease
+                        .placement
+                        .tasks
+                        .get(req.task as usize)
+                        .map(|t| t.host.clone())
+                })
                 .flatten()
         });
         if let Some(holder) = holder {
@@ -338,20 +363,45 @@ mod tests {
     #[test]
     fn bad_registrations_name_the_field() {
         let cases: Vec<(pb::RegisterRequest, &str)> = vec![
-            (pb::RegisterRequest { node: " ".into(), ..request(vec![]) }, "field `node`"),
-            (pb::RegisterRequest { address: "nohost".into(), ..request(vec![]) }, "field `address`"),
-            (request(vec![device("a", "gpu"), device("b", "fpga")]), "field `devices[1].kind`"),
-            (request(vec![device("a", "gpu"), device("a", "gpu")]), "field `devices`"),
             (
-                request(vec![pb::Device { nvlink_domain: 70_000, ..device("a", "gpu") }]),
+                pb::RegisterRequest {
+                    node: " ".into(),
+                    ..request(vec![])
+                },
+                "field `node`",
+            ),
+            (
+                pb::RegisterRequest {
+                    address: "nohost".into(),
+                    ..request(vec![])
+                },
+                "field `address`",
+            ),
+            (
+                request(vec![device("a", "gpu"), device("b", "fpga")]),
+                "field `devices[1].kind`",
+            ),
+            (
+                request(vec![device("a", "gpu"), device("a", "gpu")]),
+                "field `devices`",
+            ),
+            (
+                request(vec![pb::Device {
+                    nvlink_domain: 70_000,
+                    ..device("a", "gpu")
+                }]),
                 "field `devices[0].nvlink_domain`",
             ),
         ];
         for (req, want) in cases {
             let err = registration_from_pb(req).unwrap_err();
-            assert!(err.to_string().starts_with(want), "{err} should start with {want}");
+            assert!(
+                err.to_string().starts_with(want),
+                "{err} should start with {want}"
+            );
         }
-        let ok = registration_from_pb(request(vec![device("a", "gpu"), device("b", "gpu")])).unwrap();
+        let ok =
+            registration_from_pb(request(vec![device("a", "gpu"), device("b", "gpu")])).unwrap();
         assert_eq!(ok.devices.len(), 2);
         assert_eq!(ok.topology.rack, "r1");
     }
@@ -362,7 +412,10 @@ mod tests {
             let (hb, ttl) = (Duration::from_millis(hb), Duration::from_millis(ttl));
             let lease = worker_lease_ttl(hb, ttl);
             assert!(lease + hb <= ttl, "hb {hb:?} ttl {ttl:?} lease {lease:?}");
-            assert!(lease >= ttl / 2, "lease {lease:?} needlessly short for ttl {ttl:?}");
+            assert!(
+                lease >= ttl / 2,
+                "lease {lease:?} needlessly short for ttl {ttl:?}"
+            );
         }
     }
 }

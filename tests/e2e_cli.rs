@@ -1,0 +1,161 @@
+//! The `gangway` CLI against a real three-replica cluster: what people and scripts see. Output is
+//! read through `-o json`; exit codes are the documented ones.
+
+mod common;
+
+use common::*;
+use gangway::fleet::{FakeFleet, FakeHost};
+use serde_json::Value;
+use std::process::Output;
+use std::time::Duration;
+
+/// Runs `gangway ARGS...` off the async runtime (the CLI blocks).
+async fn gangway(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args(&args)
+            .output()
+            .expect("run gangway")
+    })
+    .await
+    .unwrap()
+}
+
+fn json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_submits_lists_drains_and_snapshots_through_any_replica() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let fleet = FakeFleet::start(
+        cluster.addrs(),
+        vec![
+            FakeHost::h100("host-1", "r1"),
+            FakeHost::h100("host-2", "r1"),
+        ],
+        Duration::from_secs(20),
+    )
+    .await
+    .expect("fleet");
+    // A follower first in the list: the CLI must find the leader by itself.
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let addrs = format!("{},{}", cluster.addr(follower), cluster.addr(leader));
+
+    // Phase 1: submit a gang from a file, wait until it runs.
+    let spec = cluster.dir.path().join("gang.toml");
+    std::fs::write(&spec, GANG_2X8_RACK).unwrap();
+    let out = gangway(&[
+        "submit",
+        spec.to_str().unwrap(),
+        "--addr",
+        &addrs,
+        "--wait",
+        "20s",
+        "-o",
+        "json",
+    ])
+    .await;
+    let submitted = json(&out);
+    let id = submitted["job_id"].as_str().expect("job id").to_owned();
+
+    // Phase 2: the listing and the job's status show the lease.
+    let jobs = json(&gangway(&["jobs", "--addr", &addrs, "-o", "json"]).await);
+    let listed = &jobs["jobs"][0];
+    assert_eq!(listed["id"], id.as_str());
+    assert_eq!(listed["state"], "running");
+    let status = json(&gangway(&["job", "status", &id, "--addr", &addrs, "-o", "json"]).await);
+    let tasks = status["task_placements"].as_array().expect("tasks");
+    assert_eq!(tasks.len(), 2, "{status}");
+    let mut hosts: Vec<&str> = tasks.iter().map(|t| t["host"].as_str().unwrap()).collect();
+    hosts.sort();
+    assert_eq!(hosts, vec!["host-1", "host-2"]);
+
+    // Phase 3: an invalid spec exits 3 and names the field, without creating anything.
+    let bad = cluster.dir.path().join("bad.toml");
+    std::fs::write(&bad, GANG_2X8_RACK.replace("tasks = 2", "tasks = 0")).unwrap();
+    let out = gangway(&["submit", bad.to_str().unwrap(), "--addr", &addrs]).await;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tasks"),
+        "{out:?}"
+    );
+
+    // Phase 4: drain a node; cluster status names the leader; a snapshot is saved.
+    let out = gangway(&["node", "drain", "host-1", "--addr", &addrs]).await;
+    assert!(out.status.success(), "{out:?}");
+    let nodes = json(&gangway(&["nodes", "--addr", &addrs, "-o", "json"]).await);
+    let host1 = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "host-1")
+        .cloned()
+        .unwrap();
+    assert_eq!(host1["state"], "draining", "{nodes}");
+    let cs = json(&gangway(&["cluster", "status", "--addr", &addrs, "-o", "json"]).await);
+    assert_eq!(cs["leader_id"], leader);
+    let snap = cluster.dir.path().join("backup.json");
+    let out = gangway(&[
+        "cluster",
+        "snapshot",
+        "save",
+        snap.to_str().unwrap(),
+        "--addr",
+        &addrs,
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let saved: Value = serde_json::from_slice(&std::fs::read(&snap).unwrap()).unwrap();
+    assert!(
+        saved.to_string().contains(&id),
+        "the snapshot holds the job"
+    );
+
+    // Phase 5: with no replica reachable, the CLI gives up by its deadline with exit code 5.
+    let dead = free_ports(2);
+    let dead = format!("127.0.0.1:{},127.0.0.1:{}", dead[0], dead[1]);
+    let out = gangway(&["jobs", "--addr", &dead, "--timeout", "1s"]).await;
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gangway_dev_runs_its_demo_and_stops_cleanly() {
+    let _serial = TestCluster::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_ports(1)[0].clamp(20_000, 50_000);
+    let out = gangway(&[
+        "dev",
+        "--smoke",
+        "--base-port",
+        &base.to_string(),
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "gangway dev --smoke failed\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("every placeable demo job was leased"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("pending"),
+        "the too-big job stays pending: {stdout}"
+    );
+}
