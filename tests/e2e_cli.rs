@@ -129,20 +129,16 @@ async fn the_cli_submits_lists_drains_and_snapshots_through_any_replica() {
     fleet.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gangway_dev_runs_its_demo_and_stops_cleanly() {
+#[test]
+fn gangway_dev_runs_its_demo_and_stops_cleanly() {
     let _serial = TestCluster::serial();
     let dir = tempfile::tempdir().unwrap();
     let base = free_ports(1)[0].clamp(20_000, 50_000);
-    let out = gangway(&[
-        "dev",
-        "--smoke",
-        "--base-port",
-        &base.to_string(),
-        "--dir",
-        dir.path().to_str().unwrap(),
-    ])
-    .await;
+    let out = std::process::Command::new(BIN)
+        .args(["dev", "--smoke", "--base-port", &base.to_string(), "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run gangway dev");
     assert!(
         out.status.success(),
         "gangway dev --smoke failed\nstdout: {}\nstderr: {}",

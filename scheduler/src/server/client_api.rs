@@ -365,7 +365,7 @@ impl ClientApi for ClientService {
     async fn save_snapshot(&self, _req: Request<pb::Empty>) -> Reply<Self::SaveSnapshotStream> {
         let bytes = self
             .ctx
-            .read(|fsm| serde_json::to_vec(fsm))
+            .read(serde_json::to_vec)
             .await?
             .map_err(|e| ApiError::Internal(format!("encode snapshot: {e}")))?;
         let chunks: Vec<Result<pb::SnapshotChunk, Status>> = bytes

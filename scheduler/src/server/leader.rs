@@ -58,12 +58,7 @@ pub async fn scheduling_loop(ctx: ReplicaContext, mut stop: watch::Receiver<bool
             },
         }
         // Everything that arrived meanwhile is covered by the round about to run.
-        loop {
-            match changes.try_recv() {
-                Ok(_) | Err(TryRecvError::Lagged(_)) => {}
-                Err(TryRecvError::Empty) | Err(TryRecvError::Closed) => break,
-            }
-        }
+        while let Ok(_) | Err(TryRecvError::Lagged(_)) = changes.try_recv() {}
         if !observe_leadership(&ctx) {
             continue;
         }
