@@ -174,6 +174,7 @@ async fn submit_all(
     addrs: &[String],
     specs: Vec<String>,
     concurrency: usize,
+    key_prefix: &str,
 ) -> BTreeMap<String, Instant> {
     let specs = Arc::new(tokio::sync::Mutex::new(
         specs.into_iter().enumerate().collect::<Vec<_>>(),
@@ -182,6 +183,7 @@ async fn submit_all(
     for w in 0..concurrency {
         let specs = specs.clone();
         let addrs = addrs.to_vec();
+        let key_prefix = key_prefix.to_owned();
         tasks.spawn(async move {
             let mut out = Vec::new();
             let mut target = addrs[w % addrs.len()].clone();
@@ -200,7 +202,7 @@ async fn submit_all(
                     match c
                         .submit_job(pb::SubmitJobRequest {
                             spec_toml: spec.clone(),
-                            idempotency_key: format!("bench-{i}"),
+                            idempotency_key: format!("{key_prefix}-{i}"),
                         })
                         .await
                     {
@@ -254,8 +256,9 @@ fn main() {
             fleet_hosts,
             FleetOptions {
                 register_deadline: Duration::from_secs(60),
-                // Capacity must turn over: 10,000 + 16,000 GPUs of work against 8,000 GPUs.
-                task_runtime: Some(Duration::from_secs(3)),
+                // Capacity must turn over (10,000 + 16,000 GPUs of work against 8,000 GPUs), fast
+                // enough that the scheduler, not the fake work, is what is measured.
+                task_runtime: Some(Duration::from_millis(env_or("GANGWAY_BENCH_TASK_MS", 250) as u64)),
             },
         )
         .await
@@ -267,7 +270,7 @@ fn main() {
         specs.extend((0..gangs).map(gang));
         let total = specs.len();
         let t0 = Instant::now();
-        let submitted = submit_all(&cluster.addrs, specs, 64).await;
+        let submitted = submit_all(&cluster.addrs, specs, 64, "storm").await;
         let submit_secs = t0.elapsed().as_secs_f64();
         let all_placed = fleet
             .wait_for(Duration::from_secs(600), |seen| submitted.keys().all(|id| seen.contains_key(id)))
@@ -312,7 +315,7 @@ fn main() {
                 .filter(|(i, _)| *i != leader)
                 .map(|(_, a)| a.clone())
                 .collect();
-            let ids = submit_all(&survivors, vec![single_gpu(1_000_000 + k)], 1).await;
+            let ids = submit_all(&survivors, vec![single_gpu(1_000_000 + k)], 1, &format!("kill-{k}")).await;
             let id = ids.keys().next().cloned().expect("one submission");
             fleet.wait_for(Duration::from_secs(60), |seen| seen.contains_key(&id)).await;
             let at = fleet.seen()[&id].first_seen;
