@@ -155,3 +155,82 @@ fn gangway_dev_runs_its_demo_and_stops_cleanly() {
         "the too-big job stays pending: {stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_grow_shrink_and_hand_over_the_cluster_from_the_cli() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let addrs = cluster.addrs().join(",");
+
+    // Phase 1: a fourth replica starts with no initial cluster: it waits to be added.
+    let ports = free_ports(2);
+    let fourth = format!("127.0.0.1:{}", ports[0]);
+    let data = cluster.dir.path().join("data-4");
+    let log = std::fs::File::create(cluster.dir.path().join("replica-4.log")).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["server", "--id", "4", "--listen", &fourth])
+        .args(["--http", &format!("127.0.0.1:{}", ports[1])])
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    // Phase 2: add it as a voter; every replica sees four voters.
+    let out = gangway(&[
+        "cluster",
+        "add-member",
+        "--id",
+        "4",
+        "--address",
+        &fourth,
+        "--addr",
+        &addrs,
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}\n{}", cluster.logs());
+    let cs = json(&gangway(&["cluster", "status", "--addr", &addrs, "-o", "json"]).await);
+    let voters = cs["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["voter"] == true)
+        .count();
+    assert_eq!(voters, 4, "{cs}");
+
+    // Phase 3: hand leadership to replica 4 and back to another one.
+    let out = gangway(&["cluster", "transfer-leader", "--to", "4", "--addr", &addrs]).await;
+    assert!(out.status.success(), "{out:?}");
+    let s = status(&fourth).await.expect("replica 4 answers");
+    assert_eq!((s.leader_id, s.role.as_str()), (4, "leader"));
+    let all = format!("{addrs},{fourth}");
+    let out = gangway(&[
+        "cluster",
+        "transfer-leader",
+        "--to",
+        &leader.to_string(),
+        "--addr",
+        &all,
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}");
+
+    // Phase 4: remove replica 4; the cluster is three voters again and still takes writes.
+    let out = gangway(&["cluster", "remove-member", "--id", "4", "--addr", &all]).await;
+    assert!(out.status.success(), "{out:?}");
+    let cs = json(&gangway(&["cluster", "status", "--addr", &addrs, "-o", "json"]).await);
+    let ids: Vec<u64> = cs["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3], "{cs}");
+    let spec = cluster.dir.path().join("one.toml");
+    std::fs::write(&spec, single("after-shrink", 1)).unwrap();
+    let out = gangway(&["submit", spec.to_str().unwrap(), "--addr", &addrs]).await;
+    assert!(out.status.success(), "{out:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
