@@ -180,13 +180,7 @@ async fn invalid_specs_are_rejected_with_the_field_named_and_nothing_created() {
             );
         }
     }
-    let mut c = client(&cluster.addr(leader)).await.unwrap();
-    let jobs = c
-        .list_jobs(pb::ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let jobs = list_jobs(&cluster.addr(leader)).await;
     assert!(
         jobs.is_empty(),
         "invalid submissions created jobs: {jobs:?}"
@@ -214,13 +208,7 @@ async fn concurrent_submissions_with_one_idempotency_key_create_one_job() {
             "round {round}: exactly one created it: {a:?} {b:?}"
         );
     }
-    let mut c = client(&cluster.addr(leader)).await.unwrap();
-    let jobs = c
-        .list_jobs(pb::ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let jobs = list_jobs(&cluster.addr(leader)).await;
     assert_eq!(jobs.len(), 5, "{jobs:?}");
 }
 

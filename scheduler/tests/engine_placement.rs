@@ -536,3 +536,30 @@ fn invalid_and_duplicate_requests_are_reported() {
     assert_eq!(plan.pending.len(), 3);
     assert!(reason(&plan, "zero").to_string().starts_with("validate:"));
 }
+
+#[test]
+fn a_task_larger_than_any_host_says_so_and_holds_no_queue_up() {
+    let c = cluster(&[("a0", "r0", "H100", 8, 1), ("a1", "r0", "H100", 8, 1)]);
+    for policy in PolicyName::ALL {
+        // The too-big job is first in its queue; under FIFO policies it would block the second.
+        let pending = vec![gpus("big", 1, 16), gpus("small", 1, 2)];
+        let plan = schedule(&c, &pending, &config(policy), 0);
+        let r = reason(&plan, "big");
+        assert!(
+            matches!(
+                r,
+                PendingReason::NeverFits {
+                    per_task: 16,
+                    largest_host: 8,
+                    ..
+                }
+            ),
+            "{policy}: {r:?}"
+        );
+        assert!(r.to_string().contains("the largest host has 8"), "{r}");
+        assert!(
+            placement(&plan, "small").is_some(),
+            "{policy}: a never-fitting job held its queue up"
+        );
+    }
+}

@@ -183,7 +183,19 @@ pub fn cluster_table(v: &ClusterView) -> String {
 }
 
 async fn status_frame(client: &mut Client, render: Render) -> Result<String, ClientError> {
-    let status = client.cluster_status().await?;
+    let mut status = client.cluster_status().await?;
+    // Any replica answers with its own view; the leader's also has every member's replication
+    // progress, so prefer it when the first answer names a reachable leader.
+    if status.role != "leader" {
+        if let Ok(addr) = normalize_addr(&status.leader_address) {
+            let mut leader = Client::new(vec![addr], std::time::Duration::from_secs(2));
+            if let Ok(s) = leader.cluster_status().await {
+                if s.role == "leader" {
+                    status = s;
+                }
+            }
+        }
+    }
     Ok(render.view(&ClusterView::from(&status), cluster_table))
 }
 

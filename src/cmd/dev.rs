@@ -293,9 +293,10 @@ async fn demo(cluster: &mut Cluster, dir: &Path, args: &DevArgs) -> anyhow::Resu
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "\nTry, in another terminal:\n  export GANGWAY_ADDR={addrs}\n  gangway jobs\n  gangway job status {}\n  gangway nodes\n  gangway leases\n  gangway cluster status\n  gangway cluster transfer-leader --to 2\n\
+        "\nTry, in another terminal:\n  export GANGWAY_ADDR={addrs}\n  gangway jobs\n  gangway job status {}\n  gangway nodes\n  gangway leases\n  gangway cluster status\n  gangway cluster transfer-leader --to {}\n\
          Metrics: http://127.0.0.1:{}/metrics  Logs: {}/replica-*.log\nCtrl-C stops everything.",
         ids.last().map_or("", |(_, id)| id.as_str()),
+        leader_id % 3 + 1,
         args.base_port + 1000,
         dir.display()
     );

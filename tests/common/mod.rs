@@ -316,6 +316,16 @@ pub fn single(name: &str, devices: u32) -> String {
     )
 }
 
+/// Every job, as the replica at `addr` (the leader) lists it.
+pub async fn list_jobs(addr: &str) -> Vec<pb::JobSummary> {
+    let mut c = client(addr).await.expect("connect");
+    c.list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("list jobs")
+        .into_inner()
+        .jobs
+}
+
 /// Submits through the client API of `addr` (a follower forwards).
 pub async fn submit(
     addr: &str,

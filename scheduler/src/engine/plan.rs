@@ -72,6 +72,13 @@ pub struct PendingJob {
 pub enum PendingReason {
     /// No host in the cluster has devices this job accepts (kind/model), whatever is free.
     NoMatchingDevices { wanted: String },
+    /// No host has as many devices as one task asks for, free or not: the job cannot be placed
+    /// as written until such hosts join.
+    NeverFits {
+        wanted: String,
+        per_task: u32,
+        largest_host: u64,
+    },
     /// The cluster as a whole lacks the free capacity.
     InsufficientCapacity {
         wanted: String,
@@ -112,6 +119,14 @@ impl std::fmt::Display for PendingReason {
             PendingReason::NoMatchingDevices { wanted } => {
                 write!(f, "needs {wanted}; no host in the cluster has such devices")
             }
+            PendingReason::NeverFits {
+                wanted,
+                per_task,
+                largest_host,
+            } => write!(
+                f,
+                "needs {wanted}: each task needs {per_task} devices on one host, but the largest host has {largest_host}; it cannot be placed until such hosts join"
+            ),
             PendingReason::InsufficientCapacity {
                 wanted,
                 needed,

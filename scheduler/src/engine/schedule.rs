@@ -524,6 +524,16 @@ pub(crate) fn explain(
     {
         return PendingReason::NoMatchingDevices { wanted };
     }
+    if let DeviceDemand::Whole(n) = shape.demand {
+        let largest = ov.max_devices_per_host as u64;
+        if u64::from(n) > largest {
+            return PendingReason::NeverFits {
+                wanted,
+                per_task: n,
+                largest_host: largest,
+            };
+        }
+    }
     let (needed, free) = match shape.demand {
         DeviceDemand::Whole(n) => (
             u64::from(n) * u64::from(req.tasks),
@@ -885,7 +895,9 @@ pub fn schedule(
                 handled = true;
             }
         }
-        if !handled {
+        // A gang that can never fit holds no queue up: waiting behind it would be forever.
+        let never_fits = matches!(reason, PendingReason::NeverFits { .. });
+        if !handled && !never_fits {
             match policy.head_of_line() {
                 HeadOfLine::Skip => {}
                 HeadOfLine::StrictPerQueue => {

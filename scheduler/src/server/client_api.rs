@@ -7,7 +7,7 @@
 
 use super::context::ReplicaContext;
 use super::convert;
-use super::error::ApiError;
+use super::error::{required, ApiError};
 use crate::engine::{NodeState, QueueConfig};
 use crate::state::{Command, JobState, Rejection, Response};
 use gangway_consensus::Role;
@@ -63,15 +63,6 @@ impl ClientService {
         } else {
             self.ctx.read(f).await
         }
-    }
-}
-
-fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiError> {
-    let v = value.trim();
-    if v.is_empty() {
-        Err(ApiError::invalid(field, "required"))
-    } else {
-        Ok(v)
     }
 }
 

@@ -114,6 +114,16 @@ impl ApiError {
     }
 }
 
+/// A request's string field, trimmed; empty is an error naming the field.
+pub fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiError> {
+    let v = value.trim();
+    if v.is_empty() {
+        Err(ApiError::invalid(field, "required"))
+    } else {
+        Ok(v)
+    }
+}
+
 impl From<Rejection> for ApiError {
     fn from(r: Rejection) -> Self {
         match r {

@@ -81,18 +81,30 @@ impl HeartbeatTracker {
         Some(now.saturating_duration_since(last))
     }
 
-    /// Of `nodes`, those silent for longer than `ttl`.
+    /// Of `nodes`, those silent for longer than `ttl`. A node this leadership has not seen yet
+    /// (registered through another replica, or known from before the election) starts its clock
+    /// now: it always gets one full TTL to be heard from.
     pub fn expired<'a>(
         &self,
         nodes: impl IntoIterator<Item = &'a HostName>,
         ttl: Duration,
         now: Instant,
     ) -> Vec<HostName> {
-        nodes
-            .into_iter()
-            .filter(|n| self.silence(n, now).is_some_and(|s| s > ttl))
-            .cloned()
-            .collect()
+        let mut g = self.lock();
+        if g.since.is_none() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for node in nodes {
+            let seen = g.nodes.entry(node.clone()).or_insert_with(|| Seen {
+                at: now,
+                devices: Vec::new(),
+            });
+            if now.saturating_duration_since(seen.at) > ttl {
+                out.push(node.clone());
+            }
+        }
+        out
     }
 
     /// The latest device samples of a node, as last reported.

@@ -8,7 +8,7 @@
 
 use super::context::ReplicaContext;
 use super::convert;
-use super::error::ApiError;
+use super::error::{required, ApiError};
 use super::heartbeats::DeviceSample;
 use crate::engine::{HostTopology, NodeState};
 use crate::state::{
@@ -58,15 +58,6 @@ pub fn worker_lease_ttl(heartbeat_interval: Duration, node_ttl: Duration) -> Dur
 }
 
 type Reply<T> = Result<TonicResponse<T>, Status>;
-
-fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiError> {
-    let v = value.trim();
-    if v.is_empty() {
-        Err(ApiError::invalid(field, "required"))
-    } else {
-        Ok(v)
-    }
-}
 
 /// Checks a registration field by field; the error names the first bad one.
 pub fn registration_from_pb(req: pb::RegisterRequest) -> Result<NodeRegistration, ApiError> {
