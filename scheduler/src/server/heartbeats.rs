@@ -133,14 +133,24 @@ mod tests {
         // Not leading: nothing is ever expired.
         assert!(t.expired([&host("a")], ttl, t0 + ttl * 5).is_empty());
 
-        // Phase 1: lead in term 3; "a" heartbeats, "b" never does.
+        // Phase 1: lead in term 3; the loop looks at both nodes at once; "a" heartbeats, "b"
+        // never does.
         t.lead(3, t0);
+        assert!(t.expired([&host("a"), &host("b")], ttl, t0).is_empty());
         t.record(&host("a"), vec![], t0 + Duration::from_secs(8));
         let at = t0 + Duration::from_secs(11);
         assert_eq!(
             t.expired([&host("a"), &host("b")], ttl, at),
             vec![host("b")]
         );
+
+        // A node first seen late (it registered through a follower) gets its TTL from then, not
+        // from the start of the leadership.
+        let late = t0 + Duration::from_secs(20);
+        assert!(t.expired([&host("c")], ttl, late).is_empty());
+        assert!(t.expired([&host("c")], ttl, late + ttl).is_empty());
+        let after = late + ttl + Duration::from_millis(1);
+        assert_eq!(t.expired([&host("c")], ttl, after), vec![host("c")]);
 
         // Phase 2: the same term again changes nothing (a loop calls lead() every tick).
         t.lead(3, at);
@@ -154,6 +164,7 @@ mod tests {
         t.step_down();
         let t1 = t0 + Duration::from_secs(30);
         t.lead(5, t1);
+        assert!(t.expired([&host("a"), &host("b")], ttl, t1).is_empty());
         assert!(t
             .expired([&host("a"), &host("b")], ttl, t1 + ttl)
             .is_empty());
