@@ -15,6 +15,8 @@ pub struct ReplicaContext {
     pub raft: ReplicaHandle<SchedulerFsm>,
     pub config: Arc<ServerConfig>,
     pub heartbeats: Arc<HeartbeatTracker>,
+    /// Per-node wake-ups for the allocation streams.
+    pub allocations: Arc<super::notifier::AllocationNotifier>,
     /// Turns true when the replica begins to stop: long-lived streams end so the servers can drain.
     pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
 }

@@ -18,6 +18,7 @@ pub mod fsm;
 pub mod heartbeats;
 pub mod http;
 pub mod leader;
+pub mod notifier;
 pub mod replica;
 pub mod worker_api;
 

@@ -104,6 +104,7 @@ impl Replica {
                 raft,
                 config: Arc::new(config),
                 heartbeats: Arc::new(HeartbeatTracker::new()),
+                allocations: Arc::default(),
                 shutdown: Arc::new(watch::channel(false).0),
             },
             grpc_listener,
@@ -180,6 +181,11 @@ impl Replica {
         let s = stop_rx.clone();
         tasks.spawn(async move {
             leader::node_down_loop(c, s).await;
+            Ok(())
+        });
+        let c = ctx.clone();
+        tasks.spawn(async move {
+            c.allocations.clone().run(c).await;
             Ok(())
         });
         let c = ctx.clone();

@@ -12,21 +12,16 @@ use super::error::{required, ApiError};
 use super::heartbeats::DeviceSample;
 use crate::engine::{HostTopology, NodeState};
 use crate::state::{
-    CheckpointManifest, Command, DeviceInventory, Event, NodeRegistration, Rejection, TaskState,
+    CheckpointManifest, Command, DeviceInventory, NodeRegistration, Rejection, TaskState,
 };
-use gangway_consensus::StateChange;
 use gangway_proto::device::DeviceKind;
 use gangway_proto::ids::{HostName, JobId};
 use gangway_proto::pb;
 use gangway_proto::pb::worker_api_server::WorkerApi;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tonic::{Request, Response as TonicResponse, Status};
-
-/// How often an allocation stream re-checks that this replica still leads.
-const LEADERSHIP_CHECK: Duration = Duration::from_millis(250);
 
 pub struct WorkerService {
     ctx: ReplicaContext,
@@ -196,7 +191,7 @@ impl WorkerApi for WorkerService {
         let node = HostName::new(required("node", &req.get_ref().node)?);
         self.ctx.leader_only()?;
         // Subscribe before the first read so no change between the two is missed.
-        let mut changes = self.ctx.raft.subscribe();
+        let mut wake = self.ctx.allocations.subscribe(&node);
         let first = self
             .ctx
             .read(|fsm| {
@@ -218,25 +213,23 @@ impl WorkerApi for WorkerService {
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
-            let mut check = tokio::time::interval(LEADERSHIP_CHECK);
             loop {
                 // None: the replica is stopping.
                 let dirty = tokio::select! {
                     _ = tx.closed() => return,
                     _ = stopping.changed() => None,
-                    _ = check.tick() => {
-                        if let Err(e) = ctx.leader_only() {
-                            let _ = tx.send(Err(e.into())).await;
-                            return;
+                    r = wake.leading.changed() => {
+                        let still = r.is_ok() && *wake.leading.borrow_and_update();
+                        if !still {
+                            if let Err(e) = ctx.leader_only() {
+                                let _ = tx.send(Err(e.into())).await;
+                                return;
+                            }
                         }
                         Some(false)
                     }
-                    change = changes.recv() => match change {
-                        Ok(StateChange::Event { event: Event::AllocationsChanged(n), .. }) => Some(n == node),
-                        Ok(StateChange::Event { .. }) => Some(false),
-                        Ok(StateChange::SnapshotInstalled { .. }) | Err(RecvError::Lagged(_)) => Some(true),
-                        Err(RecvError::Closed) => return,
-                    },
+                    r = wake.node.changed() => r.ok().map(|_| true),
+                    r = wake.all.changed() => r.ok().map(|_| true),
                 };
                 let Some(dirty) = dirty else {
                     let stopping = ApiError::Unavailable("replica is shutting down".into());
