@@ -115,18 +115,28 @@ impl Cluster {
         }
     }
 
+    /// The leader a majority of the running replicas agree on (a deposed leader that has not yet
+    /// heard of the new term may still call itself leader: it must not be the one "killed").
     async fn leader(&self, not: Option<usize>) -> usize {
         loop {
+            let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
             for (i, a) in self.addrs.iter().enumerate() {
                 if Some(i) == not || self.children[i].is_none() {
                     continue;
                 }
                 if let Some(mut c) = connect(a).await {
                     if let Ok(s) = c.cluster_status(pb::Empty {}).await {
-                        if s.into_inner().role == "leader" {
-                            return i;
+                        let s = s.into_inner();
+                        if s.leader_id != 0 {
+                            *votes.entry(s.leader_id).or_default() += 1;
                         }
                     }
+                }
+            }
+            if let Some((id, n)) = votes.into_iter().max_by_key(|(_, n)| *n) {
+                let i = id as usize - 1;
+                if n >= 2 && Some(i) != not && self.children[i].is_some() {
+                    return i;
                 }
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -15,6 +15,9 @@ pub struct ReplicaContext {
     pub raft: ReplicaHandle<SchedulerFsm>,
     pub config: Arc<ServerConfig>,
     pub heartbeats: Arc<HeartbeatTracker>,
+    /// The term in which this replica, as leader, last confirmed a linearizable read: from then on
+    /// its own state includes its term's first entry, and cheap local reads are current.
+    pub barrier_term: Arc<std::sync::atomic::AtomicU64>,
     /// Per-node wake-ups for the allocation streams.
     pub allocations: Arc<super::notifier::AllocationNotifier>,
     /// Turns true when the replica begins to stop: long-lived streams end so the servers can drain.
@@ -53,6 +56,20 @@ impl ReplicaContext {
             .read(f)
             .await
             .map_err(|e| ApiError::from_consensus(self.id(), e))
+    }
+
+    /// A read for decisions the leader sends out (allocation sets): linearizable once per term,
+    /// then from local state while the term lasts. A thousand workers reconnecting to a new leader
+    /// cost one ReadIndex round, not a thousand.
+    pub async fn leader_read<R>(&self, f: impl FnOnce(&SchedulerFsm) -> R) -> Result<R, ApiError> {
+        use std::sync::atomic::Ordering;
+        let term = self.raft.metrics().term;
+        if self.raft.is_leader() && self.barrier_term.load(Ordering::Acquire) == term {
+            return Ok(self.raft.read_local(f));
+        }
+        let r = self.read(f).await?;
+        self.barrier_term.store(term, Ordering::Release);
+        Ok(r)
     }
 
     /// Fails with `not_leader` unless this replica leads (for calls only the leader may serve).

@@ -105,6 +105,7 @@ impl Replica {
                 config: Arc::new(config),
                 heartbeats: Arc::new(HeartbeatTracker::new()),
                 allocations: Arc::default(),
+                barrier_term: Arc::default(),
                 shutdown: Arc::new(watch::channel(false).0),
             },
             grpc_listener,

@@ -194,7 +194,7 @@ impl WorkerApi for WorkerService {
         let mut wake = self.ctx.allocations.subscribe(&node);
         let first = self
             .ctx
-            .read(|fsm| {
+            .leader_read(|fsm| {
                 fsm.store()
                     .nodes()
                     .contains_key(&node)
