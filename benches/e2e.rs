@@ -58,6 +58,8 @@ impl Cluster {
             .map(|(i, a)| format!("{}={a}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
+        // Election timeout (min; max is twice it), GANGWAY_BENCH_ELECTION_MS, default 300 ms.
+        let e = env_or("GANGWAY_BENCH_ELECTION_MS", 300);
         let mut configs = Vec::new();
         for i in 0..3 {
             let data = dir.path().join(format!("data-{}", i + 1));
@@ -66,12 +68,14 @@ impl Cluster {
                 &cfg,
                 format!(
                     "id = {}\nlisten = \"{}\"\nhttp = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{cluster}\"\n\
-                     [raft]\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"\nheartbeat_interval = \"75ms\"\n\
+                     [raft]\nelection_timeout_min = \"{e}ms\"\nelection_timeout_max = \"{}ms\"\nheartbeat_interval = \"{}ms\"\n\
                      snapshot_every_entries = 20000\n[scheduler]\ninterval = \"1s\"\n[workers]\nheartbeat_interval = \"2s\"\nnode_ttl = \"20s\"\n",
                     i + 1,
                     addrs[i],
                     ports[3 + i],
-                    data.display()
+                    data.display(),
+                    e * 2,
+                    (e / 4).max(10),
                 ),
             )
             .unwrap();
@@ -325,11 +329,41 @@ fn main() {
                 .filter(|(i, _)| *i != leader)
                 .map(|(_, a)| a.clone())
                 .collect();
+            // Beside the submission, watch for the survivors to agree on a new leader.
+            let watch_addrs = survivors.clone();
+            let killed_id = leader as u64 + 1;
+            let elected = tokio::spawn(async move {
+                loop {
+                    let mut ids = Vec::new();
+                    for a in &watch_addrs {
+                        if let Some(mut c) = connect(a).await {
+                            if let Ok(s) = c.cluster_status(pb::Empty {}).await {
+                                ids.push(s.into_inner().leader_id);
+                            }
+                        }
+                    }
+                    if ids.len() == watch_addrs.len()
+                        && ids.iter().all(|i| *i == ids[0] && *i != 0 && *i != killed_id)
+                    {
+                        return Instant::now();
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
             let ids = submit_all(&survivors, vec![single_gpu(1_000_000 + k)], 1, &format!("kill-{k}")).await;
+            let accepted = Instant::now();
             let id = ids.keys().next().cloned().expect("one submission");
             fleet.wait_for(Duration::from_secs(60), |seen| seen.contains_key(&id)).await;
             let at = fleet.seen()[&id].first_seen;
             failovers.push(at.duration_since(killed_at).as_secs_f64() * 1e3);
+            let elected = elected.await.expect("leader watcher");
+            let ms = |t: Instant| t.saturating_duration_since(killed_at).as_millis();
+            println!(
+                "  kill {k}: new leader agreed at {} ms, submission accepted at {} ms, placed at {} ms",
+                ms(elected),
+                ms(accepted),
+                ms(at)
+            );
             cluster.spawn(leader);
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
