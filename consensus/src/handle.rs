@@ -32,7 +32,6 @@ use crate::log_store::MemLogStore;
 use crate::log_store::RocksLogStore;
 use crate::log_store::StorageHealth;
 use crate::metrics::ReplicaMetrics;
-use crate::metrics::Role;
 use crate::network::client::NetworkFactory;
 use crate::network::transport::CallError;
 use crate::network::Transport;
@@ -361,7 +360,9 @@ impl<S: StateMachine> ReplicaHandle<S> {
 
     /// Whether this replica currently believes it is the leader.
     pub fn is_leader(&self) -> bool {
-        self.metrics().role == Role::Leader
+        // Called on hot paths (every heartbeat and API call): read the one field instead of
+        // building a whole `ReplicaMetrics`.
+        self.inner.raft.metrics().borrow_watched().state == openraft::ServerState::Leader
     }
 
     /// The leader this replica knows of, with its address.

@@ -63,8 +63,11 @@ impl ReplicaContext {
     /// cost one ReadIndex round, not a thousand.
     pub async fn leader_read<R>(&self, f: impl FnOnce(&SchedulerFsm) -> R) -> Result<R, ApiError> {
         use std::sync::atomic::Ordering;
-        let term = self.raft.metrics().term;
-        if self.raft.is_leader() && self.barrier_term.load(Ordering::Acquire) == term {
+        let m = self.raft.metrics();
+        let term = m.term;
+        if m.role == gangway_consensus::Role::Leader
+            && self.barrier_term.load(Ordering::Acquire) == term
+        {
             return Ok(self.raft.read_local(f));
         }
         let r = self.read(f).await?;

@@ -16,8 +16,6 @@ mod nvml;
 pub use fake::{FakeBackend, FakeSpecError, Fault};
 pub use nvml::NvmlBackend;
 
-use std::fmt;
-
 /// A source of device inventory and telemetry: NVML on real hosts, [`FakeBackend`] elsewhere.
 pub trait DeviceBackend: Send + Sync {
     /// Short name for logs and `/metrics` labels: "nvml" or "fake".
@@ -31,28 +29,9 @@ pub trait DeviceBackend: Send + Sync {
     fn telemetry(&self) -> Result<Vec<DeviceTelemetry>, DeviceError>;
 }
 
-/// What kind of accelerator a device is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DeviceKind {
-    Gpu,
-    Tpu,
-}
-
-impl DeviceKind {
-    /// The name the scheduler's protocol uses: "gpu" or "tpu".
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeviceKind::Gpu => "gpu",
-            DeviceKind::Tpu => "tpu",
-        }
-    }
-}
-
-impl fmt::Display for DeviceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// What kind of accelerator a device is: the scheduler's own type, so the agent registers exactly
+/// the kinds job specs name.
+pub use gangway_proto::device::DeviceKind;
 
 /// One device as registered with the scheduler.
 #[derive(Debug, Clone, PartialEq, Eq)]
