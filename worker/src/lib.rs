@@ -17,6 +17,15 @@
 //! NUMA node) is what the agent registers; the telemetry (utilization, memory used, health and
 //! XID/ECC events) is what each heartbeat carries.
 //!
+//! # The task driver
+//!
+//! [`driver`] runs the agent's decisions: it starts each task under a supervisor *shim* (the same
+//! binary as `gangway task-shim`) in a process group of its own, signals and stops the group,
+//! reports exits, and re-adopts running tasks after an agent restart. The shim records the task's
+//! exit in a file, so a restarted agent still learns it, and enforces the lease deadline from a
+//! lease file the agent renews, so a worker cut off from the scheduler stops its tasks in time
+//! even if the agent itself is dead.
+//!
 //! # What comes next: the agent loop
 //!
 //! * **register**: send the inventory and the host's topology labels to the scheduler;
@@ -30,3 +39,4 @@
 //!   the scheduler has already rescheduled elsewhere never runs twice.
 
 pub mod devices;
+pub mod driver;

@@ -1,0 +1,43 @@
+//! The task driver: runs, signals, stops, watches and re-adopts task processes on this host.
+//!
+//! The agent decides *what* runs; the driver runs it. Each task runs under a *shim*
+//! ([`run_shim`], the same `gangway` binary started as `gangway task-shim ...`) that leads a new
+//! process group, so that:
+//!
+//! * the task outlives the agent: nothing ties its life to ours (no `kill_on_drop`, no parent
+//!   death signal, not in our process group);
+//! * its real exit status survives an agent restart, in the shim's *exit file*, read by whichever
+//!   agent process [`adopt`](TaskDriver::adopt)s it;
+//! * it is fenced when the lease lapses even if the agent is dead: the shim watches the lease file
+//!   the agent rewrites after every heartbeat ([`TaskDriver::write_lease_deadline`]) and kills
+//!   the task by the deadline;
+//! * signals (checkpoint, stop) go to the whole group, reaching a launcher's workers too.
+//!
+//! Files under `data_dir`: `logs/<job>/task-<n>.log` (stdout and stderr of every epoch, each
+//! after a `=== gangway: epoch E started` header) and `tasks/<job>/task-<n>/` (`epoch-<E>/exit.json`
+//! and the default working directory `work/`).
+
+mod config;
+mod error;
+mod exit_file;
+mod key;
+mod lease;
+mod outcome;
+mod procfs;
+mod record;
+mod shim;
+mod signals;
+mod spec;
+mod task_driver;
+mod task_handle;
+
+pub use config::DriverConfig;
+pub use error::DriverError;
+pub use key::TaskKey;
+pub use lease::boottime_ms;
+pub use outcome::{ExitOutcome, ExitReason};
+pub use record::ProcessRecord;
+pub use shim::{run_shim, ShimArgs};
+pub use spec::LaunchSpec;
+pub use task_driver::TaskDriver;
+pub use task_handle::TaskHandle;

@@ -1,0 +1,20 @@
+//! [`LaunchSpec`]: what to run for one task.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::TaskKey;
+
+/// One task to start. The agent decides the environment (`CUDA_VISIBLE_DEVICES`, rendezvous
+/// addresses, ...); the driver only runs it.
+#[derive(Clone, Debug)]
+pub struct LaunchSpec {
+    pub key: TaskKey,
+    /// Program and arguments; the program is looked up in `PATH` like a shell would.
+    pub command: Vec<String>,
+    /// Added to (and overriding) the agent's own environment.
+    pub env: BTreeMap<String, String>,
+    /// Default: `<data_dir>/tasks/<job>/task-<n>/work`, shared by the task's epochs so a restarted
+    /// task finds what an earlier incarnation left there (a local checkpoint, a cache).
+    pub work_dir: Option<PathBuf>,
+}

@@ -1,0 +1,272 @@
+//! [`TaskDriver`]: starts task shims and re-adopts them after an agent restart.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use super::procfs::{same_process_alive, ProcStat};
+use super::{
+    exit_file, lease, DriverConfig, DriverError, ExitOutcome, LaunchSpec, ProcessRecord, ShimArgs,
+    TaskHandle, TaskKey,
+};
+
+/// Runs task processes on this host, each under a shim (see [`run_shim`](super::run_shim)).
+///
+/// Holds no per-task state: a [`TaskHandle`] carries it, and a [`ProcessRecord`] is enough to
+/// find a task again, so the agent may be killed at any moment and a new driver picks up where
+/// the old one was.
+pub struct TaskDriver {
+    cfg: DriverConfig,
+}
+
+impl TaskDriver {
+    /// Checks the configuration and creates the driver's directories.
+    pub fn new(cfg: DriverConfig) -> Result<Self, DriverError> {
+        match cfg.shim_command.first() {
+            Some(program) if !program.is_empty() => {}
+            _ => {
+                return Err(DriverError::Config(
+                    "shim_command is empty; it should be [<gangway binary>, \"task-shim\"]".into(),
+                ))
+            }
+        }
+        if cfg.lease_file.file_name().is_none() {
+            return Err(DriverError::Config(format!(
+                "lease_file {} is not a file path",
+                cfg.lease_file.display()
+            )));
+        }
+        for dir in [cfg.data_dir.join("tasks"), cfg.data_dir.join("logs")] {
+            create_dir(&dir)?;
+        }
+        if let Some(parent) = cfg
+            .lease_file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            create_dir(parent)?;
+        }
+        Ok(TaskDriver { cfg })
+    }
+
+    /// Atomically replaces the lease deadline (milliseconds of [`boottime_ms`](super::boottime_ms))
+    /// every shim of this worker enforces. Call after every successful heartbeat.
+    pub fn write_lease_deadline(&self, deadline_boottime_ms: u64) -> Result<(), DriverError> {
+        lease::write_deadline(&self.cfg.lease_file, deadline_boottime_ms)
+            .map_err(|e| DriverError::io("writing lease file", &self.cfg.lease_file, e))
+    }
+
+    /// `<data_dir>/logs/<job>/task-<n>.log`: one file per task across epochs, appended, with a
+    /// header line before each launch, so one file tells the task's whole story.
+    pub fn log_path(&self, job: &str, task: u32) -> PathBuf {
+        self.cfg
+            .data_dir
+            .join("logs")
+            .join(path_component(job))
+            .join(format!("task-{task}.log"))
+    }
+
+    /// Starts the task's shim, which starts the task. The task failing to start (command not
+    /// found) is not an error here: the handle's [`wait`](TaskHandle::wait) returns reason
+    /// [`FailedToStart`](super::ExitReason::FailedToStart) naming the program. Errors are bad
+    /// specs and failures of the driver's own files or of the shim binary.
+    pub async fn launch(&self, spec: LaunchSpec) -> Result<TaskHandle, DriverError> {
+        validate(&spec)?;
+        let key = spec.key;
+        let task_dir = self.task_dir(&key);
+        let epoch_dir = task_dir.join(format!("epoch-{}", key.epoch));
+        create_dir(&epoch_dir)?;
+        let work_dir = match spec.work_dir {
+            Some(dir) => dir,
+            None => {
+                let dir = task_dir.join("work");
+                create_dir(&dir)?;
+                dir
+            }
+        };
+        let exit_file = epoch_dir.join("exit.json");
+        // A stale exit file (a relaunch of the same epoch) would be taken for this run's.
+        match fs::remove_file(&exit_file) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(DriverError::io("removing stale exit file", &exit_file, e))
+            }
+            _ => {}
+        }
+        let log_file = self.log_path(&key.job, key.task);
+        let log = open_log(&log_file, &key)?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| DriverError::io("duplicating log file", &log_file, e))?;
+
+        let shim_args = ShimArgs {
+            exit_file: exit_file.clone(),
+            lease_file: self.cfg.lease_file.clone(),
+            grace: self.cfg.grace,
+            workdir: Some(work_dir),
+            command: spec.command,
+        };
+        let program = &self.cfg.shim_command[0];
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(&self.cfg.shim_command[1..])
+            .args(shim_args.to_args())
+            .envs(&spec.env)
+            // The shim's own directory pins no mount; the task's is set by the shim.
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            // Its own group: the driver signals the group, and a signal to the agent's group
+            // (Ctrl-C, a service manager) never reaches tasks.
+            .process_group(0)
+            // The task must outlive the agent.
+            .kill_on_drop(false);
+        let spawn_err = |source| DriverError::SpawnShim {
+            program: program.clone(),
+            source,
+        };
+        let child = command.spawn().map_err(spawn_err)?;
+        let pid = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .ok_or_else(|| spawn_err(io::Error::other("spawned shim has no pid")))?;
+        // The shim is our unreaped child, so its /proc entry exists even if it already exited.
+        let start_ticks = match ProcStat::read(pid) {
+            Ok(stat) => stat.start_ticks,
+            Err(e) => {
+                tracing::warn!(task = %key, pid, error = %e, "cannot read the shim's start time; it cannot be re-adopted");
+                0
+            }
+        };
+        tracing::info!(task = %key, pid, "launched task");
+        let record = ProcessRecord {
+            key,
+            pid,
+            start_ticks,
+            exit_file,
+            log_file,
+        };
+        Ok(TaskHandle::launched(record, child))
+    }
+
+    /// Re-adopts a task an earlier agent started: `Ok(handle)` when its shim still runs (same pid
+    /// AND same start time, so a recycled pid is never adopted); `Err(outcome)` when it has ended,
+    /// from its exit file, or reason [`Lost`](super::ExitReason::Lost) without one.
+    pub fn adopt(&self, record: &ProcessRecord) -> Result<TaskHandle, ExitOutcome> {
+        if record.pid > 1 && same_process_alive(record.pid, record.start_ticks) {
+            tracing::info!(task = %record.key, pid = record.pid, "adopted running task");
+            return Ok(TaskHandle::adopted(record.clone()));
+        }
+        Err(match exit_file::read(&record.exit_file) {
+            Ok(Some(outcome)) => outcome,
+            Ok(None) => ExitOutcome::lost(format!(
+                "task {} is gone without an exit file (pid {} is not the shim that was started): \
+                 killed from outside, or the host rebooted",
+                record.key, record.pid
+            )),
+            Err(e) => ExitOutcome::lost(e),
+        })
+    }
+
+    /// `<data_dir>/tasks/<job>/task-<n>`: exit files of each epoch and the default working
+    /// directory.
+    fn task_dir(&self, key: &TaskKey) -> PathBuf {
+        self.cfg
+            .data_dir
+            .join("tasks")
+            .join(path_component(&key.job))
+            .join(format!("task-{}", key.task))
+    }
+}
+
+fn validate(spec: &LaunchSpec) -> Result<(), DriverError> {
+    let bad = |reason: String| DriverError::InvalidSpec {
+        key: spec.key.to_string(),
+        reason,
+    };
+    match spec.command.first() {
+        Some(program) if !program.is_empty() => {}
+        _ => return Err(bad("empty command".into())),
+    }
+    if spec.command.iter().any(|a| a.contains('\0')) {
+        return Err(bad("a command argument contains a NUL byte".into()));
+    }
+    for (name, value) in &spec.env {
+        if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0') {
+            return Err(bad(format!("invalid environment variable `{name}`")));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the task's log for appending and writes the launch header.
+fn open_log(path: &Path, key: &TaskKey) -> Result<fs::File, DriverError> {
+    if let Some(dir) = path.parent() {
+        create_dir(dir)?;
+    }
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| DriverError::io("opening task log", path, e))?;
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    writeln!(
+        file,
+        "=== gangway: epoch {} started at {now} (task {key})",
+        key.epoch
+    )
+    .map_err(|e| DriverError::io("writing task log", path, e))?;
+    Ok(file)
+}
+
+fn create_dir(dir: &Path) -> Result<(), DriverError> {
+    fs::create_dir_all(dir).map_err(|e| DriverError::io("creating directory", dir, e))
+}
+
+/// A job name as one safe path component: bytes outside `[A-Za-z0-9_.-]`, and a leading `.`,
+/// become `%XX`, so `../x` or `a/b` can never leave the driver's directories, and distinct names
+/// stay distinct.
+fn path_component(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for (i, byte) in name.bytes().enumerate() {
+        let plain =
+            byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-') || (byte == b'.' && i > 0);
+        if plain {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push('%');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_names_cannot_escape_the_data_dir() {
+        assert_eq!(path_component("train-7b_v2.1"), "train-7b_v2.1");
+        assert_eq!(path_component(".."), "%2E.");
+        assert_eq!(path_component("a/b"), "a%2Fb");
+        assert_eq!(path_component("a%2Fb"), "a%252Fb");
+        assert_eq!(path_component(""), "%");
+        assert_eq!(path_component("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn new_rejects_an_empty_shim_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DriverConfig {
+            shim_command: vec![],
+            data_dir: dir.path().into(),
+            lease_file: dir.path().join("lease"),
+            grace: std::time::Duration::from_secs(1),
+        };
+        assert!(matches!(TaskDriver::new(cfg), Err(DriverError::Config(_))));
+    }
+}

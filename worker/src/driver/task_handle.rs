@@ -1,0 +1,230 @@
+//! [`TaskHandle`]: one running (or ended) task, as the agent holds it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::procfs::same_process_alive;
+use super::signals::{parse_signal, signal_group};
+use super::{exit_file, DriverError, ExitOutcome, ExitReason, ProcessRecord, TaskKey};
+
+/// How often an adopted task (whose shim is not our child, so we cannot wait for it) is checked.
+const ADOPTED_POLL: Duration = Duration::from_millis(100);
+
+/// A task's shim and what is known about its end. Cheap to clone (an `Arc` inside); every method
+/// takes `&self` and may be called concurrently from many tasks.
+///
+/// Dropping every handle neither stops nor forgets the task: it keeps running in its own process
+/// group, its shim keeps its exit file, and a later [`TaskDriver::adopt`](super::TaskDriver::adopt)
+/// finds it again.
+#[derive(Clone)]
+pub struct TaskHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    record: ProcessRecord,
+    /// Whether the shim is a child of this process. If not (adopted), the pid is re-checked
+    /// against its start time before every signal, since nothing stops it being recycled.
+    adopted: bool,
+    /// `None` while the shim runs; the outcome once the watcher saw it end.
+    outcome: watch::Receiver<Option<ExitOutcome>>,
+    flags: Arc<StopFlags>,
+}
+
+/// What this side did to the task, which the exit file alone cannot say.
+#[derive(Default)]
+struct StopFlags {
+    stop_requested: AtomicBool,
+    killed: AtomicBool,
+}
+
+impl TaskHandle {
+    /// Watches a shim this process started: a background task reaps it (so it never lingers as a
+    /// zombie) and then reads its exit file.
+    pub(crate) fn launched(record: ProcessRecord, mut child: tokio::process::Child) -> Self {
+        let (tx, rx) = watch::channel(None);
+        let flags = Arc::new(StopFlags::default());
+        let exit_file = record.exit_file.clone();
+        let watcher_flags = flags.clone();
+        tokio::spawn(async move {
+            let how = match child.wait().await {
+                Ok(status) => format!("shim {status}"),
+                Err(e) => format!("cannot wait for the shim: {e}"),
+            };
+            let _ = tx.send(Some(conclude(&exit_file, &watcher_flags, &how)));
+        });
+        TaskHandle {
+            inner: Arc::new(Inner {
+                record,
+                adopted: false,
+                outcome: rx,
+                flags,
+            }),
+        }
+    }
+
+    /// Watches a shim an earlier agent started, by polling `/proc`. Uses the current Tokio
+    /// runtime when there is one, else a thread of its own.
+    pub(crate) fn adopted(record: ProcessRecord) -> Self {
+        let (tx, rx) = watch::channel(None);
+        let flags = Arc::new(StopFlags::default());
+        let (pid, ticks, exit_file) = (record.pid, record.start_ticks, record.exit_file.clone());
+        let watcher_flags = flags.clone();
+        let done = move || {
+            let outcome = conclude(&exit_file, &watcher_flags, "the adopted shim is gone");
+            let _ = tx.send(Some(outcome));
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let mut tick = tokio::time::interval(ADOPTED_POLL);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    while same_process_alive(pid, ticks) {
+                        tick.tick().await;
+                    }
+                    done();
+                });
+            }
+            Err(_) => {
+                std::thread::spawn(move || {
+                    while same_process_alive(pid, ticks) {
+                        std::thread::sleep(ADOPTED_POLL);
+                    }
+                    done();
+                });
+            }
+        }
+        TaskHandle {
+            inner: Arc::new(Inner {
+                record,
+                adopted: true,
+                outcome: rx,
+                flags,
+            }),
+        }
+    }
+
+    pub fn key(&self) -> &TaskKey {
+        &self.inner.record.key
+    }
+
+    /// What the agent persists to re-adopt this task after a restart.
+    pub fn record(&self) -> ProcessRecord {
+        self.inner.record.clone()
+    }
+
+    /// Sends a signal by name ("SIGUSR1", "USR1") to the task's whole process group, so a
+    /// launcher's workers get it too; the shim survives it. An unknown name is an error naming
+    /// it; a task that has already ended is not an error.
+    pub fn signal(&self, signal_name: &str) -> Result<(), DriverError> {
+        let (signal, _) = parse_signal(signal_name)?;
+        self.send(signal)
+    }
+
+    /// Waits for the task to end. Cancel-safe; any number of concurrent waiters; once ended, every
+    /// call returns the same outcome at once.
+    pub async fn wait(&self) -> ExitOutcome {
+        let mut rx = self.inner.outcome.clone();
+        let outcome = rx
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|o| o.clone());
+        // The watcher only drops its sender after sending, unless its runtime shut down first.
+        outcome.unwrap_or_else(|| {
+            ExitOutcome::lost("the driver stopped watching the task (runtime shut down)")
+        })
+    }
+
+    /// Stops the task: SIGTERM to the group, up to `grace` for it to exit, then SIGKILL to the
+    /// group. Reason [`ExitReason::Stopped`], or [`ExitReason::Killed`] when SIGKILL was needed.
+    /// Idempotent: a task that already ended keeps the outcome it had.
+    pub async fn stop(&self, grace: Duration) -> ExitOutcome {
+        if let Some(outcome) = self.finished() {
+            return outcome;
+        }
+        self.inner
+            .flags
+            .stop_requested
+            .store(true, Ordering::SeqCst);
+        if let Err(e) = self.send(libc::SIGTERM) {
+            tracing::warn!(task = %self.key(), error = %e, "stop: SIGTERM failed");
+        }
+        if let Ok(outcome) = tokio::time::timeout(grace, self.wait()).await {
+            return outcome;
+        }
+        self.inner.flags.killed.store(true, Ordering::SeqCst);
+        if let Err(e) = self.send(libc::SIGKILL) {
+            tracing::warn!(task = %self.key(), error = %e, "stop: SIGKILL failed");
+        }
+        self.wait().await
+    }
+
+    /// Whether the task's shim is still running (as of the watcher's last look, for adopted
+    /// tasks at most 100 ms ago).
+    pub fn is_running(&self) -> bool {
+        self.inner.outcome.borrow().is_none()
+    }
+
+    fn finished(&self) -> Option<ExitOutcome> {
+        self.inner.outcome.borrow().clone()
+    }
+
+    fn send(&self, signal: libc::c_int) -> Result<(), DriverError> {
+        if self.finished().is_some() {
+            return Ok(());
+        }
+        let record = &self.inner.record;
+        // Our own child's pid cannot be recycled before we reap it, and a process group id stays
+        // taken while any member lives; an adopted pid has no such guarantee, so check it is
+        // still the process we recorded.
+        if self.inner.adopted && !same_process_alive(record.pid, record.start_ticks) {
+            return Ok(());
+        }
+        signal_group(record.pid, signal)
+    }
+}
+
+/// Turns the exit file (or its absence) and what we did into the task's outcome.
+fn conclude(exit_file: &std::path::Path, flags: &StopFlags, how: &str) -> ExitOutcome {
+    let stopped = flags.stop_requested.load(Ordering::SeqCst);
+    let killed = flags.killed.load(Ordering::SeqCst);
+    match exit_file::read(exit_file) {
+        Ok(Some(mut outcome)) => {
+            if stopped && outcome.reason == ExitReason::Exited {
+                if killed && outcome.signal == Some(libc::SIGKILL) {
+                    outcome.reason = ExitReason::Killed;
+                    outcome.message = format!(
+                        "stopped on request; did not exit within the grace and was killed: {}",
+                        outcome.message
+                    );
+                } else {
+                    outcome.reason = ExitReason::Stopped;
+                    outcome.message = format!("stopped on request: {}", outcome.message);
+                }
+            }
+            outcome
+        }
+        Ok(None) if killed => ExitOutcome {
+            code: None,
+            signal: Some(libc::SIGKILL),
+            reason: ExitReason::Killed,
+            message: "stopped on request; did not exit within the grace and was sent SIGKILL"
+                .into(),
+        },
+        Ok(None) => ExitOutcome::lost(format!(
+            "the task's shim ended without an exit file ({how}): killed from outside, or the host \
+             rebooted"
+        )),
+        Err(e) if killed => ExitOutcome {
+            code: None,
+            signal: Some(libc::SIGKILL),
+            reason: ExitReason::Killed,
+            message: format!("stopped on request and sent SIGKILL; {e}"),
+        },
+        Err(e) => ExitOutcome::lost(format!("{e} ({how})")),
+    }
+}
