@@ -34,8 +34,10 @@ enum Command {
     Submit(cmd::jobs::SubmitArgs),
     /// List jobs.
     Jobs(cmd::jobs::JobsArgs),
-    /// One job: status, cancel.
+    /// One job: status, cancel, checkpoint, migrate.
     Job(cmd::jobs::JobGroup),
+    /// A task's output, from the host it runs (or ran) on.
+    Logs(cmd::logs::LogsArgs),
     /// Cancel a job (same as `gangway job cancel`).
     Cancel(cmd::jobs::CancelCmd),
     /// List nodes: state, free devices, heartbeat.
@@ -54,15 +56,20 @@ enum Command {
     // ----- processes -----
     /// Run one scheduler replica (Raft member, client and worker API, leader loops).
     Server(cmd::server::ServerArgs),
+    /// The host agent: registers the host's devices, runs the tasks leased to it.
+    Worker(cmd::worker::WorkerArgs),
     /// A local cluster: three replicas, a fleet of fake 8-GPU hosts, a demo workload.
     Dev(cmd::dev::DevArgs),
+    /// The per-task supervisor the worker starts (not for people).
+    #[command(hide = true)]
+    TaskShim(cmd::worker::ShimArgs),
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default: info for Gangway, warnings for libraries).
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
-            "warn,gangway=info,gangway_scheduler=info,gangway_consensus=info",
+            "warn,gangway=info,gangway_scheduler=info,gangway_consensus=info,gangway_worker=info",
         )
     });
     let _ = tracing_subscriber::fmt()
@@ -91,10 +98,16 @@ fn main() -> ExitCode {
             init_logging();
             cmd::server::run(args)
         }
+        Command::Worker(args) => {
+            init_logging();
+            cmd::worker::run(args)
+        }
+        Command::TaskShim(args) => return cmd::worker::run_shim(args),
         Command::Dev(args) => cmd::dev::run(args),
         Command::Submit(a) => run_client(cmd::jobs::submit(a)),
         Command::Jobs(a) => run_client(cmd::jobs::jobs(a)),
         Command::Job(g) => run_client(cmd::jobs::job(g)),
+        Command::Logs(a) => run_client(cmd::logs::logs(a)),
         Command::Cancel(c) => run_client(cmd::jobs::cancel(c.opts, c.args)),
         Command::Nodes(a) => run_client(cmd::nodes::nodes(a)),
         Command::Node(g) => run_client(cmd::nodes::node(g)),

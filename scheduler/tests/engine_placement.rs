@@ -563,3 +563,67 @@ fn a_task_larger_than_any_host_says_so_and_holds_no_queue_up() {
         );
     }
 }
+
+/// `job migrate --to/--avoid`: the filter binds the one gang it belongs to and no other, under
+/// every policy, and a gang whose filter leaves no room waits instead of landing anywhere.
+#[test]
+fn host_filters_bind_only_their_own_gang() {
+    use gangway_scheduler::engine::HostFilter;
+    let names = |hosts: &[&str]| hosts.iter().map(|h| HostName::new(*h)).collect();
+    let hosts: [HostDef<'_>; 3] = [
+        ("h1", "r1", "H100", 8, 1),
+        ("h2", "r1", "H100", 8, 1),
+        ("h3", "r2", "H100", 8, 1),
+    ];
+    // (filter, hosts the 1x8 gang may land on; empty: must stay pending)
+    let cases: Vec<(HostFilter, Vec<&str>)> = vec![
+        (HostFilter::default(), vec!["h1", "h2", "h3"]),
+        (
+            HostFilter {
+                avoid: names(&["h1", "h2"]),
+                ..HostFilter::default()
+            },
+            vec!["h3"],
+        ),
+        (
+            HostFilter {
+                only: names(&["h2"]),
+                ..HostFilter::default()
+            },
+            vec!["h2"],
+        ),
+        (
+            HostFilter {
+                only: names(&["h2"]),
+                avoid: names(&["h2"]),
+            },
+            vec![],
+        ),
+    ];
+    for policy in [
+        PolicyName::Gangway,
+        PolicyName::FirstFit,
+        PolicyName::BestFit,
+    ] {
+        for (filter, allowed) in &cases {
+            let c = cluster(&hosts);
+            // The filtered gang goes first; an unfiltered one after it must still see every host.
+            let pending = vec![
+                gpus("mover", 1, 8).with_hosts(filter.clone()),
+                gpus("other", 2, 8).with_submitted_at_ms(1),
+            ];
+            let plan = schedule(&c, &pending, &config(policy), 0);
+            match placement(&plan, "mover") {
+                Some(p) => assert!(
+                    allowed.contains(&hosts_of(p)[0]),
+                    "{policy:?} {filter:?}: placed on {:?}",
+                    hosts_of(p)
+                ),
+                None => assert!(allowed.is_empty(), "{policy:?} {filter:?}: not placed"),
+            }
+            let other = placement(&plan, "other")
+                .unwrap_or_else(|| panic!("{policy:?} {filter:?}: other not placed"));
+            assert_eq!(other.tasks.len(), 2);
+        }
+    }
+}

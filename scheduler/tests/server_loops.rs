@@ -198,6 +198,7 @@ async fn a_silent_node_is_declared_down_and_its_gang_requeued_from_its_checkpoin
         path: "/ckpt/g/40".into(),
         step: 40,
         bytes: 1 << 20,
+        ..Default::default()
     })
     .await
     .expect("checkpoint recorded");

@@ -252,6 +252,7 @@ fn a_lost_node_requeues_its_gangs_from_their_last_checkpoint_with_a_newer_epoch(
     let ck = |step| Command::RecordCheckpoint {
         job: job.clone(),
         epoch: first,
+        request: 0,
         manifest: CheckpointManifest {
             path: format!("/ckpt/train/{step}"),
             step,
@@ -548,6 +549,7 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
             Command::RecordCheckpoint {
                 job,
                 epoch,
+                request: 0,
                 manifest: CheckpointManifest {
                     path: format!("/ck/{step}"),
                     step: *step,
@@ -697,6 +699,7 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
         Command::RecordCheckpoint {
             job: job.clone(),
             epoch: 3,
+            request: 0,
             manifest: CheckpointManifest {
                 path: "/c".into(),
                 step: 9,
@@ -736,4 +739,148 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
         let back: Response = bincode::deserialize(&bincode::serialize(&r).unwrap()).unwrap();
         assert_eq!(back, r);
     }
+}
+
+/// A migration is checkpoint -> stop -> place elsewhere -> restore. Each step is its own committed
+/// command, so a failed checkpoint leaves the job running where it was, and the lease only ends
+/// once the checkpoint that answers the migration's own request is committed.
+#[test]
+fn a_migration_stops_the_job_only_after_its_checkpoint_and_then_avoids_the_old_hosts() {
+    use gangway_scheduler::engine::HostFilter;
+    let mut c = Cluster::new();
+    for (name, rack) in [("h1", "r1"), ("h2", "r1"), ("h3", "r2"), ("h4", "r2")] {
+        assert_eq!(
+            c.apply(Command::RegisterNode(node(name, rack, 8))),
+            Response::Done
+        );
+    }
+    let job = c.submit(spec("train", 2, 8));
+    c.place(vec![placement(&job, &["h1", "h2"], 0, 8)]);
+    let first = c.epoch_of(&job);
+    let requests =
+        |c: &Cluster| c.store.allocations_for(&HostName::new("h1"))[0].checkpoint_request;
+    assert_eq!(requests(&c), 0);
+
+    // Phase 1: bad migrations are refused whole, with nothing changed.
+    let before = c.store.clone();
+    let unknown = HostFilter {
+        only: [HostName::new("h9")].into(),
+        ..HostFilter::default()
+    };
+    assert!(matches!(
+        c.apply(Command::MigrateJob {
+            job: job.clone(),
+            hosts: unknown
+        }),
+        Response::Rejected(Rejection::UnknownNode(_))
+    ));
+    let plain = c.submit(
+        JobSpec::from_toml_str(
+            "name = \"plain\"\ncommand = [\"sleep\", \"1\"]\n[resources]\ndevices = 1\n",
+        )
+        .unwrap(),
+    );
+    assert!(matches!(
+        c.apply(Command::MigrateJob {
+            job: plain.clone(),
+            hosts: HostFilter::default()
+        }),
+        Response::Rejected(Rejection::WrongJobState { .. })
+    ));
+    assert_eq!(c.store.job(&job), before.job(&job));
+
+    // Phase 2: a migration whose checkpoint fails is aborted; the job keeps its lease.
+    assert_eq!(
+        c.apply(Command::MigrateJob {
+            job: job.clone(),
+            hosts: HostFilter::default()
+        }),
+        Response::Done
+    );
+    assert_eq!(requests(&c), 1, "the workers see a checkpoint request");
+    assert!(
+        matches!(
+            c.apply(Command::MigrateJob {
+                job: job.clone(),
+                hosts: HostFilter::default()
+            }),
+            Response::Rejected(Rejection::WrongJobState { .. })
+        ),
+        "one migration at a time"
+    );
+    c.apply(Command::CheckpointFailed {
+        job: job.clone(),
+        epoch: first,
+        request: 1,
+        error: "no manifest within 30s".into(),
+    });
+    let j = c.store.job(&job).unwrap();
+    assert_eq!(j.state, JobState::Running);
+    assert!(j.migration.is_none());
+    assert_eq!(c.epoch_of(&job), first);
+
+    // Phase 3: a second migration. A checkpoint answering an OLDER request does not stop the job;
+    // the one answering this migration's request does, and the job avoids h1 and h2.
+    c.apply(Command::MigrateJob {
+        job: job.clone(),
+        hosts: HostFilter::default(),
+    });
+    assert_eq!(requests(&c), 2);
+    let ck = |step: u64, request: u64| Command::RecordCheckpoint {
+        job: job.clone(),
+        epoch: first,
+        request,
+        manifest: CheckpointManifest {
+            path: format!("/ck/{step}"),
+            step,
+            bytes: 1,
+        },
+    };
+    c.apply(ck(10, 1));
+    assert_eq!(c.store.job(&job).unwrap().state, JobState::Running);
+    c.apply(ck(20, 2));
+    let j = c.store.job(&job).unwrap();
+    assert_eq!(j.state, JobState::Pending);
+    assert_eq!(j.last_checkpoint.as_ref().unwrap().manifest.step, 20);
+    assert_eq!(j.last_hosts, vec![HostName::new("h1"), HostName::new("h2")]);
+    assert!(
+        c.store.allocations_for(&HostName::new("h1")).is_empty(),
+        "the old hosts stop it"
+    );
+    let req = j.gang_request();
+    assert!(!req.hosts.allows(&HostName::new("h1")) && req.hosts.allows(&HostName::new("h3")));
+
+    // Phase 4: the plan applier refuses a plan that puts it back on a host it left; the real
+    // engine places it on the other rack, restoring from step 20 under a newer epoch.
+    assert!(matches!(
+        c.place(vec![placement(&job, &["h2", "h3"], 0, 8)]),
+        Response::PlanApplied { ref stale, .. } if stale.len() == 1
+    ));
+    let pending = vec![c.store.job(&job).unwrap().gang_request()];
+    let plan = gangway_scheduler::engine::schedule(
+        c.store.engine(),
+        &pending,
+        &gangway_scheduler::engine::SchedulerConfig::default(),
+        c.now,
+    );
+    c.place(plan.placements);
+    let j = c.store.job(&job).unwrap();
+    assert_eq!(j.state, JobState::Running, "{:?}", j.pending_reason);
+    assert!(c.epoch_of(&job) > first);
+    let hosts: Vec<&str> = j
+        .lease
+        .as_ref()
+        .unwrap()
+        .placement
+        .tasks
+        .iter()
+        .map(|t| t.host.as_str())
+        .collect();
+    assert!(hosts.iter().all(|h| ["h3", "h4"].contains(h)), "{hosts:?}");
+    assert!(
+        j.gang_request().hosts.is_empty(),
+        "the filter binds one placement only"
+    );
+    let alloc = &c.store.allocations_for(&HostName::new(hosts[0]))[0];
+    assert_eq!(alloc.restore_from.as_deref(), Some("/ck/20"));
 }

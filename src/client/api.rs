@@ -35,6 +35,39 @@ impl Client {
         .map(|_| ())
     }
 
+    /// Asks a running job to checkpoint. Not resent after an unknown outcome: each call is one
+    /// more checkpoint request.
+    pub async fn checkpoint_job(&mut self, job_id: &str) -> Result<(), ClientError> {
+        self.call("CheckpointJob", Retry::UnlessOutcomeUnknown, |mut api| {
+            let req = pb::CheckpointJobRequest {
+                job_id: job_id.to_owned(),
+            };
+            async move { api.checkpoint_job(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Moves a running job. Not resent after an unknown outcome: a second call would be refused
+    /// while the first migration waits, hiding that it was accepted.
+    pub async fn migrate_job(
+        &mut self,
+        job_id: &str,
+        to: &[String],
+        avoid: &[String],
+    ) -> Result<(), ClientError> {
+        self.call("MigrateJob", Retry::UnlessOutcomeUnknown, |mut api| {
+            let req = pb::MigrateJobRequest {
+                job_id: job_id.to_owned(),
+                to: to.to_vec(),
+                avoid: avoid.to_vec(),
+            };
+            async move { api.migrate_job(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
     pub async fn get_job(&mut self, job_id: &str) -> Result<pb::JobDetail, ClientError> {
         self.call("GetJob", Retry::Safe, |mut api| {
             let req = pb::GetJobRequest {

@@ -169,6 +169,18 @@ impl ClientApi for Fake {
     async fn set_queue(&self, _: Request<pb::QueueInfo>) -> Result<Response<pb::Empty>, Status> {
         Err(Status::unimplemented("SetQueue"))
     }
+    async fn checkpoint_job(
+        &self,
+        _: Request<pb::CheckpointJobRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        Err(Status::unimplemented("CheckpointJob"))
+    }
+    async fn migrate_job(
+        &self,
+        _: Request<pb::MigrateJobRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        Err(Status::unimplemented("MigrateJob"))
+    }
     async fn cluster_status(
         &self,
         _: Request<pb::Empty>,

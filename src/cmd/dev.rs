@@ -2,12 +2,12 @@
 //! with their own data directories, a fleet of four 8-GPU hosts in two racks, a demo workload, and a
 //! printout of where to look. Ctrl-C stops everything cleanly.
 //!
-//! The hosts are simulated through the real worker API (they register, heartbeat and acknowledge
-//! their allocations) until the worker agent ships; then they become `gangway worker` processes.
+//! The hosts are four `gangway worker` processes with fake devices (`--fake-devices 8xH100`); the demo
+//! jobs run the example trainer (deploy/examples/trainer.py, built into the binary and written into
+//! the dev directory), so checkpoints, migrations and `gangway logs` work as on a real fleet.
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
-use gangway::fleet::{FakeFleet, FakeHost};
 use gangway_proto::pb;
 use gangway_proto::pb::client_api_client::ClientApiClient;
 use std::path::{Path, PathBuf};
@@ -55,8 +55,12 @@ node_ttl = "6s"
     )
 }
 
-/// The demo jobs: a rack-local 2x8 gang, single GPUs that pack, a half GPU, a 4-GPU NVLink job, and
-/// one that can never fit (so `gangway jobs` shows a pending reason).
+/// The example trainer, shipped inside the binary so `gangway dev` works from anywhere.
+const TRAINER: &str = include_str!("../../deploy/examples/trainer.py");
+
+/// The demo jobs: a rack-local 2x8 gang, a 4-GPU NVLink job, a single GPU and a half GPU that
+/// pack, and one that can never fit (so `gangway jobs` shows a pending reason). `{trainer}` is
+/// replaced by the trainer's path.
 const DEMO_JOBS: &[(&str, &str)] = &[
     (
         "pretrain",
@@ -64,7 +68,7 @@ const DEMO_JOBS: &[(&str, &str)] = &[
 queue = "research"
 priority = 100
 tasks = 2
-command = ["python3", "train.py", "--steps", "1000"]
+command = ["python3", "{trainer}", "--step-ms", "200"]
 [resources]
 devices = 8
 kind = "gpu"
@@ -81,18 +85,20 @@ timeout = "60s"
         r#"name = "finetune"
 queue = "research"
 tasks = 1
-command = ["python3", "finetune.py"]
+command = ["python3", "{trainer}", "--step-ms", "200", "--steps", "3000"]
 [resources]
 devices = 4
 [topology]
 required = "nvlink"
+[checkpoint]
+signal = "SIGUSR1"
 "#,
     ),
     (
         "notebook-1",
         r#"name = "notebook-1"
 queue = "interactive"
-command = ["jupyter", "lab"]
+command = ["python3", "{trainer}", "--step-ms", "1000"]
 [resources]
 devices = 1
 "#,
@@ -101,7 +107,7 @@ devices = 1
         "notebook-2",
         r#"name = "notebook-2"
 queue = "interactive"
-command = ["jupyter", "lab"]
+command = ["python3", "{trainer}", "--step-ms", "1000"]
 [resources]
 devices = 0.5
 "#,
@@ -110,12 +116,98 @@ devices = 0.5
         "too-big",
         r#"name = "needs-16-per-host"
 queue = "research"
-command = ["python3", "big.py"]
+command = ["python3", "{trainer}"]
 [resources]
 devices = 16
 "#,
     ),
 ];
+
+/// The four hosts: (name, rack).
+const HOSTS: [(&str, &str); 4] = [
+    ("host-1", "r1"),
+    ("host-2", "r1"),
+    ("host-3", "r2"),
+    ("host-4", "r2"),
+];
+
+/// `gangway worker` processes with fake devices.
+struct Workers {
+    children: Vec<Child>,
+    data_dirs: Vec<PathBuf>,
+}
+
+impl Workers {
+    fn start(exe: &Path, dir: &Path, servers: &[String], base: u16) -> anyhow::Result<Self> {
+        let mut children = Vec::new();
+        let mut data_dirs = Vec::new();
+        for (i, (name, rack)) in HOSTS.iter().enumerate() {
+            let port = base + 2000 + i as u16;
+            let data = dir.join(format!("worker-{name}"));
+            let log = std::fs::File::create(dir.join(format!("worker-{name}.log")))?;
+            let child = Command::new(exe)
+                .arg("worker")
+                .arg("--servers")
+                .arg(servers.join(","))
+                .arg("--node")
+                .arg(name)
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--advertise")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--fake-devices")
+                .arg("8xH100:nvlink=0-3,4-7")
+                .arg("--topology")
+                .arg(format!("dc=dc1,zone=z1,pod=p1,rack={rack}"))
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--checkpoint-dir")
+                .arg(dir.join("checkpoints"))
+                .arg("--grace")
+                .arg("3s")
+                .arg("--stop-tasks-on-exit")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting worker {name}"))?;
+            children.push(child);
+            data_dirs.push(data);
+        }
+        Ok(Self {
+            children,
+            data_dirs,
+        })
+    }
+
+    /// The log of one task, wherever it ran.
+    fn task_log(&self, job: &str, task: u32) -> Option<String> {
+        self.data_dirs.iter().find_map(|d| {
+            std::fs::read_to_string(d.join("logs").join(job).join(format!("task-{task}.log"))).ok()
+        })
+    }
+
+    /// SIGTERM (the agents stop their tasks), then wait.
+    async fn stop(mut self) {
+        for c in &self.children {
+            if let Some(pid) = c.id() {
+                let _ = std::process::Command::new("kill")
+                    .arg("-TERM")
+                    .arg(pid.to_string())
+                    .status();
+            }
+        }
+        for c in &mut self.children {
+            if tokio::time::timeout(Duration::from_secs(10), c.wait())
+                .await
+                .is_err()
+            {
+                let _ = c.kill().await;
+            }
+        }
+    }
+}
 
 struct Cluster {
     children: Vec<Child>,
@@ -207,13 +299,13 @@ impl Cluster {
     }
 }
 
-async fn submit_demo(leader: &str) -> anyhow::Result<Vec<(String, String)>> {
+async fn submit_demo(leader: &str, trainer: &Path) -> anyhow::Result<Vec<(String, String)>> {
     let mut client = ClientApiClient::connect(format!("http://{leader}")).await?;
     let mut ids = Vec::new();
     for (key, spec) in DEMO_JOBS {
         let r = client
             .submit_job(pb::SubmitJobRequest {
-                spec_toml: (*spec).to_owned(),
+                spec_toml: spec.replace("{trainer}", &trainer.display().to_string()),
                 idempotency_key: format!("dev-demo-{key}"),
             })
             .await
@@ -221,6 +313,26 @@ async fn submit_demo(leader: &str) -> anyhow::Result<Vec<(String, String)>> {
         ids.push(((*key).to_owned(), r.into_inner().job_id));
     }
     Ok(ids)
+}
+
+/// Every job as the cluster lists it: id -> (state, hosts, lease epoch).
+async fn job_states(
+    addrs: &[String],
+) -> std::collections::BTreeMap<String, (String, Vec<String>, u64)> {
+    for addr in addrs {
+        let Ok(mut c) = ClientApiClient::connect(format!("http://{addr}")).await else {
+            continue;
+        };
+        if let Ok(r) = c.list_jobs(pb::ListJobsRequest::default()).await {
+            return r
+                .into_inner()
+                .jobs
+                .into_iter()
+                .map(|j| (j.id, (j.state, j.hosts, j.lease_epoch)))
+                .collect();
+        }
+    }
+    Default::default()
 }
 
 pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
@@ -253,55 +365,88 @@ async fn run_async(args: DevArgs) -> anyhow::Result<ExitCode> {
 async fn demo(cluster: &mut Cluster, dir: &Path, args: &DevArgs) -> anyhow::Result<ExitCode> {
     let (leader_id, leader) = cluster.wait_for_leader(Duration::from_secs(30)).await?;
     println!("leader: replica {leader_id} at {leader}");
-    let hosts = vec![
-        FakeHost::h100("host-1", "r1"),
-        FakeHost::h100("host-2", "r1"),
-        FakeHost::h100("host-3", "r2"),
-        FakeHost::h100("host-4", "r2"),
-    ];
-    let mut fleet = FakeFleet::start(cluster.addrs.clone(), hosts, Duration::from_secs(30)).await?;
-    println!("fleet: 4 hosts x 8 H100 in racks r1 (host-1, host-2) and r2 (host-3, host-4)");
-    let ids = submit_demo(&leader).await?;
+    let exe = std::env::current_exe().context("locating the gangway binary")?;
+    let trainer = dir.join("trainer.py");
+    std::fs::write(&trainer, TRAINER).context("writing the example trainer")?;
+    let workers = Workers::start(&exe, dir, &cluster.addrs, args.base_port)?;
+    println!("workers: 4 hosts x 8 fake H100 (NVLink 0-3, 4-7) in racks r1 (host-1, host-2) and r2 (host-3, host-4)");
+    let result = run_demo(cluster, dir, args, &workers, &trainer, leader_id, &leader).await;
+    workers.stop().await;
+    result
+}
+
+async fn run_demo(
+    cluster: &mut Cluster,
+    dir: &Path,
+    args: &DevArgs,
+    workers: &Workers,
+    trainer: &Path,
+    leader_id: u64,
+    leader: &str,
+) -> anyhow::Result<ExitCode> {
+    let ids = submit_demo(leader, trainer).await?;
     let placeable: Vec<String> = ids
         .iter()
         .filter(|(k, _)| *k != "too-big")
         .map(|(_, id)| id.clone())
         .collect();
-    let all_placed = fleet
-        .wait_for(Duration::from_secs(30), |seen| {
-            placeable.iter().all(|id| seen.contains_key(id))
-        })
-        .await;
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut states = job_states(&cluster.addrs).await;
+    while Instant::now() < until
+        && !placeable
+            .iter()
+            .all(|id| states.get(id).is_some_and(|s| s.0 == "running"))
+    {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        states = job_states(&cluster.addrs).await;
+    }
+    let all_running = placeable
+        .iter()
+        .all(|id| states.get(id).is_some_and(|s| s.0 == "running"));
     for (key, id) in &ids {
-        let seen = fleet.seen();
-        match seen.get(id) {
-            Some(l) => println!(
-                "  {key:<11} {id:<10} leased (epoch {}) on {}",
-                l.epoch,
-                l.hosts.join(", ")
+        match states.get(id) {
+            Some((state, hosts, epoch)) if state == "running" => println!(
+                "  {key:<11} {id:<16} running (epoch {epoch}) on {}",
+                hosts.join(", ")
             ),
-            None => println!("  {key:<11} {id:<10} pending"),
+            Some((state, _, _)) => println!("  {key:<11} {id:<16} {state}"),
+            None => println!("  {key:<11} {id:<16} unknown"),
         }
     }
     let addrs = cluster.addrs.join(",");
+    let pretrain = ids
+        .iter()
+        .find(|(k, _)| k == "pretrain")
+        .map(|(_, id)| id.clone())
+        .unwrap_or_default();
     if args.smoke {
-        fleet.stop().await;
-        if !all_placed {
-            bail!("the demo's placeable jobs were not all leased within 30s");
+        if !all_running {
+            bail!("the demo's placeable jobs were not all running within 60s");
         }
-        println!("smoke: every placeable demo job was leased; stopping");
+        // The trainer really runs: rank 0 of the gang prints its steps.
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut stepping = false;
+        while Instant::now() < until && !stepping {
+            stepping = workers
+                .task_log(&pretrain, 0)
+                .is_some_and(|l| l.contains("] step 3"));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if !stepping {
+            bail!("the pretrain gang's rank 0 printed no steps within 30s");
+        }
+        println!("smoke: every placeable demo job is running and the trainer steps; stopping");
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "\nTry, in another terminal:\n  export GANGWAY_ADDR={addrs}\n  gangway jobs\n  gangway job status {}\n  gangway nodes\n  gangway leases\n  gangway cluster status\n  gangway cluster transfer-leader --to {}\n\
-         Metrics: http://127.0.0.1:{}/metrics  Logs: {}/replica-*.log\nCtrl-C stops everything.",
-        ids.last().map_or("", |(_, id)| id.as_str()),
+        "\nTry, in another terminal:\n  export GANGWAY_ADDR={addrs}\n  gangway jobs\n  gangway job status {pretrain}\n  gangway logs {pretrain} --follow\n  gangway job checkpoint {pretrain}\n  gangway job migrate {pretrain}\n  gangway nodes\n  gangway leases\n  gangway cluster status\n  gangway cluster transfer-leader --to {}\n\
+         Metrics: http://127.0.0.1:{}/metrics  Logs: {}/replica-*.log, {}/worker-*.log\nCtrl-C stops everything.",
         leader_id % 3 + 1,
         args.base_port + 1000,
+        dir.display(),
         dir.display()
     );
     super::server::shutdown_signal().await;
     println!("stopping");
-    fleet.stop().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -84,6 +84,28 @@ pub enum JobCommand {
     Status(JobStatusArgs),
     /// Cancel a job: its tasks are stopped and its devices freed.
     Cancel(CancelArgs),
+    /// Ask a running job to checkpoint now (its spec needs a [checkpoint] section).
+    Checkpoint(CheckpointArgs),
+    /// Move a running job: checkpoint, stop, new lease elsewhere, restore from the checkpoint.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CheckpointArgs {
+    /// The job id.
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The job id.
+    pub id: String,
+    /// Only these hosts (repeat or comma-separate). Default: any host but the ones it runs on.
+    #[arg(long, value_delimiter = ',', value_name = "HOST")]
+    pub to: Vec<String>,
+    /// Never these hosts (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',', value_name = "HOST")]
+    pub avoid: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -224,6 +246,10 @@ pub struct JobDetailView {
     pub finished_at: Option<String>,
     pub task_placements: Vec<TaskView>,
     pub last_checkpoint: Option<CheckpointView>,
+    /// A migration waiting for its checkpoint, in words; empty when none.
+    pub migration: String,
+    /// Host of each rank under the most recent lease (where `gangway logs` finds them).
+    pub last_hosts: Vec<String>,
     pub history: Vec<HistoryView>,
 }
 
@@ -237,6 +263,8 @@ impl From<&pb::JobDetail> for JobDetailView {
             preferred_topology: d.preferred_topology.clone(),
             finished_at_ms: d.finished_at_ms,
             finished_at: rfc3339(d.finished_at_ms),
+            migration: d.migration.clone(),
+            last_hosts: d.last_hosts.clone(),
             task_placements: d
                 .tasks
                 .iter()
@@ -369,6 +397,9 @@ pub fn job_detail_table(v: &JobDetailView, now_ms: u64) -> String {
             ),
         },
     ));
+    if !v.migration.is_empty() {
+        lines.push(("Migration", v.migration.clone()));
+    }
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     let mut out: String = lines
         .iter()
@@ -571,6 +602,36 @@ pub async fn job(group: JobGroup) -> Result<(), ClientError> {
             }
         }
         JobCommand::Cancel(args) => cancel(group.opts, args).await,
+        JobCommand::Checkpoint(args) => {
+            group.opts.client().checkpoint_job(&args.id).await?;
+            print_action(
+                group.opts.output,
+                "checkpoint",
+                &args.id,
+                &format!(
+                    "checkpoint requested for job {}; `gangway job status {}` shows it once written",
+                    args.id, args.id
+                ),
+            );
+            Ok(())
+        }
+        JobCommand::Migrate(args) => {
+            group
+                .opts
+                .client()
+                .migrate_job(&args.id, &args.to, &args.avoid)
+                .await?;
+            print_action(
+                group.opts.output,
+                "migrate",
+                &args.id,
+                &format!(
+                    "job {} is checkpointing; it moves once the checkpoint is written",
+                    args.id
+                ),
+            );
+            Ok(())
+        }
     }
 }
 

@@ -4,11 +4,13 @@ pub mod cluster;
 pub mod common;
 pub mod dev;
 pub mod jobs;
+pub mod logs;
 pub mod nodes;
 pub mod output;
 pub mod queues;
 pub mod server;
 pub mod sim;
+pub mod worker;
 
 /// Exit code for invalid input: a bad spec, file, flag or field.
 pub use crate::client::EXIT_INVALID;

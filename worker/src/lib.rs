@@ -26,17 +26,15 @@
 //! lease file the agent renews, so a worker cut off from the scheduler stops its tasks in time
 //! even if the agent itself is dead.
 //!
-//! # What comes next: the agent loop
+//! # The agent loop
 //!
-//! * **register**: send the inventory and the host's topology labels to the scheduler;
-//! * **heartbeat**: send telemetry on a period, carrying the lease the scheduler answers with;
-//! * **watch allocations**: stream the gangs placed on this host from the leader;
-//! * **task driver**: start, watch and stop task processes with `CUDA_VISIBLE_DEVICES` set to the
-//!   allocated devices, and report their exits;
-//! * **checkpoint**: relay checkpoint requests to tasks and report when they are durable, so
-//!   preemption and migration do not lose work;
-//! * **fencing**: stop every task when the lease lapses (partitioned from the scheduler), so a gang
-//!   the scheduler has already rescheduled elsewhere never runs twice.
+//! [`agent`] is `gangway worker`: it registers the inventory and topology labels, heartbeats with
+//! telemetry (every answer moves the lease deadline forward), holds the leader's stream of desired
+//! allocations and diffs it against what runs: launches with the gang's environment, stops what is
+//! no longer leased, relays checkpoint requests and reports manifests, refuses stale directives
+//! (fencing by allocation revision and by per-device lease epoch), and retries every report until
+//! a replica acknowledges it. Its intent is persisted, so a restarted agent re-adopts its tasks.
 
+pub mod agent;
 pub mod devices;
 pub mod driver;

@@ -9,9 +9,10 @@
 
 use super::cluster::ClusterState;
 use super::device::{DeviceKind, MILLI_PER_DEVICE};
-use super::job::{DeviceDemand, GangRequest};
+use super::job::{DeviceDemand, GangRequest, HostFilter};
 use super::plan::{DeviceShare, GangPlacement};
 use super::topology::TopologyLevel;
+use gangway_proto::ids::HostName;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Free capacity of one host in the overlay.
@@ -442,6 +443,29 @@ impl<'a> Overlay<'a> {
     pub fn exclude(&mut self, h: usize, how: u8) {
         self.index_remove(h);
         self.excluded[h] |= how;
+    }
+
+    /// Hard-excludes, for one gang, every host its filter rejects and that is not excluded already;
+    /// returns them for [`Overlay::readmit`].
+    pub fn hold_back_filtered(&mut self, filter: &HostFilter, names: &[&HostName]) -> Vec<usize> {
+        if filter.is_empty() {
+            return Vec::new();
+        }
+        let held: Vec<usize> = (0..self.info.len())
+            .filter(|&h| self.excluded[h] & EXCL_HARD == 0 && !filter.allows(names[h]))
+            .collect();
+        for &h in &held {
+            self.exclude(h, EXCL_HARD);
+        }
+        held
+    }
+
+    /// Undoes [`Overlay::hold_back_filtered`].
+    pub fn readmit(&mut self, held: &[usize]) {
+        for &h in held {
+            self.excluded[h] &= !EXCL_HARD;
+            self.index_insert(h);
+        }
     }
 
     fn device_ok(&self, h: usize, i: usize, shape: &TaskShape) -> bool {

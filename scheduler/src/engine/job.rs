@@ -2,8 +2,9 @@
 
 use super::device::DeviceKind;
 use super::topology::TopologyLevel;
-use gangway_proto::ids::{JobId, QueueName};
+use gangway_proto::ids::{HostName, JobId, QueueName};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 
 /// The devices one task of a gang needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -59,6 +60,29 @@ pub struct GangRequest {
     pub checkpointable: bool,
     /// Log time of submission (never a local clock): FIFO order and ageing.
     pub submitted_at_ms: u64,
+    /// Hosts this placement may or may not use: set by an operator's `job migrate --to/--avoid`,
+    /// or by default the hosts a migrating job leaves.
+    #[serde(default)]
+    pub hosts: HostFilter,
+}
+
+/// Which hosts a gang may be placed on. Empty: any host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFilter {
+    /// When not empty, only these hosts.
+    pub only: BTreeSet<HostName>,
+    /// Never these hosts.
+    pub avoid: BTreeSet<HostName>,
+}
+
+impl HostFilter {
+    pub fn is_empty(&self) -> bool {
+        self.only.is_empty() && self.avoid.is_empty()
+    }
+
+    pub fn allows(&self, host: &HostName) -> bool {
+        (self.only.is_empty() || self.only.contains(host)) && !self.avoid.contains(host)
+    }
 }
 
 impl GangRequest {
@@ -104,6 +128,7 @@ impl GangRequest {
             estimated_runtime_ms: None,
             checkpointable: false,
             submitted_at_ms: 0,
+            hosts: HostFilter::default(),
         }
     }
 
@@ -149,6 +174,11 @@ impl GangRequest {
 
     pub fn with_submitted_at_ms(mut self, ms: u64) -> Self {
         self.submitted_at_ms = ms;
+        self
+    }
+
+    pub fn with_hosts(mut self, hosts: HostFilter) -> Self {
+        self.hosts = hosts;
         self
     }
 

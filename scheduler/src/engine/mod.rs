@@ -34,7 +34,7 @@ pub use cluster::{ClusterState, PlacementError, RunningGang};
 pub use config::{PolicyName, QueueConfig, SchedulerConfig, WorkloadClass};
 pub use device::{DeviceKind, DeviceModel, DeviceSpec, MILLI_PER_DEVICE};
 pub use host::{HostSpec, HostState, NodeState};
-pub use job::{DeviceDemand, GangRequest, TaskDemand};
+pub use job::{DeviceDemand, GangRequest, HostFilter, TaskDemand};
 pub use plan::{
     DeviceShare, GangPlacement, PendingJob, PendingReason, Plan, Preemption, PreemptionReason,
     TaskPlacement,

@@ -16,7 +16,7 @@ use super::policy::policy;
 use super::preemption;
 use super::quota::QuotaBook;
 use super::topology::TopologyLevel;
-use gangway_proto::ids::{JobId, QueueName};
+use gangway_proto::ids::{HostName, JobId, QueueName};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Above this many distinct host shapes, non-exhaustive policies score only the tightest
@@ -777,6 +777,7 @@ pub fn schedule(
     let mut victims: BTreeSet<JobId> = BTreeSet::new();
     let mut preemption_attempts = 0usize;
     let mut pending_out: Vec<(usize, PendingReason)> = Vec::new();
+    let host_names: Vec<&HostName> = view.hosts().iter().map(|h| &h.spec.name).collect();
 
     for (rank, &i) in order.iter().enumerate() {
         let req = &pending[i];
@@ -824,107 +825,113 @@ pub fn schedule(
             }
         };
         let shape = TaskShape::new(req, &round.ov.models);
-        let (soft_ok, soft_hosts): (bool, Vec<usize>) = match &reservation {
-            Some(r) => {
-                let ends_before = req
-                    .estimated_runtime_ms
-                    .is_some_and(|e| now_ms.saturating_add(e) <= r.start_ms);
-                (ends_before, r.hosts.clone())
-            }
-            None => (true, Vec::new()),
-        };
-        if let Some(tasks) = round.place(req, &shape, soft_ok, &soft_hosts) {
-            round.ov.commit();
-            round.generation += 1;
-            let placement = GangPlacement {
-                job: req.id.clone(),
-                queue: req.queue.clone(),
-                tasks: tasks
-                    .into_iter()
-                    .map(|(h, devices)| TaskPlacement {
-                        host: view.hosts()[h].spec.name.clone(),
-                        devices,
-                        cpu_milli: req.per_task.cpu_milli,
-                        memory_mib: req.per_task.memory_mib,
-                    })
-                    .collect(),
-                borrowed_milli: borrowed,
+        // A migrating gang may not use the hosts it leaves (or may use only the ones named); those
+        // are held back for this gang alone and readmitted after it.
+        let held = round.ov.hold_back_filtered(&req.hosts, &host_names);
+        'gang: {
+            let (soft_ok, soft_hosts): (bool, Vec<usize>) = match &reservation {
+                Some(r) => {
+                    let ends_before = req
+                        .estimated_runtime_ms
+                        .is_some_and(|e| now_ms.saturating_add(e) <= r.start_ms);
+                    (ends_before, r.hosts.clone())
+                }
+                None => (true, Vec::new()),
             };
-            quota.charge(&req.queue, req.total_milli());
-            plan.placements.push(placement.clone());
-            placed.push((req.clone(), placement));
-            continue;
-        }
-        // Did not fit.
-        let mut reason = explain(&mut round, req, &shape);
-        if !soft_ok {
-            if let Some(r) = &reservation {
-                let mark = round.ov.mark();
-                if round.place(req, &shape, true, &soft_hosts).is_some() {
-                    round.ov.undo(mark);
-                    reason = PendingReason::BlockedBehind {
+            if let Some(tasks) = round.place(req, &shape, soft_ok, &soft_hosts) {
+                round.ov.commit();
+                round.generation += 1;
+                let placement = GangPlacement {
+                    job: req.id.clone(),
+                    queue: req.queue.clone(),
+                    tasks: tasks
+                        .into_iter()
+                        .map(|(h, devices)| TaskPlacement {
+                            host: view.hosts()[h].spec.name.clone(),
+                            devices,
+                            cpu_milli: req.per_task.cpu_milli,
+                            memory_mib: req.per_task.memory_mib,
+                        })
+                        .collect(),
+                    borrowed_milli: borrowed,
+                };
+                quota.charge(&req.queue, req.total_milli());
+                plan.placements.push(placement.clone());
+                placed.push((req.clone(), placement));
+                break 'gang;
+            }
+            // Did not fit.
+            let mut reason = explain(&mut round, req, &shape);
+            if !soft_ok {
+                if let Some(r) = &reservation {
+                    let mark = round.ov.mark();
+                    if round.place(req, &shape, true, &soft_hosts).is_some() {
+                        round.ov.undo(mark);
+                        reason = PendingReason::BlockedBehind {
                         job: r.job.clone(),
                         why: format!(
                             "its backfill reservation holds the hosts this job would take from t={} ms, and this job is not expected to end before then",
                             r.start_ms
                         ),
                     };
-                }
-            }
-        }
-        let mut handled = false;
-        if policy.preempts() && config.preemption && preemption_attempts < 16 {
-            preemption_attempts += 1;
-            if let Some(found) =
-                preemption::find_victims(&mut round, req, &shape, &quota, config, &victims, now_ms)
-            {
-                for h in &found.hosts {
-                    round.ov.exclude(*h, EXCL_HARD);
-                }
-                round.generation += 1;
-                let ids: Vec<JobId> = found.victims.iter().map(|v| v.victim.clone()).collect();
-                for v in found.victims {
-                    if let Some(g) = view.running().get(&v.victim) {
-                        quota.refund(&g.request.queue, g.request.total_milli());
                     }
-                    victims.insert(v.victim.clone());
-                    plan.preemptions.push(v);
                 }
-                quota.charge(&req.queue, req.total_milli());
-                reason = PendingReason::AwaitingPreemption { victims: ids };
-                handled = true;
             }
-        }
-        // A gang that can never fit holds no queue up: waiting behind it would be forever.
-        let never_fits = matches!(reason, PendingReason::NeverFits { .. });
-        if !handled && !never_fits {
-            match policy.head_of_line() {
-                HeadOfLine::Skip => {}
-                HeadOfLine::StrictPerQueue => {
-                    blocked_queues.insert(&req.queue, &req.id);
+            let mut handled = false;
+            if policy.preempts() && config.preemption && preemption_attempts < 16 {
+                preemption_attempts += 1;
+                if let Some(found) = preemption::find_victims(
+                    &mut round, req, &shape, &quota, config, &victims, now_ms,
+                ) {
+                    for h in &found.hosts {
+                        round.ov.exclude(*h, EXCL_HARD);
+                    }
+                    round.generation += 1;
+                    let ids: Vec<JobId> = found.victims.iter().map(|v| v.victim.clone()).collect();
+                    for v in found.victims {
+                        if let Some(g) = view.running().get(&v.victim) {
+                            quota.refund(&g.request.queue, g.request.total_milli());
+                        }
+                        victims.insert(v.victim.clone());
+                        plan.preemptions.push(v);
+                    }
+                    quota.charge(&req.queue, req.total_milli());
+                    reason = PendingReason::AwaitingPreemption { victims: ids };
+                    handled = true;
                 }
-                HeadOfLine::Reserve => {
-                    let capacity_blocked = matches!(
-                        reason,
-                        PendingReason::InsufficientCapacity { .. }
-                            | PendingReason::NoDomainFits { .. }
-                            | PendingReason::NoHostFits { .. }
-                    );
-                    // EASY: only the head (the first gang blocked by capacity) gets a reservation.
-                    if !reserve_tried && capacity_blocked {
-                        reserve_tried = true;
-                        if let Some(r) = reserve(&mut round, req, &shape, &placed, now_ms) {
-                            for &h in &r.hosts {
-                                round.ov.exclude(h, EXCL_SOFT);
+            }
+            // A gang that can never fit holds no queue up: waiting behind it would be forever.
+            let never_fits = matches!(reason, PendingReason::NeverFits { .. });
+            if !handled && !never_fits {
+                match policy.head_of_line() {
+                    HeadOfLine::Skip => {}
+                    HeadOfLine::StrictPerQueue => {
+                        blocked_queues.insert(&req.queue, &req.id);
+                    }
+                    HeadOfLine::Reserve => {
+                        let capacity_blocked = matches!(
+                            reason,
+                            PendingReason::InsufficientCapacity { .. }
+                                | PendingReason::NoDomainFits { .. }
+                                | PendingReason::NoHostFits { .. }
+                        );
+                        // EASY: only the head (the first gang blocked by capacity) gets a reservation.
+                        if !reserve_tried && capacity_blocked {
+                            reserve_tried = true;
+                            if let Some(r) = reserve(&mut round, req, &shape, &placed, now_ms) {
+                                for &h in &r.hosts {
+                                    round.ov.exclude(h, EXCL_SOFT);
+                                }
+                                round.generation += 1;
+                                reservation = Some(r);
                             }
-                            round.generation += 1;
-                            reservation = Some(r);
                         }
                     }
                 }
             }
+            pending_out.push((i, reason));
         }
-        pending_out.push((i, reason));
+        round.ov.readmit(&held);
     }
     plan.pending = pending_out
         .into_iter()

@@ -8,7 +8,7 @@
 use super::context::ReplicaContext;
 use super::convert;
 use super::error::{required, ApiError};
-use crate::engine::{NodeState, QueueConfig};
+use crate::engine::{HostFilter, NodeState, QueueConfig};
 use crate::state::{Command, JobState, Rejection, Response};
 use gangway_consensus::Role;
 use gangway_proto::ids::{HostName, JobId, QueueName};
@@ -244,6 +244,42 @@ impl ClientApi for ClientService {
             may_borrow: req.may_borrow,
         };
         self.ctx.write(Command::SetQueue(queue)).await?;
+        ok(pb::Empty {})
+    }
+
+    async fn checkpoint_job(&self, req: Request<pb::CheckpointJobRequest>) -> Reply<pb::Empty> {
+        let job = JobId::new(required("job_id", &req.get_ref().job_id)?);
+        self.ctx
+            .write(Command::RequestCheckpoint {
+                job,
+                reason: "requested by user".to_owned(),
+            })
+            .await?;
+        ok(pb::Empty {})
+    }
+
+    async fn migrate_job(&self, req: Request<pb::MigrateJobRequest>) -> Reply<pb::Empty> {
+        let req = req.into_inner();
+        let job = JobId::new(required("job_id", &req.job_id)?);
+        let hosts = |field: &str, names: Vec<String>| -> Result<BTreeSet<HostName>, ApiError> {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Ok(HostName::new(required(&format!("{field}[{i}]"), n)?)))
+                .collect()
+        };
+        let hosts = HostFilter {
+            only: hosts("to", req.to)?,
+            avoid: hosts("avoid", req.avoid)?,
+        };
+        if let Some(both) = hosts.only.intersection(&hosts.avoid).next() {
+            return Err(ApiError::invalid(
+                "avoid",
+                format!("host {both} is also named in `to`; a host cannot be both"),
+            )
+            .into());
+        }
+        self.ctx.write(Command::MigrateJob { job, hosts }).await?;
         ok(pb::Empty {})
     }
 

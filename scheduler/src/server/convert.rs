@@ -117,6 +117,24 @@ pub fn job_detail(job: &JobRecord) -> pb::JobDetail {
             .map(|t| t.to_string())
             .unwrap_or_default(),
         finished_at_ms: job.finished_at_ms.unwrap_or(0),
+        migration: job
+            .migration
+            .as_ref()
+            .map(|m| {
+                let mut words = vec![format!(
+                    "waiting for checkpoint request {}",
+                    m.checkpoint_request
+                )];
+                if !m.hosts.only.is_empty() {
+                    words.push(format!("to {}", host_list(&m.hosts.only)));
+                }
+                if !m.hosts.avoid.is_empty() {
+                    words.push(format!("avoiding {}", host_list(&m.hosts.avoid)));
+                }
+                words.join(", ")
+            })
+            .unwrap_or_default(),
+        last_hosts: job.last_hosts.iter().map(|h| h.to_string()).collect(),
     }
 }
 
@@ -239,7 +257,16 @@ pub fn allocation(a: &Allocation) -> pb::Allocation {
             u64::try_from(c.timeout.as_millis()).unwrap_or(u64::MAX)
         }),
         restore_from: a.restore_from.clone().unwrap_or_default(),
+        checkpoint_request: a.checkpoint_request,
     }
+}
+
+fn host_list(hosts: &std::collections::BTreeSet<gangway_proto::ids::HostName>) -> String {
+    hosts
+        .iter()
+        .map(|h| h.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A node's desired state as the worker API streams it.

@@ -300,18 +300,26 @@ impl WorkerApi for WorkerService {
         let req = req.into_inner();
         required("node", &req.node)?;
         let job = JobId::new(required("job_id", &req.job_id)?);
-        let path = required("path", &req.path)?.to_owned();
-        self.ctx
-            .write(Command::RecordCheckpoint {
+        let command = if req.error.trim().is_empty() {
+            Command::RecordCheckpoint {
                 job,
                 epoch: req.epoch,
+                request: req.request,
                 manifest: CheckpointManifest {
-                    path,
+                    path: required("path", &req.path)?.to_owned(),
                     step: req.step,
                     bytes: req.bytes,
                 },
-            })
-            .await?;
+            }
+        } else {
+            Command::CheckpointFailed {
+                job,
+                epoch: req.epoch,
+                request: req.request,
+                error: req.error,
+            }
+        };
+        self.ctx.write(command).await?;
         Ok(TonicResponse::new(pb::Empty {}))
     }
 }

@@ -243,6 +243,7 @@ impl OpenbPod {
             estimated_runtime_ms: None,
             checkpointable: false,
             submitted_at_ms,
+            hosts: Default::default(),
         }
     }
 }

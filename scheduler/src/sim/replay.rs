@@ -349,6 +349,7 @@ pub fn replay(
         estimated_runtime_ms: Some(remaining_ms),
         checkpointable: options.preempt == PreemptMode::Resume,
         submitted_at_ms: jobs[i].submit_ms,
+        hosts: Default::default(),
     };
 
     let mut queue = EventQueue::new();

@@ -1,9 +1,19 @@
 //! Apply functions for job commands: submit, cancel, task reports, checkpoints.
 
 use super::command::{CheckpointManifest, Event, Rejection, Response, TaskState};
-use super::job_record::{CheckpointRecord, JobRecord, JobState};
+use super::job_record::{CheckpointRecord, JobRecord, JobState, Migration};
 use super::store::ClusterStore;
-use gangway_proto::ids::JobId;
+use crate::engine::HostFilter;
+use gangway_proto::ids::{HostName, JobId};
+use std::collections::BTreeSet;
+
+fn join(hosts: &BTreeSet<HostName>) -> String {
+    hosts
+        .iter()
+        .map(HostName::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 use gangway_proto::spec::{JobSpec, MAX_TASKS};
 
 impl ClusterStore {
@@ -150,11 +160,13 @@ impl ClusterStore {
         Response::Done
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn apply_record_checkpoint(
         &mut self,
         now: u64,
         job: JobId,
         epoch: u64,
+        request: u64,
         manifest: CheckpointManifest,
         events: &mut Vec<Event>,
     ) -> Response {
@@ -170,23 +182,206 @@ impl ClusterStore {
             });
         }
         // Checkpoints only move forward: a late report of an older step never replaces a newer one.
-        if record
+        let newer = record
             .last_checkpoint
             .as_ref()
-            .is_some_and(|c| c.manifest.step >= manifest.step)
+            .is_none_or(|c| c.manifest.step < manifest.step);
+        let step = manifest.step;
+        if newer {
+            record.note(
+                now,
+                format!("checkpoint at step {step} ({})", manifest.path),
+            );
+            record.last_checkpoint = Some(CheckpointRecord {
+                epoch,
+                manifest,
+                recorded_at_ms: now,
+            });
+            events.push(Event::JobChanged(job.clone()));
+        }
+        // The checkpoint a migration waits for: the job stops here and is placed again elsewhere.
+        let migrating = record.lease.as_ref().is_some_and(|l| l.epoch == epoch)
+            && record
+                .migration
+                .as_ref()
+                .is_some_and(|m| request >= m.checkpoint_request);
+        if migrating {
+            if let Some(m) = record.migration.take() {
+                record.next_hosts = m.hosts;
+            }
+            let step = record
+                .last_checkpoint
+                .as_ref()
+                .map_or(step, |c| c.manifest.step);
+            self.revoke_lease(
+                now,
+                &job,
+                JobState::Pending,
+                format!("migrating: checkpointed at step {step}; placing it again"),
+                events,
+            );
+        }
+        Response::Done
+    }
+
+    pub(super) fn apply_checkpoint_failed(
+        &mut self,
+        now: u64,
+        job: JobId,
+        epoch: u64,
+        request: u64,
+        error: String,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        let Some(record) = self.jobs.get_mut(&job) else {
+            return Response::Rejected(Rejection::UnknownJob(job));
+        };
+        let current = record.lease.as_ref().map(|l| l.epoch);
+        if current != Some(epoch) {
+            return Response::Rejected(Rejection::StaleEpoch {
+                job,
+                got: epoch,
+                current: current.or(record.last_epoch).unwrap_or(0),
+            });
+        }
+        // Retries of the same report change nothing.
+        let failed_migration = record
+            .migration
+            .as_ref()
+            .is_some_and(|m| request >= m.checkpoint_request);
+        if failed_migration {
+            record.migration = None;
+            record.note(
+                now,
+                format!(
+                    "migration aborted, the job keeps running here: checkpoint failed: {error}"
+                ),
+            );
+            events.push(Event::JobChanged(job));
+        } else if !record
+            .history
+            .last()
+            .is_some_and(|h| h.what.ends_with(&error))
         {
-            return Response::Done;
+            record.note(now, format!("checkpoint request {request} failed: {error}"));
+            events.push(Event::JobChanged(job));
+        }
+        Response::Done
+    }
+
+    /// Why a job cannot be checkpointed now, if it cannot.
+    fn refuse_checkpoint(record: &JobRecord) -> Option<Rejection> {
+        let why = if record.state != JobState::Running || record.lease.is_none() {
+            "only a running job can be checkpointed or migrated"
+        } else if record.spec.checkpoint.is_none() {
+            "its spec has no [checkpoint] section, so it cannot checkpoint"
+        } else {
+            return None;
+        };
+        Some(Rejection::WrongJobState {
+            job: record.id.clone(),
+            state: record.state.to_string(),
+            why: why.to_owned(),
+        })
+    }
+
+    /// Bumps the job's checkpoint request number; its workers see it in their allocations.
+    fn request_checkpoint(&mut self, job: &JobId, events: &mut Vec<Event>) -> u64 {
+        let Some(record) = self.jobs.get_mut(job) else {
+            return 0;
+        };
+        record.checkpoint_requests += 1;
+        if let Some(lease) = &record.lease {
+            for t in &lease.placement.tasks {
+                events.push(Event::AllocationsChanged(t.host.clone()));
+            }
+        }
+        events.push(Event::JobChanged(job.clone()));
+        record.checkpoint_requests
+    }
+
+    pub(super) fn apply_request_checkpoint(
+        &mut self,
+        now: u64,
+        job: JobId,
+        reason: String,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        let Some(record) = self.jobs.get_mut(&job) else {
+            return Response::Rejected(Rejection::UnknownJob(job));
+        };
+        if let Some(refusal) = Self::refuse_checkpoint(record) {
+            return Response::Rejected(refusal);
         }
         record.note(
             now,
-            format!("checkpoint at step {} ({})", manifest.step, manifest.path),
+            format!("checkpoint requested: {reason}")
+                .trim_end_matches(": ")
+                .to_owned(),
         );
-        record.last_checkpoint = Some(CheckpointRecord {
-            epoch,
-            manifest,
-            recorded_at_ms: now,
+        self.request_checkpoint(&job, events);
+        Response::Done
+    }
+
+    pub(super) fn apply_migrate_job(
+        &mut self,
+        now: u64,
+        job: JobId,
+        mut hosts: HostFilter,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        if let Some(unknown) = hosts
+            .only
+            .iter()
+            .chain(&hosts.avoid)
+            .find(|h| !self.nodes.contains_key(*h))
+        {
+            return Response::Rejected(Rejection::UnknownNode(unknown.clone()));
+        }
+        let Some(record) = self.jobs.get_mut(&job) else {
+            return Response::Rejected(Rejection::UnknownJob(job));
+        };
+        if let Some(refusal) = Self::refuse_checkpoint(record) {
+            return Response::Rejected(refusal);
+        }
+        if record.migration.is_some() {
+            return Response::Rejected(Rejection::WrongJobState {
+                job,
+                state: record.state.to_string(),
+                why: "a migration is already waiting for its checkpoint".to_owned(),
+            });
+        }
+        // A move with no destination leaves the hosts the job runs on.
+        if hosts.only.is_empty() && hosts.avoid.is_empty() {
+            if let Some(lease) = &record.lease {
+                hosts.avoid = lease
+                    .placement
+                    .tasks
+                    .iter()
+                    .map(|t| t.host.clone())
+                    .collect();
+            }
+        }
+        let mut words = Vec::new();
+        if !hosts.only.is_empty() {
+            words.push(format!("to {}", join(&hosts.only)));
+        }
+        if !hosts.avoid.is_empty() {
+            words.push(format!("avoiding {}", join(&hosts.avoid)));
+        }
+        record.note(
+            now,
+            format!(
+                "migration requested ({}); checkpointing first",
+                words.join(", ")
+            ),
+        );
+        record.migration = Some(Migration {
+            checkpoint_request: record.checkpoint_requests + 1,
+            hosts,
+            requested_at_ms: now,
         });
-        events.push(Event::JobChanged(job));
+        self.request_checkpoint(&job, events);
         Response::Done
     }
 
@@ -206,6 +401,14 @@ impl ClusterStore {
         let Some(lease) = record.lease.take() else {
             return;
         };
+        // Whatever ends the lease also ends a migration that waited on it.
+        record.migration = None;
+        record.last_hosts = lease
+            .placement
+            .tasks
+            .iter()
+            .map(|t| t.host.clone())
+            .collect();
         self.engine.release(job);
         for t in &lease.placement.tasks {
             events.push(Event::AllocationsChanged(t.host.clone()));

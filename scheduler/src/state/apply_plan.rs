@@ -46,6 +46,17 @@ impl ClusterStore {
                 stale.push((job_id, format!("job is {}", record.state)));
                 continue;
             }
+            if let Some(t) = placement
+                .tasks
+                .iter()
+                .find(|t| !record.next_hosts.allows(&t.host))
+            {
+                stale.push((
+                    job_id,
+                    format!("host {} is excluded for this placement", t.host),
+                ));
+                continue;
+            }
             let request = record.gang_request();
             if let Err(e) = self.engine.apply_placement(request, placement.clone(), now) {
                 let why = format!("placement went stale before it committed: {e}");
@@ -85,6 +96,7 @@ impl ClusterStore {
                 placement,
             });
             record.last_epoch = Some(epoch);
+            record.next_hosts = Default::default();
             record.state = JobState::Running;
             record.pending_reason = None;
             record.attempts += 1;

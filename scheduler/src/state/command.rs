@@ -1,7 +1,7 @@
 //! The replicated commands: every change to cluster state is one of these, committed through Raft and
 //! applied by [`super::ClusterStore::apply`] on every replica in log order.
 
-use crate::engine::{DeviceKind, HostTopology, NodeState, Plan, QueueConfig};
+use crate::engine::{DeviceKind, HostFilter, HostTopology, NodeState, Plan, QueueConfig};
 use gangway_proto::ids::{HostName, JobId};
 use gangway_proto::spec::JobSpec;
 use serde::{Deserialize, Serialize};
@@ -104,11 +104,32 @@ pub enum Command {
         exit_code: Option<i32>,
         message: String,
     },
-    /// A checkpoint a task wrote under lease `epoch`.
+    /// A checkpoint a task wrote under lease `epoch`, answering checkpoint request `request` (0: the
+    /// task checkpointed on its own). Completes a migration waiting for it.
     RecordCheckpoint {
         job: JobId,
         epoch: u64,
+        request: u64,
         manifest: CheckpointManifest,
+    },
+    /// A requested checkpoint that was not written in time (or could not be taken). Aborts a
+    /// migration waiting for it: the job keeps running where it is.
+    CheckpointFailed {
+        job: JobId,
+        epoch: u64,
+        request: u64,
+        error: String,
+    },
+    /// An operator asks a running job to checkpoint now.
+    RequestCheckpoint {
+        job: JobId,
+        reason: String,
+    },
+    /// An operator moves a running job: checkpoint, stop, place again under `hosts` (by default
+    /// avoiding the hosts it runs on), restore.
+    MigrateJob {
+        job: JobId,
+        hosts: HostFilter,
     },
     /// Creates or changes a queue's guarantee.
     SetQueue(QueueConfig),
@@ -126,6 +147,9 @@ impl Command {
             Command::ApplyPlan { .. } => "apply_plan",
             Command::TaskStatus { .. } => "task_status",
             Command::RecordCheckpoint { .. } => "record_checkpoint",
+            Command::CheckpointFailed { .. } => "checkpoint_failed",
+            Command::RequestCheckpoint { .. } => "request_checkpoint",
+            Command::MigrateJob { .. } => "migrate_job",
             Command::SetQueue(_) => "set_queue",
         }
     }

@@ -1,8 +1,8 @@
 //! A job as the cluster remembers it: its spec, where it is in its life, its lease and checkpoints.
 
 use super::command::{CheckpointManifest, TaskState};
-use crate::engine::{DeviceDemand, GangPlacement, GangRequest};
-use gangway_proto::ids::{JobId, QueueName};
+use crate::engine::{DeviceDemand, GangPlacement, GangRequest, HostFilter};
+use gangway_proto::ids::{HostName, JobId, QueueName};
 use gangway_proto::spec::{DeviceCount, JobSpec};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -66,6 +66,15 @@ pub struct CheckpointRecord {
     pub recorded_at_ms: u64,
 }
 
+/// A move of a running job that waits for its checkpoint: once the checkpoint answering
+/// `checkpoint_request` is committed, the lease ends and the job is placed again under `hosts`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    pub checkpoint_request: u64,
+    pub hosts: HostFilter,
+    pub requested_at_ms: u64,
+}
+
 /// A line of a job's history, shown by `gangway job status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobEvent {
@@ -96,6 +105,15 @@ pub struct JobRecord {
     pub last_checkpoint: Option<CheckpointRecord>,
     pub finished_at_ms: Option<u64>,
     pub history: Vec<JobEvent>,
+    /// Checkpoint requests made so far; the allocation carries the number, and a worker checkpoints
+    /// its task each time it sees it grow.
+    pub checkpoint_requests: u64,
+    /// A migration waiting for its checkpoint.
+    pub migration: Option<Migration>,
+    /// Where the next placement may go (set when a migration stops the job; cleared once placed).
+    pub next_hosts: HostFilter,
+    /// Host of each rank under the most recent lease, kept after it ends (where its logs are).
+    pub last_hosts: Vec<HostName>,
 }
 
 impl JobRecord {
@@ -114,6 +132,10 @@ impl JobRecord {
             last_checkpoint: None,
             finished_at_ms: None,
             history: Vec::new(),
+            checkpoint_requests: 0,
+            migration: None,
+            next_hosts: HostFilter::default(),
+            last_hosts: Vec::new(),
         };
         job.note(now_ms, "submitted".to_owned());
         job
@@ -160,6 +182,7 @@ impl JobRecord {
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             checkpointable: self.spec.checkpoint.is_some(),
             submitted_at_ms: self.submitted_at_ms,
+            hosts: self.next_hosts.clone(),
         }
     }
 }

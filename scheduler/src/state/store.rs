@@ -32,6 +32,8 @@ pub struct Allocation {
     pub master_addr: String,
     pub checkpoint: Option<CheckpointSpec>,
     pub restore_from: Option<String>,
+    /// Checkpoint requests made so far: the worker checkpoints when it sees this grow.
+    pub checkpoint_request: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,8 +90,19 @@ impl ClusterStore {
             Command::RecordCheckpoint {
                 job,
                 epoch,
+                request,
                 manifest,
-            } => self.apply_record_checkpoint(now, job, epoch, manifest, events),
+            } => self.apply_record_checkpoint(now, job, epoch, request, manifest, events),
+            Command::CheckpointFailed {
+                job,
+                epoch,
+                request,
+                error,
+            } => self.apply_checkpoint_failed(now, job, epoch, request, error, events),
+            Command::RequestCheckpoint { job, reason } => {
+                self.apply_request_checkpoint(now, job, reason, events)
+            }
+            Command::MigrateJob { job, hosts } => self.apply_migrate_job(now, job, hosts, events),
             Command::SetQueue(queue) => self.apply_set_queue(queue, events),
         }
     }
@@ -210,6 +223,7 @@ impl ClusterStore {
                     master_addr: master_addr.clone(),
                     checkpoint: job.spec.checkpoint.clone(),
                     restore_from: job.restore_from().map(str::to_owned),
+                    checkpoint_request: job.checkpoint_requests,
                 });
             }
         }

@@ -1,0 +1,143 @@
+//! `gangway worker` (the host agent) and `gangway task-shim` (the supervisor it starts per task).
+
+use anyhow::Context;
+use clap::Args;
+use gangway_worker::agent::{Agent, AgentConfig, Devices, TopologyLabels};
+use gangway_worker::devices::{FakeBackend, NvmlBackend};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Scheduler replicas, any of them (the agent follows the leader): host:port,host:port,...
+    #[arg(long, env = "GANGWAY_SERVERS", value_delimiter = ',', required = true)]
+    pub servers: Vec<String>,
+    /// The name this host registers under. Default: the host name.
+    #[arg(long, env = "GANGWAY_NODE")]
+    pub node: Option<String>,
+    /// Where the agent API (task logs for `gangway logs`) listens.
+    #[arg(long, default_value = "0.0.0.0:7300")]
+    pub listen: std::net::SocketAddr,
+    /// host:port the scheduler and `gangway logs` reach this agent at; its host is also the
+    /// master address of gangs whose rank 0 runs here. Default: the node name and the listen port.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Topology labels: dc=dc1,zone=z1,pod=p1,rack=r3 (any subset).
+    #[arg(long, default_value = "")]
+    pub topology: TopologyLabels,
+    /// Declared devices instead of NVML: 8xH100, 4xA100-80G, 4xTPU-v5p, 2xH100+2xA100-80G:nvlink=0-1,2-3.
+    #[arg(long, value_name = "SPEC")]
+    pub fake_devices: Option<String>,
+    /// libnvidia-ml to load instead of the system's libnvidia-ml.so.1.
+    #[arg(long, value_name = "PATH")]
+    pub nvml_library: Option<PathBuf>,
+    /// The agent's state, task exit files and logs.
+    #[arg(long, default_value = "/var/lib/gangway/worker")]
+    pub data_dir: PathBuf,
+    /// Checkpoint storage every host shares; each job gets <dir>/<job id>. Default: <data-dir>/checkpoints.
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Stopping a task: SIGTERM, this long, then SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    /// Stop the tasks when the agent stops cleanly (by default they keep running and a restarted
+    /// agent re-adopts them).
+    #[arg(long)]
+    pub stop_tasks_on_exit: bool,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+impl WorkerArgs {
+    fn to_config(&self) -> anyhow::Result<AgentConfig> {
+        let node = self.node.clone().unwrap_or_else(host_name);
+        let advertise = self
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("{node}:{}", self.listen.port()));
+        let exe = std::env::current_exe().context("finding the gangway binary for task shims")?;
+        Ok(AgentConfig {
+            node,
+            servers: self.servers.clone(),
+            listen: self.listen,
+            advertise,
+            topology: self.topology.clone(),
+            data_dir: self.data_dir.clone(),
+            checkpoint_dir: self
+                .checkpoint_dir
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("checkpoints")),
+            grace: self.grace,
+            shim_command: vec![exe.display().to_string(), "task-shim".to_owned()],
+            stop_tasks_on_exit: self.stop_tasks_on_exit,
+            rpc_timeout: Duration::from_secs(5),
+        })
+    }
+}
+
+pub fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let config = args.to_config()?;
+    let devices = match &args.fake_devices {
+        Some(spec) => match FakeBackend::parse(spec, &config.node) {
+            Ok(f) => Devices::Fake(Arc::new(f)),
+            Err(e) => {
+                eprintln!("error: --fake-devices: {e}");
+                return Ok(ExitCode::from(super::EXIT_INVALID));
+            }
+        },
+        None => {
+            let loaded = match &args.nvml_library {
+                Some(path) => NvmlBackend::load_from(path),
+                None => NvmlBackend::load(),
+            };
+            match loaded {
+                Ok(b) => Devices::Nvml(Arc::new(b)),
+                Err(e) => {
+                    eprintln!(
+                        "error: {e}\nThis host has no usable NVIDIA driver library; install the driver, point \
+                         --nvml-library at libnvidia-ml, or run with --fake-devices for a development host."
+                    );
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let agent = Agent::new(config, devices)?;
+        agent.run(super::server::shutdown_signal()).await?;
+        Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+    })
+}
+
+/// `gangway task-shim ...`: the per-task supervisor (see the worker's driver module). Not for
+/// people: the agent starts it with the flags it needs.
+#[derive(Args, Debug, Clone)]
+pub struct ShimArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    pub args: Vec<String>,
+}
+
+pub fn run_shim(args: ShimArgs) -> ExitCode {
+    match gangway_worker::driver::ShimArgs::parse(&args.args) {
+        Ok(a) => {
+            let code = gangway_worker::driver::run_shim(a);
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        Err(e) => {
+            eprintln!("error: task-shim: {e}");
+            ExitCode::from(super::EXIT_INVALID)
+        }
+    }
+}

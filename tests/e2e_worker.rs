@@ -1,0 +1,810 @@
+//! The worker agent end to end: real `gangway server` replicas, real `gangway worker` processes with
+//! fake devices, and the example trainer (deploy/examples/trainer.py) as the task. Each test tells
+//! one story from DESIGN.md sections 7 and 8, and reads the trainer's own output to check that work
+//! is never lost beyond the last checkpoint.
+
+mod common;
+
+use common::*;
+use gangway_proto::pb;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TRAINER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/trainer.py");
+
+/// One `gangway worker` process with 8 fake H100s.
+struct Worker {
+    name: String,
+    rack: String,
+    port: u16,
+    data: PathBuf,
+    checkpoints: PathBuf,
+    log: PathBuf,
+    servers: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Worker {
+    fn new(dir: &Path, name: &str, rack: &str, servers: Vec<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            rack: rack.to_owned(),
+            port: free_ports(1)[0],
+            data: dir.join(format!("worker-{name}")),
+            checkpoints: dir.join("checkpoints"),
+            log: dir.join(format!("worker-{name}.log")),
+            servers,
+            child: None,
+        }
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open worker log");
+        let child = Command::new(BIN)
+            .arg("worker")
+            .arg("--servers")
+            .arg(self.servers.join(","))
+            .arg("--node")
+            .arg(&self.name)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--advertise")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--fake-devices")
+            .arg("8xH100")
+            .arg("--topology")
+            .arg(format!("dc=dc1,zone=z1,pod=p1,rack={}", self.rack))
+            .arg("--data-dir")
+            .arg(&self.data)
+            .arg("--checkpoint-dir")
+            .arg(&self.checkpoints)
+            .arg("--grace")
+            .arg("1s")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn gangway worker");
+        self.child = Some(child);
+    }
+
+    /// kill -9 of the agent alone: its tasks run on under their shims.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn task_log(&self, job: &str, task: u32) -> String {
+        std::fs::read_to_string(
+            self.data
+                .join("logs")
+                .join(job)
+                .join(format!("task-{task}.log")),
+        )
+        .unwrap_or_default()
+    }
+
+    fn agent_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+        // Stop what the agent left running: every shim is a process-group leader whose pid is in
+        // the agent's state file.
+        if let Ok(text) = std::fs::read_to_string(self.data.join("agent-state.json")) {
+            for pid in pids_in_state(&text) {
+                let _ = Command::new("kill")
+                    .arg("-9")
+                    .arg(format!("-{pid}"))
+                    .status();
+            }
+        }
+    }
+}
+
+fn pids_in_state(text: &str) -> Vec<i64> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+        return Vec::new();
+    };
+    v["tasks"]
+        .as_object()
+        .map(|tasks| {
+            tasks
+                .values()
+                .filter_map(|t| t["process"]["pid"].as_i64())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The steps a trainer printed, in order.
+fn steps(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.split("] step ").nth(1))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+/// `resumed_step=N` of each start line.
+fn resumed(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.split("resumed_step=").nth(1))
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn trainer_spec(name: &str, tasks: u32, devices: u32) -> String {
+    format!(
+        r#"name = "{name}"
+tasks = {tasks}
+command = ["python3", "{TRAINER}", "--step-ms", "50"]
+[resources]
+devices = {devices}
+[checkpoint]
+signal = "SIGUSR1"
+timeout = "10s"
+"#
+    )
+}
+
+async fn job(addr: &[String], id: &str) -> Option<pb::JobDetail> {
+    for a in addr {
+        if let Some(mut c) = client(a).await {
+            if let Ok(r) = c
+                .get_job(pb::GetJobRequest {
+                    job_id: id.to_owned(),
+                })
+                .await
+            {
+                return Some(r.into_inner());
+            }
+        }
+    }
+    None
+}
+
+/// Polls until `check` gives a value, or panics with `what` and the logs.
+async fn poll<T, F, Fut>(
+    timeout: Duration,
+    what: &str,
+    logs: impl Fn() -> String,
+    mut check: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if let Some(v) = check().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for {what}\n{}", logs());
+}
+
+/// Polls a condition on local files until it holds.
+async fn wait_until(
+    timeout: Duration,
+    what: &str,
+    logs: impl Fn() -> String,
+    mut check: impl FnMut() -> bool,
+) {
+    poll(timeout, what, logs, || {
+        let ok = check();
+        async move { ok.then_some(()) }
+    })
+    .await
+}
+
+/// The step of the job's last committed checkpoint, once there is one.
+async fn checkpoint_step(addrs: &[String], id: &str, above: u64, logs: impl Fn() -> String) -> u64 {
+    poll(Duration::from_secs(20), "a checkpoint", logs, || {
+        let addrs = addrs.to_vec();
+        let id = id.to_owned();
+        async move {
+            let step = job(&addrs, &id).await?.last_checkpoint?.step;
+            (step > above).then_some(step)
+        }
+    })
+    .await
+}
+
+fn state_of(d: &pb::JobDetail) -> (&str, u64, Vec<String>) {
+    let s = d.summary.as_ref().expect("summary");
+    (
+        s.state.as_str(),
+        s.lease_epoch,
+        d.tasks.iter().map(|t| t.host.clone()).collect(),
+    )
+}
+
+fn cli(addrs: &[String], args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--addr")
+        .arg(addrs.join(","))
+        .output()
+        .expect("run gangway")
+}
+
+fn all_logs(cluster: &TestCluster, workers: &[Worker]) -> String {
+    let mut out = cluster.logs();
+    for w in workers {
+        let text = w.agent_log();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        out.push_str(&format!("--- worker {} (last 30 lines) ---\n", w.name));
+        for l in tail.into_iter().rev() {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn four_workers(cluster: &TestCluster) -> Vec<Worker> {
+    [("w1", "r1"), ("w2", "r1"), ("w3", "r2"), ("w4", "r2")]
+        .into_iter()
+        .map(|(n, r)| {
+            let mut w = Worker::new(cluster.dir.path(), n, r, cluster.addrs());
+            w.start();
+            w
+        })
+        .collect()
+}
+
+fn worker<'w>(workers: &'w [Worker], name: &str) -> &'w Worker {
+    workers
+        .iter()
+        .find(|w| w.name == name)
+        .expect("known worker")
+}
+
+async fn wait_running(
+    addrs: &[String],
+    id: &str,
+    newer_than: u64,
+    logs: impl Fn() -> String,
+) -> (u64, Vec<String>) {
+    poll(
+        Duration::from_secs(30),
+        &format!("job {id} running"),
+        logs,
+        || {
+            let addrs = addrs.to_vec();
+            let id = id.to_owned();
+            async move {
+                let d = job(&addrs, &id).await?;
+                let (state, epoch, hosts) = state_of(&d);
+                (state == "running" && epoch > newer_than).then_some((epoch, hosts))
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gang_runs_checkpoints_and_migrates_without_losing_work() {
+    // Phase 1: three replicas and four 8-GPU hosts in two racks; a 2x8 trainer gang.
+    let cluster = TestCluster::start(3);
+    let addrs = cluster.addrs();
+    let workers = four_workers(&cluster);
+    let logs = || all_logs(&cluster, &workers);
+    let id = submit(&addrs[0], &trainer_spec("train", 2, 8), "train")
+        .await
+        .expect("submit")
+        .job_id;
+    let (epoch1, hosts1) = wait_running(&addrs, &id, 0, logs).await;
+    assert_eq!(hosts1.len(), 2);
+    assert_ne!(hosts1[0], hosts1[1], "2x8 needs two 8-GPU hosts");
+
+    // Phase 2: each rank sees its rank, the world size and its own eight devices.
+    wait_until(Duration::from_secs(20), "both ranks stepping", logs, || {
+        (0..2).all(|r| steps(&worker(&workers, &hosts1[r as usize]).task_log(&id, r)).len() >= 5)
+    })
+    .await;
+    for rank in 0..2u32 {
+        let log = worker(&workers, &hosts1[rank as usize]).task_log(&id, rank);
+        assert!(
+            log.contains(&format!("[trainer rank={rank}/2] start")),
+            "{log}"
+        );
+        let devices = log
+            .split("devices=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or("");
+        assert_eq!(devices.split(',').count(), 8, "{log}");
+        assert!(devices.starts_with("GPU-"), "UUIDs, not indices: {log}");
+        assert_eq!(resumed(&log), vec![0], "a fresh job starts at 0");
+    }
+
+    // Phase 3: an on-demand checkpoint is written by rank 0 and committed.
+    let out = cli(&addrs, &["job", "checkpoint", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first_ck = checkpoint_step(&addrs, &id, 0, logs).await;
+
+    // Phase 4: migrate. The gang checkpoints again, stops, and restarts on the other two hosts
+    // from exactly the checkpointed step: never from zero, never from before the request.
+    let before = steps(&worker(&workers, &hosts1[0]).task_log(&id, 0))
+        .last()
+        .copied()
+        .unwrap_or(0);
+    let out = cli(&addrs, &["job", "migrate", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (epoch2, hosts2) = wait_running(&addrs, &id, epoch1, logs).await;
+    assert!(
+        hosts2.iter().all(|h| !hosts1.contains(h)),
+        "migrated from {hosts1:?} onto {hosts2:?}"
+    );
+    let detail = job(&addrs, &id).await.expect("job");
+    let ck = detail.last_checkpoint.expect("checkpoint").step;
+    assert!(
+        ck >= before && ck > first_ck,
+        "checkpoint {ck}, before {before}, first {first_ck}"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the migrated ranks resume",
+        logs,
+        || {
+            (0..2).all(|r| {
+                !resumed(&worker(&workers, &hosts2[r as usize]).task_log(&id, r)).is_empty()
+            })
+        },
+    )
+    .await;
+    for rank in 0..2u32 {
+        let log = worker(&workers, &hosts2[rank as usize]).task_log(&id, rank);
+        assert_eq!(resumed(&log), vec![ck], "rank {rank} resumed from {log}");
+        assert!(log.contains(&format!("epoch={epoch2}")), "{log}");
+    }
+    // The old ranks were stopped by their agents (the trainer prints its last step on SIGTERM).
+    wait_until(Duration::from_secs(10), "the old ranks stop", logs, || {
+        (0..2).all(|r| {
+            worker(&workers, &hosts1[r as usize])
+                .task_log(&id, r)
+                .contains("stopping at step")
+        })
+    })
+    .await;
+
+    // Phase 5: `gangway logs` reads a rank's output from its host's agent.
+    let out = cli(&addrs, &["logs", &id, "--task", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[trainer rank=1/2]"), "{text}");
+    assert!(text.contains(&format!("resumed_step={ck}")), "{text}");
+    let out = cli(&addrs, &["logs", &id, "--task", "7"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a task the job lacks is a usage error"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_worker_gang_restarts_elsewhere_from_its_checkpoint() {
+    // Phase 1: a 2x8 trainer gang on two of four hosts, with a committed checkpoint.
+    let cluster = TestCluster::start(3);
+    let addrs = cluster.addrs();
+    let mut workers = four_workers(&cluster);
+    let id = submit(&addrs[0], &trainer_spec("lost", 2, 8), "lost")
+        .await
+        .expect("submit")
+        .job_id;
+    let (epoch1, hosts1) = wait_running(&addrs, &id, 0, || all_logs(&cluster, &workers)).await;
+    wait_until(
+        Duration::from_secs(20),
+        "rank 0 stepping",
+        || all_logs(&cluster, &workers),
+        || steps(&worker(&workers, &hosts1[0]).task_log(&id, 0)).len() >= 5,
+    )
+    .await;
+    let out = cli(&addrs, &["job", "checkpoint", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ck = checkpoint_step(&addrs, &id, 0, || all_logs(&cluster, &workers)).await;
+
+    // Phase 2: the agent of rank 1's host dies (kill -9). Its task keeps running only until the
+    // lease deadline, which its shim enforces with no agent alive.
+    let lost = hosts1[1].clone();
+    let killed_at = Instant::now();
+    workers.iter_mut().find(|w| w.name == lost).unwrap().kill();
+    wait_until(
+        Duration::from_secs(10),
+        "the orphaned rank stops itself",
+        || all_logs(&cluster, &workers),
+        || {
+            worker(&workers, &lost)
+                .task_log(&id, 1)
+                .contains("stopping at step")
+        },
+    )
+    .await;
+    let stopped_after = killed_at.elapsed();
+    // The worker lease is node_ttl (3 s) minus a margin; the node is declared down at 3 s.
+    assert!(
+        stopped_after < Duration::from_secs(3),
+        "stopped after {stopped_after:?}"
+    );
+
+    // Phase 3: after the TTL the gang is re-leased, never on the lost host, from the checkpoint.
+    let (_epoch2, hosts2) =
+        wait_running(&addrs, &id, epoch1, || all_logs(&cluster, &workers)).await;
+    assert!(
+        !hosts2.contains(&lost),
+        "re-placed on the lost host: {hosts2:?}"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the new ranks resume",
+        || all_logs(&cluster, &workers),
+        || {
+            (0..2).all(|r| {
+                resumed(&worker(&workers, &hosts2[r as usize]).task_log(&id, r)).len()
+                    >= if hosts2[r as usize] == hosts1[r as usize] {
+                        2
+                    } else {
+                        1
+                    }
+            })
+        },
+    )
+    .await;
+    for rank in 0..2u32 {
+        let log = worker(&workers, &hosts2[rank as usize]).task_log(&id, rank);
+        assert_eq!(resumed(&log).last(), Some(&ck), "rank {rank}: {log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_readopts_its_running_task() {
+    // Phase 1: one trainer on one host.
+    let cluster = TestCluster::start(3);
+    let addrs = cluster.addrs();
+    let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
+    w.start();
+    let id = submit(&addrs[0], &trainer_spec("solo", 1, 4), "solo")
+        .await
+        .expect("submit")
+        .job_id;
+    let (epoch, _) = wait_running(&addrs, &id, 0, || cluster.logs()).await;
+    wait_until(
+        Duration::from_secs(20),
+        "stepping",
+        || cluster.logs(),
+        || steps(&w.task_log(&id, 0)).len() >= 3,
+    )
+    .await;
+
+    // Phase 2: the agent dies and comes back within the TTL; the task was never interrupted.
+    w.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.start();
+    let at_restart = steps(&w.task_log(&id, 0)).len();
+    wait_until(
+        Duration::from_secs(20),
+        "the re-adoption",
+        || w.agent_log(),
+        || w.agent_log().contains("re-adopted a running task"),
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(20),
+        "more steps",
+        || w.agent_log(),
+        || steps(&w.task_log(&id, 0)).len() >= at_restart + 20,
+    )
+    .await;
+    let log = w.task_log(&id, 0);
+    assert_eq!(resumed(&log).len(), 1, "the task was started once: {log}");
+    let s = steps(&log);
+    assert!(
+        s.windows(2).all(|p| p[1] == p[0] + 1),
+        "steps continuous: {s:?}"
+    );
+    let d = job(&addrs, &id).await.expect("job");
+    assert_eq!(state_of(&d).0, "running");
+    assert_eq!(
+        state_of(&d).1,
+        epoch,
+        "the same lease: nothing was re-placed"
+    );
+
+    // Phase 3: the re-adopted task is under the new agent's control: a cancel stops it.
+    let out = cli(&addrs, &["cancel", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the cancelled task stops",
+        || w.agent_log(),
+        || w.task_log(&id, 0).contains("stopping at step"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_every_replica_stops_its_tasks_by_its_lease_deadline() {
+    // Phase 1: a trainer runs on one host.
+    let mut cluster = TestCluster::start(3);
+    let addrs = cluster.addrs();
+    let mut w = Worker::new(cluster.dir.path(), "island", "r1", addrs.clone());
+    w.start();
+    let id = submit(&addrs[0], &trainer_spec("island", 1, 8), "island")
+        .await
+        .expect("submit")
+        .job_id;
+    wait_running(&addrs, &id, 0, || cluster.logs()).await;
+    wait_until(
+        Duration::from_secs(20),
+        "stepping",
+        || cluster.logs(),
+        || steps(&w.task_log(&id, 0)).len() >= 3,
+    )
+    .await;
+
+    // Phase 2: every replica freezes (SIGSTOP): the worker hears from no one. Its lease is the
+    // node TTL (3 s) minus max(heartbeat, TTL/4) = 2.25 s from its last answered heartbeat.
+    let pids: Vec<u32> = (1..=3).filter_map(|id| cluster.replica(id).pid()).collect();
+    for p in &pids {
+        Command::new("kill")
+            .arg("-STOP")
+            .arg(p.to_string())
+            .status()
+            .unwrap();
+    }
+    let frozen = Instant::now();
+    let mut stopped = None;
+    while frozen.elapsed() < Duration::from_secs(6) {
+        if w.task_log(&id, 0).contains("stopping at step") {
+            stopped = Some(frozen.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in &pids {
+        Command::new("kill")
+            .arg("-CONT")
+            .arg(p.to_string())
+            .status()
+            .unwrap();
+    }
+    let stopped = stopped.unwrap_or_else(|| panic!("the task kept running\n{}", w.agent_log()));
+    // By the deadline (2.25 s after the last reply, which came before the freeze), not long before.
+    assert!(
+        stopped <= Duration::from_millis(2_600),
+        "stopped after {stopped:?}"
+    );
+    assert!(
+        stopped >= Duration::from_millis(1_000),
+        "stopped early, after {stopped:?}"
+    );
+    let log = w.task_log(&id, 0);
+    let _ = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    assert!(!log.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// A deposed leader, played by the test: it sends the worker a stale directive.
+// ---------------------------------------------------------------------------------------------
+
+mod deposed {
+    use gangway_proto::pb;
+    use gangway_proto::pb::worker_api_server::{WorkerApi, WorkerApiServer};
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::mpsc;
+    use tonic::{Request, Response, Status};
+
+    /// A scheduler that answers every call and streams whatever sets the test pushes.
+    pub struct Scripted {
+        pub sets: Mutex<Option<mpsc::Receiver<pb::AllocationSet>>>,
+        pub reports: Arc<Mutex<Vec<pb::TaskStatusReport>>>,
+    }
+
+    #[tonic::async_trait]
+    impl WorkerApi for Scripted {
+        async fn register(
+            &self,
+            _: Request<pb::RegisterRequest>,
+        ) -> Result<Response<pb::RegisterReply>, Status> {
+            Ok(Response::new(pb::RegisterReply {
+                heartbeat_interval_ms: 200,
+                lease_ttl_ms: 60_000,
+            }))
+        }
+        async fn heartbeat(
+            &self,
+            _: Request<pb::HeartbeatRequest>,
+        ) -> Result<Response<pb::HeartbeatReply>, Status> {
+            Ok(Response::new(pb::HeartbeatReply {
+                heartbeat_interval_ms: 200,
+                lease_ttl_ms: 60_000,
+            }))
+        }
+        type WatchAllocationsStream =
+            Pin<Box<dyn futures::Stream<Item = Result<pb::AllocationSet, Status>> + Send>>;
+        async fn watch_allocations(
+            &self,
+            _: Request<pb::WatchAllocationsRequest>,
+        ) -> Result<Response<Self::WatchAllocationsStream>, Status> {
+            let rx = self
+                .sets
+                .lock()
+                .unwrap()
+                .take()
+                .ok_or_else(|| Status::unavailable("one stream per test"))?;
+            let s = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok);
+            Ok(Response::new(Box::pin(s)))
+        }
+        async fn report_task_status(
+            &self,
+            r: Request<pb::TaskStatusReport>,
+        ) -> Result<Response<pb::Empty>, Status> {
+            self.reports.lock().unwrap().push(r.into_inner());
+            Ok(Response::new(pb::Empty {}))
+        }
+        async fn report_checkpoint(
+            &self,
+            _: Request<pb::CheckpointReport>,
+        ) -> Result<Response<pb::Empty>, Status> {
+            Ok(Response::new(pb::Empty {}))
+        }
+    }
+
+    pub fn server(s: Scripted) -> WorkerApiServer<Scripted> {
+        WorkerApiServer::new(s)
+    }
+}
+
+fn marker_task(job: &str, epoch: u64, device: u32, marker: &Path) -> pb::Allocation {
+    pb::Allocation {
+        job_id: job.into(),
+        task: 0,
+        task_count: 1,
+        epoch,
+        devices: vec![pb::AllocatedDevice {
+            index: device,
+            uuid: format!("GPU-fenced-{device}"),
+            milli: 1000,
+        }],
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo started >> {}; exec sleep 600", marker.display()),
+        ],
+        ..Default::default()
+    }
+}
+
+// The guard only keeps this test's processes from overlapping another test's cluster; holding it
+// across awaits is the point.
+#[allow(clippy::await_holding_lock)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_directive_is_refused_and_says_so() {
+    let _serial = TestCluster::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let port = free_ports(1)[0];
+    let server = deposed::server(deposed::Scripted {
+        sets: std::sync::Mutex::new(Some(rx)),
+        reports: reports.clone(),
+    });
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve(addr),
+    );
+    let mut w = Worker::new(dir.path(), "fenced", "r1", vec![addr.to_string()]);
+    w.start();
+    let current = dir.path().join("current.marker");
+    let stale = dir.path().join("stale.marker");
+
+    // Phase 1: the current leader leases device 0 to job "current" under epoch 7 (revision 10).
+    tx.send(pb::AllocationSet {
+        revision: 10,
+        allocations: vec![marker_task("current", 7, 0, &current)],
+        device_epochs: vec![7],
+    })
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the current task starts",
+        || w.agent_log(),
+        || current.exists(),
+    )
+    .await;
+
+    // Phase 2: a directive for the same device under the older epoch 3 is refused, and logged.
+    tx.send(pb::AllocationSet {
+        revision: 11,
+        allocations: vec![
+            marker_task("current", 7, 0, &current),
+            marker_task("stale", 3, 0, &stale),
+        ],
+        device_epochs: vec![7],
+    })
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the refusal in the agent's log",
+        || w.agent_log(),
+        || w.agent_log().contains("refusing a stale directive"),
+    )
+    .await;
+    assert!(
+        w.agent_log().contains("older than epoch 7"),
+        "{}",
+        w.agent_log()
+    );
+
+    // Phase 3: an older set (revision 9, a deposed leader's view without "current") stops nothing.
+    tx.send(pb::AllocationSet {
+        revision: 9,
+        allocations: vec![],
+        device_epochs: vec![7],
+    })
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the old revision refused",
+        || w.agent_log(),
+        || w.agent_log().contains("revision 9"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!stale.exists(), "the stale task must never start");
+    assert_eq!(
+        std::fs::read_to_string(&current).unwrap().lines().count(),
+        1,
+        "the current task runs once and is not stopped"
+    );
+    assert!(
+        !w.task_log("current", 0).is_empty() || current.exists(),
+        "current task ran"
+    );
+    let reports = reports.lock().unwrap().clone();
+    assert!(
+        reports
+            .iter()
+            .all(|r| r.job_id == "current" && r.state == "running"),
+        "{reports:?}"
+    );
+}

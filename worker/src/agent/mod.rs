@@ -1,0 +1,858 @@
+//! The agent loop (`gangway worker`): register the host, heartbeat, hold the stream of desired
+//! allocations, and make the host's tasks match it (Nomad's client model).
+//!
+//! * **Desired state is pulled, never pushed as commands.** Each allocation set is the whole set of
+//!   tasks this host should run; [`Agent::reconcile`] diffs it against what runs: new tasks are
+//!   launched, tasks no longer wanted are stopped (signal, grace, kill), and a grown
+//!   `checkpoint_request` makes the task checkpoint.
+//! * **Fencing.** A set older than the newest one accepted (lower revision: a deposed leader) is
+//!   refused whole, and a task whose lease epoch is older than the newest epoch seen for one of its
+//!   devices is refused and logged; neither starts nor stops anything.
+//! * **Lease deadline.** Every reply from the scheduler moves a deadline forward in the lease
+//!   file; each task's supervisor (the shim, see [`crate::driver`]) stops its task when the deadline
+//!   passes, so a host cut off from every replica, or whose agent died, stops its tasks before the
+//!   majority can lease the devices again.
+//! * **Re-adoption.** Intent lives in a state file ([`state_file`]); a restarted agent re-adopts the
+//!   tasks whose supervisors still run and reports the ones that ended while it was away.
+//! * **Reports are retried until acknowledged** (an outbox in the state file): an election never
+//!   loses a completion. A definite refusal (a stale epoch) also ends the retries.
+
+pub mod checkpoint;
+pub mod config;
+pub mod log_service;
+pub mod scheduler_link;
+pub mod state_file;
+pub mod task_env;
+
+pub use config::{AgentConfig, TopologyLabels};
+pub use scheduler_link::SchedulerLink;
+
+use crate::devices::{DeviceBackend, DeviceInfo, FakeBackend};
+use crate::driver::{
+    boottime_ms, DriverConfig, DriverError, ExitOutcome, ExitReason, LaunchSpec, TaskDriver,
+    TaskHandle, TaskKey,
+};
+use gangway_proto::pb;
+use scheduler_link::{error_code, retryable};
+use state_file::{AgentState, PendingReport, StateFile, StateFileError, TaskEntry};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Devices(#[from] crate::devices::DeviceError),
+    #[error(transparent)]
+    State(#[from] StateFileError),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the scheduler refused this host's registration: {0}")]
+    Registration(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Default checkpoint deadline when the allocation carries none.
+const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One agent. Shared by its loops through an `Arc`.
+pub struct Agent {
+    cfg: AgentConfig,
+    backend: Arc<dyn DeviceBackend>,
+    /// Set when the devices are fake: their utilization follows what the tasks hold.
+    fake: Option<Arc<FakeBackend>>,
+    inventory: Vec<DeviceInfo>,
+    driver: Arc<TaskDriver>,
+    link: SchedulerLink,
+    state: Mutex<AgentState>,
+    state_file: StateFile,
+    running: Mutex<BTreeMap<TaskKey, TaskHandle>>,
+    /// Tasks with a checkpoint under way (so a repeated set does not start a second one).
+    checkpointing: Mutex<BTreeSet<TaskKey>>,
+    /// The task keys of the newest accepted set: what should run.
+    desired: Mutex<BTreeSet<TaskKey>>,
+    outbox_wake: Notify,
+    heartbeat_ms: std::sync::atomic::AtomicU64,
+}
+
+/// How the agent's devices are read.
+pub enum Devices {
+    Nvml(Arc<dyn DeviceBackend>),
+    Fake(Arc<FakeBackend>),
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig, devices: Devices) -> Result<Arc<Self>, AgentError> {
+        if cfg.servers.is_empty() {
+            return Err(AgentError::Config(
+                "no scheduler addresses: give --servers host:port[,host:port...]".into(),
+            ));
+        }
+        let (backend, fake): (Arc<dyn DeviceBackend>, Option<Arc<FakeBackend>>) = match devices {
+            Devices::Nvml(b) => (b, None),
+            Devices::Fake(f) => (f.clone(), Some(f)),
+        };
+        let inventory = backend.inventory()?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+            AgentError::Config(format!(
+                "cannot create the data directory {}: {e}",
+                cfg.data_dir.display()
+            ))
+        })?;
+        std::fs::create_dir_all(&cfg.checkpoint_dir).map_err(|e| {
+            AgentError::Config(format!(
+                "cannot create the checkpoint directory {}: {e}",
+                cfg.checkpoint_dir.display()
+            ))
+        })?;
+        let driver = Arc::new(TaskDriver::new(DriverConfig {
+            shim_command: cfg.shim_command.clone(),
+            data_dir: cfg.data_dir.clone(),
+            lease_file: cfg.data_dir.join("lease-deadline"),
+            grace: cfg.grace,
+        })?);
+        let state_file = StateFile::new(&cfg.data_dir);
+        let state = state_file.load()?;
+        let link = SchedulerLink::new(cfg.servers.clone(), cfg.rpc_timeout);
+        Ok(Arc::new(Self {
+            cfg,
+            backend,
+            fake,
+            inventory,
+            driver,
+            link,
+            state: Mutex::new(state),
+            state_file,
+            running: Mutex::new(BTreeMap::new()),
+            checkpointing: Mutex::new(BTreeSet::new()),
+            desired: Mutex::new(BTreeSet::new()),
+            outbox_wake: Notify::new(),
+            heartbeat_ms: std::sync::atomic::AtomicU64::new(1_000),
+        }))
+    }
+
+    pub fn driver(&self) -> &Arc<TaskDriver> {
+        &self.driver
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, AgentState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, state: &AgentState) {
+        if let Err(e) = self.state_file.save(state) {
+            tracing::error!("{e}");
+        }
+    }
+
+    /// Runs until `shutdown` resolves.
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        self.readopt();
+        let listener = tokio::net::TcpListener::bind(self.cfg.listen)
+            .await
+            .map_err(|source| AgentError::Listen {
+                addr: self.cfg.listen,
+                source,
+            })?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let api = tonic::transport::Server::builder()
+            .add_service(pb::agent_api_server::AgentApiServer::new(
+                log_service::LogService::new(self.driver.clone()),
+            ))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                wait_stop(stop_rx.clone()),
+            );
+        let api = tokio::spawn(api);
+
+        tokio::pin!(shutdown);
+        let registered = tokio::select! {
+            r = self.register_until_accepted() => Some(r),
+            _ = &mut shutdown => None,
+        };
+        match registered {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                let _ = stop_tx.send(true);
+                let _ = api.await;
+                return Err(e);
+            }
+            None => {
+                let _ = stop_tx.send(true);
+                let _ = api.await;
+                return Ok(());
+            }
+        }
+        tracing::info!(
+            node = %self.cfg.node,
+            devices = self.inventory.len(),
+            backend = self.backend.name(),
+            "registered"
+        );
+        let loops = [
+            tokio::spawn(self.clone().heartbeat_loop(stop_rx.clone())),
+            tokio::spawn(self.clone().watch_loop(stop_rx.clone())),
+            tokio::spawn(self.clone().report_loop(stop_rx.clone())),
+        ];
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        for l in loops {
+            let _ = l.await;
+        }
+        if self.cfg.stop_tasks_on_exit {
+            let handles: Vec<TaskHandle> = self
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            for h in handles {
+                h.stop(self.cfg.grace).await;
+            }
+        }
+        let _ = api.await;
+        let state = self.lock_state().clone();
+        self.save(&state);
+        Ok(())
+    }
+
+    /// Re-adopts the tasks an earlier run of the agent left; the ones that ended meanwhile are
+    /// reported from their exit files.
+    fn readopt(self: &Arc<Self>) {
+        let mut state = self.lock_state();
+        let keys: Vec<TaskKey> = state
+            .tasks
+            .iter()
+            .filter(|(_, e)| e.ended.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            let record = state.tasks[&key].process.clone();
+            match self.driver.adopt(&record) {
+                Ok(handle) => {
+                    tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, pid = record.pid, "re-adopted a running task");
+                    self.watch_task(handle);
+                }
+                Err(outcome) => {
+                    tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, "task ended while the agent was away: {}", outcome.message);
+                    record_end(&mut state, &key, outcome);
+                }
+            }
+        }
+        let snapshot = state.clone();
+        drop(state);
+        self.save(&snapshot);
+        self.outbox_wake.notify_one();
+    }
+
+    fn register_request(&self) -> pb::RegisterRequest {
+        pb::RegisterRequest {
+            node: self.cfg.node.clone(),
+            address: self.cfg.advertise.clone(),
+            datacenter: self.cfg.topology.datacenter.clone(),
+            zone: self.cfg.topology.zone.clone(),
+            pod: self.cfg.topology.pod.clone(),
+            rack: self.cfg.topology.rack.clone(),
+            cpu_milli: host_cpu_milli(),
+            memory_mib: host_memory_mib(),
+            devices: self
+                .inventory
+                .iter()
+                .map(|d| pb::Device {
+                    uuid: d.uuid.clone(),
+                    model: d.model.clone(),
+                    kind: d.kind.to_string(),
+                    memory_mib: d.memory_mib,
+                    nvlink_domain: u32::from(d.nvlink_domain),
+                })
+                .collect(),
+        }
+    }
+
+    /// Registers, retrying while no leader answers. A refusal (a bad field) is final.
+    async fn register_until_accepted(&self) -> Result<(), AgentError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let sent_at = boottime_ms();
+            let result = match self.link.client() {
+                Ok(mut c) => c.register(self.register_request()).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(reply) => {
+                    self.lease_granted(sent_at, reply.get_ref().lease_ttl_ms);
+                    self.heartbeat_ms.store(
+                        reply.get_ref().heartbeat_interval_ms.max(10),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    return Ok(());
+                }
+                Err(status) if retryable(&status) => {
+                    tracing::debug!(target = %self.link.target(), "register: {}", status.message());
+                    self.link.failed(&status);
+                }
+                Err(status) => {
+                    return Err(AgentError::Registration(status.message().to_owned()));
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// The scheduler answered a call sent at `sent_at`: tasks may run until `sent_at + ttl`.
+    fn lease_granted(&self, sent_at: u64, ttl_ms: u64) {
+        if ttl_ms == 0 {
+            return;
+        }
+        if let Err(e) = self.driver.write_lease_deadline(sent_at + ttl_ms) {
+            tracing::error!("cannot renew the lease deadline: {e}");
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            self.update_fake_utilization();
+            let devices = match self.backend.telemetry() {
+                Ok(t) => t
+                    .into_iter()
+                    .map(|d| {
+                        for e in &d.events {
+                            tracing::warn!(device = d.index, "device health event: {e:?}");
+                        }
+                        pb::DeviceTelemetry {
+                            index: d.index,
+                            utilization_pct: u32::from(d.utilization_pct),
+                            memory_used_mib: d.memory_used_mib,
+                            healthy: d.healthy,
+                        }
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!("device telemetry: {e}");
+                    Vec::new()
+                }
+            };
+            let sent_at = boottime_ms();
+            let req = pb::HeartbeatRequest {
+                node: self.cfg.node.clone(),
+                devices,
+            };
+            let result = match self.link.client() {
+                Ok(mut c) => c.heartbeat(req).await,
+                Err(e) => Err(e),
+            };
+            let mut pause =
+                Duration::from_millis(self.heartbeat_ms.load(std::sync::atomic::Ordering::Relaxed));
+            match result {
+                Ok(reply) => {
+                    let r = reply.into_inner();
+                    self.lease_granted(sent_at, r.lease_ttl_ms);
+                    if r.heartbeat_interval_ms > 0 {
+                        self.heartbeat_ms.store(
+                            r.heartbeat_interval_ms,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                        pause = Duration::from_millis(r.heartbeat_interval_ms);
+                    }
+                }
+                Err(status) if matches!(error_code(&status), "unknown_node" | "bad_node") => {
+                    // Declared down (or forgotten): register again, which makes the node ready.
+                    tracing::warn!("heartbeat refused: {}; registering again", status.message());
+                    if let Err(e) = self.register_until_accepted().await {
+                        tracing::error!("{e}");
+                    }
+                    pause = Duration::ZERO;
+                }
+                Err(status) => {
+                    tracing::debug!(target = %self.link.target(), "heartbeat: {}", status.message());
+                    self.link.failed(&status);
+                    pause = pause.min(Duration::from_millis(200));
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn watch_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let stream = match self.link.stream_client() {
+                Ok(mut c) => {
+                    c.watch_allocations(pb::WatchAllocationsRequest {
+                        node: self.cfg.node.clone(),
+                    })
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match stream {
+                Ok(resp) => {
+                    let mut stream = resp.into_inner();
+                    loop {
+                        let msg = tokio::select! {
+                            m = stream.message() => m,
+                            _ = stop.changed() => return,
+                        };
+                        match msg {
+                            Ok(Some(set)) => {
+                                backoff = Duration::from_millis(50);
+                                self.reconcile(set).await;
+                            }
+                            Ok(None) => break,
+                            Err(status) => {
+                                tracing::debug!("allocation stream ended: {}", status.message());
+                                self.link.failed(&status);
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(status) => {
+                    tracing::debug!(target = %self.link.target(), "watch: {}", status.message());
+                    self.link.failed(&status);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Makes the host match one allocation set. See the module docs for the rules.
+    pub async fn reconcile(self: &Arc<Self>, set: pb::AllocationSet) {
+        let mut launches: Vec<(TaskKey, pb::Allocation)> = Vec::new();
+        let mut stops: Vec<TaskHandle> = Vec::new();
+        let mut checkpoints: Vec<(TaskKey, pb::Allocation, u64)> = Vec::new();
+        {
+            let mut state = self.lock_state();
+            if set.revision < state.revision {
+                tracing::warn!(
+                    "refusing an allocation set at revision {}: revision {} was already seen, so it comes from a deposed leader",
+                    set.revision,
+                    state.revision
+                );
+                return;
+            }
+            state.revision = set.revision;
+            let mut desired = BTreeSet::new();
+            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            for alloc in set.allocations {
+                let key = TaskKey {
+                    job: alloc.job_id.clone(),
+                    task: alloc.task,
+                    epoch: alloc.epoch,
+                };
+                if let Some(entry) = state.tasks.get(&key) {
+                    desired.insert(key.clone());
+                    let in_flight = self
+                        .checkpointing
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(&key);
+                    if entry.ended.is_none()
+                        && alloc.checkpoint_request > entry.checkpoints_done
+                        && !in_flight
+                    {
+                        let request = alloc.checkpoint_request;
+                        checkpoints.push((key, alloc, request));
+                    }
+                    continue;
+                }
+                if let Some(why) = fenced(&state, &alloc, &self.inventory) {
+                    if state.refused.insert(key.clone()) {
+                        tracing::warn!(
+                            job = %key.job, task = key.task, epoch = key.epoch,
+                            "refusing a stale directive: {why}"
+                        );
+                    }
+                    continue;
+                }
+                for d in alloc.devices.iter().filter(|d| d.milli >= 1000) {
+                    let floor = state.device_epochs.entry(d.index).or_insert(0);
+                    *floor = (*floor).max(alloc.epoch);
+                }
+                desired.insert(key.clone());
+                launches.push((key, alloc));
+            }
+            // What runs but is no longer wanted stops; what ended and is no longer listed is
+            // forgotten.
+            for (key, entry) in &state.tasks {
+                if desired.contains(key) || entry.ended.is_some() {
+                    continue;
+                }
+                if let Some(h) = running.get(key) {
+                    stops.push(h.clone());
+                }
+            }
+            drop(running);
+            state
+                .tasks
+                .retain(|k, e| desired.contains(k) || e.ended.is_none());
+            let live_jobs: BTreeSet<&str> = desired.iter().map(|k| k.job.as_str()).collect();
+            let refused: BTreeSet<TaskKey> = state
+                .refused
+                .iter()
+                .filter(|k| live_jobs.contains(k.job.as_str()))
+                .cloned()
+                .collect();
+            state.refused = refused;
+            *self.desired.lock().unwrap_or_else(|p| p.into_inner()) = desired;
+            let snapshot = state.clone();
+            drop(state);
+            self.save(&snapshot);
+        }
+        for h in stops {
+            let key = h.key().clone();
+            tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, "stopping: no longer leased to this host");
+            let grace = self.cfg.grace;
+            tokio::spawn(async move {
+                h.stop(grace).await;
+            });
+        }
+        for (key, alloc) in launches {
+            self.launch(key, alloc).await;
+        }
+        for (key, alloc, request) in checkpoints {
+            self.start_checkpoint(key, alloc, request);
+        }
+    }
+
+    async fn launch(self: &Arc<Self>, key: TaskKey, alloc: pb::Allocation) {
+        let env = task_env::task_env(&alloc, &self.inventory, &self.cfg.checkpoint_dir);
+        let ckdir = task_env::checkpoint_dir(&self.cfg.checkpoint_dir, &alloc.job_id);
+        if let Err(e) = std::fs::create_dir_all(&ckdir) {
+            tracing::warn!("cannot create {}: {e}", ckdir.display());
+        }
+        let spec = LaunchSpec {
+            key: key.clone(),
+            command: alloc.command.clone(),
+            env,
+            work_dir: None,
+        };
+        match self.driver.launch(spec).await {
+            Ok(handle) => {
+                tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, "launched");
+                {
+                    let mut state = self.lock_state();
+                    state.tasks.insert(
+                        key.clone(),
+                        TaskEntry {
+                            process: handle.record(),
+                            devices: alloc.devices.iter().map(|d| d.index).collect(),
+                            // Requests made before the launch are answered by the restore.
+                            checkpoints_done: alloc.checkpoint_request,
+                            ended: None,
+                        },
+                    );
+                    state.outbox.push(PendingReport::Task {
+                        key: key.clone(),
+                        state: "running".into(),
+                        exit_code: None,
+                        message: String::new(),
+                    });
+                    let snapshot = state.clone();
+                    drop(state);
+                    self.save(&snapshot);
+                }
+                self.outbox_wake.notify_one();
+                self.watch_task(handle);
+            }
+            Err(e) => {
+                tracing::warn!(job = %key.job, task = key.task, "launch failed: {e}");
+                let outcome = ExitOutcome {
+                    code: None,
+                    signal: None,
+                    reason: ExitReason::FailedToStart,
+                    message: e.to_string(),
+                };
+                let mut state = self.lock_state();
+                record_end(&mut state, &key, outcome);
+                let snapshot = state.clone();
+                drop(state);
+                self.save(&snapshot);
+                self.outbox_wake.notify_one();
+            }
+        }
+    }
+
+    /// Waits for the task's end in the background, then records and reports it.
+    fn watch_task(self: &Arc<Self>, handle: TaskHandle) {
+        let key = handle.key().clone();
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), handle.clone());
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let outcome = handle.wait().await;
+            agent
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, reason = ?outcome.reason, code = ?outcome.code, "task ended: {}", outcome.message);
+            let mut state = agent.lock_state();
+            record_end(&mut state, &key, outcome);
+            let wanted = agent
+                .desired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&key);
+            if !wanted {
+                state.tasks.remove(&key);
+            }
+            let snapshot = state.clone();
+            drop(state);
+            agent.save(&snapshot);
+            agent.outbox_wake.notify_one();
+        });
+    }
+
+    fn start_checkpoint(self: &Arc<Self>, key: TaskKey, alloc: pb::Allocation, request: u64) {
+        let Some(handle) = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned()
+        else {
+            return;
+        };
+        self.checkpointing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let timeout = match alloc.checkpoint_timeout_ms {
+                0 => DEFAULT_CHECKPOINT_TIMEOUT,
+                ms => Duration::from_millis(ms),
+            };
+            let dir = task_env::checkpoint_dir(&agent.cfg.checkpoint_dir, &alloc.job_id);
+            let rank0 = key.task == 0;
+            tracing::info!(job = %key.job, task = key.task, request, "checkpointing");
+            let result =
+                checkpoint::take_checkpoint(&handle, &alloc.checkpoint_signal, dir, timeout, rank0)
+                    .await;
+            let mut state = agent.lock_state();
+            if let Some(e) = state.tasks.get_mut(&key) {
+                e.checkpoints_done = e.checkpoints_done.max(request);
+            }
+            // Rank 0 speaks for the gang; other ranks report only a failure to deliver the signal.
+            let report = match result {
+                Ok(Some(m)) => Some(Ok((m.path, m.step, m.bytes))),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(job = %key.job, task = key.task, "checkpoint failed: {e}");
+                    rank0.then_some(Err(e))
+                }
+            };
+            if let Some(result) = report {
+                state.outbox.push(PendingReport::Checkpoint {
+                    key: key.clone(),
+                    request,
+                    result,
+                });
+            }
+            let snapshot = state.clone();
+            drop(state);
+            agent.save(&snapshot);
+            agent
+                .checkpointing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            agent.outbox_wake.notify_one();
+        });
+    }
+
+    /// Sends queued reports in order, each until a replica answers it.
+    async fn report_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let next = self.lock_state().outbox.first().cloned();
+            let Some(report) = next else {
+                tokio::select! {
+                    _ = self.outbox_wake.notified() => continue,
+                    _ = stop.changed() => return,
+                }
+            };
+            match self.send_report(&report).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(50);
+                    let mut state = self.lock_state();
+                    if state.outbox.first() == Some(&report) {
+                        state.outbox.remove(0);
+                    }
+                    let snapshot = state.clone();
+                    drop(state);
+                    self.save(&snapshot);
+                }
+                Err(status) => {
+                    self.link.failed(&status);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Ok when the report is settled: accepted, or definitely refused (a stale epoch, a job that
+    /// no longer exists), which retrying cannot change.
+    async fn send_report(&self, report: &PendingReport) -> Result<(), tonic::Status> {
+        let mut client = self.link.client()?;
+        let node = self.cfg.node.clone();
+        let result = match report {
+            PendingReport::Task {
+                key,
+                state,
+                exit_code,
+                message,
+            } => {
+                client
+                    .report_task_status(pb::TaskStatusReport {
+                        node,
+                        job_id: key.job.clone(),
+                        task: key.task,
+                        epoch: key.epoch,
+                        state: state.clone(),
+                        has_exit_code: exit_code.is_some(),
+                        exit_code: exit_code.unwrap_or(0),
+                        message: message.clone(),
+                    })
+                    .await
+            }
+            PendingReport::Checkpoint {
+                key,
+                request,
+                result,
+            } => {
+                let (path, step, bytes, error) = match result {
+                    Ok((p, s, b)) => (p.clone(), *s, *b, String::new()),
+                    Err(e) => (String::new(), 0, 0, e.clone()),
+                };
+                client
+                    .report_checkpoint(pb::CheckpointReport {
+                        node,
+                        job_id: key.job.clone(),
+                        epoch: key.epoch,
+                        path,
+                        step,
+                        bytes,
+                        request: *request,
+                        error,
+                    })
+                    .await
+            }
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(status) if retryable(&status) => Err(status),
+            Err(status) => {
+                tracing::info!("report settled by a refusal: {}", status.message());
+                Ok(())
+            }
+        }
+    }
+
+    /// Fake devices look busy while a task holds them, idle otherwise.
+    fn update_fake_utilization(&self) {
+        let Some(fake) = &self.fake else { return };
+        let held: BTreeSet<u32> = {
+            let state = self.lock_state();
+            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            running
+                .keys()
+                .filter_map(|k| state.tasks.get(k))
+                .flat_map(|e| e.devices.iter().copied())
+                .collect()
+        };
+        for d in &self.inventory {
+            let pct = if held.contains(&d.index) { 95 } else { 0 };
+            let _ = fake.set_utilization(d.index, pct);
+        }
+    }
+}
+
+/// Why an allocation must not run here, if it must not.
+fn fenced(state: &AgentState, alloc: &pb::Allocation, inventory: &[DeviceInfo]) -> Option<String> {
+    for d in &alloc.devices {
+        if !inventory.iter().any(|i| i.index == d.index) {
+            return Some(format!("device {} does not exist on this host", d.index));
+        }
+        if let Some(&floor) = state.device_epochs.get(&d.index) {
+            if alloc.epoch < floor {
+                return Some(format!(
+                    "its lease epoch {} is older than epoch {floor}, already seen for device {}",
+                    alloc.epoch, d.index
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Records a task's end and queues its report.
+fn record_end(state: &mut AgentState, key: &TaskKey, outcome: ExitOutcome) {
+    let (report_state, message) = if outcome.success() {
+        ("succeeded", outcome.message.clone())
+    } else {
+        ("failed", outcome.message.clone())
+    };
+    state.outbox.push(PendingReport::Task {
+        key: key.clone(),
+        state: report_state.into(),
+        exit_code: outcome.code,
+        message,
+    });
+    if let Some(e) = state.tasks.get_mut(key) {
+        e.ended = Some(outcome);
+    }
+}
+
+async fn wait_stop(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// This host's CPU capacity in milli-cores.
+fn host_cpu_milli() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as u64 * 1000
+}
+
+/// This host's memory in MiB, from /proc/meminfo (0 where unknown).
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}

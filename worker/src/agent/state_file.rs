@@ -1,0 +1,161 @@
+//! The agent's local intent, persisted so a restarted agent re-adopts the tasks it left running
+//! and never relaunches one that ended.
+//!
+//! Written atomically (temporary file, fsync, rename) after every change that matters: a launch,
+//! an end, a newer fencing floor, a report queued or acknowledged. A crash between a change and
+//! its write loses at most that change, and each loss is safe: an unrecorded launch is found as a
+//! stray only if its shim runs (it then keeps its lease deadline, so it ends by itself), and a
+//! queued report is re-derived from the task's exit file.
+
+use crate::driver::{ExitOutcome, ProcessRecord, TaskKey};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A report the scheduler has not acknowledged yet; retried until it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PendingReport {
+    Task {
+        key: TaskKey,
+        /// "running", "succeeded" or "failed".
+        state: String,
+        exit_code: Option<i32>,
+        message: String,
+    },
+    Checkpoint {
+        key: TaskKey,
+        request: u64,
+        /// Ok: (path, step, bytes); Err: why it failed.
+        result: Result<(String, u64, u64), String>,
+    },
+}
+
+/// One task this agent started (or adopted) and has not yet seen leave its desired set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskEntry {
+    pub process: ProcessRecord,
+    /// Device indices the task holds.
+    pub devices: Vec<u32>,
+    /// Checkpoint requests answered so far (the allocation's `checkpoint_request`).
+    pub checkpoints_done: u64,
+    /// Set once the task ended: it is never launched again under this epoch.
+    pub ended: Option<ExitOutcome>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    /// Newest allocation-set revision accepted: an older set (from a deposed leader) is refused.
+    pub revision: u64,
+    /// Newest lease epoch accepted per device index (whole-device leases): the fencing floor.
+    pub device_epochs: BTreeMap<u32, u64>,
+    pub tasks: BTreeMap<TaskKey, TaskEntry>,
+    /// Tasks refused as stale, so each is reported in the log once, not on every set.
+    pub refused: BTreeSet<TaskKey>,
+    pub outbox: Vec<PendingReport>,
+}
+
+/// Where the state lives and how it is written.
+pub struct StateFile {
+    path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("cannot read the agent state {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the agent state {path} is not valid ({source}); move it aside to start afresh, which forgets the tasks it names")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cannot write the agent state {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StateFile {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            path: dir.join("agent-state.json"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The saved state, or an empty one when none was saved yet.
+    pub fn load(&self) -> Result<AgentState, StateFileError> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateFileError::Corrupt {
+                path: self.path.clone(),
+                source,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
+            Err(source) => Err(StateFileError::Read {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    pub fn save(&self, state: &AgentState) -> Result<(), StateFileError> {
+        let err = |source| StateFileError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| err(std::io::Error::other(e)))?;
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        f.write_all(&bytes).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        drop(f);
+        std::fs::rename(&tmp, &self.path).map_err(err)?;
+        if let Some(dir) = self.path.parent() {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_a_corrupt_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::new(dir.path());
+        assert_eq!(file.load().unwrap(), AgentState::default());
+        let mut state = AgentState {
+            revision: 42,
+            ..AgentState::default()
+        };
+        state.device_epochs.insert(3, 9);
+        state.outbox.push(PendingReport::Checkpoint {
+            key: TaskKey {
+                job: "j-1".into(),
+                task: 0,
+                epoch: 9,
+            },
+            request: 2,
+            result: Err("no manifest".into()),
+        });
+        file.save(&state).unwrap();
+        assert_eq!(file.load().unwrap(), state);
+        std::fs::write(file.path(), b"{ not json").unwrap();
+        let err = file.load().unwrap_err().to_string();
+        assert!(
+            err.contains("agent-state.json") && err.contains("not valid"),
+            "{err}"
+        );
+    }
+}
