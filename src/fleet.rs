@@ -1,20 +1,20 @@
 //! [`FakeFleet`]: many simulated accelerator hosts driven through the real worker API, for the
-//! end-to-end tests, the end-to-end benchmark and `gangway dev`.
+//! end-to-end tests and the end-to-end benchmark (1,000 hosts are too many processes).
 //!
 //! Each host registers, heartbeats, and watches its desired allocations like a worker does, but runs
 //! nothing: a new allocation is acknowledged as running at once, and the moment each job first
 //! appears on a host is recorded, which is what submit-to-lease latency is measured against. It
-//! follows the leader by itself (`not_leader` hints, then the next address).
+//! follows the leader with the agent's own link (`not_leader` hints, then the next address).
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use gangway_proto::pb;
-use gangway_proto::pb::worker_api_client::WorkerApiClient;
+use gangway_worker::agent::scheduler_link::retryable;
+use gangway_worker::agent::SchedulerLink;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tonic::transport::{Channel, Endpoint};
 
 /// One simulated host.
 #[derive(Clone, Debug)]
@@ -77,70 +77,8 @@ pub struct SeenLease {
     pub hosts: Vec<String>,
 }
 
-/// Shared leader-following connection to the worker API.
-#[derive(Clone)]
-struct Follower {
-    addrs: Arc<Vec<String>>,
-    current: Arc<Mutex<(usize, Option<String>)>>,
-}
-
-fn endpoint(addr: &str) -> anyhow::Result<Endpoint> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(uri)
-        .with_context(|| format!("bad replica address {addr:?}"))?
-        .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true))
-}
-
-impl Follower {
-    fn new(addrs: Vec<String>) -> Self {
-        Self {
-            addrs: Arc::new(addrs),
-            current: Arc::new(Mutex::new((0, None))),
-        }
-    }
-
-    /// The address to try now: a leader hint if there is one, else the list in turn.
-    fn target(&self) -> String {
-        let g = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        g.1.clone()
-            .unwrap_or_else(|| self.addrs[g.0 % self.addrs.len()].clone())
-    }
-
-    /// After a failure: follow the hint, or move to the next address.
-    fn failed(&self, status: Option<&tonic::Status>) {
-        let mut g = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        let hint = status
-            .and_then(|s| s.metadata().get("x-gangway-leader"))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        match hint {
-            Some(h) if g.1.as_deref() != Some(h.as_str()) => g.1 = Some(h),
-            _ => {
-                g.1 = None;
-                g.0 += 1;
-            }
-        }
-    }
-
-    async fn client(&self) -> anyhow::Result<WorkerApiClient<Channel>> {
-        let target = self.target();
-        let channel = endpoint(&target)?.connect_lazy();
-        Ok(WorkerApiClient::new(channel))
-    }
-}
-
-/// Retry while the error is about leadership or reachability; give up on anything else.
-fn retryable(s: &tonic::Status) -> bool {
-    matches!(
-        s.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
-    )
-}
+/// Leader-following connection to the worker API: the agent's own (`gangway worker` uses it too).
+type Follower = SchedulerLink;
 
 /// How the simulated hosts behave.
 #[derive(Clone, Debug)]
@@ -192,20 +130,20 @@ impl FakeFleet {
         if addrs.is_empty() {
             return Err(anyhow!("no replica addresses"));
         }
-        let follower = Follower::new(addrs);
+        let follower = Follower::new(addrs, Duration::from_secs(10));
         let until = Instant::now() + deadline;
         let mut heartbeat_ms = 1_000;
         for (i, host) in hosts.iter().enumerate() {
             let req = host.register_request(i);
             loop {
-                let mut c = follower.client().await?;
+                let mut c = follower.client().map_err(|s| anyhow!("{}", s.message()))?;
                 match c.register(req.clone()).await {
                     Ok(r) => {
                         heartbeat_ms = r.into_inner().heartbeat_interval_ms.max(50);
                         break;
                     }
                     Err(s) if retryable(&s) && Instant::now() < until => {
-                        follower.failed(Some(&s));
+                        follower.failed(&s);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     Err(s) => return Err(anyhow!("registering {}: {}", host.name, s.message())),
@@ -286,7 +224,7 @@ async fn heartbeat_loop(
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
-        let Ok(mut c) = follower.client().await else {
+        let Ok(mut c) = follower.client() else {
             continue;
         };
         for name in &names {
@@ -295,7 +233,7 @@ async fn heartbeat_loop(
                 devices: Vec::new(),
             };
             if let Err(s) = c.heartbeat(req).await {
-                follower.failed(Some(&s));
+                follower.failed(&s);
                 break;
             }
         }
@@ -315,7 +253,8 @@ async fn watch_loop(
         if *stop.borrow() {
             return;
         }
-        let Ok(mut c) = follower.client().await else {
+        // No per-call deadline: this client holds the allocation stream.
+        let Ok(mut c) = follower.stream_client() else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
@@ -325,7 +264,7 @@ async fn watch_loop(
         let mut stream = match stream {
             Ok(s) => s.into_inner(),
             Err(s) => {
-                follower.failed(Some(&s));
+                follower.failed(&s);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -339,7 +278,7 @@ async fn watch_loop(
                 Ok(Some(set)) => set,
                 Ok(None) => break,
                 Err(s) => {
-                    follower.failed(Some(&s));
+                    follower.failed(&s);
                     break;
                 }
             };

@@ -22,6 +22,9 @@ struct Worker {
     checkpoints: PathBuf,
     log: PathBuf,
     servers: Vec<String>,
+    /// `--grace`: also how long before the lease deadline the task is stopped (at most a quarter
+    /// of the lease).
+    grace: &'static str,
     child: Option<Child>,
 }
 
@@ -35,6 +38,7 @@ impl Worker {
             checkpoints: dir.join("checkpoints"),
             log: dir.join(format!("worker-{name}.log")),
             servers,
+            grace: "1s",
             child: None,
         }
     }
@@ -64,7 +68,7 @@ impl Worker {
             .arg("--checkpoint-dir")
             .arg(&self.checkpoints)
             .arg("--grace")
-            .arg("1s")
+            .arg(self.grace)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
@@ -491,6 +495,9 @@ async fn a_restarted_worker_readopts_its_running_task() {
     let cluster = TestCluster::start(3);
     let addrs = cluster.addrs();
     let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
+    // A short grace leaves the agent most of the lease (2.25 s) to come back before the task's
+    // shim would fence it.
+    w.grace = "200ms";
     w.start();
     let id = submit(&addrs[0], &trainer_spec("solo", 1, 4), "solo")
         .await
@@ -507,7 +514,6 @@ async fn a_restarted_worker_readopts_its_running_task() {
 
     // Phase 2: the agent dies and comes back within the TTL; the task was never interrupted.
     w.kill();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     w.start();
     let at_restart = steps(&w.task_log(&id, 0)).len();
     wait_until(

@@ -426,8 +426,15 @@ enum Op {
     Report {
         job: usize,
         task: u32,
-        ok: bool,
+        /// 0 succeeded, 1 failed, 2 lost.
+        outcome: u8,
         old_epoch: bool,
+    },
+    Migrate {
+        job: usize,
+    },
+    CheckpointFailed {
+        job: usize,
     },
     Down {
         host: usize,
@@ -456,14 +463,16 @@ fn op() -> impl Strategy<Value = Op> {
             host,
             first
         }),
-        (0usize..12, 0u32..3, any::<bool>(), any::<bool>()).prop_map(
-            |(job, task, ok, old_epoch)| Op::Report {
+        (0usize..12, 0u32..3, 0u8..3, any::<bool>()).prop_map(|(job, task, outcome, old_epoch)| {
+            Op::Report {
                 job,
                 task,
-                ok,
-                old_epoch
+                outcome,
+                old_epoch,
             }
-        ),
+        }),
+        (0usize..12).prop_map(|job| Op::Migrate { job }),
+        (0usize..12).prop_map(|job| Op::CheckpointFailed { job }),
         (0usize..4).prop_map(|host| Op::Down { host }),
         (0usize..4).prop_map(|host| Op::Register { host }),
         (0usize..12).prop_map(|job| Op::Cancel { job }),
@@ -503,10 +512,24 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
                 },
             }
         }
+        Op::Migrate { job } => Command::MigrateJob {
+            job: job_at(*job)?,
+            hosts: Default::default(),
+        },
+        Op::CheckpointFailed { job } => {
+            let job = job_at(*job)?;
+            let rec = store.job(&job)?;
+            Command::CheckpointFailed {
+                epoch: rec.lease.as_ref().map_or(1, |l| l.epoch),
+                request: rec.checkpoint_requests,
+                error: "no manifest".into(),
+                job,
+            }
+        }
         Op::Report {
             job,
             task,
-            ok,
+            outcome,
             old_epoch,
         } => {
             let job = job_at(*job)?;
@@ -525,12 +548,9 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
                 } else {
                     epoch
                 },
-                state: if *ok {
-                    TaskState::Succeeded
-                } else {
-                    TaskState::Failed
-                },
-                exit_code: Some(if *ok { 0 } else { 1 }),
+                state: [TaskState::Succeeded, TaskState::Failed, TaskState::Lost]
+                    [usize::from(*outcome)],
+                exit_code: Some(i32::from(*outcome)),
                 message: String::new(),
             }
         }
@@ -545,11 +565,14 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
         },
         Op::Checkpoint { job, step } => {
             let job = job_at(*job)?;
-            let epoch = store.job(&job)?.last_epoch?;
+            let rec = store.job(&job)?;
+            let epoch = rec.last_epoch?;
+            // Answers the newest request: a migration waiting for it completes.
+            let request = rec.checkpoint_requests;
             Command::RecordCheckpoint {
                 job,
                 epoch,
-                request: 0,
+                request,
                 manifest: CheckpointManifest {
                     path: format!("/ck/{step}"),
                     step: *step,
@@ -588,6 +611,9 @@ fn check_invariants(store: &ClusterStore, epochs_seen: &mut BTreeMap<(HostName, 
                 }
             }
             (None, JobState::Running) => panic!("running job {} without a lease", job.id),
+            (None, _) if job.migration.is_some() => {
+                panic!("job {} waits to migrate without a lease", job.id)
+            }
             (Some(_), state) => panic!("{state} job {} still holds a lease", job.id),
             (None, _) => {}
         }
@@ -711,6 +737,31 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
             guaranteed_milli: 8000,
             may_borrow: true,
         }),
+        Command::CheckpointFailed {
+            job: job.clone(),
+            epoch: 3,
+            request: 2,
+            error: "no manifest".into(),
+        },
+        Command::RequestCheckpoint {
+            job: job.clone(),
+            reason: "user".into(),
+        },
+        Command::MigrateJob {
+            job: job.clone(),
+            hosts: gangway_scheduler::engine::HostFilter {
+                only: [HostName::new("h2")].into(),
+                avoid: [HostName::new("h1")].into(),
+            },
+        },
+        Command::TaskStatus {
+            job: job.clone(),
+            task: 1,
+            epoch: 3,
+            state: TaskState::Lost,
+            exit_code: None,
+            message: "lease expired".into(),
+        },
     ];
     for cmd in commands {
         let bytes = bincode::serialize(&cmd).expect("encode");
@@ -883,4 +934,41 @@ fn a_migration_stops_the_job_only_after_its_checkpoint_and_then_avoids_the_old_h
     );
     let alloc = &c.store.allocations_for(&HostName::new(hosts[0]))[0];
     assert_eq!(alloc.restore_from.as_deref(), Some("/ck/20"));
+}
+
+/// A rank stopped by its host's lease deadline (cut off from the scheduler) is not the job's
+/// fault: the gang is re-queued whole from its checkpoint, where a failed rank fails it.
+#[test]
+fn a_lost_rank_requeues_the_gang_and_a_failed_rank_fails_it() {
+    let mut c = Cluster::new();
+    for name in ["h1", "h2"] {
+        c.apply(Command::RegisterNode(node(name, "r1", 8)));
+    }
+    for (state, want) in [
+        (TaskState::Lost, JobState::Pending),
+        (TaskState::Failed, JobState::Failed),
+    ] {
+        let job = c.submit(spec("gang", 2, 8));
+        c.place(vec![placement(&job, &["h1", "h2"], 0, 8)]);
+        let epoch = c.epoch_of(&job);
+        c.report(&job, 0, epoch, TaskState::Running);
+        c.report(&job, 1, epoch, state);
+        let j = c.store.job(&job).unwrap();
+        assert_eq!(j.state, want, "{state:?}: {:?}", j.history);
+        assert!(
+            j.lease.is_none(),
+            "{state:?}: every device of the gang is released"
+        );
+        assert!(c.store.allocations_for(&HostName::new("h1")).is_empty());
+        if want == JobState::Failed {
+            continue;
+        }
+        // The lost gang's late reports change nothing, and it can be placed again.
+        c.report(&job, 0, epoch, TaskState::Failed);
+        assert_eq!(c.store.job(&job).unwrap().state, JobState::Pending);
+        c.apply(Command::CancelJob {
+            job: job.clone(),
+            reason: "next case".into(),
+        });
+    }
 }

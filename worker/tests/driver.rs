@@ -160,6 +160,7 @@ fn new_driver(data_dir: &Path, grace: Duration) -> Result<TaskDriver, String> {
 
 fn sh_spec(job: &str, epoch: u64, script: &str) -> LaunchSpec {
     LaunchSpec {
+        fence_grace: None,
         key: TaskKey {
             job: job.into(),
             task: 0,

@@ -27,6 +27,7 @@ pub fn task_state(s: TaskState) -> &'static str {
         TaskState::Running => "running",
         TaskState::Succeeded => "succeeded",
         TaskState::Failed => "failed",
+        TaskState::Lost => "lost",
     }
 }
 

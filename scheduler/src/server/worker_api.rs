@@ -118,9 +118,10 @@ fn parse_task_state(s: &str) -> Result<TaskState, ApiError> {
         "running" => Ok(TaskState::Running),
         "succeeded" => Ok(TaskState::Succeeded),
         "failed" => Ok(TaskState::Failed),
+        "lost" => Ok(TaskState::Lost),
         other => Err(ApiError::invalid(
             "state",
-            format!("expected running, succeeded or failed, got {other:?}"),
+            format!("expected running, succeeded, failed or lost, got {other:?}"),
         )),
     }
 }

@@ -141,7 +141,15 @@ impl ClusterStore {
                 .to_owned(),
         );
         events.push(Event::JobChanged(job.clone()));
-        if state == TaskState::Failed {
+        if state == TaskState::Lost {
+            self.revoke_lease(
+                now,
+                &job,
+                JobState::Pending,
+                format!("task {task} lost ({message}); re-queued from its last checkpoint"),
+                events,
+            );
+        } else if state == TaskState::Failed {
             // One rank failing fails the gang: the other ranks cannot make progress without it.
             let why = match exit_code {
                 Some(code) => format!("task {task} failed with exit code {code}: {message}"),

@@ -41,11 +41,18 @@ pub enum TaskState {
     Succeeded,
     /// Exited non-zero, was killed, or could not start.
     Failed,
+    /// Stopped for a reason that is not the task's fault: its host lost the scheduler past the
+    /// lease deadline, or its supervisor vanished. The gang is re-queued from its last checkpoint
+    /// instead of failing.
+    Lost,
 }
 
 impl TaskState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskState::Succeeded | TaskState::Failed)
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Lost
+        )
     }
 }
 

@@ -36,6 +36,7 @@ use gangway_proto::pb;
 use scheduler_link::{error_code, retryable};
 use state_file::{AgentState, PendingReport, StateFile, StateFileError, TaskEntry};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -80,7 +81,9 @@ pub struct Agent {
     /// The task keys of the newest accepted set: what should run.
     desired: Mutex<BTreeSet<TaskKey>>,
     outbox_wake: Notify,
-    heartbeat_ms: std::sync::atomic::AtomicU64,
+    heartbeat_ms: AtomicU64,
+    /// The lease TTL the scheduler last gave (how long tasks may run without an answer).
+    lease_ttl_ms: AtomicU64,
 }
 
 /// How the agent's devices are read.
@@ -135,7 +138,8 @@ impl Agent {
             checkpointing: Mutex::new(BTreeSet::new()),
             desired: Mutex::new(BTreeSet::new()),
             outbox_wake: Notify::new(),
-            heartbeat_ms: std::sync::atomic::AtomicU64::new(1_000),
+            heartbeat_ms: AtomicU64::new(1_000),
+            lease_ttl_ms: AtomicU64::new(0),
         }))
     }
 
@@ -295,7 +299,7 @@ impl Agent {
                     self.lease_granted(sent_at, reply.get_ref().lease_ttl_ms);
                     self.heartbeat_ms.store(
                         reply.get_ref().heartbeat_interval_ms.max(10),
-                        std::sync::atomic::Ordering::Relaxed,
+                        Ordering::Relaxed,
                     );
                     return Ok(());
                 }
@@ -317,6 +321,7 @@ impl Agent {
         if ttl_ms == 0 {
             return;
         }
+        self.lease_ttl_ms.store(ttl_ms, Ordering::Relaxed);
         if let Err(e) = self.driver.write_lease_deadline(sent_at + ttl_ms) {
             tracing::error!("cannot renew the lease deadline: {e}");
         }
@@ -354,17 +359,14 @@ impl Agent {
                 Ok(mut c) => c.heartbeat(req).await,
                 Err(e) => Err(e),
             };
-            let mut pause =
-                Duration::from_millis(self.heartbeat_ms.load(std::sync::atomic::Ordering::Relaxed));
+            let mut pause = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
             match result {
                 Ok(reply) => {
                     let r = reply.into_inner();
                     self.lease_granted(sent_at, r.lease_ttl_ms);
                     if r.heartbeat_interval_ms > 0 {
-                        self.heartbeat_ms.store(
-                            r.heartbeat_interval_ms,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
+                        self.heartbeat_ms
+                            .store(r.heartbeat_interval_ms, Ordering::Relaxed);
                         pause = Duration::from_millis(r.heartbeat_interval_ms);
                     }
                 }
@@ -541,11 +543,15 @@ impl Agent {
         if let Err(e) = std::fs::create_dir_all(&ckdir) {
             tracing::warn!("cannot create {}: {e}", ckdir.display());
         }
+        // The shim stops the task this long before the lease deadline. A quarter of the lease
+        // keeps a task from being fenced at birth when the stop grace is longer than the lease.
+        let lease_ttl = Duration::from_millis(self.lease_ttl_ms.load(Ordering::Relaxed));
         let spec = LaunchSpec {
             key: key.clone(),
             command: alloc.command.clone(),
             env,
             work_dir: None,
+            fence_grace: Some(self.cfg.grace.min(lease_ttl / 4)),
         };
         match self.driver.launch(spec).await {
             Ok(handle) => {
@@ -815,11 +821,14 @@ fn fenced(state: &AgentState, alloc: &pb::Allocation, inventory: &[DeviceInfo]) 
 
 /// Records a task's end and queues its report.
 fn record_end(state: &mut AgentState, key: &TaskKey, outcome: ExitOutcome) {
-    let (report_state, message) = if outcome.success() {
-        ("succeeded", outcome.message.clone())
-    } else {
-        ("failed", outcome.message.clone())
+    // The lease ending under a cut-off host, or a supervisor that vanished, is not the task's
+    // fault: "lost" re-queues the gang from its checkpoint instead of failing it.
+    let report_state = match outcome.reason {
+        _ if outcome.success() => "succeeded",
+        ExitReason::LeaseExpired | ExitReason::Lost => "lost",
+        _ => "failed",
     };
+    let message = outcome.message.clone();
     state.outbox.push(PendingReport::Task {
         key: key.clone(),
         state: report_state.into(),

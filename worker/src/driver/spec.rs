@@ -17,4 +17,8 @@ pub struct LaunchSpec {
     /// Default: `<data_dir>/tasks/<job>/task-<n>/work`, shared by the task's epochs so a restarted
     /// task finds what an earlier incarnation left there (a local checkpoint, a cache).
     pub work_dir: Option<PathBuf>,
+    /// How long before the lease deadline the shim starts stopping the task, so it is dead by the
+    /// deadline. Default: the driver's stop grace. It must stay well under the lease TTL, or the
+    /// shim would fence the task as soon as it starts.
+    pub fence_grace: Option<std::time::Duration>,
 }

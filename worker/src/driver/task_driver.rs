@@ -102,7 +102,7 @@ impl TaskDriver {
         let shim_args = ShimArgs {
             exit_file: exit_file.clone(),
             lease_file: self.cfg.lease_file.clone(),
-            grace: self.cfg.grace,
+            grace: spec.fence_grace.unwrap_or(self.cfg.grace),
             workdir: Some(work_dir),
             command: spec.command,
         };
