@@ -121,12 +121,13 @@ fn pids_in_state(text: &str) -> Vec<i64> {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
         return Vec::new();
     };
+    // "tasks" is a list of [key, entry] pairs.
     v["tasks"]
-        .as_object()
+        .as_array()
         .map(|tasks| {
             tasks
-                .values()
-                .filter_map(|t| t["process"]["pid"].as_i64())
+                .iter()
+                .filter_map(|pair| pair[1]["process"]["pid"].as_i64())
                 .collect()
         })
         .unwrap_or_default()
@@ -302,7 +303,8 @@ async fn wait_running(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gang_runs_checkpoints_and_migrates_without_losing_work() {
     // Phase 1: three replicas and four 8-GPU hosts in two racks; a 2x8 trainer gang.
-    let cluster = TestCluster::start(3);
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
     let addrs = cluster.addrs();
     let workers = four_workers(&cluster);
     let logs = || all_logs(&cluster, &workers);
@@ -414,7 +416,8 @@ async fn a_gang_runs_checkpoints_and_migrates_without_losing_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_worker_gang_restarts_elsewhere_from_its_checkpoint() {
     // Phase 1: a 2x8 trainer gang on two of four hosts, with a committed checkpoint.
-    let cluster = TestCluster::start(3);
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
     let addrs = cluster.addrs();
     let mut workers = four_workers(&cluster);
     let id = submit(&addrs[0], &trainer_spec("lost", 2, 8), "lost")
@@ -492,7 +495,8 @@ async fn a_lost_worker_gang_restarts_elsewhere_from_its_checkpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_worker_readopts_its_running_task() {
     // Phase 1: one trainer on one host.
-    let cluster = TestCluster::start(3);
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
     let addrs = cluster.addrs();
     let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
     // A short grace leaves the agent most of the lease (2.25 s) to come back before the task's
@@ -565,6 +569,7 @@ async fn a_restarted_worker_readopts_its_running_task() {
 async fn a_worker_cut_off_from_every_replica_stops_its_tasks_by_its_lease_deadline() {
     // Phase 1: a trainer runs on one host.
     let mut cluster = TestCluster::start(3);
+    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
     let addrs = cluster.addrs();
     let mut w = Worker::new(cluster.dir.path(), "island", "r1", addrs.clone());
     w.start();

@@ -607,10 +607,13 @@ fn host_filters_bind_only_their_own_gang() {
     ] {
         for (filter, allowed) in &cases {
             let c = cluster(&hosts);
-            // The filtered gang goes first; an unfiltered one after it must still see every host.
+            // The filtered gang goes first; an unfiltered one after it (in another queue, so a
+            // FIFO policy does not hold it behind a mover that waits) must still see every host.
             let pending = vec![
                 gpus("mover", 1, 8).with_hosts(filter.clone()),
-                gpus("other", 2, 8).with_submitted_at_ms(1),
+                gpus("other", 2, 8)
+                    .with_submitted_at_ms(1)
+                    .with_queue("other"),
             ];
             let plan = schedule(&c, &pending, &config(policy), 0);
             match placement(&plan, "mover") {

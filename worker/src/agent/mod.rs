@@ -78,8 +78,11 @@ pub struct Agent {
     running: Mutex<BTreeMap<TaskKey, TaskHandle>>,
     /// Tasks with a checkpoint under way (so a repeated set does not start a second one).
     checkpointing: Mutex<BTreeSet<TaskKey>>,
-    /// The task keys of the newest accepted set: what should run.
+    /// The task keys of the newest accepted set: what should run. Meaningful once `synced`.
     desired: Mutex<BTreeSet<TaskKey>>,
+    /// A set has been accepted since start: until then an ended task's entry must stay, or the
+    /// first set (which may still list it) would launch it again.
+    synced: std::sync::atomic::AtomicBool,
     outbox_wake: Notify,
     heartbeat_ms: AtomicU64,
     /// The lease TTL the scheduler last gave (how long tasks may run without an answer).
@@ -137,6 +140,7 @@ impl Agent {
             running: Mutex::new(BTreeMap::new()),
             checkpointing: Mutex::new(BTreeSet::new()),
             desired: Mutex::new(BTreeSet::new()),
+            synced: std::sync::atomic::AtomicBool::new(false),
             outbox_wake: Notify::new(),
             heartbeat_ms: AtomicU64::new(1_000),
             lease_ttl_ms: AtomicU64::new(0),
@@ -151,9 +155,14 @@ impl Agent {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn save(&self, state: &AgentState) {
-        if let Err(e) = self.state_file.save(state) {
-            tracing::error!("{e}");
+    /// False when the state could not be written (the error is logged).
+    fn save(&self, state: &AgentState) -> bool {
+        match self.state_file.save(state) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("{e}");
+                false
+            }
         }
     }
 
@@ -228,7 +237,7 @@ impl Agent {
         }
         let _ = api.await;
         let state = self.lock_state().clone();
-        self.save(&state);
+        let _ = self.save(&state);
         Ok(())
     }
 
@@ -257,7 +266,7 @@ impl Agent {
         }
         let snapshot = state.clone();
         drop(state);
-        self.save(&snapshot);
+        let _ = self.save(&snapshot);
         self.outbox_wake.notify_one();
     }
 
@@ -517,9 +526,10 @@ impl Agent {
                 .collect();
             state.refused = refused;
             *self.desired.lock().unwrap_or_else(|p| p.into_inner()) = desired;
+            self.synced.store(true, Ordering::Release);
             let snapshot = state.clone();
             drop(state);
-            self.save(&snapshot);
+            let _ = self.save(&snapshot);
         }
         for h in stops {
             let key = h.key().clone();
@@ -576,7 +586,16 @@ impl Agent {
                     });
                     let snapshot = state.clone();
                     drop(state);
-                    self.save(&snapshot);
+                    if !self.save(&snapshot) {
+                        // A task the state file does not name could not be re-adopted after a
+                        // restart, and would be launched a second time: stop it now instead.
+                        tracing::error!(job = %key.job, task = key.task, "stopping the task just launched: the agent state cannot be saved");
+                        let h = handle.clone();
+                        let grace = self.cfg.grace;
+                        tokio::spawn(async move {
+                            h.stop(grace).await;
+                        });
+                    }
                 }
                 self.outbox_wake.notify_one();
                 self.watch_task(handle);
@@ -593,7 +612,7 @@ impl Agent {
                 record_end(&mut state, &key, outcome);
                 let snapshot = state.clone();
                 drop(state);
-                self.save(&snapshot);
+                let _ = self.save(&snapshot);
                 self.outbox_wake.notify_one();
             }
         }
@@ -622,12 +641,12 @@ impl Agent {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(&key);
-            if !wanted {
+            if !wanted && agent.synced.load(Ordering::Acquire) {
                 state.tasks.remove(&key);
             }
             let snapshot = state.clone();
             drop(state);
-            agent.save(&snapshot);
+            let _ = agent.save(&snapshot);
             agent.outbox_wake.notify_one();
         });
     }
@@ -680,7 +699,7 @@ impl Agent {
             }
             let snapshot = state.clone();
             drop(state);
-            agent.save(&snapshot);
+            let _ = agent.save(&snapshot);
             agent
                 .checkpointing
                 .lock()
@@ -710,7 +729,7 @@ impl Agent {
                     }
                     let snapshot = state.clone();
                     drop(state);
-                    self.save(&snapshot);
+                    let _ = self.save(&snapshot);
                 }
                 Err(status) => {
                     self.link.failed(&status);

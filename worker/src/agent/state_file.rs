@@ -49,10 +49,34 @@ pub struct AgentState {
     pub revision: u64,
     /// Newest lease epoch accepted per device index (whole-device leases): the fencing floor.
     pub device_epochs: BTreeMap<u32, u64>,
+    /// JSON object keys must be strings: saved as a list of (key, entry) pairs.
+    #[serde(with = "pairs")]
     pub tasks: BTreeMap<TaskKey, TaskEntry>,
     /// Tasks refused as stale, so each is reported in the log once, not on every set.
     pub refused: BTreeSet<TaskKey>,
     pub outbox: Vec<PendingReport>,
+}
+
+/// A map with structured keys, as a JSON list of pairs.
+mod pairs {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::BTreeMap;
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        map: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
 }
 
 /// Where the state lives and how it is written.
@@ -140,6 +164,27 @@ mod tests {
             ..AgentState::default()
         };
         state.device_epochs.insert(3, 9);
+        let key = TaskKey {
+            job: "j-1".into(),
+            task: 1,
+            epoch: 9,
+        };
+        state.tasks.insert(
+            key.clone(),
+            TaskEntry {
+                process: ProcessRecord {
+                    key: key.clone(),
+                    pid: 4242,
+                    start_ticks: 77,
+                    exit_file: "/x/exit.json".into(),
+                    log_file: "/x/task-1.log".into(),
+                },
+                devices: vec![0, 1],
+                checkpoints_done: 2,
+                ended: None,
+            },
+        );
+        state.refused.insert(key);
         state.outbox.push(PendingReport::Checkpoint {
             key: TaskKey {
                 job: "j-1".into(),
