@@ -147,9 +147,18 @@ fn gangway_dev_runs_its_demo_and_stops_cleanly() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("every placeable demo job was leased"),
+        stdout.contains("every placeable demo job is running and the trainer steps"),
         "{stdout}"
     );
+    // The workers stopped their tasks on the way out: no trainer of this dev cluster survives.
+    let trainer = dir.path().join("trainer.py").display().to_string();
+    let survivors: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&trainer))
+        .collect();
+    assert!(survivors.is_empty(), "left running: {survivors:?}");
     assert!(
         stdout.contains("pending"),
         "the too-big job stays pending: {stdout}"
