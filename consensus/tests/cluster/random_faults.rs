@@ -70,6 +70,17 @@ async fn random_fault_schedule_loses_and_duplicates_nothing() {
     let steps = env_u64("GANGWAY_FAULT_STEPS").unwrap_or(12);
     println!("random fault schedule: GANGWAY_SEED={seed} GANGWAY_FAULT_STEPS={steps}");
     let _guard = SeedGuard(seed);
+    // A schedule that wedges the cluster (or a client) must fail with its seed, not hang CI.
+    let limit = Duration::from_secs(60 + 15 * steps);
+    if tokio::time::timeout(limit, schedule(seed, steps))
+        .await
+        .is_err()
+    {
+        panic!("the schedule did not finish within {limit:?}: something hung");
+    }
+}
+
+async fn schedule(seed: u64, steps: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
 
     let timing = Timing {
