@@ -105,13 +105,20 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.kill();
         // Stop what the agent left running: every shim is a process-group leader whose pid is in
-        // the agent's state file.
+        // the agent's state file. Only a pid that still is one of this worker's shims (its exit
+        // file is under our data directory): pids are reused, and killing a recycled process
+        // group could take down anything on the machine.
         if let Ok(text) = std::fs::read_to_string(self.data.join("agent-state.json")) {
             for pid in pids_in_state(&text) {
-                let _ = Command::new("kill")
-                    .arg("-9")
-                    .arg(format!("-{pid}"))
-                    .status();
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                if cmdline.contains("task-shim") && cmdline.contains(&*self.data.to_string_lossy())
+                {
+                    let _ = Command::new("kill")
+                        .arg("-9")
+                        .arg(format!("-{pid}"))
+                        .status();
+                }
             }
         }
     }
