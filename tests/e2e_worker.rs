@@ -114,9 +114,10 @@ impl Drop for Worker {
                 let cmdline = String::from_utf8_lossy(&cmdline);
                 if cmdline.contains("task-shim") && cmdline.contains(&*self.data.to_string_lossy())
                 {
+                    // `--`: without it procps `kill -9 -11` reads "-11" as a signal and kills
+                    // every process (kill(-1)).
                     let _ = Command::new("kill")
-                        .arg("-9")
-                        .arg(format!("-{pid}"))
+                        .args(["-s", "KILL", "--", &format!("-{pid}")])
                         .status();
                 }
             }
