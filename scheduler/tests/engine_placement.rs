@@ -630,3 +630,80 @@ fn host_filters_bind_only_their_own_gang() {
         }
     }
 }
+
+/// The defragmenter's story: a 2x8 gang waits although 16 devices are free, because two 1-GPU jobs
+/// sit on the two otherwise empty hosts. The plan moves exactly those two onto the third host and
+/// puts the gang on the hosts they leave; jobs that may not move (not checkpointable, too young,
+/// higher priority) are never chosen, and then no plan exists.
+#[test]
+fn defrag_moves_the_fewest_devices_that_free_a_fitting_block() {
+    use gangway_scheduler::engine::{blocked_by_shape, plan_defrag, DefragBudget};
+    let setup = |a: GangRequest, b: GangRequest| {
+        let mut c = cluster(&[
+            ("h1", "r1", "H100", 8, 1),
+            ("h2", "r1", "H100", 8, 1),
+            ("h3", "r1", "H100", 8, 1),
+        ]);
+        run_at(&mut c, a, "h1", &[0], 0, 0);
+        run_at(&mut c, b, "h2", &[0], 0, 0);
+        run_at(
+            &mut c,
+            gpus("big-fixed", 1, 6),
+            "h3",
+            &[0, 1, 2, 3, 4, 5],
+            0,
+            0,
+        );
+        c
+    };
+    let small = |id: &str| gpus(id, 1, 1).with_checkpointable(true);
+    let gang = gpus("gang", 2, 8).with_submitted_at_ms(10);
+    let budget = DefragBudget {
+        min_runtime_ms: 1_000,
+        ..DefragBudget::default()
+    };
+    let cfg = config(PolicyName::Gangway);
+
+    // Phase 1: the gang is blocked by shape, not capacity.
+    let c = setup(small("a"), small("b"));
+    let plan = schedule(&c, std::slice::from_ref(&gang), &cfg, 5_000);
+    assert!(placement(&plan, "gang").is_none());
+    assert!(
+        blocked_by_shape(reason(&plan, "gang")),
+        "{:?}",
+        reason(&plan, "gang")
+    );
+
+    // Phase 2: the plan moves a and b (2 devices) onto h3, and the gang takes h1 and h2.
+    let d = plan_defrag(&c, &gang, &cfg, &budget, 5_000).expect("a plan");
+    let mut moved: Vec<&str> = d.moves.iter().map(|m| m.job.as_str()).collect();
+    moved.sort_unstable();
+    assert_eq!(moved, ["a", "b"]);
+    assert_eq!(d.moved_devices(), 2);
+    assert!(d.moves.iter().all(|m| hosts_of(&m.to) == ["h3"]));
+    let mut gang_hosts = hosts_of(&d.gang);
+    gang_hosts.sort_unstable();
+    assert_eq!(gang_hosts, ["h1", "h2"]);
+    // Applying the moves and then the gang is valid: nothing is double-booked.
+    let mut after = c.clone();
+    for m in &d.moves {
+        let g = after.release(&m.job).unwrap();
+        after
+            .apply_placement(g.request, m.to.clone(), 5_000)
+            .unwrap();
+    }
+    after
+        .apply_placement(gang.clone(), d.gang.clone(), 5_000)
+        .unwrap();
+
+    // Phase 3: gangs that may not move are never chosen; then there is no plan at all.
+    let cases = [
+        ("not checkpointable", gpus("a", 1, 1), 5_000),
+        ("too young", small("a"), 500),
+        ("higher priority", small("a").with_priority(5), 5_000),
+    ];
+    for (why, a, now) in cases {
+        let c = setup(a, small("b"));
+        assert_eq!(plan_defrag(&c, &gang, &cfg, &budget, now), None, "{why}");
+    }
+}

@@ -7,8 +7,10 @@ use gangway_scheduler::sim::fgd::{run_fgd, FgdOptions};
 use gangway_scheduler::sim::philly::{format_timestamp, load_trace, parse_offset};
 use gangway_scheduler::sim::plot::{line_chart, Series};
 use gangway_scheduler::sim::report::{fgd_table, ReplayReport, Window};
+use gangway_scheduler::sim::synth::{synthetic_trace, GANG_MIX};
 use gangway_scheduler::sim::{
-    compress_arrivals, jobs_from_trace, replay, PreemptMode, ReplayOptions, SimCluster, SimError,
+    compress_arrivals, jobs_from_trace, replay, DefragOptions, PreemptMode, ReplayOptions,
+    SimCluster, SimError,
 };
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -23,6 +25,35 @@ pub enum SimCommand {
     Replay(ReplayArgs),
     /// The FGD experiment (USENIX ATC'23) on the openb traces: unallocated GPUs and fragmentation.
     Fgd(FgdArgs),
+    /// Write a synthetic trace (Philly CSV): 1-GPU jobs mixed with 64- and 128-GPU gangs.
+    Synth(SynthArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// The cluster file the load is computed for.
+    #[arg(long)]
+    pub cluster: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Hours of submissions.
+    #[arg(long, default_value_t = 72.0)]
+    pub hours: f64,
+    /// Offered load: average demanded GPUs over the cluster's GPUs.
+    #[arg(long, default_value_t = 0.9)]
+    pub load: f64,
+    /// Where to write the CSV.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Continuous defragmentation in a replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DefragMode {
+    Off,
+    On,
+    /// Every policy twice: without, and with (labelled `POLICY+defrag`).
+    Compare,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -70,6 +101,16 @@ pub struct ReplayArgs {
     /// Policies replayed at once (threads).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Continuous defragmentation: migrations (checkpoint time each) that free a block for a
+    /// gang of 16+ GPUs waiting for shape, at most one per 100 allocated device-hours.
+    #[arg(long, value_enum, default_value_t = DefragMode::Off)]
+    pub defrag: DefragMode,
+    /// Checkpoint (and restore) time each migration costs, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub checkpoint_s: u64,
+    /// Most gangs moved to make room for one waiting gang.
+    #[arg(long, default_value_t = 48)]
+    pub defrag_max_moves: usize,
 }
 
 #[derive(Args, Debug)]
@@ -114,6 +155,7 @@ pub fn run(command: SimCommand) -> anyhow::Result<ExitCode> {
     let result = match command {
         SimCommand::Replay(args) => run_replay(&args),
         SimCommand::Fgd(args) => run_fgd_cmd(&args),
+        SimCommand::Synth(args) => run_synth(&args),
     };
     match result {
         Ok(code) => Ok(code),
@@ -154,6 +196,21 @@ fn write_plot(path: &Path, svg: &str) -> anyhow::Result<()> {
     std::fs::write(path, svg).with_context(|| format!("writing plot {}", path.display()))
 }
 
+fn run_synth(args: &SynthArgs) -> anyhow::Result<ExitCode> {
+    let cluster = SimCluster::load(&args.cluster)?;
+    let gpus = cluster.total_devices(gangway_scheduler::engine::DeviceKind::Gpu);
+    let csv = synthetic_trace(args.seed, args.hours, args.load, gpus, &GANG_MIX)?;
+    std::fs::write(&args.out, &csv).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} jobs ({} hours at load {} on {gpus} GPUs) to {}",
+        csv.lines().count().saturating_sub(1),
+        args.hours,
+        args.load,
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run_replay(args: &ReplayArgs) -> anyhow::Result<ExitCode> {
     let policies = parse_policies(&args.policy)?;
     let preempt: PreemptMode = args.preempt.parse()?;
@@ -177,19 +234,47 @@ fn run_replay(args: &ReplayArgs) -> anyhow::Result<ExitCode> {
     }
     let mut jobs = jobs_from_trace(&trace, &cluster, from_s, to_s.unwrap_or(u64::MAX))?;
     compress_arrivals(&mut jobs, args.load)?;
-    let options = ReplayOptions {
-        preempt,
-        curve_points: args.curve_points,
+    let mut defrag = DefragOptions {
+        checkpoint_ms: args.checkpoint_s * 1000,
+        ..DefragOptions::default()
     };
+    defrag.budget.max_moves = args.defrag_max_moves;
+    let variants: Vec<Option<DefragOptions>> = match args.defrag {
+        DefragMode::Off => vec![None],
+        DefragMode::On => vec![Some(defrag)],
+        DefragMode::Compare => vec![None, Some(defrag)],
+    };
+    let runs: Vec<(PolicyName, ReplayOptions)> = policies
+        .iter()
+        .flat_map(|&p| {
+            variants.iter().map(move |d| {
+                (
+                    p,
+                    ReplayOptions {
+                        preempt,
+                        curve_points: args.curve_points,
+                        defrag: d.clone(),
+                    },
+                )
+            })
+        })
+        .collect();
     let threads = args.threads.max(1);
-    let mut results = Vec::with_capacity(policies.len());
-    for chunk in policies.chunks(threads) {
+    let mut results = Vec::with_capacity(runs.len());
+    for chunk in runs.chunks(threads) {
         let outcomes: Vec<_> = std::thread::scope(|s| {
             let handles: Vec<_> = chunk
                 .iter()
-                .map(|&p| {
-                    let (cluster, jobs, options) = (&cluster, &jobs, &options);
-                    s.spawn(move || replay(cluster, jobs, p, options))
+                .map(|(p, options)| {
+                    let (cluster, jobs) = (&cluster, &jobs);
+                    s.spawn(move || {
+                        replay(cluster, jobs, *p, options).map(|mut m| {
+                            if options.defrag.is_some() {
+                                m.policy = format!("{}+defrag", m.policy);
+                            }
+                            m
+                        })
+                    })
                 })
                 .collect();
             handles

@@ -17,6 +17,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod defrag;
 pub mod device;
 pub mod fragmentation;
 pub mod framework;
@@ -32,6 +33,7 @@ pub mod topology;
 
 pub use cluster::{ClusterState, PlacementError, RunningGang};
 pub use config::{PolicyName, QueueConfig, SchedulerConfig, WorkloadClass};
+pub use defrag::{blocked_by_shape, plan_defrag, DefragBudget, DefragPlan, Move};
 pub use device::{DeviceKind, DeviceModel, DeviceSpec, MILLI_PER_DEVICE};
 pub use host::{HostSpec, HostState, NodeState};
 pub use job::{DeviceDemand, GangRequest, HostFilter, TaskDemand};

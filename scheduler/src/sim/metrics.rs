@@ -128,12 +128,53 @@ pub struct ReplayMetrics {
     pub scheduling_rounds: u64,
     /// Unplaceable jobs by reason code.
     pub unplaceable_by_reason: BTreeMap<String, u64>,
+    /// Gangs of 32 devices or more: how many, and their average queueing delay (what
+    /// defragmentation is for).
+    #[serde(default)]
+    pub large_gangs: u64,
+    #[serde(default)]
+    pub avg_queue_delay_large_gangs_s: f64,
+    /// Migrations the defragmenter made, and the device-hours they disturbed (checkpoint time).
+    #[serde(default)]
+    pub migrations: u64,
+    #[serde(default)]
+    pub migration_device_hours: f64,
+    /// Migrations per 100 allocated device-hours: the churn.
+    #[serde(default)]
+    pub migrations_per_100_device_hours: f64,
+    #[serde(default)]
+    pub defrag_attempts: u64,
+    #[serde(default)]
+    pub defrag_placements: u64,
+    /// Idle leases given back (device-hours). Traces carry no utilization: always 0 in replays.
+    #[serde(default)]
+    pub reclaimed_device_hours: f64,
+    /// Free devices on partly used hosts, per cent of all free devices, time-averaged.
+    #[serde(default)]
+    pub fragmentation_pct: f64,
+    /// The same over time (`allocated_pct` holds the fragmentation).
+    #[serde(default)]
+    pub fragmentation_curve: AllocationCurve,
     pub allocation_curve: AllocationCurve,
     /// Wall-clock seconds of this replay (non-deterministic).
     pub wall_s: f64,
     /// CPU seconds of the replaying thread (Linux, 10 ms resolution; 0 elsewhere). On a shared
     /// machine this, not `wall_s`, is the replay's cost (non-deterministic).
     pub cpu_s: f64,
+}
+
+impl ReplayMetrics {
+    /// Fills the fragmentation average and curve from its trace (values in per mille).
+    /// `start_ms`: the first submission (the curves' origin).
+    pub fn set_fragmentation(&mut self, trace: &AllocationTrace, start_ms: u64, points: usize) {
+        let start = start_ms;
+        let end = start + (self.makespan_s * 1000.0) as u64;
+        if end > start {
+            self.fragmentation_pct =
+                round3(trace.area(start, end) as f64 / (end - start) as f64 / 10.0);
+            self.fragmentation_curve = trace.curve(start, end, 1000, points);
+        }
+    }
 }
 
 /// CPU time of the calling thread in seconds, from `/proc/thread-self/stat` (utime + stime at
@@ -181,6 +222,12 @@ pub struct Counters {
     pub preemptions: u64,
     pub lost_device_ms: u128,
     pub scheduling_rounds: u64,
+    pub migrations: u64,
+    /// Devices x checkpoint time of every migration.
+    pub migration_device_ms: u128,
+    pub defrag_attempts: u64,
+    /// Gangs placed into a block the defragmenter freed.
+    pub defrag_placements: u64,
 }
 
 /// Turns records and counters into the reported metrics.
@@ -205,6 +252,11 @@ pub fn summarize(
         .filter_map(|j| j.first_start_ms.map(|s| s - j.submit_ms))
         .collect();
     delays.sort_unstable();
+    let large: Vec<u64> = jobs
+        .iter()
+        .filter(|j| j.devices >= 32)
+        .filter_map(|j| j.first_start_ms.map(|s| s - j.submit_ms))
+        .collect();
     let mut jcts: Vec<u64> = jobs
         .iter()
         .filter_map(|j| j.completed_ms.map(|c| c - j.submit_ms))
@@ -258,6 +310,23 @@ pub fn summarize(
         lost_work_gpu_s: ms(counters.lost_device_ms as f64),
         scheduling_rounds: counters.scheduling_rounds,
         unplaceable_by_reason: by_reason,
+        large_gangs: large.len() as u64,
+        avg_queue_delay_large_gangs_s: ms(mean(&large)),
+        migrations: counters.migrations,
+        migration_device_hours: round3(counters.migration_device_ms as f64 / 3_600_000.0),
+        migrations_per_100_device_hours: if counters.allocated_device_ms == 0 {
+            0.0
+        } else {
+            round3(
+                counters.migrations as f64 * 100.0 * 3_600_000.0
+                    / counters.allocated_device_ms as f64,
+            )
+        },
+        defrag_attempts: counters.defrag_attempts,
+        defrag_placements: counters.defrag_placements,
+        reclaimed_device_hours: 0.0,
+        fragmentation_pct: 0.0,
+        fragmentation_curve: AllocationCurve::default(),
         allocation_curve: allocation.curve(start, end, capacity_devices, curve_points),
         wall_s: 0.0,
         cpu_s: 0.0,

@@ -10,8 +10,11 @@ pub mod philly;
 pub mod plot;
 pub mod replay;
 pub mod report;
+pub mod synth;
 
 pub use cluster_file::SimCluster;
 pub use error::SimError;
 pub use metrics::ReplayMetrics;
-pub use replay::{compress_arrivals, jobs_from_trace, replay, PreemptMode, ReplayOptions, SimJob};
+pub use replay::{
+    compress_arrivals, jobs_from_trace, replay, DefragOptions, PreemptMode, ReplayOptions, SimJob,
+};

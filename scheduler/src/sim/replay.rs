@@ -14,8 +14,8 @@ use super::error::SimError;
 use super::metrics::{summarize, AllocationTrace, Counters, JobRecord, ReplayMetrics};
 use super::philly::{gang_shape, Trace};
 use crate::engine::{
-    ClusterState, DeviceDemand, DeviceKind, GangPlacement, GangRequest, Plan, PolicyName,
-    SchedulerConfig, TaskDemand, TopologyLevel,
+    blocked_by_shape, plan_defrag, ClusterState, DefragBudget, DeviceDemand, DeviceKind,
+    GangPlacement, GangRequest, Plan, PolicyName, SchedulerConfig, TaskDemand, TopologyLevel,
 };
 use gangway_proto::ids::{JobId, QueueName};
 use serde::{Deserialize, Serialize};
@@ -65,12 +65,52 @@ impl std::str::FromStr for PreemptMode {
     }
 }
 
+/// Continuous defragmentation in a replay: the engine's defragmenter, with migration costs.
+#[derive(Clone, Debug)]
+pub struct DefragOptions {
+    pub budget: DefragBudget,
+    /// What each migration costs the moved gang: checkpoint, stop, restore (default 60 s). The
+    /// gang finishes this much later, and its devices count as disrupted for this long.
+    pub checkpoint_ms: u64,
+    /// The churn bound: at most one migration per this many allocated device-hours (plus a
+    /// burst), as a token bucket over the replay.
+    pub device_hours_per_migration: f64,
+    pub burst: u64,
+    /// Gangs this large or larger are defragmented for.
+    pub min_gang_devices: u64,
+    /// A gang is tried again at most this often (simulated time).
+    pub retry_ms: u64,
+    /// Waiting gangs tried per scheduling round, in queue order.
+    pub gangs_per_round: usize,
+}
+
+impl Default for DefragOptions {
+    fn default() -> Self {
+        Self {
+            // Clearing a rack of scattered single-GPU jobs takes many small moves; the churn
+            // bound below, not this, is what limits disruption over time.
+            budget: DefragBudget {
+                max_moves: 48,
+                ..DefragBudget::default()
+            },
+            checkpoint_ms: 60_000,
+            device_hours_per_migration: 100.0,
+            burst: 4,
+            min_gang_devices: 16,
+            retry_ms: 5 * 60_000,
+            gangs_per_round: 4,
+        }
+    }
+}
+
 /// Options of one replay.
 #[derive(Clone, Debug)]
 pub struct ReplayOptions {
     pub preempt: PreemptMode,
     /// Points of the allocation curve in the report.
     pub curve_points: usize,
+    /// `None`: no defragmentation.
+    pub defrag: Option<DefragOptions>,
 }
 
 impl Default for ReplayOptions {
@@ -78,6 +118,7 @@ impl Default for ReplayOptions {
         Self {
             preempt: PreemptMode::Resume,
             curve_points: 200,
+            defrag: None,
         }
     }
 }
@@ -369,6 +410,10 @@ pub fn replay(
     // Running gangs by start time, to know when the next one passes min-runtime.
     let mut by_start: BTreeSet<(u64, usize)> = BTreeSet::new();
     let mut gone: Vec<bool> = vec![false; jobs.len()];
+    // Pending gangs the last round found blocked by shape, and when defrag last tried each.
+    let mut shape_blocked: BTreeSet<JobId> = BTreeSet::new();
+    let mut defrag_tried: HashMap<usize, u64> = HashMap::new();
+    let mut fragmentation = AllocationTrace::default();
 
     while let Some(now) = queue.peek_time() {
         counters.allocated_device_ms += u128::from(allocated) * u128::from(now - last_t);
@@ -413,6 +458,14 @@ pub fn replay(
             for _ in 0..16 {
                 let plan = place(&state, &pending, &config, now);
                 counters.scheduling_rounds += 1;
+                if options.defrag.is_some() {
+                    shape_blocked = plan
+                        .pending
+                        .iter()
+                        .filter(|p| blocked_by_shape(&p.reason))
+                        .map(|p| p.job.clone())
+                        .collect();
+                }
                 let mut placed = 0usize;
                 for gp in plan.placements {
                     let Some(&i) = by_id.get(gp.job.as_str()) else {
@@ -496,7 +549,107 @@ pub fn replay(
                 }
             }
         }
+        if let (Some(d), true) = (&options.defrag, changed) {
+            // The first large gang (in queue order) that waits for shape, if the churn budget
+            // allows another migration and it was not tried too recently.
+            let allowed = (counters.allocated_device_ms as f64
+                / 3_600_000.0
+                / d.device_hours_per_migration) as u64
+                + d.burst;
+            let candidates: Vec<(usize, usize)> = pending_ix
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|&(_, i)| {
+                    records[i].devices >= d.min_gang_devices
+                        && shape_blocked.contains(&ids[i])
+                        && defrag_tried.get(&i).is_none_or(|&t| now >= t + d.retry_ms)
+                })
+                .take(d.gangs_per_round)
+                .collect();
+            let mut found = None;
+            for (k, i) in candidates {
+                if counters.migrations >= allowed {
+                    break;
+                }
+                defrag_tried.insert(i, now);
+                counters.defrag_attempts += 1;
+                if let Some(plan) = plan_defrag(&state, &pending[k], &config, &d.budget, now)
+                    .filter(|p| counters.migrations + p.moves.len() as u64 <= allowed)
+                {
+                    found = Some((k, i, plan));
+                    break;
+                }
+            }
+            if let Some((k, i, plan)) = found {
+                {
+                    for m in &plan.moves {
+                        let Some(&v) = by_id.get(m.job.as_str()) else {
+                            continue;
+                        };
+                        let Some(since) = started[v] else { continue };
+                        state.release(&ids[v]).ok_or_else(|| {
+                            SimError::Invariant(format!("migrated job {} held nothing", ids[v]))
+                        })?;
+                        // Checkpointed at the move: the work done is kept, the move costs the
+                        // checkpoint and restore time.
+                        let ran = now - since;
+                        remaining[v] = remaining[v] - ran.min(remaining[v]) + d.checkpoint_ms;
+                        generation[v] += 1;
+                        by_start.remove(&(since, v));
+                        state
+                            .apply_placement(request(v, remaining[v]), m.to.clone(), now)
+                            .map_err(|e| {
+                                SimError::Invariant(format!("migration of {} failed: {e}", ids[v]))
+                            })?;
+                        started[v] = Some(now);
+                        by_start.insert((now, v));
+                        queue.push(
+                            now + remaining[v],
+                            Event::Completion {
+                                job: v,
+                                run: generation[v],
+                            },
+                        );
+                        counters.migrations += 1;
+                        counters.migration_device_ms +=
+                            u128::from(m.devices) * u128::from(d.checkpoint_ms);
+                    }
+                    // The freed block goes to the gang in the same step: nothing else can take it.
+                    state
+                        .apply_placement(request(i, remaining[i]), plan.gang.clone(), now)
+                        .map_err(|e| {
+                            SimError::Invariant(format!("defragmented gang {} failed: {e}", ids[i]))
+                        })?;
+                    let within = jobs[i]
+                        .required
+                        .is_none_or(|l| domains.within(cluster, &plan.gang, l));
+                    if !within {
+                        counters.gangs_outside_required_domain += 1;
+                    }
+                    counters.gangs_placed += 1;
+                    counters.defrag_placements += 1;
+                    started[i] = Some(now);
+                    by_start.insert((now, i));
+                    records[i].first_start_ms.get_or_insert(now);
+                    allocated += records[i].devices;
+                    queue.push(
+                        now + remaining[i],
+                        Event::Completion {
+                            job: i,
+                            run: generation[i],
+                        },
+                    );
+                    pending.remove(k);
+                    pending_ix.remove(k);
+                    shape_blocked.remove(&ids[i]);
+                }
+            }
+        }
         allocation.record(now, allocated);
+        if options.defrag.is_some() || changed {
+            fragmentation.record(now, fragmentation_permille(&state));
+        }
         // Time alone changes a decision only through preemption's min-runtime: a round is due when
         // a running gang becomes old enough to be a victim, at most every tick.
         if tick_ms > 0 && config.preemption && !pending.is_empty() && tick_at.is_none() {
@@ -540,9 +693,32 @@ pub fn replay(
         capacity,
         options.curve_points,
     );
+    let first_submit = jobs.first().map_or(0, |j| j.submit_ms);
+    metrics.set_fragmentation(&fragmentation, first_submit, options.curve_points);
     metrics.wall_s = super::metrics::round3(wall.elapsed().as_secs_f64());
     if let (Some(a), Some(b)) = (cpu0, super::metrics::thread_cpu_s()) {
         metrics.cpu_s = super::metrics::round3(b - a);
     }
     Ok(metrics)
+}
+
+/// Free devices that sit on hosts which are not wholly free, per thousand free devices: the share
+/// of free capacity a full-host task (the unit of every large gang) cannot use.
+fn fragmentation_permille(state: &ClusterState) -> u64 {
+    let (mut free, mut scattered) = (0u64, 0u64);
+    for h in state.hosts() {
+        if !h.spec.state.accepts_new_work() {
+            continue;
+        }
+        let f = h.free_whole_devices() as u64;
+        free += f;
+        if f < h.spec.devices.len() as u64 {
+            scattered += f;
+        }
+    }
+    if free == 0 {
+        0
+    } else {
+        scattered * 1000 / free
+    }
 }

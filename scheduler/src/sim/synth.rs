@@ -1,0 +1,123 @@
+//! Synthetic traces in the Philly CSV format, for workloads the real traces do not stress: many
+//! 1-GPU jobs that scatter over hosts, mixed with 64- and 128-GPU gangs that need whole racks.
+//!
+//! Seeded (ChaCha8): the same arguments write the same file. Arrivals are Poisson at the rate that
+//! offers `load` x the cluster's GPUs on average; durations are exponential (at least 5 minutes).
+
+use super::error::SimError;
+use super::philly::format_timestamp;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::fmt::Write;
+
+/// One class of jobs in the mix.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct JobClass {
+    pub gpus: u32,
+    /// Share of submissions (the shares of a mix need not add up to 1; they are normalised).
+    pub share: f64,
+    pub mean_duration_s: f64,
+}
+
+/// The default mix: mostly single GPUs, some 64- and 128-GPU gangs.
+pub const GANG_MIX: [JobClass; 3] = [
+    JobClass {
+        gpus: 1,
+        share: 0.92,
+        mean_duration_s: 4.0 * 3600.0,
+    },
+    JobClass {
+        gpus: 64,
+        share: 0.05,
+        mean_duration_s: 3.0 * 3600.0,
+    },
+    JobClass {
+        gpus: 128,
+        share: 0.03,
+        mean_duration_s: 3.0 * 3600.0,
+    },
+];
+
+/// Unix time of the first submission (2017-10-01, inside the Philly trace's span).
+const START_UNIX_S: i64 = 1_506_816_000;
+
+/// Writes a trace of `hours` of submissions for a cluster of `cluster_gpus` GPUs.
+pub fn synthetic_trace(
+    seed: u64,
+    hours: f64,
+    load: f64,
+    cluster_gpus: u64,
+    mix: &[JobClass],
+) -> Result<String, SimError> {
+    if !(hours > 0.0 && hours.is_finite()) {
+        return Err(SimError::Argument(format!(
+            "--hours: expected a positive number, got {hours}"
+        )));
+    }
+    if !(load > 0.0 && load.is_finite()) {
+        return Err(SimError::Argument(format!(
+            "--load: expected a positive number, got {load}"
+        )));
+    }
+    let total_share: f64 = mix.iter().map(|c| c.share).sum();
+    if mix.is_empty() || total_share <= 0.0 || cluster_gpus == 0 {
+        return Err(SimError::Argument(
+            "the mix and the cluster must not be empty".into(),
+        ));
+    }
+    // GPU-seconds one average job asks for; arrivals every `gap` seconds offer `load` x capacity.
+    let work: f64 = mix
+        .iter()
+        .map(|c| c.share / total_share * f64::from(c.gpus) * c.mean_duration_s)
+        .sum();
+    let mean_gap_s = work / (load * cluster_gpus as f64);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let exp = |rng: &mut ChaCha8Rng, mean: f64| -> f64 {
+        let u: f64 = rng.random_range(f64::EPSILON..1.0);
+        -mean * u.ln()
+    };
+    let mut out = String::from("timestamp,duration,num_gpus,gpu_time,cluster\n");
+    let mut t = 0.0;
+    let end = hours * 3600.0;
+    while t < end {
+        let mut pick = rng.random_range(0.0..total_share);
+        let class = mix
+            .iter()
+            .find(|c| {
+                pick -= c.share;
+                pick < 0.0
+            })
+            .unwrap_or(&mix[mix.len() - 1]);
+        let duration = exp(&mut rng, class.mean_duration_s).max(300.0).round();
+        let _ = writeln!(
+            out,
+            "{},{duration},{},{},synthetic",
+            format_timestamp(START_UNIX_S + t as i64),
+            class.gpus,
+            duration * f64::from(class.gpus)
+        );
+        t += exp(&mut rng, mean_gap_s);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_writes_the_same_trace_and_the_mix_shows() {
+        let a = synthetic_trace(7, 24.0, 0.9, 3205, &GANG_MIX).unwrap();
+        assert_eq!(a, synthetic_trace(7, 24.0, 0.9, 3205, &GANG_MIX).unwrap());
+        assert_ne!(a, synthetic_trace(8, 24.0, 0.9, 3205, &GANG_MIX).unwrap());
+        let trace =
+            super::super::philly::parse_trace(&a, std::path::Path::new("synth.csv")).unwrap();
+        let big = trace.jobs.iter().filter(|j| j.gpus >= 64).count();
+        assert!(
+            trace.jobs.len() > 100 && big > 0,
+            "{} jobs, {big} gangs",
+            trace.jobs.len()
+        );
+        assert!(synthetic_trace(7, 0.0, 0.9, 3205, &GANG_MIX).is_err());
+    }
+}
