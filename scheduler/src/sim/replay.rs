@@ -716,9 +716,5 @@ fn fragmentation_permille(state: &ClusterState) -> u64 {
             scattered += f;
         }
     }
-    if free == 0 {
-        0
-    } else {
-        scattered * 1000 / free
-    }
+    (scattered * 1000).checked_div(free).unwrap_or(0)
 }
