@@ -128,6 +128,40 @@ impl ReplayReport {
             ],
             &rows,
         ));
+        if self
+            .policies
+            .iter()
+            .any(|m| m.large_gangs > 0 || m.migrations > 0)
+        {
+            let rows: Vec<Vec<String>> = self
+                .policies
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.policy.clone(),
+                        m.large_gangs.to_string(),
+                        f1(m.avg_queue_delay_large_gangs_s),
+                        m.migrations.to_string(),
+                        format!("{:.2}", m.migration_device_hours),
+                        format!("{:.3}", m.migrations_per_100_device_hours),
+                        format!("{:.1}", m.fragmentation_pct),
+                    ]
+                })
+                .collect();
+            out.push_str("\nGangs of 32+ GPUs and defragmentation:\n");
+            out.push_str(&table(
+                &[
+                    "policy",
+                    "gangs 32+",
+                    "their avg delay s",
+                    "migrations",
+                    "migration device-h",
+                    "per 100 device-h",
+                    "fragmentation %",
+                ],
+                &rows,
+            ));
+        }
         for m in &self.policies {
             if !m.unplaceable_by_reason.is_empty() {
                 let parts: Vec<String> = m
