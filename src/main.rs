@@ -52,6 +52,8 @@ enum Command {
     Queue(cmd::queues::QueueGroup),
     /// The replicated cluster: status, leadership, membership, snapshots.
     Cluster(cmd::cluster::ClusterGroup),
+    /// The defragmenter: `defrag plan` previews the migrations it would make now.
+    Defrag(cmd::defrag::DefragGroup),
 
     // ----- processes -----
     /// Run one scheduler replica (Raft member, client and worker API, leader loops).
@@ -115,6 +117,7 @@ fn main() -> ExitCode {
         Command::Queues(a) => run_client(cmd::queues::queues(a)),
         Command::Queue(g) => run_client(cmd::queues::queue(g)),
         Command::Cluster(g) => run_client(cmd::cluster::cluster(g)),
+        Command::Defrag(g) => run_client(cmd::defrag::defrag(g)),
     };
     match result {
         Ok(code) => code,

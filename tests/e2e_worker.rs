@@ -827,3 +827,87 @@ async fn a_stale_directive_is_refused_and_says_so() {
         "{reports:?}"
     );
 }
+
+/// The defragmenter's preview on a live cluster: a 2x8 gang waits although 16 GPUs are free,
+/// because two 1-GPU trainers sit on the two hosts it could use. `gangway defrag plan` proposes
+/// moving exactly those two onto the third host, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defrag_plan_previews_the_moves_that_unblock_a_gang() {
+    // Phase 1: three 8-GPU hosts in one rack; two 1-GPU trainers and a 6-GPU one of higher
+    // priority (so it may not move), spread one per host with `job migrate --to`.
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let addrs = cluster.addrs();
+    let workers: Vec<Worker> = ["w1", "w2", "w3"]
+        .into_iter()
+        .map(|n| {
+            let mut w = Worker::new(cluster.dir.path(), n, "r1", addrs.clone());
+            w.start();
+            w
+        })
+        .collect();
+    let logs = || all_logs(&cluster, &workers);
+    let mut ids = Vec::new();
+    for (name, devices, host) in [("a", 1, "w1"), ("b", 1, "w2"), ("c", 6, "w3")] {
+        let mut spec = trainer_spec(name, 1, devices);
+        if name == "c" {
+            spec = spec.replace("tasks = 1", "tasks = 1\npriority = 10");
+        }
+        let id = submit(&addrs[0], &spec, name).await.expect("submit").job_id;
+        let (epoch, hosts) = wait_running(&addrs, &id, 0, logs).await;
+        if hosts[0] != host {
+            wait_until(Duration::from_secs(20), "a step", logs, || {
+                !steps(&worker(&workers, &hosts[0]).task_log(&id, 0)).is_empty()
+            })
+            .await;
+            let out = cli(&addrs, &["job", "migrate", &id, "--to", host]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let (_, now_on) = wait_running(&addrs, &id, epoch, logs).await;
+            assert_eq!(now_on, [host]);
+        }
+        ids.push(id);
+    }
+
+    // Phase 2: the gang waits for shape, not capacity.
+    let gang = submit(&addrs[0], &trainer_spec("gang", 2, 8), "gang")
+        .await
+        .expect("submit")
+        .job_id;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let d = job(&addrs, &gang).await.expect("gang");
+    assert_eq!(state_of(&d).0, "pending");
+
+    // Phase 3: the preview moves a and b onto w3 and puts the gang on w1 and w2.
+    let out = cli(&addrs, &["defrag", "plan", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["blocked_by_shape"], 1, "{v}");
+    let plan = &v["plans"][0];
+    assert_eq!(plan["job_id"], gang.as_str(), "{v}");
+    let mut moved: Vec<&str> = plan["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["job_id"].as_str().unwrap())
+        .collect();
+    moved.sort_unstable();
+    assert_eq!(moved, [ids[0].as_str(), ids[1].as_str()], "{v}");
+    assert!(
+        plan["moves"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["to_hosts"] == serde_json::json!(["w3"])),
+        "{v}"
+    );
+    // A preview changes nothing.
+    assert_eq!(state_of(&job(&addrs, &gang).await.unwrap()).0, "pending");
+}

@@ -68,6 +68,14 @@ impl Client {
         .map(|_| ())
     }
 
+    /// The defragmenter's preview; changes nothing.
+    pub async fn defrag_plan(&mut self) -> Result<pb::DefragPlanReply, ClientError> {
+        self.call("DefragPlan", Retry::Safe, |mut api| async move {
+            api.defrag_plan(pb::Empty {}).await
+        })
+        .await
+    }
+
     pub async fn get_job(&mut self, job_id: &str) -> Result<pb::JobDetail, ClientError> {
         self.call("GetJob", Retry::Safe, |mut api| {
             let req = pb::GetJobRequest {

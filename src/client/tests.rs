@@ -181,6 +181,12 @@ impl ClientApi for Fake {
     ) -> Result<Response<pb::Empty>, Status> {
         Err(Status::unimplemented("MigrateJob"))
     }
+    async fn defrag_plan(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> Result<Response<pb::DefragPlanReply>, Status> {
+        Err(Status::unimplemented("DefragPlan"))
+    }
     async fn cluster_status(
         &self,
         _: Request<pb::Empty>,

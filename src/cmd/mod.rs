@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod common;
+pub mod defrag;
 pub mod dev;
 pub mod jobs;
 pub mod logs;

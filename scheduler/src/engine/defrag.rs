@@ -83,6 +83,23 @@ pub fn blocked_by_shape(reason: &PendingReason) -> bool {
     )
 }
 
+/// Free whole devices on hosts that are partly used, per thousand free devices: the share of free
+/// capacity a full-host task (the unit of every large gang) cannot use.
+pub fn scattered_free_permille(state: &ClusterState) -> u64 {
+    let (mut free, mut scattered) = (0u64, 0u64);
+    for h in state.hosts() {
+        if !h.spec.state.accepts_new_work() {
+            continue;
+        }
+        let f = h.free_whole_devices() as u64;
+        free += f;
+        if f < h.spec.devices.len() as u64 {
+            scattered += f;
+        }
+    }
+    (scattered * 1000).checked_div(free).unwrap_or(0)
+}
+
 /// A gang that may be moved, with the devices it holds per host.
 struct Movable<'a> {
     job: &'a JobId,
@@ -268,11 +285,11 @@ fn verify(
     moved.sort_by_key(|g| std::cmp::Reverse(g.request.total_devices()));
     let mut moves = Vec::new();
     for g in moved {
-        let mut avoid = g.request.hosts.avoid.clone();
-        avoid.extend(taken.iter().cloned());
+        // Where the gang may go now: anywhere but the block it makes room in. (A filter it was
+        // placed under earlier, e.g. an operator's `migrate --to`, bound that placement only.)
         let req = g.request.clone().with_hosts(HostFilter {
-            only: g.request.hosts.only.clone(),
-            avoid,
+            only: BTreeSet::new(),
+            avoid: taken.clone(),
         });
         let plan = super::schedule(&trial, std::slice::from_ref(&req), config, now_ms);
         let to = plan.placements.into_iter().next()?;

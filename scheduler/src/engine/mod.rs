@@ -33,7 +33,9 @@ pub mod topology;
 
 pub use cluster::{ClusterState, PlacementError, RunningGang};
 pub use config::{PolicyName, QueueConfig, SchedulerConfig, WorkloadClass};
-pub use defrag::{blocked_by_shape, plan_defrag, DefragBudget, DefragPlan, Move};
+pub use defrag::{
+    blocked_by_shape, plan_defrag, scattered_free_permille, DefragBudget, DefragPlan, Move,
+};
 pub use device::{DeviceKind, DeviceModel, DeviceSpec, MILLI_PER_DEVICE};
 pub use host::{HostSpec, HostState, NodeState};
 pub use job::{DeviceDemand, GangRequest, HostFilter, TaskDemand};

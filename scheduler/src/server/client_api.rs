@@ -283,6 +283,27 @@ impl ClientApi for ClientService {
         ok(pb::Empty {})
     }
 
+    async fn defrag_plan(&self, req: Request<pb::Empty>) -> Reply<pb::DefragPlanReply> {
+        let base = super::leader::engine_config(&self.ctx);
+        let (view, pending, config) = self
+            .read(local_read(&req), |fsm| {
+                let store = fsm.store();
+                (
+                    store.engine().clone(),
+                    store.pending_gangs(),
+                    store.scheduler_config(&base),
+                )
+            })
+            .await?;
+        let now = super::context::wall_clock_ms();
+        let reply = tokio::task::spawn_blocking(move || {
+            convert::defrag_preview(&view, &pending, &config, now)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("defragmentation preview failed: {e}")))?;
+        ok(reply)
+    }
+
     async fn cluster_status(&self, _req: Request<pb::Empty>) -> Reply<pb::ClusterStatusReply> {
         // Served by any replica from its own view: this is how an operator finds the leader.
         let m = self.ctx.raft.metrics();

@@ -262,6 +262,67 @@ pub fn allocation(a: &Allocation) -> pb::Allocation {
     }
 }
 
+/// How many waiting gangs are blocked by shape, and for the first few the defragmenter's plan.
+pub fn defrag_preview(
+    view: &crate::engine::ClusterState,
+    pending: &[crate::engine::GangRequest],
+    config: &crate::engine::SchedulerConfig,
+    now_ms: u64,
+) -> pb::DefragPlanReply {
+    use crate::engine::{blocked_by_shape, plan_defrag, DefragBudget};
+    /// Plans previewed at most (each verifies candidate domains on a copy of the state).
+    const PREVIEWS: usize = 3;
+    let round = crate::engine::schedule(view, pending, config, now_ms);
+    let blocked: Vec<&crate::engine::GangRequest> = pending
+        .iter()
+        .filter(|g| {
+            round
+                .pending
+                .iter()
+                .any(|p| p.job == g.id && blocked_by_shape(&p.reason))
+        })
+        .collect();
+    let budget = DefragBudget {
+        min_runtime_ms: config.min_runtime_ms,
+        ..DefragBudget::default()
+    };
+    let hosts_of = |p: &crate::engine::GangPlacement| -> Vec<String> {
+        p.tasks.iter().map(|t| t.host.to_string()).collect()
+    };
+    let plans = blocked
+        .iter()
+        .take(PREVIEWS)
+        .filter_map(|g| plan_defrag(view, g, config, &budget, now_ms))
+        .map(|plan| pb::DefragPreview {
+            job_id: plan.for_gang.to_string(),
+            devices: pending
+                .iter()
+                .find(|g| g.id == plan.for_gang)
+                .map_or(0, |g| g.total_devices()),
+            gang_hosts: hosts_of(&plan.gang),
+            moves: plan
+                .moves
+                .iter()
+                .map(|m| pb::DefragMove {
+                    job_id: m.job.to_string(),
+                    devices: m.devices,
+                    from_hosts: view
+                        .running()
+                        .get(&m.job)
+                        .map(|g| hosts_of(&g.placement))
+                        .unwrap_or_default(),
+                    to_hosts: hosts_of(&m.to),
+                })
+                .collect(),
+        })
+        .collect();
+    pb::DefragPlanReply {
+        blocked_by_shape: blocked.len() as u32,
+        plans,
+        fragmentation_pct: crate::engine::scattered_free_permille(view) as f64 / 10.0,
+    }
+}
+
 fn host_list(hosts: &std::collections::BTreeSet<gangway_proto::ids::HostName>) -> String {
     hosts
         .iter()

@@ -14,8 +14,9 @@ use super::error::SimError;
 use super::metrics::{summarize, AllocationTrace, Counters, JobRecord, ReplayMetrics};
 use super::philly::{gang_shape, Trace};
 use crate::engine::{
-    blocked_by_shape, plan_defrag, ClusterState, DefragBudget, DeviceDemand, DeviceKind,
-    GangPlacement, GangRequest, Plan, PolicyName, SchedulerConfig, TaskDemand, TopologyLevel,
+    blocked_by_shape, plan_defrag, scattered_free_permille, ClusterState, DefragBudget,
+    DeviceDemand, DeviceKind, GangPlacement, GangRequest, Plan, PolicyName, SchedulerConfig,
+    TaskDemand, TopologyLevel,
 };
 use gangway_proto::ids::{JobId, QueueName};
 use serde::{Deserialize, Serialize};
@@ -648,7 +649,7 @@ pub fn replay(
         }
         allocation.record(now, allocated);
         if options.defrag.is_some() || changed {
-            fragmentation.record(now, fragmentation_permille(&state));
+            fragmentation.record(now, scattered_free_permille(&state));
         }
         // Time alone changes a decision only through preemption's min-runtime: a round is due when
         // a running gang becomes old enough to be a victim, at most every tick.
@@ -700,21 +701,4 @@ pub fn replay(
         metrics.cpu_s = super::metrics::round3(b - a);
     }
     Ok(metrics)
-}
-
-/// Free devices that sit on hosts which are not wholly free, per thousand free devices: the share
-/// of free capacity a full-host task (the unit of every large gang) cannot use.
-fn fragmentation_permille(state: &ClusterState) -> u64 {
-    let (mut free, mut scattered) = (0u64, 0u64);
-    for h in state.hosts() {
-        if !h.spec.state.accepts_new_work() {
-            continue;
-        }
-        let f = h.free_whole_devices() as u64;
-        free += f;
-        if f < h.spec.devices.len() as u64 {
-            scattered += f;
-        }
-    }
-    (scattered * 1000).checked_div(free).unwrap_or(0)
 }

@@ -57,7 +57,9 @@ impl ClusterStore {
                 ));
                 continue;
             }
-            let request = record.gang_request();
+            // The host filter bound this placement only; the running gang does not keep it.
+            let mut request = record.gang_request();
+            request.hosts = Default::default();
             if let Err(e) = self.engine.apply_placement(request, placement.clone(), now) {
                 let why = format!("placement went stale before it committed: {e}");
                 if let Some(record) = self.jobs.get_mut(&job_id) {
