@@ -190,22 +190,7 @@ impl Workers {
 
     /// SIGTERM (the agents stop their tasks), then wait.
     async fn stop(mut self) {
-        for c in &self.children {
-            if let Some(pid) = c.id() {
-                let _ = std::process::Command::new("kill")
-                    .arg("-TERM")
-                    .arg(pid.to_string())
-                    .status();
-            }
-        }
-        for c in &mut self.children {
-            if tokio::time::timeout(Duration::from_secs(10), c.wait())
-                .await
-                .is_err()
-            {
-                let _ = c.kill().await;
-            }
-        }
+        stop_children(&mut self.children).await;
     }
 }
 
@@ -277,24 +262,28 @@ impl Cluster {
         Err(anyhow!("no leader elected within {timeout:?}"))
     }
 
-    /// SIGTERM every replica, then wait (killing any that does not stop in time).
+    /// SIGTERM every replica (a clean shutdown: flush, close RocksDB), then wait.
     async fn stop(mut self) {
-        for c in &self.children {
-            if let Some(pid) = c.id() {
-                // SIGTERM lets the replica shut down cleanly (flush, close RocksDB).
-                let _ = std::process::Command::new("kill")
-                    .arg("-TERM")
-                    .arg(pid.to_string())
-                    .status();
-            }
+        stop_children(&mut self.children).await;
+    }
+}
+
+/// SIGTERM every child, then wait for each, killing any that does not stop within 10 s.
+async fn stop_children(children: &mut [Child]) {
+    for c in children.iter() {
+        if let Some(pid) = c.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
         }
-        for c in &mut self.children {
-            if tokio::time::timeout(Duration::from_secs(10), c.wait())
-                .await
-                .is_err()
-            {
-                let _ = c.kill().await;
-            }
+    }
+    for c in children.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(10), c.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.kill().await;
         }
     }
 }

@@ -40,40 +40,35 @@ impl SchedulerLink {
             .unwrap_or_else(|| self.addrs[g.0 % self.addrs.len().max(1)].clone())
     }
 
-    /// A client for [`SchedulerLink::target`]. Connects lazily: errors surface on the call.
-    pub fn client(&self) -> Result<WorkerApiClient<Channel>, tonic::Status> {
+    /// The endpoint of [`SchedulerLink::target`]; connects lazily, errors surface on the call.
+    fn endpoint(&self) -> Result<Endpoint, tonic::Status> {
         let target = self.target();
         let uri = if target.starts_with("http://") || target.starts_with("https://") {
             target
         } else {
             format!("http://{target}")
         };
-        let endpoint = Endpoint::from_shared(uri.clone())
+        Ok(Endpoint::from_shared(uri.clone())
             .map_err(|e| {
                 tonic::Status::invalid_argument(format!("bad replica address {uri}: {e}"))
             })?
             .connect_timeout(Duration::from_millis(500))
-            .timeout(self.rpc_timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true))
+    }
+
+    /// A client for unary calls, each bounded by the link's timeout.
+    pub fn client(&self) -> Result<WorkerApiClient<Channel>, tonic::Status> {
+        let endpoint = self.endpoint()?.timeout(self.rpc_timeout);
         Ok(WorkerApiClient::new(endpoint.connect_lazy()))
     }
 
-    /// A client without a per-call timeout, for the long-lived allocation stream.
+    /// A client without a per-call timeout, for the long-lived allocation stream; keep-alives
+    /// notice a dead leader instead.
     pub fn stream_client(&self) -> Result<WorkerApiClient<Channel>, tonic::Status> {
-        let target = self.target();
-        let uri = if target.starts_with("http://") {
-            target
-        } else {
-            format!("http://{target}")
-        };
-        let endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| {
-                tonic::Status::invalid_argument(format!("bad replica address {uri}: {e}"))
-            })?
-            .connect_timeout(Duration::from_millis(500))
+        let endpoint = self
+            .endpoint()?
             .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
+            .keep_alive_timeout(Duration::from_secs(2));
         Ok(WorkerApiClient::new(endpoint.connect_lazy()))
     }
 
