@@ -828,11 +828,12 @@ async fn a_stale_directive_is_refused_and_says_so() {
     );
 }
 
-/// The defragmenter's preview on a live cluster: a 2x8 gang waits although 16 GPUs are free,
-/// because two 1-GPU trainers sit on the two hosts it could use. `gangway defrag plan` proposes
-/// moving exactly those two onto the third host, and changes nothing.
+/// Live defragmentation: a 2x8 gang waits although 16 GPUs are free, because two 1-GPU trainers
+/// sit on the two hosts it could use. The leader's defragmenter migrates exactly those two
+/// (checkpoint, stop, relaunch on the third host, resumed from the checkpoint) and the gang runs on
+/// the hosts they left; no third job could take them meanwhile (they were reserved).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn defrag_plan_previews_the_moves_that_unblock_a_gang() {
+async fn the_defragmenter_migrates_small_gangs_to_place_a_blocked_one() {
     // Phase 1: three 8-GPU hosts in one rack; two 1-GPU trainers and a 6-GPU one of higher
     // priority (so it may not move), spread one per host with `job migrate --to`.
     let mut cluster = TestCluster::start(3);
@@ -871,17 +872,61 @@ async fn defrag_plan_previews_the_moves_that_unblock_a_gang() {
         }
         ids.push(id);
     }
+    // Past the 1 s min-runtime, so a and b may move.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let epochs: Vec<u64> = {
+        let mut e = Vec::new();
+        for id in &ids {
+            e.push(state_of(&job(&addrs, id).await.unwrap()).1);
+        }
+        e
+    };
 
-    // Phase 2: the gang waits for shape, not capacity.
+    // Phase 2: the gang is submitted; it can only run once a and b have moved.
     let gang = submit(&addrs[0], &trainer_spec("gang", 2, 8), "gang")
         .await
         .expect("submit")
         .job_id;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let d = job(&addrs, &gang).await.expect("gang");
-    assert_eq!(state_of(&d).0, "pending");
+    let (_, gang_hosts) = wait_running(&addrs, &gang, 0, logs).await;
+    let mut sorted = gang_hosts.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["w1", "w2"], "the gang runs on the freed hosts");
 
-    // Phase 3: the preview moves a and b onto w3 and puts the gang on w1 and w2.
+    // Phase 3: a and b were migrated onto w3 and resumed exactly from their checkpoints; c (higher
+    // priority) never moved.
+    for (k, id) in ids.iter().enumerate().take(2) {
+        let d = job(&addrs, id).await.unwrap();
+        let (state, epoch, hosts) = state_of(&d);
+        assert_eq!(
+            (state, hosts.as_slice()),
+            ("running", ["w3".to_owned()].as_slice()),
+            "{id}"
+        );
+        assert!(epoch > epochs[k], "{id} got a new lease");
+        let ck = d.last_checkpoint.expect("checkpointed before moving").step;
+        assert!(
+            d.history.iter().any(|h| h.what.contains("defragmentation")),
+            "{id}: {:?}",
+            d.history
+        );
+        wait_until(
+            Duration::from_secs(20),
+            "the moved job resumes",
+            logs,
+            || resumed(&worker(&workers, "w3").task_log(id, 0)).contains(&ck),
+        )
+        .await;
+    }
+    let c = job(&addrs, &ids[2]).await.unwrap();
+    assert_eq!(state_of(&c).1, epochs[2], "c was never moved");
+    let g = job(&addrs, &gang).await.unwrap();
+    assert!(
+        g.history.iter().any(|h| h.what.contains("defragmentation")),
+        "{:?}",
+        g.history
+    );
+
+    // Phase 4: nothing is left blocked; the preview says so.
     let out = cli(&addrs, &["defrag", "plan", "-o", "json"]);
     assert!(
         out.status.success(),
@@ -889,25 +934,5 @@ async fn defrag_plan_previews_the_moves_that_unblock_a_gang() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(v["blocked_by_shape"], 1, "{v}");
-    let plan = &v["plans"][0];
-    assert_eq!(plan["job_id"], gang.as_str(), "{v}");
-    let mut moved: Vec<&str> = plan["moves"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["job_id"].as_str().unwrap())
-        .collect();
-    moved.sort_unstable();
-    assert_eq!(moved, [ids[0].as_str(), ids[1].as_str()], "{v}");
-    assert!(
-        plan["moves"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|m| m["to_hosts"] == serde_json::json!(["w3"])),
-        "{v}"
-    );
-    // A preview changes nothing.
-    assert_eq!(state_of(&job(&addrs, &gang).await.unwrap()).0, "pending");
+    assert_eq!(v["blocked_by_shape"], 0, "{v}");
 }

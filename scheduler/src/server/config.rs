@@ -65,6 +65,14 @@ pub struct SchedulerSection {
     pub preemption: bool,
     #[serde(deserialize_with = "duration")]
     pub min_runtime: Duration,
+    /// Continuous defragmentation: the leader migrates small gangs to free a block for a gang
+    /// blocked by shape.
+    pub defrag: bool,
+    /// Most gangs migrating at once for the defragmenter (its disruption budget).
+    pub defrag_max_moves: usize,
+    /// How long the freed block stays reserved for the waiting gang before it is given up.
+    #[serde(deserialize_with = "duration")]
+    pub defrag_reservation: Duration,
 }
 
 fn policy<'de, D: Deserializer<'de>>(d: D) -> Result<PolicyName, D::Error> {
@@ -79,6 +87,9 @@ impl Default for SchedulerSection {
             interval: Duration::from_secs(1),
             preemption: true,
             min_runtime: Duration::from_secs(600),
+            defrag: true,
+            defrag_max_moves: 8,
+            defrag_reservation: Duration::from_secs(600),
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::engine::{self, Plan, SchedulerConfig};
 use crate::state::{Command, Event, JobState, Response};
 use gangway_consensus::{ConsensusError, Role, StateChange};
 use gangway_proto::ids::{HostName, JobId};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::watch;
@@ -92,6 +92,95 @@ pub struct RoundOutcome {
     pub stale: usize,
 }
 
+/// What the leader's defragmenter may do in one round (`[scheduler] defrag*`).
+struct DefragSettings {
+    enabled: bool,
+    /// Migrations that may still start: the budget minus those under way.
+    room: usize,
+    reserved: BTreeSet<JobId>,
+    epochs: BTreeMap<JobId, u64>,
+    reservation_ms: u64,
+}
+
+impl DefragSettings {
+    fn from_ctx(
+        ctx: &ReplicaContext,
+        migrating: usize,
+        reserved: BTreeSet<JobId>,
+        epochs: BTreeMap<JobId, u64>,
+    ) -> Self {
+        let s = &ctx.config.scheduler;
+        Self {
+            enabled: s.defrag,
+            room: s.defrag_max_moves.saturating_sub(migrating),
+            reserved,
+            epochs,
+            reservation_ms: u64::try_from(s.defrag_reservation.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// For the first gangs the round left blocked by shape, the cheapest migrations that free a
+    /// block (`engine::plan_defrag`), computed on the state as it will be once the round's own
+    /// placements commit, so the block is not one the round just filled.
+    fn plan(
+        &self,
+        mut view: engine::ClusterState,
+        pending: &[engine::GangRequest],
+        round: &Plan,
+        config: &SchedulerConfig,
+        now: u64,
+    ) -> Option<Command> {
+        if !self.enabled || self.room == 0 {
+            return None;
+        }
+        let blocked: Vec<&engine::GangRequest> = pending
+            .iter()
+            .filter(|g| !self.reserved.contains(&g.id))
+            .filter(|g| {
+                round
+                    .pending
+                    .iter()
+                    .any(|p| p.job == g.id && engine::blocked_by_shape(&p.reason))
+            })
+            .take(3)
+            .collect();
+        if blocked.is_empty() {
+            return None;
+        }
+        for v in &round.preemptions {
+            view.release(&v.victim);
+        }
+        for p in &round.placements {
+            if let Some(req) = pending.iter().find(|g| g.id == p.job) {
+                let _ = view.apply_placement(req.clone(), p.clone(), now);
+            }
+        }
+        let budget = engine::DefragBudget {
+            max_moves: self.room,
+            min_runtime_ms: config.min_runtime_ms,
+            ..engine::DefragBudget::default()
+        };
+        blocked.into_iter().find_map(|gang| {
+            let plan = engine::plan_defrag(&view, gang, config, &budget, now)?;
+            let moves = plan
+                .moves
+                .iter()
+                .map(|m| crate::state::DefragMove {
+                    job: m.job.clone(),
+                    epoch: self.epochs.get(&m.job).copied().unwrap_or(0),
+                    to: m.to.tasks.iter().map(|t| t.host.clone()).collect(),
+                })
+                .collect();
+            Some(Command::Defragment {
+                for_job: plan.for_gang.clone(),
+                hosts: plan.gang.tasks.iter().map(|t| t.host.clone()).collect(),
+                moves,
+                until_ms: now.saturating_add(self.reservation_ms),
+            })
+        })
+    }
+}
+
 /// One round: snapshot, engine, commit. Only the leader's own log takes the plan (`try_write`): a
 /// deposed leader's plan is dropped rather than forwarded to the new one.
 pub async fn scheduling_round(
@@ -113,23 +202,42 @@ pub async fn scheduling_round(
                 .filter(|j| j.state == JobState::Pending)
                 .filter_map(|j| Some((j.id.clone(), j.pending_reason.clone()?)))
                 .collect();
+            // What the defragmenter may still start: gangs migrating count against its budget,
+            // and a gang that already has a block reserved is not planned for again.
+            let migrating = store
+                .jobs()
+                .values()
+                .filter(|j| j.migration.is_some())
+                .count();
+            let reserved: BTreeSet<JobId> = store.reservations().map(|(j, _)| j.clone()).collect();
+            // The lease each running job holds: a plan names it, so it runs only if unchanged.
+            let epochs: BTreeMap<JobId, u64> = store
+                .jobs()
+                .values()
+                .filter_map(|j| Some((j.id.clone(), j.lease.as_ref()?.epoch)))
+                .collect();
             Some((
                 store.engine().clone(),
                 pending,
                 store.scheduler_config(base),
                 reasons,
+                (migrating, reserved, epochs),
             ))
         })
         .await?;
-    let Some((view, pending, config, reasons)) = snapshot else {
+    let Some((view, pending, config, reasons, (migrating, reserved, epochs))) = snapshot else {
         return Ok(RoundOutcome::default());
     };
     let now = wall_clock_ms();
     let pending_count = pending.len();
-    let mut plan: Plan =
-        tokio::task::spawn_blocking(move || engine::schedule(&view, &pending, &config, now))
-            .await
-            .map_err(|e| ConsensusError::Fatal(format!("scheduling task panicked: {e}")))?;
+    let defrag = DefragSettings::from_ctx(ctx, migrating, reserved, epochs);
+    let (mut plan, defrag_plan): (Plan, Option<Command>) = tokio::task::spawn_blocking(move || {
+        let plan = engine::schedule(&view, &pending, &config, now);
+        let defrag_plan = defrag.plan(view, &pending, &plan, &config, now);
+        (plan, defrag_plan)
+    })
+    .await
+    .map_err(|e| ConsensusError::Fatal(format!("scheduling task panicked: {e}")))?;
     // Only reasons that changed are written: an unchanged backlog costs no log entries.
     plan.pending.retain(|p| {
         reasons
@@ -138,34 +246,53 @@ pub async fn scheduling_round(
     });
     metrics::histogram!("gangway_scheduling_attempt_duration_seconds")
         .record(started.elapsed().as_secs_f64());
-    if plan.placements.is_empty() && plan.preemptions.is_empty() && plan.pending.is_empty() {
+    let outcome = if plan.placements.is_empty()
+        && plan.preemptions.is_empty()
+        && plan.pending.is_empty()
+    {
         metrics::counter!("gangway_scheduling_rounds_total", "result" => "no_change").increment(1);
-        return Ok(RoundOutcome {
+        RoundOutcome {
             pending: pending_count,
             ..RoundOutcome::default()
-        });
-    }
-    let response = ctx.raft.try_write(Command::ApplyPlan { plan }).await?;
-    metrics::counter!("gangway_scheduling_rounds_total", "result" => "committed").increment(1);
-    let Response::PlanApplied {
-        placed,
-        stale,
-        preempted,
-    } = response
-    else {
-        return Err(ConsensusError::Fatal(format!(
-            "ApplyPlan answered {response:?}"
-        )));
+        }
+    } else {
+        let response = ctx.raft.try_write(Command::ApplyPlan { plan }).await?;
+        metrics::counter!("gangway_scheduling_rounds_total", "result" => "committed").increment(1);
+        let Response::PlanApplied {
+            placed,
+            stale,
+            preempted,
+        } = response
+        else {
+            return Err(ConsensusError::Fatal(format!(
+                "ApplyPlan answered {response:?}"
+            )));
+        };
+        metrics::counter!("gangway_jobs_placed_total").increment(placed.len() as u64);
+        metrics::counter!("gangway_preemptions_total").increment(preempted.len() as u64);
+        metrics::counter!("gangway_plan_stale_placements_total").increment(stale.len() as u64);
+        RoundOutcome {
+            pending: pending_count,
+            placed: placed.len(),
+            preempted: preempted.len(),
+            stale: stale.len(),
+        }
     };
-    metrics::counter!("gangway_jobs_placed_total").increment(placed.len() as u64);
-    metrics::counter!("gangway_preemptions_total").increment(preempted.len() as u64);
-    metrics::counter!("gangway_plan_stale_placements_total").increment(stale.len() as u64);
-    Ok(RoundOutcome {
-        pending: pending_count,
-        placed: placed.len(),
-        preempted: preempted.len(),
-        stale: stale.len(),
-    })
+    // After the round's own plan, on whose result it was computed; as its own entry, which the
+    // state machine re-checks move by move (epochs), so a plan gone stale is refused whole.
+    if let Some(command) = defrag_plan {
+        match ctx.raft.try_write(command).await? {
+            Response::Done => {
+                metrics::counter!("gangway_defrag_plans_total", "result" => "committed")
+                    .increment(1);
+            }
+            other => {
+                tracing::info!("defragmentation plan refused: {other:?}");
+                metrics::counter!("gangway_defrag_plans_total", "result" => "stale").increment(1);
+            }
+        }
+    }
+    Ok(outcome)
 }
 
 /// Declares down every node silent for longer than `workers.node_ttl`, while this replica leads.

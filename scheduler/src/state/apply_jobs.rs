@@ -1,6 +1,6 @@
 //! Apply functions for job commands: submit, cancel, task reports, checkpoints.
 
-use super::command::{CheckpointManifest, Event, Rejection, Response, TaskState};
+use super::command::{CheckpointManifest, DefragMove, Event, Rejection, Response, TaskState};
 use super::job_record::{CheckpointRecord, JobRecord, JobState, Migration};
 use super::store::ClusterStore;
 use crate::engine::HostFilter;
@@ -75,6 +75,10 @@ impl ClusterStore {
                 })
             }
             JobState::Pending => {
+                self.reservations.remove(&job);
+                let Some(record) = self.jobs.get_mut(&job) else {
+                    return Response::Rejected(Rejection::UnknownJob(job));
+                };
                 record.state = JobState::Cancelled;
                 record.pending_reason = None;
                 record.finished_at_ms = Some(now);
@@ -390,6 +394,99 @@ impl ClusterStore {
             requested_at_ms: now,
         });
         self.request_checkpoint(&job, events);
+        Response::Done
+    }
+
+    /// The defragmenter's plan, checked whole before anything changes: the waiting job is still
+    /// pending, every moved job still runs under the epoch the plan saw and may checkpoint, and no
+    /// migration of it is under way. Then each moved job starts a migration (checkpoint, stop, place
+    /// again anywhere off the reserved hosts) and `hosts` are held for the waiting job.
+    pub(super) fn apply_defragment(
+        &mut self,
+        now: u64,
+        for_job: JobId,
+        hosts: BTreeSet<HostName>,
+        moves: Vec<DefragMove>,
+        until_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        self.reservations.retain(|_, (_, until)| *until > now);
+        let Some(waiting) = self.jobs.get(&for_job) else {
+            return Response::Rejected(Rejection::UnknownJob(for_job));
+        };
+        if waiting.state != JobState::Pending {
+            return Response::Rejected(Rejection::WrongJobState {
+                job: for_job,
+                state: waiting.state.to_string(),
+                why: "defragmentation makes room for a waiting job only".to_owned(),
+            });
+        }
+        if moves.is_empty() || hosts.is_empty() || until_ms <= now {
+            return Response::Rejected(Rejection::InvalidJob(
+                "a defragmentation plan needs moves, hosts and a future deadline".to_owned(),
+            ));
+        }
+        if let Some(h) = hosts
+            .iter()
+            .chain(moves.iter().flat_map(|m| m.to.iter()))
+            .find(|h| !self.nodes.contains_key(*h))
+        {
+            return Response::Rejected(Rejection::UnknownNode(h.clone()));
+        }
+        for m in &moves {
+            let Some(record) = self.jobs.get(&m.job) else {
+                return Response::Rejected(Rejection::UnknownJob(m.job.clone()));
+            };
+            let current = record.lease.as_ref().map(|l| l.epoch);
+            if current != Some(m.epoch) {
+                return Response::Rejected(Rejection::StaleEpoch {
+                    job: m.job.clone(),
+                    got: m.epoch,
+                    current: current.or(record.last_epoch).unwrap_or(0),
+                });
+            }
+            if let Some(refusal) = Self::refuse_checkpoint(record) {
+                return Response::Rejected(refusal);
+            }
+            if record.migration.is_some() {
+                return Response::Rejected(Rejection::WrongJobState {
+                    job: m.job.clone(),
+                    state: record.state.to_string(),
+                    why: "a migration is already waiting for its checkpoint".to_owned(),
+                });
+            }
+        }
+        for m in &moves {
+            if let Some(record) = self.jobs.get_mut(&m.job) {
+                record.note(
+                    now,
+                    format!(
+                        "migrating to make room for {for_job} (defragmentation; planned onto {})",
+                        join(&m.to)
+                    ),
+                );
+                record.migration = Some(Migration {
+                    checkpoint_request: record.checkpoint_requests + 1,
+                    // Anywhere but the reserved hosts, which the reservation keeps it off.
+                    hosts: HostFilter::default(),
+                    requested_at_ms: now,
+                });
+            }
+            self.request_checkpoint(&m.job, events);
+        }
+        if let Some(waiting) = self.jobs.get_mut(&for_job) {
+            waiting.note(
+                now,
+                format!(
+                    "defragmentation: {} gang(s) migrating to free {}, held for this job",
+                    moves.len(),
+                    join(&hosts)
+                ),
+            );
+        }
+        self.reservations.insert(for_job.clone(), (hosts, until_ms));
+        events.push(Event::JobChanged(for_job));
+        events.push(Event::SchedulingNeeded);
         Response::Done
     }
 

@@ -46,10 +46,11 @@ impl ClusterStore {
                 stale.push((job_id, format!("job is {}", record.state)));
                 continue;
             }
+            let reserved = self.reserved_against(&job_id);
             if let Some(t) = placement
                 .tasks
                 .iter()
-                .find(|t| !record.next_hosts.allows(&t.host))
+                .find(|t| !record.next_hosts.allows(&t.host) || reserved.contains(&t.host))
             {
                 stale.push((
                     job_id,
@@ -99,6 +100,11 @@ impl ClusterStore {
             });
             record.last_epoch = Some(epoch);
             record.next_hosts = Default::default();
+            self.reservations.remove(&job_id);
+            let record = self
+                .jobs
+                .get_mut(&job_id)
+                .expect("job checked to exist above");
             record.state = JobState::Running;
             record.pending_reason = None;
             record.attempts += 1;

@@ -66,6 +66,16 @@ pub struct CheckpointManifest {
     pub bytes: u64,
 }
 
+/// One migration of a defragmentation plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefragMove {
+    pub job: JobId,
+    /// The lease the plan saw: the move runs only if the job still holds it.
+    pub epoch: u64,
+    /// Where it is placed again.
+    pub to: std::collections::BTreeSet<HostName>,
+}
+
 /// Every state change, one variant per kind of change, one apply function per variant.
 ///
 /// Commands, responses and everything inside them are externally tagged serde enums: the Raft log
@@ -138,6 +148,15 @@ pub enum Command {
         job: JobId,
         hosts: HostFilter,
     },
+    /// The defragmenter's plan: migrate each `moves` job (still running under the given epoch:
+    /// the sequence check, so a stale plan never runs) onto its hosts, and reserve `hosts` for
+    /// `for_job` until it is placed or `until_ms` passes. Whole or not at all.
+    Defragment {
+        for_job: JobId,
+        hosts: std::collections::BTreeSet<HostName>,
+        moves: Vec<DefragMove>,
+        until_ms: u64,
+    },
     /// Creates or changes a queue's guarantee.
     SetQueue(QueueConfig),
 }
@@ -157,6 +176,7 @@ impl Command {
             Command::CheckpointFailed { .. } => "checkpoint_failed",
             Command::RequestCheckpoint { .. } => "request_checkpoint",
             Command::MigrateJob { .. } => "migrate_job",
+            Command::Defragment { .. } => "defragment",
             Command::SetQueue(_) => "set_queue",
         }
     }

@@ -13,8 +13,8 @@ pub mod node_record;
 pub mod store;
 
 pub use command::{
-    CheckpointManifest, Command, DeviceInventory, Event, NodeRegistration, Rejection, Response,
-    TaskState,
+    CheckpointManifest, Command, DefragMove, DeviceInventory, Event, NodeRegistration, Rejection,
+    Response, TaskState,
 };
 pub use job_record::{JobRecord, JobState, Lease};
 pub use node_record::NodeRecord;

@@ -50,6 +50,9 @@ pub struct ClusterStore {
     pub(super) device_epochs: BTreeMap<HostName, Vec<u64>>,
     /// Time of the last applied entry (leader-stamped, non-decreasing).
     pub(super) now_ms: u64,
+    /// Hosts the defragmenter freed, held for one waiting gang: job -> (hosts, until log time).
+    #[serde(default)]
+    pub(super) reservations: BTreeMap<JobId, (std::collections::BTreeSet<HostName>, u64)>,
 }
 
 impl ClusterStore {
@@ -103,6 +106,12 @@ impl ClusterStore {
                 self.apply_request_checkpoint(now, job, reason, events)
             }
             Command::MigrateJob { job, hosts } => self.apply_migrate_job(now, job, hosts, events),
+            Command::Defragment {
+                for_job,
+                hosts,
+                moves,
+                until_ms,
+            } => self.apply_defragment(now, for_job, hosts, moves, until_ms, events),
             Command::SetQueue(queue) => self.apply_set_queue(queue, events),
         }
     }
@@ -151,10 +160,34 @@ impl ClusterStore {
             .jobs
             .values()
             .filter(|j| j.state == JobState::Pending)
-            .map(JobRecord::gang_request)
+            .map(|j| {
+                let mut g = j.gang_request();
+                g.hosts.avoid.extend(self.reserved_against(&j.id));
+                g
+            })
             .collect();
         pending.sort_by(|a, b| (a.submitted_at_ms, &a.id).cmp(&(b.submitted_at_ms, &b.id)));
         pending
+    }
+
+    /// Hosts reserved for gangs other than `job` (live reservations only).
+    pub fn reserved_against(&self, job: &JobId) -> std::collections::BTreeSet<HostName> {
+        self.reservations
+            .iter()
+            .filter(|(j, (_, until))| *j != job && *until > self.now_ms)
+            .flat_map(|(_, (hosts, _))| hosts.iter().cloned())
+            .collect()
+    }
+
+    /// Live reservations: job -> hosts held for it.
+    pub fn reservations(
+        &self,
+    ) -> impl Iterator<Item = (&JobId, &std::collections::BTreeSet<HostName>)> {
+        let now = self.now_ms;
+        self.reservations
+            .iter()
+            .filter(move |(_, (_, until))| *until > now)
+            .map(|(j, (h, _))| (j, h))
     }
 
     /// The engine configuration with this cluster's queues filled in.
