@@ -433,6 +433,12 @@ enum Op {
     Migrate {
         job: usize,
     },
+    /// Reserve a host for one job by migrating another.
+    Defrag {
+        waiting: usize,
+        mover: usize,
+        host: usize,
+    },
     CheckpointFailed {
         job: usize,
     },
@@ -472,6 +478,11 @@ fn op() -> impl Strategy<Value = Op> {
             }
         }),
         (0usize..12).prop_map(|job| Op::Migrate { job }),
+        (0usize..12, 0usize..12, 0usize..4).prop_map(|(waiting, mover, host)| Op::Defrag {
+            waiting,
+            mover,
+            host
+        }),
         (0usize..12).prop_map(|job| Op::CheckpointFailed { job }),
         (0usize..4).prop_map(|host| Op::Down { host }),
         (0usize..4).prop_map(|host| Op::Register { host }),
@@ -510,6 +521,23 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
                     placements: vec![placement(&job, &hosts, *first % 8, n.min(8 - *first % 8))],
                     ..Plan::default()
                 },
+            }
+        }
+        Op::Defrag {
+            waiting,
+            mover,
+            host,
+        } => {
+            let mover = job_at(*mover)?;
+            Command::Defragment {
+                for_job: job_at(*waiting)?,
+                hosts: [HostName::new(HOSTS[*host])].into(),
+                moves: vec![gangway_scheduler::state::DefragMove {
+                    epoch: store.job(&mover)?.lease.as_ref().map_or(0, |l| l.epoch),
+                    job: mover,
+                    to: [HostName::new(HOSTS[(*host + 1) % HOSTS.len()])].into(),
+                }],
+                until_ms: u64::MAX,
             }
         }
         Op::Migrate { job } => Command::MigrateJob {
@@ -617,6 +645,11 @@ fn check_invariants(store: &ClusterStore, epochs_seen: &mut BTreeMap<(HostName, 
             (Some(_), state) => panic!("{state} job {} still holds a lease", job.id),
             (None, _) => {}
         }
+    }
+    // A block is held only for a job that still waits for it.
+    for (job, _) in store.reservations() {
+        let state = store.job(job).map(|j| j.state);
+        assert_eq!(state, Some(JobState::Pending), "reservation for {job} in {state:?}");
     }
     // The engine's view agrees with the leases.
     assert_eq!(
@@ -753,6 +786,16 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
                 only: [HostName::new("h2")].into(),
                 avoid: [HostName::new("h1")].into(),
             },
+        },
+        Command::Defragment {
+            for_job: JobId::new("j-2"),
+            hosts: [HostName::new("h1")].into(),
+            moves: vec![gangway_scheduler::state::DefragMove {
+                job: job.clone(),
+                epoch: 3,
+                to: [HostName::new("h2")].into(),
+            }],
+            until_ms: 99,
         },
         Command::TaskStatus {
             job: job.clone(),
@@ -971,4 +1014,107 @@ fn a_lost_rank_requeues_the_gang_and_a_failed_rank_fails_it() {
             reason: "next case".into(),
         });
     }
+}
+
+/// The defragmenter's command: checked whole against the lease epochs it was planned on (a stale
+/// plan changes nothing), then the moved gangs migrate and the freed hosts are held for the waiting
+/// gang: the plan applier refuses any other job there until the reservation is used or expires.
+#[test]
+fn a_defragmentation_plan_is_fenced_by_epochs_and_its_reservation_holds() {
+    use gangway_scheduler::state::DefragMove;
+    let mut c = Cluster::new();
+    for name in ["h1", "h2", "h3"] {
+        c.apply(Command::RegisterNode(node(name, "r1", 8)));
+    }
+    let a = c.submit(spec("a", 1, 1));
+    c.place(vec![placement(&a, &["h1"], 0, 1)]);
+    let b = c.submit(spec("b", 1, 1));
+    c.place(vec![placement(&b, &["h2"], 0, 1)]);
+    let gang = c.submit(spec("gang", 2, 8));
+    let (ea, eb) = (c.epoch_of(&a), c.epoch_of(&b));
+    let mv = |job: &JobId, epoch| DefragMove {
+        job: job.clone(),
+        epoch,
+        to: [HostName::new("h3")].into(),
+    };
+    let held: std::collections::BTreeSet<HostName> =
+        [HostName::new("h1"), HostName::new("h2")].into();
+    let plan = |moves: Vec<DefragMove>, until_ms| Command::Defragment {
+        for_job: gang.clone(),
+        hosts: held.clone(),
+        moves,
+        until_ms,
+    };
+
+    // Phase 1: a plan that saw an older lease of b is refused whole: a does not start migrating.
+    let before = c.store.clone();
+    assert!(matches!(
+        c.apply(plan(vec![mv(&a, ea), mv(&b, eb - 1)], 1_000_000)),
+        Response::Rejected(Rejection::StaleEpoch { .. })
+    ));
+    assert_eq!(c.store.job(&a), before.job(&a));
+    assert_eq!(c.store.reservations().count(), 0);
+
+    // Phase 2: the current plan: both migrate, h1 and h2 are held for the gang.
+    assert_eq!(
+        c.apply(plan(vec![mv(&a, ea), mv(&b, eb)], 1_000_000)),
+        Response::Done
+    );
+    assert!(c.store.job(&a).unwrap().migration.is_some());
+    assert_eq!(c.store.reservations().count(), 1);
+    // Another job may not be placed on a held host; the held gang may.
+    let other = c.submit(spec("other", 1, 1));
+    assert!(c
+        .store
+        .pending_gangs()
+        .iter()
+        .any(|g| g.id == other && g.hosts.avoid.contains(&HostName::new("h1"))));
+    assert!(matches!(
+        c.place(vec![placement(&other, &["h1"], 4, 1)]),
+        Response::PlanApplied { ref stale, .. } if stale.len() == 1
+    ));
+
+    // Phase 3: the checkpoints land, a and b are released; the gang takes the held hosts and the
+    // reservation ends.
+    for (job, epoch) in [(&a, ea), (&b, eb)] {
+        c.apply(Command::RecordCheckpoint {
+            job: job.clone(),
+            epoch,
+            request: 1,
+            manifest: CheckpointManifest {
+                path: format!("/ck/{job}"),
+                step: 5,
+                bytes: 1,
+            },
+        });
+        assert_eq!(c.store.job(job).unwrap().state, JobState::Pending);
+    }
+    c.place(vec![placement(&gang, &["h1", "h2"], 0, 8)]);
+    assert_eq!(c.store.job(&gang).unwrap().state, JobState::Running);
+    assert_eq!(c.store.reservations().count(), 0);
+
+    // Phase 4: a reservation that times out holds nothing.
+    let late = c.submit(spec("late", 2, 8));
+    let d = c.submit(spec("d", 1, 1));
+    c.place(vec![placement(&d, &["h3"], 2, 1)]);
+    let ed = c.epoch_of(&d);
+    let until = c.now + 50;
+    assert_eq!(
+        c.apply(Command::Defragment {
+            for_job: late.clone(),
+            hosts: [HostName::new("h3")].into(),
+            moves: vec![mv(&d, ed)],
+            until_ms: until,
+        }),
+        Response::Done
+    );
+    assert_eq!(c.store.reservations().count(), 1);
+    for _ in 0..6 {
+        c.apply(Command::SetNodeState {
+            node: HostName::new("h3"),
+            state: gangway_scheduler::engine::NodeState::Ready,
+            reason: "tick".into(),
+        });
+    }
+    assert_eq!(c.store.reservations().count(), 0, "expired by log time");
 }
