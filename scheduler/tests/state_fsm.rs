@@ -649,7 +649,11 @@ fn check_invariants(store: &ClusterStore, epochs_seen: &mut BTreeMap<(HostName, 
     // A block is held only for a job that still waits for it.
     for (job, _) in store.reservations() {
         let state = store.job(job).map(|j| j.state);
-        assert_eq!(state, Some(JobState::Pending), "reservation for {job} in {state:?}");
+        assert_eq!(
+            state,
+            Some(JobState::Pending),
+            "reservation for {job} in {state:?}"
+        );
     }
     // The engine's view agrees with the leases.
     assert_eq!(
