@@ -935,4 +935,16 @@ async fn the_defragmenter_migrates_small_gangs_to_place_a_blocked_one() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["blocked_by_shape"], 0, "{v}");
+    // The status: on, the block was used (no reservation left), nothing migrating any more.
+    let out = cli(&addrs, &["defrag", "status", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["enabled"], true, "{v}");
+    assert_eq!(v["reservations"], serde_json::json!([]), "{v}");
+    assert_eq!(v["migrating"], serde_json::json!([]), "{v}");
+    assert!(v["fragmentation_pct"]["rack"].is_number(), "{v}");
 }

@@ -76,6 +76,14 @@ impl Client {
         .await
     }
 
+    /// The defragmenter's settings and what it has under way.
+    pub async fn defrag_status(&mut self) -> Result<pb::DefragStatusReply, ClientError> {
+        self.call("DefragStatus", Retry::Safe, |mut api| async move {
+            api.defrag_status(pb::Empty {}).await
+        })
+        .await
+    }
+
     pub async fn get_job(&mut self, job_id: &str) -> Result<pb::JobDetail, ClientError> {
         self.call("GetJob", Retry::Safe, |mut api| {
             let req = pb::GetJobRequest {

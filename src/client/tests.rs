@@ -187,6 +187,12 @@ impl ClientApi for Fake {
     ) -> Result<Response<pb::DefragPlanReply>, Status> {
         Err(Status::unimplemented("DefragPlan"))
     }
+    async fn defrag_status(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> Result<Response<pb::DefragStatusReply>, Status> {
+        Err(Status::unimplemented("DefragStatus"))
+    }
     async fn cluster_status(
         &self,
         _: Request<pb::Empty>,

@@ -1,7 +1,7 @@
 //! `gangway defrag plan`: what the defragmenter would move now, and for which waiting gang.
 
 use super::common::ClientOpts;
-use super::output::{new_table, table_string, to_json, Output};
+use super::output::{age_since, new_table, table_string, to_json, Output};
 use crate::client::ClientError;
 use clap::{Args, Subcommand};
 use gangway_proto::pb;
@@ -20,6 +20,119 @@ pub enum DefragCommand {
     /// Preview: for waiting gangs blocked by shape, the cheapest migrations that would free a
     /// block for them. Nothing is changed.
     Plan,
+    /// The defragmenter's settings, migrations under way, blocks held for waiting gangs, and
+    /// fragmentation per topology level.
+    Status,
+}
+
+/// `gangway defrag status -o json`.
+#[derive(Debug, Serialize)]
+pub struct DefragStatusView {
+    pub enabled: bool,
+    pub max_moves: u32,
+    pub reservation_ms: u64,
+    /// (job, devices, since_ms, checkpoint request)
+    pub migrating: Vec<MigratingView>,
+    pub reservations: Vec<ReservationView>,
+    /// level -> per cent of free devices in partly used domains of that level.
+    pub fragmentation_pct: std::collections::BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MigratingView {
+    pub job_id: String,
+    pub devices: u64,
+    pub since_ms: u64,
+    pub checkpoint_request: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReservationView {
+    pub job_id: String,
+    pub hosts: Vec<String>,
+    pub until_ms: u64,
+}
+
+impl From<&pb::DefragStatusReply> for DefragStatusView {
+    fn from(r: &pb::DefragStatusReply) -> Self {
+        Self {
+            enabled: r.enabled,
+            max_moves: r.max_moves,
+            reservation_ms: r.reservation_ms,
+            migrating: r
+                .migrating
+                .iter()
+                .map(|m| MigratingView {
+                    job_id: m.job_id.clone(),
+                    devices: m.devices,
+                    since_ms: m.since_ms,
+                    checkpoint_request: m.checkpoint_request,
+                })
+                .collect(),
+            reservations: r
+                .reservations
+                .iter()
+                .map(|h| ReservationView {
+                    job_id: h.job_id.clone(),
+                    hosts: h.hosts.clone(),
+                    until_ms: h.until_ms,
+                })
+                .collect(),
+            fragmentation_pct: r
+                .fragmentation
+                .iter()
+                .map(|f| (f.level.clone(), f.pct))
+                .collect(),
+        }
+    }
+}
+
+pub fn defrag_status_table(v: &DefragStatusView, now_ms: u64) -> String {
+    let mut out = format!(
+        "Defragmentation: {}; at most {} gangs migrating at once; freed blocks held {}.\n",
+        if v.enabled { "on" } else { "off" },
+        v.max_moves,
+        humantime::format_duration(std::time::Duration::from_millis(v.reservation_ms))
+    );
+    let frag: Vec<String> = v
+        .fragmentation_pct
+        .iter()
+        .map(|(level, pct)| format!("{level} {pct:.1}%"))
+        .collect();
+    out.push_str(&format!(
+        "Free devices in partly used domains: {}.\n",
+        frag.join(", ")
+    ));
+    if v.migrating.is_empty() {
+        out.push_str("\nNo migration under way.");
+    } else {
+        let mut t = new_table(["MIGRATING", "DEVICES", "SINCE", "CHECKPOINT REQUEST"]);
+        for m in &v.migrating {
+            t.add_row(vec![
+                m.job_id.clone(),
+                m.devices.to_string(),
+                format!("{} ago", age_since(m.since_ms, now_ms)),
+                m.checkpoint_request.to_string(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table_string(t));
+    }
+    if v.reservations.is_empty() {
+        out.push_str("\nNo block held.");
+    } else {
+        let mut t = new_table(["HELD FOR", "HOSTS", "UNTIL"]);
+        for r in &v.reservations {
+            t.add_row(vec![
+                r.job_id.clone(),
+                r.hosts.join(","),
+                format!("in {}", age_since(now_ms, r.until_ms)),
+            ]);
+        }
+        out.push_str("\n\n");
+        out.push_str(&table_string(t));
+    }
+    out
 }
 
 #[derive(Debug, Serialize)]
@@ -105,14 +218,30 @@ pub fn defrag_plan_table(v: &DefragPlanView) -> String {
 }
 
 pub async fn defrag(group: DefragGroup) -> Result<(), ClientError> {
-    let DefragCommand::Plan = group.command;
-    let reply = group.opts.client().defrag_plan().await?;
-    let view = DefragPlanView::from(&reply);
-    match group.opts.output {
-        Output::Table => println!("{}", defrag_plan_table(&view)),
-        Output::Json => println!("{}", to_json(&view, false)),
+    let mut client = group.opts.client();
+    match group.command {
+        DefragCommand::Plan => {
+            let view = DefragPlanView::from(&client.defrag_plan().await?);
+            match group.opts.output {
+                Output::Table => println!("{}", defrag_plan_table(&view)),
+                Output::Json => println!("{}", to_json(&view, false)),
+            }
+        }
+        DefragCommand::Status => {
+            let view = DefragStatusView::from(&client.defrag_status().await?);
+            match group.opts.output {
+                Output::Table => println!("{}", defrag_status_table(&view, now_ms())),
+                Output::Json => println!("{}", to_json(&view, false)),
+            }
+        }
     }
     Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -144,5 +273,43 @@ mod tests {
         assert!(text.contains("one-1") && text.contains("h3"), "{text}");
         let empty = defrag_plan_table(&DefragPlanView::from(&pb::DefragPlanReply::default()));
         assert!(empty.contains("No migration plan"), "{empty}");
+    }
+
+    #[test]
+    fn status_shows_budget_work_under_way_and_fragmentation() {
+        let reply = pb::DefragStatusReply {
+            enabled: true,
+            max_moves: 8,
+            reservation_ms: 600_000,
+            migrating: vec![pb::Migrating {
+                job_id: "one-1".into(),
+                devices: 1,
+                since_ms: 1_000,
+                checkpoint_request: 2,
+            }],
+            reservations: vec![pb::Reservation {
+                job_id: "gang-3".into(),
+                hosts: vec!["h1".into(), "h2".into()],
+                until_ms: 601_000,
+            }],
+            fragmentation: vec![pb::LevelFragmentation {
+                level: "rack".into(),
+                pct: 62.5,
+            }],
+        };
+        let text = defrag_status_table(&DefragStatusView::from(&reply), 31_000);
+        for want in [
+            "on; at most 8",
+            "10m",
+            "rack 62.5%",
+            "one-1",
+            "30s ago",
+            "gang-3",
+            "h1,h2",
+        ] {
+            assert!(text.contains(want), "{want} missing from:\n{text}");
+        }
+        let v = serde_json::to_value(DefragStatusView::from(&reply)).unwrap();
+        assert_eq!(v["fragmentation_pct"]["rack"], 62.5);
     }
 }

@@ -83,20 +83,23 @@ pub fn blocked_by_shape(reason: &PendingReason) -> bool {
     )
 }
 
-/// Free whole devices on hosts that are partly used, per thousand free devices: the share of free
-/// capacity a full-host task (the unit of every large gang) cannot use.
-pub fn scattered_free_permille(state: &ClusterState) -> u64 {
-    let (mut free, mut scattered) = (0u64, 0u64);
+/// Free whole devices in domains of `level` (hosts, racks, ...) that are partly used, per
+/// thousand free devices: the share of free capacity a gang needing a whole domain of that level
+/// cannot use. At `Host`, what a full-host task cannot use.
+pub fn scattered_free_permille(state: &ClusterState, level: TopologyLevel) -> u64 {
+    // domain -> (free whole devices, devices)
+    let mut domains: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for h in state.hosts() {
         if !h.spec.state.accepts_new_work() {
             continue;
         }
-        let f = h.free_whole_devices() as u64;
-        free += f;
-        if f < h.spec.devices.len() as u64 {
-            scattered += f;
-        }
+        let key = ClusterState::domain_key(&h.spec.topology, &h.spec.name, level);
+        let d = domains.entry(key).or_default();
+        d.0 += h.free_whole_devices() as u64;
+        d.1 += h.spec.devices.len() as u64;
     }
+    let free: u64 = domains.values().map(|d| d.0).sum();
+    let scattered: u64 = domains.values().filter(|d| d.0 < d.1).map(|d| d.0).sum();
     (scattered * 1000).checked_div(free).unwrap_or(0)
 }
 

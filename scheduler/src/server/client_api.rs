@@ -304,6 +304,17 @@ impl ClientApi for ClientService {
         ok(reply)
     }
 
+    async fn defrag_status(&self, req: Request<pb::Empty>) -> Reply<pb::DefragStatusReply> {
+        let s = &self.ctx.config.scheduler;
+        let (enabled, max_moves) = (s.defrag, s.defrag_max_moves);
+        let reservation_ms = u64::try_from(s.defrag_reservation.as_millis()).unwrap_or(u64::MAX);
+        let mut reply = self.read(local_read(&req), convert::defrag_status).await?;
+        reply.enabled = enabled;
+        reply.max_moves = u32::try_from(max_moves).unwrap_or(u32::MAX);
+        reply.reservation_ms = reservation_ms;
+        ok(reply)
+    }
+
     async fn cluster_status(&self, _req: Request<pb::Empty>) -> Reply<pb::ClusterStatusReply> {
         // Served by any replica from its own view: this is how an operator finds the leader.
         let m = self.ctx.raft.metrics();

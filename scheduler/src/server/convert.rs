@@ -319,7 +319,48 @@ pub fn defrag_preview(
     pb::DefragPlanReply {
         blocked_by_shape: blocked.len() as u32,
         plans,
-        fragmentation_pct: crate::engine::scattered_free_permille(view) as f64 / 10.0,
+        fragmentation_pct: crate::engine::scattered_free_permille(
+            view,
+            crate::engine::TopologyLevel::Host,
+        ) as f64
+            / 10.0,
+    }
+}
+
+/// What the defragmenter has under way, and fragmentation per level (settings filled by the caller).
+pub fn defrag_status(fsm: &super::fsm::SchedulerFsm) -> pb::DefragStatusReply {
+    use crate::engine::TopologyLevel;
+    let store = fsm.store();
+    pb::DefragStatusReply {
+        migrating: store
+            .jobs()
+            .values()
+            .filter_map(|j| {
+                let m = j.migration.as_ref()?;
+                Some(pb::Migrating {
+                    job_id: j.id.to_string(),
+                    devices: j.gang_request().total_devices(),
+                    since_ms: m.requested_at_ms,
+                    checkpoint_request: m.checkpoint_request,
+                })
+            })
+            .collect(),
+        reservations: store
+            .reservations_until()
+            .map(|(job, hosts, until_ms)| pb::Reservation {
+                job_id: job.to_string(),
+                hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                until_ms,
+            })
+            .collect(),
+        fragmentation: [TopologyLevel::Host, TopologyLevel::Rack, TopologyLevel::Pod]
+            .into_iter()
+            .map(|level| pb::LevelFragmentation {
+                level: level.to_string(),
+                pct: crate::engine::scattered_free_permille(store.engine(), level) as f64 / 10.0,
+            })
+            .collect(),
+        ..Default::default()
     }
 }
 

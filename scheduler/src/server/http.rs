@@ -2,7 +2,7 @@
 //! load balancers, and the loop that keeps the cluster-state gauges current.
 
 use super::context::ReplicaContext;
-use crate::engine::{DeviceKind, NodeState, MILLI_PER_DEVICE};
+use crate::engine::{DeviceKind, NodeState, TopologyLevel, MILLI_PER_DEVICE};
 use crate::state::JobState;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -90,8 +90,19 @@ pub async fn gauge_loop(ctx: ReplicaContext, period: Duration, mut stop: watch::
         metrics::gauge!("gangway_raft_commit_index").set(m.committed_index.unwrap_or(0) as f64);
         metrics::gauge!("gangway_raft_applied_index").set(m.applied_index.unwrap_or(0) as f64);
 
-        let (pending, running, nodes, devices) = ctx.raft.read_local(|fsm| {
+        let (pending, running, nodes, devices, defrag) = ctx.raft.read_local(|fsm| {
             let store = fsm.store();
+            let engine = store.engine();
+            let defrag = (
+                store
+                    .jobs()
+                    .values()
+                    .filter(|j| j.migration.is_some())
+                    .count(),
+                store.reservations().count(),
+                [TopologyLevel::Host, TopologyLevel::Rack, TopologyLevel::Pod]
+                    .map(|l| (l, crate::engine::scattered_free_permille(engine, l))),
+            );
             let mut pending: BTreeMap<String, u64> = BTreeMap::new();
             let mut running: BTreeMap<String, u64> = BTreeMap::new();
             for j in store.jobs().values() {
@@ -108,7 +119,6 @@ pub async fn gauge_loop(ctx: ReplicaContext, period: Duration, mut stop: watch::
             // (kind, leased milli, total milli) over every registered device.
             let mut devices: BTreeMap<DeviceKind, (u64, u64)> =
                 [(DeviceKind::Gpu, (0, 0)), (DeviceKind::Tpu, (0, 0))].into();
-            let engine = store.engine();
             for h in engine.hosts() {
                 for (i, d) in h.spec.devices.iter().enumerate() {
                     let Some(kind) = engine.model(&d.model).map(|m| m.kind) else {
@@ -120,8 +130,15 @@ pub async fn gauge_loop(ctx: ReplicaContext, period: Duration, mut stop: watch::
                     e.1 += u64::from(MILLI_PER_DEVICE);
                 }
             }
-            (pending, running, nodes, devices)
+            (pending, running, nodes, devices, defrag)
         });
+        let (migrating, reservations, fragmentation) = defrag;
+        metrics::gauge!("gangway_migrations_in_flight").set(migrating as f64);
+        metrics::gauge!("gangway_defrag_reservations").set(reservations as f64);
+        for (level, permille) in fragmentation {
+            metrics::gauge!("gangway_fragmentation_pct", "level" => level.to_string())
+                .set(permille as f64 / 10.0);
+        }
         queues_seen.extend(pending.keys().cloned());
         queues_seen.extend(running.keys().cloned());
         for q in &queues_seen {

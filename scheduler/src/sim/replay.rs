@@ -649,7 +649,7 @@ pub fn replay(
         }
         allocation.record(now, allocated);
         if options.defrag.is_some() || changed {
-            fragmentation.record(now, scattered_free_permille(&state));
+            fragmentation.record(now, scattered_free_permille(&state, TopologyLevel::Host));
         }
         // Time alone changes a decision only through preemption's min-runtime: a round is due when
         // a running gang becomes old enough to be a victim, at most every tick.

@@ -179,6 +179,17 @@ impl ClusterStore {
             .collect()
     }
 
+    /// Live reservations with their deadlines (log time).
+    pub fn reservations_until(
+        &self,
+    ) -> impl Iterator<Item = (&JobId, &std::collections::BTreeSet<HostName>, u64)> {
+        let now = self.now_ms;
+        self.reservations
+            .iter()
+            .filter(move |(_, (_, until))| *until > now)
+            .map(|(j, (h, u))| (j, h, *u))
+    }
+
     /// Live reservations: job -> hosts held for it.
     pub fn reservations(
         &self,
