@@ -73,6 +73,9 @@ pub struct SchedulerSection {
     /// How long the freed block stays reserved for the waiting gang before it is given up.
     #[serde(deserialize_with = "duration")]
     pub defrag_reservation: Duration,
+    /// Disruption budget: device-hours of checkpoint-and-restore (each moved gang's devices x its
+    /// checkpoint timeout) the defragmenter may cause per hour.
+    pub defrag_device_hours_per_hour: f64,
 }
 
 fn policy<'de, D: Deserializer<'de>>(d: D) -> Result<PolicyName, D::Error> {
@@ -90,6 +93,7 @@ impl Default for SchedulerSection {
             defrag: true,
             defrag_max_moves: 8,
             defrag_reservation: Duration::from_secs(600),
+            defrag_device_hours_per_hour: 8.0,
         }
     }
 }
@@ -203,6 +207,13 @@ impl ServerConfig {
                 format!("does not list this replica's id {}", self.id),
             ));
         }
+        let budget = self.scheduler.defrag_device_hours_per_hour;
+        if !(budget.is_finite() && budget >= 0.0) {
+            return Err(bad(
+                "scheduler.defrag_device_hours_per_hour",
+                format!("expected a number of device-hours of 0 or more, got {budget}"),
+            ));
+        }
         let r = &self.raft;
         if r.election_timeout_min.is_zero() || r.election_timeout_max <= r.election_timeout_min {
             return Err(bad(
@@ -310,6 +321,13 @@ mod tests {
             (
                 with("1=127.0.0.1:7101,", "1=127.0.0.1:7101,1=x:1,"),
                 "initial_cluster",
+            ),
+            (
+                with(
+                    "defrag_device_hours_per_hour = 8.0",
+                    "defrag_device_hours_per_hour = -1.0",
+                ),
+                "scheduler.defrag_device_hours_per_hour",
             ),
         ];
         for (text, field) in cases {

@@ -15,6 +15,8 @@ pub struct ReplicaContext {
     pub raft: ReplicaHandle<SchedulerFsm>,
     pub config: Arc<ServerConfig>,
     pub heartbeats: Arc<HeartbeatTracker>,
+    /// What the defragmenter's migrations cost in the last hour (leader memory).
+    pub disruption: Arc<super::disruption::DisruptionLedger>,
     /// The term in which this replica, as leader, last confirmed a linearizable read: from then on
     /// its own state includes its term's first entry, and cheap local reads are current.
     pub barrier_term: Arc<std::sync::atomic::AtomicU64>,

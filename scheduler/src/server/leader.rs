@@ -34,6 +34,7 @@ fn observe_leadership(ctx: &ReplicaContext) -> bool {
         true
     } else {
         ctx.heartbeats.step_down();
+        ctx.disruption.clear();
         false
     }
 }
@@ -98,8 +99,11 @@ struct DefragSettings {
     /// Migrations that may still start: the budget minus those under way.
     room: usize,
     reserved: BTreeSet<JobId>,
-    epochs: BTreeMap<JobId, u64>,
+    /// Running job -> (lease epoch, checkpoint timeout ms).
+    epochs: BTreeMap<JobId, (u64, u64)>,
     reservation_ms: u64,
+    /// Device-hours of disruption still allowed this hour.
+    budget_left: f64,
 }
 
 impl DefragSettings {
@@ -107,15 +111,17 @@ impl DefragSettings {
         ctx: &ReplicaContext,
         migrating: usize,
         reserved: BTreeSet<JobId>,
-        epochs: BTreeMap<JobId, u64>,
+        epochs: BTreeMap<JobId, (u64, u64)>,
     ) -> Self {
         let s = &ctx.config.scheduler;
+        let spent = ctx.disruption.spent_last_hour(Instant::now());
         Self {
             enabled: s.defrag,
             room: s.defrag_max_moves.saturating_sub(migrating),
             reserved,
             epochs,
             reservation_ms: u64::try_from(s.defrag_reservation.as_millis()).unwrap_or(u64::MAX),
+            budget_left: s.defrag_device_hours_per_hour - spent,
         }
     }
 
@@ -129,8 +135,8 @@ impl DefragSettings {
         round: &Plan,
         config: &SchedulerConfig,
         now: u64,
-    ) -> Option<Command> {
-        if !self.enabled || self.room == 0 {
+    ) -> Option<(Command, f64)> {
+        if !self.enabled || self.room == 0 || self.budget_left <= 0.0 {
             return None;
         }
         let blocked: Vec<&engine::GangRequest> = pending
@@ -162,21 +168,37 @@ impl DefragSettings {
         };
         blocked.into_iter().find_map(|gang| {
             let plan = engine::plan_defrag(&view, gang, config, &budget, now)?;
+            // What it would cost: every moved device for its job's checkpoint timeout.
+            let cost: f64 = plan
+                .moves
+                .iter()
+                .map(|m| {
+                    let timeout = self.epochs.get(&m.job).map_or(0, |e| e.1);
+                    m.devices as f64 * timeout as f64 / 3_600_000.0
+                })
+                .sum();
+            if cost > self.budget_left {
+                tracing::debug!(job = %gang.id, cost, left = self.budget_left, "defragmentation plan over the disruption budget");
+                return None;
+            }
             let moves = plan
                 .moves
                 .iter()
                 .map(|m| crate::state::DefragMove {
                     job: m.job.clone(),
-                    epoch: self.epochs.get(&m.job).copied().unwrap_or(0),
+                    epoch: self.epochs.get(&m.job).map_or(0, |e| e.0),
                     to: m.to.tasks.iter().map(|t| t.host.clone()).collect(),
                 })
                 .collect();
-            Some(Command::Defragment {
-                for_job: plan.for_gang.clone(),
-                hosts: plan.gang.tasks.iter().map(|t| t.host.clone()).collect(),
-                moves,
-                until_ms: now.saturating_add(self.reservation_ms),
-            })
+            Some((
+                Command::Defragment {
+                    for_job: plan.for_gang.clone(),
+                    hosts: plan.gang.tasks.iter().map(|t| t.host.clone()).collect(),
+                    moves,
+                    until_ms: now.saturating_add(self.reservation_ms),
+                },
+                cost,
+            ))
         })
     }
 }
@@ -210,11 +232,17 @@ pub async fn scheduling_round(
                 .filter(|j| j.migration.is_some())
                 .count();
             let reserved: BTreeSet<JobId> = store.reservations().map(|(j, _)| j.clone()).collect();
-            // The lease each running job holds: a plan names it, so it runs only if unchanged.
-            let epochs: BTreeMap<JobId, u64> = store
+            // The lease each running job holds (a plan names it, so it runs only if unchanged), and
+            // its checkpoint timeout (what moving it may cost).
+            let epochs: BTreeMap<JobId, (u64, u64)> = store
                 .jobs()
                 .values()
-                .filter_map(|j| Some((j.id.clone(), j.lease.as_ref()?.epoch)))
+                .filter_map(|j| {
+                    let timeout = j.spec.checkpoint.as_ref().map_or(0, |c| {
+                        u64::try_from(c.timeout.as_millis()).unwrap_or(u64::MAX)
+                    });
+                    Some((j.id.clone(), (j.lease.as_ref()?.epoch, timeout)))
+                })
                 .collect();
             Some((
                 store.engine().clone(),
@@ -231,13 +259,14 @@ pub async fn scheduling_round(
     let now = wall_clock_ms();
     let pending_count = pending.len();
     let defrag = DefragSettings::from_ctx(ctx, migrating, reserved, epochs);
-    let (mut plan, defrag_plan): (Plan, Option<Command>) = tokio::task::spawn_blocking(move || {
-        let plan = engine::schedule(&view, &pending, &config, now);
-        let defrag_plan = defrag.plan(view, &pending, &plan, &config, now);
-        (plan, defrag_plan)
-    })
-    .await
-    .map_err(|e| ConsensusError::Fatal(format!("scheduling task panicked: {e}")))?;
+    let (mut plan, defrag_plan): (Plan, Option<(Command, f64)>) =
+        tokio::task::spawn_blocking(move || {
+            let plan = engine::schedule(&view, &pending, &config, now);
+            let defrag_plan = defrag.plan(view, &pending, &plan, &config, now);
+            (plan, defrag_plan)
+        })
+        .await
+        .map_err(|e| ConsensusError::Fatal(format!("scheduling task panicked: {e}")))?;
     // Only reasons that changed are written: an unchanged backlog costs no log entries.
     plan.pending.retain(|p| {
         reasons
@@ -280,9 +309,10 @@ pub async fn scheduling_round(
     };
     // After the round's own plan, on whose result it was computed; as its own entry, which the
     // state machine re-checks move by move (epochs), so a plan gone stale is refused whole.
-    if let Some(command) = defrag_plan {
+    if let Some((command, cost)) = defrag_plan {
         match ctx.raft.try_write(command).await? {
             Response::Done => {
+                ctx.disruption.record(Instant::now(), cost);
                 metrics::counter!("gangway_defrag_plans_total", "result" => "committed")
                     .increment(1);
             }

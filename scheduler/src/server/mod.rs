@@ -13,6 +13,7 @@ pub mod client_api;
 pub mod config;
 pub mod context;
 pub mod convert;
+pub mod disruption;
 pub mod error;
 pub mod fsm;
 pub mod heartbeats;

@@ -104,6 +104,7 @@ impl Replica {
                 raft,
                 config: Arc::new(config),
                 heartbeats: Arc::new(HeartbeatTracker::new()),
+                disruption: Arc::new(super::disruption::DisruptionLedger::new()),
                 allocations: Arc::default(),
                 barrier_term: Arc::default(),
                 shutdown: Arc::new(watch::channel(false).0),
