@@ -75,6 +75,8 @@ pub struct Agent {
     link: SchedulerLink,
     state: Mutex<AgentState>,
     state_file: StateFile,
+    /// Held while the state file is written (see [`Agent::save`]).
+    saving: Mutex<()>,
     running: Mutex<BTreeMap<TaskKey, TaskHandle>>,
     /// Tasks with a checkpoint under way (so a repeated set does not start a second one).
     checkpointing: Mutex<BTreeSet<TaskKey>>,
@@ -137,6 +139,7 @@ impl Agent {
             link,
             state: Mutex::new(state),
             state_file,
+            saving: Mutex::new(()),
             running: Mutex::new(BTreeMap::new()),
             checkpointing: Mutex::new(BTreeSet::new()),
             desired: Mutex::new(BTreeSet::new()),
@@ -155,9 +158,13 @@ impl Agent {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// False when the state could not be written (the error is logged).
-    fn save(&self, state: &AgentState) -> bool {
-        match self.state_file.save(state) {
+    /// Writes the current state; false when it could not be written (the error is logged).
+    /// Writes are serialized and each takes its snapshot under the write lock, so the file always
+    /// ends up holding the newest state, never an older snapshot written late.
+    fn save(&self) -> bool {
+        let _writing = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        let snapshot = self.lock_state().clone();
+        match self.state_file.save(&snapshot) {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!("{e}");
@@ -236,8 +243,7 @@ impl Agent {
             }
         }
         let _ = api.await;
-        let state = self.lock_state().clone();
-        let _ = self.save(&state);
+        let _ = self.save();
         Ok(())
     }
 
@@ -264,9 +270,8 @@ impl Agent {
                 }
             }
         }
-        let snapshot = state.clone();
         drop(state);
-        let _ = self.save(&snapshot);
+        let _ = self.save();
         self.outbox_wake.notify_one();
     }
 
@@ -527,9 +532,8 @@ impl Agent {
             state.refused = refused;
             *self.desired.lock().unwrap_or_else(|p| p.into_inner()) = desired;
             self.synced.store(true, Ordering::Release);
-            let snapshot = state.clone();
             drop(state);
-            let _ = self.save(&snapshot);
+            let _ = self.save();
         }
         for h in stops {
             let key = h.key().clone();
@@ -584,9 +588,8 @@ impl Agent {
                         exit_code: None,
                         message: String::new(),
                     });
-                    let snapshot = state.clone();
                     drop(state);
-                    if !self.save(&snapshot) {
+                    if !self.save() {
                         // A task the state file does not name could not be re-adopted after a
                         // restart, and would be launched a second time: stop it now instead.
                         tracing::error!(job = %key.job, task = key.task, "stopping the task just launched: the agent state cannot be saved");
@@ -610,9 +613,8 @@ impl Agent {
                 };
                 let mut state = self.lock_state();
                 record_end(&mut state, &key, outcome);
-                let snapshot = state.clone();
                 drop(state);
-                let _ = self.save(&snapshot);
+                let _ = self.save();
                 self.outbox_wake.notify_one();
             }
         }
@@ -644,9 +646,8 @@ impl Agent {
             if !wanted && agent.synced.load(Ordering::Acquire) {
                 state.tasks.remove(&key);
             }
-            let snapshot = state.clone();
             drop(state);
-            let _ = agent.save(&snapshot);
+            let _ = agent.save();
             agent.outbox_wake.notify_one();
         });
     }
@@ -697,9 +698,8 @@ impl Agent {
                     result,
                 });
             }
-            let snapshot = state.clone();
             drop(state);
-            let _ = agent.save(&snapshot);
+            let _ = agent.save();
             agent
                 .checkpointing
                 .lock()
@@ -727,9 +727,8 @@ impl Agent {
                     if state.outbox.first() == Some(&report) {
                         state.outbox.remove(0);
                     }
-                    let snapshot = state.clone();
                     drop(state);
-                    let _ = self.save(&snapshot);
+                    let _ = self.save();
                 }
                 Err(status) => {
                     self.link.failed(&status);

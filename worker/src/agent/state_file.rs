@@ -135,12 +135,20 @@ impl StateFile {
             source,
         };
         let bytes = serde_json::to_vec_pretty(state).map_err(|e| err(std::io::Error::other(e)))?;
-        let tmp = self.path.with_extension("json.tmp");
+        // A temporary name of its own per write: two writers never truncate each other's file.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .path
+            .with_extension(format!("json.{}.{n}.tmp", std::process::id()));
         let mut f = std::fs::File::create(&tmp).map_err(err)?;
         f.write_all(&bytes).map_err(err)?;
         f.sync_all().map_err(err)?;
         drop(f);
-        std::fs::rename(&tmp, &self.path).map_err(err)?;
+        if let Err(e) = std::fs::rename(&tmp, &self.path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err(e));
+        }
         if let Some(dir) = self.path.parent() {
             if let Ok(d) = std::fs::File::open(dir) {
                 let _ = d.sync_all();
@@ -153,6 +161,39 @@ impl StateFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Saves from several threads at once all succeed and leave one of the written states
+    /// (the agent serializes its own saves; the file must not fail under overlap either).
+    #[test]
+    fn overlapping_saves_never_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::sync::Arc::new(StateFile::new(dir.path()));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let file = file.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let state = AgentState {
+                            revision: t * 1000 + i,
+                            ..AgentState::default()
+                        };
+                        file.save(&state).expect("save");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let last = file.load().unwrap().revision;
+        assert!((0..4).any(|t| last == t * 1000 + 49), "{last}");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
 
     #[test]
     fn state_round_trips_and_a_corrupt_file_is_named() {
