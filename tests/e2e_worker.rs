@@ -948,3 +948,60 @@ async fn the_defragmenter_migrates_small_gangs_to_place_a_blocked_one() {
     assert_eq!(v["migrating"], serde_json::json!([]), "{v}");
     assert!(v["fragmentation_pct"]["rack"].is_number(), "{v}");
 }
+
+/// Priority preemption of a checkpointable trainer is checkpoint-then-stop: the low-priority gang
+/// writes a checkpoint before it stops (its work survives), and the high-priority gang gets its
+/// devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempted_trainer_checkpoints_before_it_stops() {
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let addrs = cluster.addrs();
+    let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
+    w.start();
+    let workers = vec![w];
+    let logs = || all_logs(&cluster, &workers);
+
+    // Phase 1: a low-priority trainer holds all 8 GPUs, past its 1 s min-runtime.
+    let low = submit(&addrs[0], &trainer_spec("low", 1, 8), "low")
+        .await
+        .expect("submit")
+        .job_id;
+    wait_running(&addrs, &low, 0, logs).await;
+    wait_until(Duration::from_secs(20), "steps", logs, || {
+        steps(&workers[0].task_log(&low, 0)).len() >= 25
+    })
+    .await;
+
+    // Phase 2: a high-priority trainer arrives and needs them all.
+    let spec = trainer_spec("high", 1, 8).replace("tasks = 1", "tasks = 1\npriority = 10");
+    let high = submit(&addrs[0], &spec, "high")
+        .await
+        .expect("submit")
+        .job_id;
+    wait_running(&addrs, &high, 0, logs).await;
+
+    // Phase 3: the victim checkpointed first, stopped after, and waits to run again.
+    let d = job(&addrs, &low).await.unwrap();
+    assert_eq!(state_of(&d).0, "pending");
+    let ck = d
+        .last_checkpoint
+        .expect("checkpointed before stopping")
+        .step;
+    assert!(ck >= 25, "checkpoint at {ck}");
+    assert!(
+        d.history
+            .iter()
+            .any(|h| h.what.contains("checkpointing, then stopping")),
+        "{:?}",
+        d.history
+    );
+    assert_eq!(d.summary.as_ref().unwrap().preemptions, 1);
+    let log = workers[0].task_log(&low, 0);
+    let stopped_at: u64 = log
+        .lines()
+        .find_map(|l| l.split("stopping at step ").nth(1))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the victim never stopped:\n{log}"));
+    assert!(stopped_at >= ck, "stopped at {stopped_at}, checkpoint {ck}");
+}

@@ -1122,3 +1122,83 @@ fn a_defragmentation_plan_is_fenced_by_epochs_and_its_reservation_holds() {
     }
     assert_eq!(c.store.reservations().count(), 0, "expired by log time");
 }
+
+/// Preemption of a checkpointable gang is checkpoint-then-stop: the victim keeps running until
+/// its checkpoint is committed (or fails: then it is stopped anyway), and its hosts are held for
+/// the preemptor all along, so no third job can take the devices it frees.
+#[test]
+fn a_checkpointable_victim_checkpoints_before_it_stops_and_its_hosts_wait_for_the_preemptor() {
+    use gangway_scheduler::engine::{Preemption, PreemptionReason};
+    let mut c = Cluster::new();
+    c.apply(Command::RegisterNode(node("h1", "r1", 8)));
+    let preempt = |c: &mut Cluster, victim: &JobId, preemptor: &JobId| {
+        c.apply(Command::ApplyPlan {
+            plan: Plan {
+                preemptions: vec![Preemption {
+                    victim: victim.clone(),
+                    preemptor: preemptor.clone(),
+                    reason: PreemptionReason::HigherPriority {
+                        victim_priority: 0,
+                        preemptor_priority: 10,
+                    },
+                }],
+                ..Plan::default()
+            },
+        })
+    };
+    for checkpoint_ok in [true, false] {
+        let low = c.submit(spec("low", 1, 8));
+        c.place(vec![placement(&low, &["h1"], 0, 8)]);
+        let epoch = c.epoch_of(&low);
+        let high = c.submit(spec("high", 1, 8));
+        let third = c.submit(spec("third", 1, 1));
+
+        // Phase 1: the victim is asked to checkpoint and keeps its lease; h1 is held for `high`.
+        preempt(&mut c, &low, &high);
+        let j = c.store.job(&low).unwrap();
+        assert_eq!(j.state, JobState::Running);
+        assert_eq!(j.preemptions, 1);
+        assert!(c.store.allocations_for(&HostName::new("h1"))[0].checkpoint_request > 0);
+        assert!(c.store.reservations().any(|(j, _)| *j == high));
+
+        // Phase 2: the checkpoint lands (or fails): the victim stops either way, re-queued.
+        let request = c.store.job(&low).unwrap().checkpoint_requests;
+        if checkpoint_ok {
+            c.apply(Command::RecordCheckpoint {
+                job: low.clone(),
+                epoch,
+                request,
+                manifest: CheckpointManifest {
+                    path: "/ck/low".into(),
+                    step: 30,
+                    bytes: 1,
+                },
+            });
+        } else {
+            c.apply(Command::CheckpointFailed {
+                job: low.clone(),
+                epoch,
+                request,
+                error: "no manifest within 10s".into(),
+            });
+        }
+        let j = c.store.job(&low).unwrap();
+        assert_eq!(j.state, JobState::Pending, "checkpoint ok: {checkpoint_ok}");
+        assert!(j.lease.is_none());
+
+        // Phase 3: the freed devices are the preemptor's: a third job is refused there.
+        assert!(matches!(
+            c.place(vec![placement(&third, &["h1"], 0, 1)]),
+            Response::PlanApplied { ref stale, .. } if stale.len() == 1
+        ));
+        c.place(vec![placement(&high, &["h1"], 0, 8)]);
+        assert_eq!(c.store.job(&high).unwrap().state, JobState::Running);
+        assert_eq!(c.store.reservations().count(), 0, "the hold ends once used");
+        for j in [&high, &third, &low] {
+            c.apply(Command::CancelJob {
+                job: j.clone(),
+                reason: "next case".into(),
+            });
+        }
+    }
+}

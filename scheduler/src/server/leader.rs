@@ -226,11 +226,12 @@ pub async fn scheduling_round(
                 .collect();
             // What the defragmenter may still start: gangs migrating count against its budget,
             // and a gang that already has a block reserved is not planned for again.
-            let migrating = store
+            let migrating: BTreeSet<JobId> = store
                 .jobs()
                 .values()
                 .filter(|j| j.migration.is_some())
-                .count();
+                .map(|j| j.id.clone())
+                .collect();
             let reserved: BTreeSet<JobId> = store.reservations().map(|(j, _)| j.clone()).collect();
             // The lease each running job holds (a plan names it, so it runs only if unchanged), and
             // its checkpoint timeout (what moving it may cost).
@@ -258,10 +259,14 @@ pub async fn scheduling_round(
     };
     let now = wall_clock_ms();
     let pending_count = pending.len();
-    let defrag = DefragSettings::from_ctx(ctx, migrating, reserved, epochs);
+    let defrag = DefragSettings::from_ctx(ctx, migrating.len(), reserved.clone(), epochs);
     let (mut plan, defrag_plan): (Plan, Option<(Command, f64)>) =
         tokio::task::spawn_blocking(move || {
-            let plan = engine::schedule(&view, &pending, &config, now);
+            let mut plan = engine::schedule(&view, &pending, &config, now);
+            // A preemption under way is not started twice: its victims are still checkpointing
+            // and its preemptor holds their devices. The engine sees them running, so it would.
+            plan.preemptions
+                .retain(|p| !reserved.contains(&p.preemptor) && !migrating.contains(&p.victim));
             let defrag_plan = defrag.plan(view, &pending, &plan, &config, now);
             (plan, defrag_plan)
         })

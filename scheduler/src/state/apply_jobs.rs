@@ -218,20 +218,20 @@ impl ClusterStore {
                 .as_ref()
                 .is_some_and(|m| request >= m.checkpoint_request);
         if migrating {
+            let mut preempted_for = None;
             if let Some(m) = record.migration.take() {
                 record.next_hosts = m.hosts;
+                preempted_for = m.preempted_for;
             }
             let step = record
                 .last_checkpoint
                 .as_ref()
                 .map_or(step, |c| c.manifest.step);
-            self.revoke_lease(
-                now,
-                &job,
-                JobState::Pending,
-                format!("migrating: checkpointed at step {step}; placing it again"),
-                events,
-            );
+            let why = match preempted_for {
+                Some(p) => format!("preempted for job {p}: checkpointed at step {step}; re-queued"),
+                None => format!("migrating: checkpointed at step {step}; placing it again"),
+            };
+            self.revoke_lease(now, &job, JobState::Pending, why, events);
         }
         Response::Done
     }
@@ -261,7 +261,21 @@ impl ClusterStore {
             .migration
             .as_ref()
             .is_some_and(|m| request >= m.checkpoint_request);
-        if failed_migration {
+        let preempted_for = record
+            .migration
+            .as_ref()
+            .filter(|m| request >= m.checkpoint_request)
+            .and_then(|m| m.preempted_for.clone());
+        if let Some(p) = preempted_for {
+            // A preemption happens anyway: the work since the last checkpoint is lost.
+            self.revoke_lease(
+                now,
+                &job,
+                JobState::Pending,
+                format!("preempted for job {p}; checkpoint failed ({error}), stopped anyway; re-queued from the last checkpoint"),
+                events,
+            );
+        } else if failed_migration {
             record.migration = None;
             record.note(
                 now,
@@ -298,7 +312,7 @@ impl ClusterStore {
     }
 
     /// Bumps the job's checkpoint request number; its workers see it in their allocations.
-    fn request_checkpoint(&mut self, job: &JobId, events: &mut Vec<Event>) -> u64 {
+    pub(super) fn request_checkpoint(&mut self, job: &JobId, events: &mut Vec<Event>) -> u64 {
         let Some(record) = self.jobs.get_mut(job) else {
             return 0;
         };
@@ -392,6 +406,7 @@ impl ClusterStore {
             checkpoint_request: record.checkpoint_requests + 1,
             hosts,
             requested_at_ms: now,
+            preempted_for: None,
         });
         self.request_checkpoint(&job, events);
         Response::Done
@@ -470,6 +485,7 @@ impl ClusterStore {
                     // Anywhere but the reserved hosts, which the reservation keeps it off.
                     hosts: HostFilter::default(),
                     requested_at_ms: now,
+                    preempted_for: None,
                 });
             }
             self.request_checkpoint(&m.job, events);

@@ -3,34 +3,88 @@
 //! here and a stale gang is discarded whole.
 
 use super::command::{Event, Response, TaskState};
-use super::job_record::{JobState, Lease, TaskRecord};
+use super::job_record::{JobState, Lease, Migration, TaskRecord};
 use super::store::ClusterStore;
 use crate::engine::Plan;
+use gangway_proto::ids::{HostName, JobId};
+use std::collections::BTreeSet;
 
 impl ClusterStore {
+    /// Holds `hosts` for `job` until `until_ms` (joining any hold it has), so only it is placed
+    /// there; ends once it is placed.
+    pub(super) fn hold_for(&mut self, job: &JobId, hosts: BTreeSet<HostName>, until_ms: u64) {
+        if self
+            .jobs
+            .get(job)
+            .is_none_or(|j| j.state != JobState::Pending)
+        {
+            return;
+        }
+        let entry = self
+            .reservations
+            .entry(job.clone())
+            .or_insert_with(|| (BTreeSet::new(), until_ms));
+        entry.0.extend(hosts);
+        entry.1 = entry.1.max(until_ms);
+    }
+
     pub(super) fn apply_plan(&mut self, now: u64, plan: Plan, events: &mut Vec<Event>) -> Response {
         let mut preempted = Vec::new();
         for p in plan.preemptions {
-            let running = self
+            let Some(victim) = self
                 .jobs
-                .get(&p.victim)
-                .is_some_and(|j| j.state == JobState::Running);
-            if !running {
+                .get_mut(&p.victim)
+                .filter(|j| j.state == JobState::Running)
+            else {
                 continue;
+            };
+            victim.preemptions += 1;
+            let hosts: BTreeSet<HostName> = victim
+                .lease
+                .as_ref()
+                .map(|l| l.placement.tasks.iter().map(|t| t.host.clone()).collect())
+                .unwrap_or_default();
+            let checkpoint = victim.spec.checkpoint.as_ref().map(|c| c.timeout);
+            match checkpoint {
+                // Checkpoint first, then stop: its work survives. The devices are held for the
+                // preemptor meanwhile, so no third job takes them.
+                Some(timeout) if victim.migration.is_none() => {
+                    victim.note(
+                        now,
+                        format!(
+                            "preempted for job {} ({:?}): checkpointing, then stopping",
+                            p.preemptor, p.reason
+                        ),
+                    );
+                    victim.migration = Some(Migration {
+                        checkpoint_request: victim.checkpoint_requests + 1,
+                        hosts: Default::default(),
+                        requested_at_ms: now,
+                        preempted_for: Some(p.preemptor.clone()),
+                    });
+                    self.request_checkpoint(&p.victim, events);
+                    // Long enough for the checkpoint and the stop, then the hold lapses.
+                    let hold = u64::try_from(timeout.as_millis())
+                        .unwrap_or(u64::MAX)
+                        .saturating_mul(2)
+                        .saturating_add(60_000);
+                    self.hold_for(&p.preemptor, hosts, now.saturating_add(hold));
+                }
+                Some(_) => {}
+                None => {
+                    self.revoke_lease(
+                        now,
+                        &p.victim,
+                        JobState::Pending,
+                        format!(
+                            "preempted for job {} ({:?}); re-queued",
+                            p.preemptor, p.reason
+                        ),
+                        events,
+                    );
+                    self.hold_for(&p.preemptor, hosts, now.saturating_add(60_000));
+                }
             }
-            if let Some(victim) = self.jobs.get_mut(&p.victim) {
-                victim.preemptions += 1;
-            }
-            self.revoke_lease(
-                now,
-                &p.victim,
-                JobState::Pending,
-                format!(
-                    "preempted for job {} ({:?}); re-queued",
-                    p.preemptor, p.reason
-                ),
-                events,
-            );
             preempted.push(p.victim);
         }
 

@@ -73,6 +73,10 @@ pub struct Migration {
     pub checkpoint_request: u64,
     pub hosts: HostFilter,
     pub requested_at_ms: u64,
+    /// Set when the job is being preempted for this job: it stops even if the checkpoint fails
+    /// (losing the work since its last checkpoint) instead of keeping its devices.
+    #[serde(default)]
+    pub preempted_for: Option<JobId>,
 }
 
 /// A line of a job's history, shown by `gangway job status`.
