@@ -1005,3 +1005,64 @@ async fn a_preempted_trainer_checkpoints_before_it_stops() {
         .unwrap_or_else(|| panic!("the victim never stopped:\n{log}"));
     assert!(stopped_at >= ck, "stopped at {stopped_at}, checkpoint {ck}");
 }
+
+/// Quota reclaim: a queue's guaranteed devices, borrowed by another queue's trainer while idle,
+/// come back within one scheduling round plus the checkpoint time, and the borrower checkpoints
+/// before it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_reclaims_its_guarantee_from_a_borrower_by_checkpoint() {
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let addrs = cluster.addrs();
+    let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
+    w.start();
+    let workers = vec![w];
+    let logs = || all_logs(&cluster, &workers);
+    for args in [
+        ["queue", "set", "team", "--guaranteed", "8"],
+        ["queue", "set", "scratch", "--guaranteed", "0"],
+    ] {
+        let out = cli(&addrs, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Phase 1: the scratch queue borrows all 8 GPUs while the team queue is idle.
+    let spec =
+        trainer_spec("borrower", 1, 8).replace("tasks = 1", "tasks = 1\nqueue = \"scratch\"");
+    let borrower = submit(&addrs[0], &spec, "borrower")
+        .await
+        .expect("submit")
+        .job_id;
+    wait_running(&addrs, &borrower, 0, logs).await;
+    wait_until(Duration::from_secs(20), "steps", logs, || {
+        steps(&workers[0].task_log(&borrower, 0)).len() >= 25
+    })
+    .await;
+
+    // Phase 2: the owner wants its guarantee back.
+    let spec = trainer_spec("owner", 1, 8).replace("tasks = 1", "tasks = 1\nqueue = \"team\"");
+    let asked = Instant::now();
+    let owner = submit(&addrs[0], &spec, "owner")
+        .await
+        .expect("submit")
+        .job_id;
+    wait_running(&addrs, &owner, 0, logs).await;
+    let took = asked.elapsed();
+    println!("the team queue got its 8 GPUs back {took:?} after asking");
+    // One scheduling round (500 ms here) plus the checkpoint timeout (10 s), at most.
+    assert!(took <= Duration::from_millis(10_500), "took {took:?}");
+
+    // Phase 3: the borrower checkpointed first and waits to run again.
+    let d = job(&addrs, &borrower).await.unwrap();
+    assert_eq!(state_of(&d).0, "pending");
+    assert!(d.last_checkpoint.expect("checkpointed").step >= 25);
+    assert!(
+        d.history.iter().any(|h| h.what.contains("QuotaReclaim")),
+        "{:?}",
+        d.history
+    );
+}

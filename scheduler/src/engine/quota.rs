@@ -17,6 +17,10 @@ use std::collections::BTreeMap;
 pub struct QuotaBook {
     pub mode: QuotaMode,
     usage: BTreeMap<QueueName, u64>,
+    /// Usage of this round's preemption victims: gone for the reclaim arithmetic, but still held
+    /// (a victim stops only after its checkpoint), so never re-admitted to its own queue in the
+    /// same round.
+    leaving: BTreeMap<QueueName, u64>,
 }
 
 impl QuotaBook {
@@ -25,10 +29,21 @@ impl QuotaBook {
         for g in view.running().values() {
             *usage.entry(g.request.queue.clone()).or_default() += g.request.total_milli();
         }
-        Self { mode, usage }
+        Self {
+            mode,
+            usage,
+            leaving: BTreeMap::new(),
+        }
     }
 
+    /// What the queue uses once this round's victims are gone.
     pub fn usage(&self, queue: &QueueName) -> u64 {
+        self.held(queue)
+            .saturating_sub(self.leaving.get(queue).copied().unwrap_or(0))
+    }
+
+    /// What the queue holds now, victims included.
+    fn held(&self, queue: &QueueName) -> u64 {
         self.usage.get(queue).copied().unwrap_or(0)
     }
 
@@ -44,7 +59,7 @@ impl QuotaBook {
     /// Whether the gang may be placed under the quota rules; `Ok(borrowed milli)`.
     pub fn admit(&self, config: &SchedulerConfig, req: &GangRequest) -> Result<u64, PendingReason> {
         let total = req.total_milli();
-        let used = self.usage(&req.queue);
+        let used = self.held(&req.queue);
         let exceeded = |limit: u64| PendingReason::QuotaExceeded {
             queue: req.queue.clone(),
             limit_milli: limit,
@@ -95,9 +110,8 @@ impl QuotaBook {
         *self.usage.entry(queue.clone()).or_default() += milli;
     }
 
+    /// A victim of this round leaves the queue (see `leaving`).
     pub fn refund(&mut self, queue: &QueueName, milli: u64) {
-        if let Some(u) = self.usage.get_mut(queue) {
-            *u = u.saturating_sub(milli);
-        }
+        *self.leaving.entry(queue.clone()).or_default() += milli;
     }
 }
