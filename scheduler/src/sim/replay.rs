@@ -583,68 +583,66 @@ pub fn replay(
                 }
             }
             if let Some((k, i, plan)) = found {
-                {
-                    for m in &plan.moves {
-                        let Some(&v) = by_id.get(m.job.as_str()) else {
-                            continue;
-                        };
-                        let Some(since) = started[v] else { continue };
-                        state.release(&ids[v]).ok_or_else(|| {
-                            SimError::Invariant(format!("migrated job {} held nothing", ids[v]))
-                        })?;
-                        // Checkpointed at the move: the work done is kept, the move costs the
-                        // checkpoint and restore time.
-                        let ran = now - since;
-                        remaining[v] = remaining[v] - ran.min(remaining[v]) + d.checkpoint_ms;
-                        generation[v] += 1;
-                        by_start.remove(&(since, v));
-                        state
-                            .apply_placement(request(v, remaining[v]), m.to.clone(), now)
-                            .map_err(|e| {
-                                SimError::Invariant(format!("migration of {} failed: {e}", ids[v]))
-                            })?;
-                        started[v] = Some(now);
-                        by_start.insert((now, v));
-                        queue.push(
-                            now + remaining[v],
-                            Event::Completion {
-                                job: v,
-                                run: generation[v],
-                            },
-                        );
-                        counters.migrations += 1;
-                        counters.migration_device_ms +=
-                            u128::from(m.devices) * u128::from(d.checkpoint_ms);
-                    }
-                    // The freed block goes to the gang in the same step: nothing else can take it.
+                for m in &plan.moves {
+                    let Some(&v) = by_id.get(m.job.as_str()) else {
+                        continue;
+                    };
+                    let Some(since) = started[v] else { continue };
+                    state.release(&ids[v]).ok_or_else(|| {
+                        SimError::Invariant(format!("migrated job {} held nothing", ids[v]))
+                    })?;
+                    // Checkpointed at the move: the work done is kept, the move costs the
+                    // checkpoint and restore time.
+                    let ran = now - since;
+                    remaining[v] = remaining[v] - ran.min(remaining[v]) + d.checkpoint_ms;
+                    generation[v] += 1;
+                    by_start.remove(&(since, v));
                     state
-                        .apply_placement(request(i, remaining[i]), plan.gang.clone(), now)
+                        .apply_placement(request(v, remaining[v]), m.to.clone(), now)
                         .map_err(|e| {
-                            SimError::Invariant(format!("defragmented gang {} failed: {e}", ids[i]))
+                            SimError::Invariant(format!("migration of {} failed: {e}", ids[v]))
                         })?;
-                    let within = jobs[i]
-                        .required
-                        .is_none_or(|l| domains.within(cluster, &plan.gang, l));
-                    if !within {
-                        counters.gangs_outside_required_domain += 1;
-                    }
-                    counters.gangs_placed += 1;
-                    counters.defrag_placements += 1;
-                    started[i] = Some(now);
-                    by_start.insert((now, i));
-                    records[i].first_start_ms.get_or_insert(now);
-                    allocated += records[i].devices;
+                    started[v] = Some(now);
+                    by_start.insert((now, v));
                     queue.push(
-                        now + remaining[i],
+                        now + remaining[v],
                         Event::Completion {
-                            job: i,
-                            run: generation[i],
+                            job: v,
+                            run: generation[v],
                         },
                     );
-                    pending.remove(k);
-                    pending_ix.remove(k);
-                    shape_blocked.remove(&ids[i]);
+                    counters.migrations += 1;
+                    counters.migration_device_ms +=
+                        u128::from(m.devices) * u128::from(d.checkpoint_ms);
                 }
+                // The freed block goes to the gang in the same step: nothing else can take it.
+                state
+                    .apply_placement(request(i, remaining[i]), plan.gang.clone(), now)
+                    .map_err(|e| {
+                        SimError::Invariant(format!("defragmented gang {} failed: {e}", ids[i]))
+                    })?;
+                let within = jobs[i]
+                    .required
+                    .is_none_or(|l| domains.within(cluster, &plan.gang, l));
+                if !within {
+                    counters.gangs_outside_required_domain += 1;
+                }
+                counters.gangs_placed += 1;
+                counters.defrag_placements += 1;
+                started[i] = Some(now);
+                by_start.insert((now, i));
+                records[i].first_start_ms.get_or_insert(now);
+                allocated += records[i].devices;
+                queue.push(
+                    now + remaining[i],
+                    Event::Completion {
+                        job: i,
+                        run: generation[i],
+                    },
+                );
+                pending.remove(k);
+                pending_ix.remove(k);
+                shape_blocked.remove(&ids[i]);
             }
         }
         allocation.record(now, allocated);
