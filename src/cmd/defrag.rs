@@ -1,7 +1,7 @@
 //! `gangway defrag plan`: what the defragmenter would move now, and for which waiting gang.
 
 use super::common::ClientOpts;
-use super::output::{age_since, new_table, table_string, to_json, Output};
+use super::output::{age_since, new_table, now_ms, table_string, to_json, Output};
 use crate::client::ClientError;
 use clap::{Args, Subcommand};
 use gangway_proto::pb;
@@ -236,12 +236,6 @@ pub async fn defrag(group: DefragGroup) -> Result<(), ClientError> {
         }
     }
     Ok(())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

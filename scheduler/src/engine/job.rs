@@ -83,6 +83,27 @@ impl HostFilter {
     pub fn allows(&self, host: &HostName) -> bool {
         (self.only.is_empty() || self.only.contains(host)) && !self.avoid.contains(host)
     }
+
+    /// For people: "to a, b, avoiding c" (the parts that are set); empty for no filter.
+    pub fn describe(&self) -> String {
+        let mut words = Vec::new();
+        if !self.only.is_empty() {
+            words.push(format!("to {}", join_hosts(&self.only)));
+        }
+        if !self.avoid.is_empty() {
+            words.push(format!("avoiding {}", join_hosts(&self.avoid)));
+        }
+        words.join(", ")
+    }
+}
+
+/// Host names, comma-separated, for messages.
+pub fn join_hosts(hosts: &BTreeSet<HostName>) -> String {
+    hosts
+        .iter()
+        .map(HostName::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl GangRequest {

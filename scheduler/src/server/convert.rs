@@ -122,17 +122,11 @@ pub fn job_detail(job: &JobRecord) -> pb::JobDetail {
             .migration
             .as_ref()
             .map(|m| {
-                let mut words = vec![format!(
-                    "waiting for checkpoint request {}",
-                    m.checkpoint_request
-                )];
-                if !m.hosts.only.is_empty() {
-                    words.push(format!("to {}", host_list(&m.hosts.only)));
+                let waiting = format!("waiting for checkpoint request {}", m.checkpoint_request);
+                match m.hosts.describe() {
+                    hosts if hosts.is_empty() => waiting,
+                    hosts => format!("{waiting}, {hosts}"),
                 }
-                if !m.hosts.avoid.is_empty() {
-                    words.push(format!("avoiding {}", host_list(&m.hosts.avoid)));
-                }
-                words.join(", ")
             })
             .unwrap_or_default(),
         last_hosts: job.last_hosts.iter().map(|h| h.to_string()).collect(),
@@ -362,14 +356,6 @@ pub fn defrag_status(fsm: &super::fsm::SchedulerFsm) -> pb::DefragStatusReply {
             .collect(),
         ..Default::default()
     }
-}
-
-fn host_list(hosts: &std::collections::BTreeSet<gangway_proto::ids::HostName>) -> String {
-    hosts
-        .iter()
-        .map(|h| h.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// A node's desired state as the worker API streams it.

@@ -218,33 +218,33 @@ pub async fn scheduling_round(
             if pending.is_empty() {
                 return None;
             }
-            let reasons: BTreeMap<JobId, String> = store
-                .jobs()
-                .values()
-                .filter(|j| j.state == JobState::Pending)
-                .filter_map(|j| Some((j.id.clone(), j.pending_reason.clone()?)))
-                .collect();
-            // What the defragmenter may still start: gangs migrating count against its budget,
-            // and a gang that already has a block reserved is not planned for again.
-            let migrating: BTreeSet<JobId> = store
-                .jobs()
-                .values()
-                .filter(|j| j.migration.is_some())
-                .map(|j| j.id.clone())
-                .collect();
+            // One pass over the jobs for what the round needs beside the engine's view: the
+            // pending reasons already written, the gangs migrating (they count against the
+            // defragmenter's budget and are never preempted twice), and, only where the
+            // defragmenter may move a job (it is on, the job can checkpoint), the lease a plan
+            // must name (so it runs only if unchanged) and the checkpoint timeout (what a move
+            // costs).
+            let defrag_on = ctx.config.scheduler.defrag;
+            let mut reasons: BTreeMap<JobId, String> = BTreeMap::new();
+            let mut migrating: BTreeSet<JobId> = BTreeSet::new();
+            let mut epochs: BTreeMap<JobId, (u64, u64)> = BTreeMap::new();
+            for j in store.jobs().values() {
+                match (&j.pending_reason, &j.lease, &j.spec.checkpoint) {
+                    (Some(r), _, _) if j.state == JobState::Pending => {
+                        reasons.insert(j.id.clone(), r.clone());
+                    }
+                    (_, Some(lease), Some(c)) if defrag_on => {
+                        let timeout = u64::try_from(c.timeout.as_millis()).unwrap_or(u64::MAX);
+                        epochs.insert(j.id.clone(), (lease.epoch, timeout));
+                    }
+                    _ => {}
+                }
+                if j.migration.is_some() {
+                    migrating.insert(j.id.clone());
+                }
+            }
+            // A gang that already has a block held for it is not planned or preempted for again.
             let reserved: BTreeSet<JobId> = store.reservations().map(|(j, _)| j.clone()).collect();
-            // The lease each running job holds (a plan names it, so it runs only if unchanged), and
-            // its checkpoint timeout (what moving it may cost).
-            let epochs: BTreeMap<JobId, (u64, u64)> = store
-                .jobs()
-                .values()
-                .filter_map(|j| {
-                    let timeout = j.spec.checkpoint.as_ref().map_or(0, |c| {
-                        u64::try_from(c.timeout.as_millis()).unwrap_or(u64::MAX)
-                    });
-                    Some((j.id.clone(), (j.lease.as_ref()?.epoch, timeout)))
-                })
-                .collect();
             Some((
                 store.engine().clone(),
                 pending,

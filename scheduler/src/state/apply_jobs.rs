@@ -3,17 +3,10 @@
 use super::command::{CheckpointManifest, DefragMove, Event, Rejection, Response, TaskState};
 use super::job_record::{CheckpointRecord, JobRecord, JobState, Migration};
 use super::store::ClusterStore;
-use crate::engine::HostFilter;
+use crate::engine::{join_hosts, HostFilter};
 use gangway_proto::ids::{HostName, JobId};
 use std::collections::BTreeSet;
 
-fn join(hosts: &BTreeSet<HostName>) -> String {
-    hosts
-        .iter()
-        .map(HostName::as_str)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 use gangway_proto::spec::{JobSpec, MAX_TASKS};
 
 impl ClusterStore {
@@ -114,19 +107,14 @@ impl ClusterStore {
         let Some(record) = self.jobs.get_mut(&job) else {
             return Response::Rejected(Rejection::UnknownJob(job));
         };
-        let current = record.lease.as_ref().map(|l| l.epoch);
-        if current != Some(epoch) {
+        if let Some(stale) = record.stale_lease(epoch) {
             // A retried report of a completion the cluster already recorded is not an error: the
             // worker keeps retrying until someone acknowledges it.
             if record.last_epoch == Some(epoch) && state.is_terminal() && record.state.is_terminal()
             {
                 return Response::Done;
             }
-            return Response::Rejected(Rejection::StaleEpoch {
-                job,
-                got: epoch,
-                current: current.or(record.last_epoch).unwrap_or(0),
-            });
+            return Response::Rejected(stale);
         }
         let Some(t) = record.tasks.get_mut(task as usize) else {
             return Response::Rejected(Rejection::UnknownTask { job, task });
@@ -248,13 +236,8 @@ impl ClusterStore {
         let Some(record) = self.jobs.get_mut(&job) else {
             return Response::Rejected(Rejection::UnknownJob(job));
         };
-        let current = record.lease.as_ref().map(|l| l.epoch);
-        if current != Some(epoch) {
-            return Response::Rejected(Rejection::StaleEpoch {
-                job,
-                got: epoch,
-                current: current.or(record.last_epoch).unwrap_or(0),
-            });
+        if let Some(stale) = record.stale_lease(epoch) {
+            return Response::Rejected(stale);
         }
         // Retries of the same report change nothing.
         let failed_migration = record
@@ -388,18 +371,11 @@ impl ClusterStore {
                     .collect();
             }
         }
-        let mut words = Vec::new();
-        if !hosts.only.is_empty() {
-            words.push(format!("to {}", join(&hosts.only)));
-        }
-        if !hosts.avoid.is_empty() {
-            words.push(format!("avoiding {}", join(&hosts.avoid)));
-        }
         record.note(
             now,
             format!(
                 "migration requested ({}); checkpointing first",
-                words.join(", ")
+                hosts.describe()
             ),
         );
         record.migration = Some(Migration {
@@ -452,13 +428,8 @@ impl ClusterStore {
             let Some(record) = self.jobs.get(&m.job) else {
                 return Response::Rejected(Rejection::UnknownJob(m.job.clone()));
             };
-            let current = record.lease.as_ref().map(|l| l.epoch);
-            if current != Some(m.epoch) {
-                return Response::Rejected(Rejection::StaleEpoch {
-                    job: m.job.clone(),
-                    got: m.epoch,
-                    current: current.or(record.last_epoch).unwrap_or(0),
-                });
+            if let Some(stale) = record.stale_lease(m.epoch) {
+                return Response::Rejected(stale);
             }
             if let Some(refusal) = Self::refuse_checkpoint(record) {
                 return Response::Rejected(refusal);
@@ -477,7 +448,7 @@ impl ClusterStore {
                     now,
                     format!(
                         "migrating to make room for {for_job} (defragmentation; planned onto {})",
-                        join(&m.to)
+                        join_hosts(&m.to)
                     ),
                 );
                 record.migration = Some(Migration {
@@ -496,7 +467,7 @@ impl ClusterStore {
                 format!(
                     "defragmentation: {} gang(s) migrating to free {}, held for this job",
                     moves.len(),
-                    join(&hosts)
+                    join_hosts(&hosts)
                 ),
             );
         }

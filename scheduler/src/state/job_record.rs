@@ -1,6 +1,6 @@
 //! A job as the cluster remembers it: its spec, where it is in its life, its lease and checkpoints.
 
-use super::command::{CheckpointManifest, TaskState};
+use super::command::{CheckpointManifest, Rejection, TaskState};
 use crate::engine::{DeviceDemand, GangPlacement, GangRequest, HostFilter};
 use gangway_proto::ids::{HostName, JobId, QueueName};
 use gangway_proto::spec::{DeviceCount, JobSpec};
@@ -150,6 +150,17 @@ impl JobRecord {
             self.history.remove(0);
         }
         self.history.push(JobEvent { at_ms, what });
+    }
+
+    /// The refusal for a report or plan made under lease `epoch` when that is not the job's
+    /// current lease; `None` when it is.
+    pub fn stale_lease(&self, epoch: u64) -> Option<Rejection> {
+        let current = self.lease.as_ref().map(|l| l.epoch);
+        (current != Some(epoch)).then(|| Rejection::StaleEpoch {
+            job: self.id.clone(),
+            got: epoch,
+            current: current.or(self.last_epoch).unwrap_or(0),
+        })
     }
 
     /// Where a relaunch resumes from: the newest committed checkpoint.

@@ -172,10 +172,9 @@ impl ClusterStore {
 
     /// Hosts reserved for gangs other than `job` (live reservations only).
     pub fn reserved_against(&self, job: &JobId) -> std::collections::BTreeSet<HostName> {
-        self.reservations
-            .iter()
-            .filter(|(j, (_, until))| *j != job && *until > self.now_ms)
-            .flat_map(|(_, (hosts, _))| hosts.iter().cloned())
+        self.reservations()
+            .filter(|(j, _)| *j != job)
+            .flat_map(|(_, hosts)| hosts.iter().cloned())
             .collect()
     }
 
@@ -194,11 +193,7 @@ impl ClusterStore {
     pub fn reservations(
         &self,
     ) -> impl Iterator<Item = (&JobId, &std::collections::BTreeSet<HostName>)> {
-        let now = self.now_ms;
-        self.reservations
-            .iter()
-            .filter(move |(_, (_, until))| *until > now)
-            .map(|(j, (h, _))| (j, h))
+        self.reservations_until().map(|(j, h, _)| (j, h))
     }
 
     /// The engine configuration with this cluster's queues filled in.

@@ -150,19 +150,15 @@ impl Agent {
         }))
     }
 
-    pub fn driver(&self) -> &Arc<TaskDriver> {
-        &self.driver
-    }
-
     fn lock_state(&self) -> std::sync::MutexGuard<'_, AgentState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Writes the current state; false when it could not be written (the error is logged).
     /// Writes are serialized and each takes its snapshot under the write lock, so the file always
     /// ends up holding the newest state, never an older snapshot written late.
     fn save(&self) -> bool {
-        let _writing = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        let _writing = lock(&self.saving);
         let snapshot = self.lock_state().clone();
         match self.state_file.save(&snapshot) {
             Ok(()) => true,
@@ -231,13 +227,7 @@ impl Agent {
             let _ = l.await;
         }
         if self.cfg.stop_tasks_on_exit {
-            let handles: Vec<TaskHandle> = self
-                .running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .cloned()
-                .collect();
+            let handles: Vec<TaskHandle> = lock(&self.running).values().cloned().collect();
             for h in handles {
                 h.stop(self.cfg.grace).await;
             }
@@ -469,7 +459,7 @@ impl Agent {
             }
             state.revision = set.revision;
             let mut desired = BTreeSet::new();
-            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            let running = lock(&self.running);
             for alloc in set.allocations {
                 let key = TaskKey {
                     job: alloc.job_id.clone(),
@@ -478,11 +468,7 @@ impl Agent {
                 };
                 if let Some(entry) = state.tasks.get(&key) {
                     desired.insert(key.clone());
-                    let in_flight = self
-                        .checkpointing
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .contains(&key);
+                    let in_flight = lock(&self.checkpointing).contains(&key);
                     if entry.ended.is_none()
                         && alloc.checkpoint_request > entry.checkpoints_done
                         && !in_flight
@@ -530,7 +516,7 @@ impl Agent {
                 .cloned()
                 .collect();
             state.refused = refused;
-            *self.desired.lock().unwrap_or_else(|p| p.into_inner()) = desired;
+            *lock(&self.desired) = desired;
             self.synced.store(true, Ordering::Release);
             drop(state);
             let _ = self.save();
@@ -623,26 +609,15 @@ impl Agent {
     /// Waits for the task's end in the background, then records and reports it.
     fn watch_task(self: &Arc<Self>, handle: TaskHandle) {
         let key = handle.key().clone();
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), handle.clone());
+        lock(&self.running).insert(key.clone(), handle.clone());
         let agent = self.clone();
         tokio::spawn(async move {
             let outcome = handle.wait().await;
-            agent
-                .running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
+            lock(&agent.running).remove(&key);
             tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, reason = ?outcome.reason, code = ?outcome.code, "task ended: {}", outcome.message);
             let mut state = agent.lock_state();
             record_end(&mut state, &key, outcome);
-            let wanted = agent
-                .desired
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&key);
+            let wanted = lock(&agent.desired).contains(&key);
             if !wanted && agent.synced.load(Ordering::Acquire) {
                 state.tasks.remove(&key);
             }
@@ -653,19 +628,10 @@ impl Agent {
     }
 
     fn start_checkpoint(self: &Arc<Self>, key: TaskKey, alloc: pb::Allocation, request: u64) {
-        let Some(handle) = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned()
-        else {
+        let Some(handle) = lock(&self.running).get(&key).cloned() else {
             return;
         };
-        self.checkpointing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone());
+        lock(&self.checkpointing).insert(key.clone());
         let agent = self.clone();
         tokio::spawn(async move {
             let timeout = match alloc.checkpoint_timeout_ms {
@@ -700,11 +666,7 @@ impl Agent {
             }
             drop(state);
             let _ = agent.save();
-            agent
-                .checkpointing
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
+            lock(&agent.checkpointing).remove(&key);
             agent.outbox_wake.notify_one();
         });
     }
@@ -805,7 +767,7 @@ impl Agent {
         let Some(fake) = &self.fake else { return };
         let held: BTreeSet<u32> = {
             let state = self.lock_state();
-            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            let running = lock(&self.running);
             running
                 .keys()
                 .filter_map(|k| state.tasks.get(k))
@@ -817,6 +779,12 @@ impl Agent {
             let _ = fake.set_utilization(d.index, pct);
         }
     }
+}
+
+/// Locks a mutex of the agent; a panic elsewhere while it was held leaves data that is still
+/// consistent for our use (every critical section is a few assignments), so it is taken anyway.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Why an allocation must not run here, if it must not.
