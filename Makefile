@@ -13,13 +13,15 @@ SHELL := /bin/bash
 APT_PACKAGES := libclang-dev clang g++ python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: dev test deps fmt lint unit sim-demo bench clean-cache help
+.PHONY: dev test deps fmt lint unit sim-demo bench chaos clean-cache help image
 
 help:
 	@echo "make dev    - install missing system packages, build, run a local 3-replica cluster with a demo"
 	@echo "make sim-demo - the simulator on the Philly and openb traces, with plots"
 	@echo "make test   - install missing system packages, fmt + clippy + every test"
 	@echo "make bench  - the benchmarks (release builds; prints numbers)"
+	@echo "make chaos  - long seeded fault schedules on real processes (CHAOS_SCHEDULES=20 CHAOS_STEPS=20, CHAOS_SEED=...)"
+	@echo "make image  - the container image gangway:dev from the built binary (IMAGE_PROFILE=release, IMAGE_TAG=...)"
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -72,6 +74,25 @@ sim-demo: deps
 	  --pods ../shared/traces/openb/openb_pod_list_default.csv --tune 1.3 --seeds 1 \
 	  --policy best-fit,fgd,gangway --plot $(DEMO_DIR)/fgd.svg
 	@echo "plots: $(DEMO_DIR)/philly-replay.svg $(DEMO_DIR)/fgd.svg; more in scheduler/SIM.md"
+
+# The container image, assembled from the built binary and the libraries it links (no base image is
+# pulled; see deploy/image/build-image.sh). A debug build by default: it reuses the test build's
+# cache. IMAGE_PROFILE=release for a production image; an unchanged binary is not imported again.
+IMAGE_PROFILE ?= debug
+IMAGE_TAG ?= gangway:dev
+image: deps
+	$(CARGO) build --locked $(if $(filter release,$(IMAGE_PROFILE)),--release) --bin gangway
+	deploy/image/build-image.sh --binary $(CARGO_TARGET_DIR)/$(IMAGE_PROFILE)/gangway --tag $(IMAGE_TAG)
+
+# Chaos: seeded random fault schedules (kill -9, SIGSTOP, partitions) against three replicas and three
+# workers while a client submits, cancels and migrates; checks what actually ran against the
+# invariants. `make test` runs one short schedule; this runs long ones and ends with a summary line.
+# A failure prints its seed and a one-line reproduce command.
+CHAOS_SCHEDULES ?= 20
+CHAOS_STEPS ?= 20
+chaos: deps
+	CHAOS_SCHEDULES=$(CHAOS_SCHEDULES) CHAOS_STEPS=$(CHAOS_STEPS) $(if $(CHAOS_SEED),CHAOS_SEED=$(CHAOS_SEED)) \
+	  $(CARGO) test --locked --test chaos -- --nocapture
 
 bench: deps
 	$(CARGO) bench --locked -p gangway-scheduler --bench placement

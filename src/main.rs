@@ -54,6 +54,8 @@ enum Command {
     Cluster(cmd::cluster::ClusterGroup),
     /// The defragmenter: `defrag plan` previews the migrations it would make now.
     Defrag(cmd::defrag::DefragGroup),
+    /// Failover drills: transfer-leader, kill-leader, partition-leader, measured and checked.
+    Drill(cmd::drill::DrillGroup),
 
     // ----- processes -----
     /// Run one scheduler replica (Raft member, client and worker API, leader loops).
@@ -65,6 +67,9 @@ enum Command {
     /// The per-task supervisor the worker starts (not for people).
     #[command(hide = true)]
     TaskShim(cmd::worker::ShimArgs),
+    /// Probe a replica's HTTP port (`/readyz`, `/livez`) for container health checks: exit 0 on 200.
+    #[command(hide = true)]
+    Health(cmd::health::HealthArgs),
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default: info for Gangway, warnings for libraries).
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
             cmd::worker::run(args)
         }
         Command::TaskShim(args) => return cmd::worker::run_shim(args),
+        Command::Health(args) => return cmd::health::run(args),
         Command::Dev(args) => cmd::dev::run(args),
         Command::Submit(a) => run_client(cmd::jobs::submit(a)),
         Command::Jobs(a) => run_client(cmd::jobs::jobs(a)),
@@ -118,6 +124,7 @@ fn main() -> ExitCode {
         Command::Queue(g) => run_client(cmd::queues::queue(g)),
         Command::Cluster(g) => run_client(cmd::cluster::cluster(g)),
         Command::Defrag(g) => run_client(cmd::defrag::defrag(g)),
+        Command::Drill(g) => run_client(cmd::drill::drill(g)),
     };
     match result {
         Ok(code) => code,

@@ -1066,3 +1066,105 @@ async fn a_queue_reclaims_its_guarantee_from_a_borrower_by_checkpoint() {
         d.history
     );
 }
+
+/// Idle-lease reclamation with real processes: two trainers in a queue whose policy reclaims
+/// leases idle for 3 s. The one that sleeps through its steps (a notebook left open) holds devices
+/// whose utilization, following its CPU use, stays near zero: it is checkpointed, released and
+/// re-queued, then resumes from its checkpoint. The one that computes is never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_lease_is_reclaimed_after_its_window_and_a_busy_one_is_kept() {
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let addrs = cluster.addrs();
+    let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
+    w.start();
+    let workers = vec![w];
+    let logs = || all_logs(&cluster, &workers);
+    let out = cli(
+        &addrs,
+        &[
+            "queue",
+            "set",
+            "research",
+            "--idle-action",
+            "reclaim",
+            "--idle-window",
+            "3s",
+            "--idle-threshold",
+            "20",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&addrs, &["queues"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("reclaim <20% 3s"), "{text}");
+
+    // Phase 1: both trainers run, 4 GPUs each, in the research queue.
+    let in_research = |spec: String| spec.replace("tasks = 1", "tasks = 1\nqueue = \"research\"");
+    let idle_spec = in_research(trainer_spec("notebook", 1, 4)).replace("\"50\"", "\"200\"");
+    let busy_spec = in_research(trainer_spec("busy", 1, 4)).replace("\"50\"", "\"50\", \"--busy\"");
+    let notebook = submit(&addrs[0], &idle_spec, "notebook")
+        .await
+        .expect("submit")
+        .job_id;
+    let busy = submit(&addrs[0], &busy_spec, "busy")
+        .await
+        .expect("submit")
+        .job_id;
+    let (first, _) = wait_running(&addrs, &notebook, 0, logs).await;
+    let started = Instant::now();
+    let (busy_epoch, _) = wait_running(&addrs, &busy, 0, logs).await;
+
+    // Phase 2: the sleeping trainer's lease is reclaimed once its devices stayed idle for the
+    // window, by checkpoint; it runs again under a newer epoch, resumed from that checkpoint.
+    let (second, _) = wait_running(&addrs, &notebook, first, logs).await;
+    let held = started.elapsed();
+    assert!(
+        held >= Duration::from_secs(3),
+        "reclaimed after {held:?}, before its window"
+    );
+    let d = job(&addrs, &notebook).await.unwrap();
+    assert_eq!(d.summary.as_ref().unwrap().reclaims, 1);
+    let why = d
+        .history
+        .iter()
+        .find(|h| {
+            h.what.contains("idle lease reclaimed") && h.what.contains("checkpointed at step")
+        })
+        .unwrap_or_else(|| panic!("no reclaim in the history: {:?}", d.history));
+    println!("{}; held {held:?}; new epoch {second}", why.what);
+    let step = d.last_checkpoint.as_ref().expect("checkpointed").step;
+    wait_until(
+        Duration::from_secs(20),
+        "the trainer to resume",
+        logs,
+        || resumed(&workers[0].task_log(&notebook, 0)).contains(&step),
+    )
+    .await;
+    let out = cli(&addrs, &["job", "status", &notebook]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("idle reclaims ") && text.contains("idle lease reclaimed"),
+        "{text}"
+    );
+
+    // Phase 3: the computing trainer kept its lease throughout.
+    let d = job(&addrs, &busy).await.unwrap();
+    let s = d.summary.as_ref().unwrap();
+    assert_eq!(
+        (s.state.as_str(), s.lease_epoch, s.reclaims),
+        ("running", busy_epoch, 0),
+        "{:?}",
+        d.history
+    );
+    let out = cli(&addrs, &["defrag", "status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        v["reclaimed_device_hours"].as_f64().unwrap_or(0.0) > 0.0,
+        "{v}"
+    );
+}

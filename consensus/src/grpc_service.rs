@@ -4,6 +4,7 @@
 //! can mount it next to its own services on one port, and [`crate::ReplicaHandle::serve`] runs it
 //! alone on a listener (tests, or a dedicated Raft port).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_stream::StreamExt;
@@ -16,8 +17,11 @@ use crate::app::StateMachine;
 use crate::codec;
 use crate::error::WireError;
 use crate::log_store::StorageHealth;
+use crate::network::sender;
+use crate::network::FaultInjector;
 use crate::pb;
 use crate::pb::raft_transport_server::RaftTransport;
+use crate::types::NodeId;
 use crate::types::RaftOf;
 use crate::types::Snapshot;
 use crate::types::SnapshotMeta;
@@ -30,14 +34,38 @@ pub struct RaftGrpcService<S: StateMachine> {
     raft: RaftOf<S>,
     health: StorageHealth,
     write_timeout: Duration,
+    /// This replica's id, the receiving end of every link checked against `faults`.
+    id: NodeId,
+    /// The replica's own fault injector: a message arriving on a link it cuts is refused, so a
+    /// replica partitioned by its own injector (a drill on a real server) is cut off both ways.
+    faults: Option<Arc<FaultInjector>>,
 }
 
 impl<S: StateMachine> RaftGrpcService<S> {
-    pub(crate) fn new(raft: RaftOf<S>, health: StorageHealth, write_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        raft: RaftOf<S>,
+        health: StorageHealth,
+        write_timeout: Duration,
+        id: NodeId,
+        faults: Option<Arc<FaultInjector>>,
+    ) -> Self {
         RaftGrpcService {
             raft,
             health,
             write_timeout,
+            id,
+            faults,
+        }
+    }
+
+    /// Refuses a message that arrived on a link the injector cuts (UNAVAILABLE, as a lost message
+    /// looks to its sender). Untagged requests (older senders) are let through.
+    fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match (&self.faults, sender(req)) {
+            (Some(f), Some(from)) if f.is_blocked(from, self.id) => Err(Status::unavailable(
+                format!("injected drop {from}->{}", self.id),
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -62,6 +90,7 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
+        self.admit(&req)?;
         let rpc = codec::decode(&req.into_inner().data).map_err(bad_request)?;
         let resp = self.raft.append_entries(rpc).await.map_err(raft_err)?;
         reply(&resp)
@@ -71,6 +100,7 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
+        self.admit(&req)?;
         let rpc = codec::decode(&req.into_inner().data).map_err(bad_request)?;
         let resp = self.raft.vote(rpc).await.map_err(raft_err)?;
         reply(&resp)
@@ -80,6 +110,7 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
+        self.admit(&req)?;
         let rpc = codec::decode(&req.into_inner().data).map_err(bad_request)?;
         let resp = self.raft.pre_vote(rpc).await.map_err(raft_err)?;
         reply(&resp)
@@ -89,6 +120,7 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         &self,
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
+        self.admit(&req)?;
         let rpc = codec::decode(&req.into_inner().data).map_err(bad_request)?;
         let resp = self
             .raft
@@ -102,6 +134,7 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         &self,
         req: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
+        self.admit(&req)?;
         let mut stream = req.into_inner();
         let mut header: Option<(Vote, SnapshotMeta)> = None;
         let mut data = Vec::new();
@@ -135,6 +168,7 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         &self,
         req: Request<pb::ForwardWriteRequest>,
     ) -> Result<Response<pb::ForwardWriteReply>, Status> {
+        self.admit(&req)?;
         let command = req.into_inner().command;
         // One hop only: the receiver proposes locally or answers NotLeader; it never forwards
         // again, so a stale leader hint cannot make a write bounce around the cluster.

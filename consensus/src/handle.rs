@@ -164,6 +164,8 @@ impl<S: StateMachine> ReplicaHandle<S> {
             self.inner.raft.clone(),
             self.inner.health.clone(),
             self.inner.config.write_timeout,
+            self.id(),
+            self.inner.transport.faults(),
         ))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX)
@@ -269,7 +271,7 @@ impl<S: StateMachine> ReplicaHandle<S> {
             }) if forward && *l != self.id() => (*l, a.clone()),
             _ => return local,
         };
-        let req = pb::ForwardWriteRequest { command: bytes };
+        let req = crate::network::tagged(self.id(), pb::ForwardWriteRequest { command: bytes });
         let reply = self
             .inner
             .transport

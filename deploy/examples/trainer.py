@@ -11,10 +11,11 @@ Protocol (what any task can do to be checkpointable under Gangway):
     atomically: {"path": <checkpoint>, "step": <step>, "bytes": <size>};
   * a relaunched gang gets GANGWAY_RESTORE_FROM=<path> and resumes from it.
 
-Usage: trainer.py [--steps N] [--step-ms MS] [--checkpoint-every N]
+Usage: trainer.py [--steps N] [--step-ms MS] [--checkpoint-every N] [--busy]
   --steps N             stop successfully after step N (default: run until stopped)
   --step-ms MS          time per step (default 100)
   --checkpoint-every N  also checkpoint on its own every N steps (default: only on request)
+  --busy                compute through each step instead of sleeping (keeps its devices busy)
 """
 
 import argparse
@@ -74,6 +75,9 @@ def main():
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--step-ms", type=int, default=100)
     parser.add_argument("--checkpoint-every", type=int, default=0)
+    # Spend each step computing instead of sleeping: the task keeps its devices busy (with fake
+    # devices, utilization follows the task's CPU use), the way a real training step would.
+    parser.add_argument("--busy", action="store_true")
     args = parser.parse_args()
 
     requested = {"checkpoint": False, "stop": False}
@@ -111,7 +115,12 @@ def main():
         if args.steps and step >= args.steps:
             log(f"done at step {step}")
             return 0
-        time.sleep(args.step_ms / 1000.0)
+        if args.busy:
+            until = time.monotonic() + args.step_ms / 1000.0
+            while time.monotonic() < until:
+                pass
+        else:
+            time.sleep(args.step_ms / 1000.0)
         step += 1
         log(f"step {step}")
         if args.checkpoint_every and step % args.checkpoint_every == 0:

@@ -290,6 +290,7 @@ fn queues(defs: &[(&str, u64, bool)]) -> BTreeMap<QueueName, QueueConfig> {
                     name: QueueName::new(*n),
                     guaranteed_milli: *g,
                     may_borrow: *b,
+                    idle: None,
                 },
             )
         })

@@ -154,6 +154,7 @@ fn queues() -> BTreeMap<QueueName, QueueConfig> {
                     name: QueueName::new(n),
                     guaranteed_milli: g,
                     may_borrow: b,
+                    idle: None,
                 },
             )
         })

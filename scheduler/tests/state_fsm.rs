@@ -455,6 +455,15 @@ enum Op {
         job: usize,
         step: u64,
     },
+    /// Give the default queue an idle policy: 0 none, 1 reclaim, 2 report.
+    SetIdle {
+        action: u8,
+    },
+    /// The leader saw the job's lease idle, for longer than the window or not.
+    Idle {
+        job: usize,
+        past_window: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -488,6 +497,8 @@ fn op() -> impl Strategy<Value = Op> {
         (0usize..4).prop_map(|host| Op::Register { host }),
         (0usize..12).prop_map(|job| Op::Cancel { job }),
         (0usize..12, 0u64..1000).prop_map(|(job, step)| Op::Checkpoint { job, step }),
+        (0u8..3).prop_map(|action| Op::SetIdle { action }),
+        (0usize..12, any::<bool>()).prop_map(|(job, past_window)| Op::Idle { job, past_window }),
     ]
 }
 
@@ -608,6 +619,30 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
                 },
             }
         }
+        Op::SetIdle { action } => {
+            use gangway_scheduler::engine::{IdleAction, IdlePolicy, QueueConfig};
+            Command::SetQueue(QueueConfig {
+                name: "default".into(),
+                guaranteed_milli: 0,
+                may_borrow: true,
+                idle: [None, Some(IdleAction::Reclaim), Some(IdleAction::Report)]
+                    [usize::from(*action)]
+                .map(|action| IdlePolicy {
+                    window_ms: 60_000,
+                    threshold_pct: 5,
+                    action,
+                }),
+            })
+        }
+        Op::Idle { job, past_window } => {
+            let job = job_at(*job)?;
+            let epoch = store.job(&job)?.lease.as_ref().map_or(1, |l| l.epoch);
+            Command::IdleLease {
+                job,
+                epoch,
+                idle_ms: if *past_window { 61_000 } else { 59_000 },
+            }
+        }
     })
 }
 
@@ -654,6 +689,18 @@ fn check_invariants(store: &ClusterStore, epochs_seen: &mut BTreeMap<(HostName, 
             Some(JobState::Pending),
             "reservation for {job} in {state:?}"
         );
+    }
+    // A lease given back by an idle reclaim is accounted only while its job waits to run again.
+    for job in store.jobs().values() {
+        if job.reclaimed.is_some() {
+            assert_eq!(
+                job.state,
+                JobState::Pending,
+                "{} reclaimed but {}",
+                job.id,
+                job.state
+            );
+        }
     }
     // The engine's view agrees with the leases.
     assert_eq!(
@@ -773,6 +820,7 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
             name: "research".into(),
             guaranteed_milli: 8000,
             may_borrow: true,
+            idle: None,
         }),
         Command::CheckpointFailed {
             job: job.clone(),
@@ -1201,4 +1249,154 @@ fn a_checkpointable_victim_checkpoints_before_it_stops_and_its_hosts_wait_for_th
             });
         }
     }
+}
+
+/// Idle-lease reclamation as the state machine applies it: the leader's observation is checked
+/// against the lease and the queue's policy as committed, a reclaim checkpoints first, the job
+/// goes back in the queue behind the jobs waiting, and the devices it gave back are credited.
+#[test]
+fn an_idle_lease_is_reclaimed_by_checkpoint_or_only_reported_as_its_queue_says() {
+    use gangway_scheduler::engine::{IdleAction, IdlePolicy, QueueConfig, SchedulerConfig};
+    let mut c = Cluster::new();
+    c.apply(Command::RegisterNode(node("h1", "r1", 8)));
+    let mut notebook_spec = spec("notebook", 1, 8);
+    notebook_spec.queue = "research".into();
+    let notebook = c.submit(notebook_spec);
+    c.place(vec![placement(&notebook, &["h1"], 0, 8)]);
+    let epoch = c.epoch_of(&notebook);
+    let set_policy = |action: Option<IdleAction>| {
+        Command::SetQueue(QueueConfig {
+            name: "research".into(),
+            guaranteed_milli: 0,
+            may_borrow: true,
+            idle: action.map(|action| IdlePolicy {
+                window_ms: 60_000,
+                threshold_pct: 5,
+                action,
+            }),
+        })
+    };
+    let idle = |epoch: u64, idle_ms: u64| Command::IdleLease {
+        job: notebook.clone(),
+        epoch,
+        idle_ms,
+    };
+
+    // Phase 1: nothing happens without a policy, under the window, or for another lease.
+    let refused = |r: Response| matches!(r, Response::Rejected(_));
+    assert!(refused(c.apply(idle(epoch, 120_000))), "no policy yet");
+    c.apply(set_policy(Some(IdleAction::Reclaim)));
+    assert!(refused(c.apply(idle(epoch, 59_999))), "under the window");
+    assert!(matches!(
+        c.apply(idle(epoch + 1, 120_000)),
+        Response::Rejected(Rejection::StaleEpoch { .. })
+    ));
+    assert_eq!(c.store.job(&notebook).unwrap().state, JobState::Running);
+    assert_eq!(c.store.job(&notebook).unwrap().checkpoint_requests, 0);
+
+    // Phase 2: a report policy writes one history line per lease and keeps the devices.
+    c.apply(set_policy(Some(IdleAction::Report)));
+    assert_eq!(c.apply(idle(epoch, 61_000)), Response::Done);
+    assert_eq!(c.apply(idle(epoch, 90_000)), Response::Done);
+    let j = c.store.job(&notebook).unwrap();
+    let reports = j
+        .history
+        .iter()
+        .filter(|h| h.what.starts_with("idle, reported only"))
+        .count();
+    assert_eq!(reports, 1, "{:?}", j.history);
+    assert_eq!(
+        (j.state, j.reclaims, j.checkpoint_requests),
+        (JobState::Running, 0, 0)
+    );
+
+    // Phase 3: under a reclaim policy the job checkpoints first and keeps its lease meanwhile;
+    // a second observation while it checkpoints changes nothing.
+    c.apply(set_policy(Some(IdleAction::Reclaim)));
+    let waiting = c.submit(spec("waiting", 1, 8));
+    assert_eq!(c.apply(idle(epoch, 61_000)), Response::Done);
+    assert_eq!(c.store.job(&notebook).unwrap().checkpoint_requests, 1);
+    assert!(refused(c.apply(idle(epoch, 62_000))));
+    assert_eq!(c.store.job(&notebook).unwrap().state, JobState::Running);
+    c.apply(Command::RecordCheckpoint {
+        job: notebook.clone(),
+        epoch,
+        request: 1,
+        manifest: CheckpointManifest {
+            path: "/ck/7".into(),
+            step: 7,
+            bytes: 1,
+        },
+    });
+    let reclaimed_at = c.now;
+    let j = c.store.job(&notebook).unwrap();
+    assert_eq!((j.state, j.reclaims), (JobState::Pending, 1));
+    let reason = j.pending_reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("idle lease reclaimed")
+            && reason.contains("below 5%")
+            && reason.contains("step 7"),
+        "{reason}"
+    );
+    assert!(
+        c.store.allocations_for(&HostName::new("h1")).is_empty(),
+        "devices released"
+    );
+
+    // Phase 4: it queues behind the job that was already waiting, although submitted first: the
+    // real engine gives the freed host to `waiting`.
+    let plan = gangway_scheduler::engine::schedule(
+        c.store.engine(),
+        &c.store.pending_gangs(),
+        &SchedulerConfig::default(),
+        c.now,
+    );
+    assert_eq!(plan.placements.len(), 1);
+    assert_eq!(plan.placements[0].job, waiting);
+    c.place(plan.placements);
+
+    // Phase 5: when it runs again, the time its devices were free is credited (8 devices x the
+    // time between reclaim and placement), and it restores from its checkpoint.
+    c.apply(Command::CancelJob {
+        job: waiting.clone(),
+        reason: "done".into(),
+    });
+    c.now += 3_600_000;
+    c.place(vec![placement(&notebook, &["h1"], 0, 8)]);
+    assert_eq!(c.store.job(&notebook).unwrap().state, JobState::Running);
+    let hours = c.store.reclaimed_device_hours();
+    let expected = 8.0 * (c.now - reclaimed_at) as f64 / 3_600_000.0;
+    assert!((hours - expected).abs() < 1e-3, "{hours} vs {expected}");
+    let alloc = &c.store.allocations_for(&HostName::new("h1"))[0];
+    assert_eq!(alloc.restore_from.as_deref(), Some("/ck/7"));
+
+    // Phase 6: a job that cannot checkpoint is released at once and starts over.
+    c.apply(Command::RegisterNode(node("h2", "r1", 8)));
+    let plain = c.submit(
+        JobSpec::from_toml_str(
+            "name = \"plain\"\nqueue = \"research\"\ncommand = [\"sleep\", \"1d\"]\n[resources]\ndevices = 1\n",
+        )
+        .unwrap(),
+    );
+    c.place(vec![placement(&plain, &["h2"], 0, 1)]);
+    let plain_epoch = c.epoch_of(&plain);
+    assert_eq!(
+        c.apply(Command::IdleLease {
+            job: plain.clone(),
+            epoch: plain_epoch,
+            idle_ms: 61_000
+        }),
+        Response::Done
+    );
+    let j = c.store.job(&plain).unwrap();
+    assert_eq!(
+        (j.state, j.reclaims, j.checkpoint_requests),
+        (JobState::Pending, 1, 0)
+    );
+    assert!(j
+        .pending_reason
+        .as_deref()
+        .unwrap_or("")
+        .contains("cannot checkpoint"));
+    assert!(c.store.allocations_for(&HostName::new("h2")).is_empty());
 }

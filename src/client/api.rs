@@ -154,20 +154,11 @@ impl Client {
         .map(|r| r.queues)
     }
 
-    /// Sets a queue's quota. Safe to resend: it sets absolute values.
-    pub async fn set_queue(
-        &mut self,
-        name: &str,
-        guaranteed_milli: u64,
-        may_borrow: bool,
-    ) -> Result<(), ClientError> {
+    /// Sets a queue's quota and idle policy (the whole configuration). Safe to resend: it sets
+    /// absolute values.
+    pub async fn set_queue(&mut self, queue: &pb::QueueInfo) -> Result<(), ClientError> {
         self.call("SetQueue", Retry::Safe, |mut api| {
-            let req = pb::QueueInfo {
-                name: name.to_owned(),
-                guaranteed_milli,
-                may_borrow,
-                ..Default::default()
-            };
+            let req = queue.clone();
             async move { api.set_queue(req).await }
         })
         .await

@@ -223,6 +223,13 @@ impl ClientApi for Fake {
         Err(Status::unimplemented("RemoveMember"))
     }
 
+    async fn drill(
+        &self,
+        _: Request<pb::DrillRequest>,
+    ) -> Result<Response<pb::DrillReply>, Status> {
+        Err(Status::unimplemented("Drill"))
+    }
+
     type SaveSnapshotStream = SnapshotStream;
 
     async fn save_snapshot(

@@ -36,6 +36,8 @@ pub struct DefragStatusView {
     pub reservations: Vec<ReservationView>,
     /// level -> per cent of free devices in partly used domains of that level.
     pub fragmentation_pct: std::collections::BTreeMap<String, f64>,
+    /// Device-hours idle-lease reclamation has given back.
+    pub reclaimed_device_hours: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -83,6 +85,7 @@ impl From<&pb::DefragStatusReply> for DefragStatusView {
                 .iter()
                 .map(|f| (f.level.clone(), f.pct))
                 .collect(),
+            reclaimed_device_hours: r.reclaimed_device_hours,
         }
     }
 }
@@ -102,6 +105,10 @@ pub fn defrag_status_table(v: &DefragStatusView, now_ms: u64) -> String {
     out.push_str(&format!(
         "Free devices in partly used domains: {}.\n",
         frag.join(", ")
+    ));
+    out.push_str(&format!(
+        "Idle leases reclaimed so far gave back {:.2} device-hours.\n",
+        v.reclaimed_device_hours
     ));
     if v.migrating.is_empty() {
         out.push_str("\nNo migration under way.");
@@ -290,6 +297,7 @@ mod tests {
                 level: "rack".into(),
                 pct: 62.5,
             }],
+            reclaimed_device_hours: 3.25,
         };
         let text = defrag_status_table(&DefragStatusView::from(&reply), 31_000);
         for want in [
@@ -300,6 +308,7 @@ mod tests {
             "30s ago",
             "gang-3",
             "h1,h2",
+            "gave back 3.25 device-hours",
         ] {
             assert!(text.contains(want), "{want} missing from:\n{text}");
         }

@@ -1,6 +1,7 @@
 //! `gangway dev`: a whole cluster on this machine. Three replicas as real child processes on loopback
 //! with their own data directories, a fleet of four 8-GPU hosts in two racks, a demo workload, and a
-//! printout of where to look. Ctrl-C stops everything cleanly.
+//! printout of where to look. Ctrl-C stops everything cleanly. A replica that exits abnormally (a
+//! crash, `gangway drill kill-leader`) is restarted, as a systemd unit with `Restart=on-failure`.
 //!
 //! The hosts are four `gangway worker` processes with fake devices (`--fake-devices 8xH100`); the demo
 //! jobs run the example trainer (deploy/examples/trainer.py, built into the binary and written into
@@ -12,8 +13,10 @@ use gangway_proto::pb;
 use gangway_proto::pb::client_api_client::ClientApiClient;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
 
 #[derive(Args, Debug, Clone)]
 pub struct DevArgs {
@@ -194,9 +197,27 @@ impl Workers {
     }
 }
 
+/// How many abnormal exits of one replica within [`RESTART_WINDOW`] the supervisor restarts
+/// before it gives up on it (systemd's StartLimitBurst does the same).
+const RESTART_BURST: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// Pause before a restart (systemd's RestartSec).
+const RESTART_DELAY: Duration = Duration::from_millis(500);
+
+/// One replica under the supervisor: what the rest of `gangway dev` may ask about it.
+struct Supervised {
+    /// Set when the supervisor stopped restarting it, with the reason.
+    gave_up: Arc<Mutex<Option<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The three replicas, each a child process under a supervisor task that restarts it when it
+/// exits abnormally (a crash, or `gangway drill kill-leader`), as systemd's `Restart=on-failure`
+/// would, and stops it with SIGTERM when the cluster stops.
 struct Cluster {
-    children: Vec<Child>,
+    replicas: Vec<(u64, Supervised)>,
     addrs: Vec<String>,
+    stopping: watch::Sender<bool>,
 }
 
 impl Cluster {
@@ -208,7 +229,8 @@ impl Cluster {
             .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
-        let mut children = Vec::new();
+        let (stopping, _) = watch::channel(false);
+        let mut replicas = Vec::new();
         for (i, port) in ports.iter().enumerate() {
             let id = i as u64 + 1;
             let data = dir.join(format!("replica-{id}"));
@@ -218,22 +240,29 @@ impl Cluster {
                 &config,
                 replica_config(id, *port, port + 1000, &data, &cluster),
             )?;
-            let log = std::fs::File::create(dir.join(format!("replica-{id}.log")))?;
-            let child = Command::new(exe)
-                .arg("server")
-                .arg("--config")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting replica {id}"))?;
-            children.push(child);
+            let log = dir.join(format!("replica-{id}.log"));
+            // A fresh log per `gangway dev`; restarts append to it.
+            std::fs::File::create(&log)?;
+            let spec = ReplicaProcess {
+                id,
+                exe: exe.to_owned(),
+                config,
+                log,
+            };
+            let child = spec.spawn()?;
+            let gave_up = Arc::new(Mutex::new(None));
+            let task = tokio::spawn(supervise(
+                spec,
+                child,
+                gave_up.clone(),
+                stopping.subscribe(),
+            ));
+            replicas.push((id, Supervised { gave_up, task }));
         }
         Ok(Self {
-            children,
+            replicas,
             addrs: ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+            stopping,
         })
     }
 
@@ -241,9 +270,9 @@ impl Cluster {
     async fn wait_for_leader(&mut self, timeout: Duration) -> anyhow::Result<(u64, String)> {
         let until = Instant::now() + timeout;
         while Instant::now() < until {
-            for (i, c) in self.children.iter_mut().enumerate() {
-                if let Some(status) = c.try_wait()? {
-                    bail!("replica {} exited early ({status}); see its log", i + 1);
+            for (id, r) in &self.replicas {
+                if let Some(why) = r.gave_up.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    bail!("replica {id} does not stay up ({why}); see its log");
                 }
             }
             for addr in &self.addrs {
@@ -263,8 +292,126 @@ impl Cluster {
     }
 
     /// SIGTERM every replica (a clean shutdown: flush, close RocksDB), then wait.
-    async fn stop(mut self) {
-        stop_children(&mut self.children).await;
+    async fn stop(self) {
+        let _ = self.stopping.send(true);
+        for (_, r) in self.replicas {
+            let _ = r.task.await;
+        }
+    }
+}
+
+/// How to start one replica process.
+struct ReplicaProcess {
+    id: u64,
+    exe: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl ReplicaProcess {
+    fn spawn(&self) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.log)?;
+        Command::new(&self.exe)
+            .arg("server")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting replica {}", self.id))
+    }
+}
+
+/// An exit status in words: `exit code 1`, `killed by signal 6 (SIGABRT)`.
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            let name = match sig {
+                6 => " (SIGABRT)",
+                9 => " (SIGKILL)",
+                11 => " (SIGSEGV)",
+                15 => " (SIGTERM)",
+                _ => "",
+            };
+            return format!("killed by signal {sig}{name}");
+        }
+    }
+    match status.code() {
+        Some(code) => format!("exit code {code}"),
+        None => status.to_string(),
+    }
+}
+
+/// Runs one replica until the cluster stops: restarts it after an abnormal exit (not after a
+/// clean one, like `Restart=on-failure`), at most [`RESTART_BURST`] times per [`RESTART_WINDOW`].
+async fn supervise(
+    spec: ReplicaProcess,
+    mut child: Child,
+    gave_up: Arc<Mutex<Option<String>>>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let id = spec.id;
+    let mut failures: std::collections::VecDeque<Instant> = std::collections::VecDeque::new();
+    loop {
+        let status = tokio::select! {
+            s = child.wait() => Some(s),
+            _ = stopping.wait_for(|s| *s) => None,
+        };
+        let Some(status) = status.filter(|_| !*stopping.borrow()) else {
+            stop_children(std::slice::from_mut(&mut child)).await;
+            return;
+        };
+        let why = match status {
+            Ok(s) if s.success() => {
+                println!("replica {id} exited cleanly; not restarting it");
+                return;
+            }
+            Ok(s) => describe_exit(s),
+            Err(e) => format!("could not wait for it: {e}"),
+        };
+        let now = Instant::now();
+        failures.push_back(now);
+        while failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
+            failures.pop_front();
+        }
+        if failures.len() > RESTART_BURST {
+            println!(
+                "replica {id} exited abnormally ({why}) {} times within {}s; not restarting it again (see {})",
+                failures.len(),
+                RESTART_WINDOW.as_secs(),
+                spec.log.display()
+            );
+            *gave_up.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+            return;
+        }
+        println!(
+            "replica {id} exited abnormally ({why}); restarting it, as systemd's Restart=on-failure would"
+        );
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(RESTART_DELAY) => false,
+            _ = stopping.wait_for(|s| *s) => true,
+        };
+        if stopped {
+            return;
+        }
+        child = match spec.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                println!("replica {id} could not be restarted: {e:#}");
+                *gave_up.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{e:#}"));
+                return;
+            }
+        };
     }
 }
 
@@ -428,7 +575,7 @@ async fn run_demo(
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "\nTry, in another terminal:\n  export GANGWAY_ADDR={addrs}\n  gangway jobs\n  gangway job status {pretrain}\n  gangway logs {pretrain} --follow\n  gangway job checkpoint {pretrain}\n  gangway job migrate {pretrain}\n  gangway nodes\n  gangway leases\n  gangway cluster status\n  gangway cluster transfer-leader --to {}\n\
+        "\nTry, in another terminal:\n  export GANGWAY_ADDR={addrs}\n  gangway jobs\n  gangway job status {pretrain}\n  gangway logs {pretrain} --follow\n  gangway job checkpoint {pretrain}\n  gangway job migrate {pretrain}\n  gangway nodes\n  gangway leases\n  gangway cluster status\n  gangway cluster transfer-leader --to {}\n  gangway drill kill-leader\n  gangway drill partition-leader --for 5s\n\
          Metrics: http://127.0.0.1:{}/metrics  Logs: {}/replica-*.log, {}/worker-*.log\nCtrl-C stops everything.",
         leader_id % 3 + 1,
         args.base_port + 1000,

@@ -175,6 +175,8 @@ pub struct JobView {
     pub hosts: Vec<String>,
     pub attempts: u32,
     pub preemptions: u32,
+    /// Leases taken back because their devices sat idle.
+    pub reclaims: u32,
 }
 
 impl From<&pb::JobSummary> for JobView {
@@ -196,6 +198,7 @@ impl From<&pb::JobSummary> for JobView {
             hosts: j.hosts.clone(),
             attempts: j.attempts,
             preemptions: j.preemptions,
+            reclaims: j.reclaims,
         }
     }
 }
@@ -365,7 +368,10 @@ pub fn job_detail_table(v: &JobDetailView, now_ms: u64) -> String {
     lines.push(("Lease epoch", epoch_cell(j.lease_epoch)));
     lines.push((
         "Attempts",
-        format!("{}  preemptions {}", j.attempts, j.preemptions),
+        format!(
+            "{}  preemptions {}  idle reclaims {}",
+            j.attempts, j.preemptions, j.reclaims
+        ),
     ));
     if !v.command.is_empty() {
         lines.push(("Command", v.command.join(" ")));
@@ -667,6 +673,7 @@ mod tests {
             hosts: vec!["host-a".into(), "host-b".into()],
             attempts: 2,
             preemptions: 1,
+            reclaims: 3,
         }
     }
 
@@ -691,6 +698,7 @@ mod tests {
             "hosts",
             "attempts",
             "preemptions",
+            "reclaims",
         ];
         want.sort_unstable();
         assert_eq!(keys, want);
@@ -788,7 +796,7 @@ mod tests {
         for want in [
             "Job:         j-1 (pretrain)",
             "Lease epoch: 7",
-            "Attempts:    2  preemptions 1",
+            "Attempts:    2  preemptions 1  idle reclaims 3",
             "Command:     python3 train.py",
             "Topology:    required rack, preferred -",
             "Checkpoint:  step 400 at /ckpt/400 (3.0 GiB, epoch 6, 1m ago)",

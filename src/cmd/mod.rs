@@ -4,6 +4,8 @@ pub mod cluster;
 pub mod common;
 pub mod defrag;
 pub mod dev;
+pub mod drill;
+pub mod health;
 pub mod jobs;
 pub mod logs;
 pub mod nodes;

@@ -19,6 +19,7 @@ use openraft::raft::VoteResponse;
 use openraft::RaftNetworkFactory;
 use openraft::RaftNetworkV2;
 
+use super::transport::tagged;
 use super::transport::CallError;
 use super::transport::Transport;
 use crate::codec;
@@ -87,12 +88,12 @@ impl RaftClient {
         Resp: serde::de::DeserializeOwned,
         F: FnOnce(
             pb::raft_transport_client::RaftTransportClient<tonic::transport::Channel>,
-            pb::RaftPayload,
+            tonic::Request<pb::RaftPayload>,
         ) -> Fut,
         Fut: Future<Output = Result<tonic::Response<pb::RaftPayload>, tonic::Status>>,
     {
         let data = codec::encode(req).map_err(decode_err)?;
-        let payload = pb::RaftPayload { data };
+        let payload = tagged(self.from, pb::RaftPayload { data });
         let reply = self
             .transport
             .call(self.from, self.target, &self.addr, timeout, |c| {
@@ -181,12 +182,16 @@ impl RaftNetworkV2<TypeConfig> for RaftClient {
         let total = snapshot.snapshot.len();
         // Snapshots get the snapshot timeout from openraft, not the short RPC one.
         let timeout = option.hard_ttl().max(self.rpc_timeout);
+        let from = self.from;
         let send = self.transport.call(
             self.from,
             self.target,
             &self.addr,
             timeout,
-            |mut c| async move { c.install_snapshot(tokio_stream::iter(chunks)).await },
+            |mut c| async move {
+                c.install_snapshot(tagged(from, tokio_stream::iter(chunks)))
+                    .await
+            },
         );
         let reply = tokio::select! {
             r = send => r,

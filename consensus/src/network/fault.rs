@@ -94,6 +94,13 @@ impl FaultInjector {
         s.drop_rate = 0.0;
     }
 
+    /// Whether the directed link `from -> to` is cut (no dice rolled, no delay): what a receiver
+    /// asks about a message that arrived, so a replica whose own injector cuts it off from a peer
+    /// also refuses that peer's requests (the peer's injector knows nothing of the cut).
+    pub fn is_blocked(&self, from: NodeId, to: NodeId) -> bool {
+        self.lock().blocked.contains(&(from, to))
+    }
+
     /// Decide the fate of one message on the directed link `from -> to`.
     pub fn verdict(&self, from: NodeId, to: NodeId) -> Verdict {
         let mut s = self.lock();
@@ -132,8 +139,10 @@ mod tests {
         f.partition(&[3], &[1, 2]);
         assert_eq!(f.verdict(2, 3), Verdict::Drop);
         assert_eq!(f.verdict(3, 1), Verdict::Drop);
+        assert!(f.is_blocked(1, 2) && !f.is_blocked(2, 1));
         f.heal();
         assert_eq!(f.verdict(1, 2), Verdict::Deliver);
+        assert!(!f.is_blocked(1, 2));
         f.set_drop_rate(1.0);
         assert_eq!(f.verdict(1, 2), Verdict::Drop);
     }

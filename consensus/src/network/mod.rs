@@ -10,3 +10,5 @@ pub use fault::Verdict;
 pub use transport::Connector;
 pub use transport::TcpConnector;
 pub use transport::Transport;
+pub(crate) use transport::sender;
+pub(crate) use transport::tagged;

@@ -95,10 +95,15 @@ impl Transport {
         Transport::default()
     }
 
-    /// Route every message through `faults` (tests).
+    /// Route every message through `faults` (tests, and failover drills on a real server).
     pub fn with_faults(mut self, faults: Arc<FaultInjector>) -> Self {
         self.faults = Some(faults);
         self
+    }
+
+    /// The injector every message goes through, if any; the receiving side consults it too.
+    pub(crate) fn faults(&self) -> Option<Arc<FaultInjector>> {
+        self.faults.clone()
     }
 
     fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, CallError> {
@@ -166,6 +171,26 @@ impl Transport {
             Err(_) => Err(CallError::Timeout(timeout)),
         }
     }
+}
+
+/// Metadata key naming the sending replica of a Raft message, so the receiver can apply its own
+/// injected faults to the link it arrived on.
+pub(crate) const FROM_KEY: &str = "x-gangway-raft-from";
+
+/// `msg` as a request tagged with its sender.
+pub(crate) fn tagged<T>(from: NodeId, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert(FROM_KEY, tonic::metadata::MetadataValue::from(from));
+    req
+}
+
+/// The sender a request was tagged with, if any.
+pub(crate) fn sender<T>(req: &tonic::Request<T>) -> Option<NodeId> {
+    req.metadata()
+        .get(FROM_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse().ok())
 }
 
 /// Whether a tonic status says the connection could not be established (so nothing was sent),

@@ -79,6 +79,62 @@ pub struct QueueConfig {
     pub guaranteed_milli: u64,
     /// Whether the queue may use idle capacity beyond its guarantee (borrowing).
     pub may_borrow: bool,
+    /// What happens to this queue's leases whose devices sit idle; `None`: nothing.
+    #[serde(default)]
+    pub idle: Option<IdlePolicy>,
+}
+
+/// A queue's rule for leases that hold devices without using them: when every device of a lease
+/// reports utilization below `threshold_pct` for `window_ms` on end, the leader acts (`action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdlePolicy {
+    pub window_ms: u64,
+    /// A device counts as busy at this utilization (percent) or above.
+    pub threshold_pct: u32,
+    pub action: IdleAction,
+}
+
+/// What the leader does with a lease idle for its queue's window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdleAction {
+    /// Checkpoint (when the job can), release the devices and re-queue the job behind the jobs
+    /// already waiting.
+    Reclaim,
+    /// Only say so: a line in the job's history and a metric; the job keeps its devices.
+    Report,
+}
+
+impl IdleAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdleAction::Reclaim => "reclaim",
+            IdleAction::Report => "report",
+        }
+    }
+}
+
+impl FromStr for IdleAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "reclaim" => Ok(IdleAction::Reclaim),
+            "report" => Ok(IdleAction::Report),
+            other => Err(format!("{other:?}: expected reclaim or report")),
+        }
+    }
+}
+
+impl IdlePolicy {
+    /// The policy in words, for history lines and tables: "below 5% for 30m, reclaim".
+    pub fn describe(&self) -> String {
+        format!(
+            "below {}% for {}, {}",
+            self.threshold_pct,
+            humantime::format_duration(std::time::Duration::from_millis(self.window_ms)),
+            self.action.as_str()
+        )
+    }
 }
 
 /// A class of task the cluster expects to host, with its share of the workload. FGD's fragmentation

@@ -8,7 +8,7 @@
 use super::context::ReplicaContext;
 use super::convert;
 use super::error::{required, ApiError};
-use crate::engine::{HostFilter, NodeState, QueueConfig};
+use crate::engine::{HostFilter, IdlePolicy, NodeState, QueueConfig};
 use crate::state::{Command, JobState, Rejection, Response};
 use gangway_consensus::Role;
 use gangway_proto::ids::{HostName, JobId, QueueName};
@@ -238,10 +238,38 @@ impl ClientApi for ClientService {
             )
             .into());
         }
+        let idle = match req.idle_action.as_str() {
+            "" | "off" => None,
+            action => {
+                let action = action.parse().map_err(|e: String| {
+                    ApiError::invalid("idle_action", format!("{e}, or empty for no idle policy"))
+                })?;
+                if !(1..=100).contains(&req.idle_threshold_pct) {
+                    return Err(ApiError::invalid(
+                        "idle_threshold_pct",
+                        "expected a utilization percentage from 1 to 100 (a device below it counts as idle)",
+                    )
+                    .into());
+                }
+                if !(1_000..=7 * 24 * 3_600_000).contains(&req.idle_window_ms) {
+                    return Err(ApiError::invalid(
+                        "idle_window_ms",
+                        "expected a window from 1 s to 7 days",
+                    )
+                    .into());
+                }
+                Some(IdlePolicy {
+                    window_ms: req.idle_window_ms,
+                    threshold_pct: req.idle_threshold_pct,
+                    action,
+                })
+            }
+        };
         let queue = QueueConfig {
             name: QueueName::new(name),
             guaranteed_milli: req.guaranteed_milli,
             may_borrow: req.may_borrow,
+            idle,
         };
         self.ctx.write(Command::SetQueue(queue)).await?;
         ok(pb::Empty {})
@@ -433,6 +461,11 @@ impl ClientApi for ClientService {
             .collect();
         let stream: Self::SaveSnapshotStream = Box::pin(futures::stream::iter(chunks));
         ok(stream)
+    }
+
+    async fn drill(&self, req: Request<pb::DrillRequest>) -> Reply<pb::DrillReply> {
+        // Served here, never forwarded: a drill is aimed at one replica.
+        ok(super::drill::run(&self.ctx, req.get_ref())?)
     }
 }
 

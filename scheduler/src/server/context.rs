@@ -15,6 +15,10 @@ pub struct ReplicaContext {
     pub raft: ReplicaHandle<SchedulerFsm>,
     pub config: Arc<ServerConfig>,
     pub heartbeats: Arc<HeartbeatTracker>,
+    /// How long each lease's devices have been idle (leader memory).
+    pub idle: Arc<super::idle_tracker::IdleTracker>,
+    /// Failover drills on this replica: the fault injector its Raft links go through.
+    pub drills: Arc<super::drill::DrillControl>,
     /// What the defragmenter's migrations cost in the last hour (leader memory).
     pub disruption: Arc<super::disruption::DisruptionLedger>,
     /// The term in which this replica, as leader, last confirmed a linearizable read: from then on

@@ -61,6 +61,7 @@ pub fn job_summary(job: &JobRecord) -> pb::JobSummary {
         hosts,
         attempts: job.attempts,
         preemptions: job.preemptions,
+        reclaims: job.reclaims,
     }
 }
 
@@ -213,12 +214,16 @@ pub fn queues(store: &ClusterStore) -> Vec<pb::QueueInfo> {
             let qn = gangway_proto::ids::QueueName::new(name.clone());
             let cfg = store.queues().get(&qn);
             let c = counts.get(name.as_str());
+            let idle = cfg.and_then(|q| q.idle);
             pb::QueueInfo {
                 guaranteed_milli: cfg.map_or(0, |q| q.guaranteed_milli),
                 may_borrow: cfg.is_none_or(|q| q.may_borrow),
                 used_milli: store.engine().queue_usage_milli(&qn),
                 pending_jobs: c.map_or(0, |c| c.pending),
                 running_jobs: c.map_or(0, |c| c.running),
+                idle_action: idle.map_or(String::new(), |p| p.action.as_str().to_owned()),
+                idle_window_ms: idle.map_or(0, |p| p.window_ms),
+                idle_threshold_pct: idle.map_or(0, |p| p.threshold_pct),
                 name,
             }
         })
@@ -326,6 +331,7 @@ pub fn defrag_status(fsm: &super::fsm::SchedulerFsm) -> pb::DefragStatusReply {
     use crate::engine::TopologyLevel;
     let store = fsm.store();
     pb::DefragStatusReply {
+        reclaimed_device_hours: store.reclaimed_device_hours(),
         migrating: store
             .jobs()
             .values()

@@ -107,6 +107,20 @@ impl HeartbeatTracker {
         out
     }
 
+    /// The node's latest device samples if it reported within `max_age`, else `None`.
+    pub fn fresh_devices(
+        &self,
+        node: &HostName,
+        max_age: Duration,
+        now: Instant,
+    ) -> Option<Vec<DeviceSample>> {
+        self.lock()
+            .nodes
+            .get(node)
+            .filter(|s| now.saturating_duration_since(s.at) <= max_age)
+            .map(|s| s.devices.clone())
+    }
+
     /// The latest device samples of a node, as last reported.
     pub fn devices(&self, node: &HostName) -> Vec<DeviceSample> {
         self.lock()

@@ -1,4 +1,4 @@
-//! The leader's loops: scheduling rounds and node-down detection.
+//! The leader's loops: scheduling rounds, node-down detection and idle leases.
 //!
 //! Both run on every replica and act only while it leads. A scheduling round is Nomad's model: read
 //! the state (linearizable, so a new leader sees every committed entry), run the pure engine on it,
@@ -6,7 +6,7 @@
 //! applies. A round never writes when nothing would change, so an idle cluster writes nothing.
 
 use super::context::{wall_clock_ms, ReplicaContext};
-use crate::engine::{self, Plan, SchedulerConfig};
+use crate::engine::{self, IdlePolicy, Plan, SchedulerConfig};
 use crate::state::{Command, Event, JobState, Response};
 use gangway_consensus::{ConsensusError, Role, StateChange};
 use gangway_proto::ids::{HostName, JobId};
@@ -35,6 +35,7 @@ fn observe_leadership(ctx: &ReplicaContext) -> bool {
     } else {
         ctx.heartbeats.step_down();
         ctx.disruption.clear();
+        ctx.idle.clear();
         false
     }
 }
@@ -386,5 +387,127 @@ pub async fn node_down_loop(ctx: ReplicaContext, mut stop: watch::Receiver<bool>
                 }
             }
         }
+    }
+}
+
+/// A lease under an idle policy, as the idle loop reads it from the state.
+struct WatchedLease {
+    job: JobId,
+    epoch: u64,
+    policy: IdlePolicy,
+    devices: Vec<(HostName, u32)>,
+}
+
+/// Watches the utilization of every lease whose queue has an idle policy, while this replica
+/// leads, and commits `Command::IdleLease` for a lease idle for its queue's window. The state
+/// machine applies the policy (reclaim or report) after checking the lease is still the same.
+///
+/// Samples come from the heartbeats; one pass per heartbeat interval sees each sample about once.
+/// A device whose host has not reported within three intervals counts as busy.
+pub async fn idle_loop(ctx: ReplicaContext, mut stop: watch::Receiver<bool>) {
+    let period = ctx
+        .config
+        .workers
+        .heartbeat_interval
+        .max(Duration::from_millis(50));
+    let max_age = period * 3;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let reclaimed = ctx
+            .raft
+            .read_local(|fsm| fsm.store().reclaimed_device_hours());
+        metrics::gauge!("gangway_reclaimed_device_hours").set(reclaimed);
+        if !observe_leadership(&ctx) {
+            continue;
+        }
+        // A local read is enough to pick candidates: the command names the lease epoch and the
+        // state machine re-checks everything against the committed state.
+        let watched: Vec<WatchedLease> = ctx.raft.read_local(|fsm| {
+            let store = fsm.store();
+            store
+                .jobs()
+                .values()
+                .filter(|j| j.migration.is_none())
+                .filter_map(|j| {
+                    let lease = j.lease.as_ref()?;
+                    let queue = gangway_proto::ids::QueueName::new(j.spec.queue.clone());
+                    let policy = store.queues().get(&queue)?.idle?;
+                    if policy.action == engine::IdleAction::Report
+                        && j.idle_reported_epoch == Some(lease.epoch)
+                    {
+                        return None;
+                    }
+                    let devices = lease
+                        .placement
+                        .tasks
+                        .iter()
+                        .flat_map(|t| {
+                            t.devices
+                                .iter()
+                                .map(|d| (t.host.clone(), u32::from(d.index)))
+                        })
+                        .collect();
+                    Some(WatchedLease {
+                        job: j.id.clone(),
+                        epoch: lease.epoch,
+                        policy,
+                        devices,
+                    })
+                })
+                .collect()
+        });
+        ctx.idle
+            .retain(&watched.iter().map(|w| (w.job.clone(), w.epoch)).collect());
+        let now = Instant::now();
+        let mut samples: BTreeMap<HostName, Option<Vec<super::heartbeats::DeviceSample>>> =
+            BTreeMap::new();
+        let mut idle_now = 0u64;
+        for w in watched {
+            let observed: Vec<((HostName, u32), Option<u32>)> = w
+                .devices
+                .iter()
+                .map(|(host, index)| {
+                    let host_samples = samples
+                        .entry(host.clone())
+                        .or_insert_with(|| ctx.heartbeats.fresh_devices(host, max_age, now));
+                    let utilization = host_samples
+                        .as_ref()
+                        .and_then(|s| s.iter().find(|d| d.index == *index))
+                        .map(|d| d.utilization_pct);
+                    ((host.clone(), *index), utilization)
+                })
+                .collect();
+            let idle = ctx
+                .idle
+                .observe(&w.job, w.epoch, &observed, w.policy.threshold_pct, now);
+            let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+            if idle_ms < w.policy.window_ms {
+                continue;
+            }
+            idle_now += 1;
+            let command = Command::IdleLease {
+                job: w.job.clone(),
+                epoch: w.epoch,
+                idle_ms,
+            };
+            match ctx.raft.try_write(command).await {
+                Ok(Response::Done) => {
+                    tracing::info!(job = %w.job, epoch = w.epoch, idle_ms, action = w.policy.action.as_str(), "idle lease");
+                    metrics::counter!("gangway_idle_leases_total", "action" => w.policy.action.as_str())
+                        .increment(1);
+                }
+                Ok(other) => tracing::debug!(job = %w.job, "idle lease not acted on: {other:?}"),
+                Err(e) => {
+                    tracing::warn!(job = %w.job, error = %e, "could not commit an idle lease; will retry");
+                    break;
+                }
+            }
+        }
+        metrics::gauge!("gangway_idle_leases").set(idle_now as f64);
     }
 }

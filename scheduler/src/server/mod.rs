@@ -4,8 +4,8 @@
 //! - [`fsm::SchedulerFsm`] plugs the replicated cluster state into the consensus layer.
 //! - [`client_api`] and [`worker_api`] are the gRPC services; [`error::ApiError`] is their error
 //!   contract (stable codes, leader hints).
-//! - [`leader`] holds the leader's loops: scheduling rounds and node-down detection, with the
-//!   in-memory heartbeat clocks of [`heartbeats`].
+//! - [`leader`] holds the leader's loops: scheduling rounds, node-down detection and idle leases,
+//!   with the in-memory heartbeat clocks of [`heartbeats`] and idle clocks of [`idle_tracker`].
 //! - [`http`] serves `/metrics`, `/livez`, `/readyz`.
 //! - [`config`] is the validated server configuration (TOML file + flags).
 
@@ -14,10 +14,12 @@ pub mod config;
 pub mod context;
 pub mod convert;
 pub mod disruption;
+pub mod drill;
 pub mod error;
 pub mod fsm;
 pub mod heartbeats;
 pub mod http;
+pub mod idle_tracker;
 pub mod leader;
 pub mod notifier;
 pub mod replica;

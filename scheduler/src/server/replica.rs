@@ -90,7 +90,11 @@ impl Replica {
         rc.election_timeout_max = config.raft.election_timeout_max;
         rc.heartbeat_interval = config.raft.heartbeat_interval;
         rc.snapshot_every_entries = config.raft.snapshot_every_entries;
-        let raft = ReplicaHandle::start(rc, SchedulerFsm::new(), Transport::tcp()).await?;
+        // Every Raft message goes through the drill injector; it is empty (delivers everything)
+        // unless a drill runs, which the drill handler allows only with `allow_drills`.
+        let drills = Arc::new(super::drill::DrillControl::default());
+        let transport = Transport::tcp().with_faults(drills.faults());
+        let raft = ReplicaHandle::start(rc, SchedulerFsm::new(), transport).await?;
         let fresh = raft.metrics().last_log_index.is_none();
         if fresh && !members.is_empty() {
             tracing::info!(
@@ -104,6 +108,8 @@ impl Replica {
                 raft,
                 config: Arc::new(config),
                 heartbeats: Arc::new(HeartbeatTracker::new()),
+                drills,
+                idle: Arc::default(),
                 disruption: Arc::new(super::disruption::DisruptionLedger::new()),
                 allocations: Arc::default(),
                 barrier_term: Arc::default(),
@@ -183,6 +189,12 @@ impl Replica {
         let s = stop_rx.clone();
         tasks.spawn(async move {
             leader::node_down_loop(c, s).await;
+            Ok(())
+        });
+        let c = ctx.clone();
+        let s = stop_rx.clone();
+        tasks.spawn(async move {
+            leader::idle_loop(c, s).await;
             Ok(())
         });
         let c = ctx.clone();

@@ -222,6 +222,7 @@ impl SimCluster {
                     name: qn,
                     guaranteed_milli: guaranteed * u64::from(MILLI_PER_DEVICE),
                     may_borrow,
+                    idle: None,
                 },
             );
         }

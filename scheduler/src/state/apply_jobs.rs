@@ -1,10 +1,10 @@
 //! Apply functions for job commands: submit, cancel, task reports, checkpoints.
 
 use super::command::{CheckpointManifest, DefragMove, Event, Rejection, Response, TaskState};
-use super::job_record::{CheckpointRecord, JobRecord, JobState, Migration};
+use super::job_record::{CheckpointRecord, JobRecord, JobState, Migration, Reclaimed};
 use super::store::ClusterStore;
-use crate::engine::{join_hosts, HostFilter};
-use gangway_proto::ids::{HostName, JobId};
+use crate::engine::{join_hosts, HostFilter, IdleAction};
+use gangway_proto::ids::{HostName, JobId, QueueName};
 use std::collections::BTreeSet;
 
 use gangway_proto::spec::{JobSpec, MAX_TASKS};
@@ -69,6 +69,7 @@ impl ClusterStore {
             }
             JobState::Pending => {
                 self.reservations.remove(&job);
+                self.settle_reclaimed(&job, now);
                 let Some(record) = self.jobs.get_mut(&job) else {
                     return Response::Rejected(Rejection::UnknownJob(job));
                 };
@@ -206,20 +207,130 @@ impl ClusterStore {
                 .as_ref()
                 .is_some_and(|m| request >= m.checkpoint_request);
         if migrating {
-            let mut preempted_for = None;
+            let (mut preempted_for, mut idle_reclaim) = (None, None);
             if let Some(m) = record.migration.take() {
                 record.next_hosts = m.hosts;
                 preempted_for = m.preempted_for;
+                idle_reclaim = m.idle_reclaim;
             }
             let step = record
                 .last_checkpoint
                 .as_ref()
                 .map_or(step, |c| c.manifest.step);
-            let why = match preempted_for {
-                Some(p) => format!("preempted for job {p}: checkpointed at step {step}; re-queued"),
-                None => format!("migrating: checkpointed at step {step}; placing it again"),
+            let why = match (preempted_for, idle_reclaim) {
+                (Some(p), _) => {
+                    format!("preempted for job {p}: checkpointed at step {step}; re-queued")
+                }
+                (None, Some(idle)) => {
+                    self.mark_reclaimed(now, &job);
+                    format!(
+                        "{idle}: checkpointed at step {step}; re-queued behind the jobs waiting"
+                    )
+                }
+                (None, None) => format!("migrating: checkpointed at step {step}; placing it again"),
             };
             self.revoke_lease(now, &job, JobState::Pending, why, events);
+        }
+        Response::Done
+    }
+
+    /// Books an idle reclaim about to end `job`'s lease: counted, queued again from now, and its
+    /// devices credited as given back until it runs again.
+    fn mark_reclaimed(&mut self, now: u64, job: &JobId) {
+        if let Some(record) = self.jobs.get_mut(job) {
+            let milli = record.lease.as_ref().map_or(0, |l| {
+                l.placement
+                    .tasks
+                    .iter()
+                    .flat_map(|t| &t.devices)
+                    .map(|d| u64::from(d.milli))
+                    .sum()
+            });
+            record.reclaims += 1;
+            record.requeued_at_ms = Some(now);
+            record.reclaimed = Some(Reclaimed { at_ms: now, milli });
+        }
+    }
+
+    /// The leader saw the lease idle for `idle_ms`. Re-checked here against the lease and the
+    /// queue's policy as they are now, then reclaimed or reported as the policy says.
+    pub(super) fn apply_idle_lease(
+        &mut self,
+        now: u64,
+        job: JobId,
+        epoch: u64,
+        idle_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        let Some(record) = self.jobs.get(&job) else {
+            return Response::Rejected(Rejection::UnknownJob(job));
+        };
+        if let Some(stale) = record.stale_lease(epoch) {
+            return Response::Rejected(stale);
+        }
+        let refuse = |why: &str| {
+            Response::Rejected(Rejection::WrongJobState {
+                job: job.clone(),
+                state: record.state.to_string(),
+                why: why.to_owned(),
+            })
+        };
+        if record.state != JobState::Running || record.lease.is_none() {
+            return refuse("only a running job's lease can be idle");
+        }
+        let queue = QueueName::new(record.spec.queue.clone());
+        let Some(policy) = self.queues.get(&queue).and_then(|q| q.idle) else {
+            return refuse("its queue has no idle policy");
+        };
+        if idle_ms < policy.window_ms {
+            return refuse("idle for less than its queue's window");
+        }
+        if record.migration.is_some() {
+            return refuse("a migration is already waiting for its checkpoint");
+        }
+        let seen = format!(
+            "every device below {}% for {} (queue {queue}: {})",
+            policy.threshold_pct,
+            humantime::format_duration(std::time::Duration::from_millis(idle_ms / 1000 * 1000)),
+            policy.describe()
+        );
+        let idle = format!("idle lease reclaimed: {seen}");
+        match (policy.action, record.spec.checkpoint.is_some()) {
+            (IdleAction::Report, _) => {
+                if record.idle_reported_epoch == Some(epoch) {
+                    return Response::Done;
+                }
+                let Some(record) = self.jobs.get_mut(&job) else {
+                    return Response::Rejected(Rejection::UnknownJob(job));
+                };
+                record.idle_reported_epoch = Some(epoch);
+                record.note(now, format!("idle, reported only: {seen}"));
+                events.push(Event::JobChanged(job));
+            }
+            (IdleAction::Reclaim, true) => {
+                let Some(record) = self.jobs.get_mut(&job) else {
+                    return Response::Rejected(Rejection::UnknownJob(job));
+                };
+                record.note(now, format!("{idle}; checkpointing, then stopping"));
+                record.migration = Some(Migration {
+                    checkpoint_request: record.checkpoint_requests + 1,
+                    hosts: HostFilter::default(),
+                    requested_at_ms: now,
+                    preempted_for: None,
+                    idle_reclaim: Some(idle),
+                });
+                self.request_checkpoint(&job, events);
+            }
+            (IdleAction::Reclaim, false) => {
+                self.mark_reclaimed(now, &job);
+                self.revoke_lease(
+                    now,
+                    &job,
+                    JobState::Pending,
+                    format!("{idle}; it cannot checkpoint, so it starts over; re-queued behind the jobs waiting"),
+                    events,
+                );
+            }
         }
         Response::Done
     }
@@ -249,7 +360,22 @@ impl ClusterStore {
             .as_ref()
             .filter(|m| request >= m.checkpoint_request)
             .and_then(|m| m.preempted_for.clone());
-        if let Some(p) = preempted_for {
+        let idle_reclaim = record
+            .migration
+            .as_ref()
+            .filter(|m| request >= m.checkpoint_request)
+            .and_then(|m| m.idle_reclaim.clone());
+        if let Some(idle) = idle_reclaim {
+            // The lease is idle: it is given back anyway, from the last checkpoint.
+            self.mark_reclaimed(now, &job);
+            self.revoke_lease(
+                now,
+                &job,
+                JobState::Pending,
+                format!("{idle}; checkpoint failed ({error}), stopped anyway; re-queued from the last checkpoint"),
+                events,
+            );
+        } else if let Some(p) = preempted_for {
             // A preemption happens anyway: the work since the last checkpoint is lost.
             self.revoke_lease(
                 now,
@@ -383,6 +509,7 @@ impl ClusterStore {
             hosts,
             requested_at_ms: now,
             preempted_for: None,
+            idle_reclaim: None,
         });
         self.request_checkpoint(&job, events);
         Response::Done
@@ -457,6 +584,7 @@ impl ClusterStore {
                     hosts: HostFilter::default(),
                     requested_at_ms: now,
                     preempted_for: None,
+                    idle_reclaim: None,
                 });
             }
             self.request_checkpoint(&m.job, events);

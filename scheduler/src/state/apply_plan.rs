@@ -61,6 +61,7 @@ impl ClusterStore {
                         hosts: Default::default(),
                         requested_at_ms: now,
                         preempted_for: Some(p.preemptor.clone()),
+                        idle_reclaim: None,
                     });
                     self.request_checkpoint(&p.victim, events);
                     // Long enough for the checkpoint and the stop, then the hold lapses.
@@ -161,7 +162,13 @@ impl ClusterStore {
                 .expect("job checked to exist above");
             record.state = JobState::Running;
             record.pending_reason = None;
+            record.requeued_at_ms = None;
             record.attempts += 1;
+            self.settle_reclaimed(&job_id, now);
+            let record = self
+                .jobs
+                .get_mut(&job_id)
+                .expect("job checked to exist above");
             record.note(
                 now,
                 format!("leased (epoch {epoch}) on {}", hosts.join(", ")),

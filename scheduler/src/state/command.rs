@@ -159,6 +159,14 @@ pub enum Command {
     },
     /// Creates or changes a queue's guarantee.
     SetQueue(QueueConfig),
+    /// The leader saw every device of `job`'s lease `epoch` below its queue's idle threshold for
+    /// `idle_ms` (at least the window). Applied per the queue's policy at apply time: reclaim
+    /// (checkpoint, release, re-queue) or report. Refused if the lease changed since.
+    IdleLease {
+        job: JobId,
+        epoch: u64,
+        idle_ms: u64,
+    },
 }
 
 impl Command {
@@ -178,6 +186,7 @@ impl Command {
             Command::MigrateJob { .. } => "migrate_job",
             Command::Defragment { .. } => "defragment",
             Command::SetQueue(_) => "set_queue",
+            Command::IdleLease { .. } => "idle_lease",
         }
     }
 }

@@ -77,6 +77,18 @@ pub struct Migration {
     /// (losing the work since its last checkpoint) instead of keeping its devices.
     #[serde(default)]
     pub preempted_for: Option<JobId>,
+    /// Set when the job's queue reclaims its idle lease: why, in words. Like a preemption, the job
+    /// stops even if the checkpoint fails.
+    #[serde(default)]
+    pub idle_reclaim: Option<String>,
+}
+
+/// A lease given back by idle reclamation, until the job runs again: what the pool got back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reclaimed {
+    pub at_ms: u64,
+    /// Milli-devices the lease held.
+    pub milli: u64,
 }
 
 /// A line of a job's history, shown by `gangway job status`.
@@ -118,6 +130,19 @@ pub struct JobRecord {
     pub next_hosts: HostFilter,
     /// Host of each rank under the most recent lease, kept after it ends (where its logs are).
     pub last_hosts: Vec<HostName>,
+    /// Leases taken back because their devices sat idle.
+    #[serde(default)]
+    pub reclaims: u32,
+    /// The lease epoch whose idleness was last reported (a `report` policy says so once per lease).
+    #[serde(default)]
+    pub idle_reported_epoch: Option<u64>,
+    /// When an idle reclaim put the job back in the queue: it waits behind the jobs already
+    /// waiting then, instead of taking the devices straight back by its submission time.
+    #[serde(default)]
+    pub requeued_at_ms: Option<u64>,
+    /// The idle lease given back, until the job is placed again or ends.
+    #[serde(default)]
+    pub reclaimed: Option<Reclaimed>,
 }
 
 impl JobRecord {
@@ -140,6 +165,10 @@ impl JobRecord {
             migration: None,
             next_hosts: HostFilter::default(),
             last_hosts: Vec::new(),
+            reclaims: 0,
+            idle_reported_epoch: None,
+            requeued_at_ms: None,
+            reclaimed: None,
         };
         job.note(now_ms, "submitted".to_owned());
         job
@@ -196,7 +225,7 @@ impl JobRecord {
                 .estimated_runtime
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             checkpointable: self.spec.checkpoint.is_some(),
-            submitted_at_ms: self.submitted_at_ms,
+            submitted_at_ms: self.requeued_at_ms.unwrap_or(self.submitted_at_ms),
             hosts: self.next_hosts.clone(),
         }
     }

@@ -53,6 +53,10 @@ pub struct ClusterStore {
     /// Hosts the defragmenter freed, held for one waiting gang: job -> (hosts, until log time).
     #[serde(default)]
     pub(super) reservations: BTreeMap<JobId, (std::collections::BTreeSet<HostName>, u64)>,
+    /// Device-milliseconds given back by idle reclamation: for each reclaimed lease, its devices
+    /// times how long the job then waited (the time they would otherwise have idled in its lease).
+    #[serde(default)]
+    pub(super) reclaimed_device_ms: u64,
 }
 
 impl ClusterStore {
@@ -113,6 +117,27 @@ impl ClusterStore {
                 until_ms,
             } => self.apply_defragment(now, for_job, hosts, moves, until_ms, events),
             Command::SetQueue(queue) => self.apply_set_queue(queue, events),
+            Command::IdleLease {
+                job,
+                epoch,
+                idle_ms,
+            } => self.apply_idle_lease(now, job, epoch, idle_ms, events),
+        }
+    }
+
+    /// Device-hours idle reclamation has given back so far (see `reclaimed_device_ms`).
+    pub fn reclaimed_device_hours(&self) -> f64 {
+        self.reclaimed_device_ms as f64 / 3_600_000.0
+    }
+
+    /// Ends the accounting of a reclaimed lease (the job runs again or ended): credits its devices
+    /// for the time they were free.
+    pub(super) fn settle_reclaimed(&mut self, job: &JobId, now: u64) {
+        if let Some(r) = self.jobs.get_mut(job).and_then(|j| j.reclaimed.take()) {
+            let device_ms = u128::from(r.milli) * u128::from(now.saturating_sub(r.at_ms)) / 1000;
+            self.reclaimed_device_ms = self
+                .reclaimed_device_ms
+                .saturating_add(u64::try_from(device_ms).unwrap_or(u64::MAX));
         }
     }
 

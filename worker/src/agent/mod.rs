@@ -19,6 +19,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod cpu_meter;
 pub mod log_service;
 pub mod scheduler_link;
 pub mod state_file;
@@ -38,7 +39,7 @@ use state_file::{AgentState, PendingReport, StateFile, StateFileError, TaskEntry
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
 /// Why the agent could not run.
@@ -78,6 +79,8 @@ pub struct Agent {
     /// Held while the state file is written (see [`Agent::save`]).
     saving: Mutex<()>,
     running: Mutex<BTreeMap<TaskKey, TaskHandle>>,
+    /// CPU use of each running task's process group: the utilization of the fake devices it holds.
+    cpu: Mutex<cpu_meter::CpuMeter>,
     /// Tasks with a checkpoint under way (so a repeated set does not start a second one).
     checkpointing: Mutex<BTreeSet<TaskKey>>,
     /// The task keys of the newest accepted set: what should run. Meaningful once `synced`.
@@ -141,6 +144,7 @@ impl Agent {
             state_file,
             saving: Mutex::new(()),
             running: Mutex::new(BTreeMap::new()),
+            cpu: Mutex::new(cpu_meter::CpuMeter::new()),
             checkpointing: Mutex::new(BTreeSet::new()),
             desired: Mutex::new(BTreeSet::new()),
             synced: std::sync::atomic::AtomicBool::new(false),
@@ -762,21 +766,30 @@ impl Agent {
         }
     }
 
-    /// Fake devices look busy while a task holds them, idle otherwise.
+    /// A fake device reports the CPU use of the task holding it (the busiest, if shared): a
+    /// computing task looks busy, a sleeping one idle; a free device reports 0.
     fn update_fake_utilization(&self) {
         let Some(fake) = &self.fake else { return };
-        let held: BTreeSet<u32> = {
+        let held: Vec<(i32, Vec<u32>)> = {
             let state = self.lock_state();
             let running = lock(&self.running);
             running
-                .keys()
-                .filter_map(|k| state.tasks.get(k))
-                .flat_map(|e| e.devices.iter().copied())
+                .iter()
+                .filter_map(|(k, h)| Some((h.record().pid, state.tasks.get(k)?.devices.clone())))
                 .collect()
         };
+        let groups: Vec<i32> = held.iter().map(|(g, _)| *g).collect();
+        let busy = lock(&self.cpu).sample(&groups, Instant::now());
+        let mut per_device: BTreeMap<u32, u8> = BTreeMap::new();
+        for (group, devices) in &held {
+            let pct = busy.get(group).copied().unwrap_or(0);
+            for d in devices {
+                let e = per_device.entry(*d).or_default();
+                *e = (*e).max(pct);
+            }
+        }
         for d in &self.inventory {
-            let pct = if held.contains(&d.index) { 95 } else { 0 };
-            let _ = fake.set_utilization(d.index, pct);
+            let _ = fake.set_utilization(d.index, per_device.get(&d.index).copied().unwrap_or(0));
         }
     }
 }

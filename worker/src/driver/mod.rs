@@ -36,6 +36,7 @@ pub use error::DriverError;
 pub use key::TaskKey;
 pub use lease::boottime_ms;
 pub use outcome::{ExitOutcome, ExitReason};
+pub(crate) use procfs::{clock_ticks_per_second, group_cpu_ticks};
 pub use record::ProcessRecord;
 pub use shim::{run_shim, ShimArgs};
 pub use spec::LaunchSpec;

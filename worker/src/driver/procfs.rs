@@ -3,11 +3,15 @@
 use std::fs;
 use std::io;
 
-/// The two fields of `/proc/<pid>/stat` the driver needs.
+/// The fields of `/proc/<pid>/stat` the driver and the agent need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ProcStat {
     /// Field 3: `R`, `S`, `Z` (zombie: exited, not yet reaped), ...
     pub state: char,
+    /// Field 5: the process group (a task's group is its shim's pid).
+    pub pgrp: i32,
+    /// Fields 14 + 15: CPU time used in user and kernel mode, in clock ticks.
+    pub cpu_ticks: u64,
     /// Field 22: start time in clock ticks since boot. Together with the pid it names a process
     /// uniquely for the life of the host, which the pid alone does not (pids are recycled).
     pub start_ticks: u64,
@@ -34,11 +38,22 @@ impl ProcStat {
     /// fields are counted from the last `)`.
     pub(crate) fn parse(text: &str) -> Option<ProcStat> {
         let rest = &text[text.rfind(')')? + 1..];
-        let mut fields = rest.split_whitespace();
-        let state = fields.next()?.chars().next()?;
-        // After field 3 (state), field 22 is the 19th.
-        let start_ticks = fields.nth(18)?.parse().ok()?;
-        Some(ProcStat { state, start_ticks })
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // fields[0] is field 3 (state); field n is fields[n - 3].
+        let field = |n: usize| fields.get(n - 3).copied();
+        let state = field(3)?.chars().next()?;
+        let pgrp = field(5)?.parse().ok()?;
+        let cpu_ticks = field(14)?
+            .parse::<u64>()
+            .ok()?
+            .saturating_add(field(15)?.parse().ok()?);
+        let start_ticks = field(22)?.parse().ok()?;
+        Some(ProcStat {
+            state,
+            pgrp,
+            cpu_ticks,
+            start_ticks,
+        })
     }
 
     /// Whether the process can still run: a zombie or dead entry has already exited.
@@ -55,6 +70,27 @@ pub(crate) fn same_process_alive(pid: i32, start_ticks: u64) -> bool {
     }
 }
 
+/// CPU time, in clock ticks, used so far by the live processes of process group `pgid` (a task
+/// and everything it started, unless they left the group). Processes that already exited are not
+/// counted: callers use differences between samples, which is what utilization needs.
+pub(crate) fn group_cpu_ticks(pgid: i32) -> u64 {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| ProcStat::read(pid).ok())
+        .filter(|s| s.pgrp == pgid)
+        .map(|s| s.cpu_ticks)
+        .sum()
+}
+
+/// Clock ticks per second, the unit of `/proc/<pid>/stat` times.
+pub(crate) fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf reads a constant of the running system; no memory is passed.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(t).ok().filter(|t| *t > 0).unwrap_or(100)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +101,8 @@ mod tests {
                     18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
         let stat = ProcStat::parse(line).expect("parses");
         assert_eq!(stat.state, 'S');
+        assert_eq!(stat.pgrp, 4242);
+        assert_eq!(stat.cpu_ticks, 1 + 2);
         assert_eq!(stat.start_ticks, 987654);
         assert!(stat.alive());
     }
@@ -88,5 +126,25 @@ mod tests {
             stat.start_ticks + 1
         ));
         assert!(ProcStat::read(0).is_err());
+    }
+
+    #[test]
+    fn a_busy_group_accumulates_cpu_ticks() {
+        // A child in a group of its own that spins for a while: its group's ticks grow.
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 3000000 ]; do i=$((i+1)); done"])
+            .process_group(0)
+            .spawn()
+            .expect("sh runs");
+        let pgid = child.id() as i32;
+        let first = group_cpu_ticks(pgid);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let later = group_cpu_ticks(pgid);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(later > first, "ticks {first} -> {later}");
+        assert_eq!(group_cpu_ticks(pgid), 0, "an ended group uses nothing");
+        assert!(clock_ticks_per_second() >= 1);
     }
 }

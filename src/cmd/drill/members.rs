@@ -1,0 +1,145 @@
+//! [`Members`]: the replicas of the cluster under drill, each asked directly (not through the
+//! leader-following client): a drill needs each replica's own view of who leads, and must aim its
+//! fault at one replica.
+
+use crate::client::{normalize_addr, Client, ClientError, Retry};
+use gangway_proto::pb;
+use gangway_proto::pb::client_api_client::ClientApiClient;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long one replica gets to answer a status question; a drill polls often.
+const STATUS_TIMEOUT: Duration = Duration::from_millis(800);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// One replica: id, `host:port`, and a lazily (re)connecting channel.
+struct Member {
+    address: String,
+    voter: bool,
+    channel: Channel,
+}
+
+/// The members as the leader listed them when the drill began.
+pub struct Members {
+    members: BTreeMap<u64, Member>,
+}
+
+/// The leader as it answered itself.
+#[derive(Clone, Debug)]
+pub struct LeaderView {
+    pub id: u64,
+    pub term: u64,
+    pub commit_index: u64,
+}
+
+impl Members {
+    /// From a leader's `ClusterStatus` reply.
+    pub fn from_status(status: &pb::ClusterStatusReply) -> Result<Self, ClientError> {
+        let mut members = BTreeMap::new();
+        for m in &status.members {
+            let uri = normalize_addr(&m.address).map_err(|e| {
+                ClientError::Other(format!(
+                    "replica {} has an address the drill cannot dial ({:?}): {e}",
+                    m.id, m.address
+                ))
+            })?;
+            let channel = Endpoint::from_shared(uri)
+                .map_err(|e| ClientError::Other(format!("replica {}: {e}", m.id)))?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(STATUS_TIMEOUT)
+                .tcp_nodelay(true)
+                .connect_lazy();
+            members.insert(
+                m.id,
+                Member {
+                    address: m.address.clone(),
+                    voter: m.voter,
+                    channel,
+                },
+            );
+        }
+        Ok(Self { members })
+    }
+
+    pub fn voters(&self) -> Vec<u64> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.voter)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub fn address(&self, id: u64) -> String {
+        self.members
+            .get(&id)
+            .map(|m| m.address.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every member's address, for a leader-following client that must outlive any one replica.
+    pub fn client_addrs(&self) -> Vec<String> {
+        self.members
+            .values()
+            .filter_map(|m| normalize_addr(&m.address).ok())
+            .collect()
+    }
+
+    /// One replica's own view, or `None` when it does not answer in time.
+    pub async fn status(&self, id: u64) -> Option<pb::ClusterStatusReply> {
+        status_on(self.members.get(&id)?.channel.clone()).await
+    }
+
+    /// A replica that says it leads in a term after `after_term` (ignoring `except`), as it
+    /// answered itself. Asks every member at once.
+    pub async fn leader_after(&self, after_term: u64, except: Option<u64>) -> Option<LeaderView> {
+        let mut asks = tokio::task::JoinSet::new();
+        for (id, m) in &self.members {
+            if Some(*id) != except {
+                asks.spawn(status_on(m.channel.clone()));
+            }
+        }
+        let mut answers = Vec::new();
+        while let Some(done) = asks.join_next().await {
+            if let Ok(Some(s)) = done {
+                answers.push(s);
+            }
+        }
+        answers
+            .into_iter()
+            .filter(|s| s.role == "leader" && s.term > after_term)
+            .max_by_key(|s| s.term)
+            .map(|s| LeaderView {
+                id: s.replica_id,
+                term: s.term,
+                commit_index: s.commit_index,
+            })
+    }
+
+    /// Sends one drill action to replica `id` (never forwarded; it runs there).
+    pub async fn drill(
+        &self,
+        id: u64,
+        req: pb::DrillRequest,
+        timeout: Duration,
+    ) -> Result<pb::DrillReply, ClientError> {
+        let addr = normalize_addr(&self.address(id)).map_err(ClientError::Other)?;
+        // A one-address client: the Drill call never answers `not_leader`, so it stays on `id`.
+        let mut client = Client::new(vec![addr], timeout);
+        client
+            .call("Drill", Retry::UnlessOutcomeUnknown, |mut api| {
+                let req = req.clone();
+                async move { api.drill(req).await }
+            })
+            .await
+    }
+}
+
+async fn status_on(channel: Channel) -> Option<pb::ClusterStatusReply> {
+    let mut api = ClientApiClient::new(channel);
+    tokio::time::timeout(STATUS_TIMEOUT, api.cluster_status(pb::Empty {}))
+        .await
+        .ok()?
+        .ok()
+        .map(tonic::Response::into_inner)
+}

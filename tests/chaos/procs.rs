@@ -1,0 +1,150 @@
+//! The chaos test's processes beside the replicas of `TestCluster`: `gangway worker` agents with
+//! fake devices, the task shims they leave behind, and the signals the nemesis sends.
+
+use crate::common::{free_ports, BIN};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// One host: a `gangway worker` process with four fake H100s (few devices per host, so devices
+/// change hands often), its data directory surviving restarts.
+pub struct Host {
+    pub name: String,
+    rack: String,
+    port: u16,
+    pub data: PathBuf,
+    checkpoints: PathBuf,
+    pub log: PathBuf,
+    servers: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Host {
+    pub fn new(dir: &Path, name: &str, rack: &str, servers: Vec<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            rack: rack.to_owned(),
+            port: free_ports(1)[0],
+            data: dir.join(format!("worker-{name}")),
+            checkpoints: dir.join("checkpoints"),
+            log: dir.join(format!("worker-{name}.log")),
+            servers,
+            child: None,
+        }
+    }
+
+    /// Starts (or restarts, with the same data directory) the agent.
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open worker log");
+        let child = Command::new(BIN)
+            .arg("worker")
+            .arg("--servers")
+            .arg(self.servers.join(","))
+            .arg("--node")
+            .arg(&self.name)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--advertise")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--fake-devices")
+            .arg("4xH100")
+            .arg("--topology")
+            .arg(format!("dc=dc1,zone=z1,pod=p1,rack={}", self.rack))
+            .arg("--data-dir")
+            .arg(&self.data)
+            .arg("--checkpoint-dir")
+            .arg(&self.checkpoints)
+            .arg("--grace")
+            .arg("1s")
+            // The task journals which host it ran on.
+            .env("CHAOS_HOST", &self.name)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn gangway worker");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// kill -9 of the agent alone: its tasks run on under their shims.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The whole host dies at once: the agent, every shim and every task, all by SIGKILL.
+    pub fn crash(&mut self) {
+        self.kill_agent();
+        kill_shims(&self.data);
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+/// The last `lines` lines of a file.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// SIGKILLs the process group of every task shim whose command line names `marker` (a worker's
+/// data directory, or the whole test directory). Found through /proc rather than the agent's
+/// state file: a shim launched just before its agent died may not be in the file yet. Only a
+/// process that leads its own group is signalled as a group: pids are reused, and killing a
+/// recycled process group could take down anything on the machine.
+pub fn kill_shims(marker: &Path) {
+    let marker = marker.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if !(cmdline.contains("task-shim") && cmdline.contains(&marker)) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name: state, ppid, pgrp.
+        let pgrp = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+            .and_then(|s| s.parse::<u32>().ok());
+        if pgrp == Some(pid) {
+            // `--`: without it procps `kill -9 -11` reads "-11" as a signal and kills every
+            // process (kill(-1)).
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", "--", &format!("-{pid}")])
+                .status();
+        }
+    }
+}
+
+/// Sends `signal` ("STOP", "CONT") to one process (never a group).
+pub fn signal(pid: u32, signal: &str) {
+    assert!(pid > 1, "refusing to signal pid {pid}");
+    let _ = Command::new("kill")
+        .args(["-s", signal, &pid.to_string()])
+        .status();
+}
