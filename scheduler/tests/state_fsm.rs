@@ -820,8 +820,17 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
             name: "research".into(),
             guaranteed_milli: 8000,
             may_borrow: true,
-            idle: None,
+            idle: Some(gangway_scheduler::engine::IdlePolicy {
+                window_ms: 1_800_000,
+                threshold_pct: 5,
+                action: gangway_scheduler::engine::IdleAction::Reclaim,
+            }),
         }),
+        Command::IdleLease {
+            job: job.clone(),
+            epoch: 3,
+            idle_ms: 1_900_000,
+        },
         Command::CheckpointFailed {
             job: job.clone(),
             epoch: 3,
