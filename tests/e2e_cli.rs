@@ -120,6 +120,24 @@ async fn the_cli_submits_lists_drains_and_snapshots_through_any_replica() {
         saved.to_string().contains(&id),
         "the snapshot holds the job"
     );
+    // A backup loads into an empty cluster only: this one says no and names why.
+    let out = gangway(&[
+        "cluster",
+        "snapshot",
+        "restore",
+        snap.to_str().unwrap(),
+        "--addr",
+        &addrs,
+    ])
+    .await;
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("empty cluster only"),
+        "{out:?}"
+    );
+    let keep = tempfile::tempdir().unwrap();
+    let backup = keep.path().join("backup.json");
+    std::fs::copy(&snap, &backup).unwrap();
 
     // Phase 5: with no replica reachable, the CLI gives up by its deadline with exit code 5.
     let dead = free_ports(2);
@@ -127,6 +145,46 @@ async fn the_cli_submits_lists_drains_and_snapshots_through_any_replica() {
     let out = gangway(&["jobs", "--addr", &dead, "--timeout", "1s"]).await;
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     fleet.stop().await;
+    drop(cluster);
+
+    // Phase 6: the old cluster is gone; a new one restores the backup. The gang that ran is back
+    // and is placed again from scratch (its lease from before the backup is not trusted).
+    let mut fresh = TestCluster::start(1);
+    fresh.wait_for_leader(None, Duration::from_secs(30)).await;
+    let addr = fresh.addr(1);
+    let out = gangway(&[
+        "cluster",
+        "snapshot",
+        "restore",
+        backup.to_str().unwrap(),
+        "--addr",
+        &addr,
+        "-o",
+        "json",
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let restored = json(&out);
+    assert_eq!(
+        (restored["nodes"].as_u64(), restored["requeued"].as_u64()),
+        (Some(2), Some(1)),
+        "{restored}"
+    );
+    let jobs = json(&gangway(&["jobs", "--addr", &addr, "-o", "json"]).await);
+    let job = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == id.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("job {id} not restored: {jobs}"));
+    // Pending, or already placed again on the restored (worker-less) nodes under a new epoch
+    // past the jump: never under its old lease.
+    match job["state"].as_str() {
+        Some("pending") => {}
+        Some("running") => assert!(job["lease_epoch"].as_u64().unwrap() > 1 << 32, "{job}"),
+        other => panic!("restored job is {other:?}: {job}"),
+    }
 }
 
 #[test]

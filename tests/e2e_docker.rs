@@ -91,19 +91,36 @@ fn compose_command() -> Option<Vec<&'static str>> {
         })
 }
 
-/// The image for this build, built (or found up to date) by the deployment's own script.
+/// The image for this build, built (or found up to date) by the deployment's own script. Each
+/// binary gets its own tag, so runs of different builds side by side do not swap images.
 fn build_image() -> Result<String, String> {
     let out = run_ok(
         Command::new("bash")
             .arg(format!("{ROOT}/deploy/image/build-image.sh"))
-            .args(["--binary", common::BIN, "--tag", "gangway:e2e-{hash}"]),
+            .args(["--binary", common::BIN, "--tag", "gangway:e2e-{hash}"])
+            .args(["--label", E2E_LABEL]),
         Duration::from_secs(300),
     )?;
+    // Images of earlier builds pile up otherwise. Only those no container uses and older than an
+    // hour go, so a run beside this one keeps its image.
+    let _ = docker(&[
+        "image",
+        "prune",
+        "-a",
+        "-f",
+        "--filter",
+        &format!("label={E2E_LABEL}"),
+        "--filter",
+        "until=1h",
+    ]);
     out.lines()
         .last()
         .map(str::to_owned)
         .ok_or_else(|| "build-image.sh printed no tag".to_owned())
 }
+
+/// Marks the images this test builds.
+const E2E_LABEL: &str = "org.gangway.e2e=1";
 
 /// One compose project: its own network, volumes and containers. Dropping it runs `down -v`.
 struct Project {

@@ -3,8 +3,9 @@
 #
 # The root file system is assembled here from a built `gangway` binary and exactly the shared
 # libraries it links (found with ldd, the dynamic loader included), then `docker import`ed. Nothing
-# is downloaded, so it works on machines that can reach no registry, and the image holds nothing
-# the binary does not use: no shell package manager, no curl (health checks run `gangway health`).
+# is downloaded, so it works on machines that can reach no registry, and the image holds only the
+# binary, its libraries and two small tools for tasks: no package manager, no curl (health checks
+# run `gangway health`).
 #
 # What goes in:
 #   /usr/local/bin/gangway     the binary (debug info stripped unless --no-strip); server, worker,
@@ -28,6 +29,7 @@
 # already carries that label, nothing is rebuilt. `{hash}` in --tag is replaced by that hash.
 #
 # usage: deploy/image/build-image.sh [--binary PATH] [--tag TAG] [--tools "sh sleep"] [--no-strip]
+#                                     [--label KEY=VALUE (no spaces)]...
 # The last line on stdout is the tag.
 set -euo pipefail
 
@@ -45,6 +47,7 @@ tag="gangway:dev"
 tools="sh sleep"
 strip=1
 uid=10001
+labels=()
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -52,6 +55,7 @@ while [ $# -gt 0 ]; do
     --tag) tag="${2:?--tag needs a value}"; shift 2 ;;
     --tools) tools="${2?--tools needs a list (may be empty)}"; shift 2 ;;
     --no-strip) strip=0; shift ;;
+    --label) labels+=("${2:?--label needs KEY=VALUE}"); shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
     esac
@@ -73,7 +77,7 @@ script="${BASH_SOURCE[0]}"
 hash="$(
     {
         sha256sum "$binary" "$script" | cut -d' ' -f1
-        echo "strip=$strip uid=$uid tools=$tools"
+        echo "strip=$strip uid=$uid tools=$tools labels=${labels[*]+${labels[*]}}"
         for f in ${tool_files[@]+"${tool_files[@]}"}; do sha256sum "$f"; done
     } | sha256sum | cut -c1-16
 )"
@@ -153,8 +157,12 @@ tar -C "$root" --sort=name --numeric-owner --owner=0 --group=0 \
 tar -C "$root" --numeric-owner --owner="$uid" --group="$uid" --no-recursion \
     -rf "$tarball" ./var/lib/gangway ./var/lib/gangway/checkpoints
 
+# The image the tag names now, if any: removed below once the tag moves, unless a container uses it.
+previous="$(docker image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)"
 size="$(du -sh "$root" | cut -f1)"
 echo "build-image: importing $size root file system as $tag (inputs $hash)" >&2
+changes=()
+for l in ${labels[@]+"${labels[@]}"}; do changes+=(--change "LABEL $l"); done
 docker import \
     --change 'ENTRYPOINT ["/usr/local/bin/gangway"]' \
     --change 'CMD ["--help"]' \
@@ -164,6 +172,10 @@ docker import \
     --change 'EXPOSE 7101 8101 7300' \
     --change "LABEL org.gangway.content-hash=$hash" \
     --change 'LABEL org.opencontainers.image.title=gangway' \
+    ${changes[@]+"${changes[@]}"} \
     --message "assembled by deploy/image/build-image.sh from $(basename "$binary")" \
     "$tarball" "$tag" >/dev/null
+if [ -n "$previous" ]; then
+    docker rmi "$previous" >/dev/null 2>&1 || true
+fi
 echo "$tag"

@@ -831,6 +831,10 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
             epoch: 3,
             idle_ms: 1_900_000,
         },
+        Command::Restore {
+            state: Box::new(ClusterStore::new()),
+            backup_revision: 77,
+        },
         Command::CheckpointFailed {
             job: job.clone(),
             epoch: 3,
@@ -1408,4 +1412,77 @@ fn an_idle_lease_is_reclaimed_by_checkpoint_or_only_reported_as_its_queue_says()
         .unwrap_or("")
         .contains("cannot checkpoint"));
     assert!(c.store.allocations_for(&HostName::new("h2")).is_empty());
+}
+
+/// Disaster recovery: a backup loads only into an empty cluster; leases from before it are not
+/// trusted (their jobs wait again, from their checkpoints), and epochs and revisions jump past
+/// anything the old cluster could have granted after the backup, so its workers accept the
+/// restored cluster's directives.
+#[test]
+fn a_backup_restores_into_an_empty_cluster_only_and_trusts_no_lease_from_before_it() {
+    use gangway_scheduler::state::RESTORE_JUMP;
+    // Phase 1: the old cluster: a running gang with a checkpoint, and a pending job.
+    let mut old = Cluster::new();
+    old.apply(Command::RegisterNode(node("h1", "r1", 8)));
+    let running = old.submit(spec("running", 1, 8));
+    let waiting = old.submit(spec("waiting", 1, 8));
+    old.place(vec![placement(&running, &["h1"], 0, 8)]);
+    let old_epoch = old.epoch_of(&running);
+    old.apply(Command::RecordCheckpoint {
+        job: running.clone(),
+        epoch: old_epoch,
+        request: 0,
+        manifest: CheckpointManifest {
+            path: "/ck/40".into(),
+            step: 40,
+            bytes: 1,
+        },
+    });
+    let backup = old.store.clone();
+
+    // Phase 2: a cluster that already has state refuses it, unchanged.
+    let restore = |revision| Command::Restore {
+        state: Box::new(backup.clone()),
+        backup_revision: revision,
+    };
+    let mut busy = Cluster::new();
+    busy.apply(Command::RegisterNode(node("h9", "r1", 8)));
+    let before = busy.store.clone();
+    assert!(matches!(
+        busy.apply(restore(500)),
+        Response::Rejected(Rejection::NotEmpty { nodes: 1, jobs: 0 })
+    ));
+    assert_eq!(busy.store.job(&running), None);
+    assert_eq!(busy.store.nodes(), before.nodes());
+
+    // Phase 3: a new cluster takes it: both jobs are back, nobody holds a lease, the gang waits
+    // to restart from its checkpoint.
+    let mut new = Cluster::new();
+    assert_eq!(new.apply(restore(500)), Response::Done);
+    assert_eq!(new.store.jobs().len(), 2);
+    assert!(new.store.allocations_for(&HostName::new("h1")).is_empty());
+    let j = new.store.job(&running).unwrap();
+    assert_eq!(j.state, JobState::Pending);
+    assert!(
+        j.pending_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("restored from a backup"),
+        "{:?}",
+        j.pending_reason
+    );
+    assert_eq!(new.store.job(&waiting).unwrap().state, JobState::Pending);
+    assert!(new.store.revision(1) > 500 + RESTORE_JUMP);
+
+    // Phase 4: the next lease's epoch is far past the old one, and it restores the checkpoint.
+    new.place(vec![placement(&running, &["h1"], 0, 8)]);
+    assert!(new.epoch_of(&running) > old_epoch + RESTORE_JUMP);
+    let alloc = &new.store.allocations_for(&HostName::new("h1"))[0];
+    assert_eq!(alloc.restore_from.as_deref(), Some("/ck/40"));
+
+    // Phase 5: a second restore over it is refused.
+    assert!(matches!(
+        new.apply(restore(500)),
+        Response::Rejected(Rejection::NotEmpty { .. })
+    ));
 }

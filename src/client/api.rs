@@ -218,4 +218,20 @@ impl Client {
         })
         .await
     }
+
+    /// Loads a backup into an empty cluster, in 1 MiB chunks. Not resent once the outcome is
+    /// unknown (a second try would only be refused: the cluster is no longer empty).
+    pub async fn restore_snapshot(
+        &mut self,
+        backup: &[u8],
+    ) -> Result<pb::RestoreSnapshotReply, ClientError> {
+        self.call("RestoreSnapshot", Retry::UnlessOutcomeUnknown, |mut api| {
+            let chunks: Vec<pb::SnapshotChunk> = backup
+                .chunks(1 << 20)
+                .map(|c| pb::SnapshotChunk { data: c.to_vec() })
+                .collect();
+            async move { api.restore_snapshot(tokio_stream::iter(chunks)).await }
+        })
+        .await
+    }
 }

@@ -230,6 +230,13 @@ impl ClientApi for Fake {
         Err(Status::unimplemented("Drill"))
     }
 
+    async fn restore_snapshot(
+        &self,
+        _: Request<tonic::Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::RestoreSnapshotReply>, Status> {
+        Err(Status::unimplemented("RestoreSnapshot"))
+    }
+
     type SaveSnapshotStream = SnapshotStream;
 
     async fn save_snapshot(

@@ -1,4 +1,4 @@
-//! `gangway cluster status|transfer-leader|add-member|remove-member|snapshot save`.
+//! `gangway cluster status|transfer-leader|add-member|remove-member|snapshot save|snapshot restore`.
 
 use super::common::{ClientOpts, WatchOpts, Watcher};
 use super::output::{format_bytes, new_table, print_action, table_string, to_json, Output, Render};
@@ -69,6 +69,25 @@ pub struct RemoveMemberArgs {
 pub enum SnapshotCommand {
     /// Stream a snapshot into FILE (written to FILE.tmp, then renamed).
     Save(SnapshotSaveArgs),
+    /// Load a snapshot into a new, empty cluster (no workers registered yet). Jobs that held a
+    /// lease in the backup are re-queued from their last checkpoint.
+    Restore(SnapshotRestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotRestoreArgs {
+    /// A snapshot written by `gangway cluster snapshot save`.
+    pub file: PathBuf,
+}
+
+/// `gangway cluster snapshot restore -o json`.
+#[derive(Debug, Serialize)]
+pub struct RestoreView {
+    pub path: String,
+    pub nodes: u32,
+    pub jobs: u32,
+    pub requeued: u32,
+    pub backup_revision: u64,
 }
 
 #[derive(Args, Debug)]
@@ -264,6 +283,27 @@ pub async fn cluster(group: ClusterGroup) -> Result<(), ClientError> {
                 Output::Json => println!("{}", to_json(&view, false)),
             }
         }
+        ClusterCommand::Snapshot(SnapshotCommand::Restore(a)) => {
+            let backup = std::fs::read(&a.file).map_err(|source| ClientError::Io {
+                context: format!("read {}", a.file.display()),
+                source,
+            })?;
+            let r = client.restore_snapshot(&backup).await?;
+            let view = RestoreView {
+                path: a.file.display().to_string(),
+                nodes: r.nodes,
+                jobs: r.jobs,
+                requeued: r.requeued,
+                backup_revision: r.backup_revision,
+            };
+            match output {
+                Output::Table => println!(
+                    "restored {}: {} nodes, {} jobs ({} re-queued from their last checkpoint), taken at revision {}",
+                    view.path, view.nodes, view.jobs, view.requeued, view.backup_revision
+                ),
+                Output::Json => println!("{}", to_json(&view, false)),
+            }
+        }
     }
     Ok(())
 }
@@ -341,6 +381,7 @@ mod tests {
                     matched_index: 58,
                 },
             ],
+            ..Default::default()
         }
     }
 

@@ -188,3 +188,119 @@ pub fn op_violations(ops: &[Op], jobs: &[pb::JobSummary]) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(job: &str, epoch: u64, tasks: &[(&str, &[u32])]) -> pb::LeaseInfo {
+        pb::LeaseInfo {
+            job_id: job.into(),
+            epoch,
+            granted_at_ms: 0,
+            tasks: tasks
+                .iter()
+                .enumerate()
+                .map(|(i, (host, devices))| pb::TaskLease {
+                    task: i as u32,
+                    host: (*host).into(),
+                    devices: devices.to_vec(),
+                })
+                .collect(),
+        }
+    }
+
+    fn sample(at_ms: u64, leases: Vec<pb::LeaseInfo>) -> Sample {
+        Sample { at_ms, leases }
+    }
+
+    fn shapes() -> BTreeMap<String, Shape> {
+        let s = |tasks, devices| Shape { tasks, devices };
+        [("a".to_owned(), s(2, 2)), ("b".to_owned(), s(1, 1))]
+            .into_iter()
+            .collect()
+    }
+
+    #[test]
+    fn the_committed_view_is_checked_per_sample_and_across_samples() {
+        let ok = [
+            sample(1, vec![lease("a", 3, &[("h1", &[0, 1]), ("h2", &[0, 1])])]),
+            sample(2, vec![lease("b", 4, &[("h1", &[0])])]),
+        ];
+        assert!(lease_violations(&ok, &shapes()).is_empty());
+
+        let double = [sample(
+            1,
+            vec![
+                lease("a", 3, &[("h1", &[0, 1]), ("h2", &[0, 1])]),
+                lease("b", 4, &[("h1", &[1])]),
+            ],
+        )];
+        let v = lease_violations(&double, &shapes());
+        assert!(
+            v.len() == 1 && v[0].contains("in the leases of a and b"),
+            "{v:?}"
+        );
+
+        let backwards = [
+            sample(1, vec![lease("b", 4, &[("h1", &[0])])]),
+            sample(2, vec![lease("a", 3, &[("h1", &[0, 1]), ("h2", &[0, 1])])]),
+        ];
+        let v = lease_violations(&backwards, &shapes());
+        assert!(
+            v.len() == 1 && v[0].contains("epoch 4 (b) was seen"),
+            "{v:?}"
+        );
+
+        let partial = [sample(1, vec![lease("a", 3, &[("h1", &[0, 1])])])];
+        let v = lease_violations(&partial, &shapes());
+        assert!(v.len() == 1 && v[0].contains("not its whole gang"), "{v:?}");
+    }
+
+    fn op(kind: &'static str, target: &str, outcome: Outcome, job: Option<&str>) -> Op {
+        Op {
+            kind,
+            target: target.into(),
+            sent_ms: 0,
+            done_ms: 1,
+            outcome,
+            job: job.map(str::to_owned),
+        }
+    }
+
+    fn job(id: &str, name: &str, state: &str) -> pb::JobSummary {
+        pb::JobSummary {
+            id: id.into(),
+            name: name.into(),
+            state: state.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn acknowledged_writes_are_checked_against_the_jobs_listed() {
+        let ops = [
+            op("submit", "j1", Outcome::Ok, Some("j1-1")),
+            op("submit", "j2", Outcome::Unknown("timeout".into()), None),
+            op("cancel", "j1-1", Outcome::Ok, None),
+        ];
+        let fine = [job("j1-1", "j1", "cancelled")];
+        assert!(
+            op_violations(&ops, &fine).is_empty(),
+            "an unknown submit may be absent"
+        );
+
+        let lost = [job("j2-2", "j2", "running")];
+        let v = op_violations(&ops, &lost);
+        assert!(v.iter().any(|m| m.contains("j1 (job")), "{v:?}");
+        assert!(v.iter().any(|m| m.contains("the job is absent")), "{v:?}");
+
+        let twice = [job("j1-1", "j1", "cancelled"), job("j1-3", "j1", "pending")];
+        let v = op_violations(&ops, &twice);
+        assert!(v.len() == 1 && v[0].contains("applied 2 times"), "{v:?}");
+
+        let revived = [job("j1-1", "j1", "running")];
+        let v = op_violations(&ops, &revived);
+        assert!(v.len() == 1 && v[0].contains("the job is running"), "{v:?}");
+    }
+}

@@ -246,3 +246,100 @@ pub fn restore_violations(runs: &[Run]) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(job: &str, epoch: u64, uuids: &str, from_ms: u64, to_ms: u64) -> Run {
+        let ns = |ms: u64| ms * 1_000_000;
+        let text = format!(
+            "start {} 7 h1 {job} 0 {epoch} {uuids} 0\ntick {} 1\nend {} term\n",
+            ns(from_ms),
+            ns(from_ms + 1),
+            ns(to_ms)
+        );
+        parse(&format!("{job}.e{epoch}"), &text).expect("parses")
+    }
+
+    #[test]
+    fn a_journal_parses_and_a_torn_last_line_is_ignored() {
+        let text = "start 1000 42 h2 j1-1 1 5 GPU-h2-0,GPU-h2-3 12\nlock-conflict 1001 GPU-h2-3\nckpt 1500 13\ntick 2000 13\ntick 30";
+        let r = parse("f", text).expect("parses");
+        assert_eq!((r.pid, r.host.as_str(), r.job.as_str()), (42, "h2", "j1-1"));
+        assert_eq!((r.task, r.epoch, r.resumed_step), (1, 5, 12));
+        assert_eq!(r.uuids, ["GPU-h2-0", "GPU-h2-3"]);
+        assert_eq!(
+            (r.start_ns, r.last_ns),
+            (1000, 2000),
+            "the torn line is not counted"
+        );
+        assert_eq!(r.conflicts, ["GPU-h2-3"]);
+        assert_eq!(r.checkpoints, [13]);
+        assert_eq!(r.ended, None);
+        assert!(parse("f", "tick 5 1\n").is_none(), "no start line, no run");
+    }
+
+    #[test]
+    fn a_device_handed_over_in_turn_is_fine_and_shared_or_refenced_is_not() {
+        let handover = [
+            run("a", 1, "GPU-h1-0", 0, 100),
+            run("b", 2, "GPU-h1-0", 101, 200),
+        ];
+        assert!(device_violations(&handover).is_empty());
+
+        let shared = [
+            run("a", 1, "GPU-h1-0", 0, 100),
+            run("b", 2, "GPU-h1-0", 90, 200),
+        ];
+        let v = device_violations(&shared);
+        assert!(
+            v.len() == 1 && v[0].contains("two tasks ran at once"),
+            "{v:?}"
+        );
+
+        let older = [
+            run("a", 3, "GPU-h1-0", 0, 100),
+            run("b", 2, "GPU-h1-0", 150, 200),
+        ];
+        let v = device_violations(&older);
+        assert!(
+            v.len() == 1 && v[0].contains("epoch went backwards"),
+            "{v:?}"
+        );
+
+        let twice = [
+            run("a", 3, "GPU-h1-0", 0, 100),
+            run("a", 3, "GPU-h1-1", 150, 200),
+        ];
+        let v = device_violations(&twice);
+        assert!(v.len() == 1 && v[0].contains("launched 2 times"), "{v:?}");
+
+        let mut conflict = run("b", 2, "GPU-h1-0", 101, 200);
+        conflict.conflicts.push("GPU-h1-0".into());
+        let v = device_violations(&[conflict]);
+        assert!(
+            v.len() == 1 && v[0].contains("another live process"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_restore_must_come_from_a_written_checkpoint_and_never_go_back() {
+        let mut first = run("a", 1, "GPU-h1-0", 0, 100);
+        first.checkpoints = vec![40, 80];
+        let mut second = run("a", 2, "GPU-h1-1", 200, 300);
+        second.resumed_step = 80;
+        assert!(restore_violations(&[first.clone(), second.clone()]).is_empty());
+
+        let mut invented = second.clone();
+        invented.resumed_step = 90;
+        let v = restore_violations(&[first.clone(), invented]);
+        assert!(v.len() == 1 && v[0].contains("no earlier run"), "{v:?}");
+
+        let mut behind = run("a", 3, "GPU-h1-2", 400, 500);
+        behind.resumed_step = 40;
+        let v = restore_violations(&[first, second, behind]);
+        assert!(v.len() == 1 && v[0].contains("behind"), "{v:?}");
+    }
+}

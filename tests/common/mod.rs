@@ -45,6 +45,26 @@ impl Replica {
             .as_mut()
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
+
+    /// How the process ended, once it has (a supervisor's question: crashed or stopped cleanly?).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+}
+
+/// How a test cluster's replicas are configured.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// `allow_drills` in every replica's configuration.
+    pub allow_drills: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self { allow_drills: true }
+    }
 }
 
 /// One cluster at a time per test binary: three replicas per test on a 2-core CI machine is already
@@ -58,14 +78,21 @@ pub struct TestCluster {
 }
 
 /// Replica settings for tests: elections within about a second, nodes down after 3 s of silence.
-fn config_text(id: u64, grpc: &str, http: &str, data: &Path, cluster: &str) -> String {
+fn config_text(
+    id: u64,
+    grpc: &str,
+    http: &str,
+    data: &Path,
+    cluster: &str,
+    opts: &ClusterOptions,
+) -> String {
     format!(
         r#"id = {id}
 listen = "{grpc}"
 http = "{http}"
 data_dir = "{}"
 initial_cluster = "{cluster}"
-allow_drills = true
+allow_drills = {}
 
 [raft]
 election_timeout_min = "400ms"
@@ -81,7 +108,8 @@ min_runtime = "1s"
 heartbeat_interval = "500ms"
 node_ttl = "3s"
 "#,
-        data.display()
+        data.display(),
+        opts.allow_drills
     )
 }
 
@@ -92,6 +120,11 @@ impl TestCluster {
     }
 
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, &ClusterOptions::default())
+    }
+
+    /// [`Self::start`] with replica settings other than the defaults.
+    pub fn start_with(n: usize, opts: &ClusterOptions) -> Self {
         let serial = Self::serial();
         let dir = tempfile::Builder::new()
             .prefix("gangway-e2e-")
@@ -109,8 +142,11 @@ impl TestCluster {
             let http = format!("127.0.0.1:{}", ports[n + i]);
             let data = dir.path().join(format!("data-{id}"));
             let config = dir.path().join(format!("replica-{id}.toml"));
-            std::fs::write(&config, config_text(id, &grpc, &http, &data, &cluster))
-                .expect("write config");
+            std::fs::write(
+                &config,
+                config_text(id, &grpc, &http, &data, &cluster, opts),
+            )
+            .expect("write config");
             let log = dir.path().join(format!("replica-{id}.log"));
             replicas.push(Replica {
                 id,

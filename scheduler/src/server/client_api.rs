@@ -22,6 +22,8 @@ use tonic::{Request, Response as TonicResponse, Status};
 
 /// Snapshot bytes per streamed chunk.
 const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// Largest backup a restore accepts: it becomes one Raft entry, held in memory on every replica.
+const MAX_RESTORE_BYTES: usize = 1 << 30;
 /// Longest idempotency key accepted (it is kept in the replicated state).
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
@@ -380,6 +382,7 @@ impl ClientApi for ClientService {
             applied_index: m.applied_index.unwrap_or(0),
             members,
             role: role.to_owned(),
+            started_at_ms: super::drill::process_started_ms(),
         })
     }
 
@@ -461,6 +464,45 @@ impl ClientApi for ClientService {
             .collect();
         let stream: Self::SaveSnapshotStream = Box::pin(futures::stream::iter(chunks));
         ok(stream)
+    }
+
+    async fn restore_snapshot(
+        &self,
+        req: Request<tonic::Streaming<pb::SnapshotChunk>>,
+    ) -> Reply<pb::RestoreSnapshotReply> {
+        let mut stream = req.into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            if bytes.len() + chunk.data.len() > MAX_RESTORE_BYTES {
+                return Err(ApiError::invalid(
+                    "data",
+                    format!("expected a snapshot of at most {MAX_RESTORE_BYTES} bytes"),
+                )
+                .into());
+            }
+            bytes.extend_from_slice(&chunk.data);
+        }
+        let (state, backup_revision) =
+            super::fsm::SchedulerFsm::from_backup(&bytes).map_err(|e| {
+                ApiError::invalid(
+                    "data",
+                    format!("expected a snapshot written by `gangway cluster snapshot save`: {e}"),
+                )
+            })?;
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let reply = pb::RestoreSnapshotReply {
+            nodes: count(state.nodes().len()),
+            jobs: count(state.jobs().len()),
+            requeued: count(state.jobs().values().filter(|j| j.lease.is_some()).count()),
+            backup_revision,
+        };
+        self.ctx
+            .write(Command::Restore {
+                state: Box::new(state),
+                backup_revision,
+            })
+            .await?;
+        ok(reply)
     }
 
     async fn drill(&self, req: Request<pb::DrillRequest>) -> Reply<pb::DrillReply> {

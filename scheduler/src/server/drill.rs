@@ -31,8 +31,17 @@ pub struct DrillControl {
     generation: AtomicU64,
 }
 
+/// When this process started (Unix ms), fixed at the replica's start: `ClusterStatus` reports it so
+/// a drill can tell a restarted replica from the one that was there before.
+pub fn process_started_ms() -> u64 {
+    static STARTED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(super::context::wall_clock_ms)
+}
+
 impl Default for DrillControl {
     fn default() -> Self {
+        // Built once per replica, at its start.
+        process_started_ms();
         Self {
             faults: Arc::new(FaultInjector::new(0)),
             generation: AtomicU64::new(0),

@@ -86,6 +86,7 @@ impl ApiError {
                 | Rejection::UnknownTask { .. } => Code::NotFound,
                 Rejection::InvalidJob(_) => Code::InvalidArgument,
                 Rejection::WrongJobState { .. }
+                | Rejection::NotEmpty { .. }
                 | Rejection::BadNode { .. }
                 | Rejection::StaleEpoch { .. } => Code::FailedPrecondition,
             },

@@ -31,6 +31,19 @@ impl SchedulerFsm {
     pub fn applied_index(&self) -> u64 {
         self.applied_index
     }
+
+    /// The revision of the state workers see on their allocation sets: the applied index, moved
+    /// past a restored backup's revision.
+    pub fn revision(&self) -> u64 {
+        self.store.revision(self.applied_index)
+    }
+
+    /// Reads a backup written by `gangway cluster snapshot save`: the state and its revision.
+    pub fn from_backup(bytes: &[u8]) -> Result<(ClusterStore, u64), serde_json::Error> {
+        let fsm: SchedulerFsm = serde_json::from_slice(bytes)?;
+        let revision = fsm.revision();
+        Ok((fsm.store, revision))
+    }
 }
 
 impl StateMachine for SchedulerFsm {

@@ -199,7 +199,7 @@ impl WorkerApi for WorkerService {
                 fsm.store()
                     .nodes()
                     .contains_key(&node)
-                    .then(|| convert::allocation_set(fsm.store(), fsm.applied_index(), &node))
+                    .then(|| convert::allocation_set(fsm.store(), fsm.revision(), &node))
             })
             .await?
             .ok_or_else(|| ApiError::from(Rejection::UnknownNode(node.clone())))?;
@@ -241,7 +241,7 @@ impl WorkerApi for WorkerService {
                     continue;
                 }
                 let set = ctx.raft.read_local(|fsm| {
-                    convert::allocation_set(fsm.store(), fsm.applied_index(), &node)
+                    convert::allocation_set(fsm.store(), fsm.revision(), &node)
                 });
                 if !same(&set, &last) {
                     last = set.clone();

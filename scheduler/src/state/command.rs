@@ -167,6 +167,15 @@ pub enum Command {
         epoch: u64,
         idle_ms: u64,
     },
+    /// Loads a backup (`gangway cluster snapshot save`) into an empty cluster. `backup_revision` is
+    /// the revision the backup was taken at. Every lease in the backup is revoked and its job
+    /// re-queued, and epochs and revisions jump far past anything the old cluster could have
+    /// granted after the backup, so the fleet's workers trust the restored cluster and nothing
+    /// from before it.
+    Restore {
+        state: Box<super::ClusterStore>,
+        backup_revision: u64,
+    },
 }
 
 impl Command {
@@ -187,6 +196,7 @@ impl Command {
             Command::Defragment { .. } => "defragment",
             Command::SetQueue(_) => "set_queue",
             Command::IdleLease { .. } => "idle_lease",
+            Command::Restore { .. } => "restore",
         }
     }
 }
@@ -215,6 +225,8 @@ pub enum Rejection {
     UnknownTask { job: JobId, task: u32 },
     #[error("invalid job: {0}")]
     InvalidJob(String),
+    #[error("a backup is restored into an empty cluster only; this one has {nodes} nodes and {jobs} jobs")]
+    NotEmpty { nodes: usize, jobs: usize },
 }
 
 impl Rejection {
@@ -228,6 +240,7 @@ impl Rejection {
             Rejection::StaleEpoch { .. } => "stale_epoch",
             Rejection::UnknownTask { .. } => "unknown_task",
             Rejection::InvalidJob(_) => "invalid_job",
+            Rejection::NotEmpty { .. } => "not_empty",
         }
     }
 }

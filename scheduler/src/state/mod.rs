@@ -18,4 +18,4 @@ pub use command::{
 };
 pub use job_record::{JobRecord, JobState, Lease};
 pub use node_record::NodeRecord;
-pub use store::{Allocation, ClusterStore};
+pub use store::{Allocation, ClusterStore, RESTORE_JUMP};

@@ -57,7 +57,16 @@ pub struct ClusterStore {
     /// times how long the job then waited (the time they would otherwise have idled in its lease).
     #[serde(default)]
     pub(super) reclaimed_device_ms: u64,
+    /// Added to the applied index to give the revision workers see: 0 until a restore, which sets
+    /// it past the backup's revision (see `Command::Restore`).
+    #[serde(default)]
+    pub(super) revision_base: u64,
 }
+
+/// How far a restore moves lease epochs and allocation revisions past the backup's: more than a
+/// cluster could grant or apply between a backup and its restore (2^32 leases or entries), so a
+/// worker that saw the old cluster go on after the backup still trusts the restored one.
+pub const RESTORE_JUMP: u64 = 1 << 32;
 
 impl ClusterStore {
     pub fn new() -> Self {
@@ -122,7 +131,57 @@ impl ClusterStore {
                 epoch,
                 idle_ms,
             } => self.apply_idle_lease(now, job, epoch, idle_ms, events),
+            Command::Restore {
+                state,
+                backup_revision,
+            } => self.apply_restore(now, *state, backup_revision, events),
         }
+    }
+
+    /// The revision workers see for applied index `applied_index` (see `revision_base`).
+    pub fn revision(&self, applied_index: u64) -> u64 {
+        self.revision_base.saturating_add(applied_index)
+    }
+
+    fn apply_restore(
+        &mut self,
+        now: u64,
+        backup: ClusterStore,
+        backup_revision: u64,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        if !self.nodes.is_empty() || !self.jobs.is_empty() {
+            return Response::Rejected(super::command::Rejection::NotEmpty {
+                nodes: self.nodes.len(),
+                jobs: self.jobs.len(),
+            });
+        }
+        *self = backup;
+        self.now_ms = self.now_ms.max(now);
+        self.next_epoch = self.next_epoch.saturating_add(RESTORE_JUMP);
+        self.revision_base = backup_revision.saturating_add(RESTORE_JUMP);
+        self.reservations.clear();
+        let leased: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.lease.is_some())
+            .map(|j| j.id.clone())
+            .collect();
+        for job in leased {
+            self.revoke_lease(
+                now,
+                &job,
+                JobState::Pending,
+                "restored from a backup: leases from before it are not trusted; re-queued from the last checkpoint"
+                    .to_owned(),
+                events,
+            );
+        }
+        for node in self.nodes.keys() {
+            events.push(Event::AllocationsChanged(node.clone()));
+        }
+        events.push(Event::SchedulingNeeded);
+        Response::Done
     }
 
     /// Device-hours idle reclamation has given back so far (see `reclaimed_device_ms`).

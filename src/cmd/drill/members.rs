@@ -25,14 +25,6 @@ pub struct Members {
     members: BTreeMap<u64, Member>,
 }
 
-/// The leader as it answered itself.
-#[derive(Clone, Debug)]
-pub struct LeaderView {
-    pub id: u64,
-    pub term: u64,
-    pub commit_index: u64,
-}
-
 impl Members {
     /// From a leader's `ClusterStatus` reply.
     pub fn from_status(status: &pb::ClusterStatusReply) -> Result<Self, ClientError> {
@@ -90,30 +82,21 @@ impl Members {
         status_on(self.members.get(&id)?.channel.clone()).await
     }
 
-    /// A replica that says it leads in a term after `after_term` (ignoring `except`), as it
-    /// answered itself. Asks every member at once.
-    pub async fn leader_after(&self, after_term: u64, except: Option<u64>) -> Option<LeaderView> {
+    /// Every replica that answers that it leads, as it answered itself (all asked at once).
+    pub async fn leaders(&self) -> Vec<pb::ClusterStatusReply> {
         let mut asks = tokio::task::JoinSet::new();
-        for (id, m) in &self.members {
-            if Some(*id) != except {
-                asks.spawn(status_on(m.channel.clone()));
-            }
+        for m in self.members.values() {
+            asks.spawn(status_on(m.channel.clone()));
         }
         let mut answers = Vec::new();
         while let Some(done) = asks.join_next().await {
             if let Ok(Some(s)) = done {
-                answers.push(s);
+                if s.role == "leader" {
+                    answers.push(s);
+                }
             }
         }
         answers
-            .into_iter()
-            .filter(|s| s.role == "leader" && s.term > after_term)
-            .max_by_key(|s| s.term)
-            .map(|s| LeaderView {
-                id: s.replica_id,
-                term: s.term,
-                commit_index: s.commit_index,
-            })
     }
 
     /// Sends one drill action to replica `id` (never forwarded; it runs there).

@@ -22,7 +22,7 @@ use crate::client::{normalize_addr, Client, ClientError};
 use clap::{Args, Subcommand};
 use gangway_proto::pb;
 use indicatif::{ProgressBar, ProgressStyle};
-use members::{LeaderView, Members};
+use members::Members;
 use probe::{Budget, Placement, Probes};
 use report::{compare, report_text, DrillReport, Event, LeaseSnapshot};
 use std::io::IsTerminal;
@@ -309,6 +309,48 @@ fn transfer_target(
         })
 }
 
+/// The leadership a drill starts from.
+#[derive(Clone, Copy, Debug)]
+struct Before {
+    leader: u64,
+    term: u64,
+    /// When the leader's process started: a restarted leader reports another time.
+    started_at_ms: u64,
+}
+
+/// A leader after the fault, as it answered itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct LeaderView {
+    id: u64,
+    term: u64,
+    commit_index: u64,
+}
+
+/// The leadership that followed the fault, among the replicas answering that they lead: a leader
+/// of a newer term, or the old leader's restarted process leading again (a supervisor that
+/// restarts a crashed leader within the election timeout gets it back in the same term). The old
+/// process still claiming its old term is not one, and `except` is never one (the replica cut off
+/// by a partition). The newest term wins.
+fn newer_leader(
+    answers: &[pb::ClusterStatusReply],
+    before: Before,
+    except: Option<u64>,
+) -> Option<LeaderView> {
+    answers
+        .iter()
+        .filter(|s| s.role == "leader" && Some(s.replica_id) != except)
+        .filter(|s| {
+            s.term > before.term
+                || (s.replica_id == before.leader && s.started_at_ms != before.started_at_ms)
+        })
+        .max_by_key(|s| s.term)
+        .map(|s| LeaderView {
+            id: s.replica_id,
+            term: s.term,
+            commit_index: s.commit_index,
+        })
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -360,6 +402,11 @@ async fn run(
     report.old_leader = old;
     report.old_leader_address = members.address(old);
     report.term_before = status.term;
+    let before_leadership = Before {
+        leader: old,
+        term: status.term,
+        started_at_ms: status.started_at_ms,
+    };
     let target = match kind {
         Kind::Transfer(to) => Some(transfer_target(&status, &voters, to)?),
         Kind::Kill | Kind::Partition(_) if voters.len() < 3 => {
@@ -457,10 +504,21 @@ async fn run(
             };
             let reply = members.drill(old, abort, timeout).await?;
             timeline.add(if reply.was_leader {
-                format!("replica {old} aborts (it led)")
+                format!("replica {old} answers the abort (it leads)")
             } else {
-                format!("replica {old} aborts (it no longer led when the drill reached it)")
+                format!(
+                    "replica {old} answers the abort (it no longer led when the drill reached it)"
+                )
             });
+            // The crash is the fault's moment, not the answer: the process lives a little longer
+            // so that its answer leaves first.
+            if !wait_down(&members, before_leadership, Instant::now() + timeout).await {
+                return Err(ClientError::Other(format!(
+                    "replica {old} answered the abort but was still running {} later",
+                    humantime::format_duration(timeout)
+                )));
+            }
+            timeline.add(format!("replica {old} is down"));
             Duration::ZERO
         }
         Kind::Partition(d) => {
@@ -509,12 +567,13 @@ async fn run(
         })
     });
 
-    // A new leader: a replica leading in a newer term (for a partition, not the one cut off).
+    // A new leader: a replica leading in a newer term (for a partition, not the one cut off), or
+    // the crashed leader restarted and leading again.
     progress.phase("waiting for a new leader");
     let except = matches!(kind, Kind::Partition(_)).then_some(old);
     let mut new_leader: Option<LeaderView> = None;
     while new_leader.is_none() && Instant::now() < fault_at + timeout {
-        new_leader = members.leader_after(status.term, except).await;
+        new_leader = newer_leader(&members.leaders().await, before_leadership, except);
         if new_leader.is_none() {
             tokio::time::sleep(POLL).await;
         }
@@ -523,8 +582,16 @@ async fn run(
         Some(l) => {
             report.new_leader = Some(l.id);
             report.term_after = Some(l.term);
+            report.old_leader_resumed = l.id == old;
             report.time_to_new_leader_ms = Some(ms(Instant::now() - fault_at));
-            timeline.add(format!("replica {} leads (term {})", l.id, l.term));
+            timeline.add(if l.id == old {
+                format!(
+                    "replica {old} restarted and leads again (term {}) before another took over",
+                    l.term
+                )
+            } else {
+                format!("replica {} leads (term {})", l.id, l.term)
+            });
         }
         None => report.problems.push(format!(
             "no new leader within {} of the fault",
@@ -582,8 +649,7 @@ async fn run(
     ));
     let back = wait_back(
         &members,
-        old,
-        status.term,
+        before_leadership,
         fault_end + timeout,
         &mut timeline,
     )
@@ -629,20 +695,33 @@ async fn run(
     Ok(report)
 }
 
-/// Waits until replica `id` follows a leader of a term after `term_before` and has applied what
-/// that leader had committed when first seen; returns when.
+/// Waits until the old leader's process is gone: it does not answer, or a restarted process
+/// answers in its place. False when it is still the same process at `deadline`.
+async fn wait_down(members: &Members, before: Before, deadline: Instant) -> bool {
+    while Instant::now() < deadline {
+        match members.status(before.leader).await {
+            Some(s) if s.started_at_ms == before.started_at_ms => {}
+            _ => return true,
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Waits until the old leader follows the leadership that came after the fault (or is it, after a
+/// restart) and has applied what that leader had committed when first seen; returns when.
 async fn wait_back(
     members: &Members,
-    id: u64,
-    term_before: u64,
+    before: Before,
     deadline: Instant,
     timeline: &mut Timeline,
 ) -> Option<Instant> {
+    let id = before.leader;
     // What the leader had committed when first seen after the fault.
     let mut target: Option<u64> = None;
     let mut was_down = false;
     while Instant::now() < deadline {
-        let leader = members.leader_after(term_before, None).await;
+        let leader = newer_leader(&members.leaders().await, before, None);
         if target.is_none() {
             target = leader.as_ref().map(|l| l.commit_index);
         }
@@ -658,10 +737,14 @@ async fn wait_back(
                 }
                 if let (Some(l), Some(commit)) = (&leader, target) {
                     if s.leader_id == l.id && s.term == l.term && s.applied_index >= commit {
-                        timeline.add(format!(
-                            "replica {id} follows replica {} with everything applied",
-                            l.id
-                        ));
+                        timeline.add(if l.id == id {
+                            format!("replica {id} leads with everything applied")
+                        } else {
+                            format!(
+                                "replica {id} follows replica {} with everything applied",
+                                l.id
+                            )
+                        });
                         return Some(Instant::now());
                     }
                 }
@@ -707,6 +790,67 @@ mod tests {
             assert_eq!(err.exit_code(), crate::client::EXIT_INVALID);
         }
         assert!(transfer_target(&status(&[(1, 5)]), &[1], None).is_err());
+    }
+
+    #[test]
+    fn the_leadership_after_a_fault_is_a_newer_term_or_a_restarted_leader() {
+        let answer = |id: u64, term: u64, started: u64| pb::ClusterStatusReply {
+            replica_id: id,
+            role: "leader".into(),
+            term,
+            started_at_ms: started,
+            commit_index: 10 * term,
+            ..Default::default()
+        };
+        let before = Before {
+            leader: 1,
+            term: 4,
+            started_at_ms: 1000,
+        };
+        let id = |v: Option<LeaderView>| v.map(|l| l.id);
+        // (case, answers, except, expected leader)
+        type Case = (
+            &'static str,
+            Vec<pb::ClusterStatusReply>,
+            Option<u64>,
+            Option<u64>,
+        );
+        let cases: Vec<Case> = vec![
+            ("nobody leads yet", vec![], None, None),
+            (
+                "the old process still claims its term",
+                vec![answer(1, 4, 1000)],
+                None,
+                None,
+            ),
+            (
+                "another replica leads a newer term",
+                vec![answer(1, 4, 1000), answer(2, 5, 7)],
+                None,
+                Some(2),
+            ),
+            (
+                "the restarted leader leads again in the same term",
+                vec![answer(1, 4, 2000)],
+                None,
+                Some(1),
+            ),
+            (
+                "a partitioned leader is never the new one",
+                vec![answer(1, 6, 2000)],
+                Some(1),
+                None,
+            ),
+            (
+                "the newest term wins",
+                vec![answer(2, 5, 7), answer(3, 6, 7)],
+                None,
+                Some(3),
+            ),
+        ];
+        for (name, answers, except, want) in cases {
+            assert_eq!(id(newer_leader(&answers, before, except)), want, "{name}");
+        }
     }
 
     #[test]

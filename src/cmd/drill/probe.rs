@@ -88,7 +88,18 @@ impl Probes {
     /// A client whose every call gives up after one [`ATTEMPT`]; it keeps its connection and
     /// its place in the address list across writes, like a long-lived application client.
     pub fn client(&self) -> Client {
-        Client::new(self.addrs.clone(), ATTEMPT)
+        self.client_from(0)
+    }
+
+    /// A client that starts at the `n`-th address: after a failed attempt a probe starts over one
+    /// replica further, as a careful client would, instead of asking a cut-off replica again.
+    fn client_from(&self, n: usize) -> Client {
+        let mut addrs = self.addrs.clone();
+        if !addrs.is_empty() {
+            let len = addrs.len();
+            addrs.rotate_left(n % len);
+        }
+        Client::new(addrs, ATTEMPT)
     }
 
     fn name(&self, tag: &str) -> String {
@@ -142,6 +153,7 @@ impl Probes {
                 Err(_) => {
                     failures += 1;
                     self.count(|s| s.failed_attempts += 1);
+                    *client = self.client_from(failures as usize);
                 }
             }
             if budget.expired() {
@@ -174,6 +186,7 @@ impl Probes {
                     if counted {
                         self.count(|s| s.failed_attempts += 1);
                     }
+                    *client = self.client_from(failures as usize);
                 }
             }
             if budget.expired() {
@@ -198,15 +211,26 @@ impl Probes {
         deadline: Instant,
     ) -> Placement {
         let mut reason = "no answer from the cluster".to_owned();
+        let mut errors = 0;
         loop {
-            if let Ok(detail) = client.get_job(job_id).await {
-                let s = detail.summary.unwrap_or_default();
-                match s.state.as_str() {
-                    // Placed (and perhaps already ended): it held a lease.
-                    "running" | "succeeded" | "failed" => return Placement::Placed(Instant::now()),
-                    "cancelled" => return Placement::NotPlaced("the probe was cancelled".into()),
-                    _ if !s.pending_reason.is_empty() => reason = s.pending_reason,
-                    _ => {}
+            match client.get_job(job_id).await {
+                Ok(detail) => {
+                    let s = detail.summary.unwrap_or_default();
+                    match s.state.as_str() {
+                        // Placed (and perhaps already ended): it held a lease.
+                        "running" | "succeeded" | "failed" => {
+                            return Placement::Placed(Instant::now())
+                        }
+                        "cancelled" => {
+                            return Placement::NotPlaced("the probe was cancelled".into())
+                        }
+                        _ if !s.pending_reason.is_empty() => reason = s.pending_reason,
+                        _ => {}
+                    }
+                }
+                Err(_) => {
+                    errors += 1;
+                    *client = self.client_from(errors);
                 }
             }
             if Instant::now() >= deadline {

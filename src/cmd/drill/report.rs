@@ -233,6 +233,9 @@ pub struct DrillReport {
     /// The replica that leads after the fault; null when none was elected in time.
     pub new_leader: Option<u64>,
     pub term_after: Option<u64>,
+    /// kill-leader: the crashed leader was restarted and led again before another replica took
+    /// over (a supervisor faster than the election timeout); `new_leader` is then the old one.
+    pub old_leader_resumed: bool,
     /// partition-leader: how long the leader was cut off.
     pub partition_ms: Option<u64>,
     /// From the fault to a new leader (a replica leading in a newer term).
@@ -373,6 +376,11 @@ pub fn report_text(r: &DrillReport) -> String {
     lines.push((
         "New leader".into(),
         match (r.new_leader, r.time_to_new_leader_ms) {
+            (Some(id), Some(ms)) if r.old_leader_resumed => format!(
+                "replica {id} again after {}: restarted and leading (term {}) before another took over",
+                format_ms(ms),
+                r.term_after.unwrap_or(0)
+            ),
             (Some(id), Some(ms)) => format!(
                 "replica {id} after {} (term {})",
                 format_ms(ms),
@@ -524,8 +532,8 @@ mod tests {
                 "re-leased under a new epoch: lost and restarted",
                 snap(vec![running.clone()], vec![a0.clone()]),
                 snap(
-                    &[("a", job("running", 2))],
-                    &[("a", lease(4, &[("h2", 0), ("h2", 1)]))],
+                    vec![("a", job("running", 2))],
+                    vec![("a", lease(4, &[("h2", 0), ("h2", 1)]))],
                 ),
                 0,
                 0,
@@ -550,8 +558,8 @@ mod tests {
                     vec![a0.clone()],
                 ),
                 snap(
-                    &[running.clone(), ("b", job("running", 1))],
-                    &[a0.clone(), ("b", lease(5, &[("h2", 0)]))],
+                    vec![running.clone(), ("b", job("running", 1))],
+                    vec![a0.clone(), ("b", lease(5, &[("h2", 0)]))],
                 ),
                 1,
                 0,
@@ -563,8 +571,8 @@ mod tests {
                 "a device in two whole-device leases",
                 snap(vec![running.clone()], vec![a0.clone()]),
                 snap(
-                    &[running.clone(), ("b", job("running", 1))],
-                    &[a0.clone(), ("b", lease(5, &[("h1", 1), ("h1", 2)]))],
+                    vec![running.clone(), ("b", job("running", 1))],
+                    vec![a0.clone(), ("b", lease(5, &[("h1", 1), ("h1", 2)]))],
                 ),
                 1,
                 0,
@@ -576,7 +584,7 @@ mod tests {
                 "two half-device jobs share a device within its capacity",
                 snap(vec![], vec![]),
                 snap(
-                    &[
+                    vec![
                         (
                             "x",
                             JobRec {
@@ -592,7 +600,7 @@ mod tests {
                             },
                         ),
                     ],
-                    &[("x", lease(1, &[("h1", 7)])), ("y", lease(2, &[("h1", 7)]))],
+                    vec![("x", lease(1, &[("h1", 7)])), ("y", lease(2, &[("h1", 7)]))],
                 ),
                 0,
                 0,
@@ -604,7 +612,7 @@ mod tests {
                 "a half-device job beside a whole-device one is a duplicate",
                 snap(vec![], vec![]),
                 snap(
-                    &[
+                    vec![
                         (
                             "x",
                             JobRec {
@@ -614,7 +622,7 @@ mod tests {
                         ),
                         ("y", job("running", 1)),
                     ],
-                    &[("x", lease(1, &[("h1", 7)])), ("y", lease(2, &[("h1", 7)]))],
+                    vec![("x", lease(1, &[("h1", 7)])), ("y", lease(2, &[("h1", 7)]))],
                 ),
                 0,
                 0,

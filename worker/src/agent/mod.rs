@@ -83,6 +83,10 @@ pub struct Agent {
     cpu: Mutex<cpu_meter::CpuMeter>,
     /// Tasks with a checkpoint under way (so a repeated set does not start a second one).
     checkpointing: Mutex<BTreeSet<TaskKey>>,
+    /// Tasks whose launch waits for the tasks still on their devices to exit (so a repeated set
+    /// does not launch them a second time), with the newest checkpoint request a set has
+    /// carried for them meanwhile (answered once the task runs).
+    launching: Mutex<BTreeMap<TaskKey, u64>>,
     /// The task keys of the newest accepted set: what should run. Meaningful once `synced`.
     desired: Mutex<BTreeSet<TaskKey>>,
     /// A set has been accepted since start: until then an ended task's entry must stay, or the
@@ -146,6 +150,7 @@ impl Agent {
             running: Mutex::new(BTreeMap::new()),
             cpu: Mutex::new(cpu_meter::CpuMeter::new()),
             checkpointing: Mutex::new(BTreeSet::new()),
+            launching: Mutex::new(BTreeMap::new()),
             desired: Mutex::new(BTreeSet::new()),
             synced: std::sync::atomic::AtomicBool::new(false),
             outbox_wake: Notify::new(),
@@ -451,6 +456,7 @@ impl Agent {
         let mut launches: Vec<(TaskKey, pb::Allocation)> = Vec::new();
         let mut stops: Vec<TaskHandle> = Vec::new();
         let mut checkpoints: Vec<(TaskKey, pb::Allocation, u64)> = Vec::new();
+        let mut busy: BTreeMap<u32, Vec<TaskHandle>> = BTreeMap::new();
         {
             let mut state = self.lock_state();
             if set.revision < state.revision {
@@ -470,6 +476,11 @@ impl Agent {
                     task: alloc.task,
                     epoch: alloc.epoch,
                 };
+                if let Some(newest) = lock(&self.launching).get_mut(&key) {
+                    *newest = (*newest).max(alloc.checkpoint_request);
+                    desired.insert(key);
+                    continue;
+                }
                 if let Some(entry) = state.tasks.get(&key) {
                     desired.insert(key.clone());
                     let in_flight = lock(&self.checkpointing).contains(&key);
@@ -499,13 +510,16 @@ impl Agent {
                 launches.push((key, alloc));
             }
             // What runs but is no longer wanted stops; what ended and is no longer listed is
-            // forgotten.
+            // forgotten. Until a stopping task has exited, its devices are still in use.
             for (key, entry) in &state.tasks {
                 if desired.contains(key) || entry.ended.is_some() {
                     continue;
                 }
                 if let Some(h) = running.get(key) {
                     stops.push(h.clone());
+                    for d in &entry.devices {
+                        busy.entry(*d).or_default().push(h.clone());
+                    }
                 }
             }
             drop(running);
@@ -534,7 +548,39 @@ impl Agent {
             });
         }
         for (key, alloc) in launches {
-            self.launch(key, alloc).await;
+            // A device passes from a stopping task to a new one only once the old process has
+            // exited (within the stop grace): two processes on one GPU at once would share its
+            // memory, and the new one could fail for no fault of its own.
+            let holders: Vec<TaskHandle> = alloc
+                .devices
+                .iter()
+                .filter_map(|d| busy.get(&d.index))
+                .flatten()
+                .cloned()
+                .collect();
+            if holders.is_empty() {
+                self.launch(key, alloc).await;
+                continue;
+            }
+            tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, "launch waits for a stopping task to free its devices");
+            lock(&self.launching).insert(key.clone(), alloc.checkpoint_request);
+            let agent = self.clone();
+            tokio::spawn(async move {
+                for h in &holders {
+                    h.wait().await;
+                }
+                // Launched only if the newest set still wants it, with the newest checkpoint
+                // request (answered at launch, see `launch`); taken out of `launching` only once
+                // `launch` has recorded it, so no set in between launches it again.
+                if lock(&agent.desired).contains(&key) {
+                    let mut alloc = alloc;
+                    if let Some(&newest) = lock(&agent.launching).get(&key) {
+                        alloc.checkpoint_request = alloc.checkpoint_request.max(newest);
+                    }
+                    agent.launch(key.clone(), alloc).await;
+                }
+                lock(&agent.launching).remove(&key);
+            });
         }
         for (key, alloc, request) in checkpoints {
             self.start_checkpoint(key, alloc, request);
@@ -578,6 +624,25 @@ impl Agent {
                         exit_code: None,
                         message: String::new(),
                     });
+                    // Checkpoint requests made before the launch, also those made after the
+                    // lease was granted (while the agent was away or the devices were still
+                    // being freed), are answered by the restore point: the task has done no
+                    // work under this lease yet. Rank 0 says so, or a migration waiting for one
+                    // of them would wait forever. A repeat answer changes nothing.
+                    if key.task == 0 && alloc.checkpoint_request > 0 {
+                        let result = match checkpoint::read_manifest(&ckdir) {
+                            Some(m) => Ok((m.path, m.step, m.bytes)),
+                            None => Err(
+                                "no checkpoint yet: the task had not started under this lease"
+                                    .to_owned(),
+                            ),
+                        };
+                        state.outbox.push(PendingReport::Checkpoint {
+                            key: key.clone(),
+                            request: alloc.checkpoint_request,
+                            result,
+                        });
+                    }
                     drop(state);
                     if !self.save() {
                         // A task the state file does not name could not be re-adopted after a
