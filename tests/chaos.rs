@@ -18,7 +18,7 @@
 //! seed to show again.
 //!
 //! CHAOS_SEED=<u64> (default: random, printed), CHAOS_SCHEDULES=<n> (default 1; schedule i uses
-//! seed + i), CHAOS_STEPS=<n> fault steps per schedule (default 8). `make chaos` runs long ones.
+//! seed + i), CHAOS_STEPS=<n> fault steps per schedule (default 10). `make chaos` runs long ones.
 
 #[path = "chaos/api.rs"]
 mod api;
@@ -103,7 +103,7 @@ async fn random_faults_never_share_a_device_nor_lose_a_job() {
             .unwrap_or(1)
     });
     let schedules = env_u64("CHAOS_SCHEDULES").unwrap_or(1).max(1);
-    let steps = env_u64("CHAOS_STEPS").unwrap_or(8);
+    let steps = env_u64("CHAOS_STEPS").unwrap_or(10);
     println!("chaos: CHAOS_SEED={base} CHAOS_SCHEDULES={schedules} CHAOS_STEPS={steps}");
     let started = Instant::now();
     let mut total = Stats::default();

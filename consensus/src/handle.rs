@@ -143,15 +143,15 @@ impl<S: StateMachine> ReplicaHandle<S> {
 
     /// Bootstrap a new cluster with these voters (`id -> gRPC address`). Call it on exactly one
     /// replica of a brand-new cluster; calling it on an already initialized replica is a no-op, so
-    /// it is safe to call on every start of that replica.
-    pub async fn initialize(&self, voters: BTreeMap<NodeId, String>) -> Result<()> {
+    /// it is safe to call on every start of that replica. Returns whether this call initialized it.
+    pub async fn initialize(&self, voters: BTreeMap<NodeId, String>) -> Result<bool> {
         let nodes: BTreeMap<NodeId, Node> = voters
             .into_iter()
             .map(|(id, addr)| (id, Node { addr }))
             .collect();
         match self.inner.raft.initialize(nodes).await {
-            Ok(()) => Ok(()),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Ok(()) => Ok(true),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(false),
             Err(RaftError::APIError(e)) => Err(ConsensusError::Rejected(e.to_string())),
             Err(RaftError::Fatal(f)) => Err(write_path::fatal(&self.inner.health, &f)),
         }

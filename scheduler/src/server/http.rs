@@ -54,6 +54,10 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
     if matches!(m.role, Role::Shutdown) {
         return unready("shutting down".into());
     }
+    if !m.members.contains_key(&m.id) {
+        // Not added yet, or removed: it may still know a leader, but it takes no part.
+        return unready(format!("replica {} is not a member of the cluster", m.id));
+    }
     let Some(leader) = m.leader else {
         return unready("no leader known".into());
     };

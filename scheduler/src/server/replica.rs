@@ -95,13 +95,12 @@ impl Replica {
         let drills = Arc::new(super::drill::DrillControl::default());
         let transport = Transport::tcp().with_faults(drills.faults());
         let raft = ReplicaHandle::start(rc, SchedulerFsm::new(), transport).await?;
-        let fresh = raft.metrics().last_log_index.is_none();
-        if fresh && !members.is_empty() {
+        // Every founding member asks; Raft refuses all but a brand-new, never-initialized one.
+        if !members.is_empty() && raft.initialize(members.clone()).await? {
             tracing::info!(
                 ?members,
-                "new data directory: bootstrapping the founding members"
+                "new data directory: bootstrapped the founding members"
             );
-            raft.initialize(members).await?;
         }
         Ok(Self {
             ctx: ReplicaContext {
