@@ -367,6 +367,25 @@ impl<S: StateMachine> ReplicaHandle<S> {
         self.inner.raft.metrics().borrow_watched().state == openraft::ServerState::Leader
     }
 
+    /// Whether this replica leads AND a quorum acknowledged it within `within`. A leader cut off
+    /// from the others keeps believing it leads until it hears of a newer term; meanwhile the
+    /// others elect a new one. Whatever must come from the current leader (worker heartbeats,
+    /// allocation streams) asks this instead of [`Self::is_leader`]. A single voter is its own
+    /// quorum.
+    pub fn is_confirmed_leader(&self, within: Duration) -> bool {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow_watched();
+        if m.state != openraft::ServerState::Leader {
+            return false;
+        }
+        if m.membership_config.membership().voter_ids().count() <= 1 {
+            return true;
+        }
+        m.last_quorum_acked
+            .as_ref()
+            .is_some_and(|acked| openraft::Instant::elapsed(&**acked) <= within)
+    }
+
     /// The leader this replica knows of, with its address.
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.inner.raft.metrics().borrow_watched().clone();

@@ -7,8 +7,8 @@ pub(crate) mod transport;
 
 pub use fault::FaultInjector;
 pub use fault::Verdict;
+pub(crate) use transport::sender;
+pub(crate) use transport::tagged;
 pub use transport::Connector;
 pub use transport::TcpConnector;
 pub use transport::Transport;
-pub(crate) use transport::sender;
-pub(crate) use transport::tagged;

@@ -83,14 +83,20 @@ impl ReplicaContext {
 
     /// Fails with `not_leader` unless this replica leads (for calls only the leader may serve).
     pub fn leader_only(&self) -> Result<(), ApiError> {
-        if self.raft.is_leader() {
-            Ok(())
-        } else {
-            Err(ApiError::NotLeader {
-                replica: self.id(),
-                leader: self.raft.leader().map(|(_, addr)| addr),
-            })
+        // A quorum must have acknowledged this leader within the shortest election timeout: past
+        // it the others may have elected a new one, and a worker that kept heartbeating a leader
+        // cut off from them would be declared down by the new one.
+        if self
+            .raft
+            .is_confirmed_leader(self.config.raft.election_timeout_min)
+        {
+            return Ok(());
         }
+        let leader = self.raft.leader().filter(|(id, _)| *id != self.id());
+        Err(ApiError::NotLeader {
+            replica: self.id(),
+            leader: leader.map(|(_, addr)| addr),
+        })
     }
 }
 

@@ -55,7 +55,9 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
         return unready("shutting down".into());
     }
     if !m.members.contains_key(&m.id) {
-        // Not added yet, or removed: it may still know a leader, but it takes no part.
+        // Not added yet (started with no initial cluster): it takes no part. A removed replica
+        // often never learns of its removal (the leader stops talking to it first), so this
+        // does not catch that case.
         return unready(format!("replica {} is not a member of the cluster", m.id));
     }
     let Some(leader) = m.leader else {

@@ -206,6 +206,10 @@ impl WorkerApi for WorkerService {
         let (tx, rx) = mpsc::channel::<Result<pb::AllocationSet, Status>>(16);
         let ctx = self.ctx.clone();
         let mut stopping = ctx.stopping();
+        // A leader cut off from the quorum still believes it leads: the stream ends once it is no
+        // longer confirmed, so the worker finds the new leader instead of waiting on this one.
+        let mut confirm = tokio::time::interval(ctx.config.raft.election_timeout_min);
+        confirm.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::spawn(async move {
             let same = |a: &pb::AllocationSet, b: &pb::AllocationSet| {
                 a.allocations == b.allocations && a.device_epochs == b.device_epochs
@@ -226,6 +230,13 @@ impl WorkerApi for WorkerService {
                                 let _ = tx.send(Err(e.into())).await;
                                 return;
                             }
+                        }
+                        Some(false)
+                    }
+                    _ = confirm.tick() => {
+                        if let Err(e) = ctx.leader_only() {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
                         }
                         Some(false)
                     }
