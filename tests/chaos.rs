@@ -13,6 +13,11 @@
 //!   acknowledged id); acknowledged cancels stick;
 //! * after the faults stop, the cluster converges (see `converge::unsettled`).
 //!
+//! What it found so far (both fixed in the worker agent, both guarded here): a task launched onto
+//! devices whose previous task was still in its stop grace (two processes on one GPU), and a
+//! migration requested between a lease's grant and its task's launch waiting forever for a
+//! checkpoint the agent considered answered.
+//!
 //! The seed fixes the schedule (which faults, when, for how long) and the client's choices; the
 //! interleaving with real processes is the machine's, so a failure may need a few runs of its
 //! seed to show again.

@@ -278,6 +278,16 @@ fn four_workers(cluster: &TestCluster) -> Vec<Worker> {
         .collect()
 }
 
+/// Three replicas and one 8-GPU host, "solo", running.
+async fn one_host() -> (TestCluster, Vec<String>, Vec<Worker>) {
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let addrs = cluster.addrs();
+    let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
+    w.start();
+    (cluster, addrs, vec![w])
+}
+
 fn worker<'w>(workers: &'w [Worker], name: &str) -> &'w Worker {
     workers
         .iter()
@@ -954,12 +964,7 @@ async fn the_defragmenter_migrates_small_gangs_to_place_a_blocked_one() {
 /// devices.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preempted_trainer_checkpoints_before_it_stops() {
-    let mut cluster = TestCluster::start(3);
-    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
-    let addrs = cluster.addrs();
-    let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
-    w.start();
-    let workers = vec![w];
+    let (cluster, addrs, workers) = one_host().await;
     let logs = || all_logs(&cluster, &workers);
 
     // Phase 1: a low-priority trainer holds all 8 GPUs, past its 1 s min-runtime.
@@ -1011,12 +1016,7 @@ async fn a_preempted_trainer_checkpoints_before_it_stops() {
 /// before it stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_reclaims_its_guarantee_from_a_borrower_by_checkpoint() {
-    let mut cluster = TestCluster::start(3);
-    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
-    let addrs = cluster.addrs();
-    let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
-    w.start();
-    let workers = vec![w];
+    let (cluster, addrs, workers) = one_host().await;
     let logs = || all_logs(&cluster, &workers);
     for args in [
         ["queue", "set", "team", "--guaranteed", "8"],
@@ -1073,12 +1073,7 @@ async fn a_queue_reclaims_its_guarantee_from_a_borrower_by_checkpoint() {
 /// re-queued, then resumes from its checkpoint. The one that computes is never touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_lease_is_reclaimed_after_its_window_and_a_busy_one_is_kept() {
-    let mut cluster = TestCluster::start(3);
-    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
-    let addrs = cluster.addrs();
-    let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
-    w.start();
-    let workers = vec![w];
+    let (cluster, addrs, workers) = one_host().await;
     let logs = || all_logs(&cluster, &workers);
     let out = cli(
         &addrs,

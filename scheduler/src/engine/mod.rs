@@ -32,9 +32,7 @@ pub mod schedule;
 pub mod topology;
 
 pub use cluster::{ClusterState, PlacementError, RunningGang};
-pub use config::{
-    IdleAction, IdlePolicy, PolicyName, QueueConfig, SchedulerConfig, WorkloadClass,
-};
+pub use config::{IdleAction, IdlePolicy, PolicyName, QueueConfig, SchedulerConfig, WorkloadClass};
 pub use defrag::{
     blocked_by_shape, plan_defrag, scattered_free_permille, DefragBudget, DefragPlan, Move,
 };

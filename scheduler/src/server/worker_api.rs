@@ -251,9 +251,9 @@ impl WorkerApi for WorkerService {
                 if !dirty {
                     continue;
                 }
-                let set = ctx.raft.read_local(|fsm| {
-                    convert::allocation_set(fsm.store(), fsm.revision(), &node)
-                });
+                let set = ctx
+                    .raft
+                    .read_local(|fsm| convert::allocation_set(fsm.store(), fsm.revision(), &node));
                 if !same(&set, &last) {
                     last = set.clone();
                     if tx.send(Ok(set)).await.is_err() {
