@@ -38,15 +38,13 @@ mod history;
 mod journal;
 #[path = "chaos/nemesis.rs"]
 mod nemesis;
-#[path = "chaos/procs.rs"]
-mod procs;
 
 use api::{Api, Outcome};
+use common::worker::{kill_shims, WorkerProcess as Host};
 use common::TestCluster;
 use gangway_worker::driver::boottime_ms;
 use history::Shape;
 use nemesis::World;
-use procs::Host;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -170,6 +168,9 @@ async fn schedule(seed: u64, steps: u64) -> Stats {
         .iter()
         .map(|(h, rack)| {
             let mut host = Host::new(cluster.dir.path(), h, rack, cluster.addrs());
+            // Few devices per host, so devices change hands often; the task journals its host.
+            host.devices = "4xH100";
+            host.env.push(("CHAOS_HOST".to_owned(), h.to_string()));
             host.start();
             host
         })
@@ -319,7 +320,7 @@ async fn schedule(seed: u64, steps: u64) -> Stats {
     stats.max_epoch_overlap_ms = epoch_overlap_ms(&runs);
     let dir = world.cluster.dir.path().to_path_buf();
     drop(world.hosts);
-    procs::kill_shims(&dir);
+    kill_shims(&dir);
     stats
 }
 

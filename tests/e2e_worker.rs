@@ -7,139 +7,13 @@ mod common;
 
 use common::*;
 use gangway_proto::pb;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const TRAINER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/trainer.py");
 
-/// One `gangway worker` process with 8 fake H100s.
-struct Worker {
-    name: String,
-    rack: String,
-    port: u16,
-    data: PathBuf,
-    checkpoints: PathBuf,
-    log: PathBuf,
-    servers: Vec<String>,
-    /// `--grace`: also how long before the lease deadline the task is stopped (at most a quarter
-    /// of the lease).
-    grace: &'static str,
-    child: Option<Child>,
-}
-
-impl Worker {
-    fn new(dir: &Path, name: &str, rack: &str, servers: Vec<String>) -> Self {
-        Self {
-            name: name.to_owned(),
-            rack: rack.to_owned(),
-            port: free_ports(1)[0],
-            data: dir.join(format!("worker-{name}")),
-            checkpoints: dir.join("checkpoints"),
-            log: dir.join(format!("worker-{name}.log")),
-            servers,
-            grace: "1s",
-            child: None,
-        }
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open worker log");
-        let child = Command::new(BIN)
-            .arg("worker")
-            .arg("--servers")
-            .arg(self.servers.join(","))
-            .arg("--node")
-            .arg(&self.name)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--advertise")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--fake-devices")
-            .arg("8xH100")
-            .arg("--topology")
-            .arg(format!("dc=dc1,zone=z1,pod=p1,rack={}", self.rack))
-            .arg("--data-dir")
-            .arg(&self.data)
-            .arg("--checkpoint-dir")
-            .arg(&self.checkpoints)
-            .arg("--grace")
-            .arg(self.grace)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn gangway worker");
-        self.child = Some(child);
-    }
-
-    /// kill -9 of the agent alone: its tasks run on under their shims.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn task_log(&self, job: &str, task: u32) -> String {
-        std::fs::read_to_string(
-            self.data
-                .join("logs")
-                .join(job)
-                .join(format!("task-{task}.log")),
-        )
-        .unwrap_or_default()
-    }
-
-    fn agent_log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.kill();
-        // Stop what the agent left running: every shim is a process-group leader whose pid is in
-        // the agent's state file. Only a pid that still is one of this worker's shims (its exit
-        // file is under our data directory): pids are reused, and killing a recycled process
-        // group could take down anything on the machine.
-        if let Ok(text) = std::fs::read_to_string(self.data.join("agent-state.json")) {
-            for pid in pids_in_state(&text) {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                if cmdline.contains("task-shim") && cmdline.contains(&*self.data.to_string_lossy())
-                {
-                    // `--`: without it procps `kill -9 -11` reads "-11" as a signal and kills
-                    // every process (kill(-1)).
-                    let _ = Command::new("kill")
-                        .args(["-s", "KILL", "--", &format!("-{pid}")])
-                        .status();
-                }
-            }
-        }
-    }
-}
-
-fn pids_in_state(text: &str) -> Vec<i64> {
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
-        return Vec::new();
-    };
-    // "tasks" is a list of [key, entry] pairs.
-    v["tasks"]
-        .as_array()
-        .map(|tasks| {
-            tasks
-                .iter()
-                .filter_map(|pair| pair[1]["process"]["pid"].as_i64())
-                .collect()
-        })
-        .unwrap_or_default()
-}
+use common::worker::WorkerProcess as Worker;
 
 /// The steps a trainer printed, in order.
 fn steps(log: &str) -> Vec<u64> {
@@ -462,7 +336,11 @@ async fn a_lost_worker_gang_restarts_elsewhere_from_its_checkpoint() {
     // lease deadline, which its shim enforces with no agent alive.
     let lost = hosts1[1].clone();
     let killed_at = Instant::now();
-    workers.iter_mut().find(|w| w.name == lost).unwrap().kill();
+    workers
+        .iter_mut()
+        .find(|w| w.name == lost)
+        .unwrap()
+        .kill_agent();
     wait_until(
         Duration::from_secs(10),
         "the orphaned rank stops itself",
@@ -535,7 +413,7 @@ async fn a_restarted_worker_readopts_its_running_task() {
     .await;
 
     // Phase 2: the agent dies and comes back within the TTL; the task was never interrupted.
-    w.kill();
+    w.kill_agent();
     w.start();
     let at_restart = steps(&w.task_log(&id, 0)).len();
     wait_until(

@@ -9,8 +9,8 @@
 //! (`allow_drills`): one replica loses its Raft links to every other member or to one of them,
 //! while clients and workers still reach it; half the time it is the leader that is cut off.
 
+use crate::common::worker::{signal, WorkerProcess as Host};
 use crate::common::{client, TestCluster};
-use crate::procs::{signal, Host};
 use gangway_proto::pb;
 use rand::rngs::StdRng;
 use rand::Rng;

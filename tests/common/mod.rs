@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod worker;
+
 use gangway_proto::pb;
 use gangway_proto::pb::client_api_client::ClientApiClient;
 use std::net::TcpListener;

@@ -1,13 +1,13 @@
-//! The chaos test's processes beside the replicas of `TestCluster`: `gangway worker` agents with
-//! fake devices, the task shims they leave behind, and the signals the nemesis sends.
+//! `gangway worker` processes with fake devices for the end-to-end and chaos tests: a data
+//! directory that survives restarts, a log file, the task shims it leaves behind, and the signals
+//! tests send.
 
-use crate::common::{free_ports, BIN};
+use super::{free_ports, BIN};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-/// One host: a `gangway worker` process with four fake H100s (few devices per host, so devices
-/// change hands often), its data directory surviving restarts.
-pub struct Host {
+/// One host: a `gangway worker` agent with fake devices.
+pub struct WorkerProcess {
     pub name: String,
     rack: String,
     port: u16,
@@ -15,10 +15,19 @@ pub struct Host {
     checkpoints: PathBuf,
     pub log: PathBuf,
     servers: Vec<String>,
+    /// `--fake-devices` (default `8xH100`).
+    pub devices: &'static str,
+    /// `--grace`: also how long before the lease deadline the task is stopped (at most a quarter
+    /// of the lease). Default 1 s.
+    pub grace: &'static str,
+    /// Extra environment for the agent (and so for its tasks).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
-impl Host {
+impl WorkerProcess {
+    /// A worker named `name` in `rack`, its files under `dir`, not started yet. Every worker of a
+    /// test shares `dir/checkpoints`, as hosts share storage.
     pub fn new(dir: &Path, name: &str, rack: &str, servers: Vec<String>) -> Self {
         Self {
             name: name.to_owned(),
@@ -28,11 +37,14 @@ impl Host {
             checkpoints: dir.join("checkpoints"),
             log: dir.join(format!("worker-{name}.log")),
             servers,
+            devices: "8xH100",
+            grace: "1s",
+            env: Vec::new(),
             child: None,
         }
     }
 
-    /// Starts (or restarts, with the same data directory) the agent.
+    /// Starts (or restarts, on the same data directory) the agent.
     pub fn start(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -50,7 +62,7 @@ impl Host {
             .arg("--advertise")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--fake-devices")
-            .arg("4xH100")
+            .arg(self.devices)
             .arg("--topology")
             .arg(format!("dc=dc1,zone=z1,pod=p1,rack={}", self.rack))
             .arg("--data-dir")
@@ -58,9 +70,8 @@ impl Host {
             .arg("--checkpoint-dir")
             .arg(&self.checkpoints)
             .arg("--grace")
-            .arg("1s")
-            // The task journals which host it ran on.
-            .env("CHAOS_HOST", &self.name)
+            .arg(self.grace)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
@@ -88,12 +99,27 @@ impl Host {
         kill_shims(&self.data);
     }
 
+    /// What rank `task` of `job` printed on this host, across its leases.
+    pub fn task_log(&self, job: &str, task: u32) -> String {
+        std::fs::read_to_string(
+            self.data
+                .join("logs")
+                .join(job)
+                .join(format!("task-{task}.log")),
+        )
+        .unwrap_or_default()
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.log, lines)
     }
 }
 
-impl Drop for Host {
+impl Drop for WorkerProcess {
     fn drop(&mut self) {
         self.crash();
     }
