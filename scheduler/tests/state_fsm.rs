@@ -957,6 +957,11 @@ fn a_migration_stops_the_job_only_after_its_checkpoint_and_then_avoids_the_old_h
         Response::Done
     );
     assert_eq!(requests(&c), 1, "the workers see a checkpoint request");
+    let alloc = &c.store.allocations_for(&HostName::new("h1"))[0];
+    assert_eq!(
+        alloc.checkpoint_request_at_grant, 0,
+        "made after the grant: a worker that has not launched yet answers it with the restore point"
+    );
     assert!(
         matches!(
             c.apply(Command::MigrateJob {
@@ -1042,6 +1047,12 @@ fn a_migration_stops_the_job_only_after_its_checkpoint_and_then_avoids_the_old_h
     );
     let alloc = &c.store.allocations_for(&HostName::new(hosts[0]))[0];
     assert_eq!(alloc.restore_from.as_deref(), Some("/ck/20"));
+    // The requests made under earlier leases are not this lease's to answer: the worker answers
+    // at launch only requests above the count at grant.
+    assert_eq!(
+        (alloc.checkpoint_request, alloc.checkpoint_request_at_grant),
+        (2, 2)
+    );
 }
 
 /// A rank stopped by its host's lease deadline (cut off from the scheduler) is not the job's

@@ -258,6 +258,7 @@ pub fn allocation(a: &Allocation) -> pb::Allocation {
         }),
         restore_from: a.restore_from.clone().unwrap_or_default(),
         checkpoint_request: a.checkpoint_request,
+        checkpoint_request_at_grant: a.checkpoint_request_at_grant,
     }
 }
 

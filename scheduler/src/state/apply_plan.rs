@@ -152,6 +152,7 @@ impl ClusterStore {
                 epoch,
                 granted_at_ms: now,
                 placement,
+                checkpoint_requests_at_grant: record.checkpoint_requests,
             });
             record.last_epoch = Some(epoch);
             record.next_hosts = Default::default();

@@ -48,6 +48,10 @@ pub struct Lease {
     pub epoch: u64,
     pub granted_at_ms: u64,
     pub placement: GangPlacement,
+    /// The job's checkpoint requests when the lease was granted: those after it, made before the
+    /// task runs, are answered by the restore point.
+    #[serde(default)]
+    pub checkpoint_requests_at_grant: u64,
 }
 
 /// One task (rank) of the current lease.

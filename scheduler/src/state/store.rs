@@ -34,6 +34,8 @@ pub struct Allocation {
     pub restore_from: Option<String>,
     /// Checkpoint requests made so far: the worker checkpoints when it sees this grow.
     pub checkpoint_request: u64,
+    /// `checkpoint_request` when the lease was granted.
+    pub checkpoint_request_at_grant: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,6 +349,7 @@ impl ClusterStore {
                     checkpoint: job.spec.checkpoint.clone(),
                     restore_from: job.restore_from().map(str::to_owned),
                     checkpoint_request: job.checkpoint_requests,
+                    checkpoint_request_at_grant: lease.checkpoint_requests_at_grant,
                 });
             }
         }

@@ -624,12 +624,13 @@ impl Agent {
                         exit_code: None,
                         message: String::new(),
                     });
-                    // Checkpoint requests made before the launch, also those made after the
-                    // lease was granted (while the agent was away or the devices were still
-                    // being freed), are answered by the restore point: the task has done no
-                    // work under this lease yet. Rank 0 says so, or a migration waiting for one
-                    // of them would wait forever. A repeat answer changes nothing.
-                    if key.task == 0 && alloc.checkpoint_request > 0 {
+                    // Checkpoint requests made after the lease was granted but before the launch
+                    // (while the agent was away or the devices were still being freed) are
+                    // answered by the restore point: the task has done no work under this lease
+                    // yet. Rank 0 says so, or a migration waiting for one of them would wait
+                    // forever.
+                    if key.task == 0 && alloc.checkpoint_request > alloc.checkpoint_request_at_grant
+                    {
                         let result = match checkpoint::read_manifest(&ckdir) {
                             Some(m) => Ok((m.path, m.step, m.bytes)),
                             None => Err(
