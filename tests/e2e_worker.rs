@@ -1040,4 +1040,9 @@ async fn an_idle_lease_is_reclaimed_after_its_window_and_a_busy_one_is_kept() {
         v["reclaimed_device_hours"].as_f64().unwrap_or(0.0) > 0.0,
         "{v}"
     );
+    let recent = v["recent"].to_string();
+    assert!(
+        recent.contains(&format!("{notebook}: idle lease reclaimed")),
+        "{v}"
+    );
 }

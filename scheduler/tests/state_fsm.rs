@@ -1130,6 +1130,10 @@ fn a_defragmentation_plan_is_fenced_by_epochs_and_its_reservation_holds() {
     ));
     assert_eq!(c.store.job(&a), before.job(&a));
     assert_eq!(c.store.reservations().count(), 0);
+    assert!(
+        c.store.capacity_actions().is_empty(),
+        "a refused plan did nothing"
+    );
 
     // Phase 2: the current plan: both migrate, h1 and h2 are held for the gang.
     assert_eq!(
@@ -1138,6 +1142,11 @@ fn a_defragmentation_plan_is_fenced_by_epochs_and_its_reservation_holds() {
     );
     assert!(c.store.job(&a).unwrap().migration.is_some());
     assert_eq!(c.store.reservations().count(), 1);
+    let done = &c.store.capacity_actions()[0].what;
+    assert!(
+        done.starts_with("defragmentation: migrating") && done.contains(a.as_str()),
+        "{done}"
+    );
     // Another job may not be placed on a held host; the held gang may.
     let other = c.submit(spec("other", 1, 1));
     assert!(c
@@ -1340,6 +1349,17 @@ fn an_idle_lease_is_reclaimed_by_checkpoint_or_only_reported_as_its_queue_says()
     let waiting = c.submit(spec("waiting", 1, 8));
     assert_eq!(c.apply(idle(epoch, 61_000)), Response::Done);
     assert_eq!(c.store.job(&notebook).unwrap().checkpoint_requests, 1);
+    let actions: Vec<&str> = c
+        .store
+        .capacity_actions()
+        .iter()
+        .map(|a| a.what.as_str())
+        .collect();
+    assert_eq!(actions.len(), 2, "one report, one reclaim: {actions:?}");
+    assert!(
+        actions[0].contains("reported") && actions[1].contains("idle lease reclaimed"),
+        "{actions:?}"
+    );
     assert!(refused(c.apply(idle(epoch, 62_000))));
     assert_eq!(c.store.job(&notebook).unwrap().state, JobState::Running);
     c.apply(Command::RecordCheckpoint {

@@ -38,6 +38,14 @@ pub struct DefragStatusView {
     pub fragmentation_pct: std::collections::BTreeMap<String, f64>,
     /// Device-hours idle-lease reclamation has given back.
     pub reclaimed_device_hours: f64,
+    /// What was done to give capacity back, oldest first.
+    pub recent: Vec<ActionView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ActionView {
+    pub at_ms: u64,
+    pub what: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,6 +94,14 @@ impl From<&pb::DefragStatusReply> for DefragStatusView {
                 .map(|f| (f.level.clone(), f.pct))
                 .collect(),
             reclaimed_device_hours: r.reclaimed_device_hours,
+            recent: r
+                .recent
+                .iter()
+                .map(|h| ActionView {
+                    at_ms: h.at_ms,
+                    what: h.what.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -138,6 +154,16 @@ pub fn defrag_status_table(v: &DefragStatusView, now_ms: u64) -> String {
         }
         out.push_str("\n\n");
         out.push_str(&table_string(t));
+    }
+    if !v.recent.is_empty() {
+        out.push_str("\n\nRecent actions (newest last):");
+        for a in v.recent.iter().rev().take(10).rev() {
+            out.push_str(&format!(
+                "\n  {:>8} ago  {}",
+                age_since(a.at_ms, now_ms),
+                a.what
+            ));
+        }
     }
     out
 }
@@ -298,6 +324,10 @@ mod tests {
                 pct: 62.5,
             }],
             reclaimed_device_hours: 3.25,
+            recent: vec![pb::HistoryLine {
+                at_ms: 11_000,
+                what: "defragmentation: migrating one-1 to free h1, h2 for gang-3".into(),
+            }],
         };
         let text = defrag_status_table(&DefragStatusView::from(&reply), 31_000);
         for want in [
@@ -309,6 +339,7 @@ mod tests {
             "gang-3",
             "h1,h2",
             "gave back 3.25 device-hours",
+            "20s ago  defragmentation: migrating one-1 to free h1, h2 for gang-3",
         ] {
             assert!(text.contains(want), "{want} missing from:\n{text}");
         }

@@ -333,6 +333,14 @@ pub fn defrag_status(fsm: &super::fsm::SchedulerFsm) -> pb::DefragStatusReply {
     let store = fsm.store();
     pb::DefragStatusReply {
         reclaimed_device_hours: store.reclaimed_device_hours(),
+        recent: store
+            .capacity_actions()
+            .iter()
+            .map(|e| pb::HistoryLine {
+                at_ms: e.at_ms,
+                what: e.what.clone(),
+            })
+            .collect(),
         migrating: store
             .jobs()
             .values()

@@ -305,6 +305,7 @@ impl ClusterStore {
                 };
                 record.idle_reported_epoch = Some(epoch);
                 record.note(now, format!("idle, reported only: {seen}"));
+                self.note_capacity_action(now, format!("idle lease of {job} reported: {seen}"));
                 events.push(Event::JobChanged(job));
             }
             (IdleAction::Reclaim, true) => {
@@ -312,6 +313,7 @@ impl ClusterStore {
                     return Response::Rejected(Rejection::UnknownJob(job));
                 };
                 record.note(now, format!("{idle}; checkpointing, then stopping"));
+                let action = format!("{job}: {idle}; checkpointing");
                 record.migration = Some(Migration {
                     checkpoint_request: record.checkpoint_requests + 1,
                     hosts: HostFilter::default(),
@@ -319,9 +321,11 @@ impl ClusterStore {
                     preempted_for: None,
                     idle_reclaim: Some(idle),
                 });
+                self.note_capacity_action(now, action);
                 self.request_checkpoint(&job, events);
             }
             (IdleAction::Reclaim, false) => {
+                self.note_capacity_action(now, format!("{job}: {idle}; released"));
                 self.mark_reclaimed(now, &job);
                 self.revoke_lease(
                     now,
@@ -599,6 +603,15 @@ impl ClusterStore {
                 ),
             );
         }
+        let moved: Vec<String> = moves.iter().map(|m| m.job.to_string()).collect();
+        self.note_capacity_action(
+            now,
+            format!(
+                "defragmentation: migrating {} to free {} for {for_job}",
+                moved.join(", "),
+                join_hosts(&hosts)
+            ),
+        );
         self.reservations.insert(for_job.clone(), (hosts, until_ms));
         events.push(Event::JobChanged(for_job));
         events.push(Event::SchedulingNeeded);

@@ -86,6 +86,13 @@ impl ClusterStore {
                     self.hold_for(&p.preemptor, hosts, now.saturating_add(60_000));
                 }
             }
+            self.note_capacity_action(
+                now,
+                format!(
+                    "preempted {} for {} ({:?})",
+                    p.victim, p.preemptor, p.reason
+                ),
+            );
             preempted.push(p.victim);
         }
 

@@ -63,7 +63,14 @@ pub struct ClusterStore {
     /// it past the backup's revision (see `Command::Restore`).
     #[serde(default)]
     pub(super) revision_base: u64,
+    /// What the cluster did to give capacity back, newest last (defragmentation plans,
+    /// preemptions, idle reclaims), at most `CAPACITY_ACTIONS_KEPT`: `gangway defrag status`.
+    #[serde(default)]
+    pub(super) capacity_actions: Vec<super::job_record::JobEvent>,
 }
+
+/// How many capacity actions the state keeps (older ones are dropped).
+pub const CAPACITY_ACTIONS_KEPT: usize = 32;
 
 /// How far a restore moves lease epochs and allocation revisions past the backup's: more than a
 /// cluster could grant or apply between a backup and its restore (2^32 leases or entries), so a
@@ -138,6 +145,19 @@ impl ClusterStore {
                 backup_revision,
             } => self.apply_restore(now, *state, backup_revision, events),
         }
+    }
+
+    /// What was done to give capacity back, oldest first (see `capacity_actions`).
+    pub fn capacity_actions(&self) -> &[super::job_record::JobEvent] {
+        &self.capacity_actions
+    }
+
+    pub(super) fn note_capacity_action(&mut self, at_ms: u64, what: String) {
+        if self.capacity_actions.len() >= CAPACITY_ACTIONS_KEPT {
+            self.capacity_actions.remove(0);
+        }
+        self.capacity_actions
+            .push(super::job_record::JobEvent { at_ms, what });
     }
 
     /// The revision workers see for applied index `applied_index` (see `revision_base`).
