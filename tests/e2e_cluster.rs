@@ -256,6 +256,26 @@ async fn followers_redirect_reads_to_the_leader_and_report_the_cluster() {
     )
     .await;
     assert!(metrics.contains("gangway_raft_is_leader 1"), "{metrics}");
+
+    // A replica removed from the cluster is still live but no longer ready: it still names the
+    // leader it knew, but the leader no longer talks to it, and a load balancer must stop sending
+    // it clients.
+    let removed = (1..=3).find(|id| *id != leader).unwrap();
+    let mut c = client(&cluster.addr(leader)).await.expect("leader client");
+    c.remove_member(pb::RemoveMemberRequest { id: removed })
+        .await
+        .expect("remove a follower");
+    let http = cluster.addr_http(removed);
+    // Which words depends on how much of the change reached it: "no word from leader N" (the
+    // usual case), "not a member", or "no leader known" once it starts elections of its own.
+    let body = http_get(&http, "readyz", "HTTP/1.1 503").await;
+    assert!(body.starts_with("HTTP/1.1 503"), "{body}");
+    println!(
+        "removed replica's /readyz: {}",
+        body.lines().last().unwrap_or("")
+    );
+    let body = http_get(&http, "livez", "HTTP/1.1 200").await;
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
 }
 
 /// A bare HTTP/1.1 GET, retried for up to 6 s until the response contains `want`.

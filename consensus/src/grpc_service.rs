@@ -39,7 +39,14 @@ pub struct RaftGrpcService<S: StateMachine> {
     /// The replica's own fault injector: a message arriving on a link it cuts is refused, so a
     /// replica partitioned by its own injector (a drill on a real server) is cut off both ways.
     faults: Option<Arc<FaultInjector>>,
+    /// When a leader of the current term last reached this replica (see
+    /// `ReplicaHandle::since_leader_contact`).
+    leader_contact: LeaderContact,
 }
+
+/// When this replica last heard from a leader it accepts (an append that was not refused for an
+/// older term). Shared by the gRPC service, which sets it, and the handle, which reads it.
+pub(crate) type LeaderContact = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
 
 impl<S: StateMachine> RaftGrpcService<S> {
     pub(crate) fn new(
@@ -48,6 +55,7 @@ impl<S: StateMachine> RaftGrpcService<S> {
         write_timeout: Duration,
         id: NodeId,
         faults: Option<Arc<FaultInjector>>,
+        leader_contact: LeaderContact,
     ) -> Self {
         RaftGrpcService {
             raft,
@@ -55,6 +63,7 @@ impl<S: StateMachine> RaftGrpcService<S> {
             write_timeout,
             id,
             faults,
+            leader_contact,
         }
     }
 
@@ -93,6 +102,12 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         self.admit(&req)?;
         let rpc = codec::decode(&req.into_inner().data).map_err(bad_request)?;
         let resp = self.raft.append_entries(rpc).await.map_err(raft_err)?;
+        if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
+            *self
+                .leader_contact
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        }
         reply(&resp)
     }
 

@@ -59,6 +59,7 @@ struct Inner<S: StateMachine> {
     applied: watch::Receiver<u64>,
     stop: watch::Sender<bool>,
     servers: Mutex<Vec<JoinHandle<()>>>,
+    leader_contact: crate::grpc_service::LeaderContact,
 }
 
 /// A running replica. Cheap to clone; all clones drive the same replica.
@@ -127,6 +128,7 @@ impl<S: StateMachine> ReplicaHandle<S> {
                 applied,
                 stop,
                 servers: Mutex::new(Vec::new()),
+                leader_contact: Arc::default(),
             }),
         })
     }
@@ -166,6 +168,7 @@ impl<S: StateMachine> ReplicaHandle<S> {
             self.inner.config.write_timeout,
             self.id(),
             self.inner.transport.faults(),
+            self.inner.leader_contact.clone(),
         ))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX)
@@ -384,6 +387,18 @@ impl<S: StateMachine> ReplicaHandle<S> {
         m.last_quorum_acked
             .as_ref()
             .is_some_and(|acked| openraft::Instant::elapsed(&**acked) <= within)
+    }
+
+    /// How long since a leader this replica accepts last sent it entries or a heartbeat; `None`
+    /// if none has since it started. A follower that stops hearing from the leader (cut off, or
+    /// removed from the cluster: removal usually reaches the others first, and the leader then
+    /// stops talking to it) still names that leader; this tells it is stale.
+    pub fn since_leader_contact(&self) -> Option<Duration> {
+        self.inner
+            .leader_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|at| at.elapsed())
     }
 
     /// The leader this replica knows of, with its address.

@@ -55,14 +55,29 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
         return unready("shutting down".into());
     }
     if !m.members.contains_key(&m.id) {
-        // Not added yet (started with no initial cluster): it takes no part. A removed replica
-        // often never learns of its removal (the leader stops talking to it first), so this
-        // does not catch that case.
+        // Not added yet (started with no initial cluster): it takes no part.
         return unready(format!("replica {} is not a member of the cluster", m.id));
     }
     let Some(leader) = m.leader else {
         return unready("no leader known".into());
     };
+    if leader != m.id {
+        // A follower cut off from the leader, or removed from the cluster (it usually never
+        // learns: the leader stops talking to it first), still names the leader it last knew.
+        let bound = s.ctx.config.raft.election_timeout_max * 2;
+        match s.ctx.raft.since_leader_contact() {
+            Some(quiet) if quiet <= bound => {}
+            Some(quiet) => {
+                return unready(format!(
+                    "no word from leader {leader} for {}",
+                    humantime::format_duration(Duration::from_millis(
+                        u64::try_from(quiet.as_millis()).unwrap_or(u64::MAX)
+                    ))
+                ))
+            }
+            None => return unready(format!("no word from leader {leader} yet")),
+        }
+    }
     let committed = m.committed_index.unwrap_or(0);
     let applied = m.applied_index.unwrap_or(0);
     if committed.saturating_sub(applied) > 1_000 {
