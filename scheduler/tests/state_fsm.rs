@@ -1517,3 +1517,50 @@ fn a_backup_restores_into_an_empty_cluster_only_and_trusts_no_lease_from_before_
         Response::Rejected(Rejection::NotEmpty { .. })
     ));
 }
+
+/// A migration whose checkpoint answer was lost (an agent restarted mid-checkpoint) does not hold
+/// its job forever: past twice the checkpoint timeout plus the slack the leader commits the
+/// failure, which aborts a move (the job keeps running) or stops a preemption victim anyway.
+#[test]
+fn an_unanswered_migration_is_timed_out_by_the_leader() {
+    use gangway_scheduler::state::MIGRATION_SLACK_MS;
+    let mut c = Cluster::new();
+    c.apply(Command::RegisterNode(node("h1", "r1", 8)));
+    c.apply(Command::RegisterNode(node("h2", "r1", 8)));
+    let job = c.submit(spec("train", 1, 8));
+    c.place(vec![placement(&job, &["h1"], 0, 8)]);
+    let epoch = c.epoch_of(&job);
+    c.apply(Command::MigrateJob {
+        job: job.clone(),
+        hosts: Default::default(),
+    });
+    let asked = c.now;
+    let timeout = c
+        .store
+        .job(&job)
+        .unwrap()
+        .spec
+        .checkpoint
+        .as_ref()
+        .unwrap()
+        .timeout;
+    let deadline = asked + 2 * timeout.as_millis() as u64 + MIGRATION_SLACK_MS;
+
+    // Phase 1: within the deadline nothing is overdue.
+    assert!(c.store.overdue_migrations(deadline).is_empty());
+
+    // Phase 2: past it, one failure for exactly this lease and request; applied, the move is
+    // aborted and the job keeps its lease; nothing is overdue any more.
+    let overdue = c.store.overdue_migrations(deadline + 1);
+    assert_eq!(overdue.len(), 1);
+    assert!(matches!(
+        &overdue[0],
+        Command::CheckpointFailed { job: j, epoch: e, request: 1, .. } if *j == job && *e == epoch
+    ));
+    c.now = deadline;
+    assert_eq!(c.apply(overdue[0].clone()), Response::Done);
+    let j = c.store.job(&job).unwrap();
+    assert_eq!((j.state, j.migration.is_none()), (JobState::Running, true));
+    assert_eq!(c.epoch_of(&job), epoch);
+    assert!(c.store.overdue_migrations(deadline + 1).is_empty());
+}

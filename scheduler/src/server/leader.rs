@@ -333,6 +333,7 @@ pub async fn scheduling_round(
 
 /// Declares down every node silent for longer than `workers.node_ttl`, while this replica leads.
 /// The state machine then revokes its leases and re-queues its gangs from their last checkpoint.
+/// Also times out migrations whose checkpoint was never answered.
 pub async fn node_down_loop(ctx: ReplicaContext, mut stop: watch::Receiver<bool>) {
     let ttl = ctx.config.workers.node_ttl;
     let period = (ctx.config.workers.heartbeat_interval / 2).max(Duration::from_millis(50));
@@ -366,6 +367,20 @@ pub async fn node_down_loop(ctx: ReplicaContext, mut stop: watch::Receiver<bool>
                 continue;
             }
         };
+        // Migrations whose checkpoint answer was lost: aborted (or, for a preemption or reclaim,
+        // stopped anyway) instead of holding their job and its devices forever.
+        let overdue = ctx
+            .raft
+            .read_local(|fsm| fsm.store().overdue_migrations(wall_clock_ms()));
+        for command in overdue {
+            match ctx.raft.try_write(command).await {
+                Ok(_) => metrics::counter!("gangway_migrations_timed_out_total").increment(1),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not time out a migration; will retry");
+                    break;
+                }
+            }
+        }
         for node in ctx.heartbeats.expired(&live, ttl, Instant::now()) {
             let reason = format!(
                 "no heartbeat for more than {}",

@@ -18,4 +18,4 @@ pub use command::{
 };
 pub use job_record::{JobRecord, JobState, Lease};
 pub use node_record::NodeRecord;
-pub use store::{Allocation, ClusterStore, RESTORE_JUMP};
+pub use store::{Allocation, ClusterStore, MIGRATION_SLACK_MS, RESTORE_JUMP};

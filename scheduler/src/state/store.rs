@@ -69,6 +69,10 @@ pub struct ClusterStore {
     pub(super) capacity_actions: Vec<super::job_record::JobEvent>,
 }
 
+/// Added to twice a job's checkpoint timeout before the leader gives up on a migration's
+/// checkpoint (see `ClusterStore::overdue_migrations`).
+pub const MIGRATION_SLACK_MS: u64 = 30_000;
+
 /// How many capacity actions the state keeps (older ones are dropped).
 pub const CAPACITY_ACTIONS_KEPT: usize = 32;
 
@@ -307,6 +311,40 @@ impl ClusterStore {
         let mut config = base.clone();
         config.queues = self.queues.clone();
         config
+    }
+
+    /// Migrations (moves, preemptions, idle reclaims) whose checkpoint has not been answered
+    /// by `now_ms`, past twice the job's checkpoint timeout plus `MIGRATION_SLACK_MS`: the worker
+    /// reports a failed checkpoint at its timeout, so silence this long means the answer was lost
+    /// (an agent restarted mid-checkpoint). Each as the `CheckpointFailed` the leader commits: a
+    /// move is aborted, a preemption or reclaim stops the job anyway.
+    pub fn overdue_migrations(&self, now_ms: u64) -> Vec<Command> {
+        self.jobs
+            .values()
+            .filter_map(|j| {
+                let m = j.migration.as_ref()?;
+                let lease = j.lease.as_ref()?;
+                let timeout = j.spec.checkpoint.as_ref().map_or(0, |c| {
+                    u64::try_from(c.timeout.as_millis()).unwrap_or(u64::MAX)
+                });
+                let deadline = m
+                    .requested_at_ms
+                    .saturating_add(timeout.saturating_mul(2))
+                    .saturating_add(MIGRATION_SLACK_MS);
+                (now_ms > deadline).then(|| Command::CheckpointFailed {
+                    job: j.id.clone(),
+                    epoch: lease.epoch,
+                    request: m.checkpoint_request,
+                    error: format!(
+                        "no answer to checkpoint request {} within {}",
+                        m.checkpoint_request,
+                        humantime::format_duration(std::time::Duration::from_millis(
+                            deadline - m.requested_at_ms
+                        ))
+                    ),
+                })
+            })
+            .collect()
     }
 
     /// Everything a node's worker should run now.
