@@ -4,32 +4,14 @@
 mod common;
 
 use common::*;
-use gangway::fleet::{FakeFleet, FakeHost};
+
 use serde_json::Value;
 use std::process::Output;
 use std::time::Duration;
 
 /// Runs `gangway ARGS...` off the async runtime (the CLI blocks).
-async fn gangway(args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(BIN)
-            .args(&args)
-            .output()
-            .expect("run gangway")
-    })
-    .await
-    .unwrap()
-}
-
 fn json(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", explain(out));
     serde_json::from_slice(&out.stdout).expect("JSON on stdout")
 }
 
@@ -37,16 +19,7 @@ fn json(out: &Output) -> Value {
 async fn the_cli_submits_lists_drains_and_snapshots_through_any_replica() {
     let mut cluster = TestCluster::start(3);
     let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
-    let fleet = FakeFleet::start(
-        cluster.addrs(),
-        vec![
-            FakeHost::h100("host-1", "r1"),
-            FakeHost::h100("host-2", "r1"),
-        ],
-        Duration::from_secs(20),
-    )
-    .await
-    .expect("fleet");
+    let fleet = two_hosts(cluster.addrs()).await;
     // A follower first in the list: the CLI must find the leader by itself.
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let addrs = format!("{},{}", cluster.addr(follower), cluster.addr(leader));

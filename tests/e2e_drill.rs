@@ -5,37 +5,14 @@
 mod common;
 
 use common::*;
-use gangway::fleet::{FakeFleet, FakeHost};
+
+use gangway::fleet::FakeFleet;
 use gangway_proto::pb;
 use serde_json::Value;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 /// Runs `gangway ARGS...` off the async runtime (the CLI blocks).
-async fn gangway(args: Vec<String>) -> Output {
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(BIN)
-            .args(&args)
-            .output()
-            .expect("run gangway")
-    })
-    .await
-    .unwrap()
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
-fn explain(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// The drill's JSON report; the drill must have passed.
 fn passed_report(out: &Output, cluster: &TestCluster) -> Value {
     assert!(out.status.success(), "{}\n{}", explain(out), cluster.logs());
@@ -50,16 +27,7 @@ fn passed_report(out: &Output, cluster: &TestCluster) -> Value {
 async fn cluster_with_work() -> (TestCluster, FakeFleet, u64, Vec<(String, u64, Vec<String>)>) {
     let mut cluster = TestCluster::start(3);
     let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
-    let mut fleet = FakeFleet::start(
-        cluster.addrs(),
-        vec![
-            FakeHost::h100("host-1", "r1"),
-            FakeHost::h100("host-2", "r1"),
-        ],
-        Duration::from_secs(20),
-    )
-    .await
-    .expect("fleet registers");
+    let mut fleet = two_hosts(cluster.addrs()).await;
     let mut ids = Vec::new();
     for (name, devices) in [("four", 4), ("two", 2)] {
         let r = submit(&cluster.addr(leader), &single(name, devices), name)
@@ -161,14 +129,14 @@ async fn a_drill_is_refused_unless_the_replica_allows_it() {
     let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
 
     // The CLI checks before it changes anything: an error naming the setting, no probe submitted.
-    let out = gangway(args(&[
+    let out = gangway(&[
         "drill",
         "kill-leader",
         "--addr",
         &cluster.addrs().join(","),
         "--timeout",
         "10s",
-    ]))
+    ])
     .await;
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -210,7 +178,7 @@ async fn partition_leader_fails_over_and_the_old_leader_rejoins() {
     // Phase 2: the leader drops its Raft traffic for 5 s, longer than the 3 s node TTL. The cut-off
     // leader still believes it leads, but it refuses heartbeats once no quorum has acknowledged it
     // for an election timeout, so the hosts move to the new leader and none is declared down.
-    let out = gangway(args(&[
+    let out = gangway(&[
         "drill",
         "partition-leader",
         "--for",
@@ -221,7 +189,7 @@ async fn partition_leader_fails_over_and_the_old_leader_rejoins() {
         "20s",
         "-o",
         "json",
-    ]))
+    ])
     .await;
     let r = passed_report(&out, &cluster);
     assert_clean_failover(&r, leader, false);
@@ -240,7 +208,7 @@ async fn kill_leader_with_supervisor(restart_after_failover: bool) {
     let (mut cluster, fleet, leader, before) = cluster_with_work().await;
 
     // Phase 2: the drill runs while the test supervises the leader's process.
-    let drill = tokio::spawn(gangway(args(&[
+    let drill = tokio::spawn(gangway(&[
         "drill",
         "kill-leader",
         "--addr",
@@ -249,7 +217,7 @@ async fn kill_leader_with_supervisor(restart_after_failover: bool) {
         "20s",
         "-o",
         "json",
-    ])));
+    ]));
     let until = Instant::now() + Duration::from_secs(20);
     let exit = loop {
         if let Some(status) = cluster.replica(leader).exit_status() {

@@ -385,3 +385,43 @@ pub async fn submit(
     .await
     .map(|r| r.into_inner())
 }
+
+/// Runs the real `gangway` binary with `args`, off the runtime's threads; its whole output. The
+/// arguments are copied first, so the future can be spawned.
+pub fn gangway(
+    args: &[&str],
+) -> impl std::future::Future<Output = std::process::Output> + Send + 'static {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    async move {
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN).args(&args).output().expect("run gangway")
+        })
+        .await
+        .expect("gangway runner")
+    }
+}
+
+/// An exit status with both streams, for assertion messages.
+pub fn explain(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Two 8-GPU fake hosts in one rack, registered with the cluster at `addrs`.
+pub async fn two_hosts(addrs: Vec<String>) -> gangway::fleet::FakeFleet {
+    use gangway::fleet::{FakeFleet, FakeHost};
+    FakeFleet::start(
+        addrs,
+        vec![
+            FakeHost::h100("host-1", "r1"),
+            FakeHost::h100("host-2", "r1"),
+        ],
+        Duration::from_secs(20),
+    )
+    .await
+    .expect("fleet registers")
+}

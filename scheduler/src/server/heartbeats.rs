@@ -120,15 +120,6 @@ impl HeartbeatTracker {
             .filter(|s| now.saturating_duration_since(s.at) <= max_age)
             .map(|s| s.devices.clone())
     }
-
-    /// The latest device samples of a node, as last reported.
-    pub fn devices(&self, node: &HostName) -> Vec<DeviceSample> {
-        self.lock()
-            .nodes
-            .get(node)
-            .map(|s| s.devices.clone())
-            .unwrap_or_default()
-    }
 }
 
 #[cfg(test)]

@@ -219,27 +219,14 @@ impl WorkerApi for WorkerService {
                 return;
             }
             loop {
-                // None: the replica is stopping.
+                // None: the replica is stopping. Some(false): check leadership (a step-down, or
+                // the periodic check that catches a leader cut off from the quorum, which never
+                // steps down by itself). Some(true): the node's allocations may have changed.
                 let dirty = tokio::select! {
                     _ = tx.closed() => return,
                     _ = stopping.changed() => None,
-                    r = wake.leading.changed() => {
-                        let still = r.is_ok() && *wake.leading.borrow_and_update();
-                        if !still {
-                            if let Err(e) = ctx.leader_only() {
-                                let _ = tx.send(Err(e.into())).await;
-                                return;
-                            }
-                        }
-                        Some(false)
-                    }
-                    _ = confirm.tick() => {
-                        if let Err(e) = ctx.leader_only() {
-                            let _ = tx.send(Err(e.into())).await;
-                            return;
-                        }
-                        Some(false)
-                    }
+                    _ = wake.leading.changed() => Some(false),
+                    _ = confirm.tick() => Some(false),
                     r = wake.node.changed() => r.ok().map(|_| true),
                     r = wake.all.changed() => r.ok().map(|_| true),
                 };
@@ -249,6 +236,10 @@ impl WorkerApi for WorkerService {
                     return;
                 };
                 if !dirty {
+                    if let Err(e) = ctx.leader_only() {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
                     continue;
                 }
                 let set = ctx

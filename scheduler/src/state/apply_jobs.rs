@@ -247,7 +247,6 @@ impl ClusterStore {
                     .sum()
             });
             record.reclaims += 1;
-            record.requeued_at_ms = Some(now);
             record.reclaimed = Some(Reclaimed { at_ms: now, milli });
         }
     }
@@ -354,56 +353,48 @@ impl ClusterStore {
         if let Some(stale) = record.stale_lease(epoch) {
             return Response::Rejected(stale);
         }
-        // Retries of the same report change nothing.
-        let failed_migration = record
-            .migration
-            .as_ref()
-            .is_some_and(|m| request >= m.checkpoint_request);
-        let preempted_for = record
+        // The migration this failure answers, if any (retries of the same report change nothing).
+        let failed = record
             .migration
             .as_ref()
             .filter(|m| request >= m.checkpoint_request)
-            .and_then(|m| m.preempted_for.clone());
-        let idle_reclaim = record
-            .migration
-            .as_ref()
-            .filter(|m| request >= m.checkpoint_request)
-            .and_then(|m| m.idle_reclaim.clone());
-        if let Some(idle) = idle_reclaim {
-            // The lease is idle: it is given back anyway, from the last checkpoint.
-            self.mark_reclaimed(now, &job);
+            .map(|m| (m.preempted_for.clone(), m.idle_reclaim.clone()));
+        // A preemption or an idle reclaim happens anyway: the work since the last checkpoint is
+        // lost. A plain move is aborted.
+        let stop_anyway = match &failed {
+            Some((_, Some(idle))) => {
+                self.mark_reclaimed(now, &job);
+                Some(idle.clone())
+            }
+            Some((Some(p), None)) => Some(format!("preempted for job {p}")),
+            _ => None,
+        };
+        if let Some(why) = stop_anyway {
             self.revoke_lease(
                 now,
                 &job,
                 JobState::Pending,
-                format!("{idle}; checkpoint failed ({error}), stopped anyway; re-queued from the last checkpoint"),
+                format!("{why}; checkpoint failed ({error}), stopped anyway; re-queued from the last checkpoint"),
                 events,
             );
-        } else if let Some(p) = preempted_for {
-            // A preemption happens anyway: the work since the last checkpoint is lost.
-            self.revoke_lease(
-                now,
-                &job,
-                JobState::Pending,
-                format!("preempted for job {p}; checkpoint failed ({error}), stopped anyway; re-queued from the last checkpoint"),
-                events,
-            );
-        } else if failed_migration {
-            record.migration = None;
-            record.note(
-                now,
-                format!(
-                    "migration aborted, the job keeps running here: checkpoint failed: {error}"
-                ),
-            );
-            events.push(Event::JobChanged(job));
-        } else if !record
-            .history
-            .last()
-            .is_some_and(|h| h.what.ends_with(&error))
-        {
-            record.note(now, format!("checkpoint request {request} failed: {error}"));
-            events.push(Event::JobChanged(job));
+        } else if let Some(record) = self.jobs.get_mut(&job) {
+            if failed.is_some() {
+                record.migration = None;
+                record.note(
+                    now,
+                    format!(
+                        "migration aborted, the job keeps running here: checkpoint failed: {error}"
+                    ),
+                );
+                events.push(Event::JobChanged(job));
+            } else if !record
+                .history
+                .last()
+                .is_some_and(|h| h.what.ends_with(&error))
+            {
+                record.note(now, format!("checkpoint request {request} failed: {error}"));
+                events.push(Event::JobChanged(job));
+            }
         }
         Response::Done
     }

@@ -143,6 +143,8 @@ impl ClusterStore {
                 }
                 events.push(Event::AllocationsChanged(t.host.clone()));
             }
+            self.reservations.remove(&job_id);
+            self.settle_reclaimed(&job_id, now);
             let record = self
                 .jobs
                 .get_mut(&job_id)
@@ -163,20 +165,9 @@ impl ClusterStore {
             });
             record.last_epoch = Some(epoch);
             record.next_hosts = Default::default();
-            self.reservations.remove(&job_id);
-            let record = self
-                .jobs
-                .get_mut(&job_id)
-                .expect("job checked to exist above");
             record.state = JobState::Running;
             record.pending_reason = None;
-            record.requeued_at_ms = None;
             record.attempts += 1;
-            self.settle_reclaimed(&job_id, now);
-            let record = self
-                .jobs
-                .get_mut(&job_id)
-                .expect("job checked to exist above");
             record.note(
                 now,
                 format!("leased (epoch {epoch}) on {}", hosts.join(", ")),

@@ -140,11 +140,9 @@ pub struct JobRecord {
     /// The lease epoch whose idleness was last reported (a `report` policy says so once per lease).
     #[serde(default)]
     pub idle_reported_epoch: Option<u64>,
-    /// When an idle reclaim put the job back in the queue: it waits behind the jobs already
-    /// waiting then, instead of taking the devices straight back by its submission time.
-    #[serde(default)]
-    pub requeued_at_ms: Option<u64>,
-    /// The idle lease given back, until the job is placed again or ends.
+    /// The idle lease given back, until the job is placed again or ends. While it is set the job
+    /// queues from the reclaim (`at_ms`), behind the jobs already waiting then, instead of
+    /// taking the devices straight back by its submission time.
     #[serde(default)]
     pub reclaimed: Option<Reclaimed>,
 }
@@ -171,7 +169,6 @@ impl JobRecord {
             last_hosts: Vec::new(),
             reclaims: 0,
             idle_reported_epoch: None,
-            requeued_at_ms: None,
             reclaimed: None,
         };
         job.note(now_ms, "submitted".to_owned());
@@ -229,7 +226,7 @@ impl JobRecord {
                 .estimated_runtime
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             checkpointable: self.spec.checkpoint.is_some(),
-            submitted_at_ms: self.requeued_at_ms.unwrap_or(self.submitted_at_ms),
+            submitted_at_ms: self.reclaimed.map_or(self.submitted_at_ms, |r| r.at_ms),
             hosts: self.next_hosts.clone(),
         }
     }

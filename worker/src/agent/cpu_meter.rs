@@ -29,8 +29,7 @@ impl CpuMeter {
     pub(crate) fn sample(&mut self, groups: &[i32], now: Instant) -> BTreeMap<i32, u8> {
         self.last.retain(|g, _| groups.contains(g));
         let mut out = BTreeMap::new();
-        for &group in groups {
-            let ticks = group_cpu_ticks(group);
+        for (group, ticks) in group_cpu_ticks(groups) {
             let pct = match self.last.insert(group, (now, ticks)) {
                 Some((then, before)) => {
                     let secs = now.saturating_duration_since(then).as_secs_f64();

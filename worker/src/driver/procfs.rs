@@ -70,18 +70,24 @@ pub(crate) fn same_process_alive(pid: i32, start_ticks: u64) -> bool {
     }
 }
 
-/// CPU time, in clock ticks, used so far by the live processes of process group `pgid` (a task
-/// and everything it started, unless they left the group). Processes that already exited are not
-/// counted: callers use differences between samples, which is what utilization needs.
-pub(crate) fn group_cpu_ticks(pgid: i32) -> u64 {
+/// CPU time, in clock ticks, used so far by the live processes of each process group in `groups`
+/// (a task and everything it started, unless they left the group), from one pass over /proc.
+/// Processes that already exited are not counted: callers use differences between samples, which
+/// is what utilization needs. A group with no live process is 0.
+pub(crate) fn group_cpu_ticks(groups: &[i32]) -> std::collections::BTreeMap<i32, u64> {
+    let mut out: std::collections::BTreeMap<i32, u64> = groups.iter().map(|g| (*g, 0)).collect();
     let Ok(dir) = fs::read_dir("/proc") else {
-        return 0;
+        return out;
     };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+    for stat in dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(|pid| ProcStat::read(pid).ok())
-        .filter(|s| s.pgrp == pgid)
-        .map(|s| s.cpu_ticks)
-        .sum()
+    {
+        if let Some(total) = out.get_mut(&stat.pgrp) {
+            *total += stat.cpu_ticks;
+        }
+    }
+    out
 }
 
 /// Clock ticks per second, the unit of `/proc/<pid>/stat` times.
@@ -138,13 +144,17 @@ mod tests {
             .spawn()
             .expect("sh runs");
         let pgid = child.id() as i32;
-        let first = group_cpu_ticks(pgid);
+        let first = group_cpu_ticks(&[pgid])[&pgid];
         std::thread::sleep(std::time::Duration::from_millis(500));
-        let later = group_cpu_ticks(pgid);
+        let later = group_cpu_ticks(&[pgid])[&pgid];
         let _ = child.kill();
         let _ = child.wait();
         assert!(later > first, "ticks {first} -> {later}");
-        assert_eq!(group_cpu_ticks(pgid), 0, "an ended group uses nothing");
+        assert_eq!(
+            group_cpu_ticks(&[pgid])[&pgid],
+            0,
+            "an ended group uses nothing"
+        );
         assert!(clock_ticks_per_second() >= 1);
     }
 }
