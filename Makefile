@@ -73,7 +73,7 @@ sim-demo: deps
 	$(CARGO_TARGET_DIR)/release/gangway sim fgd --nodes ../shared/traces/openb/openb_node_list_gpu_node.csv \
 	  --pods ../shared/traces/openb/openb_pod_list_default.csv --tune 1.3 --seeds 1 \
 	  --policy best-fit,fgd,gangway --plot $(DEMO_DIR)/fgd.svg
-	@echo "plots: $(DEMO_DIR)/philly-replay.svg $(DEMO_DIR)/fgd.svg; more in scheduler/SIM.md"
+	@echo "plots: $(DEMO_DIR)/philly-replay.svg $(DEMO_DIR)/fgd.svg; more in core/SIM.md"
 
 # The container image, assembled from the built binary and the libraries it links (no base image is
 # pulled; see deploy/image/build-image.sh). A debug build by default: it reuses the test build's
@@ -95,6 +95,6 @@ chaos: deps
 	  $(CARGO) test --locked --test chaos -- --nocapture
 
 bench: deps
-	$(CARGO) bench --locked -p gangway-scheduler --bench placement
+	$(CARGO) bench --locked -p gangway-core --bench placement
 	$(CARGO) bench --locked -p gangway-consensus --bench raft_bench
 	$(CARGO) bench --locked --bench e2e

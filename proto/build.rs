@@ -1,5 +1,7 @@
 //! Generates the tonic/prost code for `proto/gangway.proto` with the vendored `protoc`, so a build
-//! never depends on a system protobuf compiler.
+//! never depends on a system protobuf compiler. Only with the `grpc` feature: the pure core uses the
+//! domain types alone.
+#[cfg(feature = "grpc")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
@@ -10,3 +12,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/gangway.proto");
     Ok(())
 }
+
+#[cfg(not(feature = "grpc"))]
+fn main() {}

@@ -9,7 +9,8 @@ pub mod ids;
 pub mod spec;
 pub mod topology;
 
-/// Generated protobuf/tonic code for `proto/gangway.proto`.
+/// Generated protobuf/tonic code for `proto/gangway.proto` (feature `grpc`, on by default).
+#[cfg(feature = "grpc")]
 #[allow(clippy::all, clippy::pedantic)]
 pub mod pb {
     tonic::include_proto!("gangway.v1");

@@ -1,14 +1,9 @@
-//! Gangway's scheduler crate.
+//! Gangway's scheduler replica: the process `gangway server` runs.
 //!
-//! - [`engine`]: the pure placement engine. A function from a cluster snapshot and the pending gangs to
-//!   a [`engine::Plan`]; no tokio, no I/O, no clocks, so the server, the simulator and the tests all run
-//!   the very same decisions.
-//! - [`sim`]: the trace-driven simulator (`gangway sim`) that drives the engine under a discrete-event
-//!   clock and measures it on real production traces.
-//! - [`state`]: the replicated cluster state (the FSM the consensus layer applies commands to).
-//! - [`server`]: the replica process's configuration (the services follow).
+//! - [`server`]: leader loops, gRPC services, HTTP, configuration, around the consensus layer.
+//! - [`engine`], [`state`], [`sim`]: re-exported from the pure core, `gangway-core`, which decides
+//!   everything (the round, the state machine, the simulator) without tokio, tonic or RocksDB.
 
-pub mod engine;
+pub use gangway_core::{engine, sim, state};
+
 pub mod server;
-pub mod sim;
-pub mod state;

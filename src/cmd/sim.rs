@@ -60,7 +60,7 @@ pub enum DefragMode {
 pub enum OutputFormat {
     /// A table for people.
     Table,
-    /// One JSON document (schema in scheduler/SIM.md).
+    /// One JSON document (schema in core/SIM.md).
     Json,
 }
 

@@ -1,7 +1,7 @@
 //! Table-driven tests of the engine's placement decisions, reasons, quotas, backfill and preemption.
 
 use gangway_proto::ids::{HostName, JobId, QueueName};
-use gangway_scheduler::engine::{
+use gangway_core::engine::{
     schedule, ClusterState, DeviceDemand, DeviceKind, DeviceModel, GangPlacement, GangRequest,
     HostSpec, HostTopology, NodeState, PendingReason, Plan, PolicyName, PreemptionReason,
     QueueConfig, SchedulerConfig, TopologyLevel,
@@ -60,11 +60,11 @@ fn run_at(
     let p = GangPlacement {
         job: req.id.clone(),
         queue: req.queue.clone(),
-        tasks: vec![gangway_scheduler::engine::TaskPlacement {
+        tasks: vec![gangway_core::engine::TaskPlacement {
             host: HostName::new(host),
             devices: devices
                 .iter()
-                .map(|&index| gangway_scheduler::engine::DeviceShare { index, milli: m })
+                .map(|&index| gangway_core::engine::DeviceShare { index, milli: m })
                 .collect(),
             cpu_milli: req.per_task.cpu_milli,
             memory_mib: req.per_task.memory_mib,
@@ -569,7 +569,7 @@ fn a_task_larger_than_any_host_says_so_and_holds_no_queue_up() {
 /// every policy, and a gang whose filter leaves no room waits instead of landing anywhere.
 #[test]
 fn host_filters_bind_only_their_own_gang() {
-    use gangway_scheduler::engine::HostFilter;
+    use gangway_core::engine::HostFilter;
     let names = |hosts: &[&str]| hosts.iter().map(|h| HostName::new(*h)).collect();
     let hosts: [HostDef<'_>; 3] = [
         ("h1", "r1", "H100", 8, 1),
@@ -638,7 +638,7 @@ fn host_filters_bind_only_their_own_gang() {
 /// higher priority) are never chosen, and then no plan exists.
 #[test]
 fn defrag_moves_the_fewest_devices_that_free_a_fitting_block() {
-    use gangway_scheduler::engine::{blocked_by_shape, plan_defrag, DefragBudget};
+    use gangway_core::engine::{blocked_by_shape, plan_defrag, DefragBudget};
     let setup = |a: GangRequest, b: GangRequest| {
         let mut c = cluster(&[
             ("h1", "r1", "H100", 8, 1),

@@ -4,7 +4,7 @@
 //! output is deterministic.
 
 use gangway_proto::ids::QueueName;
-use gangway_scheduler::engine::{
+use gangway_core::engine::{
     schedule, ClusterState, DeviceDemand, DeviceKind, DeviceModel, GangRequest, HostSpec,
     HostTopology, PendingReason, Plan, PolicyName, QueueConfig, SchedulerConfig, TopologyLevel,
 };

@@ -5,13 +5,13 @@
 //! --test defrag churn -- --nocapture`.
 
 use gangway_proto::ids::HostName;
-use gangway_scheduler::engine::{
+use gangway_core::engine::{
     plan_defrag, ClusterState, DefragBudget, DeviceDemand, DeviceKind, DeviceModel, DeviceShare,
     GangPlacement, GangRequest, HostSpec, HostTopology, PolicyName, SchedulerConfig, TaskPlacement,
     TopologyLevel,
 };
-use gangway_scheduler::sim::synth::{synthetic_trace, JobClass};
-use gangway_scheduler::sim::{jobs_from_trace, replay, DefragOptions, ReplayOptions, SimCluster};
+use gangway_core::sim::synth::{synthetic_trace, JobClass};
+use gangway_core::sim::{jobs_from_trace, replay, DefragOptions, ReplayOptions, SimCluster};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
@@ -219,7 +219,7 @@ guaranteed_devices = 0
         },
     ];
     let csv = synthetic_trace(3, 36.0, 0.9, 256, &mix).unwrap();
-    let trace = gangway_scheduler::sim::philly::parse_trace(&csv, Path::new("synth.csv")).unwrap();
+    let trace = gangway_core::sim::philly::parse_trace(&csv, Path::new("synth.csv")).unwrap();
     let jobs = jobs_from_trace(&trace, &cluster, 0, u64::MAX).unwrap();
     let run = |defrag: Option<DefragOptions>| {
         replay(

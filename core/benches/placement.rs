@@ -3,7 +3,7 @@
 //!
 //! `cargo bench -p gangway-scheduler --bench placement`
 
-use gangway_scheduler::engine::{
+use gangway_core::engine::{
     schedule, ClusterState, DeviceDemand, DeviceKind, DeviceModel, GangRequest, HostSpec,
     HostTopology, PolicyName, SchedulerConfig, TopologyLevel,
 };

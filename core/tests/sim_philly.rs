@@ -1,9 +1,9 @@
 //! A window of the real Philly trace on the shipped cluster file: invariants and determinism.
 //! Skipped (with a message) when ../shared/traces is absent.
 
-use gangway_scheduler::engine::PolicyName;
-use gangway_scheduler::sim::philly::{load_trace, parse_offset};
-use gangway_scheduler::sim::{jobs_from_trace, replay, ReplayMetrics, ReplayOptions, SimCluster};
+use gangway_core::engine::PolicyName;
+use gangway_core::sim::philly::{load_trace, parse_offset};
+use gangway_core::sim::{jobs_from_trace, replay, ReplayMetrics, ReplayOptions, SimCluster};
 use std::path::{Path, PathBuf};
 
 fn repo_root() -> PathBuf {

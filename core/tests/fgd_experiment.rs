@@ -4,8 +4,8 @@
 //! `GANGWAY_FGD_SEEDS`, `GANGWAY_FGD_POLICIES=best-fit,fgd,gangway` to change it) and prints the
 //! report as JSON: run it in release (`cargo test --release --test fgd_experiment -- --nocapture`).
 
-use gangway_scheduler::engine::PolicyName;
-use gangway_scheduler::sim::fgd::{run_fgd, FgdOptions};
+use gangway_core::engine::PolicyName;
+use gangway_core::sim::fgd::{run_fgd, FgdOptions};
 use std::path::PathBuf;
 
 fn traces() -> Option<PathBuf> {

@@ -1,8 +1,8 @@
 //! Discrete-event correctness of the replay on tiny synthetic traces, with hand-computed results.
 
-use gangway_scheduler::engine::{PolicyName, TopologyLevel};
-use gangway_scheduler::sim::report::{ReplayReport, Window};
-use gangway_scheduler::sim::{
+use gangway_core::engine::{PolicyName, TopologyLevel};
+use gangway_core::sim::report::{ReplayReport, Window};
+use gangway_core::sim::{
     replay, PreemptMode, ReplayMetrics, ReplayOptions, SimCluster, SimJob,
 };
 use std::path::Path;

@@ -3,11 +3,11 @@
 
 use gangway_proto::ids::{HostName, JobId};
 use gangway_proto::spec::JobSpec;
-use gangway_scheduler::engine::{
+use gangway_core::engine::{
     DeviceKind, DeviceShare, GangPlacement, HostTopology, NodeState, PendingJob, PendingReason,
     Plan, TaskPlacement,
 };
-use gangway_scheduler::state::{
+use gangway_core::state::{
     CheckpointManifest, ClusterStore, Command, DeviceInventory, Event, JobState, NodeRegistration,
     Rejection, Response, TaskState,
 };
@@ -223,7 +223,7 @@ fn a_stale_plan_is_discarded_whole_and_never_double_books_a_device() {
                 job: b.clone(),
                 reason: PendingReason::NoDomainFits {
                     wanted: "2 x 4 x H100".into(),
-                    level: gangway_scheduler::engine::TopologyLevel::Rack,
+                    level: gangway_core::engine::TopologyLevel::Rack,
                     needed: 8,
                     largest_free_block: 4,
                 },
@@ -543,7 +543,7 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
             Command::Defragment {
                 for_job: job_at(*waiting)?,
                 hosts: [HostName::new(HOSTS[*host])].into(),
-                moves: vec![gangway_scheduler::state::DefragMove {
+                moves: vec![gangway_core::state::DefragMove {
                     epoch: store.job(&mover)?.lease.as_ref().map_or(0, |l| l.epoch),
                     job: mover,
                     to: [HostName::new(HOSTS[(*host + 1) % HOSTS.len()])].into(),
@@ -620,7 +620,7 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
             }
         }
         Op::SetIdle { action } => {
-            use gangway_scheduler::engine::{IdleAction, IdlePolicy, QueueConfig};
+            use gangway_core::engine::{IdleAction, IdlePolicy, QueueConfig};
             Command::SetQueue(QueueConfig {
                 name: "default".into(),
                 guaranteed_milli: 0,
@@ -756,7 +756,7 @@ proptest! {
 /// including plans with pending reasons and preemptions (an internally tagged enum would not).
 #[test]
 fn every_command_and_response_round_trips_through_the_log_encoding() {
-    use gangway_scheduler::engine::{Preemption, PreemptionReason, QueueConfig};
+    use gangway_core::engine::{Preemption, PreemptionReason, QueueConfig};
     let job = JobId::new("j-1");
     let commands = vec![
         Command::RegisterNode(node("h1", "r1", 2)),
@@ -820,10 +820,10 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
             name: "research".into(),
             guaranteed_milli: 8000,
             may_borrow: true,
-            idle: Some(gangway_scheduler::engine::IdlePolicy {
+            idle: Some(gangway_core::engine::IdlePolicy {
                 window_ms: 1_800_000,
                 threshold_pct: 5,
-                action: gangway_scheduler::engine::IdleAction::Reclaim,
+                action: gangway_core::engine::IdleAction::Reclaim,
             }),
         }),
         Command::IdleLease {
@@ -847,7 +847,7 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
         },
         Command::MigrateJob {
             job: job.clone(),
-            hosts: gangway_scheduler::engine::HostFilter {
+            hosts: gangway_core::engine::HostFilter {
                 only: [HostName::new("h2")].into(),
                 avoid: [HostName::new("h1")].into(),
             },
@@ -855,7 +855,7 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
         Command::Defragment {
             for_job: JobId::new("j-2"),
             hosts: [HostName::new("h1")].into(),
-            moves: vec![gangway_scheduler::state::DefragMove {
+            moves: vec![gangway_core::state::DefragMove {
                 job: job.clone(),
                 epoch: 3,
                 to: [HostName::new("h2")].into(),
@@ -905,7 +905,7 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
 /// once the checkpoint that answers the migration's own request is committed.
 #[test]
 fn a_migration_stops_the_job_only_after_its_checkpoint_and_then_avoids_the_old_hosts() {
-    use gangway_scheduler::engine::HostFilter;
+    use gangway_core::engine::HostFilter;
     let mut c = Cluster::new();
     for (name, rack) in [("h1", "r1"), ("h2", "r1"), ("h3", "r2"), ("h4", "r2")] {
         assert_eq!(
@@ -1021,10 +1021,10 @@ fn a_migration_stops_the_job_only_after_its_checkpoint_and_then_avoids_the_old_h
         Response::PlanApplied { ref stale, .. } if stale.len() == 1
     ));
     let pending = vec![c.store.job(&job).unwrap().gang_request()];
-    let plan = gangway_scheduler::engine::schedule(
+    let plan = gangway_core::engine::schedule(
         c.store.engine(),
         &pending,
-        &gangway_scheduler::engine::SchedulerConfig::default(),
+        &gangway_core::engine::SchedulerConfig::default(),
         c.now,
     );
     c.place(plan.placements);
@@ -1097,7 +1097,7 @@ fn a_lost_rank_requeues_the_gang_and_a_failed_rank_fails_it() {
 /// gang: the plan applier refuses any other job there until the reservation is used or expires.
 #[test]
 fn a_defragmentation_plan_is_fenced_by_epochs_and_its_reservation_holds() {
-    use gangway_scheduler::state::DefragMove;
+    use gangway_core::state::DefragMove;
     let mut c = Cluster::new();
     for name in ["h1", "h2", "h3"] {
         c.apply(Command::RegisterNode(node(name, "r1", 8)));
@@ -1197,7 +1197,7 @@ fn a_defragmentation_plan_is_fenced_by_epochs_and_its_reservation_holds() {
     for _ in 0..6 {
         c.apply(Command::SetNodeState {
             node: HostName::new("h3"),
-            state: gangway_scheduler::engine::NodeState::Ready,
+            state: gangway_core::engine::NodeState::Ready,
             reason: "tick".into(),
         });
     }
@@ -1209,7 +1209,7 @@ fn a_defragmentation_plan_is_fenced_by_epochs_and_its_reservation_holds() {
 /// the preemptor all along, so no third job can take the devices it frees.
 #[test]
 fn a_checkpointable_victim_checkpoints_before_it_stops_and_its_hosts_wait_for_the_preemptor() {
-    use gangway_scheduler::engine::{Preemption, PreemptionReason};
+    use gangway_core::engine::{Preemption, PreemptionReason};
     let mut c = Cluster::new();
     c.apply(Command::RegisterNode(node("h1", "r1", 8)));
     let preempt = |c: &mut Cluster, victim: &JobId, preemptor: &JobId| {
@@ -1289,7 +1289,7 @@ fn a_checkpointable_victim_checkpoints_before_it_stops_and_its_hosts_wait_for_th
 /// goes back in the queue behind the jobs waiting, and the devices it gave back are credited.
 #[test]
 fn an_idle_lease_is_reclaimed_by_checkpoint_or_only_reported_as_its_queue_says() {
-    use gangway_scheduler::engine::{IdleAction, IdlePolicy, QueueConfig, SchedulerConfig};
+    use gangway_core::engine::{IdleAction, IdlePolicy, QueueConfig, SchedulerConfig};
     let mut c = Cluster::new();
     c.apply(Command::RegisterNode(node("h1", "r1", 8)));
     let mut notebook_spec = spec("notebook", 1, 8);
@@ -1389,7 +1389,7 @@ fn an_idle_lease_is_reclaimed_by_checkpoint_or_only_reported_as_its_queue_says()
 
     // Phase 4: it queues behind the job that was already waiting, although submitted first: the
     // real engine gives the freed host to `waiting`.
-    let plan = gangway_scheduler::engine::schedule(
+    let plan = gangway_core::engine::schedule(
         c.store.engine(),
         &c.store.pending_gangs(),
         &SchedulerConfig::default(),
@@ -1451,7 +1451,7 @@ fn an_idle_lease_is_reclaimed_by_checkpoint_or_only_reported_as_its_queue_says()
 /// restored cluster's directives.
 #[test]
 fn a_backup_restores_into_an_empty_cluster_only_and_trusts_no_lease_from_before_it() {
-    use gangway_scheduler::state::RESTORE_JUMP;
+    use gangway_core::state::RESTORE_JUMP;
     // Phase 1: the old cluster: a running gang with a checkpoint, and a pending job.
     let mut old = Cluster::new();
     old.apply(Command::RegisterNode(node("h1", "r1", 8)));
@@ -1523,7 +1523,7 @@ fn a_backup_restores_into_an_empty_cluster_only_and_trusts_no_lease_from_before_
 /// failure, which aborts a move (the job keeps running) or stops a preemption victim anyway.
 #[test]
 fn an_unanswered_migration_is_timed_out_by_the_leader() {
-    use gangway_scheduler::state::MIGRATION_SLACK_MS;
+    use gangway_core::state::MIGRATION_SLACK_MS;
     let mut c = Cluster::new();
     c.apply(Command::RegisterNode(node("h1", "r1", 8)));
     c.apply(Command::RegisterNode(node("h2", "r1", 8)));
