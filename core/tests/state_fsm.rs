@@ -202,7 +202,7 @@ fn a_stale_plan_is_discarded_whole_and_never_double_books_a_device() {
     );
     let rec = c.store.job(&b).unwrap();
     assert_eq!(rec.state, JobState::Pending);
-    assert!(rec.pending_reason.as_deref().unwrap().contains("stale"));
+    assert!(rec.pending_text().as_deref().unwrap().contains("stale"));
     assert_eq!(
         c.store.engine().hosts()[0].free_whole_devices(),
         8,
@@ -231,7 +231,7 @@ fn a_stale_plan_is_discarded_whole_and_never_double_books_a_device() {
             ..Plan::default()
         },
     });
-    let reason = c.store.job(&b).unwrap().pending_reason.clone().unwrap();
+    let reason = c.store.job(&b).unwrap().pending_text().unwrap();
     assert!(
         reason.contains("largest free block in any rack is 4"),
         "{reason}"
@@ -274,7 +274,7 @@ fn a_lost_node_requeues_its_gangs_from_their_last_checkpoint_with_a_newer_epoch(
     let rec = c.store.job(&job).unwrap();
     assert_eq!(rec.state, JobState::Pending);
     assert!(rec
-        .pending_reason
+        .pending_text()
         .as_deref()
         .unwrap()
         .contains("h2 went down"));
@@ -702,6 +702,12 @@ fn check_invariants(store: &ClusterStore, epochs_seen: &mut BTreeMap<(HostName, 
             );
         }
     }
+    // The indexes the hot paths read (pending in queue order, running, migrating) are exactly
+    // what the job records say.
+    assert!(
+        store.job_table().indexes_consistent(),
+        "job indexes drifted from the records"
+    );
     // The engine's view agrees with the leases.
     assert_eq!(
         store.engine().running().len(),
@@ -1375,7 +1381,7 @@ fn an_idle_lease_is_reclaimed_by_checkpoint_or_only_reported_as_its_queue_says()
     let reclaimed_at = c.now;
     let j = c.store.job(&notebook).unwrap();
     assert_eq!((j.state, j.reclaims), (JobState::Pending, 1));
-    let reason = j.pending_reason.clone().unwrap_or_default();
+    let reason = j.pending_text().unwrap_or_default();
     assert!(
         reason.contains("idle lease reclaimed")
             && reason.contains("below 5%")
@@ -1438,7 +1444,7 @@ fn an_idle_lease_is_reclaimed_by_checkpoint_or_only_reported_as_its_queue_says()
         (JobState::Pending, 1, 0)
     );
     assert!(j
-        .pending_reason
+        .pending_text()
         .as_deref()
         .unwrap_or("")
         .contains("cannot checkpoint"));
@@ -1495,7 +1501,7 @@ fn a_backup_restores_into_an_empty_cluster_only_and_trusts_no_lease_from_before_
     let j = new.store.job(&running).unwrap();
     assert_eq!(j.state, JobState::Pending);
     assert!(
-        j.pending_reason
+        j.pending_text()
             .as_deref()
             .unwrap_or("")
             .contains("restored from a backup"),

@@ -111,6 +111,13 @@ pub enum PendingReason {
         free: u64,
         detail: String,
     },
+    /// Submitted (or re-queued) since the last round: no round has looked at it yet.
+    Unscheduled,
+    /// Its lease ended for a reason that is not its own (preempted, node lost, migrated, reclaimed)
+    /// and it waits to be placed again: `why` says what happened.
+    Requeued { why: String },
+    /// A round placed it, but the state changed before the plan committed.
+    PlanStale { detail: String },
 }
 
 impl std::fmt::Display for PendingReason {
@@ -171,6 +178,11 @@ impl std::fmt::Display for PendingReason {
                 free,
                 detail,
             } => write!(f, "needs {wanted}; {free} are free but {detail}"),
+            PendingReason::Unscheduled => f.write_str("waiting for the next scheduling round"),
+            PendingReason::Requeued { why } => f.write_str(why),
+            PendingReason::PlanStale { detail } => {
+                write!(f, "placement went stale before it committed: {detail}")
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 use super::command::{CheckpointManifest, DefragMove, Event, Rejection, Response, TaskState};
 use super::job_record::{CheckpointRecord, JobRecord, JobState, Migration, Reclaimed};
 use super::store::ClusterStore;
-use crate::engine::{join_hosts, HostFilter, IdleAction};
+use crate::engine::{join_hosts, HostFilter, IdleAction, PendingReason};
 use gangway_proto::ids::{HostName, JobId, QueueName};
 use std::collections::BTreeSet;
 
@@ -38,8 +38,7 @@ impl ClusterStore {
         if let Some(key) = idempotency_key {
             self.idempotency.insert(key, id.clone());
         }
-        self.jobs
-            .insert(id.clone(), JobRecord::new(id.clone(), spec, now));
+        self.jobs.insert(JobRecord::new(id.clone(), spec, now));
         events.push(Event::JobChanged(id.clone()));
         events.push(Event::SchedulingNeeded);
         Response::Submitted {
@@ -640,7 +639,7 @@ impl ClusterStore {
         record.state = next;
         record.tasks.clear();
         if next == JobState::Pending {
-            record.pending_reason = Some(why.clone());
+            record.pending_reason = Some(PendingReason::Requeued { why: why.clone() });
         } else {
             record.pending_reason = None;
             record.finished_at_ms = Some(now);

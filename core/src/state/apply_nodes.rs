@@ -144,7 +144,7 @@ impl ClusterStore {
         self.engine.set_node_state(&node, NodeState::Down);
         let affected: Vec<JobId> = self
             .jobs
-            .values()
+            .running()
             .filter(|j| j.state == JobState::Running)
             .filter(|j| {
                 j.lease

@@ -5,7 +5,7 @@
 use super::command::{Event, Response, TaskState};
 use super::job_record::{JobState, Lease, Migration, TaskRecord};
 use super::store::ClusterStore;
-use crate::engine::Plan;
+use crate::engine::{PendingReason, Plan};
 use gangway_proto::ids::{HostName, JobId};
 use std::collections::BTreeSet;
 
@@ -124,9 +124,12 @@ impl ClusterStore {
             let mut request = record.gang_request();
             request.hosts = Default::default();
             if let Err(e) = self.engine.apply_placement(request, placement.clone(), now) {
-                let why = format!("placement went stale before it committed: {e}");
+                let reason = PendingReason::PlanStale {
+                    detail: e.to_string(),
+                };
+                let why = reason.to_string();
                 if let Some(record) = self.jobs.get_mut(&job_id) {
-                    record.pending_reason = Some(why.clone());
+                    record.pending_reason = Some(reason);
                 }
                 stale.push((job_id, why));
                 continue;
@@ -179,7 +182,7 @@ impl ClusterStore {
         for pending in plan.pending {
             if let Some(record) = self.jobs.get_mut(&pending.job) {
                 if record.state == JobState::Pending {
-                    record.pending_reason = Some(pending.reason.to_string());
+                    record.pending_reason = Some(pending.reason);
                 }
             }
         }

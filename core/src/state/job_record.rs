@@ -1,7 +1,7 @@
 //! A job as the cluster remembers it: its spec, where it is in its life, its lease and checkpoints.
 
 use super::command::{CheckpointManifest, Rejection, TaskState};
-use crate::engine::{DeviceDemand, GangPlacement, GangRequest, HostFilter};
+use crate::engine::{DeviceDemand, GangPlacement, GangRequest, HostFilter, PendingReason};
 use gangway_proto::ids::{HostName, JobId, QueueName};
 use gangway_proto::spec::{DeviceCount, JobSpec};
 use serde::{Deserialize, Serialize};
@@ -112,8 +112,8 @@ pub struct JobRecord {
     pub spec: JobSpec,
     pub submitted_at_ms: u64,
     pub state: JobState,
-    /// Why it waits, from the last scheduling round, in words for people.
-    pub pending_reason: Option<String>,
+    /// Why it waits, from the last scheduling round (`Display` gives the words for people).
+    pub pending_reason: Option<PendingReason>,
     pub lease: Option<Lease>,
     /// Epoch of the most recent lease, kept after it ends so late checkpoint reports still count.
     pub last_epoch: Option<u64>,
@@ -154,7 +154,7 @@ impl JobRecord {
             spec,
             submitted_at_ms: now_ms,
             state: JobState::Pending,
-            pending_reason: Some("waiting for the next scheduling round".to_owned()),
+            pending_reason: Some(PendingReason::Unscheduled),
             lease: None,
             last_epoch: None,
             tasks: Vec::new(),
@@ -193,11 +193,22 @@ impl JobRecord {
         })
     }
 
+    /// Why it waits, in words for people (`None` unless pending).
+    pub fn pending_text(&self) -> Option<String> {
+        self.pending_reason.as_ref().map(ToString::to_string)
+    }
+
     /// Where a relaunch resumes from: the newest committed checkpoint.
     pub fn restore_from(&self) -> Option<&str> {
         self.last_checkpoint
             .as_ref()
             .map(|c| c.manifest.path.as_str())
+    }
+
+    /// Its place in the queue while pending: its submission, or for a lease given back idle the
+    /// reclaim, behind the jobs already waiting then.
+    pub fn queue_order_ms(&self) -> u64 {
+        self.reclaimed.map_or(self.submitted_at_ms, |r| r.at_ms)
     }
 
     /// The gang the engine places for this job.
@@ -226,7 +237,7 @@ impl JobRecord {
                 .estimated_runtime
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             checkpointable: self.spec.checkpoint.is_some(),
-            submitted_at_ms: self.reclaimed.map_or(self.submitted_at_ms, |r| r.at_ms),
+            submitted_at_ms: self.queue_order_ms(),
             hosts: self.next_hosts.clone(),
         }
     }

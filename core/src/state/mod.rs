@@ -9,6 +9,7 @@ mod apply_nodes;
 mod apply_plan;
 pub mod command;
 pub mod job_record;
+pub mod job_table;
 pub mod node_record;
 pub mod store;
 
@@ -17,5 +18,6 @@ pub use command::{
     Response, TaskState,
 };
 pub use job_record::{JobRecord, JobState, Lease};
+pub use job_table::JobTable;
 pub use node_record::NodeRecord;
 pub use store::{Allocation, ClusterStore, MIGRATION_SLACK_MS, RESTORE_JUMP};

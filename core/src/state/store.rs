@@ -42,7 +42,7 @@ pub struct Allocation {
 pub struct ClusterStore {
     pub(super) engine: ClusterState,
     pub(super) nodes: BTreeMap<HostName, NodeRecord>,
-    pub(super) jobs: BTreeMap<JobId, JobRecord>,
+    pub(super) jobs: super::job_table::JobTable,
     pub(super) idempotency: BTreeMap<String, JobId>,
     pub(super) queues: BTreeMap<QueueName, QueueConfig>,
     pub(super) next_job_seq: u64,
@@ -94,6 +94,13 @@ impl ClusterStore {
     pub fn apply(&mut self, now_ms: u64, command: Command, events: &mut Vec<Event>) -> Response {
         self.now_ms = self.now_ms.max(now_ms);
         let now = self.now_ms;
+        let response = self.dispatch(now, command, events);
+        self.jobs.reindex();
+        response
+    }
+
+    /// One apply function per command.
+    fn dispatch(&mut self, now: u64, command: Command, events: &mut Vec<Event>) -> Response {
         match command {
             Command::RegisterNode(reg) => self.apply_register_node(now, reg, events),
             Command::SetNodeState {
@@ -189,8 +196,7 @@ impl ClusterStore {
         self.reservations.clear();
         let leased: Vec<JobId> = self
             .jobs
-            .values()
-            .filter(|j| j.lease.is_some())
+            .running()
             .map(|j| j.id.clone())
             .collect();
         for job in leased {
@@ -244,6 +250,11 @@ impl ClusterStore {
     }
 
     pub fn jobs(&self) -> &BTreeMap<JobId, JobRecord> {
+        self.jobs.map()
+    }
+
+    /// The jobs with their indexes (pending in queue order, running, migrating).
+    pub fn job_table(&self) -> &super::job_table::JobTable {
         &self.jobs
     }
 
@@ -266,18 +277,18 @@ impl ClusterStore {
 
     /// The gangs waiting for placement, oldest first.
     pub fn pending_gangs(&self) -> Vec<GangRequest> {
-        let mut pending: Vec<GangRequest> = self
-            .jobs
-            .values()
-            .filter(|j| j.state == JobState::Pending)
+        let reserved: Vec<(&JobId, &std::collections::BTreeSet<HostName>)> =
+            self.reservations().collect();
+        self.jobs
+            .pending()
             .map(|j| {
                 let mut g = j.gang_request();
-                g.hosts.avoid.extend(self.reserved_against(&j.id));
+                for (_, hosts) in reserved.iter().filter(|(r, _)| **r != j.id) {
+                    g.hosts.avoid.extend(hosts.iter().cloned());
+                }
                 g
             })
-            .collect();
-        pending.sort_by(|a, b| (a.submitted_at_ms, &a.id).cmp(&(b.submitted_at_ms, &b.id)));
-        pending
+            .collect()
     }
 
     /// Hosts reserved for gangs other than `job` (live reservations only).
@@ -320,7 +331,7 @@ impl ClusterStore {
     /// move is aborted, a preemption or reclaim stops the job anyway.
     pub fn overdue_migrations(&self, now_ms: u64) -> Vec<Command> {
         self.jobs
-            .values()
+            .migrating()
             .filter_map(|j| {
                 let m = j.migration.as_ref()?;
                 let lease = j.lease.as_ref()?;
@@ -351,7 +362,7 @@ impl ClusterStore {
     pub fn allocations_for(&self, node: &HostName) -> Vec<Allocation> {
         let mut out = Vec::new();
         let inventory = self.nodes.get(node).map(|n| &n.registration.devices);
-        for job in self.jobs.values() {
+        for job in self.jobs.running() {
             let Some(lease) = &job.lease else { continue };
             // Ranks of this job that this node should run (a finished rank never runs again).
             let mine: Vec<(usize, &crate::engine::TaskPlacement)> = lease

@@ -56,7 +56,7 @@ pub fn job_summary(job: &JobRecord) -> pb::JobSummary {
         devices_per_task: devices_per_task(r.devices),
         kind: r.kind.to_string(),
         submitted_at_ms: job.submitted_at_ms,
-        pending_reason: job.pending_reason.clone().unwrap_or_default(),
+        pending_reason: job.pending_text().unwrap_or_default(),
         lease_epoch: epoch,
         hosts,
         attempts: job.attempts,

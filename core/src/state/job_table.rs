@@ -1,0 +1,152 @@
+//! [`JobTable`]: every job the state remembers, with the indexes the hot paths read.
+//!
+//! A scheduling round needs the pending gangs in queue order, the gangs migrating and the running
+//! leases; scanning every job ever submitted for them costs what history costs, not what is live.
+//! The table keeps those sets as jobs change: every change goes through [`JobTable::get_mut`],
+//! which notes the job, and `ClusterStore::apply` re-files the noted jobs after each command, so
+//! no apply function can forget an index.
+//! The indexes are derived data: a snapshot holds the jobs only and rebuilds them on load, so a
+//! replica built from a snapshot and one that replayed the log have equal tables.
+
+use super::job_record::{JobRecord, JobState};
+use gangway_proto::ids::JobId;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Where a job stands in the queue: its order key (submission, or its reclaim for a job given
+/// back idle), then its id.
+pub type QueueKey = (u64, JobId);
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobTable {
+    jobs: BTreeMap<JobId, JobRecord>,
+    /// Pending jobs in queue order, and each pending job's key in it.
+    pending: BTreeSet<QueueKey>,
+    pending_key: BTreeMap<JobId, u64>,
+    /// Jobs holding a lease.
+    running: BTreeSet<JobId>,
+    /// Jobs with a migration waiting for its checkpoint.
+    migrating: BTreeSet<JobId>,
+    /// Jobs lent out by `get_mut` since the last `reindex`.
+    dirty: BTreeSet<JobId>,
+}
+
+impl JobTable {
+    pub fn map(&self) -> &BTreeMap<JobId, JobRecord> {
+        &self.jobs
+    }
+
+    pub fn get(&self, id: &JobId) -> Option<&JobRecord> {
+        self.jobs.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &JobRecord> {
+        self.jobs.values()
+    }
+
+    /// Adds a new job (an id is never reused).
+    pub fn insert(&mut self, job: JobRecord) {
+        let id = job.id.clone();
+        self.jobs.insert(id.clone(), job);
+        self.refile(&id);
+    }
+
+    /// The job, for a change. Its indexes follow at the next [`JobTable::reindex`], which
+    /// `ClusterStore::apply` runs after every command.
+    pub fn get_mut(&mut self, id: &JobId) -> Option<&mut JobRecord> {
+        let job = self.jobs.get_mut(id)?;
+        self.dirty.insert(id.clone());
+        Some(job)
+    }
+
+    /// Files every job changed since the last call in the indexes.
+    pub fn reindex(&mut self) {
+        for id in std::mem::take(&mut self.dirty) {
+            self.refile(&id);
+        }
+    }
+
+    /// Pending jobs in queue order (oldest first).
+    pub fn pending(&self) -> impl Iterator<Item = &JobRecord> {
+        debug_assert!(self.dirty.is_empty(), "index read before reindex");
+        self.pending.iter().filter_map(|(_, id)| self.jobs.get(id))
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Jobs holding a lease, by id.
+    pub fn running(&self) -> impl Iterator<Item = &JobRecord> {
+        debug_assert!(self.dirty.is_empty(), "index read before reindex");
+        self.running.iter().filter_map(|id| self.jobs.get(id))
+    }
+
+    pub fn running_count(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Jobs whose migration waits for its checkpoint, by id.
+    pub fn migrating(&self) -> impl Iterator<Item = &JobRecord> {
+        debug_assert!(self.dirty.is_empty(), "index read before reindex");
+        self.migrating.iter().filter_map(|id| self.jobs.get(id))
+    }
+
+    fn refile(&mut self, id: &JobId) {
+        let job = self.jobs.get(id);
+        if let Some(old) = self.pending_key.remove(id) {
+            self.pending.remove(&(old, id.clone()));
+        }
+        if let Some(j) = job.filter(|j| j.state == JobState::Pending) {
+            let key = j.queue_order_ms();
+            self.pending_key.insert(id.clone(), key);
+            self.pending.insert((key, id.clone()));
+        }
+        set_membership(&mut self.running, id, job.is_some_and(|j| j.lease.is_some()));
+        set_membership(&mut self.migrating, id, job.is_some_and(|j| j.migration.is_some()));
+    }
+
+    /// Whether the indexes are exactly what the records say (tests and debug checks).
+    pub fn indexes_consistent(&self) -> bool {
+        let mut rebuilt = JobTable::default();
+        for job in self.jobs.values() {
+            rebuilt.insert(job.clone());
+        }
+        rebuilt == *self
+    }
+}
+
+fn set_membership(set: &mut BTreeSet<JobId>, id: &JobId, member: bool) {
+    if member {
+        if !set.contains(id) {
+            set.insert(id.clone());
+        }
+    } else {
+        set.remove(id);
+    }
+}
+
+impl Serialize for JobTable {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.jobs.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for JobTable {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let jobs = BTreeMap::<JobId, JobRecord>::deserialize(d)?;
+        let mut table = JobTable::default();
+        for (_, job) in jobs {
+            table.insert(job);
+        }
+        Ok(table)
+    }
+}
