@@ -8,8 +8,9 @@ use gangway_core::engine::{
     Plan, TaskPlacement,
 };
 use gangway_core::state::{
-    CheckpointManifest, ClusterStore, Command, DeviceInventory, Event, JobState, NodeRegistration,
-    Rejection, Response, TaskState,
+    CheckpointFailure, CheckpointManifest, CheckpointReport, ClusterStore, Command, DefragOrder,
+    DeviceInventory, Event, IdleReport, JobState, NodeRegistration, NodeStateChange, Rejection,
+    Response, Submission, TaskReport, TaskState,
 };
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -82,10 +83,10 @@ impl Cluster {
     }
 
     fn submit(&mut self, spec: JobSpec) -> JobId {
-        match self.apply(Command::SubmitJob {
+        match self.apply(Command::SubmitJob(Submission {
             idempotency_key: None,
             spec,
-        }) {
+        })) {
             Response::Submitted { job, .. } => job,
             other => panic!("submit failed: {other:?}"),
         }
@@ -101,14 +102,14 @@ impl Cluster {
     }
 
     fn report(&mut self, job: &JobId, task: u32, epoch: u64, state: TaskState) -> Response {
-        self.apply(Command::TaskStatus {
+        self.apply(Command::TaskStatus(TaskReport {
             job: job.clone(),
             task,
             epoch,
             state,
             exit_code: (state == TaskState::Succeeded).then_some(0),
             message: String::new(),
-        })
+        }))
     }
 
     fn epoch_of(&self, job: &JobId) -> u64 {
@@ -249,7 +250,7 @@ fn a_lost_node_requeues_its_gangs_from_their_last_checkpoint_with_a_newer_epoch(
     let first = c.epoch_of(&job);
 
     // The job checkpoints; an older step reported late does not replace it.
-    let ck = |step| Command::RecordCheckpoint {
+    let ck = |step| Command::RecordCheckpoint(CheckpointReport {
         job: job.clone(),
         epoch: first,
         request: 0,
@@ -258,7 +259,7 @@ fn a_lost_node_requeues_its_gangs_from_their_last_checkpoint_with_a_newer_epoch(
             step,
             bytes: 1,
         },
-    };
+    });
     assert_eq!(c.apply(ck(200)), Response::Done);
     assert_eq!(c.apply(ck(100)), Response::Done);
     assert_eq!(
@@ -330,10 +331,10 @@ fn one_failed_rank_fails_the_gang_and_releases_every_device() {
 #[test]
 fn submissions_with_the_same_idempotency_key_create_one_job() {
     let mut c = Cluster::new();
-    let submit = |key: &str| Command::SubmitJob {
+    let submit = |key: &str| Command::SubmitJob(Submission {
         idempotency_key: Some(key.to_owned()),
         spec: spec("train", 1, 1),
-    };
+    });
     let Response::Submitted {
         job: first,
         existing,
@@ -375,11 +376,11 @@ fn cancel_drain_and_bad_registrations_answer_clearly() {
     assert_eq!(c.store.engine().hosts()[0].free_whole_devices(), 8);
 
     // A cordoned host keeps what it has but takes nothing new.
-    c.apply(Command::SetNodeState {
+    c.apply(Command::SetNodeState(NodeStateChange {
         node: HostName::new("h1"),
         state: NodeState::Cordoned,
         reason: "maintenance".into(),
-    });
+    }));
     let next = c.submit(spec("next", 1, 1));
     let Response::PlanApplied { stale, .. } = c.place(vec![placement(&next, &["h1"], 0, 1)]) else {
         panic!()
@@ -513,10 +514,10 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
             tasks,
             devices,
             key,
-        } => Command::SubmitJob {
+        } => Command::SubmitJob(Submission {
             idempotency_key: Some(format!("key-{key}-{tasks}-{devices}")),
             spec: spec("j", *tasks, *devices),
-        },
+        }),
         Op::Place { job, host, first } => {
             let job = job_at(*job)?;
             let rec = store.job(&job)?;
@@ -540,7 +541,7 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
             host,
         } => {
             let mover = job_at(*mover)?;
-            Command::Defragment {
+            Command::Defragment(DefragOrder {
                 for_job: job_at(*waiting)?,
                 hosts: [HostName::new(HOSTS[*host])].into(),
                 moves: vec![gangway_core::state::DefragMove {
@@ -549,7 +550,7 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
                     to: [HostName::new(HOSTS[(*host + 1) % HOSTS.len()])].into(),
                 }],
                 until_ms: u64::MAX,
-            }
+            })
         }
         Op::Migrate { job } => Command::MigrateJob {
             job: job_at(*job)?,
@@ -558,12 +559,12 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
         Op::CheckpointFailed { job } => {
             let job = job_at(*job)?;
             let rec = store.job(&job)?;
-            Command::CheckpointFailed {
+            Command::CheckpointFailed(CheckpointFailure {
                 epoch: rec.lease.as_ref().map_or(1, |l| l.epoch),
                 request: rec.checkpoint_requests,
                 error: "no manifest".into(),
                 job,
-            }
+            })
         }
         Op::Report {
             job,
@@ -579,7 +580,7 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
                 .map(|l| l.epoch)
                 .or(rec.last_epoch)
                 .unwrap_or(1);
-            Command::TaskStatus {
+            Command::TaskStatus(TaskReport {
                 job,
                 task: *task,
                 epoch: if *old_epoch {
@@ -591,7 +592,7 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
                     [usize::from(*outcome)],
                 exit_code: Some(i32::from(*outcome)),
                 message: String::new(),
-            }
+            })
         }
         Op::Down { host } => Command::NodeDown {
             node: HostName::new(HOSTS[*host]),
@@ -608,7 +609,7 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
             let epoch = rec.last_epoch?;
             // Answers the newest request: a migration waiting for it completes.
             let request = rec.checkpoint_requests;
-            Command::RecordCheckpoint {
+            Command::RecordCheckpoint(CheckpointReport {
                 job,
                 epoch,
                 request,
@@ -617,7 +618,7 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
                     step: *step,
                     bytes: 0,
                 },
-            }
+            })
         }
         Op::SetIdle { action } => {
             use gangway_core::engine::{IdleAction, IdlePolicy, QueueConfig};
@@ -637,11 +638,11 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
         Op::Idle { job, past_window } => {
             let job = job_at(*job)?;
             let epoch = store.job(&job)?.lease.as_ref().map_or(1, |l| l.epoch);
-            Command::IdleLease {
+            Command::IdleLease(IdleReport {
                 job,
                 epoch,
                 idle_ms: if *past_window { 61_000 } else { 59_000 },
-            }
+            })
         }
     })
 }
@@ -766,19 +767,19 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
     let job = JobId::new("j-1");
     let commands = vec![
         Command::RegisterNode(node("h1", "r1", 2)),
-        Command::SetNodeState {
+        Command::SetNodeState(NodeStateChange {
             node: HostName::new("h1"),
             state: NodeState::Draining,
             reason: "r".into(),
-        },
+        }),
         Command::NodeDown {
             node: HostName::new("h1"),
             reason: "r".into(),
         },
-        Command::SubmitJob {
+        Command::SubmitJob(Submission {
             idempotency_key: Some("k".into()),
             spec: spec("j", 2, 8),
-        },
+        }),
         Command::CancelJob {
             job: job.clone(),
             reason: "r".into(),
@@ -804,15 +805,15 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
                 }],
             },
         },
-        Command::TaskStatus {
+        Command::TaskStatus(TaskReport {
             job: job.clone(),
             task: 0,
             epoch: 3,
             state: TaskState::Failed,
             exit_code: Some(-9),
             message: "killed".into(),
-        },
-        Command::RecordCheckpoint {
+        }),
+        Command::RecordCheckpoint(CheckpointReport {
             job: job.clone(),
             epoch: 3,
             request: 0,
@@ -821,7 +822,7 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
                 step: 9,
                 bytes: 1,
             },
-        },
+        }),
         Command::SetQueue(QueueConfig {
             name: "research".into(),
             guaranteed_milli: 8000,
@@ -832,21 +833,21 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
                 action: gangway_core::engine::IdleAction::Reclaim,
             }),
         }),
-        Command::IdleLease {
+        Command::IdleLease(IdleReport {
             job: job.clone(),
             epoch: 3,
             idle_ms: 1_900_000,
-        },
+        }),
         Command::Restore {
             state: Box::new(ClusterStore::new()),
             backup_revision: 77,
         },
-        Command::CheckpointFailed {
+        Command::CheckpointFailed(CheckpointFailure {
             job: job.clone(),
             epoch: 3,
             request: 2,
             error: "no manifest".into(),
-        },
+        }),
         Command::RequestCheckpoint {
             job: job.clone(),
             reason: "user".into(),
@@ -858,7 +859,7 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
                 avoid: [HostName::new("h1")].into(),
             },
         },
-        Command::Defragment {
+        Command::Defragment(DefragOrder {
             for_job: JobId::new("j-2"),
             hosts: [HostName::new("h1")].into(),
             moves: vec![gangway_core::state::DefragMove {
@@ -867,15 +868,15 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
                 to: [HostName::new("h2")].into(),
             }],
             until_ms: 99,
-        },
-        Command::TaskStatus {
+        }),
+        Command::TaskStatus(TaskReport {
             job: job.clone(),
             task: 1,
             epoch: 3,
             state: TaskState::Lost,
             exit_code: None,
             message: "lease expired".into(),
-        },
+        }),
     ];
     for cmd in commands {
         let bytes = bincode::serialize(&cmd).expect("encode");
@@ -978,12 +979,12 @@ fn a_migration_stops_the_job_only_after_its_checkpoint_and_then_avoids_the_old_h
         ),
         "one migration at a time"
     );
-    c.apply(Command::CheckpointFailed {
+    c.apply(Command::CheckpointFailed(CheckpointFailure {
         job: job.clone(),
         epoch: first,
         request: 1,
         error: "no manifest within 30s".into(),
-    });
+    }));
     let j = c.store.job(&job).unwrap();
     assert_eq!(j.state, JobState::Running);
     assert!(j.migration.is_none());
@@ -996,7 +997,7 @@ fn a_migration_stops_the_job_only_after_its_checkpoint_and_then_avoids_the_old_h
         hosts: HostFilter::default(),
     });
     assert_eq!(requests(&c), 2);
-    let ck = |step: u64, request: u64| Command::RecordCheckpoint {
+    let ck = |step: u64, request: u64| Command::RecordCheckpoint(CheckpointReport {
         job: job.clone(),
         epoch: first,
         request,
@@ -1005,7 +1006,7 @@ fn a_migration_stops_the_job_only_after_its_checkpoint_and_then_avoids_the_old_h
             step,
             bytes: 1,
         },
-    };
+    });
     c.apply(ck(10, 1));
     assert_eq!(c.store.job(&job).unwrap().state, JobState::Running);
     c.apply(ck(20, 2));
@@ -1121,12 +1122,12 @@ fn a_defragmentation_plan_is_fenced_by_epochs_and_its_reservation_holds() {
     };
     let held: std::collections::BTreeSet<HostName> =
         [HostName::new("h1"), HostName::new("h2")].into();
-    let plan = |moves: Vec<DefragMove>, until_ms| Command::Defragment {
+    let plan = |moves: Vec<DefragMove>, until_ms| Command::Defragment(DefragOrder {
         for_job: gang.clone(),
         hosts: held.clone(),
         moves,
         until_ms,
-    };
+    });
 
     // Phase 1: a plan that saw an older lease of b is refused whole: a does not start migrating.
     let before = c.store.clone();
@@ -1168,7 +1169,7 @@ fn a_defragmentation_plan_is_fenced_by_epochs_and_its_reservation_holds() {
     // Phase 3: the checkpoints land, a and b are released; the gang takes the held hosts and the
     // reservation ends.
     for (job, epoch) in [(&a, ea), (&b, eb)] {
-        c.apply(Command::RecordCheckpoint {
+        c.apply(Command::RecordCheckpoint(CheckpointReport {
             job: job.clone(),
             epoch,
             request: 1,
@@ -1177,7 +1178,7 @@ fn a_defragmentation_plan_is_fenced_by_epochs_and_its_reservation_holds() {
                 step: 5,
                 bytes: 1,
             },
-        });
+        }));
         assert_eq!(c.store.job(job).unwrap().state, JobState::Pending);
     }
     c.place(vec![placement(&gang, &["h1", "h2"], 0, 8)]);
@@ -1191,21 +1192,21 @@ fn a_defragmentation_plan_is_fenced_by_epochs_and_its_reservation_holds() {
     let ed = c.epoch_of(&d);
     let until = c.now + 50;
     assert_eq!(
-        c.apply(Command::Defragment {
+        c.apply(Command::Defragment(DefragOrder {
             for_job: late.clone(),
             hosts: [HostName::new("h3")].into(),
             moves: vec![mv(&d, ed)],
             until_ms: until,
-        }),
+        })),
         Response::Done
     );
     assert_eq!(c.store.reservations().count(), 1);
     for _ in 0..6 {
-        c.apply(Command::SetNodeState {
+        c.apply(Command::SetNodeState(NodeStateChange {
             node: HostName::new("h3"),
             state: gangway_core::engine::NodeState::Ready,
             reason: "tick".into(),
-        });
+        }));
     }
     assert_eq!(c.store.reservations().count(), 0, "expired by log time");
 }
@@ -1251,7 +1252,7 @@ fn a_checkpointable_victim_checkpoints_before_it_stops_and_its_hosts_wait_for_th
         // Phase 2: the checkpoint lands (or fails): the victim stops either way, re-queued.
         let request = c.store.job(&low).unwrap().checkpoint_requests;
         if checkpoint_ok {
-            c.apply(Command::RecordCheckpoint {
+            c.apply(Command::RecordCheckpoint(CheckpointReport {
                 job: low.clone(),
                 epoch,
                 request,
@@ -1260,14 +1261,14 @@ fn a_checkpointable_victim_checkpoints_before_it_stops_and_its_hosts_wait_for_th
                     step: 30,
                     bytes: 1,
                 },
-            });
+            }));
         } else {
-            c.apply(Command::CheckpointFailed {
+            c.apply(Command::CheckpointFailed(CheckpointFailure {
                 job: low.clone(),
                 epoch,
                 request,
                 error: "no manifest within 10s".into(),
-            });
+            }));
         }
         let j = c.store.job(&low).unwrap();
         assert_eq!(j.state, JobState::Pending, "checkpoint ok: {checkpoint_ok}");
@@ -1315,11 +1316,11 @@ fn an_idle_lease_is_reclaimed_by_checkpoint_or_only_reported_as_its_queue_says()
             }),
         })
     };
-    let idle = |epoch: u64, idle_ms: u64| Command::IdleLease {
+    let idle = |epoch: u64, idle_ms: u64| Command::IdleLease(IdleReport {
         job: notebook.clone(),
         epoch,
         idle_ms,
-    };
+    });
 
     // Phase 1: nothing happens without a policy, under the window, or for another lease.
     let refused = |r: Response| matches!(r, Response::Rejected(_));
@@ -1368,7 +1369,7 @@ fn an_idle_lease_is_reclaimed_by_checkpoint_or_only_reported_as_its_queue_says()
     );
     assert!(refused(c.apply(idle(epoch, 62_000))));
     assert_eq!(c.store.job(&notebook).unwrap().state, JobState::Running);
-    c.apply(Command::RecordCheckpoint {
+    c.apply(Command::RecordCheckpoint(CheckpointReport {
         job: notebook.clone(),
         epoch,
         request: 1,
@@ -1377,7 +1378,7 @@ fn an_idle_lease_is_reclaimed_by_checkpoint_or_only_reported_as_its_queue_says()
             step: 7,
             bytes: 1,
         },
-    });
+    }));
     let reclaimed_at = c.now;
     let j = c.store.job(&notebook).unwrap();
     assert_eq!((j.state, j.reclaims), (JobState::Pending, 1));
@@ -1431,11 +1432,11 @@ fn an_idle_lease_is_reclaimed_by_checkpoint_or_only_reported_as_its_queue_says()
     c.place(vec![placement(&plain, &["h2"], 0, 1)]);
     let plain_epoch = c.epoch_of(&plain);
     assert_eq!(
-        c.apply(Command::IdleLease {
+        c.apply(Command::IdleLease(IdleReport {
             job: plain.clone(),
             epoch: plain_epoch,
             idle_ms: 61_000
-        }),
+        })),
         Response::Done
     );
     let j = c.store.job(&plain).unwrap();
@@ -1465,7 +1466,7 @@ fn a_backup_restores_into_an_empty_cluster_only_and_trusts_no_lease_from_before_
     let waiting = old.submit(spec("waiting", 1, 8));
     old.place(vec![placement(&running, &["h1"], 0, 8)]);
     let old_epoch = old.epoch_of(&running);
-    old.apply(Command::RecordCheckpoint {
+    old.apply(Command::RecordCheckpoint(CheckpointReport {
         job: running.clone(),
         epoch: old_epoch,
         request: 0,
@@ -1474,7 +1475,7 @@ fn a_backup_restores_into_an_empty_cluster_only_and_trusts_no_lease_from_before_
             step: 40,
             bytes: 1,
         },
-    });
+    }));
     let backup = old.store.clone();
 
     // Phase 2: a cluster that already has state refuses it, unchanged.
@@ -1561,7 +1562,7 @@ fn an_unanswered_migration_is_timed_out_by_the_leader() {
     assert_eq!(overdue.len(), 1);
     assert!(matches!(
         &overdue[0],
-        Command::CheckpointFailed { job: j, epoch: e, request: 1, .. } if *j == job && *e == epoch
+        Command::CheckpointFailed(CheckpointFailure { job: j, epoch: e, request: 1, .. }) if *j == job && *e == epoch
     ));
     c.now = deadline;
     assert_eq!(c.apply(overdue[0].clone()), Response::Done);

@@ -1,22 +1,27 @@
 //! Apply functions for job commands: submit, cancel, task reports, checkpoints.
 
-use super::command::{CheckpointManifest, DefragMove, Event, Rejection, Response, TaskState};
+use super::command::{
+    CheckpointFailure, CheckpointReport, DefragOrder, Event, IdleReport, Rejection, Response,
+    Submission, TaskReport, TaskState,
+};
 use super::job_record::{CheckpointRecord, JobRecord, JobState, Migration, Reclaimed};
 use super::store::ClusterStore;
 use crate::engine::{join_hosts, HostFilter, IdleAction, PendingReason};
-use gangway_proto::ids::{HostName, JobId, QueueName};
-use std::collections::BTreeSet;
+use gangway_proto::ids::{JobId, QueueName};
 
-use gangway_proto::spec::{JobSpec, MAX_TASKS};
+use gangway_proto::spec::MAX_TASKS;
 
 impl ClusterStore {
     pub(super) fn apply_submit_job(
         &mut self,
         now: u64,
-        idempotency_key: Option<String>,
-        spec: JobSpec,
+        submission: Submission,
         events: &mut Vec<Event>,
     ) -> Response {
+        let Submission {
+            idempotency_key,
+            spec,
+        } = submission;
         if let Some(existing) = idempotency_key
             .as_ref()
             .and_then(|k| self.idempotency.get(k))
@@ -92,18 +97,20 @@ impl ClusterStore {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn apply_task_status(
         &mut self,
         now: u64,
-        job: JobId,
-        task: u32,
-        epoch: u64,
-        state: TaskState,
-        exit_code: Option<i32>,
-        message: String,
+        report: TaskReport,
         events: &mut Vec<Event>,
     ) -> Response {
+        let TaskReport {
+            job,
+            task,
+            epoch,
+            state,
+            exit_code,
+            message,
+        } = report;
         let Some(record) = self.jobs.get_mut(&job) else {
             return Response::Rejected(Rejection::UnknownJob(job));
         };
@@ -160,16 +167,18 @@ impl ClusterStore {
         Response::Done
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn apply_record_checkpoint(
         &mut self,
         now: u64,
-        job: JobId,
-        epoch: u64,
-        request: u64,
-        manifest: CheckpointManifest,
+        report: CheckpointReport,
         events: &mut Vec<Event>,
     ) -> Response {
+        let CheckpointReport {
+            job,
+            epoch,
+            request,
+            manifest,
+        } = report;
         let Some(record) = self.jobs.get_mut(&job) else {
             return Response::Rejected(Rejection::UnknownJob(job));
         };
@@ -255,11 +264,14 @@ impl ClusterStore {
     pub(super) fn apply_idle_lease(
         &mut self,
         now: u64,
-        job: JobId,
-        epoch: u64,
-        idle_ms: u64,
+        report: IdleReport,
         events: &mut Vec<Event>,
     ) -> Response {
+        let IdleReport {
+            job,
+            epoch,
+            idle_ms,
+        } = report;
         let Some(record) = self.jobs.get(&job) else {
             return Response::Rejected(Rejection::UnknownJob(job));
         };
@@ -340,12 +352,15 @@ impl ClusterStore {
     pub(super) fn apply_checkpoint_failed(
         &mut self,
         now: u64,
-        job: JobId,
-        epoch: u64,
-        request: u64,
-        error: String,
+        failure: CheckpointFailure,
         events: &mut Vec<Event>,
     ) -> Response {
+        let CheckpointFailure {
+            job,
+            epoch,
+            request,
+            error,
+        } = failure;
         let Some(record) = self.jobs.get_mut(&job) else {
             return Response::Rejected(Rejection::UnknownJob(job));
         };
@@ -516,12 +531,15 @@ impl ClusterStore {
     pub(super) fn apply_defragment(
         &mut self,
         now: u64,
-        for_job: JobId,
-        hosts: BTreeSet<HostName>,
-        moves: Vec<DefragMove>,
-        until_ms: u64,
+        order: DefragOrder,
         events: &mut Vec<Event>,
     ) -> Response {
+        let DefragOrder {
+            for_job,
+            hosts,
+            moves,
+            until_ms,
+        } = order;
         self.reservations.retain(|_, (_, until)| *until > now);
         let Some(waiting) = self.jobs.get(&for_job) else {
             return Response::Rejected(Rejection::UnknownJob(for_job));

@@ -1,6 +1,6 @@
 //! Apply functions for node and queue commands.
 
-use super::command::{Event, NodeRegistration, Rejection, Response};
+use super::command::{Event, NodeRegistration, NodeStateChange, Rejection, Response};
 use super::job_record::JobState;
 use super::node_record::NodeRecord;
 use super::store::ClusterStore;
@@ -103,11 +103,14 @@ impl ClusterStore {
     pub(super) fn apply_set_node_state(
         &mut self,
         now: u64,
-        node: HostName,
-        state: NodeState,
-        reason: String,
+        change: NodeStateChange,
         events: &mut Vec<Event>,
     ) -> Response {
+        let NodeStateChange {
+            node,
+            state,
+            reason,
+        } = change;
         if state == NodeState::Down {
             return self.apply_node_down(now, node, reason, events);
         }

@@ -5,6 +5,7 @@ use crate::engine::{DeviceKind, HostFilter, HostTopology, NodeState, Plan, Queue
 use gangway_proto::ids::{HostName, JobId};
 use gangway_proto::spec::JobSpec;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 
 /// One accelerator as a worker reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,35 +74,96 @@ pub struct DefragMove {
     /// The lease the plan saw: the move runs only if the job still holds it.
     pub epoch: u64,
     /// Where it is placed again.
-    pub to: std::collections::BTreeSet<HostName>,
+    pub to: BTreeSet<HostName>,
+}
+
+/// An operator cordons, drains or readmits a host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStateChange {
+    pub node: HostName,
+    pub state: NodeState,
+    pub reason: String,
+}
+
+/// A client submits a job. The key makes retries (and duplicate submissions) create one job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Submission {
+    pub idempotency_key: Option<String>,
+    pub spec: JobSpec,
+}
+
+/// A worker's report about one task under one lease epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskReport {
+    pub job: JobId,
+    /// The rank.
+    pub task: u32,
+    pub epoch: u64,
+    pub state: TaskState,
+    pub exit_code: Option<i32>,
+    pub message: String,
+}
+
+/// A checkpoint a task wrote under lease `epoch`, answering checkpoint request `request` (0: the
+/// task checkpointed on its own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointReport {
+    pub job: JobId,
+    pub epoch: u64,
+    pub request: u64,
+    pub manifest: CheckpointManifest,
+}
+
+/// A requested checkpoint that was not written in time (or could not be taken).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointFailure {
+    pub job: JobId,
+    pub epoch: u64,
+    pub request: u64,
+    pub error: String,
+}
+
+/// The defragmenter's plan: migrate each `moves` job (still running under the given epoch: the
+/// sequence check, so a stale plan never runs) onto its hosts, and reserve `hosts` for `for_job`
+/// until it is placed or `until_ms` passes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefragOrder {
+    pub for_job: JobId,
+    pub hosts: BTreeSet<HostName>,
+    pub moves: Vec<DefragMove>,
+    pub until_ms: u64,
+}
+
+/// The leader saw every device of `job`'s lease `epoch` below its queue's idle threshold for
+/// `idle_ms` (at least the window).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdleReport {
+    pub job: JobId,
+    pub epoch: u64,
+    pub idle_ms: u64,
 }
 
 /// Every state change, one variant per kind of change, one apply function per variant.
 ///
 /// Commands, responses and everything inside them are externally tagged serde enums: the Raft log
 /// encodes them with bincode, which cannot decode internally tagged (`#[serde(tag = ...)]`) enums.
+/// A variant carrying a struct encodes exactly as a struct variant with the same fields would, in
+/// bincode and in JSON alike.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Command {
     /// A worker (re-)registers its host.
     RegisterNode(NodeRegistration),
     /// An operator cordons, drains or readmits a host.
-    SetNodeState {
-        node: HostName,
-        state: NodeState,
-        reason: String,
-    },
+    SetNodeState(NodeStateChange),
     /// The leader declares a host down (missed heartbeats): its leases are revoked and its gangs
     /// re-queued from their last checkpoint.
     NodeDown {
         node: HostName,
         reason: String,
     },
-    /// A client submits a job. The key makes retries (and duplicate submissions) create one job.
-    SubmitJob {
-        idempotency_key: Option<String>,
-        spec: JobSpec,
-    },
+    /// A client submits a job.
+    SubmitJob(Submission),
     CancelJob {
         job: JobId,
         reason: String,
@@ -111,32 +173,14 @@ pub enum Command {
     ApplyPlan {
         plan: Plan,
     },
-    /// A worker's report about one task under one lease epoch. Idempotent: a report for an older
-    /// epoch, or one that repeats the current state, changes nothing.
-    TaskStatus {
-        job: JobId,
-        task: u32,
-        epoch: u64,
-        state: TaskState,
-        exit_code: Option<i32>,
-        message: String,
-    },
-    /// A checkpoint a task wrote under lease `epoch`, answering checkpoint request `request` (0: the
-    /// task checkpointed on its own). Completes a migration waiting for it.
-    RecordCheckpoint {
-        job: JobId,
-        epoch: u64,
-        request: u64,
-        manifest: CheckpointManifest,
-    },
-    /// A requested checkpoint that was not written in time (or could not be taken). Aborts a
-    /// migration waiting for it: the job keeps running where it is.
-    CheckpointFailed {
-        job: JobId,
-        epoch: u64,
-        request: u64,
-        error: String,
-    },
+    /// A worker's report about one task. Idempotent: a report for an older epoch, or one that
+    /// repeats the current state, changes nothing.
+    TaskStatus(TaskReport),
+    /// A checkpoint a task wrote. Completes a migration waiting for it.
+    RecordCheckpoint(CheckpointReport),
+    /// A checkpoint that failed. Aborts a move waiting for it (the job keeps running where it is);
+    /// a preemption or idle reclaim stops the job anyway.
+    CheckpointFailed(CheckpointFailure),
     /// An operator asks a running job to checkpoint now.
     RequestCheckpoint {
         job: JobId,
@@ -148,25 +192,13 @@ pub enum Command {
         job: JobId,
         hosts: HostFilter,
     },
-    /// The defragmenter's plan: migrate each `moves` job (still running under the given epoch:
-    /// the sequence check, so a stale plan never runs) onto its hosts, and reserve `hosts` for
-    /// `for_job` until it is placed or `until_ms` passes. Whole or not at all.
-    Defragment {
-        for_job: JobId,
-        hosts: std::collections::BTreeSet<HostName>,
-        moves: Vec<DefragMove>,
-        until_ms: u64,
-    },
+    /// The defragmenter's plan. Whole or not at all.
+    Defragment(DefragOrder),
     /// Creates or changes a queue's guarantee.
     SetQueue(QueueConfig),
-    /// The leader saw every device of `job`'s lease `epoch` below its queue's idle threshold for
-    /// `idle_ms` (at least the window). Applied per the queue's policy at apply time: reclaim
+    /// The leader saw a lease idle. Applied per the queue's policy at apply time: reclaim
     /// (checkpoint, release, re-queue) or report. Refused if the lease changed since.
-    IdleLease {
-        job: JobId,
-        epoch: u64,
-        idle_ms: u64,
-    },
+    IdleLease(IdleReport),
     /// Loads a backup (`gangway cluster snapshot save`) into an empty cluster. `backup_revision` is
     /// the revision the backup was taken at. Every lease in the backup is revoked and its job
     /// re-queued, and epochs and revisions jump far past anything the old cluster could have
@@ -183,19 +215,19 @@ impl Command {
     pub fn kind(&self) -> &'static str {
         match self {
             Command::RegisterNode(_) => "register_node",
-            Command::SetNodeState { .. } => "set_node_state",
+            Command::SetNodeState(_) => "set_node_state",
             Command::NodeDown { .. } => "node_down",
-            Command::SubmitJob { .. } => "submit_job",
+            Command::SubmitJob(_) => "submit_job",
             Command::CancelJob { .. } => "cancel_job",
             Command::ApplyPlan { .. } => "apply_plan",
-            Command::TaskStatus { .. } => "task_status",
-            Command::RecordCheckpoint { .. } => "record_checkpoint",
-            Command::CheckpointFailed { .. } => "checkpoint_failed",
+            Command::TaskStatus(_) => "task_status",
+            Command::RecordCheckpoint(_) => "record_checkpoint",
+            Command::CheckpointFailed(_) => "checkpoint_failed",
             Command::RequestCheckpoint { .. } => "request_checkpoint",
             Command::MigrateJob { .. } => "migrate_job",
-            Command::Defragment { .. } => "defragment",
+            Command::Defragment(_) => "defragment",
             Command::SetQueue(_) => "set_queue",
-            Command::IdleLease { .. } => "idle_lease",
+            Command::IdleLease(_) => "idle_lease",
             Command::Restore { .. } => "restore",
         }
     }

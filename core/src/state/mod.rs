@@ -14,8 +14,9 @@ pub mod node_record;
 pub mod store;
 
 pub use command::{
-    CheckpointManifest, Command, DefragMove, DeviceInventory, Event, NodeRegistration, Rejection,
-    Response, TaskState,
+    CheckpointFailure, CheckpointManifest, CheckpointReport, Command, DefragMove, DefragOrder,
+    DeviceInventory, Event, IdleReport, NodeRegistration, NodeStateChange, Rejection, Response,
+    Submission, TaskReport, TaskState,
 };
 pub use job_record::{JobRecord, JobState, Lease};
 pub use job_table::JobTable;

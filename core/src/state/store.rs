@@ -3,7 +3,7 @@
 //! Every replica applies the same commands in the same order and must end in the same state, so
 //! everything here is ordered maps, no clocks (time comes from the log entry), no randomness.
 
-use super::command::{Command, Event, Response};
+use super::command::{CheckpointFailure, Command, Event, Response};
 use super::job_record::{JobRecord, JobState};
 use super::node_record::NodeRecord;
 use crate::engine::{ClusterState, GangRequest, QueueConfig, SchedulerConfig};
@@ -103,54 +103,23 @@ impl ClusterStore {
     fn dispatch(&mut self, now: u64, command: Command, events: &mut Vec<Event>) -> Response {
         match command {
             Command::RegisterNode(reg) => self.apply_register_node(now, reg, events),
-            Command::SetNodeState {
-                node,
-                state,
-                reason,
-            } => self.apply_set_node_state(now, node, state, reason, events),
+            Command::SetNodeState(change) => self.apply_set_node_state(now, change, events),
             Command::NodeDown { node, reason } => self.apply_node_down(now, node, reason, events),
-            Command::SubmitJob {
-                idempotency_key,
-                spec,
-            } => self.apply_submit_job(now, idempotency_key, spec, events),
+            Command::SubmitJob(submission) => self.apply_submit_job(now, submission, events),
             Command::CancelJob { job, reason } => self.apply_cancel_job(now, job, reason, events),
             Command::ApplyPlan { plan } => self.apply_plan(now, plan, events),
-            Command::TaskStatus {
-                job,
-                task,
-                epoch,
-                state,
-                exit_code,
-                message,
-            } => self.apply_task_status(now, job, task, epoch, state, exit_code, message, events),
-            Command::RecordCheckpoint {
-                job,
-                epoch,
-                request,
-                manifest,
-            } => self.apply_record_checkpoint(now, job, epoch, request, manifest, events),
-            Command::CheckpointFailed {
-                job,
-                epoch,
-                request,
-                error,
-            } => self.apply_checkpoint_failed(now, job, epoch, request, error, events),
+            Command::TaskStatus(report) => self.apply_task_status(now, report, events),
+            Command::RecordCheckpoint(report) => self.apply_record_checkpoint(now, report, events),
+            Command::CheckpointFailed(failure) => {
+                self.apply_checkpoint_failed(now, failure, events)
+            }
             Command::RequestCheckpoint { job, reason } => {
                 self.apply_request_checkpoint(now, job, reason, events)
             }
             Command::MigrateJob { job, hosts } => self.apply_migrate_job(now, job, hosts, events),
-            Command::Defragment {
-                for_job,
-                hosts,
-                moves,
-                until_ms,
-            } => self.apply_defragment(now, for_job, hosts, moves, until_ms, events),
+            Command::Defragment(order) => self.apply_defragment(now, order, events),
             Command::SetQueue(queue) => self.apply_set_queue(queue, events),
-            Command::IdleLease {
-                job,
-                epoch,
-                idle_ms,
-            } => self.apply_idle_lease(now, job, epoch, idle_ms, events),
+            Command::IdleLease(report) => self.apply_idle_lease(now, report, events),
             Command::Restore {
                 state,
                 backup_revision,
@@ -342,17 +311,19 @@ impl ClusterStore {
                     .requested_at_ms
                     .saturating_add(timeout.saturating_mul(2))
                     .saturating_add(MIGRATION_SLACK_MS);
-                (now_ms > deadline).then(|| Command::CheckpointFailed {
-                    job: j.id.clone(),
-                    epoch: lease.epoch,
-                    request: m.checkpoint_request,
-                    error: format!(
-                        "no answer to checkpoint request {} within {}",
-                        m.checkpoint_request,
-                        humantime::format_duration(std::time::Duration::from_millis(
-                            deadline - m.requested_at_ms
-                        ))
-                    ),
+                (now_ms > deadline).then(|| {
+                    Command::CheckpointFailed(CheckpointFailure {
+                        job: j.id.clone(),
+                        epoch: lease.epoch,
+                        request: m.checkpoint_request,
+                        error: format!(
+                            "no answer to checkpoint request {} within {}",
+                            m.checkpoint_request,
+                            humantime::format_duration(std::time::Duration::from_millis(
+                                deadline - m.requested_at_ms
+                            ))
+                        ),
+                    })
                 })
             })
             .collect()

@@ -9,7 +9,7 @@ use super::context::ReplicaContext;
 use super::convert;
 use super::error::{required, ApiError};
 use crate::engine::{HostFilter, IdlePolicy, NodeState, QueueConfig};
-use crate::state::{Command, JobState, Rejection, Response};
+use crate::state::{Command, JobState, NodeStateChange, Rejection, Response, Submission};
 use gangway_consensus::Role;
 use gangway_proto::ids::{HostName, JobId, QueueName};
 use gangway_proto::pb;
@@ -115,10 +115,10 @@ impl ClientApi for ClientService {
             )
             .into());
         }
-        let command = Command::SubmitJob {
+        let command = Command::SubmitJob(Submission {
             idempotency_key: (!key.is_empty()).then(|| key.to_owned()),
             spec,
-        };
+        });
         match self.ctx.write(command).await? {
             Response::Submitted { job, existing } => ok(pb::SubmitJobReply {
                 job_id: job.to_string(),
@@ -203,11 +203,11 @@ impl ClientApi for ClientService {
             req.reason
         };
         self.ctx
-            .write(Command::SetNodeState {
+            .write(Command::SetNodeState(NodeStateChange {
                 node,
                 state,
                 reason,
-            })
+            }))
             .await?;
         ok(pb::Empty {})
     }
@@ -315,19 +315,19 @@ impl ClientApi for ClientService {
 
     async fn defrag_plan(&self, req: Request<pb::Empty>) -> Reply<pb::DefragPlanReply> {
         let base = super::leader::engine_config(&self.ctx);
-        let (view, pending, config) = self
+        let (view, (pending, state), config) = self
             .read(local_read(&req), |fsm| {
                 let store = fsm.store();
                 (
                     store.engine().clone(),
-                    store.pending_gangs(),
+                    store.round_input(true),
                     store.scheduler_config(&base),
                 )
             })
             .await?;
         let now = super::context::wall_clock_ms();
         let reply = tokio::task::spawn_blocking(move || {
-            convert::defrag_preview(&view, &pending, &config, now)
+            convert::defrag_preview(&view, &pending, &config, &state, now)
         })
         .await
         .map_err(|e| ApiError::Internal(format!("defragmentation preview failed: {e}")))?;

@@ -192,12 +192,12 @@ impl DefragSettings {
                 })
                 .collect();
             Some((
-                Command::Defragment {
+                Command::Defragment(crate::state::DefragOrder {
                     for_job: plan.for_gang.clone(),
                     hosts: plan.gang.tasks.iter().map(|t| t.host.clone()).collect(),
                     moves,
                     until_ms: now.saturating_add(self.reservation_ms),
-                },
+                }),
                 cost,
             ))
         })
@@ -505,11 +505,11 @@ pub async fn idle_loop(ctx: ReplicaContext, mut stop: watch::Receiver<bool>) {
                 continue;
             }
             idle_now += 1;
-            let command = Command::IdleLease {
+            let command = Command::IdleLease(crate::state::IdleReport {
                 job: w.job.clone(),
                 epoch: w.epoch,
                 idle_ms,
-            };
+            });
             match ctx.raft.try_write(command).await {
                 Ok(Response::Done) => {
                     tracing::info!(job = %w.job, epoch = w.epoch, idle_ms, action = w.policy.action.as_str(), "idle lease");

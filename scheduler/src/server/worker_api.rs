@@ -12,7 +12,8 @@ use super::error::{required, ApiError};
 use super::heartbeats::DeviceSample;
 use crate::engine::{HostTopology, NodeState};
 use crate::state::{
-    CheckpointManifest, Command, DeviceInventory, NodeRegistration, Rejection, TaskState,
+    CheckpointFailure, CheckpointManifest, CheckpointReport, Command, DeviceInventory,
+    NodeRegistration, Rejection, TaskReport, TaskState,
 };
 use gangway_proto::device::DeviceKind;
 use gangway_proto::ids::{HostName, JobId};
@@ -287,14 +288,14 @@ impl WorkerApi for WorkerService {
             }
         }
         self.ctx
-            .write(Command::TaskStatus {
+            .write(Command::TaskStatus(TaskReport {
                 job,
                 task: req.task,
                 epoch: req.epoch,
                 state,
                 exit_code: req.has_exit_code.then_some(req.exit_code),
                 message: req.message,
-            })
+            }))
             .await?;
         Ok(TonicResponse::new(pb::Empty {}))
     }
@@ -304,7 +305,7 @@ impl WorkerApi for WorkerService {
         required("node", &req.node)?;
         let job = JobId::new(required("job_id", &req.job_id)?);
         let command = if req.error.trim().is_empty() {
-            Command::RecordCheckpoint {
+            Command::RecordCheckpoint(CheckpointReport {
                 job,
                 epoch: req.epoch,
                 request: req.request,
@@ -313,14 +314,14 @@ impl WorkerApi for WorkerService {
                     step: req.step,
                     bytes: req.bytes,
                 },
-            }
+            })
         } else {
-            Command::CheckpointFailed {
+            Command::CheckpointFailed(CheckpointFailure {
                 job,
                 epoch: req.epoch,
                 request: req.request,
                 error: req.error,
-            }
+            })
         };
         self.ctx.write(command).await?;
         Ok(TonicResponse::new(pb::Empty {}))
