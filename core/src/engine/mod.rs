@@ -11,9 +11,10 @@
 //! Policies ([`policy`], selected by `SchedulerConfig::policy`): `first-fit`, `best-fit`, `fgd`,
 //! `static-quota`, `backfill` and `gangway` (the default), each a [`framework::Policy`].
 //!
-//! `schedule(&ClusterState, &[GangRequest], &SchedulerConfig, now_ms) -> Plan` is the whole contract. The
-//! caller (the leader's scheduling loop, the simulator, a test) owns the state, applies the plan through
-//! [`ClusterState::apply_placement`] (which re-checks it) and calls again on the next event.
+//! [`round::run_round`] is the one function that assembles a scheduling round around [`schedule`]:
+//! preemptions not started twice, the defragmenter on the state the round leaves, only changed
+//! pending reasons. The leader, the `defrag plan` preview and the simulator call it; the caller
+//! commits its outcome as commands, which the state machine re-checks.
 
 pub mod cluster;
 pub mod config;
@@ -28,6 +29,7 @@ pub mod plan;
 pub mod policy;
 pub mod preemption;
 pub mod quota;
+pub mod round;
 pub mod schedule;
 pub mod topology;
 
@@ -42,6 +44,9 @@ pub use job::{join_hosts, DeviceDemand, GangRequest, HostFilter, TaskDemand};
 pub use plan::{
     DeviceShare, GangPlacement, PendingJob, PendingReason, Plan, Preemption, PreemptionReason,
     TaskPlacement,
+};
+pub use round::{
+    run_round, DefragLimits, DefragProposal, LeaseFacts, RoundInput, RoundOutcome, RoundState,
 };
 pub use schedule::{describe_wanted, schedule};
 pub use topology::{HostTopology, TopologyLevel};

@@ -6,12 +6,21 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-/// What happens at an instant. Job indices refer to the replay's job table.
+/// What happens at an instant. Job indices refer to the replay's job table; epochs and checkpoint
+/// requests are the replicated state's, so an event about a lease that has since ended is refused
+/// by the state machine itself (a stale epoch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Event {
-    /// A running gang finishes. `run` is the job's run generation: a completion scheduled before the
-    /// job was preempted carries an older generation and is ignored.
-    Completion { job: usize, run: u32 },
+    /// Every task of the gang running under lease `epoch` finishes.
+    Completion { job: usize, epoch: u64 },
+    /// The checkpoint answering `request` under lease `epoch` is written; it holds `step`
+    /// milliseconds of the job's work.
+    Checkpoint {
+        job: usize,
+        epoch: u64,
+        request: u64,
+        step: u64,
+    },
     /// A job is submitted.
     Arrival { job: usize },
     /// A periodic scheduling round while gangs wait (time-dependent decisions: min-runtime, ageing).
@@ -22,8 +31,9 @@ impl Event {
     fn rank(&self) -> u8 {
         match self {
             Event::Completion { .. } => 0,
-            Event::Arrival { .. } => 1,
-            Event::Tick => 2,
+            Event::Checkpoint { .. } => 1,
+            Event::Arrival { .. } => 2,
+            Event::Tick => 3,
         }
     }
 }
@@ -81,11 +91,11 @@ mod tests {
     fn orders_by_time_then_kind_then_push_order() {
         let mut q = EventQueue::new();
         q.push(10, Event::Arrival { job: 1 });
-        q.push(10, Event::Completion { job: 7, run: 0 });
+        q.push(10, Event::Completion { job: 7, epoch: 0 });
         q.push(5, Event::Tick);
         q.push(10, Event::Arrival { job: 0 });
         assert_eq!(q.pop(), Some((5, Event::Tick)));
-        assert_eq!(q.pop(), Some((10, Event::Completion { job: 7, run: 0 })));
+        assert_eq!(q.pop(), Some((10, Event::Completion { job: 7, epoch: 0 })));
         assert_eq!(q.pop(), Some((10, Event::Arrival { job: 1 })));
         assert_eq!(q.pop_at(11), None);
         assert_eq!(q.pop_at(10), Some(Event::Arrival { job: 0 }));

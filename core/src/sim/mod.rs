@@ -11,6 +11,7 @@ pub mod plot;
 pub mod replay;
 pub mod report;
 pub mod synth;
+mod world;
 
 pub use cluster_file::SimCluster;
 pub use error::SimError;

@@ -7,10 +7,10 @@
 
 use super::context::{wall_clock_ms, ReplicaContext};
 use crate::engine::{self, IdlePolicy, Plan, SchedulerConfig};
-use crate::state::{Command, Event, JobState, Response};
+use crate::state::{Command, Event, Response};
 use gangway_consensus::{ConsensusError, Role, StateChange};
 use gangway_proto::ids::{HostName, JobId};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::watch;
@@ -94,241 +94,125 @@ pub struct RoundOutcome {
     pub stale: usize,
 }
 
-/// What the leader's defragmenter may do in one round (`[scheduler] defrag*`).
-struct DefragSettings {
-    enabled: bool,
-    /// Migrations that may still start: the budget minus those under way.
-    room: usize,
-    reserved: BTreeSet<JobId>,
-    /// Running job -> (lease epoch, checkpoint timeout ms).
-    epochs: BTreeMap<JobId, (u64, u64)>,
-    reservation_ms: u64,
-    /// Device-hours of disruption still allowed this hour.
-    budget_left: f64,
+/// What the leader's defragmenter may do this round (`[scheduler] defrag*`), or `None` when it
+/// is off: migrations at once, and the device-hours its ledger still allows this hour.
+fn defrag_limits(ctx: &ReplicaContext) -> Option<engine::DefragLimits> {
+    let s = &ctx.config.scheduler;
+    s.defrag.then(|| {
+        engine::DefragLimits::leader(
+            s.defrag_max_moves,
+            s.defrag_device_hours_per_hour - ctx.disruption.spent_last_hour(Instant::now()),
+            u64::try_from(s.defrag_reservation.as_millis()).unwrap_or(u64::MAX),
+        )
+    })
 }
 
-impl DefragSettings {
-    fn from_ctx(
-        ctx: &ReplicaContext,
-        migrating: usize,
-        reserved: BTreeSet<JobId>,
-        epochs: BTreeMap<JobId, (u64, u64)>,
-    ) -> Self {
-        let s = &ctx.config.scheduler;
-        let spent = ctx.disruption.spent_last_hour(Instant::now());
-        Self {
-            enabled: s.defrag,
-            room: s.defrag_max_moves.saturating_sub(migrating),
-            reserved,
-            epochs,
-            reservation_ms: u64::try_from(s.defrag_reservation.as_millis()).unwrap_or(u64::MAX),
-            budget_left: s.defrag_device_hours_per_hour - spent,
-        }
-    }
-
-    /// For the first gangs the round left blocked by shape, the cheapest migrations that free a
-    /// block (`engine::plan_defrag`), computed on the state as it will be once the round's own
-    /// placements commit, so the block is not one the round just filled.
-    fn plan(
-        &self,
-        mut view: engine::ClusterState,
-        pending: &[engine::GangRequest],
-        round: &Plan,
-        config: &SchedulerConfig,
-        now: u64,
-    ) -> Option<(Command, f64)> {
-        if !self.enabled || self.room == 0 || self.budget_left <= 0.0 {
-            return None;
-        }
-        let blocked: Vec<&engine::GangRequest> = pending
-            .iter()
-            .filter(|g| !self.reserved.contains(&g.id))
-            .filter(|g| {
-                round
-                    .pending
-                    .iter()
-                    .any(|p| p.job == g.id && engine::blocked_by_shape(&p.reason))
-            })
-            .take(3)
-            .collect();
-        if blocked.is_empty() {
-            return None;
-        }
-        for v in &round.preemptions {
-            view.release(&v.victim);
-        }
-        for p in &round.placements {
-            if let Some(req) = pending.iter().find(|g| g.id == p.job) {
-                let _ = view.apply_placement(req.clone(), p.clone(), now);
-            }
-        }
-        let budget = engine::DefragBudget {
-            max_moves: self.room,
-            min_runtime_ms: config.min_runtime_ms,
-            ..engine::DefragBudget::default()
-        };
-        blocked.into_iter().find_map(|gang| {
-            let plan = engine::plan_defrag(&view, gang, config, &budget, now)?;
-            // What it would cost: every moved device for its job's checkpoint timeout.
-            let cost: f64 = plan
-                .moves
-                .iter()
-                .map(|m| {
-                    let timeout = self.epochs.get(&m.job).map_or(0, |e| e.1);
-                    m.devices as f64 * timeout as f64 / 3_600_000.0
-                })
-                .sum();
-            if cost > self.budget_left {
-                tracing::debug!(job = %gang.id, cost, left = self.budget_left, "defragmentation plan over the disruption budget");
-                return None;
-            }
-            let moves = plan
-                .moves
-                .iter()
-                .map(|m| crate::state::DefragMove {
-                    job: m.job.clone(),
-                    epoch: self.epochs.get(&m.job).map_or(0, |e| e.0),
-                    to: m.to.tasks.iter().map(|t| t.host.clone()).collect(),
-                })
-                .collect();
-            Some((
-                Command::Defragment(crate::state::DefragOrder {
-                    for_job: plan.for_gang.clone(),
-                    hosts: plan.gang.tasks.iter().map(|t| t.host.clone()).collect(),
-                    moves,
-                    until_ms: now.saturating_add(self.reservation_ms),
-                }),
-                cost,
-            ))
-        })
-    }
-}
-
-/// One round: snapshot, engine, commit. Only the leader's own log takes the plan (`try_write`): a
-/// deposed leader's plan is dropped rather than forwarded to the new one.
+/// One round: a linearizable read of what the round needs (`ClusterStore::round_input`), the
+/// pure round (`engine::run_round`) on a blocking thread, then its outcome committed: the plan
+/// as one `ApplyPlan`, a defragmentation proposal as its own `Defragment` after it. Only the
+/// leader's own log takes them (`try_write`): a deposed leader's plan is dropped rather than
+/// forwarded to the new one.
 pub async fn scheduling_round(
     ctx: &ReplicaContext,
     base: &SchedulerConfig,
 ) -> Result<RoundOutcome, ConsensusError> {
     let started = Instant::now();
+    let limits = defrag_limits(ctx);
+    let defrag_on = limits.is_some();
     let snapshot = ctx
         .raft
         .read(|fsm| {
             let store = fsm.store();
-            let pending = store.pending_gangs();
-            if pending.is_empty() {
-                return None;
-            }
-            // One pass over the jobs for what the round needs beside the engine's view: the
-            // pending reasons already written, the gangs migrating (they count against the
-            // defragmenter's budget and are never preempted twice), and, only where the
-            // defragmenter may move a job (it is on, the job can checkpoint), the lease a plan
-            // must name (so it runs only if unchanged) and the checkpoint timeout (what a move
-            // costs).
-            let defrag_on = ctx.config.scheduler.defrag;
-            let mut reasons: BTreeMap<JobId, String> = BTreeMap::new();
-            let mut migrating: BTreeSet<JobId> = BTreeSet::new();
-            let mut epochs: BTreeMap<JobId, (u64, u64)> = BTreeMap::new();
-            for j in store.jobs().values() {
-                match (&j.pending_reason, &j.lease, &j.spec.checkpoint) {
-                    (Some(r), _, _) if j.state == JobState::Pending => {
-                        reasons.insert(j.id.clone(), r.clone());
-                    }
-                    (_, Some(lease), Some(c)) if defrag_on => {
-                        let timeout = u64::try_from(c.timeout.as_millis()).unwrap_or(u64::MAX);
-                        epochs.insert(j.id.clone(), (lease.epoch, timeout));
-                    }
-                    _ => {}
-                }
-                if j.migration.is_some() {
-                    migrating.insert(j.id.clone());
-                }
-            }
-            // A gang that already has a block held for it is not planned or preempted for again.
-            let reserved: BTreeSet<JobId> = store.reservations().map(|(j, _)| j.clone()).collect();
-            Some((
-                store.engine().clone(),
-                pending,
-                store.scheduler_config(base),
-                reasons,
-                (migrating, reserved, epochs),
-            ))
+            let (pending, state) = store.round_input(defrag_on);
+            (!pending.is_empty())
+                .then(|| (store.engine().clone(), pending, store.scheduler_config(base), state))
         })
         .await?;
-    let Some((view, pending, config, reasons, (migrating, reserved, epochs))) = snapshot else {
+    let Some((view, pending, config, state)) = snapshot else {
         return Ok(RoundOutcome::default());
     };
     let now = wall_clock_ms();
     let pending_count = pending.len();
-    let defrag = DefragSettings::from_ctx(ctx, migrating.len(), reserved.clone(), epochs);
-    let (mut plan, defrag_plan): (Plan, Option<(Command, f64)>) =
-        tokio::task::spawn_blocking(move || {
-            let mut plan = engine::schedule(&view, &pending, &config, now);
-            // A preemption under way is not started twice: its victims are still checkpointing
-            // and its preemptor holds their devices. The engine sees them running, so it would.
-            plan.preemptions
-                .retain(|p| !reserved.contains(&p.preemptor) && !migrating.contains(&p.victim));
-            let defrag_plan = defrag.plan(view, &pending, &plan, &config, now);
-            (plan, defrag_plan)
+    let round = tokio::task::spawn_blocking(move || {
+        engine::run_round(engine::RoundInput {
+            view: &view,
+            pending: &pending,
+            config: &config,
+            state: &state,
+            defrag: limits.as_ref(),
+            now_ms: now,
         })
-        .await
-        .map_err(|e| ConsensusError::Fatal(format!("scheduling task panicked: {e}")))?;
-    // Only reasons that changed are written: an unchanged backlog costs no log entries.
-    plan.pending.retain(|p| {
-        reasons
-            .get(&p.job)
-            .is_none_or(|r| *r != p.reason.to_string())
-    });
+    })
+    .await
+    .map_err(|e| ConsensusError::Fatal(format!("scheduling task panicked: {e}")))?;
     metrics::histogram!("gangway_scheduling_attempt_duration_seconds")
         .record(started.elapsed().as_secs_f64());
-    let outcome = if plan.placements.is_empty()
-        && plan.preemptions.is_empty()
-        && plan.pending.is_empty()
-    {
-        metrics::counter!("gangway_scheduling_rounds_total", "result" => "no_change").increment(1);
-        RoundOutcome {
-            pending: pending_count,
-            ..RoundOutcome::default()
-        }
-    } else {
-        let response = ctx.raft.try_write(Command::ApplyPlan { plan }).await?;
-        metrics::counter!("gangway_scheduling_rounds_total", "result" => "committed").increment(1);
-        let Response::PlanApplied {
-            placed,
-            stale,
-            preempted,
-        } = response
-        else {
-            return Err(ConsensusError::Fatal(format!(
-                "ApplyPlan answered {response:?}"
-            )));
-        };
-        metrics::counter!("gangway_jobs_placed_total").increment(placed.len() as u64);
-        metrics::counter!("gangway_preemptions_total").increment(preempted.len() as u64);
-        metrics::counter!("gangway_plan_stale_placements_total").increment(stale.len() as u64);
-        RoundOutcome {
-            pending: pending_count,
-            placed: placed.len(),
-            preempted: preempted.len(),
-            stale: stale.len(),
-        }
-    };
+    let outcome = commit_plan(ctx, round.plan, pending_count).await?;
     // After the round's own plan, on whose result it was computed; as its own entry, which the
     // state machine re-checks move by move (epochs), so a plan gone stale is refused whole.
-    if let Some((command, cost)) = defrag_plan {
-        match ctx.raft.try_write(command).await? {
-            Response::Done => {
-                ctx.disruption.record(Instant::now(), cost);
-                metrics::counter!("gangway_defrag_plans_total", "result" => "committed")
-                    .increment(1);
-            }
-            other => {
-                tracing::info!("defragmentation plan refused: {other:?}");
-                metrics::counter!("gangway_defrag_plans_total", "result" => "stale").increment(1);
-            }
-        }
+    for proposal in &round.defrag {
+        commit_defrag(ctx, proposal).await?;
     }
     Ok(outcome)
+}
+
+/// Commits a round's plan, unless it would change nothing (an idle cluster writes nothing).
+async fn commit_plan(
+    ctx: &ReplicaContext,
+    plan: Plan,
+    pending: usize,
+) -> Result<RoundOutcome, ConsensusError> {
+    if plan.placements.is_empty() && plan.preemptions.is_empty() && plan.pending.is_empty() {
+        metrics::counter!("gangway_scheduling_rounds_total", "result" => "no_change").increment(1);
+        return Ok(RoundOutcome {
+            pending,
+            ..RoundOutcome::default()
+        });
+    }
+    let response = ctx.raft.try_write(Command::ApplyPlan { plan }).await?;
+    metrics::counter!("gangway_scheduling_rounds_total", "result" => "committed").increment(1);
+    let Response::PlanApplied {
+        placed,
+        stale,
+        preempted,
+    } = response
+    else {
+        return Err(ConsensusError::Fatal(format!(
+            "ApplyPlan answered {response:?}"
+        )));
+    };
+    metrics::counter!("gangway_jobs_placed_total").increment(placed.len() as u64);
+    metrics::counter!("gangway_preemptions_total").increment(preempted.len() as u64);
+    metrics::counter!("gangway_plan_stale_placements_total").increment(stale.len() as u64);
+    Ok(RoundOutcome {
+        pending,
+        placed: placed.len(),
+        preempted: preempted.len(),
+        stale: stale.len(),
+    })
+}
+
+/// Commits a defragmentation proposal and charges its cost to the disruption ledger.
+async fn commit_defrag(
+    ctx: &ReplicaContext,
+    proposal: &engine::DefragProposal,
+) -> Result<(), ConsensusError> {
+    match ctx
+        .raft
+        .try_write(crate::state::defragment_command(proposal))
+        .await?
+    {
+        Response::Done => {
+            ctx.disruption
+                .record(Instant::now(), proposal.cost_device_hours);
+            metrics::counter!("gangway_defrag_plans_total", "result" => "committed").increment(1);
+        }
+        other => {
+            tracing::info!("defragmentation plan refused: {other:?}");
+            metrics::counter!("gangway_defrag_plans_total", "result" => "stale").increment(1);
+        }
+    }
+    Ok(())
 }
 
 /// Declares down every node silent for longer than `workers.node_ttl`, while this replica leads.

@@ -1,0 +1,500 @@
+//! The simulated world around the replicated state: the simulator plays the leader (scheduling
+//! rounds through [`run_round`]) and the workers (task and checkpoint reports), and every one of
+//! their acts is the [`Command`] they would commit, applied through [`ClusterStore::apply`] at the
+//! simulated time. The state machine decides; this file keeps the clock's events, what the trace
+//! says each job needs (its work), and the metrics.
+//!
+//! A job's progress lives in the state too: a checkpoint's `step` is the milliseconds of work it
+//! holds, and a new lease resumes from the job's last checkpoint (or from zero without one).
+
+use super::clock::{Event, EventQueue};
+use super::cluster_file::SimCluster;
+use super::error::SimError;
+use super::metrics::{Counters, JobRecord as Record};
+use super::replay::{DefragOptions, Domains, PreemptMode, ReplayOptions, SimJob};
+use crate::engine::{
+    run_round, DefragLimits, DeviceKind, GangPlacement, RoundInput, RoundOutcome, RoundState,
+    SchedulerConfig,
+};
+use crate::state::{
+    defragment_command, CheckpointManifest, CheckpointReport, ClusterStore, Command,
+    DeviceInventory, Event as StateEvent, JobState, NodeRegistration, Response, Submission,
+    TaskReport, TaskState,
+};
+use gangway_proto::ids::JobId;
+use gangway_proto::spec::{
+    CheckpointSpec, DeviceCount, JobSpec, Resources, TopologySpec,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+/// Rounds run at most per instant (a round that preempts, or that hit the per-round cap, is
+/// followed by another at the same instant).
+const ROUNDS_PER_INSTANT: usize = 16;
+
+/// One lease of a job as the simulated workers run it.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    epoch: u64,
+    since_ms: u64,
+    /// Work already done when the lease began (its restore point).
+    from_ms: u64,
+}
+
+pub(super) struct World<'a> {
+    pub store: ClusterStore,
+    events: Vec<StateEvent>,
+    pub queue: EventQueue,
+    pub jobs: &'a [&'a SimJob],
+    ids: Vec<Option<JobId>>,
+    index: HashMap<JobId, usize>,
+    pub records: Vec<Record>,
+    pub counters: Counters,
+    runs: Vec<Option<Run>>,
+    /// Running gangs by start time, to know when the next one passes min-runtime.
+    pub by_start: BTreeSet<(u64, usize)>,
+    pub allocated: u64,
+    /// Checkpoint requests already being answered.
+    answering: BTreeSet<(usize, u64)>,
+    /// Jobs the defragmenter moved (their checkpoint costs `checkpoint_ms`), and the gangs it
+    /// freed a block for.
+    moved: BTreeSet<usize>,
+    freed_for: BTreeSet<usize>,
+    defrag_tried: BTreeMap<JobId, u64>,
+    base: SchedulerConfig,
+    options: &'a ReplayOptions,
+    cluster: &'a SimCluster,
+    domains: Domains,
+}
+
+impl<'a> World<'a> {
+    pub fn new(
+        cluster: &'a SimCluster,
+        jobs: &'a [&'a SimJob],
+        base: SchedulerConfig,
+        options: &'a ReplayOptions,
+    ) -> Result<Self, SimError> {
+        let mut world = Self {
+            store: ClusterStore::new(),
+            events: Vec::new(),
+            queue: EventQueue::new(),
+            jobs,
+            ids: vec![None; jobs.len()],
+            index: HashMap::with_capacity(jobs.len()),
+            records: jobs
+                .iter()
+                .map(|j| Record {
+                    submit_ms: j.submit_ms,
+                    devices: j.devices(),
+                    ..Record::default()
+                })
+                .collect(),
+            counters: Counters::default(),
+            runs: vec![None; jobs.len()],
+            by_start: BTreeSet::new(),
+            allocated: 0,
+            answering: BTreeSet::new(),
+            moved: BTreeSet::new(),
+            freed_for: BTreeSet::new(),
+            defrag_tried: BTreeMap::new(),
+            base,
+            options,
+            cluster,
+            domains: Domains::new(cluster),
+        };
+        world.register_cluster(jobs.first().map_or(0, |j| j.submit_ms))?;
+        Ok(world)
+    }
+
+    fn apply(&mut self, now: u64, command: Command) -> Response {
+        self.events.clear();
+        self.store.apply(now, command, &mut self.events)
+    }
+
+    /// Every host registers as its worker would, and every queue is set as an operator would.
+    fn register_cluster(&mut self, now: u64) -> Result<(), SimError> {
+        let kinds: BTreeMap<&str, (DeviceKind, u64)> = self
+            .cluster
+            .models
+            .iter()
+            .map(|m| (m.name.as_str(), (m.kind, m.memory_mib)))
+            .collect();
+        for h in &self.cluster.hosts {
+            let devices = h
+                .devices
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let (kind, memory_mib) = kinds.get(d.model.as_str()).copied().unwrap_or((DeviceKind::Gpu, 0));
+                    DeviceInventory {
+                        uuid: format!("{}-{i}", h.name),
+                        model: d.model.clone(),
+                        kind,
+                        memory_mib,
+                        nvlink_domain: d.nvlink_domain,
+                    }
+                })
+                .collect();
+            let registration = NodeRegistration {
+                name: h.name.clone(),
+                address: format!("{}:0", h.name),
+                topology: h.topology.clone(),
+                cpu_milli: h.cpu_milli,
+                memory_mib: h.memory_mib,
+                devices,
+            };
+            if let Response::Rejected(why) = self.apply(now, Command::RegisterNode(registration)) {
+                return Err(SimError::Invariant(format!("host {} refused: {why}", h.name)));
+            }
+        }
+        for q in self.cluster.queues.values() {
+            if let Response::Rejected(why) = self.apply(now, Command::SetQueue(q.clone())) {
+                return Err(SimError::Invariant(format!("queue {} refused: {why}", q.name)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The job a client submits for trace job `i`.
+    fn spec(&self, i: usize) -> JobSpec {
+        let j = self.jobs[i];
+        let checkpoint_ms = self.options.defrag.as_ref().map_or(60_000, |d| d.checkpoint_ms);
+        JobSpec {
+            name: j.name.clone(),
+            queue: j.queue.clone(),
+            priority: j.priority,
+            tasks: j.tasks,
+            command: vec!["simulated".to_owned()],
+            env: BTreeMap::new(),
+            resources: Resources {
+                devices: DeviceCount::Whole(j.devices_per_task),
+                kind: DeviceKind::Gpu,
+                models: Vec::new(),
+                cpu_milli: 0,
+                memory_mib: 0,
+            },
+            topology: TopologySpec {
+                required: j.required,
+                preferred: j.preferred,
+            },
+            checkpoint: (self.options.preempt == PreemptMode::Resume).then(|| CheckpointSpec {
+                signal: "SIGUSR1".to_owned(),
+                timeout: Duration::from_millis(checkpoint_ms.max(1)),
+            }),
+            estimated_runtime: Some(Duration::from_millis(j.duration_ms)),
+        }
+    }
+
+    pub fn submit(&mut self, now: u64, i: usize) -> Result<(), SimError> {
+        let command = Command::SubmitJob(Submission {
+            idempotency_key: None,
+            spec: self.spec(i),
+        });
+        match self.apply(now, command) {
+            Response::Submitted { job, .. } => {
+                self.index.insert(job.clone(), i);
+                self.ids[i] = Some(job);
+                Ok(())
+            }
+            other => Err(SimError::Invariant(format!(
+                "job {} refused at submit: {other:?}",
+                self.jobs[i].name
+            ))),
+        }
+    }
+
+    fn id(&self, i: usize) -> JobId {
+        self.ids[i].clone().expect("events name submitted jobs only")
+    }
+
+    /// Every task of the gang reports success, as its workers would.
+    /// Every task of the gang succeeds; false when that lease had already ended (the state
+    /// refuses its reports and nothing changes).
+    pub fn complete(&mut self, now: u64, i: usize, epoch: u64) -> bool {
+        let done = self.report_all(now, i, epoch, TaskState::Succeeded);
+        if done {
+            self.observe(now, i);
+        }
+        done
+    }
+
+    /// Rank 0 answers a checkpoint request, as its worker would; false when the state refused it.
+    pub fn checkpoint(&mut self, now: u64, i: usize, epoch: u64, request: u64, step: u64) -> bool {
+        let report = CheckpointReport {
+            job: self.id(i),
+            epoch,
+            request,
+            manifest: CheckpointManifest {
+                path: format!("sim://{}/{step}", self.jobs[i].name),
+                step,
+                bytes: 0,
+            },
+        };
+        let accepted = self.apply(now, Command::RecordCheckpoint(report)) == Response::Done;
+        self.observe(now, i);
+        accepted
+    }
+
+    /// Brings the simulated workers in line with the state for job `i`: a new lease starts its
+    /// run, an ended lease stops it, a checkpoint request is answered (after the checkpoint time).
+    fn observe(&mut self, now: u64, i: usize) {
+        let Some(job) = self.ids[i].as_ref().and_then(|id| self.store.job(id)) else {
+            return;
+        };
+        let lease = job.lease.as_ref().map(|l| l.epoch);
+        let migration = job.migration.as_ref().map(|m| m.checkpoint_request);
+        let restored = job.last_checkpoint.as_ref().map_or(0, |c| c.manifest.step);
+        let finished = job.state == JobState::Succeeded;
+        let placement = job.lease.as_ref().map(|l| l.placement.clone());
+        match (self.runs[i], lease) {
+            (Some(run), Some(epoch)) if run.epoch == epoch => {
+                if let Some(request) = migration {
+                    self.answer_later(now, i, run, request);
+                }
+            }
+            (Some(run), _) => {
+                self.end_run(i, run);
+                if finished {
+                    self.records[i].completed_ms = Some(now);
+                }
+                if let (Some(epoch), Some(p)) = (lease, placement) {
+                    self.start_run(now, i, epoch, restored, &p);
+                }
+            }
+            (None, Some(epoch)) => {
+                if let Some(p) = placement {
+                    self.start_run(now, i, epoch, restored, &p);
+                }
+            }
+            (None, None) => {}
+        }
+    }
+
+    fn answer_later(&mut self, now: u64, i: usize, run: Run, request: u64) {
+        if !self.answering.insert((i, request)) {
+            return;
+        }
+        let delay = match &self.options.defrag {
+            Some(d) if self.moved.contains(&i) => d.checkpoint_ms,
+            _ => 0,
+        };
+        let step = run.from_ms + (now - run.since_ms);
+        let event = Event::Checkpoint {
+            job: i,
+            epoch: run.epoch,
+            request,
+            step: step.min(self.jobs[i].duration_ms),
+        };
+        self.queue.push(now + delay, event);
+    }
+
+    fn start_run(&mut self, now: u64, i: usize, epoch: u64, from_ms: u64, placement: &GangPlacement) {
+        let from_ms = from_ms.min(self.jobs[i].duration_ms);
+        self.runs[i] = Some(Run {
+            epoch,
+            since_ms: now,
+            from_ms,
+        });
+        self.by_start.insert((now, i));
+        self.allocated += self.records[i].devices;
+        self.records[i].first_start_ms.get_or_insert(now);
+        self.counters.gangs_placed += 1;
+        let within = self.jobs[i]
+            .required
+            .is_none_or(|level| self.domains.within(self.cluster, placement, level));
+        if !within {
+            self.counters.gangs_outside_required_domain += 1;
+        }
+        if self.freed_for.remove(&i) {
+            self.counters.defrag_placements += 1;
+        }
+        let remaining = self.jobs[i].duration_ms - from_ms;
+        self.queue.push(now + remaining, Event::Completion { job: i, epoch });
+        self.report_all(now, i, epoch, TaskState::Running);
+    }
+
+    /// Every task of the gang reports `state` under lease `epoch`, as its workers would; false
+    /// when the state refused (the lease ended meanwhile).
+    fn report_all(&mut self, now: u64, i: usize, epoch: u64, state: TaskState) -> bool {
+        let job = self.id(i);
+        for task in 0..self.jobs[i].tasks {
+            let report = TaskReport {
+                job: job.clone(),
+                task,
+                epoch,
+                state,
+                exit_code: (state == TaskState::Succeeded).then_some(0),
+                message: String::new(),
+            };
+            if let Response::Rejected(_) = self.apply(now, Command::TaskStatus(report)) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn end_run(&mut self, i: usize, run: Run) {
+        self.runs[i] = None;
+        self.by_start.remove(&(run.since_ms, i));
+        self.allocated -= self.records[i].devices;
+        self.moved.remove(&i);
+    }
+
+    /// Rounds at this instant: each is [`run_round`] on the state, committed as the leader
+    /// would commit it.
+    pub fn schedule(&mut self, now: u64) -> Result<(), SimError> {
+        for _ in 0..ROUNDS_PER_INSTANT {
+            let defrag_on = self.options.defrag.is_some();
+            let (pending, state) = self.store.round_input(defrag_on);
+            if pending.is_empty() {
+                break;
+            }
+            let config = self.store.scheduler_config(&self.base);
+            let limits = self.defrag_limits(now, &state);
+            let outcome = run_round(RoundInput {
+                view: self.store.engine(),
+                pending: &pending,
+                config: &config,
+                state: &state,
+                defrag: limits.as_ref(),
+                now_ms: now,
+            });
+            self.counters.scheduling_rounds += 1;
+            let capped = pending.len() > config.max_gangs_per_round;
+            let (placed, preempted) = self.commit(now, outcome)?;
+            if preempted == 0 && !(placed > 0 && capped) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The defragmenter's limits now: the churn bound (one migration per so many allocated
+    /// device-hours, plus a burst) as the moves left, gangs tried recently skipped.
+    fn defrag_limits(&self, now: u64, state: &RoundState) -> Option<DefragLimits> {
+        let d: &DefragOptions = self.options.defrag.as_ref()?;
+        let allowed = (self.counters.allocated_device_ms as f64
+            / 3_600_000.0
+            / d.device_hours_per_migration) as u64
+            + d.burst;
+        let left = usize::try_from(allowed.saturating_sub(self.counters.migrations)).unwrap_or(usize::MAX);
+        Some(DefragLimits {
+            budget: d.budget.clone(),
+            max_in_flight: state.migrating.len().saturating_add(left),
+            device_hours_left: f64::INFINITY,
+            gangs_per_round: d.gangs_per_round,
+            min_gang_devices: d.min_gang_devices,
+            skip: self
+                .defrag_tried
+                .iter()
+                .filter(|(_, t)| now < **t + d.retry_ms)
+                .map(|(j, _)| j.clone())
+                .collect(),
+            reservation_ms: d.reservation_ms,
+            max_plans: 1,
+        })
+    }
+
+    /// Commits a round's outcome: the plan, then a defragmentation proposal. Returns how many
+    /// gangs were placed and preempted.
+    fn commit(&mut self, now: u64, outcome: RoundOutcome) -> Result<(usize, usize), SimError> {
+        for job in &outcome.defrag_tried {
+            self.defrag_tried.insert(job.clone(), now);
+            self.counters.defrag_attempts += 1;
+        }
+        let (mut placed, mut preempted) = (0, 0);
+        let plan = outcome.plan;
+        if !(plan.placements.is_empty() && plan.preemptions.is_empty() && plan.pending.is_empty()) {
+            let rejected_before = plan.placements.len();
+            let Response::PlanApplied {
+                placed: ok,
+                preempted: victims,
+                ..
+            } = self.apply(now, Command::ApplyPlan { plan })
+            else {
+                return Err(SimError::Invariant("ApplyPlan answered otherwise".into()));
+            };
+            self.counters.placements_rejected += (rejected_before - ok.len()) as u64;
+            for victim in &victims {
+                self.preempted(now, victim);
+            }
+            for (job, _) in &ok {
+                if let Some(&i) = self.index.get(job) {
+                    self.observe(now, i);
+                }
+            }
+            (placed, preempted) = (ok.len(), victims.len());
+        }
+        for proposal in &outcome.defrag {
+            self.defragment(now, proposal);
+        }
+        Ok((placed, preempted))
+    }
+
+    fn preempted(&mut self, now: u64, victim: &JobId) {
+        let Some(&v) = self.index.get(victim) else { return };
+        self.counters.preemptions += 1;
+        if let Some(run) = self.runs[v] {
+            let ran = now - run.since_ms;
+            self.counters.lost_device_ms += u128::from(ran) * u128::from(self.records[v].devices);
+        }
+        self.observe(now, v);
+    }
+
+    fn defragment(&mut self, now: u64, proposal: &crate::engine::DefragProposal) {
+        if self.apply(now, defragment_command(proposal)) != Response::Done {
+            return;
+        }
+        let checkpoint_ms = self.options.defrag.as_ref().map_or(0, |d| d.checkpoint_ms);
+        if let Some(&i) = self.index.get(&proposal.plan.for_gang) {
+            self.freed_for.insert(i);
+        }
+        for m in &proposal.plan.moves {
+            let Some(&v) = self.index.get(&m.job) else { continue };
+            self.counters.migrations += 1;
+            self.counters.migration_device_ms += u128::from(m.devices) * u128::from(checkpoint_ms);
+            self.moved.insert(v);
+            self.observe(now, v);
+        }
+    }
+
+    /// Whatever still waits once nothing runs and nothing else arrives: its reason's code.
+    pub fn stuck(&self, now: u64) -> Vec<(usize, String)> {
+        let (pending, _) = self.store.round_input(false);
+        if pending.is_empty() {
+            return Vec::new();
+        }
+        let config = self.store.scheduler_config(&self.base);
+        let outcome = run_round(RoundInput {
+            view: self.store.engine(),
+            pending: &pending,
+            config: &config,
+            state: &RoundState::default(),
+            defrag: None,
+            now_ms: now,
+        });
+        let codes: HashMap<&JobId, String> = outcome
+            .plan
+            .pending
+            .iter()
+            .map(|p| {
+                let code = serde_json::to_value(&p.reason)
+                    .ok()
+                    .and_then(|v| match v {
+                        serde_json::Value::String(s) => Some(s),
+                        v => v.as_object()?.keys().next().cloned(),
+                    })
+                    .unwrap_or_else(|| "unknown".into());
+                (&p.job, code)
+            })
+            .collect();
+        pending
+            .iter()
+            .filter_map(|g| {
+                let i = *self.index.get(&g.id)?;
+                let code = codes.get(&g.id).cloned().unwrap_or_else(|| "not_examined".into());
+                Some((i, code))
+            })
+            .collect()
+    }
+}
