@@ -1,8 +1,6 @@
 //! The replicated cluster state (FSM): lease lifecycle, the plan applier's re-checks, node loss,
 //! idempotency and fencing, then random command interleavings that try to break the invariants.
 
-use gangway_proto::ids::{HostName, JobId};
-use gangway_proto::spec::JobSpec;
 use gangway_core::engine::{
     DeviceKind, DeviceShare, GangPlacement, HostTopology, NodeState, PendingJob, PendingReason,
     Plan, TaskPlacement,
@@ -12,6 +10,8 @@ use gangway_core::state::{
     DeviceInventory, Event, IdleReport, JobState, NodeRegistration, NodeStateChange, Rejection,
     Response, Submission, TaskReport, TaskState,
 };
+use gangway_proto::ids::{HostName, JobId};
+use gangway_proto::spec::JobSpec;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 
@@ -250,16 +250,18 @@ fn a_lost_node_requeues_its_gangs_from_their_last_checkpoint_with_a_newer_epoch(
     let first = c.epoch_of(&job);
 
     // The job checkpoints; an older step reported late does not replace it.
-    let ck = |step| Command::RecordCheckpoint(CheckpointReport {
-        job: job.clone(),
-        epoch: first,
-        request: 0,
-        manifest: CheckpointManifest {
-            path: format!("/ckpt/train/{step}"),
-            step,
-            bytes: 1,
-        },
-    });
+    let ck = |step| {
+        Command::RecordCheckpoint(CheckpointReport {
+            job: job.clone(),
+            epoch: first,
+            request: 0,
+            manifest: CheckpointManifest {
+                path: format!("/ckpt/train/{step}"),
+                step,
+                bytes: 1,
+            },
+        })
+    };
     assert_eq!(c.apply(ck(200)), Response::Done);
     assert_eq!(c.apply(ck(100)), Response::Done);
     assert_eq!(
@@ -331,10 +333,12 @@ fn one_failed_rank_fails_the_gang_and_releases_every_device() {
 #[test]
 fn submissions_with_the_same_idempotency_key_create_one_job() {
     let mut c = Cluster::new();
-    let submit = |key: &str| Command::SubmitJob(Submission {
-        idempotency_key: Some(key.to_owned()),
-        spec: spec("train", 1, 1),
-    });
+    let submit = |key: &str| {
+        Command::SubmitJob(Submission {
+            idempotency_key: Some(key.to_owned()),
+            spec: spec("train", 1, 1),
+        })
+    };
     let Response::Submitted {
         job: first,
         existing,
@@ -997,16 +1001,18 @@ fn a_migration_stops_the_job_only_after_its_checkpoint_and_then_avoids_the_old_h
         hosts: HostFilter::default(),
     });
     assert_eq!(requests(&c), 2);
-    let ck = |step: u64, request: u64| Command::RecordCheckpoint(CheckpointReport {
-        job: job.clone(),
-        epoch: first,
-        request,
-        manifest: CheckpointManifest {
-            path: format!("/ck/{step}"),
-            step,
-            bytes: 1,
-        },
-    });
+    let ck = |step: u64, request: u64| {
+        Command::RecordCheckpoint(CheckpointReport {
+            job: job.clone(),
+            epoch: first,
+            request,
+            manifest: CheckpointManifest {
+                path: format!("/ck/{step}"),
+                step,
+                bytes: 1,
+            },
+        })
+    };
     c.apply(ck(10, 1));
     assert_eq!(c.store.job(&job).unwrap().state, JobState::Running);
     c.apply(ck(20, 2));
@@ -1122,12 +1128,14 @@ fn a_defragmentation_plan_is_fenced_by_epochs_and_its_reservation_holds() {
     };
     let held: std::collections::BTreeSet<HostName> =
         [HostName::new("h1"), HostName::new("h2")].into();
-    let plan = |moves: Vec<DefragMove>, until_ms| Command::Defragment(DefragOrder {
-        for_job: gang.clone(),
-        hosts: held.clone(),
-        moves,
-        until_ms,
-    });
+    let plan = |moves: Vec<DefragMove>, until_ms| {
+        Command::Defragment(DefragOrder {
+            for_job: gang.clone(),
+            hosts: held.clone(),
+            moves,
+            until_ms,
+        })
+    };
 
     // Phase 1: a plan that saw an older lease of b is refused whole: a does not start migrating.
     let before = c.store.clone();
@@ -1316,11 +1324,13 @@ fn an_idle_lease_is_reclaimed_by_checkpoint_or_only_reported_as_its_queue_says()
             }),
         })
     };
-    let idle = |epoch: u64, idle_ms: u64| Command::IdleLease(IdleReport {
-        job: notebook.clone(),
-        epoch,
-        idle_ms,
-    });
+    let idle = |epoch: u64, idle_ms: u64| {
+        Command::IdleLease(IdleReport {
+            job: notebook.clone(),
+            epoch,
+            idle_ms,
+        })
+    };
 
     // Phase 1: nothing happens without a policy, under the window, or for another lease.
     let refused = |r: Response| matches!(r, Response::Rejected(_));

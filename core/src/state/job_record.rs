@@ -1,6 +1,6 @@
 //! A job as the cluster remembers it: its spec, where it is in its life, its lease and checkpoints.
 
-use super::command::{CheckpointManifest, Rejection, TaskState};
+use super::command::{CheckpointManifest, Rejection, TaskReport, TaskState};
 use crate::engine::{DeviceDemand, GangPlacement, GangRequest, HostFilter, PendingReason};
 use gangway_proto::ids::{HostName, JobId, QueueName};
 use gangway_proto::spec::{DeviceCount, JobSpec};
@@ -54,6 +54,19 @@ pub struct Lease {
     pub checkpoint_requests_at_grant: u64,
 }
 
+impl Lease {
+    /// The host of each rank.
+    pub fn hosts(&self) -> impl Iterator<Item = &HostName> {
+        self.placement.tasks.iter().map(|t| &t.host)
+    }
+
+    /// Milli-devices it holds.
+    pub fn milli(&self) -> u64 {
+        let devices = self.placement.tasks.iter().flat_map(|t| &t.devices);
+        devices.map(|d| u64::from(d.milli)).sum()
+    }
+}
+
 /// One task (rank) of the current lease.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskRecord {
@@ -71,20 +84,135 @@ pub struct CheckpointRecord {
 }
 
 /// A move of a running job that waits for its checkpoint: once the checkpoint answering
-/// `checkpoint_request` is committed, the lease ends and the job is placed again under `hosts`.
+/// `checkpoint_request` is committed, the lease ends and the job is placed again as `reason` says.
+///
+/// Stored as the flat record it always was (`hosts`, `preempted_for`, `idle_reclaim`), so
+/// snapshots and backups keep their format.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "MigrationRecord", into = "MigrationRecord")]
 pub struct Migration {
     pub checkpoint_request: u64,
-    pub hosts: HostFilter,
     pub requested_at_ms: u64,
-    /// Set when the job is being preempted for this job: it stops even if the checkpoint fails
-    /// (losing the work since its last checkpoint) instead of keeping its devices.
+    pub reason: MigrationReason,
+}
+
+/// Why a running job migrates, and so what becomes of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MigrationReason {
+    /// An operator's or the defragmenter's move: placed again under `hosts`. A failed checkpoint
+    /// aborts it and the job keeps running where it is.
+    Move { hosts: HostFilter },
+    /// Preempted for `for_job`: it stops even if the checkpoint fails (losing the work since its
+    /// last checkpoint) instead of keeping the devices.
+    Preemption { for_job: JobId },
+    /// Its queue reclaims its idle lease (`why`, in words). Like a preemption, it stops even if
+    /// the checkpoint fails, and it queues again behind the jobs waiting then.
+    IdleReclaim { why: String },
+}
+
+impl MigrationReason {
+    /// Whether the job stops even when its checkpoint fails.
+    pub fn stops_anyway(&self) -> bool {
+        !matches!(self, MigrationReason::Move { .. })
+    }
+
+    /// Where the job may be placed once it stopped.
+    pub fn next_hosts(&self) -> HostFilter {
+        match self {
+            MigrationReason::Move { hosts } => hosts.clone(),
+            _ => HostFilter::default(),
+        }
+    }
+
+    /// The history line when the checkpoint at `step` stops the job.
+    pub fn checkpointed(&self, step: u64) -> String {
+        match self {
+            MigrationReason::Preemption { for_job } => {
+                format!("preempted for job {for_job}: checkpointed at step {step}; re-queued")
+            }
+            MigrationReason::IdleReclaim { why } => {
+                format!("{why}: checkpointed at step {step}; re-queued behind the jobs waiting")
+            }
+            MigrationReason::Move { .. } => {
+                format!("migrating: checkpointed at step {step}; placing it again")
+            }
+        }
+    }
+
+    /// The history line when the checkpoint failed with `error` and the job stops anyway
+    /// (`None` for a move, which is aborted instead).
+    pub fn stopped_anyway(&self, error: &str) -> Option<String> {
+        let why = match self {
+            MigrationReason::Move { .. } => return None,
+            MigrationReason::Preemption { for_job } => format!("preempted for job {for_job}"),
+            MigrationReason::IdleReclaim { why } => why.clone(),
+        };
+        Some(format!(
+            "{why}; checkpoint failed ({error}), stopped anyway; re-queued from the last checkpoint"
+        ))
+    }
+}
+
+impl Migration {
+    /// Whether checkpoint request `request` answers it (a later request answers it too).
+    pub fn answered_by(&self, request: u64) -> bool {
+        request >= self.checkpoint_request
+    }
+
+    /// What it waits for and where it goes, in words (`gangway job status`).
+    pub fn describe(&self) -> String {
+        let waiting = format!("waiting for checkpoint request {}", self.checkpoint_request);
+        match self.reason.next_hosts().describe() {
+            hosts if hosts.is_empty() => waiting,
+            hosts => format!("{waiting}, {hosts}"),
+        }
+    }
+}
+
+/// How a [`Migration`] is stored: the reason as optional fields, at most one of `preempted_for`
+/// and `idle_reclaim` set.
+#[derive(Serialize, Deserialize)]
+struct MigrationRecord {
+    checkpoint_request: u64,
+    hosts: HostFilter,
+    requested_at_ms: u64,
     #[serde(default)]
-    pub preempted_for: Option<JobId>,
-    /// Set when the job's queue reclaims its idle lease: why, in words. Like a preemption, the job
-    /// stops even if the checkpoint fails.
+    preempted_for: Option<JobId>,
     #[serde(default)]
-    pub idle_reclaim: Option<String>,
+    idle_reclaim: Option<String>,
+}
+
+impl From<MigrationRecord> for Migration {
+    fn from(r: MigrationRecord) -> Self {
+        let reason = match (r.preempted_for, r.idle_reclaim) {
+            (Some(for_job), _) => MigrationReason::Preemption { for_job },
+            (None, Some(why)) => MigrationReason::IdleReclaim { why },
+            (None, None) => MigrationReason::Move { hosts: r.hosts },
+        };
+        Migration {
+            checkpoint_request: r.checkpoint_request,
+            requested_at_ms: r.requested_at_ms,
+            reason,
+        }
+    }
+}
+
+impl From<Migration> for MigrationRecord {
+    fn from(m: Migration) -> Self {
+        let mut record = MigrationRecord {
+            checkpoint_request: m.checkpoint_request,
+            hosts: HostFilter::default(),
+            requested_at_ms: m.requested_at_ms,
+            preempted_for: None,
+            idle_reclaim: None,
+        };
+        match m.reason {
+            MigrationReason::Move { hosts } => record.hosts = hosts,
+            MigrationReason::Preemption { for_job } => record.preempted_for = Some(for_job),
+            MigrationReason::IdleReclaim { why } => record.idle_reclaim = Some(why),
+        }
+        record
+    }
 }
 
 /// A lease given back by idle reclamation, until the job runs again: what the pool got back.
@@ -185,12 +313,251 @@ impl JobRecord {
     /// The refusal for a report or plan made under lease `epoch` when that is not the job's
     /// current lease; `None` when it is.
     pub fn stale_lease(&self, epoch: u64) -> Option<Rejection> {
-        let current = self.lease.as_ref().map(|l| l.epoch);
-        (current != Some(epoch)).then(|| Rejection::StaleEpoch {
+        let current = self.lease_epoch();
+        (current != Some(epoch)).then(|| self.stale(epoch))
+    }
+
+    /// Like [`JobRecord::stale_lease`], but a report made under the most recent lease still
+    /// counts after it ended (a late checkpoint report).
+    pub fn stale_report(&self, epoch: u64) -> Option<Rejection> {
+        let newest = self.lease_epoch().or(self.last_epoch);
+        (newest != Some(epoch)).then(|| self.stale(epoch))
+    }
+
+    fn stale(&self, epoch: u64) -> Rejection {
+        Rejection::StaleEpoch {
             job: self.id.clone(),
             got: epoch,
-            current: current.or(self.last_epoch).unwrap_or(0),
-        })
+            current: self.lease_epoch().or(self.last_epoch).unwrap_or(0),
+        }
+    }
+
+    /// The epoch of the lease it holds.
+    pub fn lease_epoch(&self) -> Option<u64> {
+        self.lease.as_ref().map(|l| l.epoch)
+    }
+
+    /// Why it cannot be checkpointed now, if it cannot.
+    pub fn refuse_checkpoint(&self) -> Option<Rejection> {
+        let why = if self.state != JobState::Running || self.lease.is_none() {
+            "only a running job can be checkpointed or migrated"
+        } else if self.spec.checkpoint.is_none() {
+            "its spec has no [checkpoint] section, so it cannot checkpoint"
+        } else {
+            return None;
+        };
+        Some(self.wrong_state(why))
+    }
+
+    /// Why it cannot start a migration now, if it cannot.
+    pub fn refuse_migration(&self) -> Option<Rejection> {
+        self.refuse_checkpoint()
+            .or_else(|| self.refuse_second_migration())
+    }
+
+    /// The refusal when a migration is already under way.
+    pub fn refuse_second_migration(&self) -> Option<Rejection> {
+        self.migration
+            .is_some()
+            .then(|| self.wrong_state("a migration is already waiting for its checkpoint"))
+    }
+
+    /// The refusal of a command that does not fit the state the job is in.
+    pub fn wrong_state(&self, why: &str) -> Rejection {
+        Rejection::WrongJobState {
+            job: self.id.clone(),
+            state: self.state.to_string(),
+            why: why.to_owned(),
+        }
+    }
+
+    /// Leases `placement` to it under `epoch`: every rank assigned, the host filter of its last
+    /// migration spent.
+    pub fn grant_lease(&mut self, now: u64, epoch: u64, placement: GangPlacement) {
+        let hosts: Vec<String> = placement.tasks.iter().map(|t| t.host.to_string()).collect();
+        self.tasks = (0..placement.tasks.len())
+            .map(|_| TaskRecord {
+                state: TaskState::Assigned,
+                exit_code: None,
+                message: String::new(),
+            })
+            .collect();
+        self.lease = Some(Lease {
+            epoch,
+            granted_at_ms: now,
+            placement,
+            checkpoint_requests_at_grant: self.checkpoint_requests,
+        });
+        self.last_epoch = Some(epoch);
+        self.next_hosts = HostFilter::default();
+        self.state = JobState::Running;
+        self.pending_reason = None;
+        self.attempts += 1;
+        self.note(
+            now,
+            format!("leased (epoch {epoch}) on {}", hosts.join(", ")),
+        );
+    }
+
+    /// Ends its lease, and any migration that waited on it, moving it to `next` (Pending to
+    /// re-queue it, or a terminal state) for `why`. Returns the lease, whose devices the caller
+    /// frees; `None` (and no change) when it holds none.
+    pub fn end_lease(&mut self, now: u64, next: JobState, why: String) -> Option<Lease> {
+        let lease = self.lease.take()?;
+        self.migration = None;
+        self.last_hosts = lease.hosts().cloned().collect();
+        self.state = next;
+        self.tasks.clear();
+        if next == JobState::Pending {
+            self.pending_reason = Some(PendingReason::Requeued { why: why.clone() });
+        } else {
+            self.pending_reason = None;
+            self.finished_at_ms = Some(now);
+        }
+        self.note(now, why);
+        Some(lease)
+    }
+
+    /// Cancels it while it waits (it holds no lease).
+    pub fn cancel_waiting(&mut self, now: u64, reason: &str) {
+        self.state = JobState::Cancelled;
+        self.pending_reason = None;
+        self.finished_at_ms = Some(now);
+        self.note(now, format!("cancelled: {reason}"));
+    }
+
+    /// Records a rank's report. `Ok(false)` when it changes nothing: a rank that ended never
+    /// changes again, and Running never goes back to Assigned.
+    pub fn record_task(&mut self, now: u64, report: &TaskReport) -> Result<bool, Rejection> {
+        let TaskReport { task, state, .. } = *report;
+        let Some(t) = self.tasks.get_mut(task as usize) else {
+            let job = self.id.clone();
+            return Err(Rejection::UnknownTask { job, task });
+        };
+        if t.state.is_terminal() || state <= t.state {
+            return Ok(false);
+        }
+        t.state = state;
+        t.exit_code = report.exit_code;
+        t.message = report.message.clone();
+        let line = format!("task {task} {state:?} {}", report.message);
+        self.note(now, line.trim_end().to_owned());
+        Ok(true)
+    }
+
+    /// What a rank's new state means for the gang: where the job goes and why, when it ends the
+    /// lease. A lost rank re-queues the gang, a failed one fails it (the other ranks cannot make
+    /// progress without it), and the last rank to succeed completes it.
+    pub fn gang_outcome(&self, report: &TaskReport) -> Option<(JobState, String)> {
+        let (task, message) = (report.task, &report.message);
+        match report.state {
+            TaskState::Lost => Some((
+                JobState::Pending,
+                format!("task {task} lost ({message}); re-queued from its last checkpoint"),
+            )),
+            TaskState::Failed => Some((
+                JobState::Failed,
+                match report.exit_code {
+                    Some(code) => format!("task {task} failed with exit code {code}: {message}"),
+                    None => format!("task {task} failed: {message}"),
+                },
+            )),
+            _ if self.tasks.iter().all(|t| t.state == TaskState::Succeeded) => {
+                Some((JobState::Succeeded, "all tasks succeeded".to_owned()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether a report under an ended lease repeats a completion already recorded (a worker
+    /// retries until someone acknowledges it).
+    pub fn repeats_completion(&self, report: &TaskReport) -> bool {
+        self.last_epoch == Some(report.epoch)
+            && report.state.is_terminal()
+            && self.state.is_terminal()
+    }
+
+    /// Keeps `manifest` as the newest checkpoint if it is newer than the one kept: checkpoints
+    /// only move forward. Returns whether it was kept.
+    pub fn keep_checkpoint(&mut self, now: u64, epoch: u64, manifest: CheckpointManifest) -> bool {
+        let newer = self
+            .last_checkpoint
+            .as_ref()
+            .is_none_or(|c| c.manifest.step < manifest.step);
+        if newer {
+            let line = format!("checkpoint at step {} ({})", manifest.step, manifest.path);
+            self.note(now, line);
+            self.last_checkpoint = Some(CheckpointRecord {
+                epoch,
+                manifest,
+                recorded_at_ms: now,
+            });
+        }
+        newer
+    }
+
+    /// Asks its tasks to checkpoint: the request number grows, and its workers see it in their
+    /// allocations. Returns the new number.
+    pub fn request_checkpoint(&mut self) -> u64 {
+        self.checkpoint_requests += 1;
+        self.checkpoint_requests
+    }
+
+    /// Starts a migration for `reason`: it asks for a checkpoint and waits for the answer.
+    pub fn start_migration(&mut self, now: u64, reason: MigrationReason) {
+        let checkpoint_request = self.request_checkpoint();
+        self.migration = Some(Migration {
+            checkpoint_request,
+            requested_at_ms: now,
+            reason,
+        });
+    }
+
+    /// The migration that checkpoint request `request` under lease `epoch` answers, if one waits.
+    pub fn answered_migration(&self, epoch: u64, request: u64) -> Option<&Migration> {
+        let current = self.lease_epoch() == Some(epoch);
+        self.migration
+            .as_ref()
+            .filter(|m| current && m.answered_by(request))
+    }
+
+    /// Readies it to stop for its migration, which it takes out: the next placement goes where
+    /// the migration says, and an idle reclaim books the devices it gives back. The caller then
+    /// ends the lease.
+    pub fn stop_for_migration(&mut self, now: u64) -> Option<MigrationReason> {
+        let reason = self.migration.take()?.reason;
+        self.next_hosts = reason.next_hosts();
+        if let MigrationReason::IdleReclaim { .. } = reason {
+            self.mark_reclaimed(now);
+        }
+        Some(reason)
+    }
+
+    /// Gives up its migration after a failed checkpoint: it keeps running where it is.
+    pub fn abort_migration(&mut self, now: u64, error: &str) {
+        self.migration = None;
+        self.note(
+            now,
+            format!("migration aborted, the job keeps running here: checkpoint failed: {error}"),
+        );
+    }
+
+    /// Notes a failed checkpoint request no migration waited for, once per error. Returns
+    /// whether it noted it.
+    pub fn note_failed_request(&mut self, now: u64, request: u64, error: &str) -> bool {
+        let repeated = self.history.last().is_some_and(|h| h.what.ends_with(error));
+        if !repeated {
+            self.note(now, format!("checkpoint request {request} failed: {error}"));
+        }
+        !repeated
+    }
+
+    /// Books an idle reclaim about to end its lease: counted, queued again from now, and its
+    /// devices credited as given back until it runs again.
+    pub fn mark_reclaimed(&mut self, now: u64) {
+        let milli = self.lease.as_ref().map_or(0, Lease::milli);
+        self.reclaims += 1;
+        self.reclaimed = Some(Reclaimed { at_ms: now, milli });
     }
 
     /// Why it waits, in words for people (`None` unless pending).
@@ -240,5 +607,49 @@ impl JobRecord {
             submitted_at_ms: self.queue_order_ms(),
             hosts: self.next_hosts.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A migration is stored in the flat shape snapshots and backups have always had.
+    #[test]
+    fn a_migration_keeps_its_stored_format() {
+        let stored = [
+            r#"{"checkpoint_request":3,"hosts":{"only":[],"avoid":["h1"]},"requested_at_ms":7,"preempted_for":null,"idle_reclaim":null}"#,
+            r#"{"checkpoint_request":3,"hosts":{"only":[],"avoid":[]},"requested_at_ms":7,"preempted_for":"big-1","idle_reclaim":null}"#,
+            r#"{"checkpoint_request":3,"hosts":{"only":[],"avoid":[]},"requested_at_ms":7,"preempted_for":null,"idle_reclaim":"idle"}"#,
+        ];
+        let reasons: Vec<MigrationReason> = stored
+            .iter()
+            .map(|json| {
+                let m: Migration = serde_json::from_str(json).unwrap();
+                assert_eq!(serde_json::to_string(&m).unwrap(), *json);
+                m.reason
+            })
+            .collect();
+        let avoid = [HostName::new("h1")].into();
+        let hosts = HostFilter {
+            only: Default::default(),
+            avoid,
+        };
+        assert_eq!(
+            reasons,
+            [
+                MigrationReason::Move { hosts },
+                MigrationReason::Preemption {
+                    for_job: JobId::new("big-1")
+                },
+                MigrationReason::IdleReclaim {
+                    why: "idle".to_owned()
+                },
+            ]
+        );
+        // Older snapshots may lack the reason fields altogether.
+        let old = r#"{"checkpoint_request":1,"hosts":{"only":[],"avoid":[]},"requested_at_ms":0}"#;
+        let m: Migration = serde_json::from_str(old).unwrap();
+        assert!(!m.reason.stops_anyway());
     }
 }

@@ -8,6 +8,7 @@
 //! The indexes are derived data: a snapshot holds the jobs only and rebuilds them on load, so a
 //! replica built from a snapshot and one that replayed the log have equal tables.
 
+use super::command::Rejection;
 use super::job_record::{JobRecord, JobState};
 use gangway_proto::ids::JobId;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -67,6 +68,36 @@ impl JobTable {
         Some(job)
     }
 
+    /// The job holding lease `epoch`, for a report or plan made under it; else why not (an unknown
+    /// job, or a stale epoch).
+    pub fn leased(&self, id: &JobId, epoch: u64) -> Result<&JobRecord, Rejection> {
+        let job = self
+            .jobs
+            .get(id)
+            .ok_or_else(|| Rejection::UnknownJob(id.clone()))?;
+        job.stale_lease(epoch).map_or(Ok(job), Err)
+    }
+
+    /// [`JobTable::leased`], for a change.
+    pub fn leased_mut(&mut self, id: &JobId, epoch: u64) -> Result<&mut JobRecord, Rejection> {
+        self.checked_mut(id, |job| job.stale_lease(epoch))
+    }
+
+    /// The job, for a change, unless `refuse` says why not (an unknown job is refused too).
+    pub fn checked_mut(
+        &mut self,
+        id: &JobId,
+        refuse: impl FnOnce(&JobRecord) -> Option<Rejection>,
+    ) -> Result<&mut JobRecord, Rejection> {
+        let job = self
+            .get(id)
+            .ok_or_else(|| Rejection::UnknownJob(id.clone()))?;
+        if let Some(refusal) = refuse(job) {
+            return Err(refusal);
+        }
+        Ok(self.get_mut(id).expect("the job was just found"))
+    }
+
     /// Files every job changed since the last call in the indexes.
     pub fn reindex(&mut self) {
         for id in std::mem::take(&mut self.dirty) {
@@ -110,8 +141,16 @@ impl JobTable {
             self.pending_key.insert(id.clone(), key);
             self.pending.insert((key, id.clone()));
         }
-        set_membership(&mut self.running, id, job.is_some_and(|j| j.lease.is_some()));
-        set_membership(&mut self.migrating, id, job.is_some_and(|j| j.migration.is_some()));
+        set_membership(
+            &mut self.running,
+            id,
+            job.is_some_and(|j| j.lease.is_some()),
+        );
+        set_membership(
+            &mut self.migrating,
+            id,
+            job.is_some_and(|j| j.migration.is_some()),
+        );
     }
 
     /// Whether the indexes are exactly what the records say (tests and debug checks).

@@ -11,6 +11,7 @@ pub mod command;
 pub mod job_record;
 pub mod job_table;
 pub mod node_record;
+mod round;
 pub mod store;
 
 pub use command::{
@@ -18,7 +19,8 @@ pub use command::{
     DeviceInventory, Event, IdleReport, NodeRegistration, NodeStateChange, Rejection, Response,
     Submission, TaskReport, TaskState,
 };
-pub use job_record::{JobRecord, JobState, Lease};
+pub use job_record::{JobRecord, JobState, Lease, Migration, MigrationReason};
 pub use job_table::JobTable;
 pub use node_record::NodeRecord;
+pub use round::defragment_command;
 pub use store::{Allocation, ClusterStore, MIGRATION_SLACK_MS, RESTORE_JUMP};

@@ -122,13 +122,7 @@ pub fn job_detail(job: &JobRecord) -> pb::JobDetail {
         migration: job
             .migration
             .as_ref()
-            .map(|m| {
-                let waiting = format!("waiting for checkpoint request {}", m.checkpoint_request);
-                match m.hosts.describe() {
-                    hosts if hosts.is_empty() => waiting,
-                    hosts => format!("{waiting}, {hosts}"),
-                }
-            })
+            .map(crate::state::Migration::describe)
             .unwrap_or_default(),
         last_hosts: job.last_hosts.iter().map(|h| h.to_string()).collect(),
     }
