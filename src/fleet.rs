@@ -320,7 +320,7 @@ async fn watch_loop(
                     job_id: a.job_id.clone(),
                     task: a.task,
                     epoch: a.epoch,
-                    state: "running".into(),
+                    state: pb::TaskState::Running.into(),
                     has_exit_code: false,
                     exit_code: 0,
                     message: String::new(),
@@ -332,7 +332,7 @@ async fn watch_loop(
                         tokio::spawn(async move {
                             tokio::time::sleep(runtime).await;
                             let done = pb::TaskStatusReport {
-                                state: "succeeded".into(),
+                                state: pb::TaskState::Succeeded.into(),
                                 has_exit_code: true,
                                 exit_code: 0,
                                 ..report

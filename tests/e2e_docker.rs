@@ -347,7 +347,8 @@ async fn the_compose_cluster_survives_its_leader_cut_off_the_network() {
             let (addr, gang) = (leader_addr.clone(), gang.clone());
             async move {
                 let d = job(&addr, &gang).await?;
-                (d.tasks.len() == 2 && d.tasks.iter().all(|t| t.state == "running")).then_some(())
+                (d.tasks.len() == 2 && d.tasks.iter().all(|t| t.state().word() == "running"))
+                    .then_some(())
             }
         })
         .await;
@@ -381,7 +382,7 @@ async fn the_compose_cluster_survives_its_leader_cut_off_the_network() {
         .await
         .unwrap_or_else(|| project.fail("reading the gang on the new leader"));
     assert_eq!(
-        d.summary.as_ref().map(|s| s.state.as_str()),
+        d.summary.as_ref().map(|s| s.state().word()),
         Some("running")
     );
 

@@ -113,7 +113,7 @@ async fn assert_cluster_settled(
     let probes_alive: Vec<_> = list_jobs(&cluster.addr(leader))
         .await
         .into_iter()
-        .filter(|j| j.name.starts_with("drill-probe-") && j.state != "cancelled")
+        .filter(|j| j.name.starts_with("drill-probe-") && j.state().word() != "cancelled")
         .collect();
     assert!(probes_alive.is_empty(), "probe jobs left: {probes_alive:?}");
 }

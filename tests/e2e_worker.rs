@@ -112,7 +112,7 @@ async fn checkpoint_step(addrs: &[String], id: &str, above: u64, logs: impl Fn()
 fn state_of(d: &pb::JobDetail) -> (&str, u64, Vec<String>) {
     let s = d.summary.as_ref().expect("summary");
     (
-        s.state.as_str(),
+        s.state().word(),
         s.lease_epoch,
         d.tasks.iter().map(|t| t.host.clone()).collect(),
     )
@@ -711,7 +711,7 @@ async fn a_stale_directive_is_refused_and_says_so() {
     assert!(
         reports
             .iter()
-            .all(|r| r.job_id == "current" && r.state == "running"),
+            .all(|r| r.job_id == "current" && r.state() == pb::TaskState::Running),
         "{reports:?}"
     );
 }
@@ -1029,7 +1029,7 @@ async fn an_idle_lease_is_reclaimed_after_its_window_and_a_busy_one_is_kept() {
     let d = job(&addrs, &busy).await.unwrap();
     let s = d.summary.as_ref().unwrap();
     assert_eq!(
-        (s.state.as_str(), s.lease_epoch, s.reclaims),
+        (s.state().word(), s.lease_epoch, s.reclaims),
         ("running", busy_epoch, 0),
         "{:?}",
         d.history

@@ -2,7 +2,9 @@
 //!
 //! The domain types that cross crate and wire boundaries, with their validation: identifiers, device
 //! kinds, topology levels, the job spec people write (`spec`, TOML with field-path errors), and the
-//! gRPC API (`pb`, generated from `proto/gangway.proto`): the client API and the worker API.
+//! gRPC API (`pb`, generated from `proto/gangway.proto`): the client API and the worker API, with
+//! the job and task state enums' words and checked reading (`states`) and the rules every client of
+//! the replicas follows (`link`: metadata keys, retry classification, leader following).
 
 pub mod device;
 pub mod ids;
@@ -15,3 +17,11 @@ pub mod topology;
 pub mod pb {
     tonic::include_proto!("gangway.v1");
 }
+
+/// Job and task states on the wire: words, checked reading (feature `grpc`).
+#[cfg(feature = "grpc")]
+pub mod states;
+
+/// Metadata keys, retry classification and leader following for every client (feature `grpc`).
+#[cfg(feature = "grpc")]
+pub mod link;

@@ -261,7 +261,7 @@ async fn a_silent_node_is_declared_down_and_its_gang_requeued_from_its_checkpoin
             job_id: id.clone(),
             task: 0,
             epoch: epoch1,
-            state: "succeeded".into(),
+            state: pb::TaskState::Succeeded.into(),
             has_exit_code: true,
             exit_code: 0,
             message: String::new(),
@@ -318,14 +318,14 @@ async fn an_idle_cluster_writes_nothing() {
         let never = jobs.iter().find(|j| j.name == "never").cloned().unwrap();
         let placed = jobs
             .iter()
-            .any(|j| j.name == "fits" && j.state == "running");
+            .any(|j| j.name == "fits" && j.state() == pb::JobState::Running);
         if placed && never.pending_reason.contains("16") {
             break never;
         }
         assert!(Instant::now() < until, "{jobs:#?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(never.state, "pending");
+    assert_eq!(never.state(), pb::JobState::Pending);
     // Ten scheduling intervals with nothing new: the log must not grow.
     let before = c
         .cluster_status(pb::Empty {})

@@ -1,7 +1,8 @@
 //! One typed method per client RPC, each with its resend rule stated once, here.
 
-use super::{Client, ClientError, Retry};
+use super::{Client, ClientError, Resend};
 use gangway_proto::pb;
+use gangway_proto::states::{job_state, task_state, BadState};
 use tonic::codec::Streaming;
 
 impl Client {
@@ -11,7 +12,7 @@ impl Client {
         spec_toml: &str,
         idempotency_key: &str,
     ) -> Result<pb::SubmitJobReply, ClientError> {
-        self.call("SubmitJob", Retry::Safe, |mut api| {
+        self.call("SubmitJob", Resend::Safe, |mut api| {
             let req = pb::SubmitJobRequest {
                 spec_toml: spec_toml.to_owned(),
                 idempotency_key: idempotency_key.to_owned(),
@@ -24,7 +25,7 @@ impl Client {
     /// Cancels a job. Not resent after an unknown outcome: a second cancel of a job the first one
     /// ended fails with `wrong_job_state`, which would hide that the first one worked.
     pub async fn cancel_job(&mut self, job_id: &str, reason: &str) -> Result<(), ClientError> {
-        self.call("CancelJob", Retry::UnlessOutcomeUnknown, |mut api| {
+        self.call("CancelJob", Resend::UnlessOutcomeUnknown, |mut api| {
             let req = pb::CancelJobRequest {
                 job_id: job_id.to_owned(),
                 reason: reason.to_owned(),
@@ -38,7 +39,7 @@ impl Client {
     /// Asks a running job to checkpoint. Not resent after an unknown outcome: each call is one
     /// more checkpoint request.
     pub async fn checkpoint_job(&mut self, job_id: &str) -> Result<(), ClientError> {
-        self.call("CheckpointJob", Retry::UnlessOutcomeUnknown, |mut api| {
+        self.call("CheckpointJob", Resend::UnlessOutcomeUnknown, |mut api| {
             let req = pb::CheckpointJobRequest {
                 job_id: job_id.to_owned(),
             };
@@ -56,7 +57,7 @@ impl Client {
         to: &[String],
         avoid: &[String],
     ) -> Result<(), ClientError> {
-        self.call("MigrateJob", Retry::UnlessOutcomeUnknown, |mut api| {
+        self.call("MigrateJob", Resend::UnlessOutcomeUnknown, |mut api| {
             let req = pb::MigrateJobRequest {
                 job_id: job_id.to_owned(),
                 to: to.to_vec(),
@@ -70,7 +71,7 @@ impl Client {
 
     /// The defragmenter's preview; changes nothing.
     pub async fn defrag_plan(&mut self) -> Result<pb::DefragPlanReply, ClientError> {
-        self.call("DefragPlan", Retry::Safe, |mut api| async move {
+        self.call("DefragPlan", Resend::Safe, |mut api| async move {
             api.defrag_plan(pb::Empty {}).await
         })
         .await
@@ -78,40 +79,59 @@ impl Client {
 
     /// The defragmenter's settings and what it has under way.
     pub async fn defrag_status(&mut self) -> Result<pb::DefragStatusReply, ClientError> {
-        self.call("DefragStatus", Retry::Safe, |mut api| async move {
+        self.call("DefragStatus", Resend::Safe, |mut api| async move {
             api.defrag_status(pb::Empty {}).await
         })
         .await
     }
 
+    /// A job and its tasks; every state in the reply is one this build knows.
     pub async fn get_job(&mut self, job_id: &str) -> Result<pb::JobDetail, ClientError> {
-        self.call("GetJob", Retry::Safe, |mut api| {
-            let req = pb::GetJobRequest {
-                job_id: job_id.to_owned(),
-            };
-            async move { api.get_job(req).await }
-        })
-        .await
+        let detail = self
+            .call("GetJob", Resend::Safe, |mut api| {
+                let req = pb::GetJobRequest {
+                    job_id: job_id.to_owned(),
+                };
+                async move { api.get_job(req).await }
+            })
+            .await?;
+        check_detail(&detail).map_err(|problem| ClientError::BadReply {
+            method: "GetJob",
+            problem,
+        })?;
+        Ok(detail)
     }
 
+    /// The jobs in `states` (empty: all) of `queue` (empty: all); every state in the reply is one
+    /// this build knows.
     pub async fn list_jobs(
         &mut self,
-        states: &[String],
+        states: &[pb::JobState],
         queue: &str,
     ) -> Result<Vec<pb::JobSummary>, ClientError> {
-        self.call("ListJobs", Retry::Safe, |mut api| {
-            let req = pb::ListJobsRequest {
-                states: states.to_vec(),
-                queue: queue.to_owned(),
-            };
-            async move { api.list_jobs(req).await }
-        })
-        .await
-        .map(|r| r.jobs)
+        let jobs = self
+            .call("ListJobs", Resend::Safe, |mut api| {
+                let req = pb::ListJobsRequest {
+                    states: states.iter().map(|s| *s as i32).collect(),
+                    queue: queue.to_owned(),
+                };
+                async move { api.list_jobs(req).await }
+            })
+            .await?
+            .jobs;
+        for (i, j) in jobs.iter().enumerate() {
+            job_state(&format!("jobs[{i}].state"), j.state).map_err(|problem| {
+                ClientError::BadReply {
+                    method: "ListJobs",
+                    problem,
+                }
+            })?;
+        }
+        Ok(jobs)
     }
 
     pub async fn list_nodes(&mut self) -> Result<Vec<pb::NodeInfo>, ClientError> {
-        self.call("ListNodes", Retry::Safe, |mut api| async move {
+        self.call("ListNodes", Resend::Safe, |mut api| async move {
             api.list_nodes(pb::Empty {}).await
         })
         .await
@@ -126,7 +146,7 @@ impl Client {
         state: &str,
         reason: &str,
     ) -> Result<(), ClientError> {
-        self.call("SetNodeState", Retry::Safe, |mut api| {
+        self.call("SetNodeState", Resend::Safe, |mut api| {
             let req = pb::SetNodeStateRequest {
                 node: node.to_owned(),
                 state: state.to_owned(),
@@ -139,7 +159,7 @@ impl Client {
     }
 
     pub async fn list_leases(&mut self) -> Result<Vec<pb::LeaseInfo>, ClientError> {
-        self.call("ListLeases", Retry::Safe, |mut api| async move {
+        self.call("ListLeases", Resend::Safe, |mut api| async move {
             api.list_leases(pb::Empty {}).await
         })
         .await
@@ -147,7 +167,7 @@ impl Client {
     }
 
     pub async fn list_queues(&mut self) -> Result<Vec<pb::QueueInfo>, ClientError> {
-        self.call("ListQueues", Retry::Safe, |mut api| async move {
+        self.call("ListQueues", Resend::Safe, |mut api| async move {
             api.list_queues(pb::Empty {}).await
         })
         .await
@@ -157,7 +177,7 @@ impl Client {
     /// Sets a queue's quota and idle policy (the whole configuration). Safe to resend: it sets
     /// absolute values.
     pub async fn set_queue(&mut self, queue: &pb::QueueInfo) -> Result<(), ClientError> {
-        self.call("SetQueue", Retry::Safe, |mut api| {
+        self.call("SetQueue", Resend::Safe, |mut api| {
             let req = queue.clone();
             async move { api.set_queue(req).await }
         })
@@ -166,7 +186,7 @@ impl Client {
     }
 
     pub async fn cluster_status(&mut self) -> Result<pb::ClusterStatusReply, ClientError> {
-        self.call("ClusterStatus", Retry::Safe, |mut api| async move {
+        self.call("ClusterStatus", Resend::Safe, |mut api| async move {
             api.cluster_status(pb::Empty {}).await
         })
         .await
@@ -174,7 +194,7 @@ impl Client {
 
     /// Moves leadership. Not resent after an unknown outcome: the first may have moved it already.
     pub async fn transfer_leader(&mut self, to: u64) -> Result<(), ClientError> {
-        self.call("TransferLeader", Retry::UnlessOutcomeUnknown, |mut api| {
+        self.call("TransferLeader", Resend::UnlessOutcomeUnknown, |mut api| {
             let req = pb::TransferLeaderRequest { to };
             async move { api.transfer_leader(req).await }
         })
@@ -189,7 +209,7 @@ impl Client {
         address: &str,
         voter: bool,
     ) -> Result<(), ClientError> {
-        self.call("AddMember", Retry::UnlessOutcomeUnknown, |mut api| {
+        self.call("AddMember", Resend::UnlessOutcomeUnknown, |mut api| {
             let req = pb::AddMemberRequest {
                 id,
                 address: address.to_owned(),
@@ -203,7 +223,7 @@ impl Client {
 
     /// Removes a member. Not resent after an unknown outcome.
     pub async fn remove_member(&mut self, id: u64) -> Result<(), ClientError> {
-        self.call("RemoveMember", Retry::UnlessOutcomeUnknown, |mut api| {
+        self.call("RemoveMember", Resend::UnlessOutcomeUnknown, |mut api| {
             let req = pb::RemoveMemberRequest { id };
             async move { api.remove_member(req).await }
         })
@@ -213,7 +233,7 @@ impl Client {
 
     /// Opens the snapshot stream (the opening is retried; a stream that breaks is not resumed).
     pub async fn save_snapshot(&mut self) -> Result<Streaming<pb::SnapshotChunk>, ClientError> {
-        self.call("SaveSnapshot", Retry::Safe, |mut api| async move {
+        self.call("SaveSnapshot", Resend::Safe, |mut api| async move {
             api.save_snapshot(pb::Empty {}).await
         })
         .await
@@ -225,13 +245,28 @@ impl Client {
         &mut self,
         backup: &[u8],
     ) -> Result<pb::RestoreSnapshotReply, ClientError> {
-        self.call("RestoreSnapshot", Retry::UnlessOutcomeUnknown, |mut api| {
-            let chunks: Vec<pb::SnapshotChunk> = backup
-                .chunks(1 << 20)
-                .map(|c| pb::SnapshotChunk { data: c.to_vec() })
-                .collect();
-            async move { api.restore_snapshot(tokio_stream::iter(chunks)).await }
-        })
+        self.call(
+            "RestoreSnapshot",
+            Resend::UnlessOutcomeUnknown,
+            |mut api| {
+                let chunks: Vec<pb::SnapshotChunk> = backup
+                    .chunks(1 << 20)
+                    .map(|c| pb::SnapshotChunk { data: c.to_vec() })
+                    .collect();
+                async move { api.restore_snapshot(tokio_stream::iter(chunks)).await }
+            },
+        )
         .await
     }
+}
+
+/// Every state a job's detail carries is known (a missing summary is left to its readers).
+fn check_detail(d: &pb::JobDetail) -> Result<(), BadState> {
+    if let Some(s) = &d.summary {
+        job_state("summary.state", s.state)?;
+    }
+    for (i, t) in d.tasks.iter().enumerate() {
+        task_state(&format!("tasks[{i}].state"), t.state)?;
+    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! The client's typed error and its exit code.
 
 use gangway_proto::spec::SpecError;
+use gangway_proto::states::BadState;
 use std::time::Duration;
 
 /// Exit code: a generic error.
@@ -46,6 +47,12 @@ pub enum ClientError {
         addr: String,
         method: &'static str,
         message: String,
+    },
+    /// A reply holds a value this build does not know (a newer server, a broken peer).
+    #[error("{method}: the reply is not understood: {problem}")]
+    BadReply {
+        method: &'static str,
+        problem: BadState,
     },
     /// The job spec failed local validation.
     #[error("{0}")]
@@ -106,9 +113,10 @@ impl ClientError {
                 }
             }
             ClientError::NotPlaceable { .. } => EXIT_NOT_PLACEABLE,
-            ClientError::OutcomeUnknown { .. } | ClientError::Io { .. } | ClientError::Other(_) => {
-                EXIT_ERROR
-            }
+            ClientError::OutcomeUnknown { .. }
+            | ClientError::BadReply { .. }
+            | ClientError::Io { .. }
+            | ClientError::Other(_) => EXIT_ERROR,
         }
     }
 

@@ -1,18 +1,19 @@
 //! A leader-following client for the Gangway client API.
 //!
 //! A [`Client`] holds the replica addresses people gave (`--addr`) and at most one open connection.
-//! [`Client::call`] runs one RPC and decides, from the error's `x-gangway-code` metadata, what to
-//! do next:
+//! [`Client::call`] runs one RPC and decides, from what the failure means
+//! ([`gangway_proto::link::classify`], the rules the worker follows too), what to do next:
 //!
-//! * `not_leader` with an `x-gangway-leader: host:port` hint: reconnect to the leader (even when it
-//!   is not in the list) and resend at once. The request was not proposed, so this is always safe.
-//! * `not_leader` without a hint, `no_leader`, or a replica that cannot be reached: try the next
-//!   address after a backoff (100 ms doubling to 1 s). Always safe.
-//! * `unavailable`, `timeout` (or an UNAVAILABLE/DEADLINE_EXCEEDED without a code): the request may
-//!   or may not have been applied. Only calls that are safe to resend ([`Retry::Safe`]: reads,
-//!   absolute sets, and submit, which carries an idempotency key) go on; the others fail with
-//!   [`ClientError::OutcomeUnknown`].
-//! * Anything else returns at once.
+//! * [`Retry::FollowLeader`] (`not_leader` with an `x-gangway-leader: host:port` hint): reconnect
+//!   to the leader (even when it is not in the list) and resend at once. The request was not
+//!   proposed, so this is always safe.
+//! * [`Retry::AnotherReplica`] (`not_leader` without a hint, `no_leader`, or a replica that cannot
+//!   be reached): try the next address after a backoff (100 ms doubling to 1 s). Always safe.
+//! * [`Retry::OutcomeUnknown`] (`unavailable`, `timeout`, or a call that broke without a code): the
+//!   request may or may not have been applied. Only calls that are safe to resend
+//!   ([`Resend::Safe`]: reads, absolute sets, and submit, which carries an idempotency key) go on;
+//!   the others fail with [`ClientError::OutcomeUnknown`].
+//! * [`Retry::GiveUp`]: returns at once.
 //!
 //! A call that is safe to resend gives one replica at most a third of the deadline (at least 5 s)
 //! before moving on, so a replica that accepts connections and then hangs does not use all of it; a
@@ -26,19 +27,16 @@ mod error;
 #[cfg(test)]
 mod tests;
 
-pub use addr::{display_addr, normalize_addr, parse_addr_list};
+pub use addr::{display_addr, parse_addr_list};
 pub use error::{ClientError, EXIT_INVALID};
+pub use gangway_proto::link::normalize_addr;
 
+use gangway_proto::link::{classify, metadata_str, Replicas, Retry, CODE_KEY, LEADER_KEY};
 use gangway_proto::pb::client_api_client::ClientApiClient;
 use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
-
-/// Metadata key of the stable error code.
-pub const CODE_KEY: &str = "x-gangway-code";
-/// Metadata key of the leader's address on `not_leader` errors.
-pub const LEADER_KEY: &str = "x-gangway-leader";
 
 /// First backoff between attempts.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -54,67 +52,12 @@ const FREE_HINT_HOPS: u32 = 2;
 /// Whether a call may be sent again when its outcome is unknown (the replica took the request and
 /// then failed with `unavailable`/`timeout`, or the connection broke before the answer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Retry {
+pub enum Resend {
     /// Resending cannot apply the change twice: reads, absolute sets, submit with its idempotency key.
     Safe,
     /// Resend only when the request was certainly not proposed (`not_leader`, `no_leader`, connect
     /// failures); an unknown outcome is reported as [`ClientError::OutcomeUnknown`].
     UnlessOutcomeUnknown,
-}
-
-/// What one failed attempt means.
-#[derive(Debug, PartialEq, Eq)]
-enum Failure {
-    /// The replica is not the leader and named it.
-    NotLeader { hint: String },
-    /// The request was not proposed: try another replica.
-    NotProposed,
-    /// The request may have been applied.
-    OutcomeUnknown,
-    /// Retrying would not help.
-    Fatal,
-}
-
-fn metadata_str<'a>(status: &'a tonic::Status, key: &str) -> Option<&'a str> {
-    status
-        .metadata()
-        .get(key)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-}
-
-/// True when the status wraps a refused TCP connection: nothing was sent.
-fn is_connect_refused(status: &tonic::Status) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return true;
-            }
-        }
-        source = err.source();
-    }
-    false
-}
-
-fn classify(status: &tonic::Status) -> Failure {
-    match metadata_str(status, CODE_KEY) {
-        Some("not_leader") => match metadata_str(status, LEADER_KEY).map(normalize_addr) {
-            Some(Ok(hint)) => Failure::NotLeader { hint },
-            _ => Failure::NotProposed,
-        },
-        Some("no_leader") => Failure::NotProposed,
-        Some("unavailable" | "timeout") => Failure::OutcomeUnknown,
-        Some(_) => Failure::Fatal,
-        None => match status.code() {
-            tonic::Code::Unavailable if is_connect_refused(status) => Failure::NotProposed,
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                Failure::OutcomeUnknown
-            }
-            _ => Failure::Fatal,
-        },
-    }
 }
 
 fn describe(status: &tonic::Status) -> String {
@@ -158,12 +101,9 @@ struct Conn {
 
 /// A leader-following client: see the module documentation.
 pub struct Client {
-    addrs: Vec<String>,
+    /// Which replica to connect to when there is no connection.
+    replicas: Replicas,
     timeout: Duration,
-    /// Index in `addrs` of the next replica to try when there is no connection and no hint.
-    next: usize,
-    /// The leader named by the last `not_leader` answer, tried before the list.
-    hint: Option<String>,
     conn: Option<Conn>,
     /// How long one replica gets to answer a call that is safe to resend.
     attempt_timeout: Duration,
@@ -175,10 +115,8 @@ impl Client {
     pub fn new(addrs: Vec<String>, timeout: Duration) -> Self {
         assert!(!addrs.is_empty(), "a client needs at least one address");
         Self {
-            addrs,
+            replicas: Replicas::new(addrs),
             timeout,
-            next: 0,
-            hint: None,
             conn: None,
             attempt_timeout: attempt_timeout(timeout),
         }
@@ -198,15 +136,12 @@ impl Client {
     /// Forgets the connection and moves on to the next address in the list.
     fn advance(&mut self) {
         self.conn = None;
-        self.next = (self.next + 1) % self.addrs.len();
+        self.replicas.advance();
     }
 
     async fn connect(&mut self, remaining: Duration) -> Result<&Conn, (String, String)> {
         if self.conn.is_none() {
-            let uri = match self.hint.take() {
-                Some(h) => h,
-                None => self.addrs[self.next].clone(),
-            };
+            let uri = self.replicas.target().to_owned();
             let endpoint = Endpoint::from_shared(uri.clone())
                 .map_err(|e| (uri.clone(), format!("bad address: {e}")))?
                 .connect_timeout(remaining.min(CONNECT_TIMEOUT))
@@ -230,7 +165,7 @@ impl Client {
     pub async fn call<T, F, Fut>(
         &mut self,
         method: &'static str,
-        retry: Retry,
+        resend: Resend,
         mut f: F,
     ) -> Result<T, ClientError>
     where
@@ -265,9 +200,9 @@ impl Client {
             let addr = display_addr(&uri).to_owned();
             // A call that is safe to resend gives each replica a share of the deadline, so one that
             // accepted the connection and then hung does not use all of it.
-            let limit = match retry {
-                Retry::Safe => remaining.min(self.attempt_timeout),
-                Retry::UnlessOutcomeUnknown => remaining,
+            let limit = match resend {
+                Resend::Safe => remaining.min(self.attempt_timeout),
+                Resend::UnlessOutcomeUnknown => remaining,
             };
             let status = match tokio::time::timeout(limit, f(api)).await {
                 Ok(Ok(reply)) => return Ok(reply.into_inner()),
@@ -277,13 +212,13 @@ impl Client {
                         "no answer within {}",
                         humantime::format_duration(round_ms(limit))
                     );
-                    match retry {
-                        Retry::Safe => {
+                    match resend {
+                        Resend::Safe => {
                             last = format!("{addr}: {message}");
                             self.advance();
                             continue;
                         }
-                        Retry::UnlessOutcomeUnknown => {
+                        Resend::UnlessOutcomeUnknown => {
                             self.conn = None;
                             return Err(ClientError::OutcomeUnknown {
                                 addr,
@@ -296,24 +231,20 @@ impl Client {
             };
             last = format!("{addr}: {}", describe(&status));
             match classify(&status) {
-                Failure::NotLeader { hint } if hint != uri => {
+                retry @ (Retry::FollowLeader(_) | Retry::AnotherReplica) => {
                     self.conn = None;
-                    self.hint = Some(hint);
-                    hops += 1;
-                    if hops > FREE_HINT_HOPS {
+                    let followed = self.replicas.failed(&retry);
+                    hops += u32::from(followed);
+                    if !followed || hops > FREE_HINT_HOPS {
                         sleep_until_or(deadline, backoff.take()).await;
                     }
                 }
-                Failure::NotLeader { .. } | Failure::NotProposed => {
-                    self.advance();
-                    sleep_until_or(deadline, backoff.take()).await;
-                }
-                Failure::OutcomeUnknown => match retry {
-                    Retry::Safe => {
+                Retry::OutcomeUnknown => match resend {
+                    Resend::Safe => {
                         self.advance();
                         sleep_until_or(deadline, backoff.take()).await;
                     }
-                    Retry::UnlessOutcomeUnknown => {
+                    Resend::UnlessOutcomeUnknown => {
                         return Err(ClientError::OutcomeUnknown {
                             addr,
                             method,
@@ -321,7 +252,7 @@ impl Client {
                         })
                     }
                 },
-                Failure::Fatal => {
+                Retry::GiveUp => {
                     return Err(ClientError::Server {
                         addr,
                         method,

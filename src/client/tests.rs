@@ -31,8 +31,8 @@ struct Fake {
     snapshot: Vec<Result<Vec<u8>, Status>>,
     /// The first call of this method answers only after this long.
     hang: Option<(&'static str, Duration)>,
-    /// GetJob's answer: state and pending reason.
-    job_state: (&'static str, &'static str),
+    /// GetJob's answer: state (as sent: any number) and pending reason.
+    job_state: (i32, &'static str),
 }
 
 impl Fake {
@@ -46,7 +46,7 @@ impl Fake {
             calls: Arc::default(),
             snapshot: Vec::new(),
             hang: None,
-            job_state: ("running", ""),
+            job_state: (pb::JobState::Running as i32, ""),
         }
     }
 
@@ -121,7 +121,7 @@ impl ClientApi for Fake {
         Ok(Response::new(pb::JobDetail {
             summary: Some(pb::JobSummary {
                 id: r.into_inner().job_id,
-                state: self.job_state.0.to_owned(),
+                state: self.job_state.0,
                 pending_reason: self.job_state.1.to_owned(),
                 ..Default::default()
             }),
@@ -136,6 +136,7 @@ impl ClientApi for Fake {
         Ok(Response::new(pb::ListJobsReply {
             jobs: vec![pb::JobSummary {
                 id: format!("job-from-{}", self.name),
+                state: self.job_state.0,
                 ..Default::default()
             }],
         }))
@@ -551,52 +552,6 @@ fn idempotency_keys_are_random_hex() {
 }
 
 #[test]
-fn failures_are_classified_by_their_code() {
-    let cases = [
-        (
-            status(Code::Unavailable, "not_leader", "", Some("10.0.0.2:7101")),
-            Failure::NotLeader {
-                hint: "http://10.0.0.2:7101".to_owned(),
-            },
-        ),
-        (
-            status(Code::Unavailable, "not_leader", "", Some("not an address")),
-            Failure::NotProposed,
-        ),
-        (
-            status(Code::Unavailable, "not_leader", "", None),
-            Failure::NotProposed,
-        ),
-        (
-            status(Code::Unavailable, "no_leader", "", None),
-            Failure::NotProposed,
-        ),
-        (
-            status(Code::Unavailable, "unavailable", "", None),
-            Failure::OutcomeUnknown,
-        ),
-        (
-            status(Code::DeadlineExceeded, "timeout", "", None),
-            Failure::OutcomeUnknown,
-        ),
-        (
-            Status::unavailable("connection reset"),
-            Failure::OutcomeUnknown,
-        ),
-        (Status::deadline_exceeded("slow"), Failure::OutcomeUnknown),
-        (
-            status(Code::FailedPrecondition, "stale_epoch", "", None),
-            Failure::Fatal,
-        ),
-        (status(Code::Internal, "internal", "", None), Failure::Fatal),
-        (Status::unimplemented("no"), Failure::Fatal),
-    ];
-    for (s, want) in cases {
-        assert_eq!(classify(&s), want, "{s:?}");
-    }
-}
-
-#[test]
 fn addr_lists_parse_and_normalise() {
     let ok: [(&str, &[&str]); 6] = [
         ("127.0.0.1:7101", &["http://127.0.0.1:7101"]),
@@ -800,7 +755,7 @@ async fn submit_wait_ends_when_the_job_runs_or_with_exit_2() {
     );
 
     let mut pending = Fake::serving("b");
-    pending.job_state = ("pending", "needs 16 gpu in one rack");
+    pending.job_state = (pb::JobState::Pending as i32, "needs 16 gpu in one rack");
     let b = start(pending.clone()).await;
     let started = std::time::Instant::now();
     let err = crate::cmd::jobs::submit(submit_args(&b, &file, Some(Duration::from_millis(1200))))
@@ -815,7 +770,7 @@ async fn submit_wait_ends_when_the_job_runs_or_with_exit_2() {
     assert!(pending.count("GetJob") >= 2, "polled");
 
     let mut failed = Fake::serving("c");
-    failed.job_state = ("failed", "");
+    failed.job_state = (pb::JobState::Failed as i32, "");
     let c = start(failed).await;
     let err = crate::cmd::jobs::submit(submit_args(&c, &file, Some(Duration::from_secs(5))))
         .await
@@ -844,4 +799,21 @@ async fn a_dead_leader_hint_falls_back_to_the_list() {
         .expect("the list's next replica answers");
     assert_eq!(st.role, "leader-b");
     assert_eq!(follower.count("ClusterStatus"), 1);
+}
+
+#[tokio::test]
+async fn a_state_this_build_does_not_know_is_an_error_naming_the_field() {
+    let mut newer = Fake::serving("a");
+    newer.job_state = (42, "");
+    let a = start(newer).await;
+    let mut c = client(&[&a], Duration::from_secs(5));
+    let err = c.get_job("j-1").await.unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_ERROR, "{err}");
+    assert!(
+        err.to_string()
+            .contains("field `summary.state`: unknown job state 42"),
+        "{err}"
+    );
+    let err = c.list_jobs(&[], "").await.unwrap_err();
+    assert!(err.to_string().contains("field `jobs[0].state`"), "{err}");
 }

@@ -464,7 +464,10 @@ async fn job_states(
                 .into_inner()
                 .jobs
                 .into_iter()
-                .map(|j| (j.id, (j.state, j.hosts, j.lease_epoch)))
+                .map(|j| {
+                    let state = j.state().word().to_owned();
+                    (j.id, (state, j.hosts, j.lease_epoch))
+                })
                 .collect();
         }
     }

@@ -45,13 +45,13 @@ pub enum JobStateArg {
 }
 
 impl JobStateArg {
-    fn as_str(self) -> &'static str {
+    fn to_pb(self) -> pb::JobState {
         match self {
-            JobStateArg::Pending => "pending",
-            JobStateArg::Running => "running",
-            JobStateArg::Succeeded => "succeeded",
-            JobStateArg::Failed => "failed",
-            JobStateArg::Cancelled => "cancelled",
+            JobStateArg::Pending => pb::JobState::Pending,
+            JobStateArg::Running => pb::JobState::Running,
+            JobStateArg::Succeeded => pb::JobState::Succeeded,
+            JobStateArg::Failed => pb::JobState::Failed,
+            JobStateArg::Cancelled => pb::JobState::Cancelled,
         }
     }
 }
@@ -186,7 +186,7 @@ impl From<&pb::JobSummary> for JobView {
             name: j.name.clone(),
             queue: j.queue.clone(),
             priority: j.priority,
-            state: j.state.clone(),
+            state: j.state().word().to_owned(),
             tasks: j.tasks,
             devices_per_task: j.devices_per_task.clone(),
             kind: j.kind.clone(),
@@ -275,7 +275,7 @@ impl From<&pb::JobDetail> for JobDetailView {
                     index: t.index,
                     host: t.host.clone(),
                     devices: t.devices.clone(),
-                    state: t.state.clone(),
+                    state: t.state().word().to_owned(),
                     exit_code: t.has_exit_code.then_some(t.exit_code),
                     message: t.message.clone(),
                 })
@@ -497,14 +497,19 @@ pub async fn submit(args: SubmitArgs) -> Result<(), ClientError> {
     }
     let result = wait_running(&mut client, &reply.job_id, wait).await;
     if let Ok(summary) | Err((Some(summary), _)) = &result {
-        view.state = Some(summary.state.clone());
+        view.state = Some(summary.state().word().to_owned());
         view.pending_reason = Some(summary.pending_reason.clone());
     }
     match args.opts.output {
         Output::Json => println!("{}", to_json(&view, false)),
         Output::Table => {
             if let Ok(s) = &result {
-                eprintln!("job {} is {} on {}", s.id, s.state, format_hosts(&s.hosts));
+                eprintln!(
+                    "job {} is {} on {}",
+                    s.id,
+                    s.state().word(),
+                    format_hosts(&s.hosts)
+                );
             }
         }
     }
@@ -521,15 +526,16 @@ async fn wait_running(
     loop {
         let detail = client.get_job(job_id).await.map_err(|e| (None, e))?;
         let s = detail.summary.unwrap_or_default();
-        match s.state.as_str() {
-            "running" | "succeeded" => return Ok(s),
-            "failed" | "cancelled" => {
+        match s.state() {
+            pb::JobState::Running | pb::JobState::Succeeded => return Ok(s),
+            pb::JobState::Failed | pb::JobState::Cancelled => {
                 let last = detail
                     .history
                     .last()
                     .map(|h| format!(": {}", h.what))
                     .unwrap_or_default();
-                let err = ClientError::Other(format!("job {job_id} is {}{last}", s.state));
+                let state = s.state().word();
+                let err = ClientError::Other(format!("job {job_id} is {state}{last}"));
                 return Err((Some(s), err));
             }
             _ => {}
@@ -537,7 +543,7 @@ async fn wait_running(
         let now = Instant::now();
         if now >= deadline {
             let reason = if s.pending_reason.is_empty() {
-                format!("state {}", or_dash(&s.state))
+                format!("state {}", s.state().word())
             } else {
                 s.pending_reason.clone()
             };
@@ -554,7 +560,7 @@ async fn wait_running(
 
 async fn jobs_frame(
     client: &mut Client,
-    states: &[String],
+    states: &[pb::JobState],
     queue: &str,
     render: Render,
 ) -> Result<String, ClientError> {
@@ -566,7 +572,7 @@ async fn jobs_frame(
 }
 
 pub async fn jobs(args: JobsArgs) -> Result<(), ClientError> {
-    let states: Vec<String> = args.state.iter().map(|s| s.as_str().to_owned()).collect();
+    let states: Vec<pb::JobState> = args.state.iter().map(|s| s.to_pb()).collect();
     let queue = args.queue.clone().unwrap_or_default();
     let mut client = args.opts.client();
     let mut w = Watcher::new(&args.watch, args.opts.output);
@@ -663,7 +669,7 @@ mod tests {
             name: "pretrain".into(),
             queue: "research".into(),
             priority: 100,
-            state: "running".into(),
+            state: pb::JobState::Running.into(),
             tasks: 2,
             devices_per_task: "8".into(),
             kind: "gpu".into(),
@@ -710,7 +716,7 @@ mod tests {
     fn jobs_table_rows() {
         let mut pending = summary();
         pending.id = "j-2".into();
-        pending.state = "pending".into();
+        pending.state = pb::JobState::Pending.into();
         pending.lease_epoch = 0;
         pending.hosts.clear();
         pending.devices_per_task = "0.5".into();
@@ -761,14 +767,14 @@ mod tests {
                     index: 0,
                     host: "host-a".into(),
                     devices: vec![0, 1, 2, 3, 4, 5, 6, 7],
-                    state: "running".into(),
+                    state: pb::TaskState::Running.into(),
                     ..Default::default()
                 },
                 pb::TaskInfo {
                     index: 1,
                     host: "host-b".into(),
                     devices: vec![4, 5],
-                    state: "failed".into(),
+                    state: pb::TaskState::Failed.into(),
                     has_exit_code: true,
                     exit_code: 137,
                     message: "OOM".into(),

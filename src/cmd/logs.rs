@@ -34,10 +34,6 @@ fn task_host(detail: &pb::JobDetail, task: u32) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-fn is_terminal(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "cancelled")
-}
-
 pub async fn logs(args: LogsArgs) -> Result<(), ClientError> {
     let mut client = args.opts.client();
     let detail = client.get_job(&args.job).await?;
@@ -109,7 +105,7 @@ pub async fn logs(args: LogsArgs) -> Result<(), ClientError> {
                 }
                 // Stop following once the job has ended, after what it wrote last arrives.
                 if let Ok(d) = client.get_job(&args.job).await {
-                    if d.summary.as_ref().is_some_and(|s| is_terminal(&s.state)) {
+                    if d.summary.as_ref().is_some_and(|s| s.state().is_terminal()) {
                         ending = Some(tokio::time::Instant::now() + Duration::from_millis(600));
                     }
                 }

@@ -67,7 +67,7 @@ pub async fn unsettled(api: &Api, hosts: &[String], journal: &Path) -> Vec<Strin
     let runs = read_runs(journal);
     let live: Vec<&Run> = runs.iter().filter(|r| r.is_alive(journal)).collect();
     for j in &jobs {
-        match j.state.as_str() {
+        match j.state().word() {
             "pending" if j.pending_reason.is_empty() => {
                 out.push(format!("{} is pending and does not say why", j.id))
             }

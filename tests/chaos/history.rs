@@ -172,7 +172,7 @@ pub fn op_violations(ops: &[Op], jobs: &[pb::JobSummary]) -> Vec<String> {
     }
     let state: BTreeMap<&str, &str> = jobs
         .iter()
-        .map(|j| (j.id.as_str(), j.state.as_str()))
+        .map(|j| (j.id.as_str(), j.state().word()))
         .collect();
     for op in ops
         .iter()
@@ -272,7 +272,7 @@ mod tests {
         pb::JobSummary {
             id: id.into(),
             name: name.into(),
-            state: state.into(),
+            state: pb::JobState::from_word(state).expect("a job state").into(),
             ..Default::default()
         }
     }

@@ -45,7 +45,7 @@ fn ok<T>(v: T) -> Reply<T> {
 
 /// Request metadata key: `local` lets any replica answer a read from its own, possibly stale, state
 /// (for operators inspecting a follower, and for tests comparing replicas). Default: linearizable.
-pub const CONSISTENCY_KEY: &str = "x-gangway-consistency";
+pub use gangway_proto::link::CONSISTENCY_KEY;
 
 fn local_read<T>(req: &Request<T>) -> bool {
     req.metadata()
@@ -68,20 +68,11 @@ impl ClientService {
     }
 }
 
-fn parse_job_states(states: &[String]) -> Result<BTreeSet<JobState>, ApiError> {
+fn parse_job_states(states: &[i32]) -> Result<BTreeSet<JobState>, ApiError> {
     states
         .iter()
-        .map(|s| match s.as_str() {
-            "pending" => Ok(JobState::Pending),
-            "running" => Ok(JobState::Running),
-            "succeeded" => Ok(JobState::Succeeded),
-            "failed" => Ok(JobState::Failed),
-            "cancelled" => Ok(JobState::Cancelled),
-            other => Err(ApiError::invalid(
-                "states",
-                format!("expected pending, running, succeeded, failed or cancelled, got {other:?}"),
-            )),
-        })
+        .enumerate()
+        .map(|(i, s)| convert::job_state_from_pb(&format!("states[{i}]"), *s))
         .collect()
 }
 
@@ -527,8 +518,9 @@ mod tests {
 
     #[test]
     fn job_state_filters_name_the_field() {
-        assert_eq!(parse_job_states(&["running".into()]).unwrap().len(), 1);
-        let err = parse_job_states(&["runing".into()]).unwrap_err();
-        assert!(err.to_string().starts_with("field `states`"), "{err}");
+        let running = i32::from(pb::JobState::Running);
+        assert_eq!(parse_job_states(&[running]).unwrap().len(), 1);
+        let err = parse_job_states(&[running, 9]).unwrap_err();
+        assert!(err.to_string().starts_with("field `states[1]`"), "{err}");
     }
 }

@@ -3,8 +3,9 @@
 //! Pure functions of a [`ClusterStore`], so every replica renders the same state the same way and the
 //! tests can check the rendering without a server.
 
+use super::error::ApiError;
 use crate::engine::MILLI_PER_DEVICE;
-use crate::state::{Allocation, ClusterStore, JobRecord, NodeRecord, TaskState};
+use crate::state::{Allocation, ClusterStore, JobRecord, JobState, NodeRecord, TaskState};
 use gangway_proto::pb;
 use gangway_proto::spec::DeviceCount;
 use std::collections::BTreeMap;
@@ -21,14 +22,54 @@ pub fn devices_per_task(d: DeviceCount) -> String {
     }
 }
 
-pub fn task_state(s: TaskState) -> &'static str {
+pub fn task_state(s: TaskState) -> pb::TaskState {
     match s {
-        TaskState::Assigned => "assigned",
-        TaskState::Running => "running",
-        TaskState::Succeeded => "succeeded",
-        TaskState::Failed => "failed",
-        TaskState::Lost => "lost",
+        TaskState::Assigned => pb::TaskState::Assigned,
+        TaskState::Running => pb::TaskState::Running,
+        TaskState::Succeeded => pb::TaskState::Succeeded,
+        TaskState::Failed => pb::TaskState::Failed,
+        TaskState::Lost => pb::TaskState::Lost,
     }
+}
+
+pub fn job_state(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+/// A job state received in a request (the inverse of [`job_state`]); `field` names it in the
+/// error.
+pub fn job_state_from_pb(field: &str, raw: i32) -> Result<JobState, ApiError> {
+    use JobState::*;
+    let wire = gangway_proto::states::job_state(field, raw)?;
+    [Pending, Running, Succeeded, Failed, Cancelled]
+        .into_iter()
+        .find(|s| job_state(*s) == wire)
+        .ok_or_else(|| ApiError::invalid(field, format!("no job is ever {}", wire.word())))
+}
+
+/// A task state a worker reports (the inverse of [`task_state`]); `assigned` is the scheduler's
+/// word alone.
+pub fn reported_task_state(field: &str, raw: i32) -> Result<TaskState, ApiError> {
+    use TaskState::*;
+    let wire = gangway_proto::states::task_state(field, raw)?;
+    [Running, Succeeded, Failed, Lost]
+        .into_iter()
+        .find(|s| task_state(*s) == wire)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                field,
+                format!(
+                    "expected running, succeeded, failed or lost, got {}",
+                    wire.word()
+                ),
+            )
+        })
 }
 
 pub fn job_summary(job: &JobRecord) -> pb::JobSummary {
@@ -51,7 +92,7 @@ pub fn job_summary(job: &JobRecord) -> pb::JobSummary {
         name: job.spec.name.clone(),
         queue: job.spec.queue.clone(),
         priority: job.spec.priority,
-        state: job.state.to_string(),
+        state: job_state(job.state).into(),
         tasks: job.spec.tasks,
         devices_per_task: devices_per_task(r.devices),
         kind: r.kind.to_string(),
@@ -78,7 +119,7 @@ pub fn job_detail(job: &JobRecord) -> pb::JobDetail {
                     index: i as u32,
                     host: t.host.to_string(),
                     devices: t.devices.iter().map(|d| u32::from(d.index)).collect(),
-                    state: rec.map_or("assigned", |r| task_state(r.state)).to_owned(),
+                    state: task_state(rec.map_or(TaskState::Assigned, |r| r.state)).into(),
                     has_exit_code: rec.is_some_and(|r| r.exit_code.is_some()),
                     exit_code: rec.and_then(|r| r.exit_code).unwrap_or(0),
                     message: rec.map(|r| r.message.clone()).unwrap_or_default(),
@@ -192,8 +233,8 @@ pub fn queues(store: &ClusterStore) -> Vec<pb::QueueInfo> {
     for j in store.jobs().values() {
         let c = counts.entry(j.spec.queue.as_str()).or_default();
         match j.state {
-            crate::state::JobState::Pending => c.pending += 1,
-            crate::state::JobState::Running => c.running += 1,
+            JobState::Pending => c.pending += 1,
+            JobState::Running => c.running += 1,
             _ => {}
         }
     }
@@ -397,6 +438,45 @@ mod tests {
             (DeviceCount::Fraction(1), "0.001"),
         ] {
             assert_eq!(devices_per_task(count), text);
+        }
+    }
+
+    #[test]
+    fn states_travel_as_their_enums_and_read_back() {
+        use JobState::*;
+        for s in [Pending, Running, Succeeded, Failed, Cancelled] {
+            let wire = job_state(s);
+            assert_eq!(
+                wire.word(),
+                s.to_string(),
+                "the words people see are unchanged"
+            );
+            assert_eq!(job_state_from_pb("states", wire.into()).unwrap(), s);
+        }
+        let err = job_state_from_pb("states[1]", 0).unwrap_err();
+        assert!(err.to_string().starts_with("field `states[1]`"), "{err}");
+        assert_eq!(err.code(), "invalid_argument");
+    }
+
+    #[test]
+    fn a_worker_reports_only_what_a_worker_can_see() {
+        use TaskState::*;
+        for s in [Running, Succeeded, Failed, Lost] {
+            assert_eq!(
+                reported_task_state("state", task_state(s).into()).unwrap(),
+                s
+            );
+        }
+        for (raw, why) in [
+            (i32::from(pb::TaskState::Assigned), "got assigned"),
+            (0, "task state not set"),
+            (77, "unknown task state 77"),
+        ] {
+            let err = reported_task_state("state", raw).unwrap_err().to_string();
+            assert!(
+                err.starts_with("field `state`: ") && err.contains(why),
+                "{err}"
+            );
         }
     }
 }

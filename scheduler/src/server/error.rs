@@ -7,13 +7,9 @@
 
 use crate::state::Rejection;
 use gangway_consensus::ConsensusError;
+pub use gangway_proto::link::{CODE_KEY, LEADER_KEY};
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
-
-/// Metadata key of the stable error code.
-pub const CODE_KEY: &str = "x-gangway-code";
-/// Metadata key of the leader's gRPC address on `not_leader` errors.
-pub const LEADER_KEY: &str = "x-gangway-leader";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
@@ -122,6 +118,15 @@ pub fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiError> {
         Err(ApiError::invalid(field, "required"))
     } else {
         Ok(v)
+    }
+}
+
+impl From<gangway_proto::states::BadState> for ApiError {
+    fn from(e: gangway_proto::states::BadState) -> Self {
+        ApiError::InvalidArgument {
+            field: e.field,
+            message: e.message,
+        }
     }
 }
 

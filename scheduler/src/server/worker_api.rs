@@ -13,7 +13,7 @@ use super::heartbeats::DeviceSample;
 use crate::engine::{HostTopology, NodeState};
 use crate::state::{
     CheckpointFailure, CheckpointManifest, CheckpointReport, Command, DeviceInventory,
-    NodeRegistration, Rejection, TaskReport, TaskState,
+    NodeRegistration, Rejection, TaskReport,
 };
 use gangway_proto::device::DeviceKind;
 use gangway_proto::ids::{HostName, JobId};
@@ -112,19 +112,6 @@ pub fn registration_from_pb(req: pb::RegisterRequest) -> Result<NodeRegistration
         memory_mib: req.memory_mib,
         devices,
     })
-}
-
-fn parse_task_state(s: &str) -> Result<TaskState, ApiError> {
-    match s {
-        "running" => Ok(TaskState::Running),
-        "succeeded" => Ok(TaskState::Succeeded),
-        "failed" => Ok(TaskState::Failed),
-        "lost" => Ok(TaskState::Lost),
-        other => Err(ApiError::invalid(
-            "state",
-            format!("expected running, succeeded, failed or lost, got {other:?}"),
-        )),
-    }
 }
 
 #[tonic::async_trait]
@@ -263,7 +250,7 @@ impl WorkerApi for WorkerService {
         let req = req.into_inner();
         let node = HostName::new(required("node", &req.node)?);
         let job = JobId::new(required("job_id", &req.job_id)?);
-        let state = parse_task_state(req.state.trim())?;
+        let state = convert::reported_task_state("state", req.state)?;
         // A report about a task this node does not run under the current lease is refused here;
         // the state machine refuses older epochs on its own, deterministically.
         let holder = self.ctx.raft.read_local(|fsm| {

@@ -2,7 +2,7 @@
 //! leader-following client): a drill needs each replica's own view of who leads, and must aim its
 //! fault at one replica.
 
-use crate::client::{normalize_addr, Client, ClientError, Retry};
+use crate::client::{normalize_addr, Client, ClientError, Resend};
 use gangway_proto::pb;
 use gangway_proto::pb::client_api_client::ClientApiClient;
 use std::collections::BTreeMap;
@@ -110,7 +110,7 @@ impl Members {
         // A one-address client: the Drill call never answers `not_leader`, so it stays on `id`.
         let mut client = Client::new(vec![addr], timeout);
         client
-            .call("Drill", Retry::UnlessOutcomeUnknown, |mut api| {
+            .call("Drill", Resend::UnlessOutcomeUnknown, |mut api| {
                 let req = req.clone();
                 async move { api.drill(req).await }
             })

@@ -7,6 +7,7 @@
 
 use super::report::{WriteStats, PROBE_PREFIX};
 use crate::client::{Client, ClientError};
+use gangway_proto::pb;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -216,12 +217,12 @@ impl Probes {
             match client.get_job(job_id).await {
                 Ok(detail) => {
                     let s = detail.summary.unwrap_or_default();
-                    match s.state.as_str() {
+                    match s.state() {
                         // Placed (and perhaps already ended): it held a lease.
-                        "running" | "succeeded" | "failed" => {
+                        pb::JobState::Running | pb::JobState::Succeeded | pb::JobState::Failed => {
                             return Placement::Placed(Instant::now())
                         }
-                        "cancelled" => {
+                        pb::JobState::Cancelled => {
                             return Placement::NotPlaced("the probe was cancelled".into())
                         }
                         _ if !s.pending_reason.is_empty() => reason = s.pending_reason,
@@ -284,7 +285,7 @@ impl Probes {
         let mut left = Vec::new();
         for j in jobs.iter().filter(|j| j.name.starts_with(&prefix)) {
             *per_name.entry(j.name.as_str()).or_default() += 1;
-            if matches!(j.state.as_str(), "pending" | "running")
+            if matches!(j.state(), pb::JobState::Pending | pb::JobState::Running)
                 && !self
                     .cancel(&mut probe_client, &j.id, Budget::until(deadline), false)
                     .await

@@ -61,7 +61,7 @@ impl LeaseSnapshot {
                     (
                         j.id.clone(),
                         JobRec {
-                            state: j.state.clone(),
+                            state: j.state().word().to_owned(),
                             attempts: j.attempts,
                             milli_per_device: milli_per_device(&j.devices_per_task),
                         },
@@ -657,7 +657,7 @@ mod tests {
         let summary = |id: &str, name: &str, per: &str| pb::JobSummary {
             id: id.into(),
             name: name.into(),
-            state: "running".into(),
+            state: pb::JobState::Running.into(),
             devices_per_task: per.into(),
             attempts: 1,
             ..Default::default()

@@ -2,9 +2,10 @@
 //! allocations, and make the host's tasks match it (Nomad's client model).
 //!
 //! * **Desired state is pulled, never pushed as commands.** Each allocation set is the whole set of
-//!   tasks this host should run; [`Agent::reconcile`] diffs it against what runs: new tasks are
-//!   launched, tasks no longer wanted are stopped (signal, grace, kill), and a grown
-//!   `checkpoint_request` makes the task checkpoint.
+//!   tasks this host should run; [`reconcile::plan`] (pure) diffs it against a snapshot of what
+//!   runs and [`Agent::reconcile`] carries out its actions: new tasks are launched, tasks no longer
+//!   wanted are stopped (signal, grace, kill), and a grown `checkpoint_request` makes the task
+//!   checkpoint.
 //! * **Fencing.** A set older than the newest one accepted (lower revision: a deposed leader) is
 //!   refused whole, and a task whose lease epoch is older than the newest epoch seen for one of its
 //!   devices is refused and logged; neither starts nor stops anything.
@@ -21,6 +22,7 @@ pub mod checkpoint;
 pub mod config;
 mod cpu_meter;
 pub mod log_service;
+pub mod reconcile;
 pub mod scheduler_link;
 pub mod state_file;
 pub mod task_env;
@@ -33,9 +35,10 @@ use crate::driver::{
     boottime_ms, DriverConfig, DriverError, ExitOutcome, ExitReason, LaunchSpec, TaskDriver,
     TaskHandle, TaskKey,
 };
+use gangway_proto::link::{error_code, retryable};
 use gangway_proto::pb;
-use scheduler_link::{error_code, retryable};
-use state_file::{AgentState, PendingReport, StateFile, StateFileError, TaskEntry};
+use reconcile::{Action, LocalTask};
+use state_file::{AgentState, PendingReport, ReportedState, StateFile, StateFileError, TaskEntry};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -383,7 +386,7 @@ impl Agent {
                         pause = Duration::from_millis(r.heartbeat_interval_ms);
                     }
                 }
-                Err(status) if matches!(error_code(&status), "unknown_node" | "bad_node") => {
+                Err(status) if matches!(error_code(&status), Some("unknown_node" | "bad_node")) => {
                     // Declared down (or forgotten): register again, which makes the node ready.
                     tracing::warn!("heartbeat refused: {}; registering again", status.message());
                     if let Err(e) = self.register_until_accepted().await {
@@ -451,140 +454,144 @@ impl Agent {
         }
     }
 
-    /// Makes the host match one allocation set. See the module docs for the rules.
+    /// Makes the host match one allocation set (see the module docs for the rules): a snapshot of
+    /// what the host has, the decision ([`reconcile::plan`]), then its actions carried out.
     pub async fn reconcile(self: &Arc<Self>, set: pb::AllocationSet) {
-        let mut launches: Vec<(TaskKey, pb::Allocation)> = Vec::new();
-        let mut stops: Vec<TaskHandle> = Vec::new();
-        let mut checkpoints: Vec<(TaskKey, pb::Allocation, u64)> = Vec::new();
-        let mut busy: BTreeMap<u32, Vec<TaskHandle>> = BTreeMap::new();
-        {
-            let mut state = self.lock_state();
-            if set.revision < state.revision {
-                tracing::warn!(
-                    "refusing an allocation set at revision {}: revision {} was already seen, so it comes from a deposed leader",
-                    set.revision,
-                    state.revision
-                );
-                return;
-            }
-            state.revision = set.revision;
-            let mut desired = BTreeSet::new();
-            let running = lock(&self.running);
-            for alloc in set.allocations {
-                let key = TaskKey {
-                    job: alloc.job_id.clone(),
-                    task: alloc.task,
-                    epoch: alloc.epoch,
-                };
-                if let Some(newest) = lock(&self.launching).get_mut(&key) {
-                    *newest = (*newest).max(alloc.checkpoint_request);
-                    desired.insert(key);
-                    continue;
-                }
-                if let Some(entry) = state.tasks.get(&key) {
-                    desired.insert(key.clone());
-                    let in_flight = lock(&self.checkpointing).contains(&key);
-                    if entry.ended.is_none()
-                        && alloc.checkpoint_request > entry.checkpoints_done
-                        && !in_flight
-                    {
-                        let request = alloc.checkpoint_request;
-                        checkpoints.push((key, alloc, request));
-                    }
-                    continue;
-                }
-                if let Some(why) = fenced(&state, &alloc, &self.inventory) {
-                    if state.refused.insert(key.clone()) {
-                        tracing::warn!(
-                            job = %key.job, task = key.task, epoch = key.epoch,
-                            "refusing a stale directive: {why}"
-                        );
-                    }
-                    continue;
-                }
-                for d in alloc.devices.iter().filter(|d| d.milli >= 1000) {
-                    let floor = state.device_epochs.entry(d.index).or_insert(0);
-                    *floor = (*floor).max(alloc.epoch);
-                }
-                desired.insert(key.clone());
-                launches.push((key, alloc));
-            }
-            // What runs but is no longer wanted stops; what ended and is no longer listed is
-            // forgotten. Until a stopping task has exited, its devices are still in use.
-            for (key, entry) in &state.tasks {
-                if desired.contains(key) || entry.ended.is_some() {
-                    continue;
-                }
-                if let Some(h) = running.get(key) {
-                    stops.push(h.clone());
-                    for d in &entry.devices {
-                        busy.entry(*d).or_default().push(h.clone());
+        let Some((actions, stopping)) = self.decide(&set) else {
+            return;
+        };
+        for action in actions {
+            match action {
+                Action::Stop { key } => {
+                    if let Some(h) = stopping.get(&key) {
+                        tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, "stopping: no longer leased to this host");
+                        let (h, grace) = (h.clone(), self.cfg.grace);
+                        tokio::spawn(async move { h.stop(grace).await });
                     }
                 }
+                Action::Launch { key, alloc } => self.launch(key, alloc).await,
+                Action::WaitForStop {
+                    key,
+                    alloc,
+                    holders,
+                } => {
+                    let holders = holders.iter().filter_map(|k| stopping.get(k)).cloned();
+                    self.launch_after(key, alloc, holders.collect());
+                }
+                Action::RelayCheckpoint {
+                    key,
+                    alloc,
+                    request,
+                } => self.start_checkpoint(key, alloc, request),
+                // Bookkeeping and logs: done in `decide`.
+                Action::IgnoreOlderRevision { .. }
+                | Action::RefuseStale { .. }
+                | Action::RaiseWaitingCheckpoint { .. }
+                | Action::Forget { .. } => {}
             }
-            drop(running);
-            state
+        }
+    }
+
+    /// What the host has, for [`reconcile::plan`]; taken under the state and running locks.
+    fn snapshot(
+        &self,
+        state: &AgentState,
+        running: &BTreeMap<TaskKey, TaskHandle>,
+        launching: &BTreeMap<TaskKey, u64>,
+    ) -> reconcile::Local {
+        reconcile::Local {
+            revision: state.revision,
+            device_epochs: state.device_epochs.clone(),
+            tasks: state
                 .tasks
-                .retain(|k, e| desired.contains(k) || e.ended.is_none());
-            let live_jobs: BTreeSet<&str> = desired.iter().map(|k| k.job.as_str()).collect();
-            let refused: BTreeSet<TaskKey> = state
-                .refused
                 .iter()
-                .filter(|k| live_jobs.contains(k.job.as_str()))
-                .cloned()
-                .collect();
-            state.refused = refused;
-            *lock(&self.desired) = desired;
-            self.synced.store(true, Ordering::Release);
-            drop(state);
-            let _ = self.save();
+                .map(|(k, e)| (k.clone(), LocalTask::of(e, running.contains_key(k))))
+                .collect(),
+            waiting: launching.clone(),
+            checkpointing: lock(&self.checkpointing).clone(),
+            refused: state.refused.clone(),
+            devices: self.inventory.iter().map(|d| d.index).collect(),
         }
-        for h in stops {
-            let key = h.key().clone();
-            tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, "stopping: no longer leased to this host");
-            let grace = self.cfg.grace;
-            tokio::spawn(async move {
-                h.stop(grace).await;
-            });
-        }
-        for (key, alloc) in launches {
-            // A device passes from a stopping task to a new one only once the old process has
-            // exited (within the stop grace): two processes on one GPU at once would share its
-            // memory, and the new one could fail for no fault of its own.
-            let holders: Vec<TaskHandle> = alloc
-                .devices
-                .iter()
-                .filter_map(|d| busy.get(&d.index))
-                .flatten()
-                .cloned()
-                .collect();
-            if holders.is_empty() {
-                self.launch(key, alloc).await;
-                continue;
-            }
-            tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, "launch waits for a stopping task to free its devices");
-            lock(&self.launching).insert(key.clone(), alloc.checkpoint_request);
-            let agent = self.clone();
-            tokio::spawn(async move {
-                for h in &holders {
-                    h.wait().await;
-                }
-                // Launched only if the newest set still wants it, with the newest checkpoint
-                // request (answered at launch, see `launch`); taken out of `launching` only once
-                // `launch` has recorded it, so no set in between launches it again.
-                if lock(&agent.desired).contains(&key) {
-                    let mut alloc = alloc;
-                    if let Some(&newest) = lock(&agent.launching).get(&key) {
-                        alloc.checkpoint_request = alloc.checkpoint_request.max(newest);
+    }
+
+    /// Decides what a set asks for and records the decision (revision, fencing floors, what is
+    /// desired, forgotten tasks), in one step under the state lock so no task end interleaves.
+    /// `None` when the set is ignored; else the actions and the handles of the tasks to stop.
+    fn decide(
+        &self,
+        set: &pb::AllocationSet,
+    ) -> Option<(Vec<Action>, BTreeMap<TaskKey, TaskHandle>)> {
+        let mut state = self.lock_state();
+        let running = lock(&self.running);
+        let mut launching = lock(&self.launching);
+        let plan = reconcile::plan(set, &self.snapshot(&state, &running, &launching));
+        let mut stopping = BTreeMap::new();
+        for action in &plan.actions {
+            match action {
+                Action::IgnoreOlderRevision { got, seen } => tracing::warn!(
+                    "refusing an allocation set at revision {got}: revision {seen} was already seen, so it comes from a deposed leader"
+                ),
+                Action::RefuseStale { key, reason } => tracing::warn!(
+                    job = %key.job, task = key.task, epoch = key.epoch,
+                    "refusing a stale directive: {reason}"
+                ),
+                Action::RaiseWaitingCheckpoint { key, request } => {
+                    if let Some(newest) = launching.get_mut(key) {
+                        *newest = (*newest).max(*request);
                     }
-                    agent.launch(key.clone(), alloc).await;
                 }
-                lock(&agent.launching).remove(&key);
-            });
+                Action::Forget { key } => {
+                    state.tasks.remove(key);
+                }
+                Action::Stop { key } => {
+                    if let Some(h) = running.get(key) {
+                        stopping.insert(key.clone(), h.clone());
+                    }
+                }
+                Action::Launch { .. }
+                | Action::WaitForStop { .. }
+                | Action::RelayCheckpoint { .. } => {}
+            }
         }
-        for (key, alloc, request) in checkpoints {
-            self.start_checkpoint(key, alloc, request);
-        }
+        drop((running, launching));
+        let next = plan.accepted?;
+        state.revision = next.revision;
+        state.device_epochs = next.device_epochs;
+        state.refused = next.refused;
+        *lock(&self.desired) = next.desired;
+        self.synced.store(true, Ordering::Release);
+        drop(state);
+        let _ = self.save();
+        Some((plan.actions, stopping))
+    }
+
+    /// Launches a task once the tasks still stopping on its devices have exited (a repeated set
+    /// meanwhile neither launches it twice nor loses a newer checkpoint request: `launching`).
+    fn launch_after(
+        self: &Arc<Self>,
+        key: TaskKey,
+        alloc: pb::Allocation,
+        holders: Vec<TaskHandle>,
+    ) {
+        tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, "launch waits for a stopping task to free its devices");
+        lock(&self.launching).insert(key.clone(), alloc.checkpoint_request);
+        let agent = self.clone();
+        tokio::spawn(async move {
+            for h in &holders {
+                h.wait().await;
+            }
+            // Launched only if the newest set still wants it, with the newest checkpoint
+            // request (answered at launch, see `launch`); taken out of `launching` only once
+            // `launch` has recorded it, so no set in between launches it again.
+            if lock(&agent.desired).contains(&key) {
+                let mut alloc = alloc;
+                if let Some(&newest) = lock(&agent.launching).get(&key) {
+                    alloc.checkpoint_request = alloc.checkpoint_request.max(newest);
+                }
+                agent.launch(key.clone(), alloc).await;
+            }
+            lock(&agent.launching).remove(&key);
+        });
     }
 
     async fn launch(self: &Arc<Self>, key: TaskKey, alloc: pb::Allocation) {
@@ -620,7 +627,7 @@ impl Agent {
                     );
                     state.outbox.push(PendingReport::Task {
                         key: key.clone(),
-                        state: "running".into(),
+                        state: ReportedState::Running,
                         exit_code: None,
                         message: String::new(),
                     });
@@ -792,7 +799,7 @@ impl Agent {
                         job_id: key.job.clone(),
                         task: key.task,
                         epoch: key.epoch,
-                        state: state.clone(),
+                        state: state.to_pb().into(),
                         has_exit_code: exit_code.is_some(),
                         exit_code: exit_code.unwrap_or(0),
                         message: message.clone(),
@@ -866,37 +873,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Why an allocation must not run here, if it must not.
-fn fenced(state: &AgentState, alloc: &pb::Allocation, inventory: &[DeviceInfo]) -> Option<String> {
-    for d in &alloc.devices {
-        if !inventory.iter().any(|i| i.index == d.index) {
-            return Some(format!("device {} does not exist on this host", d.index));
-        }
-        if let Some(&floor) = state.device_epochs.get(&d.index) {
-            if alloc.epoch < floor {
-                return Some(format!(
-                    "its lease epoch {} is older than epoch {floor}, already seen for device {}",
-                    alloc.epoch, d.index
-                ));
-            }
-        }
-    }
-    None
-}
-
 /// Records a task's end and queues its report.
 fn record_end(state: &mut AgentState, key: &TaskKey, outcome: ExitOutcome) {
     // The lease ending under a cut-off host, or a supervisor that vanished, is not the task's
     // fault: "lost" re-queues the gang from its checkpoint instead of failing it.
     let report_state = match outcome.reason {
-        _ if outcome.success() => "succeeded",
-        ExitReason::LeaseExpired | ExitReason::Lost => "lost",
-        _ => "failed",
+        _ if outcome.success() => ReportedState::Succeeded,
+        ExitReason::LeaseExpired | ExitReason::Lost => ReportedState::Lost,
+        _ => ReportedState::Failed,
     };
     let message = outcome.message.clone();
     state.outbox.push(PendingReport::Task {
         key: key.clone(),
-        state: report_state.into(),
+        state: report_state,
         exit_code: outcome.code,
         message,
     });

@@ -1,56 +1,54 @@
 //! The agent's connection to the scheduler: the worker API on whichever replica leads.
 //!
 //! Heartbeats and the allocation stream are served by the leader only; a follower answers
-//! `UNAVAILABLE` with the leader's address in `x-gangway-leader`. The link follows that hint, or
-//! moves on to the next configured replica when a replica cannot be reached at all.
+//! `not_leader` with the leader's address. The rules (metadata keys, what a failure means, which
+//! replica next) are the ones every client follows, in [`gangway_proto::link`]; this file adds the
+//! connections the agent makes and shares what the link learns between the agent's loops.
 
+use gangway_proto::link::{self, Replicas};
 use gangway_proto::pb::worker_api_client::WorkerApiClient;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
-/// Metadata key naming the leader on a `not_leader` answer (see the API's proto).
-const LEADER_KEY: &str = "x-gangway-leader";
-/// Metadata key with the stable error code.
-const CODE_KEY: &str = "x-gangway-code";
+pub use gangway_proto::link::retryable;
 
 /// A leader-following worker API client. Cheap to clone; clones share what they learn.
 #[derive(Clone)]
 pub struct SchedulerLink {
-    addrs: Arc<Vec<String>>,
-    /// (index of the next address to try, the leader hint if any)
-    current: Arc<Mutex<(usize, Option<String>)>>,
+    replicas: Arc<Mutex<Replicas>>,
     rpc_timeout: Duration,
 }
 
 impl SchedulerLink {
-    /// `addrs` must not be empty; each is `host:port` or a URL.
+    /// `addrs` must not be empty; each is `host:port` or `http://host:port`.
     pub fn new(addrs: Vec<String>, rpc_timeout: Duration) -> Self {
+        // A malformed address is kept as given: connecting to it fails with its text.
+        let addrs = addrs
+            .into_iter()
+            .map(|a| link::normalize_addr(&a).unwrap_or(a))
+            .collect();
         Self {
-            addrs: Arc::new(addrs),
-            current: Arc::new(Mutex::new((0, None))),
+            replicas: Arc::new(Mutex::new(Replicas::new(addrs))),
             rpc_timeout,
         }
     }
 
+    fn replicas(&self) -> std::sync::MutexGuard<'_, Replicas> {
+        self.replicas.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The replica to talk to now: the leader hint if there is one, else the list in turn.
     pub fn target(&self) -> String {
-        let g = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        g.1.clone()
-            .unwrap_or_else(|| self.addrs[g.0 % self.addrs.len().max(1)].clone())
+        self.replicas().target().to_owned()
     }
 
     /// The endpoint of [`SchedulerLink::target`]; connects lazily, errors surface on the call.
     fn endpoint(&self) -> Result<Endpoint, tonic::Status> {
-        let target = self.target();
-        let uri = if target.starts_with("http://") || target.starts_with("https://") {
-            target
-        } else {
-            format!("http://{target}")
-        };
+        let uri = self.target();
         Ok(Endpoint::from_shared(uri.clone())
             .map_err(|e| {
-                tonic::Status::invalid_argument(format!("bad replica address {uri}: {e}"))
+                tonic::Status::invalid_argument(format!("bad replica address {uri:?}: {e}"))
             })?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true))
@@ -74,44 +72,8 @@ impl SchedulerLink {
 
     /// After a failed call: follow the leader hint it carried, or move to the next replica.
     pub fn failed(&self, status: &tonic::Status) {
-        let mut g = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        let hint = status
-            .metadata()
-            .get(LEADER_KEY)
-            .and_then(|v| v.to_str().ok())
-            .filter(|h| !h.is_empty())
-            .map(str::to_owned);
-        match hint {
-            Some(h) if g.1.as_deref() != Some(h.as_str()) => g.1 = Some(h),
-            _ => {
-                g.1 = None;
-                g.0 += 1;
-            }
-        }
+        self.replicas().failed(&link::classify(status));
     }
-}
-
-/// The stable error code the server put on a failed call (`stale_epoch`, `unknown_node`, ...).
-pub fn error_code(status: &tonic::Status) -> &str {
-    status
-        .metadata()
-        .get(CODE_KEY)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-}
-
-/// Whether a call may succeed when tried again (another replica, a leader elected, the network
-/// back). Anything else is a definite answer.
-pub fn retryable(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Unknown
-            | tonic::Code::Cancelled
-            | tonic::Code::ResourceExhausted
-            | tonic::Code::Aborted
-    )
 }
 
 #[cfg(test)]
@@ -120,30 +82,28 @@ mod tests {
 
     fn with_leader(addr: &str) -> tonic::Status {
         let mut s = tonic::Status::unavailable("not the leader");
-        s.metadata_mut().insert(LEADER_KEY, addr.parse().unwrap());
+        s.metadata_mut()
+            .insert(link::CODE_KEY, "not_leader".parse().unwrap());
+        s.metadata_mut()
+            .insert(link::LEADER_KEY, addr.parse().unwrap());
         s
     }
 
     #[test]
-    fn follows_hints_then_walks_the_list() {
+    fn clones_share_what_they_learn() {
         let link = SchedulerLink::new(
-            vec!["a:1".into(), "b:2".into(), "c:3".into()],
+            vec!["a:1".into(), "http://b:2".into()],
             Duration::from_secs(1),
         );
-        assert_eq!(link.target(), "a:1");
-        link.failed(&with_leader("c:3"));
-        assert_eq!(link.target(), "c:3", "a hint is followed");
-        // The hinted leader fails with the same hint (it is gone): walk on instead of looping.
-        link.failed(&with_leader("c:3"));
-        assert_eq!(link.target(), "b:2");
+        let other = link.clone();
+        assert_eq!(link.target(), "http://a:1");
+        other.failed(&with_leader("c:3"));
+        assert_eq!(
+            link.target(),
+            "http://c:3",
+            "a hint one loop got is every loop's"
+        );
         link.failed(&tonic::Status::unavailable("connection refused"));
-        assert_eq!(link.target(), "c:3");
-    }
-
-    #[test]
-    fn definite_answers_are_not_retried() {
-        assert!(retryable(&tonic::Status::unavailable("x")));
-        assert!(!retryable(&tonic::Status::failed_precondition("stale")));
-        assert!(!retryable(&tonic::Status::invalid_argument("bad")));
+        assert_eq!(other.target(), "http://b:2");
     }
 }

@@ -8,6 +8,7 @@
 //! queued report is re-derived from the task's exit file.
 
 use crate::driver::{ExitOutcome, ProcessRecord, TaskKey};
+use gangway_proto::pb;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -18,8 +19,7 @@ use std::path::{Path, PathBuf};
 pub enum PendingReport {
     Task {
         key: TaskKey,
-        /// "running", "succeeded" or "failed".
-        state: String,
+        state: ReportedState,
         exit_code: Option<i32>,
         message: String,
     },
@@ -29,6 +29,30 @@ pub enum PendingReport {
         /// Ok: (path, step, bytes); Err: why it failed.
         result: Result<(String, u64, u64), String>,
     },
+}
+
+/// The state a task report carries. Saved as its lowercase word ("running", ...), the form the
+/// state file has always had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportedState {
+    Running,
+    Succeeded,
+    Failed,
+    /// Stopped through no fault of its own (the lease deadline passed, the supervisor vanished).
+    Lost,
+}
+
+impl ReportedState {
+    /// The state as the worker API carries it.
+    pub fn to_pb(self) -> pb::TaskState {
+        match self {
+            ReportedState::Running => pb::TaskState::Running,
+            ReportedState::Succeeded => pb::TaskState::Succeeded,
+            ReportedState::Failed => pb::TaskState::Failed,
+            ReportedState::Lost => pb::TaskState::Lost,
+        }
+    }
 }
 
 /// One task this agent started (or adopted) and has not yet seen leave its desired set.
@@ -225,7 +249,13 @@ mod tests {
                 ended: None,
             },
         );
-        state.refused.insert(key);
+        state.refused.insert(key.clone());
+        state.outbox.push(PendingReport::Task {
+            key: key.clone(),
+            state: ReportedState::Lost,
+            exit_code: None,
+            message: "lease deadline passed".into(),
+        });
         state.outbox.push(PendingReport::Checkpoint {
             key: TaskKey {
                 job: "j-1".into(),
@@ -237,6 +267,11 @@ mod tests {
         });
         file.save(&state).unwrap();
         assert_eq!(file.load().unwrap(), state);
+        let text = std::fs::read_to_string(file.path()).unwrap();
+        assert!(
+            text.contains(r#""state": "lost""#),
+            "report states keep their word form: {text}"
+        );
         std::fs::write(file.path(), b"{ not json").unwrap();
         let err = file.load().unwrap_err().to_string();
         assert!(
