@@ -87,20 +87,48 @@ pub fn blocked_by_shape(reason: &PendingReason) -> bool {
 /// thousand free devices: the share of free capacity a gang needing a whole domain of that level
 /// cannot use. At `Host`, what a full-host task cannot use.
 pub fn scattered_free_permille(state: &ClusterState, level: TopologyLevel) -> u64 {
-    // domain -> (free whole devices, devices)
-    let mut domains: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for h in state.hosts() {
-        if !h.spec.state.accepts_new_work() {
-            continue;
+    // (free whole devices, devices) per domain; hosts name their domain by borrowed topology
+    // fields (no key is built per host: the simulator measures this after every event).
+    let ready = state.hosts().iter().filter(|h| h.spec.state.accepts_new_work());
+    let counts = |h: &crate::engine::HostState| {
+        (h.free_whole_devices() as u64, h.spec.devices.len() as u64)
+    };
+    let domains: Vec<(u64, u64)> = match level {
+        // Every host is a domain of its own.
+        TopologyLevel::Host | TopologyLevel::Nvlink => ready.map(counts).collect(),
+        _ => {
+            let mut by_domain: BTreeMap<[&str; 4], (u64, u64)> = BTreeMap::new();
+            for h in ready {
+                let d = by_domain.entry(domain_of(&h.spec.topology, level)).or_default();
+                let (free, total) = counts(h);
+                d.0 += free;
+                d.1 += total;
+            }
+            by_domain.into_values().collect()
         }
-        let key = ClusterState::domain_key(&h.spec.topology, &h.spec.name, level);
-        let d = domains.entry(key).or_default();
-        d.0 += h.free_whole_devices() as u64;
-        d.1 += h.spec.devices.len() as u64;
-    }
-    let free: u64 = domains.values().map(|d| d.0).sum();
-    let scattered: u64 = domains.values().filter(|d| d.0 < d.1).map(|d| d.0).sum();
+    };
+    let free: u64 = domains.iter().map(|d| d.0).sum();
+    let scattered: u64 = domains.iter().filter(|d| d.0 < d.1).map(|d| d.0).sum();
     (scattered * 1000).checked_div(free).unwrap_or(0)
+}
+
+/// The topology fields that name a host's domain at `level` above the host (unused ones empty).
+fn domain_of(t: &crate::engine::HostTopology, level: TopologyLevel) -> [&str; 4] {
+    let all = [
+        t.datacenter.as_str(),
+        t.zone.as_str(),
+        t.pod.as_str(),
+        t.rack.as_str(),
+    ];
+    let depth = match level {
+        TopologyLevel::Datacenter => 1,
+        TopologyLevel::Zone => 2,
+        TopologyLevel::Pod => 3,
+        _ => 4,
+    };
+    let mut key = [""; 4];
+    key[..depth].copy_from_slice(&all[..depth]);
+    key
 }
 
 /// A gang that may be moved, with the devices it holds per host.

@@ -25,10 +25,13 @@ pub struct QuotaBook {
 
 impl QuotaBook {
     pub fn new(view: &ClusterState, mode: QuotaMode) -> Self {
-        let mut usage: BTreeMap<QueueName, u64> = BTreeMap::new();
+        // Counted under borrowed names: one clone per queue, not per running gang (a round in
+        // the simulator runs this for every event).
+        let mut by_queue: BTreeMap<&QueueName, u64> = BTreeMap::new();
         for g in view.running().values() {
-            *usage.entry(g.request.queue.clone()).or_default() += g.request.total_milli();
+            *by_queue.entry(&g.request.queue).or_default() += g.request.total_milli();
         }
+        let usage = by_queue.into_iter().map(|(q, m)| (q.clone(), m)).collect();
         Self {
             mode,
             usage,

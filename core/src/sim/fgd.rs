@@ -22,7 +22,8 @@ use super::openb::{cluster_from_nodes, load_nodes, load_pods, OpenbPod};
 use crate::engine::fragmentation::FragModel;
 use crate::engine::index::Overlay;
 use crate::engine::{
-    schedule, ClusterState, DeviceDemand, DeviceKind, PolicyName, SchedulerConfig, TaskDemand,
+    run_round, ClusterState, DeviceDemand, DeviceKind, PolicyName, RoundInput, RoundState,
+    SchedulerConfig, TaskDemand,
     WorkloadClass,
 };
 use rand::seq::SliceRandom;
@@ -311,8 +312,17 @@ pub fn run_seed(
     for (k, pod) in order.iter().enumerate() {
         let req = pod.request(&format!("{}#{k}", pod.name), "default", k as u64);
         arrived += pod.total_gpu_milli();
-        let plan = schedule(&cluster, std::slice::from_ref(&req), &config, k as u64);
-        match plan.placements.into_iter().next() {
+        // One pod per round, through the production round (no state: nothing under way, no
+        // defragmentation in this packing experiment).
+        let round = run_round(RoundInput {
+            view: &cluster,
+            pending: std::slice::from_ref(&req),
+            config: &config,
+            state: &RoundState::default(),
+            defrag: None,
+            now_ms: k as u64,
+        });
+        match round.plan.placements.into_iter().next() {
             Some(placement) => {
                 let hosts: Vec<usize> = placement
                     .tasks
