@@ -297,37 +297,38 @@ pub fn allocation(a: &Allocation) -> pb::Allocation {
     }
 }
 
-/// How many waiting gangs are blocked by shape, and for the first few the defragmenter's plan.
+/// How many waiting gangs are blocked by shape, and for the first few the defragmenter's plan:
+/// the leader's round (`engine::run_round`) on the same state, with room for a few proposals and
+/// no disruption budget (the leader's ledger is in its memory only).
 pub fn defrag_preview(
     view: &crate::engine::ClusterState,
     pending: &[crate::engine::GangRequest],
     config: &crate::engine::SchedulerConfig,
+    state: &crate::engine::RoundState,
     now_ms: u64,
 ) -> pb::DefragPlanReply {
-    use crate::engine::{blocked_by_shape, plan_defrag, DefragBudget};
     /// Plans previewed at most (each verifies candidate domains on a copy of the state).
     const PREVIEWS: usize = 3;
-    let round = crate::engine::schedule(view, pending, config, now_ms);
-    let blocked: Vec<&crate::engine::GangRequest> = pending
-        .iter()
-        .filter(|g| {
-            round
-                .pending
-                .iter()
-                .any(|p| p.job == g.id && blocked_by_shape(&p.reason))
-        })
-        .collect();
-    let budget = DefragBudget {
-        min_runtime_ms: config.min_runtime_ms,
-        ..DefragBudget::default()
+    let limits = crate::engine::DefragLimits {
+        max_plans: PREVIEWS,
+        gangs_per_round: PREVIEWS,
+        ..crate::engine::DefragLimits::leader(usize::MAX, f64::INFINITY, 0)
     };
+    let round = crate::engine::run_round(crate::engine::RoundInput {
+        view,
+        pending,
+        config,
+        state,
+        defrag: Some(&limits),
+        now_ms,
+    });
     let hosts_of = |p: &crate::engine::GangPlacement| -> Vec<String> {
         p.tasks.iter().map(|t| t.host.to_string()).collect()
     };
-    let plans = blocked
-        .iter()
-        .take(PREVIEWS)
-        .filter_map(|g| plan_defrag(view, g, config, &budget, now_ms))
+    let plans = round
+        .defrag
+        .into_iter()
+        .map(|proposal| proposal.plan)
         .map(|plan| pb::DefragPreview {
             job_id: plan.for_gang.to_string(),
             devices: pending
@@ -352,7 +353,7 @@ pub fn defrag_preview(
         })
         .collect();
     pb::DefragPlanReply {
-        blocked_by_shape: blocked.len() as u32,
+        blocked_by_shape: round.blocked_by_shape.len() as u32,
         plans,
         fragmentation_pct: crate::engine::scattered_free_permille(
             view,
