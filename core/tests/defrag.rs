@@ -4,7 +4,6 @@
 //! Reproduce one state of the churn test: `GANGWAY_SEED=<seed> cargo test -p gangway-scheduler
 //! --test defrag churn -- --nocapture`.
 
-use gangway_proto::ids::HostName;
 use gangway_core::engine::{
     plan_defrag, ClusterState, DefragBudget, DeviceDemand, DeviceKind, DeviceModel, DeviceShare,
     GangPlacement, GangRequest, HostSpec, HostTopology, PolicyName, SchedulerConfig, TaskPlacement,
@@ -12,6 +11,7 @@ use gangway_core::engine::{
 };
 use gangway_core::sim::synth::{synthetic_trace, JobClass};
 use gangway_core::sim::{jobs_from_trace, replay, DefragOptions, ReplayOptions, SimCluster};
+use gangway_proto::ids::HostName;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
@@ -287,5 +287,8 @@ fn the_fragmentation_measure_agrees_with_domain_keys_at_every_level() {
         }
     }
     // An empty cluster has nothing scattered; a full one has nothing free.
-    assert_eq!(gangway_core::engine::scattered_free_permille(&cluster(), TopologyLevel::Rack), 0);
+    assert_eq!(
+        gangway_core::engine::scattered_free_permille(&cluster(), TopologyLevel::Rack),
+        0
+    );
 }

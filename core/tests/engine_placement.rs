@@ -1,11 +1,11 @@
 //! Table-driven tests of the engine's placement decisions, reasons, quotas, backfill and preemption.
 
-use gangway_proto::ids::{HostName, JobId, QueueName};
 use gangway_core::engine::{
     schedule, ClusterState, DeviceDemand, DeviceKind, DeviceModel, GangPlacement, GangRequest,
     HostSpec, HostTopology, NodeState, PendingReason, Plan, PolicyName, PreemptionReason,
     QueueConfig, SchedulerConfig, TopologyLevel,
 };
+use gangway_proto::ids::{HostName, JobId, QueueName};
 use std::collections::BTreeMap;
 
 /// (name, rack, model, devices, nvlink domains)

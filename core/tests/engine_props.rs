@@ -3,11 +3,11 @@
 //! every pending gang is accounted for once, quotas hold except by recorded borrowing, and the
 //! output is deterministic.
 
-use gangway_proto::ids::QueueName;
 use gangway_core::engine::{
     schedule, ClusterState, DeviceDemand, DeviceKind, DeviceModel, GangRequest, HostSpec,
     HostTopology, PendingReason, Plan, PolicyName, QueueConfig, SchedulerConfig, TopologyLevel,
 };
+use gangway_proto::ids::QueueName;
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 

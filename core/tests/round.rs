@@ -94,7 +94,13 @@ fn round(
 fn a_gang_blocked_by_shape_gets_a_defragmentation_proposal_naming_the_leases_it_saw() {
     let view = fleet();
     let pending = [big_gang()];
-    let outcome = round(&view, &pending, &SchedulerConfig::default(), &leases(), Some(&limits()));
+    let outcome = round(
+        &view,
+        &pending,
+        &SchedulerConfig::default(),
+        &leases(),
+        Some(&limits()),
+    );
     assert_eq!(outcome.blocked_by_shape, vec![JobId::new("big")]);
     assert_eq!(outcome.defrag_tried, vec![JobId::new("big")]);
     let [proposal] = outcome.defrag.as_slice() else {
@@ -112,7 +118,13 @@ fn a_gang_blocked_by_shape_gets_a_defragmentation_proposal_naming_the_leases_it_
     assert!((proposal.cost_device_hours - cost).abs() < 1e-9);
     assert_eq!(proposal.hold_until_ms, NOW + 600_000);
     // The gang's block is two whole hosts, freed by the moves.
-    let hosts: BTreeSet<&str> = proposal.plan.gang.tasks.iter().map(|t| t.host.as_str()).collect();
+    let hosts: BTreeSet<&str> = proposal
+        .plan
+        .gang
+        .tasks
+        .iter()
+        .map(|t| t.host.as_str())
+        .collect();
     assert_eq!(hosts.len(), 2);
 }
 
@@ -168,11 +180,17 @@ fn a_round_writes_only_the_reasons_that_changed() {
     let [waiting] = first.plan.pending.as_slice() else {
         panic!("the gang waits with a reason: {first:?}");
     };
-    assert!(waiting.reason.to_string().contains("16"), "{}", waiting.reason);
+    assert!(
+        waiting.reason.to_string().contains("16"),
+        "{}",
+        waiting.reason
+    );
 
     // The state now holds that reason: the same round changes nothing.
     let mut state = RoundState::default();
-    state.reasons.insert(waiting.job.clone(), waiting.reason.clone());
+    state
+        .reasons
+        .insert(waiting.job.clone(), waiting.reason.clone());
     let again = round(&view, &pending, &config, &state, None);
     assert!(again.is_empty(), "{again:?}");
     // Blocked by shape all the same: what the preview and the defragmenter read.
@@ -199,7 +217,9 @@ fn a_preemption_under_way_is_not_started_twice() {
             queue: req.queue.clone(),
             tasks: vec![TaskPlacement {
                 host: HostName::new(h),
-                devices: (0..8).map(|index| DeviceShare { index, milli: 1000 }).collect(),
+                devices: (0..8)
+                    .map(|index| DeviceShare { index, milli: 1000 })
+                    .collect(),
                 cpu_milli: req.per_task.cpu_milli,
                 memory_mib: req.per_task.memory_mib,
             }],

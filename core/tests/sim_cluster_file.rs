@@ -1,9 +1,9 @@
 //! The CLUSTER TOML: the shipped Philly file, and field-path errors for bad input.
 
-use gangway_proto::ids::QueueName;
 use gangway_core::engine::{DeviceKind, TopologyLevel};
 use gangway_core::sim::philly::{load_vc_nodes, proportional_quotas};
 use gangway_core::sim::{SimCluster, SimError};
+use gangway_proto::ids::QueueName;
 use std::path::{Path, PathBuf};
 
 const GOOD: &str = r#"

@@ -2,9 +2,7 @@
 
 use gangway_core::engine::{PolicyName, TopologyLevel};
 use gangway_core::sim::report::{ReplayReport, Window};
-use gangway_core::sim::{
-    replay, PreemptMode, ReplayMetrics, ReplayOptions, SimCluster, SimJob,
-};
+use gangway_core::sim::{replay, PreemptMode, ReplayMetrics, ReplayOptions, SimCluster, SimJob};
 use std::path::Path;
 
 /// `hosts` hosts of 8 GPUs, `per_rack` per rack, one queue "q" owning everything, events-only rounds.

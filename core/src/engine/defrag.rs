@@ -89,17 +89,21 @@ pub fn blocked_by_shape(reason: &PendingReason) -> bool {
 pub fn scattered_free_permille(state: &ClusterState, level: TopologyLevel) -> u64 {
     // (free whole devices, devices) per domain; hosts name their domain by borrowed topology
     // fields (no key is built per host: the simulator measures this after every event).
-    let ready = state.hosts().iter().filter(|h| h.spec.state.accepts_new_work());
-    let counts = |h: &crate::engine::HostState| {
-        (h.free_whole_devices() as u64, h.spec.devices.len() as u64)
-    };
+    let ready = state
+        .hosts()
+        .iter()
+        .filter(|h| h.spec.state.accepts_new_work());
+    let counts =
+        |h: &crate::engine::HostState| (h.free_whole_devices() as u64, h.spec.devices.len() as u64);
     let domains: Vec<(u64, u64)> = match level {
         // Every host is a domain of its own.
         TopologyLevel::Host | TopologyLevel::Nvlink => ready.map(counts).collect(),
         _ => {
             let mut by_domain: BTreeMap<[&str; 4], (u64, u64)> = BTreeMap::new();
             for h in ready {
-                let d = by_domain.entry(domain_of(&h.spec.topology, level)).or_default();
+                let d = by_domain
+                    .entry(domain_of(&h.spec.topology, level))
+                    .or_default();
                 let (free, total) = counts(h);
                 d.0 += free;
                 d.1 += total;

@@ -226,12 +226,19 @@ fn view_after(input: &RoundInput<'_>, plan: &Plan) -> ClusterState {
     view
 }
 
-fn propose(plan: DefragPlan, state: &RoundState, limits: &DefragLimits, now: u64) -> DefragProposal {
+fn propose(
+    plan: DefragPlan,
+    state: &RoundState,
+    limits: &DefragLimits,
+    now: u64,
+) -> DefragProposal {
     let lease = |job: &JobId| state.leases.get(job).copied();
     let cost_device_hours = plan
         .moves
         .iter()
-        .map(|m| m.devices as f64 * lease(&m.job).map_or(0, |l| l.checkpoint_ms) as f64 / 3_600_000.0)
+        .map(|m| {
+            m.devices as f64 * lease(&m.job).map_or(0, |l| l.checkpoint_ms) as f64 / 3_600_000.0
+        })
         .sum();
     let epochs = plan
         .moves

@@ -23,8 +23,7 @@ use crate::engine::fragmentation::FragModel;
 use crate::engine::index::Overlay;
 use crate::engine::{
     run_round, ClusterState, DeviceDemand, DeviceKind, PolicyName, RoundInput, RoundState,
-    SchedulerConfig, TaskDemand,
-    WorkloadClass,
+    SchedulerConfig, TaskDemand, WorkloadClass,
 };
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};

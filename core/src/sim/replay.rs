@@ -14,8 +14,8 @@ use super::clock::Event;
 use super::cluster_file::SimCluster;
 use super::error::SimError;
 use super::metrics::{summarize, AllocationTrace, ReplayMetrics};
-use super::world::World;
 use super::philly::{gang_shape, Trace};
+use super::world::World;
 use crate::engine::{
     scattered_free_permille, DefragBudget, DeviceKind, GangPlacement, PolicyName, TopologyLevel,
 };

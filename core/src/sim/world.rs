@@ -22,9 +22,7 @@ use crate::state::{
     TaskReport, TaskState,
 };
 use gangway_proto::ids::JobId;
-use gangway_proto::spec::{
-    CheckpointSpec, DeviceCount, JobSpec, Resources, TopologySpec,
-};
+use gangway_proto::spec::{CheckpointSpec, DeviceCount, JobSpec, Resources, TopologySpec};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -125,7 +123,10 @@ impl<'a> World<'a> {
                 .iter()
                 .enumerate()
                 .map(|(i, d)| {
-                    let (kind, memory_mib) = kinds.get(d.model.as_str()).copied().unwrap_or((DeviceKind::Gpu, 0));
+                    let (kind, memory_mib) = kinds
+                        .get(d.model.as_str())
+                        .copied()
+                        .unwrap_or((DeviceKind::Gpu, 0));
                     DeviceInventory {
                         uuid: format!("{}-{i}", h.name),
                         model: d.model.clone(),
@@ -144,12 +145,18 @@ impl<'a> World<'a> {
                 devices,
             };
             if let Response::Rejected(why) = self.apply(now, Command::RegisterNode(registration)) {
-                return Err(SimError::Invariant(format!("host {} refused: {why}", h.name)));
+                return Err(SimError::Invariant(format!(
+                    "host {} refused: {why}",
+                    h.name
+                )));
             }
         }
         for q in self.cluster.queues.values() {
             if let Response::Rejected(why) = self.apply(now, Command::SetQueue(q.clone())) {
-                return Err(SimError::Invariant(format!("queue {} refused: {why}", q.name)));
+                return Err(SimError::Invariant(format!(
+                    "queue {} refused: {why}",
+                    q.name
+                )));
             }
         }
         Ok(())
@@ -158,7 +165,11 @@ impl<'a> World<'a> {
     /// The job a client submits for trace job `i`.
     fn spec(&self, i: usize) -> JobSpec {
         let j = self.jobs[i];
-        let checkpoint_ms = self.options.defrag.as_ref().map_or(60_000, |d| d.checkpoint_ms);
+        let checkpoint_ms = self
+            .options
+            .defrag
+            .as_ref()
+            .map_or(60_000, |d| d.checkpoint_ms);
         JobSpec {
             name: j.name.clone(),
             queue: j.queue.clone(),
@@ -204,7 +215,9 @@ impl<'a> World<'a> {
     }
 
     fn id(&self, i: usize) -> JobId {
-        self.ids[i].clone().expect("events name submitted jobs only")
+        self.ids[i]
+            .clone()
+            .expect("events name submitted jobs only")
     }
 
     /// Every task of the gang reports success, as its workers would.
@@ -288,7 +301,14 @@ impl<'a> World<'a> {
         self.queue.push(now + delay, event);
     }
 
-    fn start_run(&mut self, now: u64, i: usize, epoch: u64, from_ms: u64, placement: &GangPlacement) {
+    fn start_run(
+        &mut self,
+        now: u64,
+        i: usize,
+        epoch: u64,
+        from_ms: u64,
+        placement: &GangPlacement,
+    ) {
         let from_ms = from_ms.min(self.jobs[i].duration_ms);
         self.runs[i] = Some(Run {
             epoch,
@@ -309,7 +329,8 @@ impl<'a> World<'a> {
             self.counters.defrag_placements += 1;
         }
         let remaining = self.jobs[i].duration_ms - from_ms;
-        self.queue.push(now + remaining, Event::Completion { job: i, epoch });
+        self.queue
+            .push(now + remaining, Event::Completion { job: i, epoch });
         self.report_all(now, i, epoch, TaskState::Running);
     }
 
@@ -377,7 +398,8 @@ impl<'a> World<'a> {
             / 3_600_000.0
             / d.device_hours_per_migration) as u64
             + d.burst;
-        let left = usize::try_from(allowed.saturating_sub(self.counters.migrations)).unwrap_or(usize::MAX);
+        let left =
+            usize::try_from(allowed.saturating_sub(self.counters.migrations)).unwrap_or(usize::MAX);
         Some(DefragLimits {
             budget: d.budget.clone(),
             max_in_flight: state.migrating.len().saturating_add(left),
@@ -432,7 +454,9 @@ impl<'a> World<'a> {
     }
 
     fn preempted(&mut self, now: u64, victim: &JobId) {
-        let Some(&v) = self.index.get(victim) else { return };
+        let Some(&v) = self.index.get(victim) else {
+            return;
+        };
         self.counters.preemptions += 1;
         if let Some(run) = self.runs[v] {
             let ran = now - run.since_ms;
@@ -450,7 +474,9 @@ impl<'a> World<'a> {
             self.freed_for.insert(i);
         }
         for m in &proposal.plan.moves {
-            let Some(&v) = self.index.get(&m.job) else { continue };
+            let Some(&v) = self.index.get(&m.job) else {
+                continue;
+            };
             self.counters.migrations += 1;
             self.counters.migration_device_ms += u128::from(m.devices) * u128::from(checkpoint_ms);
             self.moved.insert(v);
@@ -492,7 +518,10 @@ impl<'a> World<'a> {
             .iter()
             .filter_map(|g| {
                 let i = *self.index.get(&g.id)?;
-                let code = codes.get(&g.id).cloned().unwrap_or_else(|| "not_examined".into());
+                let code = codes
+                    .get(&g.id)
+                    .cloned()
+                    .unwrap_or_else(|| "not_examined".into());
                 Some((i, code))
             })
             .collect()

@@ -124,8 +124,14 @@ pub async fn scheduling_round(
         .read(|fsm| {
             let store = fsm.store();
             let (pending, state) = store.round_input(defrag_on);
-            (!pending.is_empty())
-                .then(|| (store.engine().clone(), pending, store.scheduler_config(base), state))
+            (!pending.is_empty()).then(|| {
+                (
+                    store.engine().clone(),
+                    pending,
+                    store.scheduler_config(base),
+                    state,
+                )
+            })
         })
         .await?;
     let Some((view, pending, config, state)) = snapshot else {
