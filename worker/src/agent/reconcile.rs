@@ -131,6 +131,7 @@ pub fn plan(set: &pb::AllocationSet, local: &Local) -> Plan {
         refused: local.refused.clone(),
     };
     let mut refusals = Vec::new();
+    // Checkpoint requests for tasks already running or waiting to launch.
     let mut known = Vec::new();
     let mut launches = Vec::new();
     for alloc in &set.allocations {
@@ -175,11 +176,7 @@ pub fn plan(set: &pb::AllocationSet, local: &Local) -> Plan {
             .into_iter()
             .map(|(key, alloc)| launch(key, alloc, &busy)),
     );
-    let (waiting, relays): (Vec<Action>, Vec<Action>) = known
-        .into_iter()
-        .partition(|a| matches!(a, Action::RaiseWaitingCheckpoint { .. }));
-    actions.extend(waiting);
-    actions.extend(relays);
+    actions.extend(known);
     actions.extend(forgotten(local, &next.desired));
     Plan {
         actions,
