@@ -83,6 +83,7 @@ fn round(
     run_round(RoundInput {
         view,
         pending,
+        reasons: &[],
         config,
         state,
         defrag,
@@ -186,12 +187,17 @@ fn a_round_writes_only_the_reasons_that_changed() {
         waiting.reason
     );
 
-    // The state now holds that reason: the same round changes nothing.
-    let mut state = RoundState::default();
-    state
-        .reasons
-        .insert(waiting.job.clone(), waiting.reason.clone());
-    let again = round(&view, &pending, &config, &state, None);
+    // The state now holds that reason beside the gang: the same round changes nothing.
+    let reasons = [Some(waiting.reason.clone())];
+    let again = run_round(RoundInput {
+        view: &view,
+        pending: &pending,
+        reasons: &reasons,
+        config: &config,
+        state: &RoundState::default(),
+        defrag: None,
+        now_ms: NOW,
+    });
     assert!(again.is_empty(), "{again:?}");
     // Blocked by shape all the same: what the preview and the defragmenter read.
     assert_eq!(again.blocked_by_shape, vec![JobId::new("big")]);

@@ -23,7 +23,7 @@ use super::job::GangRequest;
 use super::plan::{PendingReason, Plan};
 use super::schedule::schedule;
 use gangway_proto::ids::JobId;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A running gang the defragmenter may move: the lease a move must name (so a stale plan never
 /// runs) and what checkpointing it costs.
@@ -38,8 +38,6 @@ pub struct LeaseFacts {
 /// `ClusterStore::round_input` gives it in one pass.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RoundState {
-    /// The pending reason each waiting gang has now.
-    pub reasons: BTreeMap<JobId, PendingReason>,
     /// Gangs whose migration (move, preemption, idle reclaim) waits for its checkpoint.
     pub migrating: BTreeSet<JobId>,
     /// Waiting gangs that already have a block held for them (a preemptor, a defragmented gang).
@@ -92,6 +90,9 @@ pub struct RoundInput<'a> {
     pub view: &'a ClusterState,
     /// Waiting gangs in queue order.
     pub pending: &'a [GangRequest],
+    /// The reason each waiting gang has now, beside it in `pending` (empty: none known, every
+    /// reason is new).
+    pub reasons: &'a [Option<PendingReason>],
     pub config: &'a SchedulerConfig,
     pub state: &'a RoundState,
     pub defrag: Option<&'a DefragLimits>,
@@ -154,8 +155,14 @@ pub fn run_round(input: RoundInput<'_>) -> RoundOutcome {
         Some(limits) => defragment(&input, &plan, &blocked, limits),
         None => (Vec::new(), Vec::new()),
     };
+    let current: HashMap<&JobId, &PendingReason> = input
+        .pending
+        .iter()
+        .zip(input.reasons)
+        .filter_map(|(g, r)| Some((&g.id, r.as_ref()?)))
+        .collect();
     plan.pending
-        .retain(|p| state.reasons.get(&p.job) != Some(&p.reason));
+        .retain(|p| current.get(&p.job) != Some(&&p.reason));
     RoundOutcome {
         plan,
         defrag,

@@ -316,6 +316,7 @@ pub fn run_seed(
         let round = run_round(RoundInput {
             view: &cluster,
             pending: std::slice::from_ref(&req),
+            reasons: &[],
             config: &config,
             state: &RoundState::default(),
             defrag: None,

@@ -366,22 +366,23 @@ impl<'a> World<'a> {
     pub fn schedule(&mut self, now: u64) -> Result<(), SimError> {
         for _ in 0..ROUNDS_PER_INSTANT {
             let defrag_on = self.options.defrag.is_some();
-            let (pending, state) = self.store.round_input(defrag_on);
-            if pending.is_empty() {
+            let read = self.store.round_input(defrag_on);
+            if read.pending.is_empty() {
                 break;
             }
             let config = self.store.scheduler_config(&self.base);
-            let limits = self.defrag_limits(now, &state);
+            let limits = self.defrag_limits(now, &read.state);
             let outcome = run_round(RoundInput {
                 view: self.store.engine(),
-                pending: &pending,
+                pending: &read.pending,
+                reasons: read.reasons,
                 config: &config,
-                state: &state,
+                state: &read.state,
                 defrag: limits.as_ref(),
                 now_ms: now,
             });
             self.counters.scheduling_rounds += 1;
-            let capped = pending.len() > config.max_gangs_per_round;
+            let capped = read.pending.len() > config.max_gangs_per_round;
             let (placed, preempted) = self.commit(now, outcome)?;
             if preempted == 0 && !(placed > 0 && capped) {
                 break;
@@ -486,7 +487,7 @@ impl<'a> World<'a> {
 
     /// Whatever still waits once nothing runs and nothing else arrives: its reason's code.
     pub fn stuck(&self, now: u64) -> Vec<(usize, String)> {
-        let (pending, _) = self.store.round_input(false);
+        let pending = self.store.round_input(false).pending;
         if pending.is_empty() {
             return Vec::new();
         }
@@ -494,6 +495,7 @@ impl<'a> World<'a> {
         let outcome = run_round(RoundInput {
             view: self.store.engine(),
             pending: &pending,
+            reasons: &[],
             config: &config,
             state: &RoundState::default(),
             defrag: None,

@@ -10,6 +10,7 @@
 
 use super::command::Rejection;
 use super::job_record::{JobRecord, JobState};
+use crate::engine::{GangRequest, PendingReason};
 use gangway_proto::ids::JobId;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,6 +25,9 @@ pub struct JobTable {
     /// Pending jobs in queue order, and each pending job's key in it.
     pending: BTreeSet<QueueKey>,
     pending_key: BTreeMap<JobId, u64>,
+    /// The queue as a round reads it, in queue order: each pending job's gang and its current
+    /// reason, side by side, so a round borrows them instead of building them per round.
+    queue: PendingQueue,
     /// Jobs holding a lease.
     running: BTreeSet<JobId>,
     /// Jobs with a migration waiting for its checkpoint.
@@ -131,8 +135,19 @@ impl JobTable {
         self.migrating.iter().filter_map(|id| self.jobs.get(id))
     }
 
+    /// The pending gangs in queue order, and beside each its current reason (`None`: none yet).
+    pub fn queue(&self) -> (&[GangRequest], &[Option<PendingReason>]) {
+        debug_assert!(self.dirty.is_empty(), "index read before reindex");
+        (&self.queue.gangs, &self.queue.reasons)
+    }
+
     fn refile(&mut self, id: &JobId) {
         let job = self.jobs.get(id);
+        let new_key = job
+            .filter(|j| j.state == JobState::Pending)
+            .map(|j| (j.queue_order_ms(), id.clone()));
+        let old_key = self.pending_key.get(id).map(|k| (*k, id.clone()));
+        self.queue.refile(old_key.as_ref(), new_key.as_ref(), job);
         if let Some(old) = self.pending_key.remove(id) {
             self.pending.remove(&(old, id.clone()));
         }
@@ -160,6 +175,43 @@ impl JobTable {
             rebuilt.insert(job.clone());
         }
         rebuilt == *self
+    }
+}
+
+/// Pending gangs and their reasons in queue order (parallel vectors, sorted by `keys`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct PendingQueue {
+    keys: Vec<QueueKey>,
+    gangs: Vec<GangRequest>,
+    reasons: Vec<Option<PendingReason>>,
+}
+
+impl PendingQueue {
+    /// Moves a job from `old` (its place, if it was pending) to `new` (if it is pending now);
+    /// a job that keeps its place is updated where it stands.
+    fn refile(&mut self, old: Option<&QueueKey>, new: Option<&QueueKey>, job: Option<&JobRecord>) {
+        let entry = |j: &JobRecord| (j.gang_request(), j.pending_reason.clone());
+        match (old, new, job) {
+            (Some(o), Some(n), Some(j)) if o == n => {
+                if let Ok(at) = self.keys.binary_search(o) {
+                    (self.gangs[at], self.reasons[at]) = entry(j);
+                }
+                return;
+            }
+            _ => {}
+        }
+        if let Some(at) = old.and_then(|o| self.keys.binary_search(o).ok()) {
+            self.keys.remove(at);
+            self.gangs.remove(at);
+            self.reasons.remove(at);
+        }
+        if let (Some(n), Some(j)) = (new, job) {
+            let at = self.keys.binary_search(n).unwrap_or_else(|at| at);
+            let (gang, reason) = entry(j);
+            self.keys.insert(at, n.clone());
+            self.gangs.insert(at, gang);
+            self.reasons.insert(at, reason);
+        }
     }
 }
 

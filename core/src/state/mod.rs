@@ -22,5 +22,5 @@ pub use command::{
 pub use job_record::{JobRecord, JobState, Lease, Migration, MigrationReason};
 pub use job_table::JobTable;
 pub use node_record::NodeRecord;
-pub use round::defragment_command;
+pub use round::{defragment_command, RoundRead};
 pub use store::{Allocation, ClusterStore, MIGRATION_SLACK_MS, RESTORE_JUMP};

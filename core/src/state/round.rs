@@ -4,7 +4,8 @@
 
 use super::command::{Command, DefragMove, DefragOrder};
 use super::store::ClusterStore;
-use crate::engine::{DefragProposal, GangRequest, LeaseFacts, RoundState};
+use crate::engine::{DefragProposal, GangRequest, LeaseFacts, PendingReason, RoundState};
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 impl ClusterStore {
@@ -12,24 +13,27 @@ impl ClusterStore {
     /// never the history): the pending gangs in queue order (hosts held for other gangs kept
     /// off), the reason each has now, the migrations under way, the blocks held, and, when the
     /// defragmenter is on, the lease and checkpoint time of every running checkpointable gang.
-    pub fn round_input(&self, defrag: bool) -> (Vec<GangRequest>, RoundState) {
+    pub fn round_input(&self, defrag: bool) -> RoundRead<'_> {
         let reservations: Vec<_> = self.reservations().collect();
         let mut state = RoundState {
             reserved: reservations.iter().map(|(j, _)| (*j).clone()).collect(),
             migrating: self.jobs.migrating().map(|j| j.id.clone()).collect(),
             ..RoundState::default()
         };
-        let mut pending = Vec::with_capacity(self.jobs.pending_count());
-        for job in self.jobs.pending() {
-            let mut gang = job.gang_request();
-            for (_, hosts) in reservations.iter().filter(|(r, _)| **r != job.id) {
-                gang.hosts.avoid.extend(hosts.iter().cloned());
+        let (gangs, reasons) = self.jobs.queue();
+        // Borrowed as the table keeps them; copied only while hosts are held for some gang,
+        // which every other gang must keep off.
+        let pending = if reservations.is_empty() {
+            Cow::Borrowed(gangs)
+        } else {
+            let mut owned = gangs.to_vec();
+            for gang in &mut owned {
+                for (_, hosts) in reservations.iter().filter(|(r, _)| **r != gang.id) {
+                    gang.hosts.avoid.extend(hosts.iter().cloned());
+                }
             }
-            if let Some(reason) = &job.pending_reason {
-                state.reasons.insert(job.id.clone(), reason.clone());
-            }
-            pending.push(gang);
-        }
+            Cow::Owned(owned)
+        };
         if defrag {
             for job in self.jobs.running() {
                 if let (Some(lease), Some(c)) = (&job.lease, &job.spec.checkpoint) {
@@ -42,8 +46,21 @@ impl ClusterStore {
                 }
             }
         }
-        (pending, state)
+        RoundRead {
+            pending,
+            reasons,
+            state,
+        }
     }
+}
+
+/// What a round reads from the state ([`ClusterStore::round_input`]): the pending gangs in queue
+/// order (borrowed unless hosts are held), their current reasons beside them, and the rest.
+#[derive(Clone, Debug)]
+pub struct RoundRead<'a> {
+    pub pending: Cow<'a, [GangRequest]>,
+    pub reasons: &'a [Option<PendingReason>],
+    pub state: RoundState,
 }
 
 /// The command that carries out a defragmentation proposal: each move names the lease it saw,

@@ -163,11 +163,7 @@ impl ClusterStore {
         self.next_epoch = self.next_epoch.saturating_add(RESTORE_JUMP);
         self.revision_base = backup_revision.saturating_add(RESTORE_JUMP);
         self.reservations.clear();
-        let leased: Vec<JobId> = self
-            .jobs
-            .running()
-            .map(|j| j.id.clone())
-            .collect();
+        let leased: Vec<JobId> = self.jobs.running().map(|j| j.id.clone()).collect();
         for job in leased {
             self.revoke_lease(
                 now,
@@ -244,20 +240,9 @@ impl ClusterStore {
         self.device_epochs.get(node).map(Vec::as_slice)
     }
 
-    /// The gangs waiting for placement, oldest first.
+    /// The gangs waiting for placement, oldest first (see [`ClusterStore::round_input`]).
     pub fn pending_gangs(&self) -> Vec<GangRequest> {
-        let reserved: Vec<(&JobId, &std::collections::BTreeSet<HostName>)> =
-            self.reservations().collect();
-        self.jobs
-            .pending()
-            .map(|j| {
-                let mut g = j.gang_request();
-                for (_, hosts) in reserved.iter().filter(|(r, _)| **r != j.id) {
-                    g.hosts.avoid.extend(hosts.iter().cloned());
-                }
-                g
-            })
-            .collect()
+        self.round_input(false).pending.into_owned()
     }
 
     /// Hosts reserved for gangs other than `job` (live reservations only).

@@ -311,7 +311,10 @@ impl ClientApi for ClientService {
                 let store = fsm.store();
                 (
                     store.engine().clone(),
-                    store.round_input(true),
+                    {
+                        let read = store.round_input(true);
+                        (read.pending.into_owned(), read.state)
+                    },
                     store.scheduler_config(&base),
                 )
             })

@@ -317,6 +317,7 @@ pub fn defrag_preview(
     let round = crate::engine::run_round(crate::engine::RoundInput {
         view,
         pending,
+        reasons: &[],
         config,
         state,
         defrag: Some(&limits),

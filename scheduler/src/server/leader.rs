@@ -123,18 +123,16 @@ pub async fn scheduling_round(
         .raft
         .read(|fsm| {
             let store = fsm.store();
-            let (pending, state) = store.round_input(defrag_on);
-            (!pending.is_empty()).then(|| {
-                (
-                    store.engine().clone(),
-                    pending,
-                    store.scheduler_config(base),
-                    state,
-                )
+            let read = store.round_input(defrag_on);
+            (!read.pending.is_empty()).then(|| {
+                let reasons = read.reasons.to_vec();
+                let config = store.scheduler_config(base);
+                let pending = read.pending.into_owned();
+                (store.engine().clone(), pending, reasons, config, read.state)
             })
         })
         .await?;
-    let Some((view, pending, config, state)) = snapshot else {
+    let Some((view, pending, reasons, config, state)) = snapshot else {
         return Ok(RoundOutcome::default());
     };
     let now = wall_clock_ms();
@@ -143,6 +141,7 @@ pub async fn scheduling_round(
         engine::run_round(engine::RoundInput {
             view: &view,
             pending: &pending,
+            reasons: &reasons,
             config: &config,
             state: &state,
             defrag: limits.as_ref(),
