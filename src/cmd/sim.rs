@@ -7,7 +7,7 @@ use gangway_scheduler::sim::fgd::{run_fgd, FgdOptions};
 use gangway_scheduler::sim::philly::{format_timestamp, load_trace, parse_offset};
 use gangway_scheduler::sim::plot::{line_chart, Series};
 use gangway_scheduler::sim::report::{fgd_table, ReplayReport, Window};
-use gangway_scheduler::sim::synth::{synthetic_trace, GANG_MIX};
+use gangway_scheduler::sim::synth::{mix_by_name, synthetic_trace};
 use gangway_scheduler::sim::{
     compress_arrivals, jobs_from_trace, replay, DefragOptions, PreemptMode, ReplayOptions,
     SimCluster, SimError,
@@ -25,7 +25,8 @@ pub enum SimCommand {
     Replay(ReplayArgs),
     /// The FGD experiment (USENIX ATC'23) on the openb traces: unallocated GPUs and fragmentation.
     Fgd(FgdArgs),
-    /// Write a synthetic trace (Philly CSV): 1-GPU jobs mixed with 64- and 128-GPU gangs.
+    /// Write a synthetic trace (Philly CSV) from a named mix: `default` (1-GPU jobs mixed with 64-
+    /// and 128-GPU gangs) or `pretrain` (gangs of 64 to 1,024 GPUs, plus small jobs).
     Synth(SynthArgs),
 }
 
@@ -42,6 +43,10 @@ pub struct SynthArgs {
     /// Offered load: average demanded GPUs over the cluster's GPUs.
     #[arg(long, default_value_t = 0.9)]
     pub load: f64,
+    /// The job mix: default (1-GPU jobs, 64- and 128-GPU gangs) or pretrain (64..1,024-GPU gangs
+    /// plus small jobs; use deploy/sim/pretrain-cluster.toml). Distributions in core/SIM.md.
+    #[arg(long, default_value = "default")]
+    pub mix: String,
     /// Where to write the CSV.
     #[arg(long)]
     pub out: PathBuf,
@@ -199,11 +204,13 @@ fn write_plot(path: &Path, svg: &str) -> anyhow::Result<()> {
 fn run_synth(args: &SynthArgs) -> anyhow::Result<ExitCode> {
     let cluster = SimCluster::load(&args.cluster)?;
     let gpus = cluster.total_devices(gangway_scheduler::engine::DeviceKind::Gpu);
-    let csv = synthetic_trace(args.seed, args.hours, args.load, gpus, &GANG_MIX)?;
+    let mix = mix_by_name(&args.mix)?;
+    let csv = synthetic_trace(args.seed, args.hours, args.load, gpus, mix)?;
     std::fs::write(&args.out, &csv).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
-        "wrote {} jobs ({} hours at load {} on {gpus} GPUs) to {}",
+        "wrote {} jobs ({} mix, {} hours at load {} on {gpus} GPUs) to {}",
         csv.lines().count().saturating_sub(1),
+        args.mix,
         args.hours,
         args.load,
         args.out.display()

@@ -682,11 +682,7 @@ impl<'a> Overlay<'a> {
     pub fn domains(&mut self, level: TopologyLevel) -> &DomainIndex {
         let li = level as usize;
         if self.domains[li].is_none() {
-            let mut keys: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-            for (h, hs) in self.view.hosts().iter().enumerate() {
-                let key = ClusterState::domain_key(&hs.spec.topology, &hs.spec.name, level);
-                keys.entry(key).or_default().push(h);
-            }
+            let keys = domain_hosts(self.view, level);
             let mut host_domain = vec![0u32; self.view.hosts().len()];
             let mut free_whole = Vec::with_capacity(keys.len());
             let mut ks = Vec::with_capacity(keys.len());
@@ -717,4 +713,41 @@ impl<'a> Overlay<'a> {
     pub fn domain_index(&self, level: TopologyLevel) -> Option<&DomainIndex> {
         self.domains[level as usize].as_ref()
     }
+}
+
+/// The hosts of each domain of `level`, by domain key ([`ClusterState::domain_key`]) in key
+/// order. Hosts are grouped by their borrowed topology fields first, so a key string is built once
+/// per domain rather than once per host (a round may build this for every level it uses).
+fn domain_hosts(view: &ClusterState, level: TopologyLevel) -> BTreeMap<String, Vec<usize>> {
+    let mut groups: HashMap<[&str; 5], Vec<usize>> = HashMap::new();
+    for (h, hs) in view.hosts().iter().enumerate() {
+        let t = &hs.spec.topology;
+        let all = [
+            t.datacenter.as_str(),
+            t.zone.as_str(),
+            t.pod.as_str(),
+            t.rack.as_str(),
+            hs.spec.name.as_str(),
+        ];
+        let depth = match level {
+            TopologyLevel::Datacenter => 1,
+            TopologyLevel::Zone => 2,
+            TopologyLevel::Pod => 3,
+            TopologyLevel::Rack => 4,
+            TopologyLevel::Host | TopologyLevel::Nvlink => 5,
+        };
+        let mut fields = [""; 5];
+        fields[..depth].copy_from_slice(&all[..depth]);
+        groups.entry(fields).or_default().push(h);
+    }
+    let mut keys: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for hosts in groups.into_values() {
+        let first = &view.hosts()[hosts[0]].spec;
+        let key = ClusterState::domain_key(&first.topology, &first.name, level);
+        keys.entry(key).or_default().extend(hosts);
+    }
+    for hosts in keys.values_mut() {
+        hosts.sort_unstable();
+    }
+    keys
 }

@@ -31,6 +31,22 @@ pub const DOMAIN_ATTEMPTS: usize = 48;
 /// One placed task: host index and devices.
 pub(crate) type TaskAt = (usize, Vec<DeviceShare>);
 
+/// How a round breaks ties between equally scored hosts (smaller [`TieKey`] wins).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tie {
+    /// The host registered first ([`TieBreak::LowestIndex`]).
+    Index,
+    /// A pseudo-random host per job ([`TieBreak::Hashed`]).
+    Hashed,
+    /// Topology-aware policies, while multi-task gangs are pending or running: the host whose
+    /// rack, then pod, has the fewest free whole devices, then the first registered. Tasks go into
+    /// domains already in use, so empty racks and pods stay whole for the gangs that need them.
+    Packed,
+}
+
+/// Sort key of a host among equally scored ones.
+type TieKey = (u64, u64, u64);
+
 /// What a round works with.
 pub(crate) struct Round<'a> {
     pub ov: Overlay<'a>,
@@ -40,6 +56,7 @@ pub(crate) struct Round<'a> {
     block_cache: HashMap<(TopologyLevel, Vec<bool>), (u64, u64)>,
     pub frag: FragModel,
     pub policy: &'static dyn Policy,
+    tie: Tie,
     pub max_cpu_milli: u64,
     pub max_device_milli: u64,
 }
@@ -50,6 +67,12 @@ fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// Whether the workload has gangs of several tasks (pending or running), for which whole racks and
+/// pods are worth keeping.
+fn gangs_in_sight(view: &ClusterState, pending: &[GangRequest]) -> bool {
+    pending.iter().any(|r| r.tasks > 1) || view.running().values().any(|g| g.request.tasks > 1)
 }
 
 /// A stable per-job seed for pseudo-random tie-breaking.
@@ -67,7 +90,18 @@ impl<'a> Round<'a> {
         let policy = policy(config.policy);
         // The shape-class index pays for itself only over many gangs (or very many hosts).
         let classes = pending.len() > 4 || view.hosts().len() > 16_384;
-        let ov = Overlay::with_classes(view, classes);
+        let mut ov = Overlay::with_classes(view, classes);
+        let tie = match policy.tie_break() {
+            TieBreak::Hashed => Tie::Hashed,
+            TieBreak::LowestIndex if policy.topology_aware() && gangs_in_sight(view, pending) => {
+                Tie::Packed
+            }
+            TieBreak::LowestIndex => Tie::Index,
+        };
+        if tie == Tie::Packed {
+            ov.domains(TopologyLevel::Rack);
+            ov.domains(TopologyLevel::Pod);
+        }
         let use_memory = config.policy == super::config::PolicyName::Gangway;
         let frag = if !policy.needs_frag() {
             FragModel::default()
@@ -94,8 +128,37 @@ impl<'a> Round<'a> {
             block_cache: HashMap::new(),
             frag,
             policy,
+            tie,
             max_cpu_milli,
             max_device_milli,
+        }
+    }
+
+    /// Free whole devices in the domain of `level` that holds host `h` (0 if not indexed).
+    fn domain_free(&self, level: TopologyLevel, h: usize) -> u64 {
+        self.ov
+            .domain_index(level)
+            .map_or(0, |d| d.free_whole[d.host_domain[h] as usize])
+    }
+
+    /// Where host `h` ranks among equally scored hosts for the job of `seed`.
+    fn tie_key(&self, h: usize, seed: u64) -> TieKey {
+        match self.tie {
+            Tie::Index => (0, 0, h as u64),
+            Tie::Hashed => (0, 0, mix(seed ^ (h as u64).wrapping_mul(0x9E37_79B9))),
+            Tie::Packed => (
+                self.domain_free(TopologyLevel::Rack, h),
+                self.domain_free(TopologyLevel::Pod, h),
+                h as u64,
+            ),
+        }
+    }
+
+    /// Whether `h` goes before `other` among equally scored hosts (the locality pass).
+    fn before(&self, h: usize, other: usize, seed: u64) -> bool {
+        match self.tie {
+            Tie::Packed => self.tie_key(h, seed) < self.tie_key(other, seed),
+            Tie::Index | Tie::Hashed => h < other,
         }
     }
 
@@ -126,7 +189,6 @@ impl<'a> Round<'a> {
         used: &[usize],
     ) -> Option<(usize, Pick, f64)> {
         let exhaustive = self.policy.exhaustive() || self.ov.live_classes() <= SCAN_ALL_LIMIT;
-        let tie = self.policy.tie_break();
         let min_free = match shape.demand {
             DeviceDemand::None => 0,
             _ => shape.milli(),
@@ -171,7 +233,7 @@ impl<'a> Round<'a> {
                     tied = vec![cid];
                 }
                 Some((bs, bh)) => {
-                    if s > bs || (s == bs && tie == TieBreak::LowestIndex && rep < bh) {
+                    if s > bs || (s == bs && self.tie == Tie::Index && rep < bh) {
                         best = Some((s, rep));
                         tied = vec![cid];
                     } else if s == bs {
@@ -184,7 +246,13 @@ impl<'a> Round<'a> {
             }
         }
         let mut chosen: Option<(f64, usize)> = best;
-        if let (Some((bs, _)), TieBreak::Hashed) = (best, tie) {
+        if let (Some((bs, _)), Tie::Packed) = (best, self.tie) {
+            let members = tied.iter().flat_map(|&c| self.ov.class_members(c).iter());
+            if let Some(&h) = members.min_by_key(|&&h| self.tie_key(h, seed)) {
+                chosen = Some((bs, h));
+            }
+        }
+        if let (Some((bs, _)), Tie::Hashed) = (best, self.tie) {
             let total: usize = tied.iter().map(|&c| self.ov.class_members(c).len()).sum();
             if total > 1 {
                 let mut r = (mix(seed) % total as u64) as usize;
@@ -214,7 +282,7 @@ impl<'a> Round<'a> {
             let s = s + b;
             let better = match chosen {
                 None => true,
-                Some((cs, ch)) => s > cs || (s == cs && h < ch),
+                Some((cs, ch)) => s > cs || (s == cs && self.before(h, ch, seed)),
             };
             if better {
                 chosen = Some((s, h));
@@ -234,9 +302,8 @@ impl<'a> Round<'a> {
         allow_soft: bool,
         used: &[usize],
     ) -> Option<(usize, Pick, f64)> {
-        let tie = self.policy.tie_break();
         let bonus = self.policy.locality_bonus();
-        let mut best: Option<(f64, u64, usize, Pick)> = None;
+        let mut best: Option<(f64, TieKey, usize, Pick)> = None;
         for &h in hosts {
             let ex = self.ov.excluded[h];
             if !self.ov.info[h].ready || ex & EXCL_HARD != 0 || (ex & EXCL_SOFT != 0 && !allow_soft)
@@ -249,10 +316,7 @@ impl<'a> Round<'a> {
             if used.contains(&h) {
                 s += bonus;
             }
-            let key = match tie {
-                TieBreak::LowestIndex => h as u64,
-                TieBreak::Hashed => mix(seed ^ (h as u64).wrapping_mul(0x9E37_79B9)),
-            };
+            let key = self.tie_key(h, seed);
             let better = match best {
                 None => true,
                 Some((bs, bk, _, _)) => s > bs || (s == bs && key < bk),
@@ -283,15 +347,8 @@ impl<'a> Round<'a> {
         seed: u64,
         allow_soft: bool,
     ) -> Option<(Vec<TaskAt>, f64)> {
-        let tie = self.policy.tie_break();
         let bonus = self.policy.locality_bonus();
-        let keys: Vec<u64> = hosts
-            .iter()
-            .map(|&h| match tie {
-                TieBreak::LowestIndex => h as u64,
-                TieBreak::Hashed => mix(seed ^ (h as u64).wrapping_mul(0x9E37_79B9)),
-            })
-            .collect();
+        let keys: Vec<TieKey> = hosts.iter().map(|&h| self.tie_key(h, seed)).collect();
         let allowed = |ov: &Overlay<'_>, h: usize| {
             let ex = ov.excluded[h];
             ov.info[h].ready && ex & EXCL_HARD == 0 && (ex & EXCL_SOFT == 0 || allow_soft)
@@ -311,7 +368,7 @@ impl<'a> Round<'a> {
         let mut out = Vec::with_capacity(tasks as usize);
         let mut total = 0.0;
         for _ in 0..tasks {
-            let mut best: Option<(f64, u64, usize)> = None;
+            let mut best: Option<(f64, TieKey, usize)> = None;
             for (k, c) in cache.iter().enumerate() {
                 let Some((s, _)) = c else { continue };
                 let s = if used[k] { s + bonus } else { *s };
@@ -382,13 +439,30 @@ impl<'a> Round<'a> {
         let by_remaining = self.policy.topology_aware()
             || self.policy.tie_break() == TieBreak::Hashed
             || self.policy.quota_mode() == QuotaMode::Static;
-        let dom = self.ov.domains(level);
-        let mut cands: Vec<(u64, usize)> = dom
+        // Packed: among domains that leave as much, the one whose parent domain is fullest.
+        let parent = match (self.tie, level) {
+            (Tie::Packed, TopologyLevel::Nvlink | TopologyLevel::Host) => Some(TopologyLevel::Rack),
+            (Tie::Packed, TopologyLevel::Rack) => Some(TopologyLevel::Pod),
+            (Tie::Packed, TopologyLevel::Pod) => Some(TopologyLevel::Zone),
+            _ => None,
+        };
+        if let Some(p) = parent {
+            self.ov.domains(p);
+        }
+        self.ov.domains(level);
+        let dom = self.ov.domain_index(level).expect("built");
+        let mut cands: Vec<(u64, u64, usize)> = dom
             .free_whole
             .iter()
             .enumerate()
             .filter(|(_, &f)| f >= need_whole)
-            .map(|(di, &f)| (if by_remaining { f - need_whole } else { 0 }, di))
+            .map(|(di, &f)| {
+                let up = match (parent, dom.hosts[di].first()) {
+                    (Some(p), Some(&h)) => self.domain_free(p, h),
+                    _ => 0,
+                };
+                (if by_remaining { f - need_whole } else { 0 }, up, di)
+            })
             .collect();
         cands.sort_unstable();
         let scored = if self.policy.topology_aware() {
@@ -398,7 +472,7 @@ impl<'a> Round<'a> {
         };
         let mut best: Option<(f64, Vec<TaskAt>)> = None;
         let mut successes = 0;
-        for (attempt, &(_, di)) in cands.iter().enumerate() {
+        for (attempt, &(_, _, di)) in cands.iter().enumerate() {
             if attempt >= DOMAIN_ATTEMPTS + successes {
                 break;
             }
@@ -909,14 +983,9 @@ pub fn schedule(
                         blocked_queues.insert(&req.queue, &req.id);
                     }
                     HeadOfLine::Reserve => {
-                        let capacity_blocked = matches!(
-                            reason,
-                            PendingReason::InsufficientCapacity { .. }
-                                | PendingReason::NoDomainFits { .. }
-                                | PendingReason::NoHostFits { .. }
-                        );
-                        // EASY: only the head (the first gang blocked by capacity) gets a reservation.
-                        if !reserve_tried && capacity_blocked {
+                        // EASY: only the head (the first gang the policy lets reserve) gets a
+                        // reservation; which gangs may is the policy's call.
+                        if !reserve_tried && super::policy::may_reserve(policy, &reason) {
                             reserve_tried = true;
                             if let Some(r) = reserve(&mut round, req, &shape, &placed, now_ms) {
                                 for &h in &r.hosts {

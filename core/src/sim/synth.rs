@@ -1,5 +1,10 @@
-//! Synthetic traces in the Philly CSV format, for workloads the real traces do not stress: many
-//! 1-GPU jobs that scatter over hosts, mixed with 64- and 128-GPU gangs that need whole racks.
+//! Synthetic traces in the Philly CSV format, for workloads the real traces do not stress. Two
+//! named mixes ([`MIXES`], `gangway sim synth --mix NAME`):
+//!
+//! - `default` ([`GANG_MIX`]): many 1-GPU jobs that scatter over hosts, mixed with 64- and 128-GPU
+//!   gangs that need whole racks;
+//! - `pretrain` ([`PRETRAIN_MIX`]): a large-model pretraining cluster, where gangs of 64 to 1,024
+//!   GPUs hold over 99% of the GPU-time and small jobs (1 to 8 GPUs) are a third of submissions.
 //!
 //! Seeded (ChaCha8): the same arguments write the same file. Arrivals are Poisson at the rate that
 //! offers `load` x the cluster's GPUs on average; durations are exponential (at least 5 minutes).
@@ -37,6 +42,52 @@ pub const GANG_MIX: [JobClass; 3] = [
         mean_duration_s: 3.0 * 3600.0,
     },
 ];
+
+/// The `pretrain` mix: gangs of 64..1,024 GPUs (powers of two) hold 99.3% of the GPU-time, small
+/// jobs of 1..8 GPUs (evaluation, debugging, fine-tuning) are 65% of the submissions. Mean GPU-hours
+/// per submission: 595. Shares of submissions and mean durations (exponential, at least 5 min):
+///
+/// | GPUs | 1 | 2 | 4 | 8 | 64 | 128 | 256 | 512 | 1024 |
+/// |---|---|---|---|---|---|---|---|---|---|
+/// | share % | 30 | 10 | 10 | 15 | 12 | 10 | 7 | 4 | 2 |
+/// | mean h | 1 | 1 | 2 | 2 | 3 | 4 | 6 | 8 | 12 |
+pub const PRETRAIN_MIX: [JobClass; 9] = [
+    class(1, 0.30, 1.0),
+    class(2, 0.10, 1.0),
+    class(4, 0.10, 2.0),
+    class(8, 0.15, 2.0),
+    class(64, 0.12, 3.0),
+    class(128, 0.10, 4.0),
+    class(256, 0.07, 6.0),
+    class(512, 0.04, 8.0),
+    class(1024, 0.02, 12.0),
+];
+
+const fn class(gpus: u32, share: f64, mean_hours: f64) -> JobClass {
+    JobClass {
+        gpus,
+        share,
+        mean_duration_s: mean_hours * 3600.0,
+    }
+}
+
+/// The named mixes, for `--mix`.
+pub const MIXES: [(&str, &[JobClass]); 2] = [("default", &GANG_MIX), ("pretrain", &PRETRAIN_MIX)];
+
+/// The mix of a name, or an argument error listing the names.
+pub fn mix_by_name(name: &str) -> Result<&'static [JobClass], SimError> {
+    MIXES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, m)| *m)
+        .ok_or_else(|| {
+            let names: Vec<&str> = MIXES.iter().map(|(n, _)| *n).collect();
+            SimError::Argument(format!(
+                "--mix: unknown mix {name:?}: expected one of {}",
+                names.join(", ")
+            ))
+        })
+}
 
 /// Unix time of the first submission (2017-10-01, inside the Philly trace's span).
 const START_UNIX_S: i64 = 1_506_816_000;

@@ -9,18 +9,39 @@
 //!   CPU-only tasks go where CPU is plentiful and devices are not stranded.
 //! - **Topology-aware gang packing**: gangs without a required level go into the narrowest domain
 //!   that fits (host, rack, pod, zone, datacenter); candidate domains are ranked least-remaining
-//!   first and the best few are scored whole; tasks of a gang prefer hosts the gang already uses.
+//!   first (then the fullest parent domain) and the best few are scored whole; tasks of a gang
+//!   prefer hosts the gang already uses; while gangs of several tasks are pending or running,
+//!   equally scored hosts go by the fullest rack, then the fullest pod, so empty racks and pods
+//!   stay whole for the gangs that need them.
 //! - **Queues**: guaranteed quotas, borrowing of idle capacity beyond them (recorded in
 //!   `borrowed_milli`), reclaim of borrowed capacity by preemption.
-//! - **Big gangs are not starved**: the first gang that does not fit gets an EASY-style reservation.
+//! - **Big gangs are not starved, and do not starve the others**: the first gang blocked by shape
+//!   (enough devices free, in the wrong places) gets an EASY-style reservation; a gang short of free
+//!   devices holds nobody up ([`may_reserve`]).
 //! - **Priorities with preemption** (when `SchedulerConfig::preemption`), see `engine::preemption`.
 
 use crate::engine::config::PolicyName;
 use crate::engine::framework::{HeadOfLine, Pick, Policy, QuotaMode, ScoreCx, TieBreak};
 use crate::engine::index::{HostSlot, TaskShape};
 use crate::engine::job::DeviceDemand;
+use crate::engine::plan::PendingReason;
 
 pub struct Gangway;
+
+/// Head-of-line rule: only a gang blocked by *shape* takes the round's EASY reservation
+/// (`no_domain_fits`, `no_host_fits`: the free devices would do, but no domain of the required
+/// level holds enough of them together). Its reservation gathers capacity that is already free,
+/// so it drains only the fragments in the way, soon, and keeps small jobs from re-fragmenting the
+/// block meanwhile.
+///
+/// A gang short of free devices in total (`insufficient_capacity`) waits without a reservation.
+/// On a busy cluster its reservation would hold the hosts that free up first until enough of them
+/// are free together, often hours for a gang of hundreds of devices; every gang behind it that runs
+/// longer than that (large gangs do) would be kept off them and queue too, while they sit idle.
+/// Once enough devices are free the gang is blocked by shape (or fits) and reserves in its turn.
+pub fn may_reserve(reason: &PendingReason) -> bool {
+    crate::engine::defrag::blocked_by_shape(reason)
+}
 
 /// Weight of "devices left free on the host" (as a share of the largest host) against
 /// fragmentation growth (in devices): a light best-fit pull that keeps whole hosts free.

@@ -5,6 +5,7 @@ use super::device::MILLI_PER_DEVICE;
 use super::framework::{Policy, ScoreCx};
 use super::index::{HostSlot, TaskShape};
 use super::job::DeviceDemand;
+use super::plan::PendingReason;
 
 pub mod backfill;
 pub mod best_fit;
@@ -22,6 +23,22 @@ pub fn policy(name: PolicyName) -> &'static dyn Policy {
         PolicyName::StaticQuota => &static_quota::StaticQuota,
         PolicyName::Backfill => &backfill::Backfill,
         PolicyName::Gangway => &gangway::Gangway,
+    }
+}
+
+/// Head-of-line point of [`HeadOfLine::Reserve`](super::framework::HeadOfLine::Reserve) policies:
+/// whether a gang that did not fit, for `reason`, may take the round's reservation. EASY
+/// (`backfill`) reserves for any gang short of room; `gangway` only for a gang blocked by shape
+/// ([`gangway::may_reserve`]).
+pub(crate) fn may_reserve(policy: &dyn Policy, reason: &PendingReason) -> bool {
+    match policy.name() {
+        PolicyName::Gangway => gangway::may_reserve(reason),
+        _ => matches!(
+            reason,
+            PendingReason::InsufficientCapacity { .. }
+                | PendingReason::NoDomainFits { .. }
+                | PendingReason::NoHostFits { .. }
+        ),
     }
 }
 
