@@ -331,6 +331,8 @@ fn domain_indexes_group_hosts_as_their_domain_keys_do() {
             .expect("host");
     }
     let mut ov = Overlay::new(&c);
+    let mut all_at_once = Overlay::new(&c);
+    all_at_once.build_domains(&TopologyLevel::ALL);
     for level in TopologyLevel::ALL {
         let mut want: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (h, hs) in c.hosts().iter().enumerate() {
@@ -355,5 +357,11 @@ fn domain_indexes_group_hosts_as_their_domain_keys_do() {
             );
             assert_eq!(got.free_whole[di], 8 * hs.len() as u64, "{level}");
         }
+        let same = all_at_once.domain_index(level).expect("built");
+        assert_eq!(
+            (&same.keys, &same.hosts),
+            (&got.keys, &got.hosts),
+            "{level}"
+        );
     }
 }

@@ -40,6 +40,42 @@ pub struct JobSpec {
     /// `None`: the job cannot be checkpointed, so it is never migrated and only preempted by a stop.
     pub checkpoint: Option<CheckpointSpec>,
     pub estimated_runtime: Option<Duration>,
+    /// What happens when a task fails on healthy hardware (`[restart]`). Failures of the
+    /// infrastructure (a device or host lost) never count against it: such a gang is repaired.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// Restarts after application failures (a task exited non-zero on healthy hardware): at most
+/// `max_restarts`, each from the last checkpoint, the n-th after `backoff` x 2^(n-1), at most
+/// `max_backoff`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    pub max_restarts: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RestartPolicy {
+    /// No restart: the first application failure fails the job.
+    fn default() -> Self {
+        Self {
+            max_restarts: 0,
+            backoff: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// The wait before restart number `n` (1-based).
+    pub fn backoff_before(&self, n: u32) -> Duration {
+        let factor = 1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.backoff
+            .checked_mul(factor)
+            .unwrap_or(self.max_backoff)
+            .min(self.max_backoff)
+    }
 }
 
 /// What each task needs.
@@ -147,6 +183,15 @@ struct RawSpec {
     topology: Option<RawTopology>,
     checkpoint: Option<RawCheckpoint>,
     estimated_runtime: Option<toml::Value>,
+    restart: Option<RawRestart>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRestart {
+    max_restarts: Option<toml::Value>,
+    backoff: Option<toml::Value>,
+    max_backoff: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +348,43 @@ fn to_milli(v: &toml::Value) -> Option<u64> {
             ((x * 1000.0 - milli).abs() < 1e-6).then_some(milli as u64)
         }
         _ => None,
+    }
+}
+
+/// `[restart]`: at most 1,000 restarts, backoffs from 0 s to a day, `max_backoff` no shorter
+/// than `backoff`.
+fn check_restart(p: &mut Problems, r: RawRestart) -> RestartPolicy {
+    let default = RestartPolicy::default();
+    let max_restarts = r
+        .max_restarts
+        .as_ref()
+        .and_then(|v| check_int(p, "restart.max_restarts", v, 0, 1000))
+        .map_or(default.max_restarts, |n| n as u32);
+    let day = Duration::from_secs(24 * 3600);
+    let mut duration = |path: &str, v: Option<&toml::Value>, or: Duration| {
+        v.and_then(|v| check_duration(p, path, v, Duration::ZERO, day))
+            .unwrap_or(or)
+    };
+    let backoff = duration("restart.backoff", r.backoff.as_ref(), default.backoff);
+    let max_backoff = duration(
+        "restart.max_backoff",
+        r.max_backoff.as_ref(),
+        default.max_backoff.max(backoff),
+    );
+    if max_backoff < backoff {
+        p.add(
+            "restart.max_backoff",
+            format!(
+                "expected a duration no shorter than restart.backoff ({}), got {}",
+                humantime::format_duration(backoff),
+                humantime::format_duration(max_backoff)
+            ),
+        );
+    }
+    RestartPolicy {
+        max_restarts,
+        backoff,
+        max_backoff,
     }
 }
 
@@ -584,6 +666,11 @@ impl JobSpec {
             )
         });
 
+        let restart = raw
+            .restart
+            .map(|r| check_restart(&mut p, r))
+            .unwrap_or_default();
+
         if let Some(r) = &resources {
             if r.devices == DeviceCount::None && topology.required == Some(TopologyLevel::Nvlink) {
                 p.add(
@@ -615,6 +702,7 @@ impl JobSpec {
             topology,
             checkpoint,
             estimated_runtime,
+            restart,
         })
     }
 

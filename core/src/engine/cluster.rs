@@ -4,7 +4,7 @@
 //! place and release gangs through [`ClusterState::apply_placement`] and [`ClusterState::release`],
 //! which re-check every placement, so an over-commit is impossible whoever computed the plan.
 
-use super::device::{DeviceKind, DeviceModel, MILLI_PER_DEVICE};
+use super::device::{DeviceKind, DeviceModel, DeviceSpec, MILLI_PER_DEVICE};
 use super::host::{HostSpec, HostState, NodeState};
 use super::job::{DeviceDemand, GangRequest};
 use super::plan::GangPlacement;
@@ -72,6 +72,13 @@ pub enum PlacementError {
     },
     #[error("job {job}: tasks span more than one {level}")]
     OutsideRequiredDomain { job: JobId, level: TopologyLevel },
+    #[error("job {job} task {task}: host {host} device {index} is fenced")]
+    DeviceFenced {
+        job: JobId,
+        task: usize,
+        host: HostName,
+        index: u16,
+    },
 }
 
 /// Why a host cannot be added.
@@ -87,6 +94,16 @@ pub enum HostError {
     },
     #[error("host {0} has more than 65535 devices")]
     TooManyDevices(HostName),
+    #[error("unknown host {0}")]
+    Unknown(HostName),
+    #[error("host {host} has no device {index} (it has {count})")]
+    UnknownDevice {
+        host: HostName,
+        index: u16,
+        count: usize,
+    },
+    #[error("host {host} still holds work of {jobs} job(s)")]
+    NotEmpty { host: HostName, jobs: usize },
 }
 
 /// Hosts, free capacity, running gangs and queues. Ordered maps only: iteration is deterministic.
@@ -153,6 +170,98 @@ impl ClusterState {
             }
             None => false,
         }
+    }
+
+    /// Fences (`fenced`) or unfences device `index` of `host`: a fenced device takes no new work,
+    /// and gangs that hold it keep their share until released. Returns whether anything changed.
+    pub fn set_device_fenced(
+        &mut self,
+        host: &HostName,
+        index: u16,
+        fenced: bool,
+    ) -> Result<bool, HostError> {
+        let h = self.host_mut_device(host, index)?;
+        Ok(if fenced {
+            h.fence(index)
+        } else {
+            h.unfence(index)
+        })
+    }
+
+    fn host_mut_device(
+        &mut self,
+        host: &HostName,
+        index: u16,
+    ) -> Result<&mut HostState, HostError> {
+        let &hi = self
+            .host_index
+            .get(host)
+            .ok_or_else(|| HostError::Unknown(host.clone()))?;
+        let h = &mut self.hosts[hi];
+        if usize::from(index) >= h.spec.devices.len() {
+            return Err(HostError::UnknownDevice {
+                host: host.clone(),
+                index,
+                count: h.spec.devices.len(),
+            });
+        }
+        Ok(h)
+    }
+
+    /// Appends devices that joined `host`; existing device indexes do not move.
+    pub fn add_devices(
+        &mut self,
+        host: &HostName,
+        devices: Vec<DeviceSpec>,
+    ) -> Result<(), HostError> {
+        let &hi = self
+            .host_index
+            .get(host)
+            .ok_or_else(|| HostError::Unknown(host.clone()))?;
+        let count = self.hosts[hi].spec.devices.len() + devices.len();
+        if count > usize::from(u16::MAX) {
+            return Err(HostError::TooManyDevices(host.clone()));
+        }
+        if let Some((i, d)) = devices
+            .iter()
+            .enumerate()
+            .find(|(_, d)| !self.models.contains_key(&d.model))
+        {
+            return Err(HostError::UnknownModel {
+                host: host.clone(),
+                index: self.hosts[hi].spec.devices.len() + i,
+                model: d.model.clone(),
+            });
+        }
+        self.hosts[hi].add_devices(devices);
+        Ok(())
+    }
+
+    /// Removes a host that no gang holds any part of (the hosts after it move up one position).
+    pub fn remove_host(&mut self, host: &HostName) -> Result<HostState, HostError> {
+        let &hi = self
+            .host_index
+            .get(host)
+            .ok_or_else(|| HostError::Unknown(host.clone()))?;
+        let jobs = self
+            .running
+            .values()
+            .filter(|g| g.placement.tasks.iter().any(|t| &t.host == host))
+            .count();
+        if jobs > 0 {
+            return Err(HostError::NotEmpty {
+                host: host.clone(),
+                jobs,
+            });
+        }
+        let removed = self.hosts.remove(hi);
+        self.host_index.remove(host);
+        for i in self.host_index.values_mut() {
+            if *i > hi {
+                *i -= 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Hosts in registration order (the stable order first-fit walks).
@@ -266,6 +375,14 @@ impl ClusterState {
             };
             let entry = &mut taken[pos];
             for share in &tp.devices {
+                if host.is_fenced(share.index) {
+                    return Err(PlacementError::DeviceFenced {
+                        job: job.clone(),
+                        task,
+                        host: tp.host.clone(),
+                        index: share.index,
+                    });
+                }
                 let i = usize::from(share.index);
                 entry.1[i] += share.milli;
                 if entry.1[i] > host.free_milli[i] {
@@ -421,12 +538,7 @@ impl ClusterState {
         let gang = self.running.remove(job)?;
         for tp in &gang.placement.tasks {
             let hi = self.host_index[&tp.host];
-            let host = &mut self.hosts[hi];
-            for share in &tp.devices {
-                host.free_milli[usize::from(share.index)] += share.milli;
-            }
-            host.free_cpu_milli += tp.cpu_milli;
-            host.free_memory_mib += tp.memory_mib;
+            self.hosts[hi].release_task(tp);
         }
         Some(gang)
     }

@@ -4,6 +4,7 @@ use super::device::{DeviceSpec, MILLI_PER_DEVICE};
 use super::topology::HostTopology;
 use gangway_proto::ids::HostName;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// What the control plane lets the scheduler do with a host.
@@ -57,6 +58,11 @@ pub struct HostState {
     pub free_milli: Vec<u32>,
     pub free_cpu_milli: u64,
     pub free_memory_mib: u64,
+    /// Fenced devices (failed, or fenced by an operator): device index -> the milli-devices held
+    /// back from `free_milli`. A fenced device takes no new work; what its running gangs give
+    /// back stays held until it is unfenced, so its `free_milli` is 0 for every reader.
+    #[serde(default)]
+    pub fenced: BTreeMap<u16, u32>,
 }
 
 impl HostState {
@@ -67,6 +73,57 @@ impl HostState {
             free_memory_mib: spec.memory_mib,
             free_milli,
             spec,
+            fenced: BTreeMap::new(),
+        }
+    }
+
+    /// Fences device `index`: what is free on it is held back. False if it was fenced already.
+    pub fn fence(&mut self, index: u16) -> bool {
+        if self.fenced.contains_key(&index) {
+            return false;
+        }
+        let held = std::mem::take(&mut self.free_milli[usize::from(index)]);
+        self.fenced.insert(index, held);
+        true
+    }
+
+    /// Returns fenced device `index` to service. False if it was not fenced.
+    pub fn unfence(&mut self, index: u16) -> bool {
+        let Some(held) = self.fenced.remove(&index) else {
+            return false;
+        };
+        self.free_milli[usize::from(index)] += held;
+        true
+    }
+
+    pub fn is_fenced(&self, index: u16) -> bool {
+        self.fenced.contains_key(&index)
+    }
+
+    /// Gives `milli` of device `index` back (a gang released it): held while the device is
+    /// fenced.
+    fn give_back(&mut self, index: u16, milli: u32) {
+        match self.fenced.get_mut(&index) {
+            Some(held) => *held += milli,
+            None => self.free_milli[usize::from(index)] += milli,
+        }
+    }
+
+    /// Takes back everything `placement`'s task on this host held.
+    pub(super) fn release_task(&mut self, task: &super::plan::TaskPlacement) {
+        for share in &task.devices {
+            self.give_back(share.index, share.milli);
+        }
+        self.free_cpu_milli += task.cpu_milli;
+        self.free_memory_mib += task.memory_mib;
+    }
+
+    /// Appends devices that joined the host (a re-registration with a changed inventory); the
+    /// existing indexes never move, so leases keep naming the same devices.
+    pub(super) fn add_devices(&mut self, devices: Vec<DeviceSpec>) {
+        for d in devices {
+            self.free_milli.push(MILLI_PER_DEVICE);
+            self.spec.devices.push(d);
         }
     }
 

@@ -13,6 +13,7 @@ use super::job::{DeviceDemand, GangRequest, HostFilter};
 use super::plan::{DeviceShare, GangPlacement};
 use super::topology::TopologyLevel;
 use gangway_proto::ids::HostName;
+use rustc_hash::FxHashMap;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Free capacity of one host in the overlay.
@@ -179,6 +180,8 @@ pub struct Overlay<'a> {
     pub max_devices_per_host: usize,
     /// Devices of each model id in the cluster (any host state).
     pub devices_by_model: Vec<u64>,
+    /// Fenced devices of ready hosts, per model id.
+    pub fenced_by_model: Vec<u64>,
 }
 
 fn whole_count(slot: &HostSlot) -> u64 {
@@ -264,6 +267,18 @@ impl<'a> Overlay<'a> {
                 }
             }
         }
+        let mut fenced_by_model = vec![0u64; nm];
+        for (h, hs) in view.hosts().iter().enumerate() {
+            if !info[h].ready {
+                continue;
+            }
+            for &d in hs.fenced.keys() {
+                match info[h].dev_model.get(usize::from(d)) {
+                    Some(&m) if usize::from(m) < nm => fenced_by_model[usize::from(m)] += 1,
+                    _ => {}
+                }
+            }
+        }
         let mut ov = Overlay {
             view,
             models,
@@ -281,6 +296,7 @@ impl<'a> Overlay<'a> {
             free_milli_by_model: vec![0; nm],
             max_devices_per_host,
             devices_by_model,
+            fenced_by_model,
         };
         for h in 0..n {
             ov.account(h, true);
@@ -627,7 +643,12 @@ impl<'a> Overlay<'a> {
                 continue;
             };
             let mut slot = self.slots[h].clone();
+            let fenced = &self.view.hosts()[h].fenced;
             for s in &tp.devices {
+                // A fenced device stays unusable whoever leaves it.
+                if fenced.contains_key(&s.index) {
+                    continue;
+                }
                 if let Some(f) = slot.free.get_mut(usize::from(s.index)) {
                     *f = (*f + s.milli).min(MILLI_PER_DEVICE);
                 }
@@ -680,9 +701,21 @@ impl<'a> Overlay<'a> {
 
     /// The domains of a level, built on first use.
     pub fn domains(&mut self, level: TopologyLevel) -> &DomainIndex {
-        let li = level as usize;
-        if self.domains[li].is_none() {
-            let keys = domain_hosts(self.view, level);
+        self.build_domains(&[level]);
+        self.domains[level as usize].as_ref().expect("built")
+    }
+
+    /// Builds the domain indexes of several levels at once (one pass over the hosts).
+    pub fn build_domains(&mut self, levels: &[TopologyLevel]) {
+        let missing: Vec<TopologyLevel> = levels
+            .iter()
+            .copied()
+            .filter(|&l| self.domains[l as usize].is_none())
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        for (level, keys) in domain_hosts(self.view, &missing) {
             let mut host_domain = vec![0u32; self.view.hosts().len()];
             let mut free_whole = Vec::with_capacity(keys.len());
             let mut ks = Vec::with_capacity(keys.len());
@@ -699,7 +732,7 @@ impl<'a> Overlay<'a> {
                 ks.push(k);
                 hosts.push(hs);
             }
-            self.domains[li] = Some(DomainIndex {
+            self.domains[level as usize] = Some(DomainIndex {
                 level,
                 keys: ks,
                 hosts,
@@ -707,7 +740,6 @@ impl<'a> Overlay<'a> {
                 free_whole,
             });
         }
-        self.domains[li].as_ref().expect("built")
     }
 
     pub fn domain_index(&self, level: TopologyLevel) -> Option<&DomainIndex> {
@@ -715,39 +747,102 @@ impl<'a> Overlay<'a> {
     }
 }
 
-/// The hosts of each domain of `level`, by domain key ([`ClusterState::domain_key`]) in key
-/// order. Hosts are grouped by their borrowed topology fields first, so a key string is built once
-/// per domain rather than once per host (a round may build this for every level it uses).
-fn domain_hosts(view: &ClusterState, level: TopologyLevel) -> BTreeMap<String, Vec<usize>> {
-    let mut groups: HashMap<[&str; 5], Vec<usize>> = HashMap::new();
-    for (h, hs) in view.hosts().iter().enumerate() {
+/// Topology fields that name a host's domain at a level: datacenter, zone, pod, rack, host name;
+/// the ones below the level empty.
+type Fields<'v> = [&'v str; 5];
+
+fn depth(level: TopologyLevel) -> usize {
+    match level {
+        TopologyLevel::Datacenter => 1,
+        TopologyLevel::Zone => 2,
+        TopologyLevel::Pod => 3,
+        TopologyLevel::Rack => 4,
+        TopologyLevel::Host | TopologyLevel::Nvlink => 5,
+    }
+}
+
+fn truncated<'v>(all: &Fields<'v>, level: TopologyLevel) -> Fields<'v> {
+    let mut fields = [""; 5];
+    let d = depth(level);
+    fields[..d].copy_from_slice(&all[..d]);
+    fields
+}
+
+/// For each of `levels`, the hosts of each domain by domain key ([`ClusterState::domain_key`]),
+/// in key order. One pass groups the hosts by their borrowed topology fields at the finest level
+/// asked for; coarser levels group those groups; a key string is built once per domain, not per
+/// host (a round builds these for every level it uses).
+fn domain_hosts(
+    view: &ClusterState,
+    levels: &[TopologyLevel],
+) -> Vec<(TopologyLevel, BTreeMap<String, Vec<usize>>)> {
+    let finest = levels.iter().copied().max_by_key(|&l| depth(l));
+    let Some(finest) = finest else {
+        return Vec::new();
+    };
+    let fields_of = |h: usize| {
+        let hs = &view.hosts()[h];
         let t = &hs.spec.topology;
-        let all = [
+        [
             t.datacenter.as_str(),
             t.zone.as_str(),
             t.pod.as_str(),
             t.rack.as_str(),
             hs.spec.name.as_str(),
-        ];
-        let depth = match level {
-            TopologyLevel::Datacenter => 1,
-            TopologyLevel::Zone => 2,
-            TopologyLevel::Pod => 3,
-            TopologyLevel::Rack => 4,
-            TopologyLevel::Host | TopologyLevel::Nvlink => 5,
+        ]
+    };
+    let all: Vec<usize> = (0..view.hosts().len()).collect();
+    let finest_groups = group_runs(all.iter().map(|&h| {
+        (
+            truncated(&fields_of(h), finest),
+            std::slice::from_ref(&all[h]),
+        )
+    }));
+    levels
+        .iter()
+        .map(|&level| {
+            let mut keys: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            let coarse = if level == finest {
+                finest_groups.clone()
+            } else {
+                group_runs(
+                    finest_groups
+                        .iter()
+                        .map(|(fields, hosts)| (truncated(fields, level), hosts.as_slice())),
+                )
+            };
+            for (_, hosts) in coarse {
+                let first = &view.hosts()[hosts[0]].spec;
+                let key = ClusterState::domain_key(&first.topology, &first.name, level);
+                keys.entry(key).or_default().extend(hosts);
+            }
+            for hosts in keys.values_mut() {
+                hosts.sort_unstable();
+            }
+            (level, keys)
+        })
+        .collect()
+}
+
+/// Merges items with equal fields, in first-seen order. Items of one group usually come one after
+/// another (hosts of a rack are registered together): a run costs one comparison per item with
+/// the previous one, and only a run's first item a map lookup.
+fn group_runs<'v, 'h>(
+    items: impl Iterator<Item = (Fields<'v>, &'h [usize])>,
+) -> Vec<(Fields<'v>, Vec<usize>)> {
+    let mut groups: Vec<(Fields<'v>, Vec<usize>)> = Vec::new();
+    let mut by_fields: FxHashMap<Fields<'v>, usize> = FxHashMap::default();
+    let mut last: Option<usize> = None;
+    for (fields, hosts) in items {
+        let g = match last {
+            Some(g) if groups[g].0 == fields => g,
+            _ => *by_fields.entry(fields).or_insert_with(|| {
+                groups.push((fields, Vec::new()));
+                groups.len() - 1
+            }),
         };
-        let mut fields = [""; 5];
-        fields[..depth].copy_from_slice(&all[..depth]);
-        groups.entry(fields).or_default().push(h);
+        groups[g].1.extend_from_slice(hosts);
+        last = Some(g);
     }
-    let mut keys: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for hosts in groups.into_values() {
-        let first = &view.hosts()[hosts[0]].spec;
-        let key = ClusterState::domain_key(&first.topology, &first.name, level);
-        keys.entry(key).or_default().extend(hosts);
-    }
-    for hosts in keys.values_mut() {
-        hosts.sort_unstable();
-    }
-    keys
+    groups
 }

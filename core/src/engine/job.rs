@@ -64,6 +64,23 @@ pub struct GangRequest {
     /// or by default the hosts a migrating job leaves.
     #[serde(default)]
     pub hosts: HostFilter,
+    /// How a gang that ran before comes back (a repair, a restart's backoff); default for a gang
+    /// that never ran.
+    #[serde(default)]
+    pub resume: Resume,
+}
+
+/// How a gang that held a lease before is placed again.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// Its lease ended because a device it held failed: it goes before ordinary pending work
+    /// (every queue, every priority), as Slurm's expedited requeue.
+    pub repair: bool,
+    /// Hosts it ran on that are still healthy: the placement keeps them where the gang's topology
+    /// constraint allows.
+    pub prefer: BTreeSet<HostName>,
+    /// Not placed before this log time (the backoff of a restart after a failure); 0: no wait.
+    pub not_before_ms: u64,
 }
 
 /// Which hosts a gang may be placed on. Empty: any host.
@@ -150,6 +167,7 @@ impl GangRequest {
             checkpointable: false,
             submitted_at_ms: 0,
             hosts: HostFilter::default(),
+            resume: Resume::default(),
         }
     }
 

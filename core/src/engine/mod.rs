@@ -40,7 +40,7 @@ pub use defrag::{
 };
 pub use device::{DeviceKind, DeviceModel, DeviceSpec, MILLI_PER_DEVICE};
 pub use host::{HostSpec, HostState, NodeState};
-pub use job::{join_hosts, DeviceDemand, GangRequest, HostFilter, TaskDemand};
+pub use job::{join_hosts, DeviceDemand, GangRequest, HostFilter, Resume, TaskDemand};
 pub use plan::{
     DeviceShare, GangPlacement, PendingJob, PendingReason, Plan, Preemption, PreemptionReason,
     TaskPlacement,

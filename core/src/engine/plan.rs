@@ -111,6 +111,16 @@ pub enum PendingReason {
         free: u64,
         detail: String,
     },
+    /// The cluster lacks the free capacity because devices it could use are fenced (failed, or
+    /// taken out of service by an operator).
+    DevicesFenced {
+        wanted: String,
+        needed: u64,
+        free: u64,
+        fenced: u64,
+    },
+    /// A restart after a failure waits out its backoff until log time `until_ms`.
+    Backoff { until_ms: u64 },
     /// Submitted (or re-queued) since the last round: no round has looked at it yet.
     Unscheduled,
     /// Its lease ended for a reason that is not its own (preempted, node lost, migrated, reclaimed)
@@ -178,6 +188,19 @@ impl std::fmt::Display for PendingReason {
                 free,
                 detail,
             } => write!(f, "needs {wanted}; {free} are free but {detail}"),
+            PendingReason::DevicesFenced {
+                wanted,
+                needed,
+                free,
+                fenced,
+            } => write!(
+                f,
+                "needs {wanted} ({needed} in all); only {free} are free and {fenced} more are fenced (failed or out of service)"
+            ),
+            PendingReason::Backoff { until_ms } => write!(
+                f,
+                "restarting after a failure: backing off until log time {until_ms} ms"
+            ),
             PendingReason::Unscheduled => f.write_str("waiting for the next scheduling round"),
             PendingReason::Requeued { why } => f.write_str(why),
             PendingReason::PlanStale { detail } => {

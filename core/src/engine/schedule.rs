@@ -99,8 +99,7 @@ impl<'a> Round<'a> {
             TieBreak::LowestIndex => Tie::Index,
         };
         if tie == Tie::Packed {
-            ov.domains(TopologyLevel::Rack);
-            ov.domains(TopologyLevel::Pod);
+            ov.build_domains(&[TopologyLevel::Rack, TopologyLevel::Pod]);
         }
         let use_memory = config.policy == super::config::PolicyName::Gangway;
         let frag = if !policy.needs_frag() {
@@ -347,6 +346,32 @@ impl<'a> Round<'a> {
         seed: u64,
         allow_soft: bool,
     ) -> Option<(Vec<TaskAt>, f64)> {
+        self.fill_scored(hosts, tasks, shape, seed, allow_soft, &[])
+    }
+
+    /// [`Round::fill`] with `prefer`red hosts taken first, whatever the policy's score.
+    fn fill_preferring(
+        &mut self,
+        hosts: &[usize],
+        tasks: u32,
+        shape: &TaskShape,
+        seed: u64,
+        allow_soft: bool,
+        prefer: &[usize],
+    ) -> Option<Vec<TaskAt>> {
+        self.fill_scored(hosts, tasks, shape, seed, allow_soft, prefer)
+            .map(|(placed, _)| placed)
+    }
+
+    fn fill_scored(
+        &mut self,
+        hosts: &[usize],
+        tasks: u32,
+        shape: &TaskShape,
+        seed: u64,
+        allow_soft: bool,
+        prefer: &[usize],
+    ) -> Option<(Vec<TaskAt>, f64)> {
         let bonus = self.policy.locality_bonus();
         let keys: Vec<TieKey> = hosts.iter().map(|&h| self.tie_key(h, seed)).collect();
         let allowed = |ov: &Overlay<'_>, h: usize| {
@@ -367,20 +392,24 @@ impl<'a> Round<'a> {
         let mark = self.ov.mark();
         let mut out = Vec::with_capacity(tasks as usize);
         let mut total = 0.0;
+        let preferred: Vec<bool> = hosts.iter().map(|h| prefer.contains(h)).collect();
         for _ in 0..tasks {
-            let mut best: Option<(f64, TieKey, usize)> = None;
+            let mut best: Option<(bool, f64, TieKey, usize)> = None;
             for (k, c) in cache.iter().enumerate() {
                 let Some((s, _)) = c else { continue };
                 let s = if used[k] { s + bonus } else { *s };
+                let p = preferred[k];
                 let better = match best {
                     None => true,
-                    Some((bs, bk, _)) => s > bs || (s == bs && keys[k] < bk),
+                    Some((bp, bs, bk, _)) => {
+                        (p, s) > (bp, bs) || (p == bp && s == bs && keys[k] < bk)
+                    }
                 };
                 if better {
-                    best = Some((s, keys[k], k));
+                    best = Some((p, s, keys[k], k));
                 }
             }
-            let Some((s, _, k)) = best else {
+            let Some((_, s, _, k)) = best else {
                 self.ov.undo(mark);
                 return None;
             };
@@ -499,6 +528,37 @@ impl<'a> Round<'a> {
         Some(placed)
     }
 
+    /// A repaired gang's placement that keeps the hosts it ran on (`resume.prefer`): its tasks
+    /// filled into the domain of its required level around those hosts (any host without one),
+    /// those hosts first. `None` (overlay unchanged) when the gang prefers nothing or does not fit
+    /// there; the caller then places it anywhere.
+    fn place_near(
+        &mut self,
+        req: &GangRequest,
+        shape: &TaskShape,
+        seed: u64,
+        allow_soft: bool,
+    ) -> Option<Vec<TaskAt>> {
+        let view = self.ov.view;
+        let prefer: Vec<usize> = req
+            .resume
+            .prefer
+            .iter()
+            .filter_map(|h| view.host_position(h))
+            .collect();
+        let &anchor = prefer.first()?;
+        let hosts: Vec<usize> = match req.required {
+            Some(level) => {
+                let level = level.max(TopologyLevel::Host);
+                let dom = self.ov.domains(level);
+                let d = dom.host_domain[anchor] as usize;
+                dom.hosts[d].clone()
+            }
+            None => (0..view.hosts().len()).collect(),
+        };
+        self.fill_preferring(&hosts, req.tasks, shape, seed, allow_soft, &prefer)
+    }
+
     /// Places a whole gang in the overlay, or leaves the overlay unchanged and returns None.
     pub fn place(
         &mut self,
@@ -523,6 +583,9 @@ impl<'a> Round<'a> {
         }
         let seed = job_seed(&req.id);
         let extra: &[usize] = if allow_soft { soft_hosts } else { &[] };
+        if let Some(placed) = self.place_near(req, shape, seed, allow_soft) {
+            return Some(placed);
+        }
         if req.tasks == 1 {
             let (h, pick, _) = self.best_host(shape, seed, extra, &[])?;
             let shares = self.take(h, shape, pick);
@@ -623,6 +686,24 @@ pub(crate) fn explain(
         DeviceDemand::None => (u64::from(req.tasks), u64::from(req.tasks)),
     };
     if free < needed {
+        let fenced: u64 = match shape.demand {
+            DeviceDemand::Whole(_) | DeviceDemand::Fraction(_) => ov
+                .fenced_by_model
+                .iter()
+                .enumerate()
+                .filter(|(m, _)| shape.accept[*m])
+                .map(|(_, n)| n)
+                .sum(),
+            DeviceDemand::None => 0,
+        };
+        if fenced > 0 && free + fenced >= needed {
+            return PendingReason::DevicesFenced {
+                wanted,
+                needed,
+                free,
+                fenced,
+            };
+        }
         return PendingReason::InsufficientCapacity {
             wanted,
             needed,
@@ -840,7 +921,16 @@ pub fn schedule(
     order.sort_by_cached_key(|&i| {
         let req = &pending[i];
         let (priority, submitted) = policy.queue_key(req);
-        (priority, borrows(req), submitted, req.id.clone(), i)
+        // A repair (its device failed under it) goes before ordinary pending work.
+        let ordinary = !req.resume.repair;
+        (
+            ordinary,
+            priority,
+            borrows(req),
+            submitted,
+            req.id.clone(),
+            i,
+        )
     });
     let mut plan = Plan::default();
     let mut seen: BTreeSet<&JobId> = BTreeSet::new();
@@ -877,6 +967,12 @@ pub fn schedule(
             pend(PendingReason::Policy {
                 plugin: "validate".into(),
                 message: "the job is already running or listed twice".into(),
+            });
+            continue;
+        }
+        if req.resume.not_before_ms > now_ms {
+            pend(PendingReason::Backoff {
+                until_ms: req.resume.not_before_ms,
             });
             continue;
         }

@@ -244,6 +244,7 @@ impl OpenbPod {
             checkpointable: false,
             submitted_at_ms,
             hosts: Default::default(),
+            resume: Default::default(),
         }
     }
 }

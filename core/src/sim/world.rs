@@ -193,6 +193,7 @@ impl<'a> World<'a> {
                 timeout: Duration::from_millis(checkpoint_ms.max(1)),
             }),
             estimated_runtime: Some(Duration::from_millis(j.duration_ms)),
+            restart: Default::default(),
         }
     }
 

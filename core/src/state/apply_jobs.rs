@@ -2,9 +2,9 @@
 
 use super::command::{
     CheckpointFailure, CheckpointReport, DefragOrder, Event, IdleReport, Rejection, Response,
-    Submission, TaskReport,
+    Submission, TaskReport, TaskState,
 };
-use super::job_record::{JobRecord, JobState, MigrationReason};
+use super::job_record::{JobRecord, JobState, MigrationReason, RunCause};
 use super::store::ClusterStore;
 use crate::engine::{join_hosts, HostFilter, IdleAction};
 use gangway_proto::ids::{JobId, QueueName};
@@ -115,9 +115,71 @@ impl ClusterStore {
         let outcome = record.gang_outcome(&report);
         events.push(Event::JobChanged(job.clone()));
         if let Some((next, why)) = outcome {
-            self.revoke_lease(now, job, next, why, events);
+            let (next, cause, why) = self.failure_verdict(now, job, &report, next, why);
+            self.revoke_lease_as(now, job, next, Some(cause), why, events);
         }
         Response::Done
+    }
+
+    /// What a gang's end becomes under the failure semantics. A lost rank, or a failed rank whose
+    /// devices are fenced (its hardware failed under it), is an infrastructure failure: the gang
+    /// is repaired, never counted against it. A failed rank on healthy hardware is the
+    /// application's: restarted from the last checkpoint after the backoff while the job's
+    /// restart policy allows, failed otherwise.
+    fn failure_verdict(
+        &mut self,
+        now: u64,
+        job: &JobId,
+        report: &TaskReport,
+        next: JobState,
+        why: String,
+    ) -> (JobState, RunCause, String) {
+        let infrastructure = report.state == TaskState::Lost
+            || (next == JobState::Failed && self.rank_on_fenced_device(job, report.task));
+        let Some(record) = self.jobs.get_mut(job) else {
+            return (next, RunCause::of(next), why);
+        };
+        if infrastructure {
+            record.mark_repair();
+            let why = if report.state == TaskState::Lost {
+                why
+            } else {
+                format!(
+                    "{why}; its device is fenced, so the gang is repaired from its last checkpoint"
+                )
+            };
+            return (JobState::Pending, RunCause::Infrastructure, why);
+        }
+        if next != JobState::Failed {
+            return (next, RunCause::of(next), why);
+        }
+        let Some(at) = record.next_restart_at(now) else {
+            return (next, RunCause::Application, why);
+        };
+        record.restarts += 1;
+        record.resume.not_before_ms = at;
+        let (n, max) = (record.restarts, record.spec.restart.max_restarts);
+        let wait = at - now;
+        let why = format!(
+            "{why}; restart {n} of {max} from the last checkpoint after {wait} ms of backoff"
+        );
+        (JobState::Pending, RunCause::Application, why)
+    }
+
+    /// Whether rank `task` of `job`'s lease holds a fenced device.
+    fn rank_on_fenced_device(&self, job: &JobId, task: u32) -> bool {
+        let Some(t) = self
+            .jobs
+            .get(job)
+            .and_then(|j| j.lease.as_ref())
+            .and_then(|l| l.placement.tasks.get(task as usize))
+        else {
+            return false;
+        };
+        let Some(host) = self.engine.host(&t.host) else {
+            return false;
+        };
+        t.devices.iter().any(|d| host.is_fenced(d.index))
     }
 
     pub(super) fn apply_record_checkpoint(
@@ -455,10 +517,30 @@ impl ClusterStore {
         why: String,
         events: &mut Vec<Event>,
     ) {
+        self.revoke_lease_as(now, job, next, None, why, events);
+    }
+
+    /// [`ClusterStore::revoke_lease`] with the cause of the end, when the caller knows it.
+    pub(super) fn revoke_lease_as(
+        &mut self,
+        now: u64,
+        job: &JobId,
+        next: JobState,
+        cause: Option<RunCause>,
+        why: String,
+        events: &mut Vec<Event>,
+    ) {
         let Some(record) = self.jobs.get_mut(job) else {
             return;
         };
-        let Some(lease) = record.end_lease(now, next, why) else {
+        // A gang readied for repair lost its lease to the infrastructure, not to its own failure
+        // or the scheduler.
+        let cause = cause.unwrap_or(if next == JobState::Pending && record.resume.repair {
+            RunCause::Infrastructure
+        } else {
+            RunCause::of(next)
+        });
+        let Some(lease) = record.end_lease_as(now, next, cause, why) else {
             return;
         };
         self.engine.release(job);

@@ -32,19 +32,23 @@ impl ClusterStore {
                 }
             }
         }
-        if let Some(existing) = self.nodes.get_mut(&name) {
-            // A restarted worker registers again. Its inventory must be what the cluster holds
-            // leases against; a changed host must be drained and removed first.
-            if existing.registration.devices != reg.devices
-                || existing.registration.topology != reg.topology
+        if let Some(existing) = self.nodes.get(&name) {
+            // A restarted worker registers again. Its place in the topology, CPU and memory are
+            // what the cluster holds leases against: a moved host must be drained and removed
+            // first. Its devices may have changed (see `reconcile_inventory`).
+            if existing.registration.topology != reg.topology
                 || existing.registration.cpu_milli != reg.cpu_milli
                 || existing.registration.memory_mib != reg.memory_mib
             {
                 return bad(
-                    "re-registered with a different inventory or topology; remove the node first"
+                    "re-registered with a different topology, CPU or memory; drain and remove the node first"
                         .to_owned(),
                 );
             }
+            if let Err(why) = self.reconcile_inventory(now, &name, &reg.devices, events) {
+                return bad(why);
+            }
+            let existing = self.nodes.get_mut(&name).expect("checked");
             existing.registration.address = reg.address;
             if existing.state == NodeState::Down {
                 existing.state = NodeState::Ready;
@@ -85,16 +89,7 @@ impl ClusterStore {
         }
         self.device_epochs
             .insert(name.clone(), vec![0; reg.devices.len()]);
-        self.nodes.insert(
-            name.clone(),
-            NodeRecord {
-                registration: reg,
-                state: NodeState::Ready,
-                state_reason: "registered".to_owned(),
-                registered_at_ms: now,
-                state_changed_at_ms: now,
-            },
-        );
+        self.nodes.insert(name.clone(), NodeRecord::new(reg, now));
         events.push(Event::AllocationsChanged(name));
         events.push(Event::SchedulingNeeded);
         Response::Done
@@ -157,6 +152,10 @@ impl ClusterStore {
             .map(|j| j.id.clone())
             .collect();
         for job in affected {
+            // A lost host is the infrastructure's failure: the gang is repaired, not counted.
+            if let Some(record) = self.jobs.get_mut(&job) {
+                record.mark_repair();
+            }
             self.revoke_lease(
                 now,
                 &job,

@@ -143,6 +143,41 @@ pub struct IdleReport {
     pub idle_ms: u64,
 }
 
+/// The agent's report that a device's health changed. Retried until acknowledged; a repeat
+/// changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceHealthReport {
+    pub node: HostName,
+    /// The device's uuid as registered.
+    pub device: String,
+    pub health: super::node_record::DeviceHealth,
+    /// What the agent saw ("XID 79", "uncorrectable ECC", "thermal throttling").
+    pub cause: String,
+}
+
+/// The result of the operator's health check command on a host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheckReport {
+    pub node: HostName,
+    pub passed: bool,
+    /// Uuids of the devices the check named as failing; empty with `passed` false: the check
+    /// failed without naming devices, and every device of the host counts as failing it.
+    pub failed_devices: Vec<String>,
+    /// The check's own words (the end of its output), kept as the fence reason.
+    pub detail: String,
+}
+
+/// An operator fences a device (no new leases; its running gang is repaired elsewhere) or returns
+/// it to service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFenceChange {
+    pub node: HostName,
+    /// The device's uuid, or its index on the host as a decimal number.
+    pub device: String,
+    pub fenced: bool,
+    pub reason: String,
+}
+
 /// Every state change, one variant per kind of change, one apply function per variant.
 ///
 /// Commands, responses and everything inside them are externally tagged serde enums: the Raft log
@@ -199,6 +234,19 @@ pub enum Command {
     /// The leader saw a lease idle. Applied per the queue's policy at apply time: reclaim
     /// (checkpoint, release, re-queue) or report. Refused if the lease changed since.
     IdleLease(IdleReport),
+    /// A worker reports a device's health changed: a failed device is fenced and the gang on it
+    /// repaired.
+    DeviceHealth(DeviceHealthReport),
+    /// A worker reports its health check's result: fenced devices return to service after
+    /// enough passes in a row; failing devices are fenced.
+    HealthCheck(HealthCheckReport),
+    /// An operator fences or unfences a device.
+    FenceDevice(DeviceFenceChange),
+    /// An operator decommissions a node that holds no lease (down, or drained).
+    RemoveNode {
+        node: HostName,
+        reason: String,
+    },
     /// Loads a backup (`gangway cluster snapshot save`) into an empty cluster. `backup_revision` is
     /// the revision the backup was taken at. Every lease in the backup is revoked and its job
     /// re-queued, and epochs and revisions jump far past anything the old cluster could have
@@ -228,6 +276,10 @@ impl Command {
             Command::Defragment(_) => "defragment",
             Command::SetQueue(_) => "set_queue",
             Command::IdleLease(_) => "idle_lease",
+            Command::DeviceHealth(_) => "device_health",
+            Command::HealthCheck(_) => "health_check",
+            Command::FenceDevice(_) => "fence_device",
+            Command::RemoveNode { .. } => "remove_node",
             Command::Restore { .. } => "restore",
         }
     }
@@ -255,6 +307,8 @@ pub enum Rejection {
     StaleEpoch { job: JobId, got: u64, current: u64 },
     #[error("job {job} has no task {task}")]
     UnknownTask { job: JobId, task: u32 },
+    #[error("node {node} has no device {device}")]
+    UnknownDevice { node: HostName, device: String },
     #[error("invalid job: {0}")]
     InvalidJob(String),
     #[error("a backup is restored into an empty cluster only; this one has {nodes} nodes and {jobs} jobs")]
@@ -271,6 +325,7 @@ impl Rejection {
             Rejection::BadNode { .. } => "bad_node",
             Rejection::StaleEpoch { .. } => "stale_epoch",
             Rejection::UnknownTask { .. } => "unknown_task",
+            Rejection::UnknownDevice { .. } => "unknown_device",
             Rejection::InvalidJob(_) => "invalid_job",
             Rejection::NotEmpty { .. } => "not_empty",
         }

@@ -1,7 +1,7 @@
 //! A job as the cluster remembers it: its spec, where it is in its life, its lease and checkpoints.
 
 use super::command::{CheckpointManifest, Rejection, TaskReport, TaskState};
-use crate::engine::{DeviceDemand, GangPlacement, GangRequest, HostFilter, PendingReason};
+use crate::engine::{DeviceDemand, GangPlacement, GangRequest, HostFilter, PendingReason, Resume};
 use gangway_proto::ids::{HostName, JobId, QueueName};
 use gangway_proto::spec::{DeviceCount, JobSpec};
 use serde::{Deserialize, Serialize};
@@ -108,6 +108,10 @@ pub enum MigrationReason {
     /// Its queue reclaims its idle lease (`why`, in words). Like a preemption, it stops even if
     /// the checkpoint fails, and it queues again behind the jobs waiting then.
     IdleReclaim { why: String },
+    /// An operator fenced a device it holds (`why`): it checkpoints, stops even if the checkpoint
+    /// fails, and is repaired (placed again before ordinary pending work, on its healthy hosts
+    /// where it can be).
+    Repair { why: String },
 }
 
 impl MigrationReason {
@@ -136,6 +140,9 @@ impl MigrationReason {
             MigrationReason::Move { .. } => {
                 format!("migrating: checkpointed at step {step}; placing it again")
             }
+            MigrationReason::Repair { why } => {
+                format!("{why}: checkpointed at step {step}; repairing")
+            }
         }
     }
 
@@ -145,7 +152,7 @@ impl MigrationReason {
         let why = match self {
             MigrationReason::Move { .. } => return None,
             MigrationReason::Preemption { for_job } => format!("preempted for job {for_job}"),
-            MigrationReason::IdleReclaim { why } => why.clone(),
+            MigrationReason::IdleReclaim { why } | MigrationReason::Repair { why } => why.clone(),
         };
         Some(format!(
             "{why}; checkpoint failed ({error}), stopped anyway; re-queued from the last checkpoint"
@@ -180,14 +187,17 @@ struct MigrationRecord {
     preempted_for: Option<JobId>,
     #[serde(default)]
     idle_reclaim: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    repair: Option<String>,
 }
 
 impl From<MigrationRecord> for Migration {
     fn from(r: MigrationRecord) -> Self {
-        let reason = match (r.preempted_for, r.idle_reclaim) {
-            (Some(for_job), _) => MigrationReason::Preemption { for_job },
-            (None, Some(why)) => MigrationReason::IdleReclaim { why },
-            (None, None) => MigrationReason::Move { hosts: r.hosts },
+        let reason = match (r.preempted_for, r.idle_reclaim, r.repair) {
+            (Some(for_job), _, _) => MigrationReason::Preemption { for_job },
+            (None, Some(why), _) => MigrationReason::IdleReclaim { why },
+            (None, None, Some(why)) => MigrationReason::Repair { why },
+            (None, None, None) => MigrationReason::Move { hosts: r.hosts },
         };
         Migration {
             checkpoint_request: r.checkpoint_request,
@@ -205,11 +215,13 @@ impl From<Migration> for MigrationRecord {
             requested_at_ms: m.requested_at_ms,
             preempted_for: None,
             idle_reclaim: None,
+            repair: None,
         };
         match m.reason {
             MigrationReason::Move { hosts } => record.hosts = hosts,
             MigrationReason::Preemption { for_job } => record.preempted_for = Some(for_job),
             MigrationReason::IdleReclaim { why } => record.idle_reclaim = Some(why),
+            MigrationReason::Repair { why } => record.repair = Some(why),
         }
         record
     }
@@ -273,6 +285,71 @@ pub struct JobRecord {
     /// taking the devices straight back by its submission time.
     #[serde(default)]
     pub reclaimed: Option<Reclaimed>,
+    /// Restarts after application failures so far (against `spec.restart.max_restarts`).
+    #[serde(default)]
+    pub restarts: u32,
+    /// Repairs after infrastructure failures (a device or host lost); never limited.
+    #[serde(default)]
+    pub repairs: u32,
+    /// How it comes back when it is placed again (a repair, a restart's backoff); cleared once
+    /// placed.
+    #[serde(default)]
+    pub resume: Resume,
+    /// Its leases, oldest first, at most [`JOB_HISTORY_LIMIT`]: where each ran and why it ended
+    /// (`gangway job status`).
+    #[serde(default)]
+    pub runs: Vec<RunRecord>,
+}
+
+/// One lease of a job: an attempt to run it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub epoch: u64,
+    pub hosts: Vec<HostName>,
+    pub started_at_ms: u64,
+    pub ended_at_ms: Option<u64>,
+    pub cause: Option<RunCause>,
+    /// What ended it, in words.
+    pub end: String,
+}
+
+/// Why a lease ended, as the restart policy sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunCause {
+    /// Every task succeeded.
+    Completed,
+    /// A task failed on healthy hardware: counted against the restart policy.
+    Application,
+    /// A device or host failed under it: repaired, never counted against the job.
+    Infrastructure,
+    /// The scheduler took it back (preemption, migration, idle reclaim, restore).
+    Scheduler,
+    Cancelled,
+}
+
+impl fmt::Display for RunCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RunCause::Completed => "completed",
+            RunCause::Application => "application",
+            RunCause::Infrastructure => "infrastructure",
+            RunCause::Scheduler => "scheduler",
+            RunCause::Cancelled => "cancelled",
+        })
+    }
+}
+
+impl RunCause {
+    /// The cause a lease ending in `next` has unless the caller knows better.
+    pub fn of(next: JobState) -> RunCause {
+        match next {
+            JobState::Succeeded => RunCause::Completed,
+            JobState::Failed => RunCause::Application,
+            JobState::Cancelled => RunCause::Cancelled,
+            JobState::Pending | JobState::Running => RunCause::Scheduler,
+        }
+    }
 }
 
 impl JobRecord {
@@ -298,6 +375,10 @@ impl JobRecord {
             reclaims: 0,
             idle_reported_epoch: None,
             reclaimed: None,
+            restarts: 0,
+            repairs: 0,
+            resume: Resume::default(),
+            runs: Vec::new(),
         };
         job.note(now_ms, "submitted".to_owned());
         job
@@ -393,6 +474,19 @@ impl JobRecord {
         self.state = JobState::Running;
         self.pending_reason = None;
         self.attempts += 1;
+        self.resume = Resume::default();
+        if self.runs.len() == JOB_HISTORY_LIMIT {
+            self.runs.remove(0);
+        }
+        let placement = &self.lease.as_ref().expect("just leased").placement;
+        self.runs.push(RunRecord {
+            epoch,
+            hosts: placement.tasks.iter().map(|t| t.host.clone()).collect(),
+            started_at_ms: now,
+            ended_at_ms: None,
+            cause: None,
+            end: String::new(),
+        });
         self.note(
             now,
             format!("leased (epoch {epoch}) on {}", hosts.join(", ")),
@@ -403,7 +497,23 @@ impl JobRecord {
     /// re-queue it, or a terminal state) for `why`. Returns the lease, whose devices the caller
     /// frees; `None` (and no change) when it holds none.
     pub fn end_lease(&mut self, now: u64, next: JobState, why: String) -> Option<Lease> {
+        self.end_lease_as(now, next, RunCause::of(next), why)
+    }
+
+    /// [`JobRecord::end_lease`] with the cause of the end given (an infrastructure failure).
+    pub fn end_lease_as(
+        &mut self,
+        now: u64,
+        next: JobState,
+        cause: RunCause,
+        why: String,
+    ) -> Option<Lease> {
         let lease = self.lease.take()?;
+        if let Some(run) = self.runs.last_mut().filter(|r| r.epoch == lease.epoch) {
+            run.ended_at_ms = Some(now);
+            run.cause = Some(cause);
+            run.end = why.clone();
+        }
         self.migration = None;
         self.last_hosts = lease.hosts().cloned().collect();
         self.state = next;
@@ -469,6 +579,16 @@ impl JobRecord {
         }
     }
 
+    /// Whether its spec allows another restart after an application failure, and if so the log
+    /// time it may be placed again (the backoff of that restart).
+    pub fn next_restart_at(&self, now: u64) -> Option<u64> {
+        let policy = &self.spec.restart;
+        (self.restarts < policy.max_restarts).then(|| {
+            let wait = policy.backoff_before(self.restarts + 1);
+            now.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
+        })
+    }
+
     /// Whether a report under an ended lease repeats a completion already recorded (a worker
     /// retries until someone acknowledges it).
     pub fn repeats_completion(&self, report: &TaskReport) -> bool {
@@ -527,10 +647,28 @@ impl JobRecord {
     pub fn stop_for_migration(&mut self, now: u64) -> Option<MigrationReason> {
         let reason = self.migration.take()?.reason;
         self.next_hosts = reason.next_hosts();
-        if let MigrationReason::IdleReclaim { .. } = reason {
-            self.mark_reclaimed(now);
+        match &reason {
+            MigrationReason::IdleReclaim { .. } => self.mark_reclaimed(now),
+            MigrationReason::Repair { .. } => self.mark_repair(),
+            _ => {}
         }
         Some(reason)
+    }
+
+    /// Readies it to be repaired once its lease ends: counted (never against its restarts), it
+    /// goes before ordinary pending work, on the hosts of its lease where it can.
+    pub fn mark_repair(&mut self) {
+        let prefer = self
+            .lease
+            .as_ref()
+            .map(|l| l.hosts().cloned().collect())
+            .unwrap_or_default();
+        self.repairs += 1;
+        self.resume = Resume {
+            repair: true,
+            prefer,
+            not_before_ms: 0,
+        };
     }
 
     /// Gives up its migration after a failed checkpoint: it keeps running where it is.
@@ -606,6 +744,7 @@ impl JobRecord {
             checkpointable: self.spec.checkpoint.is_some(),
             submitted_at_ms: self.queue_order_ms(),
             hosts: self.next_hosts.clone(),
+            resume: self.resume.clone(),
         }
     }
 }

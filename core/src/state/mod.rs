@@ -4,6 +4,7 @@
 //! The consensus layer calls [`ClusterStore::apply`] with the leader-stamped time of each entry; the
 //! engine reads [`ClusterStore::engine`] as its snapshot; workers read [`ClusterStore::allocations_for`].
 
+mod apply_devices;
 mod apply_jobs;
 mod apply_nodes;
 mod apply_plan;
@@ -16,11 +17,13 @@ pub mod store;
 
 pub use command::{
     CheckpointFailure, CheckpointManifest, CheckpointReport, Command, DefragMove, DefragOrder,
-    DeviceInventory, Event, IdleReport, NodeRegistration, NodeStateChange, Rejection, Response,
-    Submission, TaskReport, TaskState,
+    DeviceFenceChange, DeviceHealthReport, DeviceInventory, Event, HealthCheckReport, IdleReport,
+    NodeRegistration, NodeStateChange, Rejection, Response, Submission, TaskReport, TaskState,
 };
-pub use job_record::{JobRecord, JobState, Lease, Migration, MigrationReason};
+pub use job_record::{JobRecord, JobState, Lease, Migration, MigrationReason, RunCause, RunRecord};
 pub use job_table::JobTable;
-pub use node_record::NodeRecord;
+pub use node_record::{
+    DeviceHealth, DeviceRecord, Fence, FenceSource, NodeRecord, CHECK_PASSES_TO_UNFENCE, FLAP_LIMIT,
+};
 pub use round::{defragment_command, RoundRead};
 pub use store::{Allocation, ClusterStore, MIGRATION_SLACK_MS, RESTORE_JUMP};

@@ -120,6 +120,12 @@ impl ClusterStore {
             Command::Defragment(order) => self.apply_defragment(now, order, events),
             Command::SetQueue(queue) => self.apply_set_queue(queue, events),
             Command::IdleLease(report) => self.apply_idle_lease(now, report, events),
+            Command::DeviceHealth(report) => self.apply_device_health(now, report, events),
+            Command::HealthCheck(report) => self.apply_health_check(now, report, events),
+            Command::FenceDevice(change) => self.apply_fence_device(now, change, events),
+            Command::RemoveNode { node, reason } => {
+                self.apply_remove_node(now, node, reason, events)
+            }
             Command::Restore {
                 state,
                 backup_revision,

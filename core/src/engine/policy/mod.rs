@@ -36,6 +36,7 @@ pub(crate) fn may_reserve(policy: &dyn Policy, reason: &PendingReason) -> bool {
         _ => matches!(
             reason,
             PendingReason::InsufficientCapacity { .. }
+                | PendingReason::DevicesFenced { .. }
                 | PendingReason::NoDomainFits { .. }
                 | PendingReason::NoHostFits { .. }
         ),
