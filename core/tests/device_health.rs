@@ -667,6 +667,7 @@ fn a_node_is_removed_only_when_it_holds_nothing_and_is_not_ready() {
         node: HostName::new(&host),
         state: NodeState::Draining,
         reason: "retire".into(),
+        grace_ms: None,
     }));
     let r = c.apply(remove(&host));
     assert!(
@@ -780,4 +781,68 @@ proptest! {
             prop_assert!(c.store.job_table().indexes_consistent());
         }
     }
+}
+
+#[test]
+fn a_drain_moves_checkpointable_work_off_and_stops_the_rest_at_its_deadline() {
+    let mut c = Cluster::with_hosts(3, 3);
+    let ckpt = c.submit(spec("ckpt", 1, 4, CHECKPOINTED));
+    let plain = c.submit(spec("plain", 1, 4, ""));
+    c.round();
+    c.run_all(&ckpt);
+    c.run_all(&plain);
+    // Both on one host (best packing): drain it with a 60 s grace.
+    let host = c.hosts_of(&ckpt).into_iter().next().unwrap();
+    assert_eq!(c.hosts_of(&plain), BTreeSet::from([host.clone()]));
+    let epoch = c.epoch(&ckpt);
+    c.ok(Command::SetNodeState(NodeStateChange {
+        node: HostName::new(&host),
+        state: NodeState::Draining,
+        reason: "replace the board".into(),
+        grace_ms: Some(60_000),
+    }));
+    let deadline = c.store.nodes()[&HostName::new(&host)]
+        .drain_deadline_ms
+        .unwrap();
+    assert_eq!(deadline, c.now + 60_000);
+
+    // The checkpointable job checkpoints and resumes elsewhere with no lost step.
+    let request = c
+        .job(&ckpt)
+        .migration
+        .as_ref()
+        .expect("moving")
+        .checkpoint_request;
+    c.ok(Command::RecordCheckpoint(CheckpointReport {
+        job: ckpt.clone(),
+        epoch,
+        request,
+        manifest: CheckpointManifest {
+            path: "/ckpt/step-900".into(),
+            step: 900,
+            bytes: 1,
+        },
+    }));
+    assert_eq!(c.round(), vec![ckpt.clone()]);
+    assert!(!c.hosts_of(&ckpt).contains(&host));
+    assert_eq!(c.job(&ckpt).restore_from(), Some("/ckpt/step-900"));
+
+    // The other runs on until the deadline; then the leader's command stops it.
+    assert!(!c.store.node_is_empty(&HostName::new(&host)));
+    assert!(c.store.overdue_drains(deadline - 1).is_empty());
+    let due = c.store.overdue_drains(deadline);
+    assert_eq!(due.len(), 1);
+    c.now = deadline;
+    for command in due {
+        c.ok(command);
+    }
+    assert_eq!(c.job(&plain).state, JobState::Pending);
+    assert!(c.store.node_is_empty(&HostName::new(&host)));
+    assert_eq!(c.round(), vec![plain.clone()]);
+    assert!(!c.hosts_of(&plain).contains(&host));
+    // Empty and draining: it can be removed.
+    c.ok(Command::RemoveNode {
+        node: HostName::new(&host),
+        reason: "decommissioned".into(),
+    });
 }

@@ -384,6 +384,7 @@ fn cancel_drain_and_bad_registrations_answer_clearly() {
         node: HostName::new("h1"),
         state: NodeState::Cordoned,
         reason: "maintenance".into(),
+        grace_ms: None,
     }));
     let next = c.submit(spec("next", 1, 1));
     let Response::PlanApplied { stale, .. } = c.place(vec![placement(&next, &["h1"], 0, 1)]) else {
@@ -776,6 +777,7 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
             node: HostName::new("h1"),
             state: NodeState::Draining,
             reason: "r".into(),
+            grace_ms: None,
         }),
         Command::NodeDown {
             node: HostName::new("h1"),
@@ -1215,6 +1217,7 @@ fn a_defragmentation_plan_is_fenced_by_epochs_and_its_reservation_holds() {
             node: HostName::new("h3"),
             state: gangway_core::engine::NodeState::Ready,
             reason: "tick".into(),
+            grace_ms: None,
         }));
     }
     assert_eq!(c.store.reservations().count(), 0, "expired by log time");

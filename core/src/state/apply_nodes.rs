@@ -1,10 +1,12 @@
 //! Apply functions for node and queue commands.
 
-use super::command::{Event, NodeRegistration, NodeStateChange, Rejection, Response};
-use super::job_record::JobState;
+use super::command::{
+    Event, NodeRegistration, NodeStateChange, Rejection, Response, DEFAULT_DRAIN_GRACE_MS,
+};
+use super::job_record::{JobState, MigrationReason};
 use super::node_record::NodeRecord;
 use super::store::ClusterStore;
-use crate::engine::{DeviceModel, DeviceSpec, HostSpec, NodeState, QueueConfig};
+use crate::engine::{DeviceModel, DeviceSpec, HostFilter, HostSpec, NodeState, QueueConfig};
 use gangway_proto::ids::{HostName, JobId};
 
 impl ClusterStore {
@@ -105,6 +107,7 @@ impl ClusterStore {
             node,
             state,
             reason,
+            grace_ms,
         } = change;
         if state == NodeState::Down {
             return self.apply_node_down(now, node, reason, events);
@@ -116,8 +119,75 @@ impl ClusterStore {
             record.state = state;
             record.state_reason = reason;
             record.state_changed_at_ms = now;
+            record.drain_deadline_ms = (state == NodeState::Draining)
+                .then(|| now.saturating_add(grace_ms.unwrap_or(DEFAULT_DRAIN_GRACE_MS)));
             self.engine.set_node_state(&node, state);
+            if state == NodeState::Draining {
+                self.move_off(now, &node, events);
+            }
             events.push(Event::SchedulingNeeded);
+        }
+        Response::Done
+    }
+
+    /// The jobs holding a lease with a task on `node`, by id.
+    pub(super) fn jobs_on(&self, node: &HostName) -> Vec<JobId> {
+        self.engine
+            .running()
+            .iter()
+            .filter(|(_, g)| g.placement.tasks.iter().any(|t| &t.host == node))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// A drain begins: every checkpointable gang on `node` checkpoints and moves elsewhere (a
+    /// failed checkpoint leaves it running until the drain's deadline); the others run until
+    /// the deadline.
+    fn move_off(&mut self, now: u64, node: &HostName, events: &mut Vec<Event>) {
+        for job in self.jobs_on(node) {
+            let Some(record) = self.jobs.get_mut(&job) else {
+                continue;
+            };
+            if record.refuse_migration().is_some() {
+                continue;
+            }
+            let hosts = HostFilter {
+                avoid: [node.clone()].into(),
+                ..HostFilter::default()
+            };
+            record.start_migration(now, MigrationReason::Move { hosts });
+            record.note(
+                now,
+                format!("node {node} is draining: checkpointing to move"),
+            );
+            self.checkpoint_requested(&job, events);
+        }
+    }
+
+    /// The drain of `node` passed its deadline: what still runs there stops and is re-queued from
+    /// its last checkpoint, away from the node.
+    pub(super) fn apply_drain_deadline(
+        &mut self,
+        now: u64,
+        node: HostName,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        let Some(record) = self.nodes.get(&node) else {
+            return Response::Rejected(Rejection::UnknownNode(node));
+        };
+        let due = record.drain_deadline_ms.is_some_and(|d| now >= d);
+        if record.state != NodeState::Draining || !due {
+            return Response::Rejected(Rejection::BadNode {
+                node,
+                why: "it is not draining past its deadline".to_owned(),
+            });
+        }
+        for job in self.jobs_on(&node) {
+            if let Some(record) = self.jobs.get_mut(&job) {
+                record.next_hosts.avoid.insert(node.clone());
+            }
+            let why = format!("node {node} drained: its deadline passed; stopped and re-queued from the last checkpoint");
+            self.revoke_lease(now, &job, JobState::Pending, why, events);
         }
         Response::Done
     }

@@ -83,7 +83,14 @@ pub struct NodeStateChange {
     pub node: HostName,
     pub state: NodeState,
     pub reason: String,
+    /// Draining: how long its work has to move off (checkpoint and migrate) before what still
+    /// runs there is stopped and re-queued; `None`: [`DEFAULT_DRAIN_GRACE_MS`].
+    #[serde(default)]
+    pub grace_ms: Option<u64>,
 }
+
+/// How long a drain waits for work to move off before stopping it, unless the operator says.
+pub const DEFAULT_DRAIN_GRACE_MS: u64 = 10 * 60 * 1000;
 
 /// A client submits a job. The key makes retries (and duplicate submissions) create one job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -242,6 +249,11 @@ pub enum Command {
     HealthCheck(HealthCheckReport),
     /// An operator fences or unfences a device.
     FenceDevice(DeviceFenceChange),
+    /// The leader stops what still runs on a draining node whose grace has passed: each gang is
+    /// re-queued from its last checkpoint, away from the node.
+    DrainDeadline {
+        node: HostName,
+    },
     /// An operator decommissions a node that holds no lease (down, or drained).
     RemoveNode {
         node: HostName,
@@ -279,6 +291,7 @@ impl Command {
             Command::DeviceHealth(_) => "device_health",
             Command::HealthCheck(_) => "health_check",
             Command::FenceDevice(_) => "fence_device",
+            Command::DrainDeadline { .. } => "drain_deadline",
             Command::RemoveNode { .. } => "remove_node",
             Command::Restore { .. } => "restore",
         }

@@ -17,6 +17,9 @@ pub struct NodeRecord {
     /// [`NodeRecord::device`] reads a missing record as a healthy device.
     #[serde(default)]
     pub devices: Vec<DeviceRecord>,
+    /// While draining: the log time after which what still runs there is stopped.
+    #[serde(default)]
+    pub drain_deadline_ms: Option<u64>,
 }
 
 impl NodeRecord {
@@ -29,6 +32,7 @@ impl NodeRecord {
             registered_at_ms: now,
             state_changed_at_ms: now,
             devices,
+            drain_deadline_ms: None,
         }
     }
 

@@ -6,7 +6,7 @@
 use super::command::{CheckpointFailure, Command, Event, Response};
 use super::job_record::{JobRecord, JobState};
 use super::node_record::NodeRecord;
-use crate::engine::{ClusterState, GangRequest, QueueConfig, SchedulerConfig};
+use crate::engine::{ClusterState, GangRequest, NodeState, QueueConfig, SchedulerConfig};
 use gangway_proto::ids::{HostName, JobId, QueueName};
 use gangway_proto::spec::CheckpointSpec;
 use serde::{Deserialize, Serialize};
@@ -123,6 +123,7 @@ impl ClusterStore {
             Command::DeviceHealth(report) => self.apply_device_health(now, report, events),
             Command::HealthCheck(report) => self.apply_health_check(now, report, events),
             Command::FenceDevice(change) => self.apply_fence_device(now, change, events),
+            Command::DrainDeadline { node } => self.apply_drain_deadline(now, node, events),
             Command::RemoveNode { node, reason } => {
                 self.apply_remove_node(now, node, reason, events)
             }
@@ -318,6 +319,22 @@ impl ClusterStore {
                 })
             })
             .collect()
+    }
+
+    /// The drains past their deadline with work still on their node: the commands that stop it.
+    pub fn overdue_drains(&self, now_ms: u64) -> Vec<Command> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.state == NodeState::Draining)
+            .filter(|(_, n)| n.drain_deadline_ms.is_some_and(|d| now_ms >= d))
+            .filter(|(name, _)| !self.jobs_on(name).is_empty())
+            .map(|(name, _)| Command::DrainDeadline { node: name.clone() })
+            .collect()
+    }
+
+    /// Whether a node holds no lease (a drain is complete once it does not).
+    pub fn node_is_empty(&self, node: &HostName) -> bool {
+        self.jobs_on(node).is_empty()
     }
 
     /// Everything a node's worker should run now.

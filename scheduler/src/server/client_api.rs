@@ -198,6 +198,7 @@ impl ClientApi for ClientService {
                 node,
                 state,
                 reason,
+                grace_ms: None,
             }))
             .await?;
         ok(pb::Empty {})

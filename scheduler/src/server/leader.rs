@@ -270,6 +270,19 @@ pub async fn node_down_loop(ctx: ReplicaContext, mut stop: watch::Receiver<bool>
                 }
             }
         }
+        // Drains past their deadline: what still runs on the node is stopped and re-queued.
+        let drains = ctx
+            .raft
+            .read_local(|fsm| fsm.store().overdue_drains(wall_clock_ms()));
+        for command in drains {
+            match ctx.raft.try_write(command).await {
+                Ok(_) => metrics::counter!("gangway_drain_deadlines_total").increment(1),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not end an overdue drain; will retry");
+                    break;
+                }
+            }
+        }
         for node in ctx.heartbeats.expired(&live, ttl, Instant::now()) {
             let reason = format!(
                 "no heartbeat for more than {}",
