@@ -284,7 +284,11 @@ fn a_gang_that_waits_because_of_fenced_devices_says_so() {
 #[test]
 fn a_repair_goes_before_ordinary_pending_work_and_keeps_its_healthy_hosts() {
     // Rack r1 = h1..h4, rack r2 = h5..h8. A 2x8 gang that must stay in one rack runs in r1.
+    // It was placed while another gang held two other hosts of r1, which have since freed up:
+    // left to itself, a round would now prefer those.
     let mut c = Cluster::with_hosts(8, 4);
+    let earlier = c.submit(spec("earlier", 2, 8, "[topology]\nrequired = \"rack\"\n"));
+    assert_eq!(c.round(), vec![earlier.clone()]);
     let gang = c.submit(spec(
         "gang",
         2,
@@ -294,34 +298,18 @@ fn a_repair_goes_before_ordinary_pending_work_and_keeps_its_healthy_hosts() {
     assert_eq!(c.round(), vec![gang.clone()]);
     c.run_all(&gang);
     let hosts: Vec<String> = c.hosts_of(&gang).into_iter().collect();
-    // Fill every other host, then free one host of the gang's rack, and queue high-priority
-    // work that would take it.
-    let mut fillers = Vec::new();
-    for i in 0..6 {
-        fillers.push(c.submit(spec(&format!("fill{i}"), 1, 8, "")));
-    }
-    assert_eq!(c.round().len(), 6);
-    let rack_of = |h: &str| {
-        let n: usize = h[1..].parse().unwrap();
-        (n - 1) / 4
-    };
-    let neighbour = fillers
-        .iter()
-        .find(|f| rack_of(c.hosts_of(f).iter().next().unwrap()) == rack_of(&hosts[0]))
-        .expect("a filler in the gang's rack")
-        .clone();
     c.ok(Command::CancelJob {
-        job: neighbour,
-        reason: "make room".into(),
+        job: earlier,
+        reason: "done early".into(),
     });
-    let urgent = c.submit(spec("urgent", 1, 8, "").replace_priority(100));
 
-    // A GPU of the gang's second host fails.
+    // A GPU of the gang's second host fails; high-priority work of another queue arrives.
     c.health(&hosts[1], 5, DeviceHealth::Failed, "XID 48: double-bit ECC");
     assert_eq!(c.job(&gang).state, JobState::Pending);
+    let urgent = c.submit(spec("urgent", 2, 8, "").replace_priority(100));
 
-    // The repair is placed first, despite the urgent job's priority, and keeps its healthy host
-    // when the rack allows it.
+    // The repair is placed first, despite the urgent job's priority, and keeps the healthy host
+    // it ran on: of the five hosts that could take its ranks, it takes its old one.
     let placed = c.round();
     assert_eq!(placed.first(), Some(&gang), "repair first: {placed:?}");
     let now_on = c.hosts_of(&gang);
@@ -330,12 +318,15 @@ fn a_repair_goes_before_ordinary_pending_work_and_keeps_its_healthy_hosts() {
         "kept {} in {now_on:?}",
         hosts[0]
     );
-    assert!(!c.devices_of(&gang).contains(&(hosts[1].clone(), 5)));
+    assert!(
+        !now_on.contains(&hosts[1]),
+        "7 healthy GPUs cannot take a rank of 8"
+    );
     assert!(
         c.job(&gang).resume == Default::default(),
         "resume spent once placed"
     );
-    assert_eq!(c.job(&urgent).state, JobState::Pending);
+    assert_eq!(c.job(&urgent).state, JobState::Running);
 }
 
 /// A snapshot as JSON, without the clock (every command advances it).
