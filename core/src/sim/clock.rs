@@ -1,7 +1,8 @@
 //! The discrete-event clock: a priority queue of timed events, deterministic under ties.
 //!
-//! Events at the same instant are delivered completions first, then arrivals, then ticks, and within a
-//! kind in the order they were pushed (a sequence number), so a replay never depends on heap internals.
+//! Events at the same instant are delivered completions first, then checkpoints, device failures,
+//! device repairs, arrivals (and resubmissions), then ticks, and within a kind in the order they
+//! were pushed (a sequence number), so a replay never depends on heap internals.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -21,8 +22,14 @@ pub enum Event {
         request: u64,
         step: u64,
     },
+    /// GPU `device` (an index into the replay's device list) fails (`--failures`).
+    DeviceFailure { device: usize },
+    /// GPU `device`, failed, is returned to service by an operator.
+    DeviceRepaired { device: usize },
     /// A job is submitted.
     Arrival { job: usize },
+    /// A person resubmits job `job`, failed with its device (`--failures` without repair).
+    Resubmit { job: usize },
     /// A periodic scheduling round while gangs wait (time-dependent decisions: min-runtime, ageing).
     Tick,
 }
@@ -32,8 +39,10 @@ impl Event {
         match self {
             Event::Completion { .. } => 0,
             Event::Checkpoint { .. } => 1,
-            Event::Arrival { .. } => 2,
-            Event::Tick => 3,
+            Event::DeviceFailure { .. } => 2,
+            Event::DeviceRepaired { .. } => 3,
+            Event::Arrival { .. } | Event::Resubmit { .. } => 4,
+            Event::Tick => 5,
         }
     }
 }

@@ -187,7 +187,7 @@ struct MigrationRecord {
     preempted_for: Option<JobId>,
     #[serde(default)]
     idle_reclaim: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     repair: Option<String>,
 }
 
@@ -757,9 +757,10 @@ mod tests {
     #[test]
     fn a_migration_keeps_its_stored_format() {
         let stored = [
-            r#"{"checkpoint_request":3,"hosts":{"only":[],"avoid":["h1"]},"requested_at_ms":7,"preempted_for":null,"idle_reclaim":null}"#,
-            r#"{"checkpoint_request":3,"hosts":{"only":[],"avoid":[]},"requested_at_ms":7,"preempted_for":"big-1","idle_reclaim":null}"#,
-            r#"{"checkpoint_request":3,"hosts":{"only":[],"avoid":[]},"requested_at_ms":7,"preempted_for":null,"idle_reclaim":"idle"}"#,
+            r#"{"checkpoint_request":3,"hosts":{"only":[],"avoid":["h1"]},"requested_at_ms":7,"preempted_for":null,"idle_reclaim":null,"repair":null}"#,
+            r#"{"checkpoint_request":3,"hosts":{"only":[],"avoid":[]},"requested_at_ms":7,"preempted_for":"big-1","idle_reclaim":null,"repair":null}"#,
+            r#"{"checkpoint_request":3,"hosts":{"only":[],"avoid":[]},"requested_at_ms":7,"preempted_for":null,"idle_reclaim":"idle","repair":null}"#,
+            r#"{"checkpoint_request":3,"hosts":{"only":[],"avoid":[]},"requested_at_ms":7,"preempted_for":null,"idle_reclaim":null,"repair":"device 3 of h1 fenced"}"#,
         ];
         let reasons: Vec<MigrationReason> = stored
             .iter()
@@ -783,6 +784,9 @@ mod tests {
                 },
                 MigrationReason::IdleReclaim {
                     why: "idle".to_owned()
+                },
+                MigrationReason::Repair {
+                    why: "device 3 of h1 fenced".to_owned()
                 },
             ]
         );
