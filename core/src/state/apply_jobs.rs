@@ -38,10 +38,13 @@ impl ClusterStore {
                 "tasks must be 1..={MAX_TASKS} and command non-empty"
             )));
         }
+        if let Some(refusal) = self.refuse_full_queue(&spec.queue) {
+            return Response::Rejected(refusal);
+        }
         let id = JobId::new(format!("{}-{}", spec.name, self.next_job_seq));
         self.next_job_seq += 1;
         if let Some(key) = idempotency_key {
-            self.idempotency.insert(key, id.clone());
+            self.remember_key(key, id.clone(), now);
         }
         self.jobs.insert(JobRecord::new(id.clone(), spec, now));
         events.push(Event::JobChanged(id.clone()));

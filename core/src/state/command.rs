@@ -249,6 +249,11 @@ pub enum Command {
     HealthCheck(HealthCheckReport),
     /// An operator fences or unfences a device.
     FenceDevice(DeviceFenceChange),
+    /// The leader removes finished jobs and idempotency keys past their retention (each replica
+    /// archives the jobs first; see `state::retention`).
+    PruneHistory(super::retention::Prune),
+    /// An operator sets the retention of history and the pending cap per queue.
+    SetLimits(super::retention::Limits),
     /// The leader stops what still runs on a draining node whose grace has passed: each gang is
     /// re-queued from its last checkpoint, away from the node.
     DrainDeadline {
@@ -291,6 +296,8 @@ impl Command {
             Command::DeviceHealth(_) => "device_health",
             Command::HealthCheck(_) => "health_check",
             Command::FenceDevice(_) => "fence_device",
+            Command::PruneHistory(_) => "prune_history",
+            Command::SetLimits(_) => "set_limits",
             Command::DrainDeadline { .. } => "drain_deadline",
             Command::RemoveNode { .. } => "remove_node",
             Command::Restore { .. } => "restore",
@@ -322,6 +329,14 @@ pub enum Rejection {
     UnknownTask { job: JobId, task: u32 },
     #[error("node {node} has no device {device}")]
     UnknownDevice { node: HostName, device: String },
+    #[error("queue {queue} has {pending} pending jobs, its limit is {limit}; retry when some have been placed")]
+    QueueFull {
+        queue: String,
+        pending: usize,
+        limit: usize,
+    },
+    #[error("invalid limits: {0}")]
+    InvalidLimits(String),
     #[error("invalid job: {0}")]
     InvalidJob(String),
     #[error("a backup is restored into an empty cluster only; this one has {nodes} nodes and {jobs} jobs")]
@@ -339,6 +354,8 @@ impl Rejection {
             Rejection::StaleEpoch { .. } => "stale_epoch",
             Rejection::UnknownTask { .. } => "unknown_task",
             Rejection::UnknownDevice { .. } => "unknown_device",
+            Rejection::QueueFull { .. } => "resource_exhausted",
+            Rejection::InvalidLimits(_) => "invalid_limits",
             Rejection::InvalidJob(_) => "invalid_job",
             Rejection::NotEmpty { .. } => "not_empty",
         }
@@ -374,4 +391,6 @@ pub enum Event {
     /// Something changed that may let a pending job be placed, or a new job arrived.
     SchedulingNeeded,
     JobChanged(JobId),
+    /// A finished job left the replicated state (retention): each replica keeps it in its archive.
+    Archived(Box<super::job_record::JobRecord>),
 }

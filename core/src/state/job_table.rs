@@ -11,7 +11,7 @@
 use super::command::Rejection;
 use super::job_record::{JobRecord, JobState};
 use crate::engine::{GangRequest, PendingReason};
-use gangway_proto::ids::JobId;
+use gangway_proto::ids::{HostName, JobId};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -32,6 +32,17 @@ pub struct JobTable {
     running: BTreeSet<JobId>,
     /// Jobs with a migration waiting for its checkpoint.
     migrating: BTreeSet<JobId>,
+    /// Leases by node: the jobs with a task on each host, and the hosts each job is filed under.
+    by_node: BTreeMap<HostName, BTreeSet<JobId>>,
+    nodes_of: BTreeMap<JobId, Vec<HostName>>,
+    /// Finished jobs by the log time they finished (retention takes the oldest first).
+    finished: BTreeSet<(u64, JobId)>,
+    finished_at: BTreeMap<JobId, u64>,
+    /// How many jobs are in each state, and how many wait in each queue.
+    by_state: BTreeMap<JobState, usize>,
+    state_of: BTreeMap<JobId, JobState>,
+    pending_in: BTreeMap<String, usize>,
+    pending_queue_of: BTreeMap<JobId, String>,
     /// Jobs lent out by `get_mut` since the last `reindex`.
     dirty: BTreeSet<JobId>,
 }
@@ -166,6 +177,103 @@ impl JobTable {
             id,
             job.is_some_and(|j| j.migration.is_some()),
         );
+        self.refile_lookups(id);
+    }
+
+    /// Files `id` under the hosts its lease holds, its finish time and its state.
+    fn refile_lookups(&mut self, id: &JobId) {
+        let job = self.jobs.get(id);
+        let hosts: Vec<HostName> = job
+            .and_then(|j| j.lease.as_ref())
+            .map(|l| {
+                let set: BTreeSet<HostName> = l.hosts().cloned().collect();
+                set.into_iter().collect()
+            })
+            .unwrap_or_default();
+        for h in self.nodes_of.remove(id).unwrap_or_default() {
+            if let Some(jobs) = self.by_node.get_mut(&h) {
+                jobs.remove(id);
+                if jobs.is_empty() {
+                    self.by_node.remove(&h);
+                }
+            }
+        }
+        for h in &hosts {
+            self.by_node
+                .entry(h.clone())
+                .or_default()
+                .insert(id.clone());
+        }
+        if !hosts.is_empty() {
+            self.nodes_of.insert(id.clone(), hosts);
+        }
+        if let Some(at) = self.finished_at.remove(id) {
+            self.finished.remove(&(at, id.clone()));
+        }
+        if let Some(at) = job
+            .filter(|j| j.state.is_terminal())
+            .and_then(|j| j.finished_at_ms)
+        {
+            self.finished_at.insert(id.clone(), at);
+            self.finished.insert((at, id.clone()));
+        }
+        let old = self.state_of.remove(id);
+        let old_queue = old.filter(|s| *s == JobState::Pending);
+        if let Some(s) = old {
+            count(&mut self.by_state, s, false);
+        }
+        if let (Some(_), Some(q)) = (old_queue, self.pending_queue_of.remove(id)) {
+            count(&mut self.pending_in, q, false);
+        }
+        if let Some(j) = job {
+            self.state_of.insert(id.clone(), j.state);
+            count(&mut self.by_state, j.state, true);
+            if j.state == JobState::Pending {
+                self.pending_queue_of
+                    .insert(id.clone(), j.spec.queue.clone());
+                count(&mut self.pending_in, j.spec.queue.clone(), true);
+            }
+        }
+    }
+
+    /// The jobs holding a lease with a task on `node`, by id: what its allocations are made of.
+    pub fn on_node(&self, node: &HostName) -> impl Iterator<Item = &JobRecord> {
+        debug_assert!(self.dirty.is_empty(), "index read before reindex");
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.jobs.get(id))
+    }
+
+    /// Finished jobs, the longest finished first, with the log time each finished.
+    pub fn finished_oldest_first(&self) -> impl Iterator<Item = (u64, &JobId)> {
+        self.finished.iter().map(|(at, id)| (*at, id))
+    }
+
+    pub fn finished_count(&self) -> usize {
+        self.finished.len()
+    }
+
+    /// How many jobs are in `state`.
+    pub fn count_in(&self, state: JobState) -> usize {
+        self.by_state.get(&state).copied().unwrap_or(0)
+    }
+
+    /// How many jobs wait in `queue`.
+    pub fn pending_in(&self, queue: &str) -> usize {
+        self.pending_in.get(queue).copied().unwrap_or(0)
+    }
+
+    /// Removes a finished job from the table (retention); the record, for the archive.
+    pub fn remove_finished(&mut self, id: &JobId) -> Option<JobRecord> {
+        if !self.jobs.get(id)?.state.is_terminal() {
+            return None;
+        }
+        let job = self.jobs.remove(id);
+        self.dirty.remove(id);
+        self.refile(id);
+        job
     }
 
     /// Whether the indexes are exactly what the records say (tests and debug checks).
@@ -211,6 +319,18 @@ impl PendingQueue {
             self.keys.insert(at, n.clone());
             self.gangs.insert(at, gang);
             self.reasons.insert(at, reason);
+        }
+    }
+}
+
+/// Adds one to (or takes one from) `key`'s count, dropping counts that reach zero.
+fn count<K: Ord>(counts: &mut BTreeMap<K, usize>, key: K, add: bool) {
+    if add {
+        *counts.entry(key).or_default() += 1;
+    } else if let std::collections::btree_map::Entry::Occupied(mut e) = counts.entry(key) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod command;
 pub mod job_record;
 pub mod job_table;
 pub mod node_record;
+pub mod retention;
 mod round;
 pub mod store;
 
@@ -25,5 +26,6 @@ pub use job_table::JobTable;
 pub use node_record::{
     DeviceHealth, DeviceRecord, Fence, FenceSource, NodeRecord, CHECK_PASSES_TO_UNFENCE, FLAP_LIMIT,
 };
+pub use retention::{Limits, Prune, PRUNE_BATCH};
 pub use round::{defragment_command, RoundRead};
 pub use store::{Allocation, ClusterStore, MIGRATION_SLACK_MS, RESTORE_JUMP};

@@ -67,6 +67,12 @@ pub struct ClusterStore {
     /// preemptions, idle reclaims), at most `CAPACITY_ACTIONS_KEPT`: `gangway defrag status`.
     #[serde(default)]
     pub(super) capacity_actions: Vec<super::job_record::JobEvent>,
+    /// When each idempotency key was submitted (they expire after `limits.idempotency_window_ms`).
+    #[serde(default)]
+    pub(super) idempotency_at: BTreeMap<String, u64>,
+    /// Retention of finished jobs and keys, and the pending cap per queue.
+    #[serde(default)]
+    pub(super) limits: super::retention::Limits,
 }
 
 /// Added to twice a job's checkpoint timeout before the leader gives up on a migration's
@@ -123,6 +129,8 @@ impl ClusterStore {
             Command::DeviceHealth(report) => self.apply_device_health(now, report, events),
             Command::HealthCheck(report) => self.apply_health_check(now, report, events),
             Command::FenceDevice(change) => self.apply_fence_device(now, change, events),
+            Command::PruneHistory(prune) => self.apply_prune(now, prune, events),
+            Command::SetLimits(limits) => self.apply_set_limits(limits),
             Command::DrainDeadline { node } => self.apply_drain_deadline(now, node, events),
             Command::RemoveNode { node, reason } => {
                 self.apply_remove_node(now, node, reason, events)
@@ -341,7 +349,8 @@ impl ClusterStore {
     pub fn allocations_for(&self, node: &HostName) -> Vec<Allocation> {
         let mut out = Vec::new();
         let inventory = self.nodes.get(node).map(|n| &n.registration.devices);
-        for job in self.jobs.running() {
+        // What the node holds, from the leases-by-node index: costs what the node runs.
+        for job in self.jobs.on_node(node) {
             let Some(lease) = &job.lease else { continue };
             // Ranks of this job that this node should run (a finished rank never runs again).
             let mine: Vec<(usize, &crate::engine::TaskPlacement)> = lease
