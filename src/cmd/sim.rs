@@ -261,6 +261,8 @@ fn run_replay(args: &ReplayArgs) -> anyhow::Result<ExitCode> {
                         preempt,
                         curve_points: args.curve_points,
                         defrag: d.clone(),
+                        checkpoint_interval_ms: None,
+                        failures: None,
                     },
                 )
             })

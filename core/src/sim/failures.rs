@@ -54,7 +54,7 @@ impl FailureModel {
         }
         if spec.is_empty() {
             return Err(bad(
-                "expected `default` or mtbf_hours=N,repair_hours=M".into(),
+                "expected `default` or mtbf_hours=N,repair_hours=M".into()
             ));
         }
         for part in spec.split(',') {
@@ -85,11 +85,7 @@ impl FailureModel {
                         ))
                     })?
                 }
-                other => {
-                    return Err(bad(format!(
-                        "{other}: unknown field (fields: {FIELDS})"
-                    )))
-                }
+                other => return Err(bad(format!("{other}: unknown field (fields: {FIELDS})"))),
             }
         }
         Ok(model)
@@ -334,12 +330,20 @@ mod tests {
 
     #[test]
     fn models_parse_with_errors_naming_the_field() {
-        assert_eq!(FailureModel::parse("default").unwrap(), FailureModel::default());
+        assert_eq!(
+            FailureModel::parse("default").unwrap(),
+            FailureModel::default()
+        );
         let m = FailureModel::parse("mtbf_hours=5000, repair_hours=12,seed=7").unwrap();
         assert_eq!((m.mtbf_hours, m.repair_hours, m.seed), (5000.0, 12.0, 7));
         assert_eq!(m.resubmit_hours, 1.0);
-        let e = FailureModel::parse("mtbf_hours=-1").unwrap_err().to_string();
-        assert!(e.contains("--failures: mtbf_hours: expected a positive"), "{e}");
+        let e = FailureModel::parse("mtbf_hours=-1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--failures: mtbf_hours: expected a positive"),
+            "{e}"
+        );
         let e = FailureModel::parse("mtbf=3").unwrap_err().to_string();
         assert!(e.contains("mtbf: unknown field"), "{e}");
         let e = FailureModel::parse("repair_hours").unwrap_err().to_string();

@@ -9,6 +9,8 @@ pub struct JobRecord {
     pub submit_ms: u64,
     /// Devices the gang holds while it runs.
     pub devices: u64,
+    /// Its work: the run time the trace says it needs.
+    pub work_ms: u64,
     /// First time the gang was placed.
     pub first_start_ms: Option<u64>,
     pub completed_ms: Option<u64>,
@@ -156,6 +158,9 @@ pub struct ReplayMetrics {
     #[serde(default)]
     pub fragmentation_curve: AllocationCurve,
     pub allocation_curve: AllocationCurve,
+    /// Device failures (`--failures`), absent without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<super::failures::FailureMetrics>,
     /// Wall-clock seconds of this replay (non-deterministic).
     pub wall_s: f64,
     /// CPU seconds of the replaying thread (Linux, 10 ms resolution; 0 elsewhere). On a shared
@@ -208,6 +213,23 @@ fn mean(v: &[u64]) -> f64 {
         0.0
     } else {
         v.iter().map(|x| *x as u128).sum::<u128>() as f64 / v.len() as f64
+    }
+}
+
+/// The effective training time ratio, percent: over completed jobs, GPU-time weighted, the
+/// job's work over its wall time from first start to completion. 100 when nothing completed.
+pub fn ettr_pct(jobs: &[JobRecord]) -> f64 {
+    let (mut work, mut wall) = (0u128, 0u128);
+    for j in jobs {
+        if let (Some(s), Some(c)) = (j.first_start_ms, j.completed_ms) {
+            work += u128::from(j.devices) * u128::from(j.work_ms);
+            wall += u128::from(j.devices) * u128::from(c - s);
+        }
+    }
+    if wall == 0 {
+        100.0
+    } else {
+        work as f64 / wall as f64 * 100.0
     }
 }
 
@@ -328,6 +350,7 @@ pub fn summarize(
         fragmentation_pct: 0.0,
         fragmentation_curve: AllocationCurve::default(),
         allocation_curve: allocation.curve(start, end, capacity_devices, curve_points),
+        failures: None,
         wall_s: 0.0,
         cpu_s: 0.0,
     }

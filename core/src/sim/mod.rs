@@ -3,6 +3,7 @@
 pub mod clock;
 pub mod cluster_file;
 pub mod error;
+pub mod failures;
 pub mod fgd;
 pub mod metrics;
 pub mod openb;
@@ -15,6 +16,7 @@ mod world;
 
 pub use cluster_file::SimCluster;
 pub use error::SimError;
+pub use failures::{FailureMetrics, FailureModel, FailureOptions};
 pub use metrics::ReplayMetrics;
 pub use replay::{
     compress_arrivals, jobs_from_trace, replay, DefragOptions, PreemptMode, ReplayOptions, SimJob,

@@ -13,6 +13,7 @@
 use super::clock::Event;
 use super::cluster_file::SimCluster;
 use super::error::SimError;
+use super::failures::{FailureMetrics, FailureOptions};
 use super::metrics::{summarize, AllocationTrace, ReplayMetrics};
 use super::philly::{gang_shape, Trace};
 use super::world::World;
@@ -116,6 +117,11 @@ pub struct ReplayOptions {
     pub curve_points: usize,
     /// `None`: no defragmentation.
     pub defrag: Option<DefragOptions>,
+    /// Checkpointable jobs (`resume`) write a checkpoint every this many ms of their lease
+    /// (`--checkpoint-interval`); `None`: only when asked (preemption, migration).
+    pub checkpoint_interval_ms: Option<u64>,
+    /// Device failures (`--failures`); `None`: devices never fail.
+    pub failures: Option<FailureOptions>,
 }
 
 impl Default for ReplayOptions {
@@ -124,6 +130,8 @@ impl Default for ReplayOptions {
             preempt: PreemptMode::Resume,
             curve_points: 200,
             defrag: None,
+            checkpoint_interval_ms: None,
+            failures: None,
         }
     }
 }
@@ -374,9 +382,18 @@ pub fn replay(
                 Event::Checkpoint {
                     job,
                     epoch,
+                    request: 0,
+                    step,
+                } => world.periodic_checkpoint(now, job, epoch, step),
+                Event::Checkpoint {
+                    job,
+                    epoch,
                     request,
                     step,
                 } => world.checkpoint(now, job, epoch, request, step),
+                Event::DeviceFailure { device } => world.device_failure(now, device)?,
+                Event::DeviceRepaired { device } => world.device_repaired(now, device)?,
+                Event::Resubmit { job } => world.resubmit(now, job)?,
                 Event::Arrival { job } => {
                     match static_infeasibility(cluster, &domains, &mut infeasible_cache, jobs[job])
                     {
@@ -399,6 +416,7 @@ pub fn replay(
         if changed {
             world.schedule(now)?;
         }
+        world.arm_failures(now);
         allocation.record(now, world.allocated);
         if options.defrag.is_some() || changed {
             fragmentation.record(
@@ -434,6 +452,18 @@ pub fn replay(
     );
     let first_submit = jobs.first().map_or(0, |j| j.submit_ms);
     metrics.set_fragmentation(&fragmentation, first_submit, options.curve_points);
+    if let Some(f) = &options.failures {
+        let end = first_submit + (metrics.makespan_s * 1000.0).round() as u64;
+        let mut counters = world.failure_counters.clone();
+        counters.repairs = world.state_repairs();
+        metrics.failures = Some(FailureMetrics::summarize(
+            f,
+            options.checkpoint_interval_ms,
+            &counters,
+            end,
+            super::metrics::ettr_pct(&world.records),
+        ));
+    }
     metrics.wall_s = super::metrics::round3(wall.elapsed().as_secs_f64());
     if let (Some(a), Some(b)) = (cpu0, super::metrics::thread_cpu_s()) {
         metrics.cpu_s = super::metrics::round3(b - a);

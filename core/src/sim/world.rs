@@ -10,6 +10,7 @@
 use super::clock::{Event, EventQueue};
 use super::cluster_file::SimCluster;
 use super::error::SimError;
+use super::failures::{FailureCounters, FailureModel, GangFailure};
 use super::metrics::{Counters, JobRecord as Record};
 use super::replay::{DefragOptions, Domains, PreemptMode, ReplayOptions, SimJob};
 use crate::engine::{
@@ -18,17 +19,37 @@ use crate::engine::{
 };
 use crate::state::{
     defragment_command, CheckpointManifest, CheckpointReport, ClusterStore, Command,
-    DeviceInventory, Event as StateEvent, JobState, NodeRegistration, Response, Submission,
-    TaskReport, TaskState,
+    DeviceFenceChange, DeviceHealth, DeviceHealthReport, DeviceInventory, Event as StateEvent,
+    JobState, NodeRegistration, Response, Submission, TaskReport, TaskState,
 };
 use gangway_proto::ids::JobId;
 use gangway_proto::spec::{CheckpointSpec, DeviceCount, JobSpec, Resources, TopologySpec};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 /// Rounds run at most per instant (a round that preempts, or that hit the per-round cap, is
 /// followed by another at the same instant).
 const ROUNDS_PER_INSTANT: usize = 16;
+
+/// The failing devices of a replay (`--failures`): a Poisson process over the cluster's GPUs
+/// (each fails at rate 1 / MTBF while in service), drawn from a seeded ChaCha8 stream.
+struct Failing {
+    model: FailureModel,
+    repair: bool,
+    rng: ChaCha8Rng,
+    /// Every GPU: (host index in the cluster file, device index).
+    devices: Vec<(usize, u16)>,
+    /// Per GPU: the slot in [`FailureCounters::fenced`] of its failure while it is out.
+    down: Vec<Option<usize>>,
+    /// Mean time between failures anywhere in the cluster (MTBF / GPUs).
+    mean_gap_ms: f64,
+    /// Whether the next failure is in the event queue.
+    armed: bool,
+    /// Repairs (unfences) in the event queue.
+    repairs_pending: usize,
+}
 
 /// One lease of a job as the simulated workers run it.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +84,16 @@ pub(super) struct World<'a> {
     options: &'a ReplayOptions,
     cluster: &'a SimCluster,
     domains: Domains,
+    /// Work a resubmitted job resumes from: the checkpoint its failed predecessor left (a
+    /// training script reloads it). 0 for every job without failures.
+    carried: Vec<u64>,
+    /// Leases a device failure ended: their workers died with the device and send nothing more
+    /// (a checkpoint or completion event of such a lease is dropped).
+    dead: BTreeSet<(usize, u64)>,
+    failing: Option<Failing>,
+    pub failure_counters: FailureCounters,
+    /// Per job: its gang failure not yet followed by a new start (index into `hits`).
+    open_hit: Vec<Option<usize>>,
 }
 
 impl<'a> World<'a> {
@@ -84,6 +115,7 @@ impl<'a> World<'a> {
                 .map(|j| Record {
                     submit_ms: j.submit_ms,
                     devices: j.devices(),
+                    work_ms: j.duration_ms,
                     ..Record::default()
                 })
                 .collect(),
@@ -99,6 +131,28 @@ impl<'a> World<'a> {
             options,
             cluster,
             domains: Domains::new(cluster),
+            carried: vec![0; jobs.len()],
+            dead: BTreeSet::new(),
+            failing: options.failures.as_ref().map(|f| {
+                let devices: Vec<(usize, u16)> = cluster
+                    .hosts
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(h, host)| (0..host.devices.len() as u16).map(move |d| (h, d)))
+                    .collect();
+                Failing {
+                    model: f.model.clone(),
+                    repair: f.repair,
+                    rng: ChaCha8Rng::seed_from_u64(f.model.seed),
+                    down: vec![None; devices.len()],
+                    mean_gap_ms: f.model.mtbf_hours * 3_600_000.0 / devices.len().max(1) as f64,
+                    devices,
+                    armed: false,
+                    repairs_pending: 0,
+                }
+            }),
+            failure_counters: FailureCounters::default(),
+            open_hit: vec![None; jobs.len()],
         };
         world.register_cluster(jobs.first().map_or(0, |j| j.submit_ms))?;
         Ok(world)
@@ -225,6 +279,10 @@ impl<'a> World<'a> {
     /// Every task of the gang succeeds; false when that lease had already ended (the state
     /// refuses its reports and nothing changes).
     pub fn complete(&mut self, now: u64, i: usize, epoch: u64) -> bool {
+        // Only the workers of the lease that runs report: those of an ended lease are gone.
+        if self.runs[i].map(|r| r.epoch) != Some(epoch) {
+            return false;
+        }
         let done = self.report_all(now, i, epoch, TaskState::Succeeded);
         if done {
             self.observe(now, i);
@@ -234,6 +292,9 @@ impl<'a> World<'a> {
 
     /// Rank 0 answers a checkpoint request, as its worker would; false when the state refused it.
     pub fn checkpoint(&mut self, now: u64, i: usize, epoch: u64, request: u64, step: u64) -> bool {
+        if self.dead.contains(&(i, epoch)) {
+            return false;
+        }
         let report = CheckpointReport {
             job: self.id(i),
             epoch,
@@ -257,7 +318,10 @@ impl<'a> World<'a> {
         };
         let lease = job.lease.as_ref().map(|l| l.epoch);
         let migration = job.migration.as_ref().map(|m| m.checkpoint_request);
-        let restored = job.last_checkpoint.as_ref().map_or(0, |c| c.manifest.step);
+        let restored = job
+            .last_checkpoint
+            .as_ref()
+            .map_or(self.carried[i], |c| c.manifest.step);
         let finished = job.state == JobState::Succeeded;
         let placement = job.lease.as_ref().map(|l| l.placement.clone());
         match (self.runs[i], lease) {
@@ -332,6 +396,12 @@ impl<'a> World<'a> {
         let remaining = self.jobs[i].duration_ms - from_ms;
         self.queue
             .push(now + remaining, Event::Completion { job: i, epoch });
+        if let Some(k) = self.open_hit[i].take() {
+            let hit = &mut self.failure_counters.hits[k];
+            hit.back_at_ms = Some(now);
+            hit.devices_after = Some(devices_of(placement));
+        }
+        self.next_periodic_checkpoint(now, i, epoch, from_ms);
         self.report_all(now, i, epoch, TaskState::Running);
     }
 
@@ -486,6 +556,215 @@ impl<'a> World<'a> {
         }
     }
 
+    /// With `--checkpoint-interval`, rank 0 of a checkpointable job writes a checkpoint every
+    /// interval of its lease; the first at `interval` after the lease began from `from_ms`. None
+    /// when the job ends first.
+    fn next_periodic_checkpoint(&mut self, now: u64, i: usize, epoch: u64, from_ms: u64) {
+        let Some(interval) = self.options.checkpoint_interval_ms.filter(|&v| v > 0) else {
+            return;
+        };
+        if self.options.preempt != PreemptMode::Resume {
+            return;
+        }
+        let step = from_ms + interval;
+        if step < self.jobs[i].duration_ms {
+            let event = Event::Checkpoint {
+                job: i,
+                epoch,
+                request: 0,
+                step,
+            };
+            self.queue.push(now + interval, event);
+        }
+    }
+
+    /// A periodic checkpoint (request 0: no one asked for it) of lease `epoch` is written, if
+    /// that lease still runs; the next one is due an interval later. Changes nothing a round
+    /// looks at.
+    pub fn periodic_checkpoint(&mut self, now: u64, i: usize, epoch: u64, step: u64) -> bool {
+        if self.runs[i].map(|r| r.epoch) != Some(epoch) {
+            return false;
+        }
+        let report = CheckpointReport {
+            job: self.id(i),
+            epoch,
+            request: 0,
+            manifest: CheckpointManifest {
+                path: format!("sim://{}/{step}", self.jobs[i].name),
+                step,
+                bytes: 0,
+            },
+        };
+        if self.apply(now, Command::RecordCheckpoint(report)) == Response::Done {
+            self.next_periodic_checkpoint(now, i, epoch, step);
+        }
+        false
+    }
+
+    /// Draws the next device failure when none is queued and something is still to happen
+    /// (gangs run, or events other than repairs wait): failures stop once the replay has
+    /// nothing left but repairs (one drawn before and due after is dropped).
+    pub fn arm_failures(&mut self, now: u64) {
+        let queued = self.queue.len();
+        let busy = self.allocated > 0;
+        let Some(f) = self.failing.as_mut() else {
+            return;
+        };
+        if f.armed || !(busy || queued > f.repairs_pending) {
+            return;
+        }
+        let u: f64 = f.rng.random_range(f64::EPSILON..1.0);
+        let gap = (-f.mean_gap_ms * u.ln()).round().max(1.0) as u64;
+        let device = f.rng.random_range(0..f.devices.len().max(1));
+        f.armed = true;
+        self.queue.push(now + gap, Event::DeviceFailure { device });
+    }
+
+    /// GPU `d` fails: the agent reports it (`DeviceHealth` failed: the state fences it and
+    /// repairs the gang on it). Without repair, the rank on it dies first and, the device not yet
+    /// fenced, the job fails as on a scheduler that does not repair; a person resubmits it
+    /// later. A GPU already out does not fail again (the process runs in service time only).
+    pub fn device_failure(&mut self, now: u64, d: usize) -> Result<bool, SimError> {
+        let (queued, busy) = (self.queue.len(), self.allocated > 0);
+        let f = self
+            .failing
+            .as_mut()
+            .expect("failure events only with failures on");
+        f.armed = false;
+        // Drawn while work was left, due once the replay has nothing but repairs to do: past
+        // the end, not a failure of the replay.
+        let over = !busy && queued <= f.repairs_pending;
+        if over || d >= f.devices.len() || f.down[d].is_some() {
+            return Ok(false);
+        }
+        let (h, index) = f.devices[d];
+        let (repair, repair_ms, resubmit_ms) =
+            (f.repair, f.model.repair_ms(), f.model.resubmit_ms());
+        f.down[d] = Some(self.failure_counters.fenced.len());
+        f.repairs_pending += 1;
+        self.failure_counters.fenced.push((now, None));
+        self.failure_counters.device_failures += 1;
+        self.queue
+            .push(now + repair_ms, Event::DeviceRepaired { device: d });
+        let host = self.cluster.hosts[h].name.clone();
+        let uuid = format!("{host}-{index}");
+        let holder = self.store.engine().running().iter().find_map(|(id, g)| {
+            let task = g
+                .placement
+                .tasks
+                .iter()
+                .position(|t| t.host == host && t.devices.iter().any(|x| x.index == index))?;
+            Some((*self.index.get(id)?, task as u32, devices_of(&g.placement)))
+        });
+        let hit = holder.and_then(|(i, task, before)| Some((i, task, before, self.runs[i]?)));
+        if let (Some((i, task, _, run)), false) = (&hit, repair) {
+            let report = TaskReport {
+                job: self.id(*i),
+                task: *task,
+                epoch: run.epoch,
+                state: TaskState::Failed,
+                exit_code: Some(1),
+                message: format!("CUDA error: device {uuid} fell off the bus (XID 79)"),
+            };
+            if let Response::Rejected(why) = self.apply(now, Command::TaskStatus(report)) {
+                return Err(SimError::Invariant(format!(
+                    "failure report refused: {why}"
+                )));
+            }
+        }
+        let report = DeviceHealthReport {
+            node: host.clone(),
+            device: uuid,
+            health: DeviceHealth::Failed,
+            cause: "XID 79: GPU fell off the bus (simulated failure)".into(),
+        };
+        if let Response::Rejected(why) = self.apply(now, Command::DeviceHealth(report)) {
+            return Err(SimError::Invariant(format!(
+                "device failure refused: {why}"
+            )));
+        }
+        let Some((i, _, before, run)) = hit else {
+            return Ok(true);
+        };
+        let job = self.store.job(&self.id(i)).expect("submitted job");
+        if job.lease.as_ref().map(|l| l.epoch) == Some(run.epoch) {
+            return Err(SimError::Invariant(format!(
+                "job {} kept its lease on a failed device",
+                self.jobs[i].name
+            )));
+        }
+        let restore = job
+            .last_checkpoint
+            .as_ref()
+            .map_or(self.carried[i], |c| c.manifest.step);
+        let progress = (run.from_ms + (now - run.since_ms)).min(self.jobs[i].duration_ms);
+        let lost_ms = progress.saturating_sub(restore);
+        self.failure_counters.lost_device_ms +=
+            u128::from(lost_ms) * u128::from(self.records[i].devices);
+        if !repair {
+            self.carried[i] = restore;
+            self.queue
+                .push(now + resubmit_ms, Event::Resubmit { job: i });
+        }
+        self.open_hit[i] = Some(self.failure_counters.hits.len());
+        self.failure_counters.hits.push(GangFailure {
+            at_ms: now,
+            host: host.to_string(),
+            device: index,
+            job: self.jobs[i].name.clone(),
+            devices_before: before,
+            lost_ms,
+            back_at_ms: None,
+            devices_after: None,
+        });
+        self.dead.insert((i, run.epoch));
+        self.observe(now, i);
+        Ok(true)
+    }
+
+    /// GPU `d`, out since its failure, is back: an operator unfences it (`FenceDevice` with
+    /// `fenced = false`).
+    pub fn device_repaired(&mut self, now: u64, d: usize) -> Result<bool, SimError> {
+        let f = self
+            .failing
+            .as_mut()
+            .expect("repair events only with failures on");
+        let Some(slot) = f.down[d].take() else {
+            return Ok(false);
+        };
+        f.repairs_pending -= 1;
+        self.failure_counters.fenced[slot].1 = Some(now);
+        let (h, index) = f.devices[d];
+        let change = DeviceFenceChange {
+            node: self.cluster.hosts[h].name.clone(),
+            device: format!("{}-{index}", self.cluster.hosts[h].name),
+            fenced: false,
+            reason: "repaired (simulated)".into(),
+        };
+        match self.apply(now, Command::FenceDevice(change)) {
+            Response::Done => Ok(true),
+            other => Err(SimError::Invariant(format!("unfence refused: {other:?}"))),
+        }
+    }
+
+    /// A person resubmits job `i` after its gang failed without repair: a new job (same spec)
+    /// that resumes from the checkpoint its predecessor left.
+    pub fn resubmit(&mut self, now: u64, i: usize) -> Result<bool, SimError> {
+        self.failure_counters.resubmissions += 1;
+        self.submit(now, i)?;
+        Ok(true)
+    }
+
+    /// Repairs the state machine made: the sum of its jobs' `repairs`.
+    pub fn state_repairs(&self) -> u64 {
+        self.ids
+            .iter()
+            .flatten()
+            .filter_map(|id| self.store.job(id))
+            .map(|j| u64::from(j.repairs))
+            .sum()
+    }
+
     /// Whatever still waits once nothing runs and nothing else arrives: its reason's code.
     pub fn stuck(&self, now: u64) -> Vec<(usize, String)> {
         let pending = self.store.round_input(false).pending;
@@ -529,4 +808,13 @@ impl<'a> World<'a> {
             })
             .collect()
     }
+}
+
+/// Every device (host, index) of a placement.
+fn devices_of(placement: &GangPlacement) -> Vec<(String, u16)> {
+    placement
+        .tasks
+        .iter()
+        .flat_map(|t| t.devices.iter().map(|d| (t.host.to_string(), d.index)))
+        .collect()
 }
