@@ -6,6 +6,9 @@
 //!     bench --cluster deploy/sim/pretrain-cluster.toml --mix pretrain --seeds 1,2,3 --hours 168
 //! ... --example sim -- replay --trace ../shared/traces/philly/philly.csv \
 //!     --cluster deploy/sim/philly-cluster.toml --load 5 --policy best-fit,gangway
+//! ... --example sim -- replay --trace ../shared/traces/philly/philly.csv \
+//!     --cluster deploy/sim/philly-cluster.toml --load 5 --policy gangway \
+//!     --failures default --repair compare --checkpoint-interval 10m,30m,2h
 //! ... --example sim -- synth --cluster deploy/sim/pretrain-cluster.toml --mix pretrain --seed 1 --out t.csv
 //! ... --example sim -- fgd --nodes ../shared/traces/openb/openb_node_list_gpu_node.csv \
 //!     --pods ../shared/traces/openb/openb_pod_list_default.csv --seeds 3
@@ -13,9 +16,15 @@
 //!
 //! `replay` and `bench` print one markdown row per (workload, policy): average queueing delay,
 //! that of gangs of 32+ GPUs, utilization (busy period and submission period), average JCT, p99
-//! delay, preemptions and CPU seconds; `bench` adds the mean over its seeds per policy.
+//! delay, preemptions and CPU seconds; `bench` adds the mean over its seeds per policy. With
+//! `--failures MODEL` (`default`, or `mtbf_hours=N,repair_hours=M[,resubmit_hours=H][,seed=S]`),
+//! `--repair on|off|compare` and `--checkpoint-interval LIST`, `replay` and `bench` replay every
+//! combination and add a markdown table of the failure figures (core/SIM.md, "Device failures").
 
 use gangway_core::engine::{DeviceKind, PolicyName};
+use gangway_core::sim::failures::{
+    parse_checkpoint_intervals, parse_repair_modes, run_label, FailureModel, FailureOptions,
+};
 use gangway_core::sim::fgd::{run_fgd, FgdOptions};
 use gangway_core::sim::philly::{load_trace, parse_offset, parse_trace, Trace};
 use gangway_core::sim::synth::{mix_by_name, synthetic_trace};
@@ -58,6 +67,42 @@ impl Opts {
                 .parse()
                 .map_err(|_| format!("--{k}: bad value {v}").into()),
         }
+    }
+    /// The failure settings and checkpoint intervals to replay (one entry without failures).
+    fn variants(&self) -> Res<Vec<ReplayOptions>> {
+        let intervals: Vec<String> = self
+            .get("checkpoint-interval")
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let intervals = parse_checkpoint_intervals(&intervals)?;
+        let failures: Vec<Option<FailureOptions>> = match self.get("failures") {
+            None if self.get("repair").is_some() => return Err("--repair needs --failures".into()),
+            None => vec![None],
+            Some(spec) => {
+                let model = FailureModel::parse(spec)?;
+                parse_repair_modes(self.get("repair").unwrap_or("on"))?
+                    .into_iter()
+                    .map(|repair| {
+                        Some(FailureOptions {
+                            model: model.clone(),
+                            repair,
+                        })
+                    })
+                    .collect()
+            }
+        };
+        let mut out = Vec::new();
+        for interval in &intervals {
+            for f in &failures {
+                out.push(ReplayOptions {
+                    checkpoint_interval_ms: *interval,
+                    failures: f.clone(),
+                    ..ReplayOptions::default()
+                });
+            }
+        }
+        Ok(out)
     }
     fn policies(&self) -> Res<Vec<PolicyName>> {
         self.get("policy")
@@ -119,7 +164,41 @@ fn row(workload: &str, m: &ReplayMetrics) {
     );
 }
 
-/// Replays every policy on one trace; one row each.
+/// The failure figures of the runs that had failures, as markdown.
+fn failure_rows(workload: &str, runs: &[ReplayMetrics]) {
+    let runs: Vec<_> = runs
+        .iter()
+        .filter_map(|m| Some((m, m.failures.as_ref()?)))
+        .collect();
+    if runs.is_empty() {
+        return;
+    }
+    println!();
+    println!("| workload | run | GPU failures | gang failures | repairs | resubmitted | lost work GPU-h | fenced GPU-h | lost GPU-h | TTR mean s | TTR p50 s | TTR p99 s | ETTR % | avg JCT s | completed | CPU s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (m, f) in runs {
+        println!(
+            "| {workload} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {} | {:.1} |",
+            m.policy,
+            f.device_failures,
+            f.gang_failures,
+            f.repairs,
+            f.resubmissions,
+            f.lost_work_gpu_h,
+            f.fenced_gpu_h,
+            f.lost_gpu_h,
+            f.time_to_repair_mean_s,
+            f.time_to_repair_p50_s,
+            f.time_to_repair_p99_s,
+            f.ettr_pct,
+            m.avg_jct_s,
+            m.jobs_completed,
+            m.cpu_s
+        );
+    }
+}
+
+/// Replays every policy (under every variant of options) on one trace; one row each.
 fn run_all(
     workload: &str,
     trace: &Trace,
@@ -127,12 +206,23 @@ fn run_all(
     window: (u64, u64),
     load: f64,
     policies: &[PolicyName],
+    variants: &[ReplayOptions],
 ) -> Res<Vec<ReplayMetrics>> {
     let mut jobs = jobs_from_trace(trace, cluster, window.0, window.1)?;
     compress_arrivals(&mut jobs, load)?;
     let mut out = Vec::new();
-    for &p in policies {
-        let m = replay(cluster, &jobs, p, &ReplayOptions::default())?;
+    for (&p, options) in policies
+        .iter()
+        .flat_map(|p| variants.iter().map(move |o| (p, o)))
+    {
+        let mut m = replay(cluster, &jobs, p, options)?;
+        m.policy = run_label(
+            &m.policy,
+            false,
+            options.failures.as_ref(),
+            options.checkpoint_interval_ms,
+        );
+        eprintln!("replayed {} in {:.1} s CPU", m.policy, m.cpu_s);
         if m.jobs_unplaceable > 0 || m.gangs_outside_required_domain > 0 {
             eprintln!(
                 "{workload} {p}: {} unplaceable, {} outside their domain",
@@ -142,6 +232,7 @@ fn run_all(
         row(workload, &m);
         out.push(m);
     }
+    failure_rows(workload, &out);
     Ok(out)
 }
 
@@ -165,6 +256,7 @@ fn replay_cmd(o: &Opts) -> Res<()> {
         (from, to),
         load,
         &o.policies()?,
+        &o.variants()?,
     )?;
     Ok(())
 }
@@ -184,13 +276,26 @@ fn bench(o: &Opts) -> Res<()> {
         .map(|s| s.trim().parse())
         .collect::<Result<_, _>>()?;
     let policies = o.policies()?;
+    let variants = o.variants()?;
+    let mut labels: Vec<String> = Vec::new();
     header();
     let mut sums: BTreeMap<String, [f64; 6]> = BTreeMap::new();
     for &seed in &seeds {
         let csv = synthetic_trace(seed, hours, load, gpus, mix)?;
         let trace = parse_trace(&csv, Path::new("synth.csv"))?;
         let label = format!("{mix_name} seed {seed}");
-        for m in run_all(&label, &trace, &cluster, (0, u64::MAX), 1.0, &policies)? {
+        for m in run_all(
+            &label,
+            &trace,
+            &cluster,
+            (0, u64::MAX),
+            1.0,
+            &policies,
+            &variants,
+        )? {
+            if !labels.contains(&m.policy) {
+                labels.push(m.policy.clone());
+            }
             let s = sums.entry(m.policy.clone()).or_default();
             for (k, v) in [
                 m.avg_queue_delay_s,
@@ -209,7 +314,7 @@ fn bench(o: &Opts) -> Res<()> {
     }
     let n = seeds.len() as f64;
     let seeds_label: Vec<String> = seeds.iter().map(u64::to_string).collect();
-    for p in &policies {
+    for p in &labels {
         let s = sums[p.as_str()];
         println!(
             "| {mix_name} mean of seeds {} | {p} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} | | | |",

@@ -3,14 +3,15 @@
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use gangway_scheduler::engine::PolicyName;
+use gangway_scheduler::sim::failures::{parse_checkpoint_intervals, parse_repair_modes, run_label};
 use gangway_scheduler::sim::fgd::{run_fgd, FgdOptions};
 use gangway_scheduler::sim::philly::{format_timestamp, load_trace, parse_offset};
 use gangway_scheduler::sim::plot::{line_chart, Series};
 use gangway_scheduler::sim::report::{fgd_table, ReplayReport, Window};
 use gangway_scheduler::sim::synth::{mix_by_name, synthetic_trace};
 use gangway_scheduler::sim::{
-    compress_arrivals, jobs_from_trace, replay, DefragOptions, PreemptMode, ReplayOptions,
-    SimCluster, SimError,
+    compress_arrivals, jobs_from_trace, replay, DefragOptions, FailureModel, FailureOptions,
+    PreemptMode, ReplayOptions, SimCluster, SimError,
 };
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -116,6 +117,18 @@ pub struct ReplayArgs {
     /// Most gangs moved to make room for one waiting gang.
     #[arg(long, default_value_t = 48)]
     pub defrag_max_moves: usize,
+    /// Inject device failures: `default` (Llama 3's GPU failure rate, core/SIM.md "Device
+    /// failures") or `mtbf_hours=N,repair_hours=M[,resubmit_hours=H][,seed=S]`.
+    #[arg(long)]
+    pub failures: Option<String>,
+    /// With --failures: on (the state machine repairs the gang from its last checkpoint), off
+    /// (the job fails and is resubmitted by hand), or compare (both). Default on.
+    #[arg(long)]
+    pub repair: Option<String>,
+    /// Checkpointable jobs write a checkpoint every interval (600, 10m, 2h; `none`); a
+    /// comma-separated list replays each. Default none.
+    #[arg(long, value_delimiter = ',')]
+    pub checkpoint_interval: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -251,23 +264,44 @@ fn run_replay(args: &ReplayArgs) -> anyhow::Result<ExitCode> {
         DefragMode::On => vec![Some(defrag)],
         DefragMode::Compare => vec![None, Some(defrag)],
     };
-    let runs: Vec<(PolicyName, ReplayOptions)> = policies
-        .iter()
-        .flat_map(|&p| {
-            variants.iter().map(move |d| {
-                (
-                    p,
-                    ReplayOptions {
+    let model = args
+        .failures
+        .as_deref()
+        .map(FailureModel::parse)
+        .transpose()?;
+    let failures: Vec<Option<FailureOptions>> = match (&model, &args.repair) {
+        (None, Some(_)) => {
+            return Err(SimError::Argument("--repair needs --failures".into()).into())
+        }
+        (None, None) => vec![None],
+        (Some(model), repair) => parse_repair_modes(repair.as_deref().unwrap_or("on"))?
+            .into_iter()
+            .map(|repair| {
+                Some(FailureOptions {
+                    model: model.clone(),
+                    repair,
+                })
+            })
+            .collect(),
+    };
+    let intervals = parse_checkpoint_intervals(&args.checkpoint_interval)?;
+    let mut runs: Vec<(PolicyName, ReplayOptions)> = Vec::new();
+    for &p in &policies {
+        for d in &variants {
+            for interval in &intervals {
+                for f in &failures {
+                    let options = ReplayOptions {
                         preempt,
                         curve_points: args.curve_points,
                         defrag: d.clone(),
-                        checkpoint_interval_ms: None,
-                        failures: None,
-                    },
-                )
-            })
-        })
-        .collect();
+                        checkpoint_interval_ms: *interval,
+                        failures: f.clone(),
+                    };
+                    runs.push((p, options));
+                }
+            }
+        }
+    }
     let threads = args.threads.max(1);
     let mut results = Vec::with_capacity(runs.len());
     for chunk in runs.chunks(threads) {
@@ -278,9 +312,12 @@ fn run_replay(args: &ReplayArgs) -> anyhow::Result<ExitCode> {
                     let (cluster, jobs) = (&cluster, &jobs);
                     s.spawn(move || {
                         replay(cluster, jobs, *p, options).map(|mut m| {
-                            if options.defrag.is_some() {
-                                m.policy = format!("{}+defrag", m.policy);
-                            }
+                            m.policy = run_label(
+                                &m.policy,
+                                options.defrag.is_some(),
+                                options.failures.as_ref(),
+                                options.checkpoint_interval_ms,
+                            );
                             m
                         })
                     })

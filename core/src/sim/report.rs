@@ -162,6 +162,10 @@ impl ReplayReport {
                 &rows,
             ));
         }
+        if let Some(t) = failure_table(&self.policies) {
+            out.push_str("\nDevice failures (core/SIM.md, \"Device failures\"):\n");
+            out.push_str(&t);
+        }
         for m in &self.policies {
             if !m.unplaceable_by_reason.is_empty() {
                 let parts: Vec<String> = m
@@ -180,6 +184,51 @@ impl ReplayReport {
         }
         out
     }
+}
+
+/// The device-failure figures of the runs that had `--failures`, one row each; `None` if none.
+pub fn failure_table(policies: &[ReplayMetrics]) -> Option<String> {
+    let rows: Vec<Vec<String>> = policies
+        .iter()
+        .filter_map(|m| {
+            let f = m.failures.as_ref()?;
+            Some(vec![
+                m.policy.clone(),
+                f.device_failures.to_string(),
+                f.gang_failures.to_string(),
+                f.repairs.to_string(),
+                f.resubmissions.to_string(),
+                format!("{:.1}", f.lost_work_gpu_h),
+                format!("{:.1}", f.fenced_gpu_h),
+                format!("{:.1}", f.lost_gpu_h),
+                f1(f.time_to_repair_mean_s),
+                f1(f.time_to_repair_p50_s),
+                f1(f.time_to_repair_p99_s),
+                format!("{:.2}", f.ettr_pct),
+                f1(m.avg_jct_s),
+            ])
+        })
+        .collect();
+    (!rows.is_empty()).then(|| {
+        table(
+            &[
+                "run",
+                "GPU failures",
+                "gang failures",
+                "repairs",
+                "resubmitted",
+                "lost work GPU-h",
+                "fenced GPU-h",
+                "lost GPU-h",
+                "TTR mean s",
+                "TTR p50 s",
+                "TTR p99 s",
+                "ETTR %",
+                "avg JCT s",
+            ],
+            &rows,
+        )
+    })
 }
 
 /// The human-readable report of the FGD experiment.
