@@ -3,7 +3,13 @@
 //! A thin adapter: the consensus crate is generic over any [`StateMachine`]; this plugs the scheduler's
 //! [`ClusterStore`] into it, taking the time of each entry from the log (never from a local clock) and
 //! remembering the index it has applied, so readers can say which revision of the state they saw.
+//!
+//! Raft snapshots of the state are binary ([`encode_snapshot`]): a magic and version, the length,
+//! the state in bincode and a CRC-32 of it, checked before anything is installed; a corrupted
+//! snapshot is refused with the reason and the replica keeps what it had. Backups (`gangway
+//! cluster snapshot save`) stay JSON, to be read by people and tools.
 
+use super::archive::ArchiveSink;
 use crate::state::{ClusterStore, Command, Event, Response};
 use gangway_consensus::{AppError, ApplyContext, StateMachine};
 use serde::{Deserialize, Serialize};
@@ -14,6 +20,9 @@ pub struct SchedulerFsm {
     /// Index of the last applied entry: the revision workers see on their allocation sets.
     applied_index: u64,
     store: ClusterStore,
+    /// This replica's archive of finished jobs leaving the state (not replicated).
+    #[serde(skip)]
+    archive: ArchiveSink,
 }
 
 impl SchedulerFsm {
@@ -21,7 +30,21 @@ impl SchedulerFsm {
         Self {
             applied_index: 0,
             store: ClusterStore::new(),
+            archive: ArchiveSink::default(),
         }
+    }
+
+    /// The state machine of a serving replica: finished jobs leaving the state go to `archive`.
+    pub fn with_archive(archive: std::sync::Arc<super::archive::JobArchive>) -> Self {
+        Self {
+            archive: ArchiveSink(Some(archive)),
+            ..Self::new()
+        }
+    }
+
+    /// This replica's job archive, if it keeps one.
+    pub fn archive(&self) -> Option<&super::archive::JobArchive> {
+        self.archive.0.as_deref()
     }
 
     pub fn store(&self) -> &ClusterStore {
@@ -53,15 +76,151 @@ impl StateMachine for SchedulerFsm {
 
     fn apply(&mut self, ctx: &ApplyContext, command: Command, events: &mut Vec<Event>) -> Response {
         self.applied_index = ctx.index;
-        self.store.apply(ctx.time_ms, command, events)
+        let first = events.len();
+        let response = self.store.apply(ctx.time_ms, command, events);
+        for event in &events[first..] {
+            if let Event::Archived(job) = event {
+                self.archive.keep(job);
+            }
+        }
+        response
     }
 
     fn snapshot(&self) -> Result<Vec<u8>, AppError> {
-        Ok(serde_json::to_vec(self)?)
+        encode_snapshot(self)
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), AppError> {
-        *self = serde_json::from_slice(snapshot)?;
+        let archive = self.archive.clone();
+        *self = decode_snapshot(snapshot)?;
+        self.archive = archive;
         Ok(())
+    }
+}
+
+/// What a binary snapshot starts with: "GWSNAP" and the format version.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"GWSNAP\x00\x01";
+
+/// Why a snapshot cannot be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(
+        "snapshot refused: it is {got} bytes, shorter than its {need}-byte header and checksum"
+    )]
+    Truncated { got: usize, need: usize },
+    #[error("snapshot refused: its length field says {said} bytes of state but {got} follow")]
+    Length { said: u64, got: usize },
+    #[error("snapshot refused: checksum mismatch (stored {stored:08x}, computed {computed:08x}); it is corrupted")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("snapshot refused: the state does not decode: {0}")]
+    Decode(String),
+}
+
+/// `magic (8) | state length (8, LE) | state (bincode) | CRC-32 of the state (4, LE)`.
+pub fn encode_snapshot(fsm: &SchedulerFsm) -> Result<Vec<u8>, AppError> {
+    let len = bincode::serialized_size(fsm)?;
+    let mut out = Vec::with_capacity(20 + len as usize);
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&len.to_le_bytes());
+    bincode::serialize_into(&mut out, fsm)?;
+    let crc = crc32fast::hash(&out[16..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// Reads a snapshot written by [`encode_snapshot`] after checking it whole; a snapshot of an
+/// older version (JSON) is still read.
+pub fn decode_snapshot(bytes: &[u8]) -> Result<SchedulerFsm, SnapshotError> {
+    if !bytes.starts_with(SNAPSHOT_MAGIC) {
+        return serde_json::from_slice(bytes).map_err(|e| SnapshotError::Decode(e.to_string()));
+    }
+    let need = 20;
+    if bytes.len() < need {
+        return Err(SnapshotError::Truncated {
+            got: bytes.len(),
+            need,
+        });
+    }
+    let said = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    let body = &bytes[16..bytes.len() - 4];
+    if said != body.len() as u64 {
+        return Err(SnapshotError::Length {
+            said,
+            got: body.len(),
+        });
+    }
+    let stored = u32::from_le_bytes(bytes[bytes.len() - 4..].try_into().expect("4 bytes"));
+    let computed = crc32fast::hash(body);
+    if stored != computed {
+        return Err(SnapshotError::Checksum { stored, computed });
+    }
+    bincode::deserialize(body).map_err(|e| SnapshotError::Decode(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Submission, TaskState};
+    use gangway_consensus::ApplyContext;
+    use gangway_proto::spec::JobSpec;
+
+    fn fsm_with_jobs(n: usize) -> SchedulerFsm {
+        let mut fsm = SchedulerFsm::new();
+        let mut events = Vec::new();
+        for i in 0..n {
+            let spec = JobSpec::from_toml_str(&format!(
+                "name = \"j{i}\"\ncommand = [\"true\"]\n[resources]\ndevices = 1\n"
+            ))
+            .unwrap();
+            let ctx = ApplyContext {
+                index: i as u64 + 1,
+                time_ms: 1_000 + i as u64,
+            };
+            fsm.apply(
+                &ctx,
+                Command::SubmitJob(Submission {
+                    idempotency_key: Some(format!("k{i}")),
+                    spec,
+                }),
+                &mut events,
+            );
+        }
+        let _ = TaskState::Running;
+        fsm
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_and_a_corrupted_one_is_refused_with_its_reason() {
+        let fsm = fsm_with_jobs(50);
+        let bytes = encode_snapshot(&fsm).unwrap();
+        assert!(bytes.starts_with(SNAPSHOT_MAGIC));
+        assert_eq!(decode_snapshot(&bytes).unwrap(), fsm);
+        assert!(
+            bytes.len() < serde_json::to_vec(&fsm).unwrap().len(),
+            "binary is smaller"
+        );
+
+        // One flipped bit anywhere in the state: checksum mismatch.
+        let mut flipped = bytes.clone();
+        flipped[bytes.len() / 2] ^= 0x10;
+        let e = decode_snapshot(&flipped).unwrap_err();
+        assert!(matches!(e, SnapshotError::Checksum { .. }), "{e}");
+        assert!(e.to_string().contains("corrupted"), "{e}");
+        // Cut short: the length does not match.
+        let e = decode_snapshot(&bytes[..bytes.len() - 9]).unwrap_err();
+        assert!(matches!(e, SnapshotError::Length { .. }), "{e}");
+        let e = decode_snapshot(&bytes[..12]).unwrap_err();
+        assert!(matches!(e, SnapshotError::Truncated { .. }), "{e}");
+
+        // Installing a corrupted snapshot leaves the replica's state as it was.
+        let mut replica = fsm_with_jobs(3);
+        let before = replica.clone();
+        assert!(replica.restore(&flipped).is_err());
+        assert_eq!(replica, before);
+        // A good one is installed; an older JSON snapshot still reads.
+        replica.restore(&bytes).unwrap();
+        assert_eq!(replica, fsm);
+        let json = serde_json::to_vec(&fsm).unwrap();
+        assert_eq!(decode_snapshot(&json).unwrap(), fsm);
     }
 }

@@ -270,6 +270,17 @@ pub async fn node_down_loop(ctx: ReplicaContext, mut stop: watch::Receiver<bool>
                 }
             }
         }
+        // History past its retention leaves the replicated state, a batch per command (each replica
+        // archives the finished jobs as it applies it).
+        let prune = ctx
+            .raft
+            .read_local(|fsm| fsm.store().prune_due(wall_clock_ms()));
+        if let Some(command) = prune {
+            match ctx.raft.try_write(command).await {
+                Ok(_) => metrics::counter!("gangway_history_prunes_total").increment(1),
+                Err(e) => tracing::warn!(error = %e, "could not prune history; will retry"),
+            }
+        }
         // Drains past their deadline: what still runs on the node is stopped and re-queued.
         let drains = ctx
             .raft

@@ -1,7 +1,8 @@
 //! `gangway server`: the replica process.
 //!
 //! - [`replica::Replica`] starts everything one process serves and stops it cleanly.
-//! - [`fsm::SchedulerFsm`] plugs the replicated cluster state into the consensus layer.
+//! - [`fsm::SchedulerFsm`] plugs the replicated cluster state into the consensus layer; finished
+//!   jobs leaving it go to the replica's [`archive::JobArchive`].
 //! - [`client_api`] and [`worker_api`] are the gRPC services; [`error::ApiError`] is their error
 //!   contract (stable codes, leader hints).
 //! - [`leader`] holds the leader's loops: scheduling rounds, node-down detection and idle leases,
@@ -9,6 +10,7 @@
 //! - [`http`] serves `/metrics`, `/livez`, `/readyz`.
 //! - [`config`] is the validated server configuration (TOML file + flags).
 
+pub mod archive;
 pub mod client_api;
 pub mod config;
 pub mod context;

@@ -37,6 +37,8 @@ pub enum ServerError {
     Consensus(#[from] ConsensusError),
     #[error("{what} server failed: {message}")]
     Serve { what: &'static str, message: String },
+    #[error("{0}")]
+    Archive(String),
 }
 
 /// The process-wide Prometheus recorder: installed once, shared by every replica a process runs
@@ -94,7 +96,11 @@ impl Replica {
         // unless a drill runs, which the drill handler allows only with `allow_drills`.
         let drills = Arc::new(super::drill::DrillControl::default());
         let transport = Transport::tcp().with_faults(drills.faults());
-        let raft = ReplicaHandle::start(rc, SchedulerFsm::new(), transport).await?;
+        let archive_dir = std::path::Path::new(&config.data_dir).join("archive");
+        let archive = super::archive::JobArchive::open(&archive_dir)
+            .map_err(|e| ServerError::Archive(e.to_string()))?;
+        let fsm = SchedulerFsm::with_archive(Arc::new(archive));
+        let raft = ReplicaHandle::start(rc, fsm, transport).await?;
         // Every founding member asks; Raft refuses all but a brand-new, never-initialized one.
         if !members.is_empty() && raft.initialize(members.clone()).await? {
             tracing::info!(
