@@ -17,9 +17,7 @@
 //! comparison. What it leaves out, said plainly: the Raft log (its size on disk), the gRPC edge
 //! and three replicas; a replica applies the same commands, so the state-machine costs are these.
 
-use gangway_core::engine::{
-    run_round, DeviceKind, HostTopology, RoundInput, SchedulerConfig,
-};
+use gangway_core::engine::{run_round, DeviceKind, HostTopology, RoundInput, SchedulerConfig};
 use gangway_core::state::{
     ClusterStore, Command, DeviceInventory, Event, Limits, NodeRegistration, Response, Submission,
     TaskReport, TaskState,
@@ -46,7 +44,10 @@ fn parse_args() -> Result<Args, String> {
     let mut it = argv.iter();
     while let Some(k) = it.next() {
         let v = it.next().ok_or(format!("{k} needs a value"))?;
-        let n = || v.parse::<usize>().map_err(|e| format!("{k}: expected a number, got {v:?}: {e}"));
+        let n = || {
+            v.parse::<usize>()
+                .map_err(|e| format!("{k}: expected a number, got {v:?}: {e}"))
+        };
         match k.as_str() {
             "--jobs" => a.jobs = n()?,
             "--hosts" => a.hosts = n()?,
@@ -65,6 +66,23 @@ fn rss_mib() -> f64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// CPU seconds this thread has used (utime + stime of /proc/thread-self/stat): unlike wall time,
+/// not inflated by other processes on a loaded machine.
+fn thread_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -94,7 +112,12 @@ fn main() {
         let reg = NodeRegistration {
             name: HostName::new(&name),
             address: format!("{name}:7300"),
-            topology: HostTopology::new("dc1", "z1", &format!("p{}", h / 640), &format!("r{}", h / 32)),
+            topology: HostTopology::new(
+                "dc1",
+                "z1",
+                &format!("p{}", h / 640),
+                &format!("r{}", h / 32),
+            ),
             cpu_milli: 128_000,
             memory_mib: 1024 * 1024,
             devices: (0..8)
@@ -135,15 +158,21 @@ fn main() {
         "soak: {} hosts x 8 GPUs, batches of {} jobs every simulated 10 s, retention {}",
         args.hosts,
         args.batch,
-        if args.retention { "on (1 day, 100,000 finished, keys 1 h)" } else { "off" }
+        if args.retention {
+            "on (1 day, 100,000 finished, keys 1 h)"
+        } else {
+            "off"
+        }
     );
-    println!("| jobs submitted | jobs held | round p50 ms | round p99 ms | wake-up p99 ms | snapshot MB | snapshot build s | snapshot install s | RSS MiB |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| jobs submitted | jobs held | round p50 ms | round p99 ms | CPU ms per tick | wake-up p50 us | wake-up p99 us | snapshot MB | snapshot build s | snapshot install s | RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut submitted = 0usize;
     let mut rounds: Vec<f64> = Vec::new();
     let mut wakeups: Vec<f64> = Vec::new();
     let mut running: Vec<(JobId, u64)> = Vec::new();
     let mut next_report = 100_000usize;
+    let mut ticks = 0usize;
+    let mut cpu_at = thread_cpu_s();
     while submitted < args.jobs {
         now += 10_000;
         // The jobs placed last tick ran and finished.
@@ -186,16 +215,19 @@ fn main() {
             running = placed;
         }
         rounds.push(t.elapsed().as_secs_f64() * 1e3);
-        // An allocation wake-up: what one node (the first of this tick's placements) holds.
-        if let Some(host) = running
-            .first()
-            .and_then(|(j, _)| store.job(j))
-            .and_then(|j| j.lease.as_ref())
+        ticks += 1;
+        // Allocation wake-ups: what the nodes of (up to 50 of) this tick's placements hold.
+        let hosts: Vec<HostName> = running
+            .iter()
+            .step_by((running.len() / 50).max(1))
+            .filter_map(|(j, _)| store.job(j))
+            .filter_map(|j| j.lease.as_ref())
             .map(|l| l.placement.tasks[0].host.clone())
-        {
+            .collect();
+        for host in hosts {
             let t = Instant::now();
             let allocs = store.allocations_for(&host);
-            wakeups.push(t.elapsed().as_secs_f64() * 1e3);
+            wakeups.push(t.elapsed().as_secs_f64() * 1e6);
             std::hint::black_box(allocs);
         }
         while let Some(cmd) = store.prune_due(now) {
@@ -203,6 +235,7 @@ fn main() {
         }
         if submitted >= next_report || submitted >= args.jobs {
             next_report += 100_000;
+            let cpu_per_tick = (thread_cpu_s() - cpu_at) * 1e3 / ticks.max(1) as f64;
             rounds.sort_by(f64::total_cmp);
             wakeups.sort_by(f64::total_cmp);
             let t = Instant::now();
@@ -213,10 +246,12 @@ fn main() {
             let install = t.elapsed().as_secs_f64();
             drop(back);
             println!(
-                "| {submitted} | {} | {:.2} | {:.2} | {:.3} | {:.1} | {:.2} | {:.2} | {:.0} |",
+                "| {submitted} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {:.2} | {:.0} |",
                 store.jobs().len(),
                 pct(&rounds, 0.5),
                 pct(&rounds, 0.99),
+                cpu_per_tick,
+                pct(&wakeups, 0.5),
                 pct(&wakeups, 0.99),
                 bytes.len() as f64 / 1e6,
                 build,
@@ -225,6 +260,8 @@ fn main() {
             );
             rounds.clear();
             wakeups.clear();
+            ticks = 0;
+            cpu_at = thread_cpu_s();
         }
     }
 }

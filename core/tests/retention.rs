@@ -286,6 +286,41 @@ fn one_prune_command_carries_at_most_a_batch() {
     assert_eq!(p.keys.len(), PRUNE_BATCH);
 }
 
+#[test]
+fn keys_of_an_older_snapshot_without_times_expire_by_their_jobs_submission() {
+    let mut c = Cluster::new();
+    c.set_limits(|l| l.idempotency_window_ms = HOUR);
+    c.submit_keyed("old", Some("legacy"));
+    let mut v: serde_json::Value = serde_json::from_slice(&c.store.to_snapshot().unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("idempotency_at");
+    let mut old = ClusterStore::from_snapshot(&serde_json::to_vec(&v).unwrap()).unwrap();
+    assert!(old.prune_due(c.now).is_none(), "inside its window");
+    let later = c.now + 2 * HOUR;
+    let Some(cmd) = old.prune_due(later) else {
+        panic!("the undated key is due a window after its job's submission")
+    };
+    let mut events = Vec::new();
+    old.apply(later, cmd, &mut events);
+    let again = old.apply(
+        later + 1,
+        Command::SubmitJob(Submission {
+            idempotency_key: Some("legacy".into()),
+            spec: spec("old", "default"),
+        }),
+        &mut events,
+    );
+    assert!(
+        matches!(
+            again,
+            Response::Submitted {
+                existing: false,
+                ..
+            }
+        ),
+        "{again:?}"
+    );
+}
+
 #[derive(Clone, Debug)]
 enum Step {
     Submit(bool),

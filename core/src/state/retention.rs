@@ -10,6 +10,7 @@ use super::command::{Command, Event, Rejection, Response};
 use super::store::ClusterStore;
 use gangway_proto::ids::JobId;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What the replicated state keeps, and how much a queue may hold waiting. Replicated, set with
 /// `Command::SetLimits`.
@@ -53,6 +54,60 @@ impl Limits {
     }
 }
 
+/// When each idempotency key was submitted, also in submission order (derived on load: a
+/// snapshot holds the key -> time map only).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyTimes {
+    at: BTreeMap<String, u64>,
+    by_time: BTreeSet<(u64, String)>,
+}
+
+impl KeyTimes {
+    pub fn insert(&mut self, key: String, at: u64) {
+        if let Some(old) = self.at.insert(key.clone(), at) {
+            self.by_time.remove(&(old, key.clone()));
+        }
+        self.by_time.insert((at, key));
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        if let Some(at) = self.at.remove(key) {
+            self.by_time.remove(&(at, key.to_owned()));
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<u64> {
+        self.at.get(key).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    /// Keys, the earliest submitted first.
+    pub fn oldest_first(&self) -> impl Iterator<Item = (u64, &String)> {
+        self.by_time.iter().map(|(at, k)| (*at, k))
+    }
+}
+
+impl Serialize for KeyTimes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.at.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyTimes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let at = BTreeMap::<String, u64>::deserialize(d)?;
+        let by_time = at.iter().map(|(k, t)| (*t, k.clone())).collect();
+        Ok(Self { at, by_time })
+    }
+}
+
 /// What one prune command removes: finished jobs (ids) and idempotency keys.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Prune {
@@ -79,19 +134,24 @@ impl ClusterStore {
             .take(PRUNE_BATCH)
             .map(|(_, (_, id))| id.clone())
             .collect();
-        // Keys live at most one window, so this scan costs what a window holds, not history.
-        let mut due: Vec<(u64, &String)> = self
-            .idempotency
-            .keys()
-            .map(|k| (self.key_time(k), k))
-            .filter(|(at, _)| self.key_due(now_ms, *at))
-            .collect();
-        due.sort_unstable();
-        let keys: Vec<String> = due
-            .into_iter()
+        // Keys in the order they were submitted: this costs what is due, not what is held.
+        let mut keys: Vec<String> = self
+            .idempotency_at
+            .oldest_first()
+            .take_while(|(at, _)| self.key_due(now_ms, *at))
             .take(PRUNE_BATCH)
             .map(|(_, k)| k.clone())
             .collect();
+        // Keys of older snapshots kept no time: dated by their job, found by a scan while any is
+        // left (they all expire within one window).
+        if self.idempotency.len() > self.idempotency_at.len() && keys.len() < PRUNE_BATCH {
+            let undated = self
+                .idempotency
+                .keys()
+                .filter(|k| self.idempotency_at.get(k).is_none())
+                .filter(|k| self.key_due(now_ms, self.key_time(k)));
+            keys.extend(undated.take(PRUNE_BATCH - keys.len()).cloned());
+        }
         (!jobs.is_empty() || !keys.is_empty()).then(|| Command::PruneHistory(Prune { jobs, keys }))
     }
 
@@ -147,7 +207,7 @@ impl ClusterStore {
     /// When `key` was submitted (keys of older snapshots, which kept no time, are dated by their
     /// job's submission, or 0 once the job is gone).
     fn key_time(&self, key: &str) -> u64 {
-        if let Some(&at) = self.idempotency_at.get(key) {
+        if let Some(at) = self.idempotency_at.get(key) {
             return at;
         }
         let job = self.idempotency.get(key).and_then(|j| self.jobs.get(j));

@@ -69,7 +69,7 @@ pub struct ClusterStore {
     pub(super) capacity_actions: Vec<super::job_record::JobEvent>,
     /// When each idempotency key was submitted (they expire after `limits.idempotency_window_ms`).
     #[serde(default)]
-    pub(super) idempotency_at: BTreeMap<String, u64>,
+    pub(super) idempotency_at: super::retention::KeyTimes,
     /// Retention of finished jobs and keys, and the pending cap per queue.
     #[serde(default)]
     pub(super) limits: super::retention::Limits,
