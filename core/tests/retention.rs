@@ -321,6 +321,53 @@ fn keys_of_an_older_snapshot_without_times_expire_by_their_jobs_submission() {
     );
 }
 
+#[test]
+fn a_plan_that_places_many_gangs_at_once_keeps_the_queue_in_order() {
+    // 100 waiting jobs; one plan places 64 of them, every other one (the bulk re-file path).
+    let mut c = Cluster::new();
+    for h in 2..=8 {
+        c.apply(Command::RegisterNode(node(&format!("h{h}"))));
+    }
+    let jobs: Vec<JobId> = (0..100).map(|i| c.submit(&format!("j{i}"))).collect();
+    let placements: Vec<GangPlacement> = jobs
+        .iter()
+        .step_by(2)
+        .take(50)
+        .chain(jobs.iter().skip(99))
+        .enumerate()
+        .map(|(n, job)| GangPlacement {
+            job: job.clone(),
+            queue: "default".into(),
+            tasks: vec![TaskPlacement {
+                host: HostName::new(format!("h{}", n / 8 + 1)),
+                devices: vec![DeviceShare {
+                    index: (n % 8) as u16,
+                    milli: 1000,
+                }],
+                cpu_milli: 0,
+                memory_mib: 0,
+            }],
+            borrowed_milli: 0,
+        })
+        .collect();
+    let r = c.apply(Command::ApplyPlan {
+        plan: Plan {
+            placements,
+            ..Plan::default()
+        },
+    });
+    assert!(
+        matches!(r, Response::PlanApplied { ref placed, .. } if placed.len() == 51),
+        "{r:?}"
+    );
+    assert!(c.store.job_table().indexes_consistent());
+    let (queue, reasons) = c.store.job_table().queue();
+    let waiting: Vec<&JobId> = queue.iter().map(|g| &g.id).collect();
+    let want: Vec<&JobId> = jobs.iter().skip(1).step_by(2).take(49).collect();
+    assert_eq!(waiting, want, "the rest, still in submission order");
+    assert_eq!(reasons.len(), waiting.len());
+}
+
 #[derive(Clone, Debug)]
 enum Step {
     Submit(bool),

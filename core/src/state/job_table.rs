@@ -113,11 +113,26 @@ impl JobTable {
         Ok(self.get_mut(id).expect("the job was just found"))
     }
 
-    /// Files every job changed since the last call in the indexes.
+    /// Files every job changed since the last call in the indexes. Many at once (a plan that
+    /// placed a thousand gangs) update the queue in one pass instead of one shift each.
     pub fn reindex(&mut self) {
-        for id in std::mem::take(&mut self.dirty) {
-            self.refile(&id);
+        let dirty = std::mem::take(&mut self.dirty);
+        if dirty.len() <= BULK_REFILE {
+            for id in &dirty {
+                self.refile(id);
+            }
+            return;
         }
+        self.queue.remove_all(&dirty);
+        let mut entries = Vec::new();
+        for id in &dirty {
+            self.refile_sets(id);
+            if let Some(j) = self.jobs.get(id).filter(|j| j.state == JobState::Pending) {
+                let key = (j.queue_order_ms(), id.clone());
+                entries.push((key, j.gang_request(), j.pending_reason.clone()));
+            }
+        }
+        self.queue.merge(entries);
     }
 
     /// Pending jobs in queue order (oldest first).
@@ -159,6 +174,12 @@ impl JobTable {
             .map(|j| (j.queue_order_ms(), id.clone()));
         let old_key = self.pending_key.get(id).map(|k| (*k, id.clone()));
         self.queue.refile(old_key.as_ref(), new_key.as_ref(), job);
+        self.refile_sets(id);
+    }
+
+    /// Every index but the queue's vectors.
+    fn refile_sets(&mut self, id: &JobId) {
+        let job = self.jobs.get(id);
         if let Some(old) = self.pending_key.remove(id) {
             self.pending.remove(&(old, id.clone()));
         }
@@ -286,6 +307,10 @@ impl JobTable {
     }
 }
 
+/// Above this many jobs changed by one command, [`JobTable::reindex`] rebuilds the queue's
+/// vectors in one pass.
+const BULK_REFILE: usize = 32;
+
 /// Pending gangs and their reasons in queue order (parallel vectors, sorted by `keys`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct PendingQueue {
@@ -295,6 +320,55 @@ struct PendingQueue {
 }
 
 impl PendingQueue {
+    /// Takes out every entry of `ids`, in one pass.
+    fn remove_all(&mut self, ids: &BTreeSet<JobId>) {
+        let keep: Vec<bool> = self.keys.iter().map(|(_, id)| !ids.contains(id)).collect();
+        let mut i = 0;
+        self.keys.retain(|_| (keep[i], i += 1).0);
+        i = 0;
+        self.gangs.retain(|_| (keep[i], i += 1).0);
+        i = 0;
+        self.reasons.retain(|_| (keep[i], i += 1).0);
+    }
+
+    /// Merges `entries` (any order) into the queue, in one pass.
+    fn merge(&mut self, mut entries: Vec<(QueueKey, GangRequest, Option<PendingReason>)>) {
+        if entries.is_empty() {
+            return;
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let n = self.keys.len() + entries.len();
+        let mut keys = Vec::with_capacity(n);
+        let mut gangs = Vec::with_capacity(n);
+        let mut reasons = Vec::with_capacity(n);
+        let old = std::mem::take(self);
+        let mut old = old
+            .keys
+            .into_iter()
+            .zip(old.gangs)
+            .zip(old.reasons)
+            .map(|((k, g), r)| (k, g, r))
+            .peekable();
+        let mut new = entries.into_iter().peekable();
+        loop {
+            let take_old = match (old.peek(), new.peek()) {
+                (Some(o), Some(n)) => o.0 <= n.0,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let (k, g, r) = if take_old { old.next() } else { new.next() }.expect("peeked");
+            keys.push(k);
+            gangs.push(g);
+            reasons.push(r);
+        }
+        *self = PendingQueue {
+            keys,
+            gangs,
+            reasons,
+        };
+    }
+
     /// Moves a job from `old` (its place, if it was pending) to `new` (if it is pending now);
     /// a job that keeps its place is updated where it stands.
     fn refile(&mut self, old: Option<&QueueKey>, new: Option<&QueueKey>, job: Option<&JobRecord>) {
