@@ -296,3 +296,62 @@ fn a_failure_on_a_running_gang_is_repaired_on_other_devices() {
         assert!(nf.ettr_pct < f.ettr_pct);
     }
 }
+
+/// The report: a failure table for people, a `failures` object in the JSON with the documented
+/// fields, and none without failures.
+#[test]
+fn reports_carry_the_failure_figures_only_with_failures() {
+    use gangway_core::sim::failures::run_label;
+    use gangway_core::sim::report::failure_table;
+    let (c, jobs) = lone_job();
+    let f = failing(640.0, 7, true);
+    let mut m = replay(
+        &c,
+        &jobs,
+        PolicyName::Gangway,
+        &with_failures(f.clone(), Some(HOUR)),
+    )
+    .unwrap();
+    m.policy = run_label(&m.policy, false, Some(&f), Some(HOUR));
+    assert_eq!(m.policy, "gangway repair ckpt=1h");
+    let table = failure_table(std::slice::from_ref(&m)).expect("a table");
+    assert!(
+        table.contains("gangway repair ckpt=1h") && table.contains("ETTR %"),
+        "{table}"
+    );
+    let json = serde_json::to_value(&m).unwrap();
+    let fields: Vec<&str> = json["failures"]
+        .as_object()
+        .expect("failures object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for field in [
+        "model",
+        "repair",
+        "checkpoint_interval_s",
+        "device_failures",
+        "gang_failures",
+        "repairs",
+        "resubmissions",
+        "lost_work_gpu_h",
+        "fenced_gpu_h",
+        "lost_gpu_h",
+        "time_to_repair_mean_s",
+        "time_to_repair_p50_s",
+        "time_to_repair_p99_s",
+        "never_ran_again",
+        "ettr_pct",
+    ] {
+        assert!(fields.contains(&field), "{field} missing from {fields:?}");
+    }
+    assert_eq!(json["failures"]["checkpoint_interval_s"], 3600);
+    assert_eq!(json["failures"]["model"]["mtbf_hours"], 640.0);
+
+    let plain = replay(&c, &jobs, PolicyName::Gangway, &ReplayOptions::default()).unwrap();
+    assert!(failure_table(std::slice::from_ref(&plain)).is_none());
+    assert!(serde_json::to_value(&plain)
+        .unwrap()
+        .get("failures")
+        .is_none());
+}
