@@ -281,6 +281,11 @@ impl JobTable {
         self.by_state.get(&state).copied().unwrap_or(0)
     }
 
+    /// Pending jobs per queue (queues with none left out).
+    pub fn pending_by_queue(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.pending_in.iter().map(|(q, n)| (q.as_str(), *n))
+    }
+
     /// How many jobs wait in `queue`.
     pub fn pending_in(&self, queue: &str) -> usize {
         self.pending_in.get(queue).copied().unwrap_or(0)

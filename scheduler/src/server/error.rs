@@ -79,8 +79,10 @@ impl ApiError {
             ApiError::Rejected(r) => match r {
                 Rejection::UnknownNode(_)
                 | Rejection::UnknownJob(_)
-                | Rejection::UnknownTask { .. } => Code::NotFound,
-                Rejection::InvalidJob(_) => Code::InvalidArgument,
+                | Rejection::UnknownTask { .. }
+                | Rejection::UnknownDevice { .. } => Code::NotFound,
+                Rejection::InvalidJob(_) | Rejection::InvalidLimits(_) => Code::InvalidArgument,
+                Rejection::QueueFull { .. } => Code::ResourceExhausted,
                 Rejection::WrongJobState { .. }
                 | Rejection::NotEmpty { .. }
                 | Rejection::BadNode { .. }
@@ -202,6 +204,15 @@ mod tests {
                 }),
                 Code::FailedPrecondition,
                 "stale_epoch",
+                None,
+            ),
+            (
+                ApiError::from(Rejection::UnknownDevice {
+                    node: gangway_proto::ids::HostName::new("h1"),
+                    device: "GPU-x".into(),
+                }),
+                Code::NotFound,
+                "unknown_device",
                 None,
             ),
             (

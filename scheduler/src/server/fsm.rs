@@ -42,6 +42,26 @@ impl SchedulerFsm {
         }
     }
 
+    /// Repairs completed by a plan: a gang whose previous lease ended for the infrastructure is
+    /// running again; the time from that end (the fault's commit) to the new lease.
+    fn observe_repairs(&self, placed: &[(gangway_proto::ids::JobId, u64)]) {
+        for (job, _) in placed {
+            let Some(runs) = self.store.job(job).map(|j| &j.runs) else {
+                continue;
+            };
+            let [.., prev, now] = runs.as_slice() else {
+                continue;
+            };
+            if prev.cause != Some(crate::state::RunCause::Infrastructure) {
+                continue;
+            }
+            let ended = prev.ended_at_ms.unwrap_or(now.started_at_ms);
+            let seconds = now.started_at_ms.saturating_sub(ended) as f64 / 1000.0;
+            metrics::counter!("gangway_repairs_total").increment(1);
+            metrics::histogram!("gangway_repair_seconds").record(seconds);
+        }
+    }
+
     /// This replica's job archive, if it keeps one.
     pub fn archive(&self) -> Option<&super::archive::JobArchive> {
         self.archive.0.as_deref()
@@ -77,7 +97,11 @@ impl StateMachine for SchedulerFsm {
     fn apply(&mut self, ctx: &ApplyContext, command: Command, events: &mut Vec<Event>) -> Response {
         self.applied_index = ctx.index;
         let first = events.len();
+        let is_plan = matches!(command, Command::ApplyPlan { .. });
         let response = self.store.apply(ctx.time_ms, command, events);
+        if let (true, Response::PlanApplied { placed, .. }) = (is_plan, &response) {
+            self.observe_repairs(placed);
+        }
         for event in &events[first..] {
             if let Event::Archived(job) = event {
                 self.archive.keep(job);
@@ -173,6 +197,7 @@ mod tests {
             ))
             .unwrap();
             let ctx = ApplyContext {
+                term: 1,
                 index: i as u64 + 1,
                 time_ms: 1_000 + i as u64,
             };

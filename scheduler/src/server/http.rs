@@ -114,28 +114,34 @@ pub async fn gauge_loop(ctx: ReplicaContext, period: Duration, mut stop: watch::
         let (pending, running, nodes, devices, defrag) = ctx.raft.read_local(|fsm| {
             let store = fsm.store();
             let engine = store.engine();
+            // From the job table's indexes: costs what is live, never the history.
+            let table = store.job_table();
             let defrag = (
-                store
-                    .jobs()
-                    .values()
-                    .filter(|j| j.migration.is_some())
-                    .count(),
+                table.migrating().count(),
                 store.reservations().count(),
                 [TopologyLevel::Host, TopologyLevel::Rack, TopologyLevel::Pod]
                     .map(|l| (l, crate::engine::scattered_free_permille(engine, l))),
             );
-            let mut pending: BTreeMap<String, u64> = BTreeMap::new();
+            let pending: BTreeMap<String, u64> = table
+                .pending_by_queue()
+                .map(|(q, n)| (q.to_owned(), n as u64))
+                .collect();
             let mut running: BTreeMap<String, u64> = BTreeMap::new();
-            for j in store.jobs().values() {
-                match j.state {
-                    JobState::Pending => *pending.entry(j.spec.queue.clone()).or_default() += 1,
-                    JobState::Running => *running.entry(j.spec.queue.clone()).or_default() += 1,
-                    _ => {}
-                }
+            for j in table.running().filter(|j| j.state == JobState::Running) {
+                *running.entry(j.spec.queue.clone()).or_default() += 1;
             }
             let mut nodes: BTreeMap<String, u64> = BTreeMap::new();
+            // Devices by health, and fenced devices by who fenced them.
+            let mut health: BTreeMap<String, u64> = BTreeMap::new();
             for n in store.nodes().values() {
                 *nodes.entry(n.state.to_string()).or_default() += 1;
+                for i in 0..n.registration.devices.len() {
+                    let d = n.device(i as u16);
+                    *health.entry(d.health.to_string()).or_default() += 1;
+                    if let Some(f) = &d.fence {
+                        *health.entry(format!("fenced_{}", f.source)).or_default() += 1;
+                    }
+                }
             }
             // (kind, leased milli, total milli) over every registered device.
             let mut devices: BTreeMap<DeviceKind, (u64, u64)> =
@@ -146,13 +152,27 @@ pub async fn gauge_loop(ctx: ReplicaContext, period: Duration, mut stop: watch::
                         continue;
                     };
                     let e = devices.entry(kind).or_default();
-                    let free = u64::from(h.free_milli.get(i).copied().unwrap_or(0));
+                    // A fenced device's free part is held back, not leased.
+                    let held = h.fenced.get(&(i as u16)).copied().unwrap_or(0);
+                    let free = u64::from(h.free_milli.get(i).copied().unwrap_or(0) + held);
                     e.0 += u64::from(MILLI_PER_DEVICE).saturating_sub(free);
                     e.1 += u64::from(MILLI_PER_DEVICE);
                 }
             }
-            (pending, running, nodes, devices, defrag)
+            (pending, running, (nodes, health), devices, defrag)
         });
+        let (nodes, health) = nodes;
+        for h in ["healthy", "degraded", "failed"] {
+            let n = health.get(h).copied().unwrap_or(0);
+            metrics::gauge!("gangway_devices_by_health", "health" => h).set(n as f64);
+        }
+        for source in ["health", "absent", "operator"] {
+            let n = health
+                .get(&format!("fenced_{source}"))
+                .copied()
+                .unwrap_or(0);
+            metrics::gauge!("gangway_fenced_devices", "source" => source).set(n as f64);
+        }
         let (migrating, reservations, fragmentation) = defrag;
         metrics::gauge!("gangway_migrations_in_flight").set(migrating as f64);
         metrics::gauge!("gangway_defrag_reservations").set(reservations as f64);

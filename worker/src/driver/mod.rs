@@ -40,5 +40,5 @@ pub(crate) use procfs::{clock_ticks_per_second, group_cpu_ticks};
 pub use record::ProcessRecord;
 pub use shim::{run_shim, ShimArgs};
 pub use spec::LaunchSpec;
-pub use task_driver::TaskDriver;
+pub use task_driver::{SweepReport, TaskDriver, DEFAULT_LOG_MAX_BYTES};
 pub use task_handle::TaskHandle;

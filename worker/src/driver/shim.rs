@@ -12,7 +12,14 @@
 //! environment. The driver signals the whole group, so the shim survives the signals it relays
 //! (no-op handlers) while the task gets them with their default dispositions.
 //!
-//! Flags: `--exit-file PATH --lease-file PATH --grace-ms N [--workdir DIR] -- CMD [ARGS...]`.
+//! Flags: `--exit-file PATH --lease-file PATH --grace-ms N [--workdir DIR]
+//! [--log-file PATH --log-max-bytes N] -- CMD [ARGS...]`.
+//!
+//! With `--log-file`, the shim also caps the task's log (its own stdout and stderr, which the task
+//! inherits, opened in append mode): past `--log-max-bytes` the log is copied to `PATH.1`
+//! (replacing the older one) and truncated, as logrotate's `copytruncate` does; every writer
+//! appends, so writes go on at the new end. Output written between the copy and the truncation
+//! (well under a poll interval) can be lost; that is the price of not stopping the task.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
@@ -39,6 +46,8 @@ pub struct ShimArgs {
     pub workdir: Option<PathBuf>,
     /// Program and arguments of the task; never empty.
     pub command: Vec<String>,
+    /// The task's log and the size past which it is rotated.
+    pub log_cap: Option<(PathBuf, u64)>,
 }
 
 impl ShimArgs {
@@ -50,6 +59,8 @@ impl ShimArgs {
         let mut lease_file = None;
         let mut grace_ms = None;
         let mut workdir = None;
+        let mut log_file = None;
+        let mut log_max = None;
         let mut iter = args.iter();
         let command = loop {
             let Some(flag) = iter.next() else {
@@ -63,6 +74,8 @@ impl ShimArgs {
                 "--lease-file" => &mut lease_file,
                 "--grace-ms" => &mut grace_ms,
                 "--workdir" => &mut workdir,
+                "--log-file" => &mut log_file,
+                "--log-max-bytes" => &mut log_max,
                 other => return Err(err(format!("unknown flag `{other}`"))),
             };
             let Some(value) = iter.next() else {
@@ -87,12 +100,25 @@ impl ShimArgs {
                 "`--grace-ms` wants milliseconds, got `{grace_text}`"
             ))
         })?;
+        let log_cap = match (log_file, log_max) {
+            (None, None) => None,
+            (Some(path), Some(max)) => {
+                let bytes: u64 = max.parse().ok().filter(|&b| b >= 4096).ok_or_else(|| {
+                    err(format!(
+                        "`--log-max-bytes` wants a byte count of at least 4096, got `{max}`"
+                    ))
+                })?;
+                Some((PathBuf::from(path), bytes))
+            }
+            _ => return Err(err("`--log-file` and `--log-max-bytes` go together".into())),
+        };
         Ok(ShimArgs {
             exit_file,
             lease_file,
             grace: Duration::from_millis(grace_ms),
             workdir: workdir.map(PathBuf::from),
             command,
+            log_cap,
         })
     }
 
@@ -109,6 +135,12 @@ impl ShimArgs {
         if let Some(dir) = &self.workdir {
             out.push("--workdir".into());
             out.push(dir.display().to_string());
+        }
+        if let Some((path, max)) = &self.log_cap {
+            out.push("--log-file".into());
+            out.push(path.display().to_string());
+            out.push("--log-max-bytes".into());
+            out.push(max.to_string());
         }
         out.push("--".into());
         out.extend(self.command.iter().cloned());
@@ -202,6 +234,11 @@ pub fn run_shim(args: ShimArgs) -> i32 {
             if let Some(why) = lease.check() {
                 return fence(&args, &program, &mut child, &why);
             }
+            if let Some((path, max)) = &args.log_cap {
+                if let Err(e) = rotate_log(path, *max) {
+                    eprintln!("gangway task-shim: cannot rotate {}: {e}", path.display());
+                }
+            }
         }
         std::thread::sleep(CHILD_POLL);
     }
@@ -247,6 +284,27 @@ fn fence(args: &ShimArgs, program: &str, child: &mut Child, why: &str) -> i32 {
         }
     }
     code
+}
+
+/// Copies the log to `<log>.1` and truncates it once it is larger than `max` bytes.
+pub(crate) fn rotate_log(path: &Path, max: u64) -> std::io::Result<bool> {
+    let len = std::fs::metadata(path)?.len();
+    if len <= max {
+        return Ok(false);
+    }
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    std::fs::copy(path, &old)?;
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    file.set_len(0)?;
+    use std::io::Write;
+    let mut append = std::fs::OpenOptions::new().append(true).open(path)?;
+    writeln!(
+        append,
+        "=== gangway: log rotated at {len} bytes (cap {max}); the previous part is in {}",
+        std::path::Path::new(&old).display()
+    )?;
+    Ok(true)
 }
 
 /// Our process group, when we lead it (the driver starts us that way). Run by hand from a shell,
@@ -341,6 +399,66 @@ mod tests {
 
     fn strings(args: &[&str]) -> Vec<String> {
         args.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_log_cap_parses_round_trips_and_refuses_half_or_tiny_caps() {
+        let base = [
+            "--exit-file",
+            "/x/e",
+            "--lease-file",
+            "/x/l",
+            "--grace-ms",
+            "10",
+        ];
+        let with = |extra: &[&str]| {
+            let mut v: Vec<&str> = base.to_vec();
+            v.extend_from_slice(extra);
+            v.extend_from_slice(&["--", "true"]);
+            ShimArgs::parse(&strings(&v))
+        };
+        let args = with(&["--log-file", "/x/task-0.log", "--log-max-bytes", "65536"]).unwrap();
+        assert_eq!(args.log_cap, Some((PathBuf::from("/x/task-0.log"), 65536)));
+        assert_eq!(ShimArgs::parse(&args.to_args()).unwrap(), args);
+        for bad in [
+            &["--log-file", "/x/t.log"][..],
+            &["--log-max-bytes", "65536"][..],
+            &["--log-file", "/x/t.log", "--log-max-bytes", "10"][..],
+            &["--log-file", "/x/t.log", "--log-max-bytes", "lots"][..],
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("log"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_log_past_its_cap_is_copied_aside_and_truncated_while_writers_keep_appending() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("task-0.log");
+        // The task's handle: append mode, as the driver opens it.
+        let mut task = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        task.write_all(&vec![b'a'; 5000]).unwrap();
+        assert!(!rotate_log(&path, 8192).unwrap(), "under the cap");
+        task.write_all(&vec![b'b'; 5000]).unwrap();
+        assert!(rotate_log(&path, 8192).unwrap());
+        let old = std::fs::read(dir.path().join("task-0.log.1")).unwrap();
+        assert_eq!(old.len(), 10_000);
+        task.write_all(b"after\n").unwrap();
+        let now = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            now.starts_with("=== gangway: log rotated at 10000 bytes"),
+            "{now}"
+        );
+        assert!(
+            now.ends_with("after\n"),
+            "the task's next write lands at the new end: {now}"
+        );
+        assert!(now.len() < 200);
     }
 
     #[test]

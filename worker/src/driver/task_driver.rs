@@ -18,7 +18,13 @@ use super::{
 /// the old one was.
 pub struct TaskDriver {
     cfg: DriverConfig,
+    /// A task's log is rotated past this many bytes (see the shim's `--log-max-bytes`).
+    log_max_bytes: u64,
 }
+
+/// The default cap on one task's log before it is rotated (the previous part is kept beside it,
+/// so a task's logs take at most twice this).
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 512 * 1024 * 1024;
 
 impl TaskDriver {
     /// Checks the configuration and creates the driver's directories.
@@ -47,7 +53,62 @@ impl TaskDriver {
         {
             create_dir(parent)?;
         }
-        Ok(TaskDriver { cfg })
+        Ok(TaskDriver {
+            cfg,
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+        })
+    }
+
+    /// Caps each task's log at `bytes` (at least 4096) from the next launch on.
+    pub fn set_log_max_bytes(&mut self, bytes: u64) -> Result<(), DriverError> {
+        if bytes < 4096 {
+            return Err(DriverError::Config(format!(
+                "log cap must be at least 4096 bytes, got {bytes}"
+            )));
+        }
+        self.log_max_bytes = bytes;
+        Ok(())
+    }
+
+    /// Removes the directories (`tasks/<job>` and `logs/<job>`) of jobs not in `keep` whose
+    /// newest file is older than `retention`: finished tasks' exit files, working directories
+    /// and logs. Returns what it removed. Errors on one job's files are logged and skipped.
+    pub fn sweep(
+        &self,
+        keep: &std::collections::BTreeSet<String>,
+        retention: std::time::Duration,
+    ) -> SweepReport {
+        let mut report = SweepReport::default();
+        let now = std::time::SystemTime::now();
+        for root in ["tasks", "logs"] {
+            let Ok(entries) = fs::read_dir(self.cfg.data_dir.join(root)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if keep.iter().any(|k| path_component(k) == name) {
+                    continue;
+                }
+                let path = entry.path();
+                let (newest, bytes) = newest_and_size(&path);
+                let old_enough = newest
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_some_and(|age| age >= retention);
+                if !old_enough {
+                    continue;
+                }
+                match fs::remove_dir_all(&path) {
+                    Ok(()) => {
+                        report.removed_dirs += 1;
+                        report.removed_bytes += bytes;
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %path.display(), error = %e, "cannot remove a finished task's files");
+                    }
+                }
+            }
+        }
+        report
     }
 
     /// Atomically replaces the lease deadline (milliseconds of [`boottime_ms`](super::boottime_ms))
@@ -100,6 +161,7 @@ impl TaskDriver {
             .map_err(|e| DriverError::io("duplicating log file", &log_file, e))?;
 
         let shim_args = ShimArgs {
+            log_cap: Some((log_file.clone(), self.log_max_bytes)),
             exit_file: exit_file.clone(),
             lease_file: self.cfg.lease_file.clone(),
             grace: spec.fence_grace.unwrap_or(self.cfg.grace),
@@ -178,6 +240,36 @@ impl TaskDriver {
             .join(path_component(&key.job))
             .join(format!("task-{}", key.task))
     }
+}
+
+/// What a [`TaskDriver::sweep`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub removed_dirs: usize,
+    pub removed_bytes: u64,
+}
+
+/// The newest modification time under `dir` and the bytes it holds.
+fn newest_and_size(dir: &Path) -> (Option<std::time::SystemTime>, u64) {
+    let mut newest = None;
+    let mut bytes = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(meta) = fs::symlink_metadata(&d) else {
+            continue;
+        };
+        if let Ok(m) = meta.modified() {
+            newest = newest.max(Some(m));
+        }
+        if meta.is_dir() {
+            if let Ok(entries) = fs::read_dir(&d) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else {
+            bytes += meta.len();
+        }
+    }
+    (newest, bytes)
 }
 
 fn validate(spec: &LaunchSpec) -> Result<(), DriverError> {
@@ -268,5 +360,47 @@ mod tests {
             grace: std::time::Duration::from_secs(1),
         };
         assert!(matches!(TaskDriver::new(cfg), Err(DriverError::Config(_))));
+    }
+
+    #[test]
+    fn a_sweep_removes_old_files_of_finished_jobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut driver = TaskDriver::new(DriverConfig {
+            shim_command: vec!["gangway".into(), "task-shim".into()],
+            data_dir: dir.path().into(),
+            lease_file: dir.path().join("lease"),
+            grace: std::time::Duration::from_secs(1),
+        })
+        .unwrap();
+        assert!(driver.set_log_max_bytes(100).is_err());
+        driver.set_log_max_bytes(1 << 20).unwrap();
+        for job in ["live-1", "done-2", "a/b"] {
+            let task = dir
+                .path()
+                .join("tasks")
+                .join(path_component(job))
+                .join("task-0");
+            fs::create_dir_all(task.join("epoch-1")).unwrap();
+            fs::write(task.join("epoch-1").join("exit.json"), b"{}").unwrap();
+            let logs = dir.path().join("logs").join(path_component(job));
+            fs::create_dir_all(&logs).unwrap();
+            fs::write(logs.join("task-0.log"), vec![b'x'; 1000]).unwrap();
+        }
+        let keep: std::collections::BTreeSet<String> = ["live-1".to_owned()].into();
+        // Young files stay, whoever they belong to.
+        let hour = std::time::Duration::from_secs(3600);
+        assert_eq!(driver.sweep(&keep, hour), SweepReport::default());
+        // Past the retention, the finished jobs' files go (names escaped as on disk); the live
+        // job's stay.
+        let report = driver.sweep(&keep, std::time::Duration::ZERO);
+        assert_eq!(report.removed_dirs, 4);
+        assert_eq!(report.removed_bytes, 2 * (1000 + 2));
+        assert!(dir
+            .path()
+            .join("tasks/live-1/task-0/epoch-1/exit.json")
+            .exists());
+        assert!(dir.path().join("logs/live-1/task-0.log").exists());
+        assert!(!dir.path().join("tasks/done-2").exists());
+        assert!(!dir.path().join("logs").join(path_component("a/b")).exists());
     }
 }
