@@ -1,7 +1,7 @@
 #!/bin/sh
 # Re-measures the device-failure tables of core/SIM.md ("Device failures"): failures from the
 # default model (Llama 3's GPU failure rate), with and without automatic repair, for checkpoint
-# intervals of 10 minutes, 30 minutes and 2 hours, on Philly at load 5 and on the pretrain mix
+# intervals of 10 minutes, 30 minutes and 2 hours (and none, pretrain only), on Philly at load 5 and on the pretrain mix
 # (seeds 1-3, two weeks). Runs the core crate's `sim` example (the library calls of `gangway sim`,
 # without RocksDB) in release. About 5 minutes of CPU.
 #
@@ -19,6 +19,9 @@ RUNS="--policy gangway --failures $FAILURES --repair compare --checkpoint-interv
 echo "## pretrain mix, seeds 1-3, 336 h"
 $SIM bench --cluster deploy/sim/pretrain-cluster.toml --mix pretrain --hours 336 --load 0.9 \
     --seeds 1,2,3 $RUNS
+echo "## pretrain mix, seeds 1-3, 336 h, no checkpoint"
+$SIM bench --cluster deploy/sim/pretrain-cluster.toml --mix pretrain --hours 336 --load 0.9 \
+    --seeds 1,2,3 --policy gangway --failures $FAILURES --repair compare --checkpoint-interval none
 echo "## Philly, load 5"
 $SIM replay --trace "$TRACES/philly/philly.csv" --cluster deploy/sim/philly-cluster.toml \
     --load 5 $RUNS
