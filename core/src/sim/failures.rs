@@ -230,6 +230,7 @@ pub(super) struct FailureCounters {
     pub fenced: Vec<(u64, Option<u64>)>,
     pub lost_device_ms: u128,
     pub resubmissions: u64,
+    /// Read from the state machine's jobs when the replay ends.
     pub repairs: u64,
     pub hits: Vec<GangFailure>,
 }

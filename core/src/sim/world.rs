@@ -617,7 +617,8 @@ impl<'a> World<'a> {
         let gap = (-f.mean_gap_ms * u.ln()).round().max(1.0) as u64;
         let device = f.rng.random_range(0..f.devices.len().max(1));
         f.armed = true;
-        self.queue.push(now + gap, Event::DeviceFailure { device });
+        self.queue
+            .push(now.saturating_add(gap), Event::DeviceFailure { device });
     }
 
     /// GPU `d` fails: the agent reports it (`DeviceHealth` failed: the state fences it and
@@ -644,8 +645,10 @@ impl<'a> World<'a> {
         f.repairs_pending += 1;
         self.failure_counters.fenced.push((now, None));
         self.failure_counters.device_failures += 1;
-        self.queue
-            .push(now + repair_ms, Event::DeviceRepaired { device: d });
+        self.queue.push(
+            now.saturating_add(repair_ms),
+            Event::DeviceRepaired { device: d },
+        );
         let host = self.cluster.hosts[h].name.clone();
         let uuid = format!("{host}-{index}");
         let holder = self.store.engine().running().iter().find_map(|(id, g)| {
@@ -704,7 +707,7 @@ impl<'a> World<'a> {
         if !repair {
             self.carried[i] = restore;
             self.queue
-                .push(now + resubmit_ms, Event::Resubmit { job: i });
+                .push(now.saturating_add(resubmit_ms), Event::Resubmit { job: i });
         }
         self.open_hit[i] = Some(self.failure_counters.hits.len());
         self.failure_counters.hits.push(GangFailure {
