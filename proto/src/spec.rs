@@ -19,6 +19,19 @@ pub const MAX_TASKS: u32 = 4096;
 pub const MAX_DEVICES_PER_TASK: u32 = 64;
 /// Longest name of a job or queue.
 pub const MAX_NAME_LEN: usize = 128;
+/// Largest job spec text accepted (TOML bytes).
+pub const MAX_SPEC_BYTES: usize = 256 * 1024;
+/// Most arguments of a task's command, and their total bytes.
+pub const MAX_COMMAND_ARGS: usize = 1024;
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// Most environment variables of a task, and their names and values' total bytes.
+pub const MAX_ENV_VARS: usize = 256;
+pub const MAX_ENV_BYTES: usize = 64 * 1024;
+/// Most accepted models a spec may list.
+pub const MAX_MODELS: usize = 64;
+
+// Every task's command and environment travel in its host's allocation set (at most 4 MiB per
+// message): 3 tasks of 128 KiB fit a host many times over, while a 1.5 MB command line does not.
 
 /// Signals a task may ask to receive as its checkpoint request.
 pub const CHECKPOINT_SIGNALS: [&str; 6] = [
@@ -512,6 +525,15 @@ fn is_reserved_env(s: &str) -> bool {
 impl JobSpec {
     /// Parses and validates a TOML job spec.
     pub fn from_toml_str(text: &str) -> Result<JobSpec, SpecError> {
+        if text.len() > MAX_SPEC_BYTES {
+            return Err(SpecError::one(
+                "",
+                format!(
+                    "the spec is {} bytes; at most {MAX_SPEC_BYTES} are accepted",
+                    text.len()
+                ),
+            ));
+        }
         let de = toml::Deserializer::parse(text)
             .map_err(|e| SpecError::one("", format!("not valid TOML: {}", e.message())))?;
         let raw: RawSpec = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -560,6 +582,16 @@ impl JobSpec {
         if let Some(i) = command.iter().position(|c| c.contains('\0')) {
             p.add(&format!("command[{i}]"), "must not contain a NUL byte");
         }
+        let command_bytes: usize = command.iter().map(String::len).sum();
+        if command.len() > MAX_COMMAND_ARGS || command_bytes > MAX_COMMAND_BYTES {
+            p.add(
+                "command",
+                format!(
+                    "has {} arguments of {command_bytes} bytes in all; at most {MAX_COMMAND_ARGS} arguments and {MAX_COMMAND_BYTES} bytes (it travels to every host of the gang): pass large inputs in a file",
+                    command.len()
+                ),
+            );
+        }
 
         let mut env = BTreeMap::new();
         for (key, value) in &raw.env {
@@ -581,6 +613,17 @@ impl JobSpec {
                     ),
                 ),
             }
+        }
+
+        let env_bytes: usize = env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if raw.env.len() > MAX_ENV_VARS || env_bytes > MAX_ENV_BYTES {
+            p.add(
+                "env",
+                format!(
+                    "has {} variables of {env_bytes} bytes in all; at most {MAX_ENV_VARS} variables and {MAX_ENV_BYTES} bytes",
+                    raw.env.len()
+                ),
+            );
         }
 
         let resources = match raw.resources {
@@ -730,8 +773,19 @@ impl JobSpec {
             .as_ref()
             .map(|v| check_string_list(p, "resources.models", v, "model names"))
             .unwrap_or_default();
-        for (i, m) in models.iter().enumerate() {
-            if m.trim().is_empty() {
+        if models.len() > MAX_MODELS {
+            p.add(
+                "resources.models",
+                format!("lists {} models; at most {MAX_MODELS}", models.len()),
+            );
+        }
+        for (i, m) in models.iter().enumerate().take(MAX_MODELS) {
+            if m.len() > MAX_NAME_LEN {
+                p.add(
+                    &format!("resources.models[{i}]"),
+                    format!("expected at most {MAX_NAME_LEN} bytes, got {}", m.len()),
+                );
+            } else if m.trim().is_empty() {
                 p.add(
                     &format!("resources.models[{i}]"),
                     "expected a model name, got an empty string",
@@ -988,7 +1042,97 @@ timeout = "60s"
         }
     }
 
+    /// The oversized-spec story of issue 15: a 3-task job with a 1.5 MB command line would make
+    /// its host's allocation set larger than a gRPC message; it is refused at submit, naming the
+    /// limit, and so are the other ways to grow a spec.
+    #[test]
+    fn oversized_specs_are_refused_naming_the_field_and_the_limit() {
+        let base = |top: &str, resources: &str| {
+            format!("name = \"big\"\ntasks = 3\n{top}\n[resources]\ndevices = 1\n{resources}\n")
+        };
+        let huge_arg = "x".repeat(1_500_000);
+        let cases = [
+            (
+                format!("command = [\"python3\", \"{huge_arg}\"]"),
+                String::new(),
+                "",
+            ),
+            (
+                format!("command = [\"run\", \"{}\"]", "y".repeat(MAX_COMMAND_BYTES)),
+                String::new(),
+                "command",
+            ),
+            (
+                format!(
+                    "command = [{}]",
+                    vec!["\"a\""; MAX_COMMAND_ARGS + 1].join(", ")
+                ),
+                String::new(),
+                "command",
+            ),
+            (
+                "command = [\"true\"]".to_owned(),
+                format!(
+                    "models = [{}]",
+                    (0..=MAX_MODELS)
+                        .map(|i| format!("\"m{i}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                "resources.models",
+            ),
+        ];
+        for (top, resources, path) in cases {
+            let text = base(&top, &resources);
+            let e = JobSpec::from_toml_str(&text).unwrap_err();
+            assert_eq!(e.paths(), vec![path], "{e}");
+            assert!(e.to_string().contains("at most"), "{e}");
+        }
+        // The environment: too many variables, or too many bytes.
+        let mut env = String::from("[env]\n");
+        for i in 0..=MAX_ENV_VARS {
+            env.push_str(&format!("V{i} = \"1\"\n"));
+        }
+        let text = format!("name = \"e\"\ncommand = [\"true\"]\n{env}[resources]\ndevices = 1\n");
+        let e = JobSpec::from_toml_str(&text).unwrap_err();
+        assert_eq!(e.paths(), vec!["env"], "{e}");
+        let text = format!(
+            "name = \"e\"\ncommand = [\"true\"]\n[env]\nBIG = \"{}\"\n[resources]\ndevices = 1\n",
+            "z".repeat(MAX_ENV_BYTES)
+        );
+        assert_eq!(
+            JobSpec::from_toml_str(&text).unwrap_err().paths(),
+            vec!["env"]
+        );
+        // Just under every limit is accepted.
+        let text = format!(
+            "name = \"ok\"\ncommand = [\"run\", \"{}\"]\n[resources]\ndevices = 1\n",
+            "y".repeat(MAX_COMMAND_BYTES - 10)
+        );
+        assert!(JobSpec::from_toml_str(&text).is_ok());
+    }
+
     proptest::proptest! {
+        /// Mutated valid specs (bytes flipped, cut, repeated) parse or fail with field errors,
+        /// never panic: a fuzz of the spec decoder in every `cargo test`.
+        #[test]
+        fn mutated_specs_never_panic(
+            cut in 0usize..400,
+            flips in proptest::collection::vec((0usize..400, proptest::prelude::any::<u8>()), 0..8),
+            repeat in 0usize..4,
+        ) {
+            let valid = "name = \"pretrain\"\nqueue = \"research\"\npriority = 5\ntasks = 16\ncommand = [\"python3\", \"train.py\"]\n[env]\nNCCL_DEBUG = \"WARN\"\n[resources]\ndevices = 8\nmodels = [\"H100\"]\ncpu = 32\nmemory = \"512GiB\"\n[topology]\nrequired = \"rack\"\n[checkpoint]\nsignal = \"SIGUSR1\"\ntimeout = \"5m\"\n[restart]\nmax_restarts = 3\nbackoff = \"30s\"\n";
+            let mut bytes = valid.as_bytes().repeat(repeat + 1);
+            for (at, b) in flips {
+                if let Some(x) = bytes.get_mut(at) {
+                    *x = b;
+                }
+            }
+            bytes.truncate(cut.max(1) * 4);
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = JobSpec::from_toml_str(&text);
+        }
+
         /// Whatever bytes arrive, parsing returns a value or an error: never a panic.
         #[test]
         fn arbitrary_text_never_panics(text in "\\PC{0,200}") {

@@ -152,7 +152,10 @@ impl ClusterStore {
                 .filter(|k| self.key_due(now_ms, self.key_time(k)));
             keys.extend(undated.take(PRUNE_BATCH - keys.len()).cloned());
         }
-        (!jobs.is_empty() || !keys.is_empty()).then(|| Command::PruneHistory(Prune { jobs, keys }))
+        if jobs.is_empty() && keys.is_empty() {
+            return None;
+        }
+        Some(Command::PruneHistory(Prune { jobs, keys }))
     }
 
     /// Whether the finished job that is `rank`-th oldest (finished at `at`) is due.
