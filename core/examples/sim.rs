@@ -29,7 +29,8 @@ use gangway_core::sim::fgd::{run_fgd, FgdOptions};
 use gangway_core::sim::philly::{load_trace, parse_offset, parse_trace, Trace};
 use gangway_core::sim::synth::{mix_by_name, synthetic_trace};
 use gangway_core::sim::{
-    compress_arrivals, jobs_from_trace, replay, ReplayMetrics, ReplayOptions, SimCluster,
+    compress_arrivals, jobs_from_trace, replay, DefragOptions, ReplayMetrics, ReplayOptions,
+    SimCluster,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,30 @@ use std::path::{Path, PathBuf};
 const ALL: &str = "first-fit,best-fit,fgd,backfill,gangway";
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Every option any subcommand reads; anything else is refused rather than ignored.
+const KNOWN: [&str; 20] = [
+    "cluster",
+    "trace",
+    "from",
+    "to",
+    "load",
+    "policy",
+    "failures",
+    "repair",
+    "checkpoint-interval",
+    "defrag",
+    "mix",
+    "hours",
+    "seeds",
+    "seed",
+    "first-seed",
+    "threads",
+    "tune",
+    "out",
+    "nodes",
+    "pods",
+];
 
 /// `--name value` options after the subcommand.
 struct Opts(BTreeMap<String, String>);
@@ -49,6 +74,11 @@ impl Opts {
             let key = k
                 .strip_prefix("--")
                 .ok_or(format!("expected --option, got {k}"))?;
+            if !KNOWN.contains(&key) {
+                return Err(
+                    format!("unknown option --{key} (known: --{})", KNOWN.join(", --")).into(),
+                );
+            }
             let v = it.next().ok_or(format!("--{key} needs a value"))?;
             m.insert(key.to_owned(), v.clone());
         }
@@ -92,14 +122,25 @@ impl Opts {
                     .collect()
             }
         };
+        let defrag: Vec<Option<DefragOptions>> = match self.get("defrag").unwrap_or("off") {
+            "off" => vec![None],
+            "on" => vec![Some(DefragOptions::default())],
+            "compare" => vec![None, Some(DefragOptions::default())],
+            other => {
+                return Err(format!("--defrag: expected off, on or compare, got {other}").into())
+            }
+        };
         let mut out = Vec::new();
         for interval in &intervals {
             for f in &failures {
-                out.push(ReplayOptions {
-                    checkpoint_interval_ms: *interval,
-                    failures: f.clone(),
-                    ..ReplayOptions::default()
-                });
+                for d in &defrag {
+                    out.push(ReplayOptions {
+                        checkpoint_interval_ms: *interval,
+                        failures: f.clone(),
+                        defrag: d.clone(),
+                        ..ReplayOptions::default()
+                    });
+                }
             }
         }
         Ok(out)
@@ -218,7 +259,7 @@ fn run_all(
         let mut m = replay(cluster, &jobs, p, options)?;
         m.policy = run_label(
             &m.policy,
-            false,
+            options.defrag.is_some(),
             options.failures.as_ref(),
             options.checkpoint_interval_ms,
         );
