@@ -162,7 +162,7 @@ fn main() {
         args.hosts,
         args.batch,
         if args.retention {
-            "on (1 day, 100,000 finished, keys 1 h)"
+            "on (100,000 finished jobs, keys 10 min)"
         } else {
             "off"
         }
