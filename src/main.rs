@@ -42,8 +42,10 @@ enum Command {
     Cancel(cmd::jobs::CancelCmd),
     /// List nodes: state, free devices, heartbeat.
     Nodes(cmd::nodes::NodesArgs),
-    /// Drain, cordon or uncordon a node.
+    /// Drain, cordon, uncordon or remove a node.
     Node(cmd::nodes::NodeGroup),
+    /// Fence a device (take it out of service) or unfence it.
+    Device(cmd::nodes::DeviceGroup),
     /// List device leases: job, epoch, tasks' hosts and devices.
     Leases(cmd::nodes::LeasesArgs),
     /// List queues and their quotas.
@@ -119,6 +121,7 @@ fn main() -> ExitCode {
         Command::Cancel(c) => run_client(cmd::jobs::cancel(c.opts, c.args)),
         Command::Nodes(a) => run_client(cmd::nodes::nodes(a)),
         Command::Node(g) => run_client(cmd::nodes::node(g)),
+        Command::Device(g) => run_client(cmd::nodes::device(g)),
         Command::Leases(a) => run_client(cmd::nodes::leases(a)),
         Command::Queues(a) => run_client(cmd::queues::queues(a)),
         Command::Queue(g) => run_client(cmd::queues::queue(g)),
@@ -185,6 +188,25 @@ mod tests {
             assert!(err.use_stderr());
             assert!(err.to_string().contains(flag), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn device_and_node_removal_commands_parse() {
+        let cli = parse(&["device", "fence", "host-1", "3", "--reason", "XID storm"]).unwrap();
+        let Command::Device(g) = cli.command else {
+            panic!("not a device command")
+        };
+        let cmd::nodes::DeviceCommand::Fence(a) = g.command else {
+            panic!("not fence")
+        };
+        assert_eq!((a.node.as_str(), a.device.as_str()), ("host-1", "3"));
+        assert_eq!(a.reason, "XID storm");
+        assert!(parse(&["device", "unfence", "host-1", "GPU-abc"]).is_ok());
+        assert!(
+            parse(&["device", "fence", "host-1"]).is_err(),
+            "DEVICE is required"
+        );
+        assert!(parse(&["node", "remove", "host-1", "--reason", "retired"]).is_ok());
     }
 
     #[test]

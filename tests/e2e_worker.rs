@@ -589,6 +589,18 @@ mod deposed {
         ) -> Result<Response<pb::Empty>, Status> {
             Ok(Response::new(pb::Empty {}))
         }
+        async fn report_device_health(
+            &self,
+            _: Request<pb::DeviceHealthReport>,
+        ) -> Result<Response<pb::Empty>, Status> {
+            Ok(Response::new(pb::Empty {}))
+        }
+        async fn report_health_check(
+            &self,
+            _: Request<pb::HealthCheckReport>,
+        ) -> Result<Response<pb::Empty>, Status> {
+            Ok(Response::new(pb::Empty {}))
+        }
     }
 
     pub fn server(s: Scripted) -> WorkerApiServer<Scripted> {

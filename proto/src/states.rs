@@ -5,7 +5,7 @@
 //! `UNSPECIFIED` (a field left unset) is refused with a [`BadState`] naming the field, never
 //! guessed at.
 
-use crate::pb::{JobState, TaskState};
+use crate::pb::{DeviceHealth, JobState, TaskState};
 
 /// A job or task state field that holds no state this build knows.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -94,6 +94,38 @@ impl TaskState {
     }
 }
 
+impl DeviceHealth {
+    /// Every health a device can have, best first.
+    pub const ALL: [DeviceHealth; 3] = [
+        DeviceHealth::Healthy,
+        DeviceHealth::Degraded,
+        DeviceHealth::Failed,
+    ];
+
+    /// The word people see: "healthy", "degraded", "failed".
+    pub fn word(self) -> &'static str {
+        match self {
+            DeviceHealth::Unspecified => "unspecified",
+            DeviceHealth::Healthy => "healthy",
+            DeviceHealth::Degraded => "degraded",
+            DeviceHealth::Failed => "failed",
+        }
+    }
+
+    /// The health a word names (see [`DeviceHealth::word`]).
+    pub fn from_word(word: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.word() == word)
+    }
+}
+
+/// A received device health: a known value other than UNSPECIFIED, or an error naming `field`.
+pub fn device_health(field: &str, raw: i32) -> Result<DeviceHealth, BadState> {
+    match DeviceHealth::try_from(raw) {
+        Ok(DeviceHealth::Unspecified) | Err(_) => Err(BadState::new(field, "device health", raw)),
+        Ok(s) => Ok(s),
+    }
+}
+
 /// A received job state: a known state other than UNSPECIFIED, or an error naming `field`.
 pub fn job_state(field: &str, raw: i32) -> Result<JobState, BadState> {
     match JobState::try_from(raw) {
@@ -124,6 +156,14 @@ mod tests {
             assert_eq!(TaskState::from_word(s.word()), Some(s));
             assert_eq!(task_state("state", s as i32), Ok(s));
         }
+        for s in DeviceHealth::ALL {
+            assert_eq!(DeviceHealth::from_word(s.word()), Some(s));
+            assert_eq!(device_health("health", s as i32), Ok(s));
+        }
+        assert_eq!(
+            device_health("health", 0).unwrap_err().to_string(),
+            "field `health`: device health not set (0 is UNSPECIFIED)"
+        );
         assert_eq!(JobState::from_word("unspecified"), None);
         assert_eq!(JobState::from_word("Running"), None);
     }

@@ -158,6 +158,41 @@ impl Client {
         .map(|_| ())
     }
 
+    /// Fences a device or returns it to service. Safe to resend: it sets an absolute state.
+    pub async fn set_device_fence(
+        &mut self,
+        node: &str,
+        device: &str,
+        fenced: bool,
+        reason: &str,
+    ) -> Result<(), ClientError> {
+        self.call("SetDeviceFence", Resend::Safe, |mut api| {
+            let req = pb::SetDeviceFenceRequest {
+                node: node.to_owned(),
+                device: device.to_owned(),
+                fenced,
+                reason: reason.to_owned(),
+            };
+            async move { api.set_device_fence(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes a node. Not resent after an unknown outcome: a second call after the first one
+    /// worked fails with `unknown_node`, which would hide that the node is gone.
+    pub async fn remove_node(&mut self, node: &str, reason: &str) -> Result<(), ClientError> {
+        self.call("RemoveNode", Resend::UnlessOutcomeUnknown, |mut api| {
+            let req = pb::RemoveNodeRequest {
+                node: node.to_owned(),
+                reason: reason.to_owned(),
+            };
+            async move { api.remove_node(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
     pub async fn list_leases(&mut self) -> Result<Vec<pb::LeaseInfo>, ClientError> {
         self.call("ListLeases", Resend::Safe, |mut api| async move {
             api.list_leases(pb::Empty {}).await

@@ -155,6 +155,18 @@ impl ClientApi for Fake {
         self.enter("SetNodeState", "").await?;
         Ok(Response::new(pb::Empty {}))
     }
+    async fn set_device_fence(
+        &self,
+        _: Request<pb::SetDeviceFenceRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        Err(Status::unimplemented("SetDeviceFence"))
+    }
+    async fn remove_node(
+        &self,
+        _: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        Err(Status::unimplemented("RemoveNode"))
+    }
     async fn list_leases(
         &self,
         _: Request<pb::Empty>,

@@ -160,6 +160,8 @@ impl Workers {
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--fake-devices")
                 .arg("8xH100:nvlink=0-3,4-7")
+                .arg("--fake-fault-file")
+                .arg(dir.join(format!("faults-{name}")))
                 .arg("--topology")
                 .arg(format!("dc=dc1,zone=z1,pod=p1,rack={rack}"))
                 .arg("--data-dir")
@@ -578,9 +580,10 @@ async fn run_demo(
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "\nTry, in another terminal:\n  export GANGWAY_ADDR={addrs}\n  gangway jobs\n  gangway job status {pretrain}\n  gangway logs {pretrain} --follow\n  gangway job checkpoint {pretrain}\n  gangway job migrate {pretrain}\n  gangway nodes\n  gangway leases\n  gangway cluster status\n  gangway cluster transfer-leader --to {}\n  gangway drill kill-leader\n  gangway drill partition-leader --for 5s\n\
+        "\nTry, in another terminal:\n  export GANGWAY_ADDR={addrs}\n  gangway jobs\n  gangway job status {pretrain}\n  gangway logs {pretrain} --follow\n  gangway job checkpoint {pretrain}\n  gangway job migrate {pretrain}\n  gangway nodes\n  gangway leases\n  gangway cluster status\n  gangway cluster transfer-leader --to {}\n  gangway drill kill-leader\n  gangway drill partition-leader --for 5s\n  echo 'xid 3 79' >> {}/faults-host-1   # GPU 3 of host-1 fails (XID 79); then gangway nodes\n\
          Metrics: http://127.0.0.1:{}/metrics  Logs: {}/replica-*.log, {}/worker-*.log\nCtrl-C stops everything.",
         leader_id % 3 + 1,
+        dir.display(),
         args.base_port + 1000,
         dir.display(),
         dir.display()

@@ -2,8 +2,8 @@
 
 use super::common::{parse_duration, read_arg_file, ClientOpts, WatchOpts, Watcher};
 use super::output::{
-    age_since, format_bytes, format_devices, format_hosts, format_indices, new_table, or_dash,
-    print_action, rfc3339, table_string, to_json, Output, Render,
+    age_since, format_age, format_bytes, format_devices, format_hosts, format_indices, new_table,
+    or_dash, print_action, rfc3339, table_string, to_json, Output, Render,
 };
 use crate::client::{Client, ClientError};
 use clap::{Args, Subcommand, ValueEnum};
@@ -177,6 +177,10 @@ pub struct JobView {
     pub preemptions: u32,
     /// Leases taken back because their devices sat idle.
     pub reclaims: u32,
+    /// Restarts after application failures (against the spec's restart policy).
+    pub restarts: u32,
+    /// Repairs after infrastructure failures (a device or host lost); never limited.
+    pub repairs: u32,
 }
 
 impl From<&pb::JobSummary> for JobView {
@@ -199,6 +203,8 @@ impl From<&pb::JobSummary> for JobView {
             attempts: j.attempts,
             preemptions: j.preemptions,
             reclaims: j.reclaims,
+            restarts: j.restarts,
+            repairs: j.repairs,
         }
     }
 }
@@ -230,6 +236,33 @@ pub struct CheckpointView {
     pub recorded_at: Option<String>,
 }
 
+/// One lease of the job: an attempt to run it.
+#[derive(Debug, Serialize)]
+pub struct RunView {
+    /// 1 for the job's first lease.
+    pub attempt: u32,
+    pub epoch: u64,
+    pub hosts: Vec<String>,
+    pub started_at_ms: u64,
+    pub started_at: Option<String>,
+    /// Null while it runs.
+    pub ended_at_ms: Option<u64>,
+    pub ended_at: Option<String>,
+    /// "completed", "application", "infrastructure", "scheduler" or "cancelled"; null while it
+    /// runs.
+    pub cause: Option<String>,
+    /// What ended it, in words.
+    pub end: String,
+}
+
+/// The spec's restart policy for application failures.
+#[derive(Debug, Serialize)]
+pub struct RestartView {
+    pub max_restarts: u32,
+    pub backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct HistoryView {
     pub at_ms: u64,
@@ -253,6 +286,9 @@ pub struct JobDetailView {
     pub migration: String,
     /// Host of each rank under the most recent lease (where `gangway logs` finds them).
     pub last_hosts: Vec<String>,
+    /// Its leases, oldest first (the most recent ones only).
+    pub runs: Vec<RunView>,
+    pub restart: Option<RestartView>,
     pub history: Vec<HistoryView>,
 }
 
@@ -268,6 +304,12 @@ impl From<&pb::JobDetail> for JobDetailView {
             finished_at: rfc3339(d.finished_at_ms),
             migration: d.migration.clone(),
             last_hosts: d.last_hosts.clone(),
+            runs: run_views(summary.attempts, &d.runs),
+            restart: d.restart.as_ref().map(|r| RestartView {
+                max_restarts: r.max_restarts,
+                backoff_ms: r.backoff_ms,
+                max_backoff_ms: r.max_backoff_ms,
+            }),
             task_placements: d
                 .tasks
                 .iter()
@@ -303,6 +345,25 @@ impl From<&pb::JobDetail> for JobDetailView {
                 .collect(),
         }
     }
+}
+
+/// The runs the server kept (the most recent ones), numbered among all `attempts` of the job.
+fn run_views(attempts: u32, runs: &[pb::RunInfo]) -> Vec<RunView> {
+    let first = attempts.saturating_sub(runs.len() as u32) + 1;
+    runs.iter()
+        .enumerate()
+        .map(|(i, r)| RunView {
+            attempt: first + i as u32,
+            epoch: r.epoch,
+            hosts: r.hosts.clone(),
+            started_at_ms: r.started_at_ms,
+            started_at: rfc3339(r.started_at_ms),
+            ended_at_ms: (r.ended_at_ms != 0).then_some(r.ended_at_ms),
+            ended_at: rfc3339(r.ended_at_ms),
+            cause: (!r.cause.is_empty()).then(|| r.cause.clone()),
+            end: r.end.clone(),
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -369,10 +430,25 @@ pub fn job_detail_table(v: &JobDetailView, now_ms: u64) -> String {
     lines.push((
         "Attempts",
         format!(
-            "{}  preemptions {}  idle reclaims {}",
-            j.attempts, j.preemptions, j.reclaims
+            "{}  preemptions {}  idle reclaims {}  restarts {}  repairs {}",
+            j.attempts, j.preemptions, j.reclaims, j.restarts, j.repairs
         ),
     ));
+    if let Some(r) = &v.restart {
+        lines.push((
+            "Restart",
+            if r.max_restarts == 0 {
+                "never after an application failure".to_owned()
+            } else {
+                format!(
+                    "up to {} times after application failures, backoff {} doubling to {}",
+                    r.max_restarts,
+                    format_age(r.backoff_ms),
+                    format_age(r.max_backoff_ms)
+                )
+            },
+        ));
+    }
     if !v.command.is_empty() {
         lines.push(("Command", v.command.join(" ")));
     }
@@ -427,6 +503,27 @@ pub fn job_detail_table(v: &JobDetailView, now_ms: u64) -> String {
             ]);
         }
         out.push_str("\n\n");
+        out.push_str(&table_string(t));
+    }
+    if !v.runs.is_empty() {
+        let mut t = new_table([
+            "ATTEMPT", "EPOCH", "HOSTS", "STARTED", "ENDED", "CAUSE", "END",
+        ]);
+        for r in &v.runs {
+            t.add_row(vec![
+                r.attempt.to_string(),
+                r.epoch.to_string(),
+                or_dash(&format_hosts(&r.hosts)),
+                format!("{} ago", age_since(r.started_at_ms, now_ms)),
+                r.ended_at_ms.map_or_else(
+                    || "running".to_owned(),
+                    |e| format!("{} ago", age_since(e, now_ms)),
+                ),
+                r.cause.clone().unwrap_or_else(|| "-".to_owned()),
+                r.end.clone(),
+            ]);
+        }
+        out.push_str("\n\nRuns:\n");
         out.push_str(&table_string(t));
     }
     if !v.history.is_empty() {
@@ -680,6 +777,8 @@ mod tests {
             attempts: 2,
             preemptions: 1,
             reclaims: 3,
+            restarts: 0,
+            repairs: 1,
         }
     }
 
@@ -705,6 +804,8 @@ mod tests {
             "attempts",
             "preemptions",
             "reclaims",
+            "restarts",
+            "repairs",
         ];
         want.sort_unstable();
         assert_eq!(keys, want);
@@ -793,16 +894,47 @@ mod tests {
             }],
             command: vec!["python3".into(), "train.py".into()],
             required_topology: "rack".into(),
+            runs: vec![
+                pb::RunInfo {
+                    epoch: 6,
+                    hosts: vec!["host-a".into(), "host-c".into()],
+                    started_at_ms: 1_700_000_000_000,
+                    ended_at_ms: 1_700_000_100_000,
+                    cause: "infrastructure".into(),
+                    end: "device 3 of host-c failed".into(),
+                },
+                pb::RunInfo {
+                    epoch: 7,
+                    hosts: vec!["host-a".into(), "host-b".into()],
+                    started_at_ms: 1_700_000_120_000,
+                    ..Default::default()
+                },
+            ],
+            restart: Some(pb::RestartPolicyInfo {
+                max_restarts: 3,
+                backoff_ms: 10_000,
+                max_backoff_ms: 300_000,
+            }),
             ..Default::default()
         };
         let view = JobDetailView::from(&detail);
+        assert_eq!(
+            (view.runs[0].attempt, view.runs[1].attempt),
+            (1, 2),
+            "numbered among the job's attempts"
+        );
+        assert_eq!(view.runs[1].ended_at_ms, None);
         assert_eq!(view.task_placements[0].exit_code, None);
         assert_eq!(view.task_placements[1].exit_code, Some(137));
         let text = job_detail_table(&view, 1_700_000_160_000);
         for want in [
             "Job:         j-1 (pretrain)",
             "Lease epoch: 7",
-            "Attempts:    2  preemptions 1  idle reclaims 3",
+            "Attempts:    2  preemptions 1  idle reclaims 3  restarts 0  repairs 1",
+            "Restart:     up to 3 times after application failures, backoff 10s doubling to 5m",
+            "Runs:",
+            "1        6      host-a,host-c  2m40s ago  1m ago   infrastructure  device 3 of host-c failed",
+            "2        7      host-a,host-b  40s ago    running  -",
             "Command:     python3 train.py",
             "Topology:    required rack, preferred -",
             "Checkpoint:  step 400 at /ckpt/400 (3.0 GiB, epoch 6, 1m ago)",
@@ -817,6 +949,9 @@ mod tests {
         assert_eq!(json["task_placements"][1]["exit_code"], 137);
         assert_eq!(json["last_checkpoint"]["step"], 400);
         assert_eq!(json["finished_at"], serde_json::Value::Null);
+        assert_eq!(json["runs"][0]["cause"], "infrastructure");
+        assert_eq!(json["runs"][1]["cause"], serde_json::Value::Null);
+        assert_eq!(json["restart"]["max_restarts"], 3);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `gangway nodes`, `gangway node drain|cordon|uncordon` and `gangway leases`.
+//! `gangway nodes`, `gangway node drain|cordon|uncordon|remove`, `gangway device fence|unfence` and
+//! `gangway leases`.
 
 use super::common::{ClientOpts, WatchOpts, Watcher};
 use super::output::{
@@ -34,6 +35,36 @@ pub enum NodeCommand {
     Cordon(NodeStateArgs),
     /// Make the node schedulable again.
     Uncordon(NodeStateArgs),
+    /// Decommission a node that holds no lease and is not ready (down, cordoned or drained).
+    Remove(NodeStateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DeviceGroup {
+    #[command(subcommand)]
+    pub command: DeviceCommand,
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceCommand {
+    /// Take a device out of service: no new lease is placed on it, and the gang holding it
+    /// checkpoints and is repaired elsewhere. Only `device unfence` returns it.
+    Fence(DeviceFenceArgs),
+    /// Return a fenced device to service (also one fenced for its health).
+    Unfence(DeviceFenceArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DeviceFenceArgs {
+    /// The node's name (as in `gangway nodes`).
+    pub node: String,
+    /// The device: its uuid, or its index on the node.
+    pub device: String,
+    /// Why, shown in `gangway nodes`.
+    #[arg(long, default_value = "", hide_default_value = true)]
+    pub reason: String,
 }
 
 #[derive(Args, Debug)]
@@ -73,6 +104,44 @@ pub struct NodeView {
     /// Milliseconds since the leader last heard from the worker; null when the answering replica
     /// is not the leader.
     pub heartbeat_age_ms: Option<u64>,
+    /// Devices out of service now (failed, missing, or fenced by an operator).
+    pub fenced_devices: u32,
+    /// Every device that is not healthy and in service.
+    pub device_conditions: Vec<DeviceConditionView>,
+}
+
+/// One device that is not simply healthy, in `gangway nodes -o json`.
+#[derive(Debug, Serialize)]
+pub struct DeviceConditionView {
+    pub index: u32,
+    pub uuid: String,
+    /// "healthy", "degraded" or "failed".
+    pub health: String,
+    pub fenced: bool,
+    /// "health", "absent" or "operator"; null when not fenced.
+    pub fence_source: Option<String>,
+    /// For people: "fenced (health): failed: XID 79 ..." or "degraded: thermal throttling".
+    pub description: String,
+    pub since_ms: u64,
+    pub since: Option<String>,
+    /// Whether its host reported it when it last registered.
+    pub present: bool,
+}
+
+impl From<&pb::DeviceCondition> for DeviceConditionView {
+    fn from(d: &pb::DeviceCondition) -> Self {
+        Self {
+            index: d.index,
+            uuid: d.uuid.clone(),
+            health: d.health.clone(),
+            fenced: d.fenced,
+            fence_source: (!d.fence_source.is_empty()).then(|| d.fence_source.clone()),
+            description: d.description.clone(),
+            since_ms: d.since_ms,
+            since: rfc3339(d.since_ms),
+            present: d.present,
+        }
+    }
 }
 
 impl From<&pb::NodeInfo> for NodeView {
@@ -92,6 +161,12 @@ impl From<&pb::NodeInfo> for NodeView {
             cpu_milli: n.cpu_milli,
             memory_mib: n.memory_mib,
             heartbeat_age_ms: (n.heartbeat_age_ms != 0).then_some(n.heartbeat_age_ms),
+            fenced_devices: n.fenced_devices,
+            device_conditions: n
+                .device_conditions
+                .iter()
+                .map(DeviceConditionView::from)
+                .collect(),
         }
     }
 }
@@ -163,6 +238,7 @@ pub fn nodes_table(view: &NodeListView) -> String {
         "ADDRESS",
         "STATE",
         "DEVICES",
+        "FENCED",
         "FREE",
         "MODELS",
         "LOCATION",
@@ -175,6 +251,7 @@ pub fn nodes_table(view: &NodeListView) -> String {
             or_dash(&n.address),
             n.state.clone(),
             n.devices.to_string(),
+            n.fenced_devices.to_string(),
             format_milli(n.free_milli),
             or_dash(&n.models.join(",")),
             location(n),
@@ -183,7 +260,24 @@ pub fn nodes_table(view: &NodeListView) -> String {
             n.state_reason.clone(),
         ]);
     }
-    table_string(t)
+    let mut out = table_string(t);
+    let conditions: Vec<String> = view
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            n.device_conditions.iter().map(move |d| {
+                format!(
+                    "  {} device {} ({}): {}",
+                    n.name, d.index, d.uuid, d.description
+                )
+            })
+        })
+        .collect();
+    if !conditions.is_empty() {
+        out.push_str("\n\nDevices not in plain health:\n");
+        out.push_str(&conditions.join("\n"));
+    }
+    out
 }
 
 pub fn leases_table(view: &LeaseListView, now_ms: u64) -> String {
@@ -236,6 +330,17 @@ pub async fn node(group: NodeGroup) -> Result<(), ClientError> {
         NodeCommand::Drain(a) => (a, "draining", "drain", "draining"),
         NodeCommand::Cordon(a) => (a, "cordoned", "cordon", "cordoned"),
         NodeCommand::Uncordon(a) => (a, "ready", "uncordon", "ready"),
+        NodeCommand::Remove(a) => {
+            let mut client = group.opts.client();
+            client.remove_node(&a.name, &a.reason).await?;
+            print_action(
+                group.opts.output,
+                "remove",
+                &a.name,
+                &format!("node {} removed", a.name),
+            );
+            return Ok(());
+        }
     };
     let mut client = group.opts.client();
     client
@@ -246,6 +351,25 @@ pub async fn node(group: NodeGroup) -> Result<(), ClientError> {
         action,
         &args.name,
         &format!("node {} {done}", args.name),
+    );
+    Ok(())
+}
+
+pub async fn device(group: DeviceGroup) -> Result<(), ClientError> {
+    let (args, fenced, action, done) = match &group.command {
+        DeviceCommand::Fence(a) => (a, true, "fence", "fenced"),
+        DeviceCommand::Unfence(a) => (a, false, "unfence", "returned to service"),
+    };
+    let mut client = group.opts.client();
+    client
+        .set_device_fence(&args.node, &args.device, fenced, &args.reason)
+        .await?;
+    let target = format!("{}/{}", args.node, args.device);
+    print_action(
+        group.opts.output,
+        action,
+        &target,
+        &format!("device {} of node {} {done}", args.device, args.node),
     );
     Ok(())
 }
@@ -290,13 +414,35 @@ mod tests {
             free_milli: 5500,
             models: vec!["H100".into()],
             heartbeat_age_ms: 0,
+            fenced_devices: 1,
+            device_conditions: vec![pb::DeviceCondition {
+                index: 3,
+                uuid: "GPU-a-3".into(),
+                health: "failed".into(),
+                fenced: true,
+                fence_source: "health".into(),
+                description: "fenced (health): failed: XID 79".into(),
+                since_ms: 1_000,
+                present: true,
+            }],
             ..Default::default()
         };
         let view = NodeListView {
             nodes: vec![NodeView::from(&node)],
         };
         assert_eq!(view.nodes[0].heartbeat_age_ms, None);
-        let line = nodes_table(&view).lines().nth(1).unwrap().to_owned();
+        let table = nodes_table(&view);
+        assert!(
+            table.ends_with("\n  host-a device 3 (GPU-a-3): fenced (health): failed: XID 79"),
+            "{table}"
+        );
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["nodes"][0]["fenced_devices"], 1);
+        assert_eq!(
+            json["nodes"][0]["device_conditions"][0]["fence_source"],
+            "health"
+        );
+        let line = table.lines().nth(1).unwrap().to_owned();
         let cells: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(
             cells,
@@ -305,6 +451,7 @@ mod tests {
                 "10.0.1.5:7201",
                 "draining",
                 "8",
+                "1",
                 "5.5",
                 "H100",
                 "dc1/r2",

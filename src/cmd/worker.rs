@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::Args;
+use gangway_worker::agent::health_check::HealthCheckConfig;
 use gangway_worker::agent::{Agent, AgentConfig, Devices, TopologyLabels};
 use gangway_worker::devices::{FakeBackend, NvmlBackend};
 use std::path::PathBuf;
@@ -30,6 +31,23 @@ pub struct WorkerArgs {
     /// Declared devices instead of NVML: 8xH100, 4xA100-80G, 4xTPU-v5p, 2xH100+2xA100-80G:nvlink=0-1,2-3.
     #[arg(long, value_name = "SPEC")]
     pub fake_devices: Option<String>,
+    /// With --fake-devices: faults injected at run time, read at every heartbeat. Append lines:
+    /// `xid N CODE`, `ecc N`, `ecc-corrected N COUNT`, `lost N`, `thermal N`, `power N`,
+    /// `clear N` (N: device index); each line is applied once.
+    #[arg(long, value_name = "PATH", requires = "fake_devices")]
+    pub fake_fault_file: Option<PathBuf>,
+    /// A health check command (run with `sh -c`) before the host first registers and every
+    /// --health-check-interval after: exit 0 passes; stdout lines `fail <uuid-or-index>` name
+    /// failing devices (a failure naming none fails every device). Failing devices are fenced;
+    /// fenced devices return after passes in a row.
+    #[arg(long, value_name = "CMD")]
+    pub health_check_cmd: Option<String>,
+    /// How often the health check runs (from the end of one run to the start of the next).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub health_check_interval: Duration,
+    /// A health check run longer than this is killed and counts as failed.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub health_check_timeout: Duration,
     /// libnvidia-ml to load instead of the system's libnvidia-ml.so.1.
     #[arg(long, value_name = "PATH")]
     pub nvml_library: Option<PathBuf>,
@@ -79,7 +97,31 @@ impl WorkerArgs {
             shim_command: vec![exe.display().to_string(), "task-shim".to_owned()],
             stop_tasks_on_exit: self.stop_tasks_on_exit,
             rpc_timeout: Duration::from_secs(5),
+            health_check: self.health_check()?,
         })
+    }
+
+    fn health_check(&self) -> anyhow::Result<Option<HealthCheckConfig>> {
+        let Some(command) = &self.health_check_cmd else {
+            return Ok(None);
+        };
+        if command.trim().is_empty() {
+            anyhow::bail!("--health-check-cmd: expected a command, got an empty one");
+        }
+        if self.health_check_interval < Duration::from_secs(1) {
+            anyhow::bail!(
+                "--health-check-interval: expected at least 1s, got {}",
+                humantime::format_duration(self.health_check_interval)
+            );
+        }
+        if self.health_check_timeout.is_zero() {
+            anyhow::bail!("--health-check-timeout: expected more than 0s");
+        }
+        Ok(Some(HealthCheckConfig {
+            command: command.clone(),
+            interval: self.health_check_interval,
+            timeout: self.health_check_timeout,
+        }))
     }
 }
 
@@ -87,7 +129,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let config = args.to_config()?;
     let devices = match &args.fake_devices {
         Some(spec) => match FakeBackend::parse(spec, &config.node) {
-            Ok(f) => Devices::Fake(Arc::new(f)),
+            Ok(f) => Devices::Fake(Arc::new(match &args.fake_fault_file {
+                Some(path) => f.with_fault_file(path),
+                None => f,
+            })),
             Err(e) => {
                 eprintln!("error: --fake-devices: {e}");
                 return Ok(ExitCode::from(super::EXIT_INVALID));

@@ -22,6 +22,8 @@ pub struct WorkerProcess {
     pub grace: &'static str,
     /// Extra environment for the agent (and so for its tasks).
     pub env: Vec<(String, String)>,
+    /// Extra flags for `gangway worker` (e.g. `--fake-fault-file PATH`).
+    pub args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -40,6 +42,7 @@ impl WorkerProcess {
             devices: "8xH100",
             grace: "1s",
             env: Vec::new(),
+            args: Vec::new(),
             child: None,
         }
     }
@@ -71,6 +74,7 @@ impl WorkerProcess {
             .arg(&self.checkpoints)
             .arg("--grace")
             .arg(self.grace)
+            .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

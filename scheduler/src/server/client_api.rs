@@ -9,7 +9,9 @@ use super::context::ReplicaContext;
 use super::convert;
 use super::error::{required, ApiError};
 use crate::engine::{HostFilter, IdlePolicy, NodeState, QueueConfig};
-use crate::state::{Command, JobState, NodeStateChange, Rejection, Response, Submission};
+use crate::state::{
+    Command, DeviceFenceChange, JobState, NodeStateChange, Rejection, Response, Submission,
+};
 use gangway_consensus::Role;
 use gangway_proto::ids::{HostName, JobId, QueueName};
 use gangway_proto::pb;
@@ -87,6 +89,25 @@ pub fn parse_operator_node_state(s: &str) -> Result<NodeState, ApiError> {
             format!("expected ready, cordoned or draining, got {other:?}"),
         )),
     }
+}
+
+/// Longest operator reason accepted (it is kept in the replicated state).
+const MAX_REASON: usize = 1024;
+
+/// An operator's reason: trimmed, "by an operator" when empty, at most [`MAX_REASON`] bytes.
+fn operator_reason(field: &str, reason: String) -> Result<String, ApiError> {
+    let reason = reason.trim();
+    if reason.len() > MAX_REASON {
+        return Err(ApiError::invalid(
+            field,
+            format!("expected at most {MAX_REASON} bytes, got {}", reason.len()),
+        ));
+    }
+    Ok(if reason.is_empty() {
+        "by an operator".to_owned()
+    } else {
+        reason.to_owned()
+    })
 }
 
 #[tonic::async_trait]
@@ -201,6 +222,30 @@ impl ClientApi for ClientService {
                 grace_ms: None,
             }))
             .await?;
+        ok(pb::Empty {})
+    }
+
+    async fn set_device_fence(&self, req: Request<pb::SetDeviceFenceRequest>) -> Reply<pb::Empty> {
+        let req = req.into_inner();
+        let node = HostName::new(required("node", &req.node)?);
+        let device = required("device", &req.device)?.to_owned();
+        let reason = operator_reason("reason", req.reason)?;
+        self.ctx
+            .write(Command::FenceDevice(DeviceFenceChange {
+                node,
+                device,
+                fenced: req.fenced,
+                reason,
+            }))
+            .await?;
+        ok(pb::Empty {})
+    }
+
+    async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Reply<pb::Empty> {
+        let req = req.into_inner();
+        let node = HostName::new(required("node", &req.node)?);
+        let reason = operator_reason("reason", req.reason)?;
+        self.ctx.write(Command::RemoveNode { node, reason }).await?;
         ok(pb::Empty {})
     }
 

@@ -5,7 +5,9 @@
 
 use super::error::ApiError;
 use crate::engine::MILLI_PER_DEVICE;
-use crate::state::{Allocation, ClusterStore, JobRecord, JobState, NodeRecord, TaskState};
+use crate::state::{
+    Allocation, ClusterStore, DeviceHealth, JobRecord, JobState, NodeRecord, RunRecord, TaskState,
+};
 use gangway_proto::pb;
 use gangway_proto::spec::DeviceCount;
 use std::collections::BTreeMap;
@@ -103,7 +105,25 @@ pub fn job_summary(job: &JobRecord) -> pb::JobSummary {
         attempts: job.attempts,
         preemptions: job.preemptions,
         reclaims: job.reclaims,
+        restarts: job.restarts,
+        repairs: job.repairs,
     }
+}
+
+/// One lease of a job, as `gangway job status` lists it.
+pub fn run_info(run: &RunRecord) -> pb::RunInfo {
+    pb::RunInfo {
+        epoch: run.epoch,
+        hosts: run.hosts.iter().map(|h| h.to_string()).collect(),
+        started_at_ms: run.started_at_ms,
+        ended_at_ms: run.ended_at_ms.unwrap_or(0),
+        cause: run.cause.map(|c| c.to_string()).unwrap_or_default(),
+        end: run.end.clone(),
+    }
+}
+
+fn duration_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 pub fn job_detail(job: &JobRecord) -> pb::JobDetail {
@@ -166,7 +186,47 @@ pub fn job_detail(job: &JobRecord) -> pb::JobDetail {
             .map(crate::state::Migration::describe)
             .unwrap_or_default(),
         last_hosts: job.last_hosts.iter().map(|h| h.to_string()).collect(),
+        runs: job.runs.iter().map(run_info).collect(),
+        restart: Some(pb::RestartPolicyInfo {
+            max_restarts: job.spec.restart.max_restarts,
+            backoff_ms: duration_ms(job.spec.restart.backoff),
+            max_backoff_ms: duration_ms(job.spec.restart.max_backoff),
+        }),
     }
+}
+
+/// The devices of `node` that are not simply healthy and in service: failed, degraded, fenced
+/// or missing, by index.
+pub fn device_conditions(node: &NodeRecord) -> Vec<pb::DeviceCondition> {
+    node.registration
+        .devices
+        .iter()
+        .enumerate()
+        .filter_map(|(i, inv)| {
+            let index = u16::try_from(i).ok()?;
+            let d = node.device(index);
+            let plain = d.health == DeviceHealth::Healthy && d.fence.is_none() && d.present;
+            if plain {
+                return None;
+            }
+            Some(pb::DeviceCondition {
+                index: u32::from(index),
+                uuid: inv.uuid.clone(),
+                health: d.health.to_string(),
+                fenced: d.fence.is_some(),
+                fence_source: d
+                    .fence
+                    .as_ref()
+                    .map(|f| f.source.to_string())
+                    .unwrap_or_default(),
+                description: d.describe(),
+                since_ms: d.fence.as_ref().map_or(d.health_changed_at_ms, |f| {
+                    f.since_ms.max(d.health_changed_at_ms)
+                }),
+                present: d.present,
+            })
+        })
+        .collect()
 }
 
 /// `heartbeat_age_ms`: from the leader's tracker; 0 where unknown.
@@ -194,6 +254,8 @@ pub fn node_info(store: &ClusterStore, node: &NodeRecord, heartbeat_age_ms: u64)
         cpu_milli: reg.cpu_milli,
         memory_mib: reg.memory_mib,
         heartbeat_age_ms,
+        fenced_devices: node.fenced_count() as u32,
+        device_conditions: device_conditions(node),
     }
 }
 
@@ -441,6 +503,58 @@ mod tests {
         ] {
             assert_eq!(devices_per_task(count), text);
         }
+    }
+
+    #[test]
+    fn a_node_lists_the_devices_not_in_plain_health() {
+        use crate::engine::{DeviceKind, HostTopology};
+        use crate::state::{DeviceInventory, Fence, FenceSource, NodeRecord, NodeRegistration};
+        let devices = (0..4)
+            .map(|i| DeviceInventory {
+                uuid: format!("GPU-h-{i}"),
+                model: "H100".into(),
+                kind: DeviceKind::Gpu,
+                memory_mib: 80_000,
+                nvlink_domain: 0,
+            })
+            .collect();
+        let mut node = NodeRecord::new(
+            NodeRegistration {
+                name: gangway_proto::ids::HostName::new("h"),
+                address: "h:1".into(),
+                topology: HostTopology::new("dc", "z", "p", "r"),
+                cpu_milli: 1000,
+                memory_mib: 1000,
+                devices,
+            },
+            5,
+        );
+        assert!(device_conditions(&node).is_empty());
+        let d1 = node.device_mut(1);
+        d1.health = DeviceHealth::Degraded;
+        d1.cause = "thermal throttling".into();
+        d1.health_changed_at_ms = 10;
+        let d3 = node.device_mut(3);
+        d3.health = DeviceHealth::Failed;
+        d3.cause = "XID 79".into();
+        d3.fence = Some(Fence {
+            source: FenceSource::Health,
+            reason: "failed: XID 79".into(),
+            since_ms: 20,
+        });
+        let c = device_conditions(&node);
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            (c[0].index, c[0].health.as_str(), c[0].fenced, c[0].since_ms),
+            (1, "degraded", false, 10)
+        );
+        assert_eq!(c[0].description, "degraded: thermal throttling");
+        assert_eq!(
+            (c[1].index, c[1].uuid.as_str(), c[1].fence_source.as_str()),
+            (3, "GPU-h-3", "health")
+        );
+        assert_eq!(c[1].description, "fenced (health): failed: XID 79");
+        assert_eq!(node.fenced_count(), 1);
     }
 
     #[test]

@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The utilization a worker reported for one device.
+/// The utilization a worker reported for one device (what idle-lease detection reads). Device
+/// health is not kept here: it is replicated state, reported through `ReportDeviceHealth`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceSample {
     pub index: u32,
     pub utilization_pct: u32,
     pub memory_used_mib: u64,
-    pub healthy: bool,
 }
 
 #[derive(Clone, Debug)]

@@ -12,8 +12,9 @@ use super::error::{required, ApiError};
 use super::heartbeats::DeviceSample;
 use crate::engine::{HostTopology, NodeState};
 use crate::state::{
-    CheckpointFailure, CheckpointManifest, CheckpointReport, Command, DeviceInventory,
-    NodeRegistration, Rejection, TaskReport,
+    CheckpointFailure, CheckpointManifest, CheckpointReport, Command, DeviceHealth,
+    DeviceHealthReport, DeviceInventory, HealthCheckReport, NodeRegistration, Rejection,
+    TaskReport,
 };
 use gangway_proto::device::DeviceKind;
 use gangway_proto::ids::{HostName, JobId};
@@ -54,6 +55,78 @@ pub fn worker_lease_ttl(heartbeat_interval: Duration, node_ttl: Duration) -> Dur
 }
 
 type Reply<T> = Result<TonicResponse<T>, Status>;
+
+/// Longest cause or health-check detail accepted, in bytes (it is kept in the replicated state).
+pub const MAX_HEALTH_TEXT: usize = 4096;
+
+/// Most devices one health check may name.
+const MAX_FAILED_DEVICES: usize = 1024;
+
+/// A health word received from a worker.
+pub fn device_health_from_pb(field: &str, raw: i32) -> Result<DeviceHealth, ApiError> {
+    Ok(match gangway_proto::states::device_health(field, raw)? {
+        pb::DeviceHealth::Healthy => DeviceHealth::Healthy,
+        pb::DeviceHealth::Degraded => DeviceHealth::Degraded,
+        pb::DeviceHealth::Failed => DeviceHealth::Failed,
+        pb::DeviceHealth::Unspecified => unreachable!("refused by states::device_health"),
+    })
+}
+
+/// A free-text field of a health report: at most [`MAX_HEALTH_TEXT`] bytes.
+fn health_text(field: &str, text: String) -> Result<String, ApiError> {
+    if text.len() > MAX_HEALTH_TEXT {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "expected at most {MAX_HEALTH_TEXT} bytes, got {}",
+                text.len()
+            ),
+        ));
+    }
+    Ok(text)
+}
+
+/// Checks a device health report field by field; the error names the first bad one.
+pub fn device_health_from_report(
+    req: pb::DeviceHealthReport,
+) -> Result<DeviceHealthReport, ApiError> {
+    let node = HostName::new(required("node", &req.node)?);
+    let device = required("device", &req.device)?.to_owned();
+    let health = device_health_from_pb("health", req.health)?;
+    Ok(DeviceHealthReport {
+        node,
+        device,
+        health,
+        cause: health_text("cause", req.cause)?,
+    })
+}
+
+/// Checks a health check report field by field; the error names the first bad one.
+pub fn health_check_from_report(req: pb::HealthCheckReport) -> Result<HealthCheckReport, ApiError> {
+    let node = HostName::new(required("node", &req.node)?);
+    if req.failed_devices.len() > MAX_FAILED_DEVICES {
+        return Err(ApiError::invalid(
+            "failed_devices",
+            format!(
+                "expected at most {MAX_FAILED_DEVICES} devices, got {}",
+                req.failed_devices.len()
+            ),
+        ));
+    }
+    let mut failed_devices = Vec::with_capacity(req.failed_devices.len());
+    for (i, d) in req.failed_devices.iter().enumerate() {
+        let d = required(&format!("failed_devices[{i}]"), d)?.to_owned();
+        if !failed_devices.contains(&d) {
+            failed_devices.push(d);
+        }
+    }
+    Ok(HealthCheckReport {
+        node,
+        passed: req.passed,
+        failed_devices,
+        detail: health_text("detail", req.detail)?,
+    })
+}
 
 /// Checks a registration field by field; the error names the first bad one.
 pub fn registration_from_pb(req: pb::RegisterRequest) -> Result<NodeRegistration, ApiError> {
@@ -114,6 +187,34 @@ pub fn registration_from_pb(req: pb::RegisterRequest) -> Result<NodeRegistration
     })
 }
 
+impl WorkerService {
+    /// A node reports about its own devices only: it must be registered, and every uuid must be
+    /// one it registered. The state machine decides, deterministically; the leader also refuses
+    /// here, so garbage never reaches the log (its state includes every registration it
+    /// acknowledged). A follower, whose state may lag a registration, leaves it to the leader.
+    fn own_devices(&self, node: &HostName, uuids: &[String]) -> Result<(), ApiError> {
+        if !self.ctx.raft.is_leader() {
+            return Ok(());
+        }
+        let unknown = self.ctx.raft.read_local(|fsm| {
+            let Some(record) = fsm.store().nodes().get(node) else {
+                return Some(Rejection::UnknownNode(node.clone()));
+            };
+            uuids
+                .iter()
+                .find(|u| record.device_index(u).is_none())
+                .map(|u| Rejection::UnknownDevice {
+                    node: node.clone(),
+                    device: u.clone(),
+                })
+        });
+        match unknown {
+            Some(r) => Err(ApiError::from(r)),
+            None => Ok(()),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl WorkerApi for WorkerService {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Reply<pb::RegisterReply> {
@@ -158,7 +259,6 @@ impl WorkerApi for WorkerService {
                 index: d.index,
                 utilization_pct: d.utilization_pct.min(100),
                 memory_used_mib: d.memory_used_mib,
-                healthy: d.healthy,
             })
             .collect();
         self.ctx.heartbeats.record(&node, samples, Instant::now());
@@ -287,6 +387,22 @@ impl WorkerApi for WorkerService {
         Ok(TonicResponse::new(pb::Empty {}))
     }
 
+    async fn report_device_health(&self, req: Request<pb::DeviceHealthReport>) -> Reply<pb::Empty> {
+        let report = device_health_from_report(req.into_inner())?;
+        self.own_devices(&report.node, std::slice::from_ref(&report.device))?;
+        metrics::counter!("gangway_device_health_reports_total", "health" => report.health.to_string())
+            .increment(1);
+        self.ctx.write(Command::DeviceHealth(report)).await?;
+        Ok(TonicResponse::new(pb::Empty {}))
+    }
+
+    async fn report_health_check(&self, req: Request<pb::HealthCheckReport>) -> Reply<pb::Empty> {
+        let report = health_check_from_report(req.into_inner())?;
+        self.own_devices(&report.node, &report.failed_devices)?;
+        self.ctx.write(Command::HealthCheck(report)).await?;
+        Ok(TonicResponse::new(pb::Empty {}))
+    }
+
     async fn report_checkpoint(&self, req: Request<pb::CheckpointReport>) -> Reply<pb::Empty> {
         let req = req.into_inner();
         required("node", &req.node)?;
@@ -387,6 +503,76 @@ mod tests {
             registration_from_pb(request(vec![device("a", "gpu"), device("b", "gpu")])).unwrap();
         assert_eq!(ok.devices.len(), 2);
         assert_eq!(ok.topology.rack, "r1");
+    }
+
+    #[test]
+    fn bad_health_reports_name_the_field() {
+        let report = |health: pb::DeviceHealth, cause: &str| pb::DeviceHealthReport {
+            node: "host-1".into(),
+            device: "GPU-host-1-3".into(),
+            health: health.into(),
+            cause: cause.into(),
+        };
+        let ok = device_health_from_report(report(pb::DeviceHealth::Failed, "XID 79")).unwrap();
+        assert_eq!(ok.health, DeviceHealth::Failed);
+        assert_eq!(ok.device, "GPU-host-1-3");
+        let long = "x".repeat(MAX_HEALTH_TEXT + 1);
+        let cases: Vec<(pb::DeviceHealthReport, &str)> = vec![
+            (
+                pb::DeviceHealthReport {
+                    node: "".into(),
+                    ..report(pb::DeviceHealth::Failed, "")
+                },
+                "field `node`: required",
+            ),
+            (
+                pb::DeviceHealthReport {
+                    device: " ".into(),
+                    ..report(pb::DeviceHealth::Failed, "")
+                },
+                "field `device`: required",
+            ),
+            (
+                report(pb::DeviceHealth::Unspecified, ""),
+                "field `health`: device health not set",
+            ),
+            (
+                pb::DeviceHealthReport {
+                    health: 42,
+                    ..report(pb::DeviceHealth::Failed, "")
+                },
+                "field `health`: unknown device health 42",
+            ),
+            (report(pb::DeviceHealth::Degraded, &long), "field `cause`"),
+        ];
+        for (req, want) in cases {
+            let err = device_health_from_report(req).unwrap_err();
+            assert!(
+                err.to_string().starts_with(want),
+                "{err} should start with {want}"
+            );
+            assert_eq!(err.code(), "invalid_argument");
+        }
+
+        let check = |failed: Vec<&str>| pb::HealthCheckReport {
+            node: "host-1".into(),
+            passed: false,
+            failed_devices: failed.into_iter().map(String::from).collect(),
+            detail: "exit 1".into(),
+        };
+        let ok = health_check_from_report(check(vec!["a", "b", "a"])).unwrap();
+        assert_eq!(ok.failed_devices, ["a", "b"]);
+        let err = health_check_from_report(check(vec!["a", ""])).unwrap_err();
+        assert!(
+            err.to_string().starts_with("field `failed_devices[1]`"),
+            "{err}"
+        );
+        let err = health_check_from_report(pb::HealthCheckReport {
+            detail: long,
+            ..check(vec![])
+        })
+        .unwrap_err();
+        assert!(err.to_string().starts_with("field `detail`"), "{err}");
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub struct AgentConfig {
     pub stop_tasks_on_exit: bool,
     /// Deadline of each call to the scheduler.
     pub rpc_timeout: Duration,
+    /// The operator's health check, if any (see [`super::health_check`]).
+    pub health_check: Option<super::health_check::HealthCheckConfig>,
 }
 
 #[cfg(test)]

@@ -17,10 +17,17 @@
 //!   tasks whose supervisors still run and reports the ones that ended while it was away.
 //! * **Reports are retried until acknowledged** (an outbox in the state file): an election never
 //!   loses a completion. A definite refusal (a stale epoch) also ends the retries.
+//! * **Device health** ([`health`]): every telemetry reading classifies each device healthy,
+//!   degraded or failed; each change is queued once, ahead of any queued task failure, and a task
+//!   that fails makes the agent read its devices first, so the scheduler learns of a failed
+//!   device before the failures it caused. The optional health check ([`health_check`]) runs
+//!   before the host first registers and periodically after.
 
 pub mod checkpoint;
 pub mod config;
 mod cpu_meter;
+pub mod health;
+pub mod health_check;
 pub mod log_service;
 pub mod reconcile;
 pub mod scheduler_link;
@@ -37,8 +44,12 @@ use crate::driver::{
 };
 use gangway_proto::link::{error_code, retryable};
 use gangway_proto::pb;
+use health::{HealthChange, HealthMonitor};
+use health_check::CheckOutcome;
 use reconcile::{Action, LocalTask};
-use state_file::{AgentState, PendingReport, ReportedState, StateFile, StateFileError, TaskEntry};
+use state_file::{
+    AgentState, PendingReport, ReportedHealth, ReportedState, StateFile, StateFileError, TaskEntry,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -99,6 +110,9 @@ pub struct Agent {
     heartbeat_ms: AtomicU64,
     /// The lease TTL the scheduler last gave (how long tasks may run without an answer).
     lease_ttl_ms: AtomicU64,
+    /// Each device's last reported health. Held while the devices are read, so readings are
+    /// classified (and their changes queued) in the order they were taken.
+    health: Mutex<HealthMonitor>,
 }
 
 /// How the agent's devices are read.
@@ -140,6 +154,7 @@ impl Agent {
         let state_file = StateFile::new(&cfg.data_dir);
         let state = state_file.load()?;
         let link = SchedulerLink::new(cfg.servers.clone(), cfg.rpc_timeout);
+        let health = Mutex::new(HealthMonitor::new(&inventory));
         Ok(Arc::new(Self {
             cfg,
             backend,
@@ -159,6 +174,7 @@ impl Agent {
             outbox_wake: Notify::new(),
             heartbeat_ms: AtomicU64::new(1_000),
             lease_ttl_ms: AtomicU64::new(0),
+            health,
         }))
     }
 
@@ -205,6 +221,19 @@ impl Agent {
         let api = tokio::spawn(api);
 
         tokio::pin!(shutdown);
+        // The health check runs before the host offers its devices; its result is reported once
+        // the node exists.
+        let first_check = match &self.cfg.health_check {
+            Some(check) => tokio::select! {
+                o = health_check::run_check(check, &self.inventory) => o,
+                _ = &mut shutdown => {
+                    let _ = stop_tx.send(true);
+                    let _ = api.await;
+                    return Ok(());
+                }
+            },
+            None => None,
+        };
         let registered = tokio::select! {
             r = self.register_until_accepted() => Some(r),
             _ = &mut shutdown => None,
@@ -228,10 +257,14 @@ impl Agent {
             backend = self.backend.name(),
             "registered"
         );
+        if let Some(outcome) = first_check {
+            self.queue_health_check(outcome);
+        }
         let loops = [
             tokio::spawn(self.clone().heartbeat_loop(stop_rx.clone())),
             tokio::spawn(self.clone().watch_loop(stop_rx.clone())),
             tokio::spawn(self.clone().report_loop(stop_rx.clone())),
+            tokio::spawn(self.clone().health_check_loop(stop_rx.clone())),
         ];
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -343,29 +376,102 @@ impl Agent {
         }
     }
 
+    /// Reads every device: the telemetry a heartbeat carries. Each device's health is classified
+    /// from the reading and every change queued for the scheduler (see [`health`]).
+    fn read_devices(&self) -> Vec<pb::DeviceTelemetry> {
+        let mut monitor = lock(&self.health);
+        let (telemetry, changes) = match self.backend.telemetry() {
+            Ok(t) => {
+                let changes = monitor.observe(&t);
+                let telemetry = t
+                    .into_iter()
+                    .map(|d| pb::DeviceTelemetry {
+                        index: d.index,
+                        utilization_pct: u32::from(d.utilization_pct),
+                        memory_used_mib: d.memory_used_mib,
+                    })
+                    .collect();
+                (telemetry, changes)
+            }
+            Err(e) => {
+                tracing::warn!("device telemetry: {e}");
+                (Vec::new(), monitor.observe_error(&e))
+            }
+        };
+        if !changes.is_empty() {
+            let suppressed = monitor.suppressed();
+            self.queue_health(changes, suppressed);
+        }
+        telemetry
+    }
+
+    /// Queues one report per device whose health changed, ahead of any task failure already
+    /// queued, and logs one line per change.
+    fn queue_health(&self, changes: Vec<HealthChange>, suppressed: u64) {
+        let mut state = self.lock_state();
+        for c in changes {
+            let health = ReportedHealth::of(c.health);
+            match health {
+                ReportedHealth::Healthy => tracing::info!(
+                    device = c.index, uuid = %c.uuid, suppressed,
+                    "device health: healthy"
+                ),
+                _ => tracing::warn!(
+                    device = c.index, uuid = %c.uuid, suppressed,
+                    "device health: {}: {}", c.health.word(), c.cause
+                ),
+            }
+            state.queue_device_report(PendingReport::DeviceHealth {
+                uuid: c.uuid,
+                health,
+                cause: c.cause,
+            });
+        }
+        drop(state);
+        let _ = self.save();
+        self.outbox_wake.notify_one();
+    }
+
+    /// Queues a health check's result.
+    fn queue_health_check(&self, o: CheckOutcome) {
+        if o.passed {
+            tracing::debug!("health check passed: {}", o.detail);
+        } else {
+            tracing::warn!(failing = ?o.failed_devices, "health check failed: {}", o.detail);
+        }
+        self.lock_state().outbox.push(PendingReport::HealthCheck {
+            passed: o.passed,
+            failed_devices: o.failed_devices,
+            detail: o.detail,
+        });
+        let _ = self.save();
+        self.outbox_wake.notify_one();
+    }
+
+    /// Runs the health check every interval (the first run was before registration).
+    async fn health_check_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let Some(check) = self.cfg.health_check.clone() else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(check.interval) => {}
+                _ = stop.changed() => return,
+            }
+            let outcome = tokio::select! {
+                o = health_check::run_check(&check, &self.inventory) => o,
+                _ = stop.changed() => return,
+            };
+            if let Some(o) = outcome {
+                self.queue_health_check(o);
+            }
+        }
+    }
+
     async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {
             self.update_fake_utilization();
-            let devices = match self.backend.telemetry() {
-                Ok(t) => t
-                    .into_iter()
-                    .map(|d| {
-                        for e in &d.events {
-                            tracing::warn!(device = d.index, "device health event: {e:?}");
-                        }
-                        pb::DeviceTelemetry {
-                            index: d.index,
-                            utilization_pct: u32::from(d.utilization_pct),
-                            memory_used_mib: d.memory_used_mib,
-                            healthy: d.healthy,
-                        }
-                    })
-                    .collect(),
-                Err(e) => {
-                    tracing::warn!("device telemetry: {e}");
-                    Vec::new()
-                }
-            };
+            let devices = self.read_devices();
             let sent_at = boottime_ms();
             let req = pb::HeartbeatRequest {
                 node: self.cfg.node.clone(),
@@ -692,6 +798,11 @@ impl Agent {
             let outcome = handle.wait().await;
             lock(&agent.running).remove(&key);
             tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, reason = ?outcome.reason, code = ?outcome.code, "task ended: {}", outcome.message);
+            if !outcome.success() {
+                // A failed device often shows first as the crash of the task on it: read the
+                // devices now, so a health change is queued ahead of the task's failure.
+                agent.read_devices();
+            }
             let mut state = agent.lock_state();
             record_end(&mut state, &key, outcome);
             let wanted = lock(&agent.desired).contains(&key);
@@ -825,6 +936,34 @@ impl Agent {
                         bytes,
                         request: *request,
                         error,
+                    })
+                    .await
+            }
+            PendingReport::DeviceHealth {
+                uuid,
+                health,
+                cause,
+            } => {
+                client
+                    .report_device_health(pb::DeviceHealthReport {
+                        node,
+                        device: uuid.clone(),
+                        health: health.to_pb().into(),
+                        cause: cause.clone(),
+                    })
+                    .await
+            }
+            PendingReport::HealthCheck {
+                passed,
+                failed_devices,
+                detail,
+            } => {
+                client
+                    .report_health_check(pb::HealthCheckReport {
+                        node,
+                        passed: *passed,
+                        failed_devices: failed_devices.clone(),
+                        detail: detail.clone(),
                     })
                     .await
             }

@@ -29,6 +29,59 @@ pub enum PendingReport {
         /// Ok: (path, step, bytes); Err: why it failed.
         result: Result<(String, u64, u64), String>,
     },
+    /// A device's health changed (see [`super::health`]).
+    DeviceHealth {
+        uuid: String,
+        health: ReportedHealth,
+        cause: String,
+    },
+    /// A run of the health check (see [`super::health_check`]).
+    HealthCheck {
+        passed: bool,
+        failed_devices: Vec<String>,
+        detail: String,
+    },
+}
+
+impl PendingReport {
+    /// Whether this reports a task that failed or was lost: a device health report queued later
+    /// goes ahead of it, so the scheduler learns of a failed device before the failures it caused.
+    pub fn is_task_failure(&self) -> bool {
+        matches!(
+            self,
+            PendingReport::Task {
+                state: ReportedState::Failed | ReportedState::Lost,
+                ..
+            }
+        )
+    }
+}
+
+/// A device's health in a queued report, saved as its word ("failed").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportedHealth {
+    Healthy,
+    Degraded,
+    Failed,
+}
+
+impl ReportedHealth {
+    pub fn of(h: pb::DeviceHealth) -> Self {
+        match h {
+            pb::DeviceHealth::Degraded => ReportedHealth::Degraded,
+            pb::DeviceHealth::Failed => ReportedHealth::Failed,
+            pb::DeviceHealth::Healthy | pb::DeviceHealth::Unspecified => ReportedHealth::Healthy,
+        }
+    }
+
+    pub fn to_pb(self) -> pb::DeviceHealth {
+        match self {
+            ReportedHealth::Healthy => pb::DeviceHealth::Healthy,
+            ReportedHealth::Degraded => pb::DeviceHealth::Degraded,
+            ReportedHealth::Failed => pb::DeviceHealth::Failed,
+        }
+    }
 }
 
 /// The state a task report carries. Saved as its lowercase word ("running", ...), the form the
@@ -79,6 +132,20 @@ pub struct AgentState {
     /// Tasks refused as stale, so each is reported in the log once, not on every set.
     pub refused: BTreeSet<TaskKey>,
     pub outbox: Vec<PendingReport>,
+}
+
+impl AgentState {
+    /// Queues a device health report ahead of every task failure already queued (so the
+    /// scheduler learns a device failed before it hears of the failures the device caused), and
+    /// behind everything else.
+    pub fn queue_device_report(&mut self, report: PendingReport) {
+        let at = self
+            .outbox
+            .iter()
+            .position(PendingReport::is_task_failure)
+            .unwrap_or(self.outbox.len());
+        self.outbox.insert(at, report);
+    }
 }
 
 /// A map with structured keys, as a JSON list of pairs.
@@ -220,6 +287,44 @@ mod tests {
     }
 
     #[test]
+    fn a_device_report_goes_ahead_of_queued_task_failures_only() {
+        let key = |task| TaskKey {
+            job: "j".into(),
+            task,
+            epoch: 1,
+        };
+        let task = |task, state| PendingReport::Task {
+            key: key(task),
+            state,
+            exit_code: None,
+            message: String::new(),
+        };
+        let health = |uuid: &str| PendingReport::DeviceHealth {
+            uuid: uuid.into(),
+            health: ReportedHealth::Failed,
+            cause: "XID 79".into(),
+        };
+        let mut state = AgentState::default();
+        state.queue_device_report(health("a"));
+        state.outbox.push(task(0, ReportedState::Running));
+        state.outbox.push(task(1, ReportedState::Failed));
+        state.outbox.push(task(2, ReportedState::Lost));
+        state.queue_device_report(health("b"));
+        state.queue_device_report(health("c"));
+        assert_eq!(
+            state.outbox,
+            [
+                health("a"),
+                task(0, ReportedState::Running),
+                health("b"),
+                health("c"),
+                task(1, ReportedState::Failed),
+                task(2, ReportedState::Lost),
+            ]
+        );
+    }
+
+    #[test]
     fn state_round_trips_and_a_corrupt_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let file = StateFile::new(dir.path());
@@ -265,6 +370,16 @@ mod tests {
             request: 2,
             result: Err("no manifest".into()),
         });
+        state.outbox.push(PendingReport::DeviceHealth {
+            uuid: "GPU-h-3".into(),
+            health: ReportedHealth::Failed,
+            cause: "XID 79: GPU has fallen off the bus".into(),
+        });
+        state.outbox.push(PendingReport::HealthCheck {
+            passed: false,
+            failed_devices: vec!["GPU-h-3".into()],
+            detail: "exit 1".into(),
+        });
         file.save(&state).unwrap();
         assert_eq!(file.load().unwrap(), state);
         let text = std::fs::read_to_string(file.path()).unwrap();
@@ -272,6 +387,7 @@ mod tests {
             text.contains(r#""state": "lost""#),
             "report states keep their word form: {text}"
         );
+        assert!(text.contains(r#""health": "failed""#), "{text}");
         std::fs::write(file.path(), b"{ not json").unwrap();
         let err = file.load().unwrap_err().to_string();
         assert!(

@@ -11,13 +11,16 @@
 //!
 //! UUIDs are `GPU-<host>-<index>` (`TPU-<host>-<index>` for TPUs), so they are stable across
 //! restarts and unique in a fleet of distinct host names. Utilization and memory use are what the
-//! agent sets from what its tasks do; faults are injected.
+//! agent sets from what its tasks do; faults are injected, by [`FakeBackend::inject_fault`] or at
+//! run time through a fault file (`--fake-fault-file PATH`, see [`FakeBackend::with_fault_file`]).
 
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::{
     nvlink_domains, DeviceBackend, DeviceError, DeviceInfo, DeviceKind, DeviceTelemetry,
-    HealthEvent,
+    HealthEvent, Throttle,
 };
 
 /// Models the fake knows the driver name and memory of. Other models are accepted (kind TPU if
@@ -59,8 +62,104 @@ pub enum Fault {
     Xid(u64),
     /// One more uncorrected ECC error: unhealthy.
     EccUncorrected,
+    /// This many more corrected ECC errors: the device stays healthy (the agent may call it
+    /// degraded past its threshold).
+    EccCorrected(u64),
     /// The device falls off the bus: unhealthy.
     Lost,
+    /// Heat or power holds the clocks down until the device is reset.
+    Throttled(Throttle),
+}
+
+/// A line of a fault file that does not parse: its number and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("fault file {path} line {line}: {message}")]
+pub struct FaultFileError {
+    pub path: PathBuf,
+    pub line: usize,
+    pub message: String,
+}
+
+/// One command of a fault file: a fault for a device, or a reset of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultCommand {
+    Inject(u32, Fault),
+    /// `clear N`: reset device N, as a GPU reset would.
+    Clear(u32),
+}
+
+impl FaultCommand {
+    /// One line of a fault file (see [`FakeBackend::with_fault_file`]); `Ok(None)` for a blank line
+    /// or a `#` comment.
+    pub fn parse(line: &str) -> Result<Option<Self>, String> {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            return Ok(None);
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let number = |i: usize, what: &str| -> Result<u64, String> {
+            words
+                .get(i)
+                .ok_or_else(|| format!("expected {what} after {:?}", words[..i].join(" ")))?
+                .parse::<u64>()
+                .map_err(|_| format!("expected {what} (a number), got {:?}", words[i]))
+        };
+        let device = || -> Result<u32, String> {
+            let d = number(1, "a device index")?;
+            u32::try_from(d).map_err(|_| format!("device index {d} is too large"))
+        };
+        let arity = |n: usize| -> Result<(), String> {
+            if words.len() > n {
+                Err(format!("unexpected {:?} at the end of {line:?}", words[n]))
+            } else {
+                Ok(())
+            }
+        };
+        let command = match words[0] {
+            "xid" => {
+                let (d, code) = (device()?, number(2, "an XID code")?);
+                arity(3)?;
+                FaultCommand::Inject(d, Fault::Xid(code))
+            }
+            "ecc" => {
+                let d = device()?;
+                arity(2)?;
+                FaultCommand::Inject(d, Fault::EccUncorrected)
+            }
+            "ecc-corrected" => {
+                let (d, n) = (device()?, number(2, "a count of corrected errors")?);
+                arity(3)?;
+                FaultCommand::Inject(d, Fault::EccCorrected(n))
+            }
+            "lost" => {
+                let d = device()?;
+                arity(2)?;
+                FaultCommand::Inject(d, Fault::Lost)
+            }
+            "thermal" | "power" => {
+                let d = device()?;
+                arity(2)?;
+                let t = if words[0] == "thermal" {
+                    Throttle::Thermal
+                } else {
+                    Throttle::Power
+                };
+                FaultCommand::Inject(d, Fault::Throttled(t))
+            }
+            "clear" => {
+                let d = device()?;
+                arity(2)?;
+                FaultCommand::Clear(d)
+            }
+            other => {
+                return Err(format!(
+                    "unknown fault {other:?}: expected xid N CODE, ecc N, ecc-corrected N COUNT, \
+                     lost N, thermal N, power N or clear N"
+                ))
+            }
+        };
+        Ok(Some(command))
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -68,8 +167,20 @@ struct FakeState {
     utilization_pct: u8,
     memory_used_mib: u64,
     ecc_uncorrected: u64,
+    ecc_corrected: u64,
+    throttled: Option<Throttle>,
     healthy: bool,
     events: Vec<HealthEvent>,
+}
+
+/// A fault file and how far it has been read.
+#[derive(Debug)]
+struct FaultFile {
+    path: PathBuf,
+    /// Bytes consumed: every complete line before it has been applied.
+    offset: u64,
+    /// Lines consumed (to name a bad line by its number).
+    lines: usize,
 }
 
 /// A [`DeviceBackend`] of declared devices.
@@ -77,6 +188,7 @@ struct FakeState {
 pub struct FakeBackend {
     devices: Vec<DeviceInfo>,
     state: Mutex<Vec<FakeState>>,
+    faults: Option<Mutex<FaultFile>>,
 }
 
 impl FakeBackend {
@@ -136,7 +248,76 @@ impl FakeBackend {
         Ok(Self {
             devices,
             state: Mutex::new(state),
+            faults: None,
         })
+    }
+
+    /// Faults read at run time from `path`, at every telemetry call (so at every heartbeat), one
+    /// per line, each applied once:
+    ///
+    /// ```text
+    /// xid 3 79            # XID 79 on device 3 (fatal XIDs make it unhealthy)
+    /// ecc 3               # one more uncorrected ECC error on device 3 (unhealthy)
+    /// ecc-corrected 3 500 # 500 more corrected ECC errors (the agent may call it degraded)
+    /// lost 3              # device 3 falls off the bus (unhealthy)
+    /// thermal 3           # thermal throttling until cleared (`power 3`: power throttling)
+    /// clear 3             # reset device 3: healthy, counters cleared
+    /// ```
+    ///
+    /// Append lines (`echo "xid 3 79" >> PATH`): the file is read on from where the last call
+    /// stopped, and only whole lines (ending in a newline) are taken. A file that shrank
+    /// (truncated or replaced) is read from its start again. A missing file is no fault; a line
+    /// that does not parse is logged and skipped.
+    pub fn with_fault_file(mut self, path: &Path) -> Self {
+        self.faults = Some(Mutex::new(FaultFile {
+            path: path.to_owned(),
+            offset: 0,
+            lines: 0,
+        }));
+        self
+    }
+
+    /// Applies the complete lines added to the fault file since the last call.
+    fn read_fault_file(&self) {
+        let Some(faults) = &self.faults else { return };
+        let mut guard = faults.lock().unwrap_or_else(|e| e.into_inner());
+        let file = &mut *guard;
+        let before = file.offset;
+        let text = match read_from(&file.path, &mut file.offset) {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::warn!("fault file {}: {e}", file.path.display());
+                return;
+            }
+        };
+        if file.offset < before || (file.offset == text.len() as u64 && before != 0) {
+            file.lines = 0;
+        }
+        let first = file.lines;
+        file.lines += text.lines().count();
+        for (i, line) in text.lines().enumerate() {
+            match FaultCommand::parse(line) {
+                Ok(None) => {}
+                Ok(Some(command)) => {
+                    tracing::info!(file = %file.path.display(), "injecting fault: {line}");
+                    let applied = match command {
+                        FaultCommand::Inject(d, fault) => self.inject_fault(d, fault),
+                        FaultCommand::Clear(d) => self.reset(d),
+                    };
+                    if let Err(e) = applied {
+                        tracing::warn!(file = %file.path.display(), "fault {line:?}: {e}");
+                    }
+                }
+                Err(message) => tracing::warn!(
+                    "{}",
+                    FaultFileError {
+                        path: file.path.clone(),
+                        line: first + i + 1,
+                        message,
+                    }
+                ),
+            }
+        }
     }
 
     /// Sets the utilization a device reports (clamped to 100).
@@ -164,6 +345,14 @@ impl FakeBackend {
                     }
                 }
                 Fault::Lost => HealthEvent::Lost,
+                Fault::EccCorrected(n) => {
+                    s.ecc_corrected = s.ecc_corrected.saturating_add(n);
+                    return;
+                }
+                Fault::Throttled(t) => {
+                    s.throttled = Some(t);
+                    return;
+                }
             };
             s.healthy &= !event.is_fatal();
             s.events.push(event);
@@ -208,6 +397,7 @@ impl DeviceBackend for FakeBackend {
     }
 
     fn telemetry(&self) -> Result<Vec<DeviceTelemetry>, DeviceError> {
+        self.read_fault_file();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         Ok(state
             .iter_mut()
@@ -218,9 +408,37 @@ impl DeviceBackend for FakeBackend {
                 memory_used_mib: s.memory_used_mib,
                 healthy: s.healthy,
                 events: std::mem::take(&mut s.events),
+                ecc_corrected: Some(s.ecc_corrected),
+                throttled: s.throttled,
             })
             .collect())
     }
+}
+
+/// The complete lines of `path` after byte `offset`, moving `offset` past them. A file shorter
+/// than `offset` was truncated or replaced: it is read from its start. A missing file has none.
+fn read_from(path: &Path, offset: &mut u64) -> std::io::Result<String> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if len < *offset {
+        *offset = 0;
+    }
+    if len == *offset {
+        return Ok(String::new());
+    }
+    file.seek(SeekFrom::Start(*offset))?;
+    let mut bytes = Vec::new();
+    file.take(len - *offset).read_to_end(&mut bytes)?;
+    let Some(end) = bytes.iter().rposition(|&b| b == b'\n') else {
+        return Ok(String::new());
+    };
+    bytes.truncate(end + 1);
+    *offset += bytes.len() as u64;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn parse_segment<'a>(segment: &'a str, spec: &str) -> Result<(usize, &'a str), FakeSpecError> {
@@ -519,8 +737,102 @@ mod tests {
         backend.inject_fault(1, Fault::Lost).unwrap();
         assert!(!backend.telemetry().unwrap()[1].healthy);
 
+        backend.inject_fault(0, Fault::EccCorrected(700)).unwrap();
+        backend
+            .inject_fault(0, Fault::Throttled(Throttle::Thermal))
+            .unwrap();
+        let t = backend.telemetry().unwrap();
+        assert!(t[0].healthy && t[0].events.is_empty(), "{:?}", t[0]);
+        assert_eq!(t[0].ecc_corrected, Some(700));
+        assert_eq!(t[0].throttled, Some(Throttle::Thermal));
+        backend.reset(0).unwrap();
+        assert_eq!(backend.telemetry().unwrap()[0].throttled, None);
+
         let err = backend.set_utilization(2, 10).unwrap_err();
         assert_eq!(err.to_string(), "no device 2: this host has 2 device(s)");
         assert!(!err.is_retryable());
+    }
+
+    #[test]
+    fn fault_lines_parse_or_say_what_was_expected() {
+        let ok: &[(&str, Option<FaultCommand>)] = &[
+            ("xid 3 79", Some(FaultCommand::Inject(3, Fault::Xid(79)))),
+            (
+                "  ecc 0  ",
+                Some(FaultCommand::Inject(0, Fault::EccUncorrected)),
+            ),
+            (
+                "ecc-corrected 2 500",
+                Some(FaultCommand::Inject(2, Fault::EccCorrected(500))),
+            ),
+            ("lost 7", Some(FaultCommand::Inject(7, Fault::Lost))),
+            (
+                "thermal 1 # hot",
+                Some(FaultCommand::Inject(1, Fault::Throttled(Throttle::Thermal))),
+            ),
+            (
+                "power 1",
+                Some(FaultCommand::Inject(1, Fault::Throttled(Throttle::Power))),
+            ),
+            ("clear 3", Some(FaultCommand::Clear(3))),
+            ("", None),
+            ("# a comment", None),
+        ];
+        for (line, want) in ok {
+            assert_eq!(FaultCommand::parse(line).as_ref(), Ok(want), "{line:?}");
+        }
+        let bad: &[(&str, &str)] = &[
+            ("xid 3", "expected an XID code after \"xid 3\""),
+            ("xid x 79", "expected a device index (a number), got \"x\""),
+            ("ecc 3 4", "unexpected \"4\" at the end of \"ecc 3 4\""),
+            ("melt 3", "unknown fault \"melt\""),
+            ("lost", "expected a device index after \"lost\""),
+        ];
+        for (line, want) in bad {
+            let err = FaultCommand::parse(line).unwrap_err();
+            assert!(err.starts_with(want), "{line:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_fault_file_is_applied_line_by_line_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("faults");
+        let backend = FakeBackend::parse("4xH100", "h")
+            .unwrap()
+            .with_fault_file(&path);
+        // No file yet: no fault.
+        assert!(backend.telemetry().unwrap().iter().all(|d| d.healthy));
+
+        let append = |text: &str| {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+        };
+        // A line without its newline waits for it; a bad line is skipped.
+        append("bogus 1\nxid 3 79\nthermal 1");
+        let t = backend.telemetry().unwrap();
+        assert!(!t[3].healthy);
+        assert_eq!(t[3].events, [HealthEvent::Xid { code: Some(79) }]);
+        assert_eq!(t[1].throttled, None, "the partial line is not taken yet");
+        append("\n");
+        let t = backend.telemetry().unwrap();
+        assert_eq!(t[1].throttled, Some(Throttle::Thermal));
+        assert!(t[3].events.is_empty(), "each line applies once");
+
+        append("clear 3\nlost 2\n");
+        let t = backend.telemetry().unwrap();
+        assert!(t[3].healthy);
+        assert_eq!(t[2].events, [HealthEvent::Lost]);
+
+        // Truncated and rewritten: read from the start again.
+        std::fs::write(&path, "ecc 0\n").unwrap();
+        let t = backend.telemetry().unwrap();
+        assert_eq!(t[0].events, [HealthEvent::EccUncorrected { count: 1 }]);
+        assert!(!t[0].healthy);
     }
 }

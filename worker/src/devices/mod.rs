@@ -13,7 +13,7 @@
 mod fake;
 mod nvml;
 
-pub use fake::{FakeBackend, FakeSpecError, Fault};
+pub use fake::{FakeBackend, FakeSpecError, Fault, FaultFileError};
 pub use nvml::NvmlBackend;
 
 /// A source of device inventory and telemetry: NVML on real hosts, [`FakeBackend`] elsewhere.
@@ -69,6 +69,29 @@ pub struct DeviceTelemetry {
     pub healthy: bool,
     /// Health events since the previous telemetry call, oldest first.
     pub events: Vec<HealthEvent>,
+    /// Volatile corrected ECC errors (since the driver loaded), where the device counts them.
+    pub ecc_corrected: Option<u64>,
+    /// Heat or power holds the clocks down now, where the backend can tell.
+    pub throttled: Option<Throttle>,
+}
+
+/// Why the clocks are held down (NVML's clock throttle reasons, less the harmless ones: idle,
+/// application clocks, sync boost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttle {
+    /// Thermal slowdown (software or hardware) or the hardware slowdown signal.
+    Thermal,
+    /// Power brake (the board's external power signal).
+    Power,
+}
+
+impl std::fmt::Display for Throttle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Throttle::Thermal => "thermal throttling",
+            Throttle::Power => "power throttling",
+        })
+    }
 }
 
 /// A health event of one device.
@@ -82,11 +105,68 @@ pub enum HealthEvent {
     Lost,
 }
 
-/// XIDs that mean the device needs a reset or replacement rather than a restart of the task
-/// (NVIDIA's XID catalogue): 48 double-bit ECC, 63/64 row remapping, 74 NVLink error, 79 fallen
-/// off the bus, 92 high single-bit ECC rate, 94/95 contained/uncontained ECC, 119/120 GSP errors.
-/// Application faults (13, 31, 43, ...) are reported as events but leave the device healthy.
-pub const FATAL_XIDS: &[u64] = &[48, 63, 64, 74, 79, 92, 94, 95, 119, 120];
+/// XIDs that mean the device needs a reset or replacement rather than a restart of the task: the
+/// agent reports the device failed and the scheduler fences it. From NVIDIA's XID catalogue
+/// (docs.nvidia.com/deploy/xid-errors, "XID messages", the ones whose recommended action is a GPU
+/// reset, a node reboot or a field diagnostic):
+///
+/// | XID | meaning |
+/// |---|---|
+/// | 48 | double-bit ECC error (DBE) |
+/// | 62 | internal micro-controller halt |
+/// | 64 | ECC page retirement or row remapping recording failure |
+/// | 74 | NVLink error |
+/// | 79 | GPU has fallen off the bus |
+/// | 92 | high single-bit ECC error rate |
+/// | 94 | contained ECC error |
+/// | 95 | uncontained ECC error |
+/// | 119 | GSP RPC timeout |
+/// | 120 | GSP error |
+///
+/// Application faults (13 graphics engine exception, 31 memory page fault, 43 stopped channel, 45
+/// preemptive cleanup, ...) are the task's own: reported as events, the device stays healthy.
+pub const FATAL_XIDS: &[u64] = &[48, 62, 64, 74, 79, 92, 94, 95, 119, 120];
+
+/// What an XID code means, for the cause the agent reports ("XID 79: GPU has fallen off the
+/// bus"); `None` for codes this table does not name.
+pub fn xid_meaning(code: u64) -> Option<&'static str> {
+    Some(match code {
+        13 => "graphics engine exception",
+        31 => "GPU memory page fault",
+        43 => "GPU stopped processing",
+        45 => "preemptive cleanup",
+        48 => "double-bit ECC error",
+        62 => "internal micro-controller halt",
+        63 => "ECC page retirement or row remapping event",
+        64 => "ECC page retirement or row remapping recording failure",
+        74 => "NVLink error",
+        79 => "GPU has fallen off the bus",
+        92 => "high single-bit ECC error rate",
+        94 => "contained ECC error",
+        95 => "uncontained ECC error",
+        119 => "GSP RPC timeout",
+        120 => "GSP error",
+        _ => return None,
+    })
+}
+
+impl std::fmt::Display for HealthEvent {
+    /// The cause as reported: "XID 79: GPU has fallen off the bus", "uncorrected ECC errors: 2",
+    /// "lost: the device no longer answers".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HealthEvent::Xid { code: Some(code) } => match xid_meaning(*code) {
+                Some(m) => write!(f, "XID {code}: {m}"),
+                None => write!(f, "XID {code}"),
+            },
+            HealthEvent::Xid { code: None } => f.write_str("XID of unknown code"),
+            HealthEvent::EccUncorrected { count } => write!(f, "uncorrected ECC errors: {count}"),
+            HealthEvent::Lost => {
+                f.write_str("lost: the device no longer answers (fallen off the bus)")
+            }
+        }
+    }
+}
 
 impl HealthEvent {
     /// Whether this event makes the device unhealthy.
@@ -351,5 +431,13 @@ mod tests {
         assert!(HealthEvent::Xid { code: Some(79) }.is_fatal());
         assert!(!HealthEvent::Xid { code: Some(13) }.is_fatal());
         assert!(HealthEvent::EccUncorrected { count: 1 }.is_fatal());
+        for code in FATAL_XIDS {
+            assert!(xid_meaning(*code).is_some(), "XID {code} has no meaning");
+        }
+        assert_eq!(
+            HealthEvent::Xid { code: Some(79) }.to_string(),
+            "XID 79: GPU has fallen off the bus"
+        );
+        assert_eq!(HealthEvent::Xid { code: Some(7) }.to_string(), "XID 7");
     }
 }

@@ -8,16 +8,17 @@
 //!   where not supported), and the remote PCI bus id of every active NVLink. A link whose remote end
 //!   is another local GPU joins the two; links to the same non-GPU endpoint (an NVSwitch) join all
 //!   the GPUs on it; a domain is a connected component (see [`super::nvlink_domains`]);
-//! * at each telemetry call, utilization, memory used and the volatile uncorrected ECC counter
-//!   (tolerating `NotSupported`, as on GPUs without ECC); a counter that grows is an event and makes
-//!   the device unhealthy;
+//! * at each telemetry call, utilization, memory used, the volatile uncorrected and corrected ECC
+//!   counters (tolerating `NotSupported`, as on GPUs without ECC) and the clock throttle reasons; an
+//!   uncorrected counter that grows is an event and makes the device unhealthy, the corrected count
+//!   and thermal or power throttling are passed on for the agent to call the device degraded;
 //! * XID errors through NVML's event set API: a thread registers every device that supports
 //!   critical-XID events and waits on the set ([`XID_POLL`] at a time), queueing the events the
 //!   next telemetry call drains. Where events are not supported (non-Linux, some virtualised
 //!   GPUs) no XIDs are reported; ECC and lost-GPU detection still work.
 //!
-//! A device that answers `GPU_IS_LOST` is reported unhealthy with a [`HealthEvent::Lost`] rather
-//! than failing the whole host's telemetry.
+//! A device that answers `GPU_IS_LOST`, or is no longer found at its index, is reported unhealthy
+//! with a [`HealthEvent::Lost`] rather than failing the whole host's telemetry.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,13 +27,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use nvml_wrapper::bitmasks::device::ThrottleReasons;
 use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError};
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, Nvml};
 
 use super::{
     normalize_model, nvlink_domains, DeviceBackend, DeviceError, DeviceInfo, DeviceKind,
-    DeviceTelemetry, ErrorKind, HealthEvent,
+    DeviceTelemetry, ErrorKind, HealthEvent, Throttle,
 };
 
 /// How long the XID thread waits on the event set at a time; also how long dropping the backend
@@ -108,15 +110,14 @@ impl NvmlBackend {
         })
     }
 
-    fn device(&self, index: u32) -> Result<Device<'_>, DeviceError> {
-        self.nvml
-            .device_by_index(index)
-            .map_err(|e| call_error("nvmlDeviceGetHandleByIndex_v2", Some(index), e))
-    }
-
-    /// One device's utilization and memory used; `Ok(None)` if the device is lost.
-    fn read_usage(&self, index: u32) -> Result<Option<(u8, u64, Option<u64>)>, DeviceError> {
-        let device = self.device(index)?;
+    /// One device's reading; `Ok(None)` if the device is lost (fallen off the bus, or no longer
+    /// found at its index).
+    fn read_usage(&self, index: u32) -> Result<Option<Usage>, DeviceError> {
+        let device = match self.nvml.device_by_index(index) {
+            Ok(d) => d,
+            Err(NvmlError::GpuLost | NvmlError::NotFound) => return Ok(None),
+            Err(e) => return Err(call_error("nvmlDeviceGetHandleByIndex_v2", Some(index), e)),
+        };
         let utilization = match device.utilization_rates() {
             Ok(u) => u.gpu.min(100) as u8,
             Err(NvmlError::NotSupported) => 0,
@@ -128,13 +129,62 @@ impl NvmlBackend {
             Err(NvmlError::GpuLost) => return Ok(None),
             Err(e) => return Err(call_error("nvmlDeviceGetMemoryInfo_v2", Some(index), e)),
         };
-        let ecc = match device.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile) {
-            Ok(count) => Some(count),
-            Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => None,
-            Err(NvmlError::GpuLost) => return Ok(None),
-            Err(e) => return Err(call_error("nvmlDeviceGetTotalEccErrors", Some(index), e)),
+        let ecc = |kind: MemoryError| match device.total_ecc_errors(kind, EccCounter::Volatile) {
+            Ok(count) => Ok(Some(count)),
+            Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => Ok(None),
+            Err(NvmlError::GpuLost) => Err(None),
+            Err(e) => Err(Some(call_error(
+                "nvmlDeviceGetTotalEccErrors",
+                Some(index),
+                e,
+            ))),
         };
-        Ok(Some((utilization, memory_used_mib, ecc)))
+        let (ecc_uncorrected, ecc_corrected) =
+            match (ecc(MemoryError::Uncorrected), ecc(MemoryError::Corrected)) {
+                (Ok(u), Ok(c)) => (u, c),
+                (Err(None), _) | (_, Err(None)) => return Ok(None),
+                (Err(Some(e)), _) | (_, Err(Some(e))) => return Err(e),
+            };
+        let throttled = match device.current_throttle_reasons() {
+            Ok(r) => throttle_of(r),
+            Err(NvmlError::GpuLost) => return Ok(None),
+            // Not every device or driver says; throttling only degrades, so it is left unread.
+            Err(_) => None,
+        };
+        Ok(Some(Usage {
+            utilization,
+            memory_used_mib,
+            ecc_uncorrected,
+            ecc_corrected,
+            throttled,
+        }))
+    }
+}
+
+/// One device's reading at one telemetry call.
+struct Usage {
+    utilization: u8,
+    memory_used_mib: u64,
+    ecc_uncorrected: Option<u64>,
+    ecc_corrected: Option<u64>,
+    throttled: Option<Throttle>,
+}
+
+/// The throttle reasons that mean heat or power holds the clocks down: thermal slowdown, the
+/// hardware slowdown signal (heat, or power draw far too high) and the external power brake. Not
+/// the software power cap, which a busy GPU hits in normal training, nor idle, application
+/// clocks, sync boost or display clocks.
+fn throttle_of(r: ThrottleReasons) -> Option<Throttle> {
+    let thermal = ThrottleReasons::SW_THERMAL_SLOWDOWN
+        | ThrottleReasons::HW_THERMAL_SLOWDOWN
+        | ThrottleReasons::HW_SLOWDOWN;
+    let power = ThrottleReasons::HW_POWER_BRAKE_SLOWDOWN;
+    if r.intersects(thermal) {
+        Some(Throttle::Thermal)
+    } else if r.intersects(power) {
+        Some(Throttle::Power)
+    } else {
+        None
     }
 }
 
@@ -174,19 +224,24 @@ impl DeviceBackend for NvmlBackend {
                 }
                 d != index
             });
-            let (utilization_pct, memory_used_mib) = match usage {
-                Some((utilization, memory, ecc)) => {
-                    if let Some(count) = ecc.filter(|&c| c > h.ecc_uncorrected) {
+            let (utilization_pct, memory_used_mib, ecc_corrected, throttled) = match usage {
+                Some(u) => {
+                    if let Some(count) = u.ecc_uncorrected.filter(|&c| c > h.ecc_uncorrected) {
                         h.ecc_uncorrected = count;
                         events.push(HealthEvent::EccUncorrected { count });
                     }
-                    (utilization, memory)
+                    (
+                        u.utilization,
+                        u.memory_used_mib,
+                        u.ecc_corrected,
+                        u.throttled,
+                    )
                 }
                 None => {
                     if !std::mem::replace(&mut h.lost, true) {
                         events.push(HealthEvent::Lost);
                     }
-                    (0, 0)
+                    (0, 0, None, None)
                 }
             };
             h.unhealthy |= events.iter().any(HealthEvent::is_fatal);
@@ -196,6 +251,8 @@ impl DeviceBackend for NvmlBackend {
                 memory_used_mib,
                 healthy: !h.unhealthy,
                 events,
+                ecc_corrected,
+                throttled,
             });
         }
         Ok(telemetry)
