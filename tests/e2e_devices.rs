@@ -250,11 +250,6 @@ async fn a_failed_gpu_is_fenced_and_its_gang_repaired_from_its_checkpoint() {
     // Phase 3: the gang runs again under a new lease, from its checkpoint, never on GPU 3.
     let (epoch2, ranks2) = wait_running(&addrs, &id, epoch1, logs).await;
     let fault_to_running = fault_at.elapsed();
-    println!(
-        "fault-to-fenced {} ms, fault-to-running {} ms (heartbeat 500 ms, scheduling interval 500 ms)",
-        fault_to_fenced.as_millis(),
-        fault_to_running.as_millis()
-    );
     assert!(epoch2 > epoch1);
     for (host, devices) in &ranks2 {
         assert!(
@@ -284,6 +279,15 @@ async fn a_failed_gpu_is_fenced_and_its_gang_repaired_from_its_checkpoint() {
         async move { ok.then_some(()) }
     })
     .await;
+
+    let fault_to_resumed = fault_at.elapsed();
+    println!(
+        "fault-to-fenced {} ms, fault-to-running {} ms (new lease), fault-to-resumed {} ms (both \
+         ranks restored from step {ck}); heartbeat 500 ms, scheduling interval 500 ms",
+        fault_to_fenced.as_millis(),
+        fault_to_running.as_millis(),
+        fault_to_resumed.as_millis()
+    );
 
     // `gangway job status` lists the runs and why each ended.
     let out = cli(&addrs, &["job", "status", &id]);
@@ -421,4 +425,67 @@ async fn a_host_back_with_a_gpu_missing_has_it_fenced_and_operators_fence_and_re
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_health_check_fences_its_device_and_passes_return_it() {
+    // The check prints what `check.out` holds and exits with `check.rc`: it fails GPU 2 before the
+    // host first registers.
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let addrs = cluster.addrs();
+    let dir = cluster.dir.path().to_owned();
+    let (out, rc) = (dir.join("check.out"), dir.join("check.rc"));
+    std::fs::write(&out, "fail 2\n").unwrap();
+    std::fs::write(&rc, "1\n").unwrap();
+    let mut w = Worker::new(&dir, "w1", "r1", addrs.clone());
+    w.args = vec![
+        "--health-check-cmd".to_owned(),
+        format!("cat {}; exit $(cat {})", out.display(), rc.display()),
+        "--health-check-interval".to_owned(),
+        "1s".to_owned(),
+    ];
+    w.start();
+    let workers = vec![w];
+    let logs = || all_logs(&cluster, &workers);
+    let n = poll(
+        Duration::from_secs(20),
+        "GPU 2 fenced by the check",
+        logs,
+        || {
+            let n = node_json(&addrs, "w1");
+            async move { n.filter(|n| n["fenced_devices"] == 1) }
+        },
+    )
+    .await;
+    let d = &n["device_conditions"][0];
+    assert_eq!(
+        (&d["index"], &d["fence_source"]),
+        (&Value::from(2), &Value::from("health"))
+    );
+    let description = d["description"].as_str().unwrap();
+    assert!(
+        description.contains("health check failed") && description.contains("fail 2"),
+        "{description}"
+    );
+
+    // The check passes again: after passes in a row the device serves again.
+    std::fs::write(&out, "").unwrap();
+    std::fs::write(&rc, "0\n").unwrap();
+    let passed_at = Instant::now();
+    poll(
+        Duration::from_secs(20),
+        "GPU 2 back in service",
+        logs,
+        || {
+            let n = node_json(&addrs, "w1");
+            async move { n.filter(|n| n["fenced_devices"] == 0).map(|_| ()) }
+        },
+    )
+    .await;
+    assert!(
+        passed_at.elapsed() >= Duration::from_secs(2),
+        "one pass is not enough: {:?}",
+        passed_at.elapsed()
+    );
 }

@@ -126,7 +126,13 @@ impl WorkerArgs {
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
-    let config = args.to_config()?;
+    let config = match args.to_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(super::EXIT_INVALID));
+        }
+    };
     let devices = match &args.fake_devices {
         Some(spec) => match FakeBackend::parse(spec, &config.node) {
             Ok(f) => Devices::Fake(Arc::new(match &args.fake_fault_file {
