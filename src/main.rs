@@ -10,6 +10,12 @@ use clap::{Parser, Subcommand};
 use cmd::common::run_client;
 use std::process::ExitCode;
 
+/// mimalloc, not glibc's malloc: a replica runs for months over a state whose records are created
+/// and freed by the hundred thousand, under which glibc's allocator fragmented and a scheduling
+/// round slowed by half (the soak in the README, `core/examples/soak.rs`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "gangway",

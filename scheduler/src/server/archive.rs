@@ -67,7 +67,11 @@ impl JobArchive {
     }
 
     /// Up to `limit` archived jobs in id order, starting after `after` (a page).
-    pub fn page(&self, after: Option<&JobId>, limit: usize) -> Result<Vec<JobRecord>, ArchiveError> {
+    pub fn page(
+        &self,
+        after: Option<&JobId>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, ArchiveError> {
         let mode = match after {
             Some(a) => IteratorMode::From(a.as_str().as_bytes(), Direction::Forward),
             None => IteratorMode::Start,
@@ -161,7 +165,10 @@ mod tests {
     fn archived_jobs_read_back_by_id_and_in_pages() {
         let dir = tempfile::tempdir().unwrap();
         let archive = JobArchive::open(dir.path()).unwrap();
-        let jobs: Vec<JobRecord> = ["a", "b", "c", "d", "e"].iter().map(|n| finished_job(n)).collect();
+        let jobs: Vec<JobRecord> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|n| finished_job(n))
+            .collect();
         for j in &jobs {
             archive.put(j).unwrap();
         }
