@@ -18,6 +18,7 @@ use gangway_proto::pb;
 use gangway_proto::pb::client_api_server::ClientApi;
 use gangway_proto::spec::JobSpec;
 use std::collections::BTreeSet;
+use std::ops::Bound;
 use std::pin::Pin;
 use std::time::Instant;
 use tonic::{Request, Response as TonicResponse, Status};
@@ -156,7 +157,21 @@ impl ClientApi for ClientService {
         let id = JobId::new(required("job_id", &req.get_ref().job_id)?);
         let detail = self
             .read(local_read(&req), |fsm| {
-                fsm.store().job(&id).map(convert::job_detail)
+                // A job past its retention is read from this replica's archive.
+                let archived = || {
+                    let archive = fsm.archive()?;
+                    match archive.get(&id) {
+                        Ok(job) => job,
+                        Err(e) => {
+                            tracing::warn!(job = %id, error = %e, "job archive read failed");
+                            None
+                        }
+                    }
+                };
+                fsm.store()
+                    .job(&id)
+                    .map(convert::job_detail)
+                    .or_else(|| archived().as_ref().map(convert::job_detail))
             })
             .await?;
         match detail {
@@ -170,18 +185,43 @@ impl ClientApi for ClientService {
         let req = req.into_inner();
         let states = parse_job_states(&req.states)?;
         let queue = req.queue.trim().to_owned();
-        let jobs = self
+        let size = page_size(req.page_size)?;
+        let after = (!req.page_token.is_empty()).then(|| JobId::new(req.page_token.clone()));
+        let keep = |j: &crate::state::JobRecord| {
+            (states.is_empty() || states.contains(&j.state))
+                && (queue.is_empty() || j.spec.queue == queue)
+        };
+        let (jobs, more) = self
             .read(local, |fsm| {
-                fsm.store()
+                if req.archived {
+                    return archived_page(fsm, after.as_ref(), size, &keep);
+                }
+                let from = match &after {
+                    Some(a) => Bound::Excluded(a.clone()),
+                    None => Bound::Unbounded,
+                };
+                let mut page: Vec<pb::JobSummary> = fsm
+                    .store()
                     .jobs()
-                    .values()
-                    .filter(|j| states.is_empty() || states.contains(&j.state))
-                    .filter(|j| queue.is_empty() || j.spec.queue == queue)
+                    .range((from, Bound::Unbounded))
+                    .map(|(_, j)| j)
+                    .filter(|j| keep(j))
+                    .take(size + 1)
                     .map(convert::job_summary)
-                    .collect()
+                    .collect();
+                let more = page.len() > size;
+                page.truncate(size);
+                Ok((page, more))
             })
-            .await?;
-        ok(pb::ListJobsReply { jobs })
+            .await??;
+        let next_page_token = match (more, jobs.last()) {
+            (true, Some(last)) => last.id.clone(),
+            _ => String::new(),
+        };
+        ok(pb::ListJobsReply {
+            jobs,
+            next_page_token,
+        })
     }
 
     async fn list_nodes(&self, req: Request<pb::Empty>) -> Reply<pb::ListNodesReply> {
@@ -228,7 +268,7 @@ impl ClientApi for ClientService {
     async fn set_device_fence(&self, req: Request<pb::SetDeviceFenceRequest>) -> Reply<pb::Empty> {
         let req = req.into_inner();
         let node = HostName::new(required("node", &req.node)?);
-        let device = required("device", &req.device)?.to_owned();
+        let device = super::worker_api::device_name("device", &req.device)?.to_owned();
         let reason = operator_reason("reason", req.reason)?;
         self.ctx
             .write(Command::FenceDevice(DeviceFenceChange {
@@ -261,6 +301,28 @@ impl ClientApi for ClientService {
             .read(local_read(&req), |fsm| convert::queues(fsm.store()))
             .await?;
         ok(pb::ListQueuesReply { queues })
+    }
+
+    async fn set_limits(&self, req: Request<pb::Limits>) -> Reply<pb::Limits> {
+        let req = req.into_inner();
+        let current = self.ctx.leader_read(|fsm| *fsm.store().limits()).await?;
+        let or = |asked: u64, now: u64| if asked == 0 { now } else { asked };
+        let limits = crate::state::Limits {
+            finished_retention_ms: or(req.finished_retention_ms, current.finished_retention_ms),
+            max_finished: or(req.max_finished, current.max_finished as u64) as usize,
+            idempotency_window_ms: or(req.idempotency_window_ms, current.idempotency_window_ms),
+            max_pending_per_queue: or(
+                req.max_pending_per_queue,
+                current.max_pending_per_queue as u64,
+            ) as usize,
+        };
+        self.ctx.write(Command::SetLimits(limits)).await?;
+        ok(pb::Limits {
+            finished_retention_ms: limits.finished_retention_ms,
+            max_finished: limits.max_finished as u64,
+            idempotency_window_ms: limits.idempotency_window_ms,
+            max_pending_per_queue: limits.max_pending_per_queue as u64,
+        })
     }
 
     async fn set_queue(&self, req: Request<pb::QueueInfo>) -> Reply<pb::Empty> {
@@ -548,6 +610,55 @@ impl ClientApi for ClientService {
     async fn drill(&self, req: Request<pb::DrillRequest>) -> Reply<pb::DrillReply> {
         // Served here, never forwarded: a drill is aimed at one replica.
         ok(super::drill::run(&self.ctx, req.get_ref())?)
+    }
+}
+
+/// Jobs a listing returns when the request does not say, and the most it may ask for.
+const DEFAULT_PAGE: usize = 1_000;
+const MAX_PAGE: usize = 5_000;
+
+fn page_size(asked: u32) -> Result<usize, ApiError> {
+    match asked as usize {
+        0 => Ok(DEFAULT_PAGE),
+        n if n <= MAX_PAGE => Ok(n),
+        n => Err(ApiError::InvalidArgument {
+            field: "page_size".into(),
+            message: format!("expected at most {MAX_PAGE}, got {n}"),
+        }),
+    }
+}
+
+/// A page of archived jobs after `after` that `keep` accepts, and whether more may follow.
+fn archived_page(
+    fsm: &super::fsm::SchedulerFsm,
+    after: Option<&JobId>,
+    size: usize,
+    keep: &dyn Fn(&crate::state::JobRecord) -> bool,
+) -> Result<(Vec<pb::JobSummary>, bool), ApiError> {
+    let Some(archive) = fsm.archive() else {
+        return Ok((Vec::new(), false));
+    };
+    let mut out = Vec::new();
+    let mut cursor = after.cloned();
+    // Read in chunks until the page is full or the archive ends (a filter may skip many).
+    loop {
+        let chunk = archive
+            .page(cursor.as_ref(), size + 1)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let end = chunk.len() <= size;
+        for job in &chunk {
+            cursor = Some(job.id.clone());
+            if keep(job) {
+                out.push(convert::job_summary(job));
+                if out.len() > size {
+                    out.truncate(size);
+                    return Ok((out, true));
+                }
+            }
+        }
+        if end {
+            return Ok((out, false));
+        }
     }
 }
 

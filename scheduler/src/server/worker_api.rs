@@ -59,6 +59,22 @@ type Reply<T> = Result<TonicResponse<T>, Status>;
 /// Longest cause or health-check detail accepted, in bytes (it is kept in the replicated state).
 pub const MAX_HEALTH_TEXT: usize = 4096;
 
+/// Longest device uuid accepted (NVML's are 40 bytes).
+pub const MAX_DEVICE_NAME: usize = 256;
+
+/// A device named in a request: its uuid (or, for operators, its index), required, at most
+/// [`MAX_DEVICE_NAME`] bytes.
+pub fn device_name<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiError> {
+    let v = required(field, value)?;
+    if v.len() > MAX_DEVICE_NAME {
+        return Err(ApiError::invalid(
+            field,
+            format!("expected at most {MAX_DEVICE_NAME} bytes, got {}", v.len()),
+        ));
+    }
+    Ok(v)
+}
+
 /// Most devices one health check may name.
 const MAX_FAILED_DEVICES: usize = 1024;
 
@@ -68,7 +84,9 @@ pub fn device_health_from_pb(field: &str, raw: i32) -> Result<DeviceHealth, ApiE
         pb::DeviceHealth::Healthy => DeviceHealth::Healthy,
         pb::DeviceHealth::Degraded => DeviceHealth::Degraded,
         pb::DeviceHealth::Failed => DeviceHealth::Failed,
-        pb::DeviceHealth::Unspecified => unreachable!("refused by states::device_health"),
+        pb::DeviceHealth::Unspecified => {
+            return Err(ApiError::invalid(field, "device health not set"))
+        }
     })
 }
 
@@ -91,7 +109,7 @@ pub fn device_health_from_report(
     req: pb::DeviceHealthReport,
 ) -> Result<DeviceHealthReport, ApiError> {
     let node = HostName::new(required("node", &req.node)?);
-    let device = required("device", &req.device)?.to_owned();
+    let device = device_name("device", &req.device)?.to_owned();
     let health = device_health_from_pb("health", req.health)?;
     Ok(DeviceHealthReport {
         node,
@@ -115,7 +133,7 @@ pub fn health_check_from_report(req: pb::HealthCheckReport) -> Result<HealthChec
     }
     let mut failed_devices = Vec::with_capacity(req.failed_devices.len());
     for (i, d) in req.failed_devices.iter().enumerate() {
-        let d = required(&format!("failed_devices[{i}]"), d)?.to_owned();
+        let d = device_name(&format!("failed_devices[{i}]"), d)?.to_owned();
         if !failed_devices.contains(&d) {
             failed_devices.push(d);
         }
@@ -544,6 +562,13 @@ mod tests {
                 "field `health`: unknown device health 42",
             ),
             (report(pb::DeviceHealth::Degraded, &long), "field `cause`"),
+            (
+                pb::DeviceHealthReport {
+                    device: "G".repeat(MAX_DEVICE_NAME + 1),
+                    ..report(pb::DeviceHealth::Failed, "")
+                },
+                "field `device`: expected at most 256 bytes",
+            ),
         ];
         for (req, want) in cases {
             let err = device_health_from_report(req).unwrap_err();
