@@ -158,6 +158,33 @@ fn all_logs(cluster: &TestCluster, workers: &[Worker]) -> String {
     out
 }
 
+/// The sum over every replica of one Prometheus sample (`name{labels}` exactly as exported).
+fn metric_sum(cluster: &TestCluster, sample: &str) -> f64 {
+    use std::io::Read;
+    let mut sum = 0.0;
+    for r in &cluster.replicas {
+        let Ok(mut conn) = std::net::TcpStream::connect(&r.http) else {
+            continue;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            r.http
+        );
+        if conn.write_all(request.as_bytes()).is_err() {
+            continue;
+        }
+        let mut text = String::new();
+        let _ = conn.read_to_string(&mut text);
+        sum += text
+            .lines()
+            .filter_map(|l| l.strip_prefix(sample))
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    sum
+}
+
 /// Appends one line to a fault file, as an operator's `echo ... >>` would.
 fn inject(path: &Path, line: &str) {
     let mut f = std::fs::OpenOptions::new()
@@ -246,6 +273,27 @@ async fn a_failed_gpu_is_fenced_and_its_gang_repaired_from_its_checkpoint() {
         "{description}"
     );
     assert_eq!(fenced["state"], "ready", "the host stays in service");
+    // Every agent reported its 8 devices healthy at start (24 reports, no log entry: the state
+    // said so already); the failure is one change, one command. A retry after a lost answer may
+    // add one; a report per event or per heartbeat would add dozens.
+    let commands = metric_sum(&cluster, "gangway_commands_total{kind=\"device_health\"}");
+    let reports = metric_sum(
+        &cluster,
+        "gangway_device_health_reports_total{health=\"failed\"}",
+    );
+    let healthy = metric_sum(
+        &cluster,
+        "gangway_device_health_reports_total{health=\"healthy\"}",
+    );
+    assert_eq!(
+        healthy, 24.0,
+        "each agent's first reading: 8 devices healthy"
+    );
+    assert!(
+        (1.0..=2.0).contains(&commands),
+        "{commands} device_health commands"
+    );
+    assert!((1.0..=2.0).contains(&reports), "{reports} failed reports");
 
     // Phase 3: the gang runs again under a new lease, from its checkpoint, never on GPU 3.
     let (epoch2, ranks2) = wait_running(&addrs, &id, epoch1, logs).await;

@@ -233,6 +233,26 @@ impl WorkerService {
     }
 }
 
+impl WorkerService {
+    /// Whether the leader's state already holds exactly what `report` says (health and cause):
+    /// then applying it would change nothing, and no log entry is spent on it. Only the leader
+    /// answers so (a follower's state may lag).
+    fn already_known(&self, report: &DeviceHealthReport) -> bool {
+        if !self.ctx.raft.is_leader() {
+            return false;
+        }
+        self.ctx.raft.read_local(|fsm| {
+            let Some(node) = fsm.store().nodes().get(&report.node) else {
+                return false;
+            };
+            node.device_index(&report.device).is_some_and(|i| {
+                let d = node.device(i);
+                d.health == report.health && d.cause == report.cause
+            })
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl WorkerApi for WorkerService {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Reply<pb::RegisterReply> {
@@ -410,6 +430,11 @@ impl WorkerApi for WorkerService {
         self.own_devices(&report.node, std::slice::from_ref(&report.device))?;
         metrics::counter!("gangway_device_health_reports_total", "health" => report.health.to_string())
             .increment(1);
+        if self.already_known(&report) {
+            // A repeat (a retry, or an agent's first reading after a restart): the state says so
+            // already, and the write would change nothing.
+            return Ok(TonicResponse::new(pb::Empty {}));
+        }
         self.ctx.write(Command::DeviceHealth(report)).await?;
         Ok(TonicResponse::new(pb::Empty {}))
     }

@@ -33,6 +33,8 @@ pub const RECOVER_READINGS: u32 = 10;
 pub struct HealthChange {
     pub index: u32,
     pub uuid: String,
+    /// What was reported before (`Unspecified`: nothing yet, the agent's first reading).
+    pub from: pb::DeviceHealth,
     pub health: pb::DeviceHealth,
     pub cause: String,
 }
@@ -54,14 +56,16 @@ pub struct HealthMonitor {
 }
 
 impl HealthMonitor {
-    /// Every device of `inventory` healthy to begin with.
+    /// Every device of `inventory`, none reported yet.
     pub fn new(inventory: &[DeviceInfo]) -> Self {
         Self {
             devices: inventory
                 .iter()
                 .map(|d| Tracked {
                     uuid: d.uuid.clone(),
-                    health: pb::DeviceHealth::Healthy,
+                    // Not reported yet: the first reading reports every device, so a state the
+                    // scheduler kept from before a restart (degraded, say) is brought up to date.
+                    health: pb::DeviceHealth::Unspecified,
                     cause: String::new(),
                     clean: 0,
                 })
@@ -171,11 +175,12 @@ impl HealthMonitor {
         if d.health == health {
             return false;
         }
-        d.health = health;
+        let from = std::mem::replace(&mut d.health, health);
         d.cause = cause.clone();
         changes.push(HealthChange {
             index,
             uuid: d.uuid.clone(),
+            from,
             health,
             cause,
         });
@@ -211,6 +216,18 @@ mod tests {
     #[test]
     fn each_device_is_classified_and_each_change_reported_once() {
         let (backend, mut m) = monitor(4);
+        assert_eq!(m.health(0), Some(pb::DeviceHealth::Unspecified));
+        // The first reading reports every device (the scheduler may hold an older state).
+        let first = m.observe(&backend.telemetry().unwrap());
+        assert_eq!(
+            words(&first),
+            [
+                (0, "healthy", ""),
+                (1, "healthy", ""),
+                (2, "healthy", ""),
+                (3, "healthy", "")
+            ]
+        );
         assert!(m.observe(&backend.telemetry().unwrap()).is_empty());
 
         // A storm of XID 79 on device 3: one change, the rest suppressed.
@@ -279,6 +296,7 @@ mod tests {
     #[test]
     fn a_device_missing_from_telemetry_or_lost_in_an_error_fails() {
         let (backend, mut m) = monitor(2);
+        m.observe(&backend.telemetry().unwrap());
         let mut t = backend.telemetry().unwrap();
         t.truncate(1);
         let changes = m.observe(&t);

@@ -110,6 +110,8 @@ pub struct Agent {
     heartbeat_ms: AtomicU64,
     /// The lease TTL the scheduler last gave (how long tasks may run without an answer).
     lease_ttl_ms: AtomicU64,
+    /// A heartbeat has been answered (by the leader): reports may go out.
+    leader_found: std::sync::atomic::AtomicBool,
     /// Each device's last reported health. Held while the devices are read, so readings are
     /// classified (and their changes queued) in the order they were taken.
     health: Mutex<HealthMonitor>,
@@ -174,6 +176,7 @@ impl Agent {
             outbox_wake: Notify::new(),
             heartbeat_ms: AtomicU64::new(1_000),
             lease_ttl_ms: AtomicU64::new(0),
+            leader_found: std::sync::atomic::AtomicBool::new(false),
             health,
         }))
     }
@@ -412,6 +415,10 @@ impl Agent {
         for c in changes {
             let health = ReportedHealth::of(c.health);
             match health {
+                // The first reading of a healthy device is no news.
+                ReportedHealth::Healthy if c.from == pb::DeviceHealth::Unspecified => {
+                    tracing::debug!(device = c.index, uuid = %c.uuid, "device health: healthy")
+                }
                 ReportedHealth::Healthy => tracing::info!(
                     device = c.index, uuid = %c.uuid, suppressed,
                     "device health: healthy"
@@ -486,6 +493,9 @@ impl Agent {
                 Ok(reply) => {
                     let r = reply.into_inner();
                     self.lease_granted(sent_at, r.lease_ttl_ms);
+                    if !self.leader_found.swap(true, Ordering::AcqRel) {
+                        self.outbox_wake.notify_one();
+                    }
                     if r.heartbeat_interval_ms > 0 {
                         self.heartbeat_ms
                             .store(r.heartbeat_interval_ms, Ordering::Relaxed);
@@ -863,6 +873,14 @@ impl Agent {
     async fn report_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(50);
         loop {
+            // Registration is accepted by any replica (a follower forwards it); the first answered
+            // heartbeat has found the leader. Until then reports would go through a follower.
+            if !self.leader_found.load(Ordering::Acquire) {
+                tokio::select! {
+                    _ = self.outbox_wake.notified() => continue,
+                    _ = stop.changed() => return,
+                }
+            }
             let next = self.lock_state().outbox.first().cloned();
             let Some(report) = next else {
                 tokio::select! {
