@@ -15,6 +15,9 @@ use tonic::{Code, Status};
 pub const CODE_KEY: &str = "x-gangway-code";
 /// Metadata key of the leader's address (`host:port`) on `not_leader` errors.
 pub const LEADER_KEY: &str = "x-gangway-leader";
+/// Metadata key of how long to wait (milliseconds) before sending a refused request again
+/// (`resource_exhausted`: a full queue, a rate limit).
+pub const RETRY_AFTER_KEY: &str = "x-gangway-retry-after-ms";
 /// Request metadata key: `local` lets any replica answer a read from its own, possibly stale,
 /// state. Default: linearizable, on the leader.
 pub const CONSISTENCY_KEY: &str = "x-gangway-consistency";
@@ -31,6 +34,9 @@ pub enum Retry {
     /// The request may or may not have been applied (the replica or the network failed during the
     /// call): resend, later or elsewhere, only what is safe to apply twice.
     OutcomeUnknown,
+    /// Refused for now, not applied (`resource_exhausted`: a full queue, a rate limit): send it
+    /// again after this long.
+    After(std::time::Duration),
     /// A definite answer: sending it again would not change it.
     GiveUp,
 }
@@ -43,6 +49,18 @@ impl Retry {
 }
 
 /// What a failed call means: the stable code when the server sent one, else the gRPC code.
+/// The server's hint of when to send a refused request again.
+pub fn retry_after(status: &Status) -> Option<std::time::Duration> {
+    let ms: u64 = status
+        .metadata()
+        .get(RETRY_AFTER_KEY)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
+
 pub fn classify(status: &Status) -> Retry {
     match error_code(status) {
         Some("not_leader") => match leader_hint(status) {
@@ -50,6 +68,10 @@ pub fn classify(status: &Status) -> Retry {
             None => Retry::AnotherReplica,
         },
         Some("no_leader") => Retry::AnotherReplica,
+        Some("resource_exhausted") => match retry_after(status) {
+            Some(wait) => Retry::After(wait),
+            None => Retry::GiveUp,
+        },
         Some("unavailable" | "timeout") => Retry::OutcomeUnknown,
         Some(_) => Retry::GiveUp,
         None => match status.code() {
@@ -304,6 +326,21 @@ mod tests {
                 "resources exhausted",
                 status(ResourceExhausted, None, None),
                 Retry::OutcomeUnknown,
+            ),
+            (
+                "a full queue with the server's hint: refused for now, send again after it",
+                {
+                    let mut s = status(ResourceExhausted, Some("resource_exhausted"), None);
+                    s.metadata_mut()
+                        .insert(RETRY_AFTER_KEY, "5000".parse().unwrap());
+                    s
+                },
+                Retry::After(std::time::Duration::from_secs(5)),
+            ),
+            (
+                "a full queue without a usable hint is definite",
+                status(ResourceExhausted, Some("resource_exhausted"), None),
+                Retry::GiveUp,
             ),
             (
                 "an unimplemented method",

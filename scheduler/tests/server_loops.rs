@@ -344,3 +344,158 @@ async fn an_idle_cluster_writes_nothing() {
     beats.abort();
     r.stop().await;
 }
+
+/// Listings are paged, and a page walk sees every job once even while jobs are added; a finished
+/// job past its retention leaves the state, yet `job status` and the archived listing still find
+/// it (this replica archived it as it applied the prune); a full queue refuses submissions with
+/// RESOURCE_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_are_paged_and_pruned_jobs_are_read_from_the_archive() {
+    let r = OneReplica::start().await;
+    let mut c = r.client().await;
+    let spec =
+        |n: usize| format!("name = \"p{n:03}\"\ncommand = [\"true\"]\n[resources]\ndevices = 1\n");
+    let mut ids = Vec::new();
+    for n in 0..25 {
+        let reply = c
+            .submit_job(pb::SubmitJobRequest {
+                spec_toml: spec(n),
+                idempotency_key: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(reply.job_id);
+    }
+    // Page by 10, adding a job between pages: every job of the start is seen exactly once.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = c
+            .list_jobs(pb::ListJobsRequest {
+                page_size: 10,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.jobs.len() <= 10);
+        seen.extend(page.jobs.iter().map(|j| j.id.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+        c.submit_job(pb::SubmitJobRequest {
+            spec_toml: spec(100 + pages),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    assert!(pages >= 3, "{pages} pages");
+    for id in &ids {
+        assert_eq!(seen.iter().filter(|s| *s == id).count(), 1, "{id} once");
+    }
+    let too_big = c
+        .list_jobs(pb::ListJobsRequest {
+            page_size: 50_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_big.code(), tonic::Code::InvalidArgument);
+    assert!(
+        too_big.message().contains("page_size"),
+        "{}",
+        too_big.message()
+    );
+
+    // Finished jobs stay one second; cancel three and wait for the leader's prune.
+    let limits = c
+        .set_limits(pb::Limits {
+            finished_retention_ms: 1_000,
+            max_pending_per_queue: 40,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(limits.finished_retention_ms, 1_000);
+    assert_eq!(
+        limits.max_finished, 100_000,
+        "fields left 0 keep their value"
+    );
+    for id in &ids[..3] {
+        c.cancel_job(pb::CancelJobRequest {
+            job_id: id.clone(),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap();
+    }
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let live = c
+            .list_jobs(pb::ListJobsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if !live.jobs.iter().any(|j| ids[..3].contains(&j.id)) {
+            break;
+        }
+        assert!(Instant::now() < until, "cancelled jobs never pruned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let archived = c
+        .list_jobs(pb::ListJobsRequest {
+            archived: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let archived: Vec<&str> = archived.jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(
+        archived,
+        ids[..3].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    let detail = job(&mut c, &ids[0]).await;
+    assert_eq!(detail.summary.unwrap().state(), pb::JobState::Cancelled);
+
+    // The cap of 40 pending lets the queue fill up to it, then refuses.
+    let pending = c
+        .list_jobs(pb::ListJobsRequest {
+            states: vec![pb::JobState::Pending as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .len();
+    assert!(pending < 40);
+    let mut refused = None;
+    for n in 200..260 {
+        match c
+            .submit_job(pb::SubmitJobRequest {
+                spec_toml: spec(n),
+                idempotency_key: String::new(),
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(status) => {
+                refused = Some((n, status));
+                break;
+            }
+        }
+    }
+    let (n, status) = refused.expect("the cap refuses");
+    assert_eq!(n - 200, 40 - pending, "refused once 40 were pending");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("40"), "{}", status.message());
+    r.stop().await;
+}

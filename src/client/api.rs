@@ -102,23 +102,39 @@ impl Client {
         Ok(detail)
     }
 
-    /// The jobs in `states` (empty: all) of `queue` (empty: all); every state in the reply is one
-    /// this build knows.
+    /// The jobs in `states` (empty: all) of `queue` (empty: all), live or (`archived`) from the
+    /// archive, page after page until the listing ends or `limit` jobs came; every state in the
+    /// reply is one this build knows.
     pub async fn list_jobs(
         &mut self,
         states: &[pb::JobState],
         queue: &str,
+        archived: bool,
+        limit: Option<usize>,
     ) -> Result<Vec<pb::JobSummary>, ClientError> {
-        let jobs = self
-            .call("ListJobs", Resend::Safe, |mut api| {
-                let req = pb::ListJobsRequest {
-                    states: states.iter().map(|s| *s as i32).collect(),
-                    queue: queue.to_owned(),
-                };
-                async move { api.list_jobs(req).await }
-            })
-            .await?
-            .jobs;
+        let mut jobs = Vec::new();
+        let mut token = String::new();
+        loop {
+            let want = limit.map_or(PAGE, |l| l.saturating_sub(jobs.len()).min(PAGE));
+            let reply = self
+                .call("ListJobs", Resend::Safe, |mut api| {
+                    let req = pb::ListJobsRequest {
+                        states: states.iter().map(|s| *s as i32).collect(),
+                        queue: queue.to_owned(),
+                        page_size: want as u32,
+                        page_token: token.clone(),
+                        archived,
+                    };
+                    async move { api.list_jobs(req).await }
+                })
+                .await?;
+            jobs.extend(reply.jobs);
+            let full = limit.is_some_and(|l| jobs.len() >= l);
+            if reply.next_page_token.is_empty() || full {
+                break;
+            }
+            token = reply.next_page_token;
+        }
         for (i, j) in jobs.iter().enumerate() {
             job_state(&format!("jobs[{i}].state"), j.state).map_err(|problem| {
                 ClientError::BadReply {
@@ -294,6 +310,9 @@ impl Client {
         .await
     }
 }
+
+/// Jobs asked for per page when listing.
+const PAGE: usize = 1_000;
 
 /// Every state a job's detail carries is known (a missing summary is left to its readers).
 fn check_detail(d: &pb::JobDetail) -> Result<(), BadState> {

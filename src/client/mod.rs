@@ -13,6 +13,8 @@
 //!   request may or may not have been applied. Only calls that are safe to resend
 //!   ([`Resend::Safe`]: reads, absolute sets, and submit, which carries an idempotency key) go on;
 //!   the others fail with [`ClientError::OutcomeUnknown`].
+//! * [`Retry::After`] (`resource_exhausted` with the server's hint: a full queue): waits as asked
+//!   and sends again, while the deadline allows; then returns the refusal.
 //! * [`Retry::GiveUp`]: returns at once.
 //!
 //! A call that is safe to resend gives one replica at most a third of the deadline (at least 5 s)
@@ -252,7 +254,16 @@ impl Client {
                         })
                     }
                 },
-                Retry::GiveUp => {
+                // Refused for now (a full queue): wait as the server asks, within the deadline.
+                Retry::After(wait) if Instant::now() + wait < deadline => {
+                    eprintln!(
+                        "{addr}: {}; retrying in {}",
+                        status.message(),
+                        humantime::format_duration(round_ms(wait))
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                Retry::After(_) | Retry::GiveUp => {
                     return Err(ClientError::Server {
                         addr,
                         method,

@@ -139,6 +139,7 @@ impl ClientApi for Fake {
                 state: self.job_state.0,
                 ..Default::default()
             }],
+            next_page_token: String::new(),
         }))
     }
     async fn list_nodes(
@@ -181,6 +182,9 @@ impl ClientApi for Fake {
     }
     async fn set_queue(&self, _: Request<pb::QueueInfo>) -> Result<Response<pb::Empty>, Status> {
         Err(Status::unimplemented("SetQueue"))
+    }
+    async fn set_limits(&self, _: Request<pb::Limits>) -> Result<Response<pb::Limits>, Status> {
+        Err(Status::unimplemented("SetLimits"))
     }
     async fn checkpoint_job(
         &self,
@@ -316,7 +320,10 @@ async fn follows_the_leader_hint_to_an_address_not_in_the_list() {
     let a = start(follower.clone()).await;
 
     let mut c = client(&[&a], Duration::from_secs(5));
-    let jobs = c.list_jobs(&[], "").await.expect("the leader answers");
+    let jobs = c
+        .list_jobs(&[], "", false, None)
+        .await
+        .expect("the leader answers");
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].id, "job-from-b");
     assert_eq!(follower.count("ListJobs"), 1);
@@ -324,7 +331,7 @@ async fn follows_the_leader_hint_to_an_address_not_in_the_list() {
     assert_eq!(c.connected_to(), Some(b.as_str()));
 
     // The connection to the leader is kept for the next call.
-    c.list_jobs(&[], "").await.unwrap();
+    c.list_jobs(&[], "", false, None).await.unwrap();
     assert_eq!(follower.count("ListJobs"), 1);
     assert_eq!(leader.count("ListJobs"), 2);
 }
@@ -427,7 +434,7 @@ async fn no_leader_forever_ends_with_exit_code_5() {
     });
     let a = start(fake.clone()).await;
     let mut c = client(&[&a], Duration::from_millis(600));
-    let err = c.list_jobs(&[], "").await.unwrap_err();
+    let err = c.list_jobs(&[], "", false, None).await.unwrap_err();
     assert_eq!(err.exit_code(), EXIT_NO_LEADER);
     assert!(err.to_string().contains("no quorum"), "{err}");
     assert!(fake.count("ListJobs") >= 2, "retried with backoff");
@@ -644,7 +651,7 @@ async fn a_hung_replica_is_skipped_for_a_safe_call() {
     c.set_attempt_timeout(Duration::from_millis(300));
     let started = std::time::Instant::now();
     let jobs = c
-        .list_jobs(&[], "")
+        .list_jobs(&[], "", false, None)
         .await
         .expect("the second replica answers");
     assert_eq!(jobs[0].id, "job-from-b");
@@ -826,6 +833,6 @@ async fn a_state_this_build_does_not_know_is_an_error_naming_the_field() {
             .contains("field `summary.state`: unknown job state 42"),
         "{err}"
     );
-    let err = c.list_jobs(&[], "").await.unwrap_err();
+    let err = c.list_jobs(&[], "", false, None).await.unwrap_err();
     assert!(err.to_string().contains("field `jobs[0].state`"), "{err}");
 }

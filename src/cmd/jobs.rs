@@ -64,6 +64,13 @@ pub struct JobsArgs {
     /// Only jobs of this queue.
     #[arg(long, value_name = "QUEUE")]
     pub queue: Option<String>,
+    /// Jobs that left the replicated state after their retention, from the replica's archive,
+    /// instead of the live ones.
+    #[arg(long)]
+    pub archived: bool,
+    /// At most this many jobs (the listing is paged; without it every page is read).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
     #[command(flatten)]
     pub watch: WatchOpts,
     #[command(flatten)]
@@ -657,11 +664,14 @@ async fn wait_running(
 
 async fn jobs_frame(
     client: &mut Client,
+    args: &JobsArgs,
     states: &[pb::JobState],
     queue: &str,
     render: Render,
 ) -> Result<String, ClientError> {
-    let jobs = client.list_jobs(states, queue).await?;
+    let jobs = client
+        .list_jobs(states, queue, args.archived, args.limit)
+        .await?;
     let view = JobListView {
         jobs: jobs.iter().map(JobView::from).collect(),
     };
@@ -676,7 +686,7 @@ pub async fn jobs(args: JobsArgs) -> Result<(), ClientError> {
     loop {
         let render = w.render();
         let Some(frame) = w
-            .during(jobs_frame(&mut client, &states, &queue, render))
+            .during(jobs_frame(&mut client, &args, &states, &queue, render))
             .await
         else {
             return Ok(());

@@ -170,10 +170,28 @@ impl Api {
             .map(|r| r.leases)
     }
 
+    /// Every live job, page after page.
     pub async fn jobs(&self) -> Option<Vec<pb::JobSummary>> {
-        self.read(|mut c| async move { c.list_jobs(pb::ListJobsRequest::default()).await })
-            .await
-            .map(|r| r.jobs)
+        let mut jobs = Vec::new();
+        let mut token = String::new();
+        loop {
+            let req = pb::ListJobsRequest {
+                page_size: 5_000,
+                page_token: token.clone(),
+                ..Default::default()
+            };
+            let reply = self
+                .read(|mut c| {
+                    let req = req.clone();
+                    async move { c.list_jobs(req).await }
+                })
+                .await?;
+            jobs.extend(reply.jobs);
+            if reply.next_page_token.is_empty() {
+                return Some(jobs);
+            }
+            token = reply.next_page_token;
+        }
     }
 
     pub async fn job(&self, id: &str) -> Option<pb::JobDetail> {

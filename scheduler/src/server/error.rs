@@ -141,6 +141,9 @@ impl From<Rejection> for ApiError {
     }
 }
 
+/// How long a client is told to wait before submitting to a full queue again.
+pub const QUEUE_FULL_RETRY_MS: u64 = 5_000;
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         let mut status = Status::new(e.grpc_code(), e.to_string());
@@ -153,6 +156,13 @@ impl From<ApiError> for Status {
             if let Ok(v) = MetadataValue::try_from(addr.as_str()) {
                 md.insert(LEADER_KEY, v);
             }
+        }
+        if let ApiError::Rejected(Rejection::QueueFull { .. }) = &e {
+            // A full queue drains as its jobs are placed: a client may try again in a while.
+            md.insert(
+                gangway_proto::link::RETRY_AFTER_KEY,
+                MetadataValue::from(QUEUE_FULL_RETRY_MS),
+            );
         }
         status
     }

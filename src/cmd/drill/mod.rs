@@ -273,7 +273,7 @@ async fn find_leader(opts: &ClientOpts) -> Result<pb::ClusterStatusReply, Client
 
 /// Leases and jobs as the leader lists them.
 async fn snapshot(client: &mut Client) -> Result<LeaseSnapshot, ClientError> {
-    let jobs = client.list_jobs(&[], "").await?;
+    let jobs = client.list_jobs(&[], "", false, None).await?;
     let leases = client.list_leases().await?;
     Ok(LeaseSnapshot::from_lists(&jobs, &leases))
 }

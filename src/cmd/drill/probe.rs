@@ -279,7 +279,7 @@ impl Probes {
             self.addrs.clone(),
             deadline.saturating_duration_since(Instant::now()),
         );
-        let jobs = client.list_jobs(&[], "").await?;
+        let jobs = client.list_jobs(&[], "", false, None).await?;
         let mut probe_client = self.client();
         let mut per_name: BTreeMap<&str, u32> = BTreeMap::new();
         let mut left = Vec::new();
