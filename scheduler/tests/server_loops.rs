@@ -20,6 +20,11 @@ struct OneReplica {
 impl OneReplica {
     /// A single-voter cluster with a 1 s node TTL.
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`OneReplica::start`] with `tune` applied to the configuration.
+    async fn start_with(tune: impl FnOnce(&mut ServerConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -35,6 +40,7 @@ impl OneReplica {
         config.scheduler.min_runtime = Duration::from_millis(0);
         config.workers.heartbeat_interval = Duration::from_millis(200);
         config.workers.node_ttl = Duration::from_millis(1_000);
+        tune(&mut config);
         let replica = Replica::start(config).await.expect("replica starts");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -497,5 +503,64 @@ async fn listings_are_paged_and_pruned_jobs_are_read_from_the_archive() {
     assert_eq!(n - 200, 40 - pending, "refused once 40 were pending");
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("40"), "{}", status.message());
+    r.stop().await;
+}
+
+/// A client that submits faster than `[clients]` allows is refused with RESOURCE_EXHAUSTED and a
+/// retry hint, and is admitted again once it waited that long; nothing it was refused created a
+/// job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_its_submit_rate_is_told_when_to_come_back() {
+    let r = OneReplica::start_with(|c| {
+        c.clients.submit_per_second = 2;
+        c.clients.submit_burst = 3;
+    })
+    .await;
+    let mut c = r.client().await;
+    let submit = |n: u32| pb::SubmitJobRequest {
+        spec_toml: format!("name = \"r{n}\"\ncommand = [\"true\"]\n[resources]\ndevices = 1\n"),
+        idempotency_key: String::new(),
+    };
+    let mut accepted = 0;
+    let mut refusal = None;
+    for n in 0..10 {
+        match c.submit_job(submit(n)).await {
+            Ok(_) => accepted += 1,
+            Err(s) => {
+                refusal = Some(s);
+                break;
+            }
+        }
+    }
+    let refusal = refusal.expect("the burst runs out");
+    assert!(
+        (3..=4).contains(&accepted),
+        "the burst of 3 (and maybe one refilled): {accepted}"
+    );
+    assert_eq!(
+        refusal.code(),
+        tonic::Code::ResourceExhausted,
+        "{refusal:?}"
+    );
+    let wait = gangway_proto::link::retry_after(&refusal).expect("a retry hint");
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_millis(500),
+        "{wait:?}"
+    );
+    assert!(matches!(
+        gangway_proto::link::classify(&refusal),
+        gangway_proto::link::Retry::After(_)
+    ));
+    let jobs = c
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), accepted);
+    tokio::time::sleep(wait).await;
+    c.submit_job(submit(99))
+        .await
+        .expect("admitted after the hint");
     r.stop().await;
 }

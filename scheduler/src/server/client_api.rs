@@ -32,11 +32,41 @@ const MAX_IDEMPOTENCY_KEY: usize = 256;
 
 pub struct ClientService {
     ctx: ReplicaContext,
+    /// Submissions per client address (a client's identity until certificates carry one).
+    submits: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
 }
 
 impl ClientService {
     pub fn new(ctx: ReplicaContext) -> Self {
-        Self { ctx }
+        let c = &ctx.config.clients;
+        let one = std::num::NonZeroU32::MIN;
+        let quota = governor::Quota::per_second(
+            std::num::NonZeroU32::new(c.submit_per_second).unwrap_or(one),
+        )
+        .allow_burst(std::num::NonZeroU32::new(c.submit_burst).unwrap_or(one));
+        Self {
+            ctx,
+            submits: governor::RateLimiter::keyed(quota),
+        }
+    }
+
+    /// Refuses a submission past its client's rate, with how long to wait.
+    fn admit_submit(&self, from: Option<std::net::SocketAddr>) -> Result<(), ApiError> {
+        let Some(addr) = from else {
+            return Ok(());
+        };
+        // Forget clients that have been quiet long enough to be back at a full burst.
+        if self.submits.len() > 10_000 {
+            self.submits.retain_recent();
+        }
+        self.submits.check_key(&addr.ip()).map_err(|not_until| {
+            use governor::clock::Clock;
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            ApiError::RateLimited {
+                client: addr.ip().to_string(),
+                retry_after: wait.max(std::time::Duration::from_millis(1)),
+            }
+        })
     }
 }
 
@@ -92,6 +122,33 @@ pub fn parse_operator_node_state(s: &str) -> Result<NodeState, ApiError> {
     }
 }
 
+/// The shortest and longest drain grace an operator may ask for.
+pub const MIN_DRAIN_GRACE_MS: u64 = 1_000;
+pub const MAX_DRAIN_GRACE_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// `drain_grace_ms` of a SetNodeState: 0 is the default ([`None`]); otherwise only for a drain,
+/// and within [`MIN_DRAIN_GRACE_MS`]..=[`MAX_DRAIN_GRACE_MS`].
+pub fn drain_grace(state: NodeState, grace_ms: u64) -> Result<Option<u64>, ApiError> {
+    if grace_ms == 0 {
+        return Ok(None);
+    }
+    if state != NodeState::Draining {
+        return Err(ApiError::invalid(
+            "drain_grace_ms",
+            format!("applies to a drain only, not to state {state}"),
+        ));
+    }
+    if !(MIN_DRAIN_GRACE_MS..=MAX_DRAIN_GRACE_MS).contains(&grace_ms) {
+        return Err(ApiError::invalid(
+            "drain_grace_ms",
+            format!(
+                "must be between {MIN_DRAIN_GRACE_MS} ms (1 s) and {MAX_DRAIN_GRACE_MS} ms (24 h), got {grace_ms}"
+            ),
+        ));
+    }
+    Ok(Some(grace_ms))
+}
+
 /// Longest operator reason accepted (it is kept in the replicated state).
 const MAX_REASON: usize = 1024;
 
@@ -114,6 +171,7 @@ fn operator_reason(field: &str, reason: String) -> Result<String, ApiError> {
 #[tonic::async_trait]
 impl ClientApi for ClientService {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Reply<pb::SubmitJobReply> {
+        self.admit_submit(req.remote_addr())?;
         let req = req.into_inner();
         let spec = JobSpec::from_toml_str(&req.spec_toml)
             .map_err(|e| ApiError::InvalidSpec(e.to_string()))?;
@@ -249,6 +307,7 @@ impl ClientApi for ClientService {
         let req = req.into_inner();
         let node = HostName::new(required("node", &req.node)?);
         let state = parse_operator_node_state(req.state.trim())?;
+        let grace_ms = drain_grace(state, req.drain_grace_ms)?;
         let reason = if req.reason.trim().is_empty() {
             format!("set to {state} by an operator")
         } else {
@@ -259,7 +318,7 @@ impl ClientApi for ClientService {
                 node,
                 state,
                 reason,
-                grace_ms: None,
+                grace_ms,
             }))
             .await?;
         ok(pb::Empty {})
@@ -674,6 +733,25 @@ mod tests {
         );
         let err = parse_operator_node_state("down").unwrap_err();
         assert!(err.to_string().contains("field `state`"), "{err}");
+    }
+
+    #[test]
+    fn a_drain_grace_is_bounded_and_for_drains_only() {
+        let d = NodeState::Draining;
+        assert_eq!(drain_grace(d, 0).unwrap(), None, "0: the default");
+        assert_eq!(drain_grace(d, 2_000).unwrap(), Some(2_000));
+        assert_eq!(drain_grace(d, MIN_DRAIN_GRACE_MS).unwrap(), Some(1_000));
+        assert_eq!(
+            drain_grace(d, MAX_DRAIN_GRACE_MS).unwrap(),
+            Some(MAX_DRAIN_GRACE_MS)
+        );
+        for bad in [999, MAX_DRAIN_GRACE_MS + 1] {
+            let err = drain_grace(d, bad).unwrap_err();
+            assert!(err.to_string().contains("field `drain_grace_ms`"), "{err}");
+        }
+        let err = drain_grace(NodeState::Cordoned, 5_000).unwrap_err();
+        assert!(err.to_string().contains("drain only"), "{err}");
+        assert_eq!(drain_grace(NodeState::Ready, 0).unwrap(), None);
     }
 
     #[test]

@@ -116,6 +116,25 @@ impl Default for WorkersSection {
     }
 }
 
+/// What one client may ask of the cluster (until identities exist, a client is its address).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientsSection {
+    /// Job submissions one client may make per second, sustained.
+    pub submit_per_second: u32,
+    /// How many it may make at once above that rate.
+    pub submit_burst: u32,
+}
+
+impl Default for ClientsSection {
+    fn default() -> Self {
+        Self {
+            submit_per_second: 200,
+            submit_burst: 1_000,
+        }
+    }
+}
+
 /// The whole server configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,6 +155,8 @@ pub struct ServerConfig {
     pub scheduler: SchedulerSection,
     #[serde(default)]
     pub workers: WorkersSection,
+    #[serde(default)]
+    pub clients: ClientsSection,
 }
 
 impl ServerConfig {
@@ -152,6 +173,7 @@ impl ServerConfig {
             raft: RaftSection::default(),
             scheduler: SchedulerSection::default(),
             workers: WorkersSection::default(),
+            clients: ClientsSection::default(),
         }
     }
 
@@ -206,6 +228,14 @@ impl ServerConfig {
                 "initial_cluster",
                 format!("does not list this replica's id {}", self.id),
             ));
+        }
+        for (field, value) in [
+            ("clients.submit_per_second", self.clients.submit_per_second),
+            ("clients.submit_burst", self.clients.submit_burst),
+        ] {
+            if value == 0 {
+                return Err(bad(field, "expected 1 or more"));
+            }
         }
         let budget = self.scheduler.defrag_device_hours_per_hour;
         if !(budget.is_finite() && budget >= 0.0) {

@@ -38,6 +38,15 @@ pub enum ApiError {
     FailedPrecondition(String),
     #[error("{0}")]
     Internal(String),
+    /// A bound on what one caller may hold is reached (watch streams of a node): retry later.
+    #[error("{0}")]
+    Exhausted(String),
+    /// A client submits faster than its rate (`[clients]` of the server configuration).
+    #[error("client {client} submits faster than its rate limit; retry in {} ms", retry_after.as_millis())]
+    RateLimited {
+        client: String,
+        retry_after: std::time::Duration,
+    },
 }
 
 impl ApiError {
@@ -62,6 +71,7 @@ impl ApiError {
             ApiError::Timeout(_) => "timeout",
             ApiError::FailedPrecondition(_) => "failed_precondition",
             ApiError::Internal(_) => "internal",
+            ApiError::Exhausted(_) | ApiError::RateLimited { .. } => "resource_exhausted",
         }
     }
 
@@ -92,6 +102,7 @@ impl ApiError {
             ApiError::Timeout(_) => Code::DeadlineExceeded,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Internal(_) => Code::Internal,
+            ApiError::Exhausted(_) | ApiError::RateLimited { .. } => Code::ResourceExhausted,
         }
     }
 
@@ -157,11 +168,22 @@ impl From<ApiError> for Status {
                 md.insert(LEADER_KEY, v);
             }
         }
-        if let ApiError::Rejected(Rejection::QueueFull { .. }) = &e {
+        let retry_ms = match &e {
             // A full queue drains as its jobs are placed: a client may try again in a while.
+            ApiError::Rejected(Rejection::QueueFull { .. }) | ApiError::Exhausted(_) => {
+                Some(QUEUE_FULL_RETRY_MS)
+            }
+            ApiError::RateLimited { retry_after, .. } => Some(
+                u64::try_from(retry_after.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            ),
+            _ => None,
+        };
+        if let Some(ms) = retry_ms {
             md.insert(
                 gangway_proto::link::RETRY_AFTER_KEY,
-                MetadataValue::from(QUEUE_FULL_RETRY_MS),
+                MetadataValue::from(ms),
             );
         }
         status

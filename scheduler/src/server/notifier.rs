@@ -46,6 +46,15 @@ pub struct NodeSubscription {
 }
 
 impl AllocationNotifier {
+    /// Subscribes to `node`'s changes unless it already has `max` subscribers (`None`).
+    pub fn try_subscribe(&self, node: &HostName, max: usize) -> Option<NodeSubscription> {
+        let held = {
+            let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            nodes.get(node).map_or(0, |tx| tx.receiver_count())
+        };
+        (held < max).then(|| self.subscribe(node))
+    }
+
     pub fn subscribe(&self, node: &HostName) -> NodeSubscription {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let rx = nodes
@@ -107,6 +116,23 @@ impl AllocationNotifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_holds_a_bounded_number_of_subscriptions() {
+        let n = AllocationNotifier::default();
+        let a = HostName::new("a");
+        let held: Vec<_> = (0..3).map(|_| n.try_subscribe(&a, 3).unwrap()).collect();
+        assert!(n.try_subscribe(&a, 3).is_none(), "the fourth is refused");
+        assert!(
+            n.try_subscribe(&HostName::new("b"), 3).is_some(),
+            "per node"
+        );
+        drop(held);
+        assert!(
+            n.try_subscribe(&a, 3).is_some(),
+            "closed streams free their place"
+        );
+    }
 
     #[test]
     fn only_the_named_node_is_woken() {

@@ -253,6 +253,9 @@ impl WorkerService {
     }
 }
 
+/// Allocation streams one node may hold open at once.
+pub const MAX_WATCHES_PER_NODE: usize = 4;
+
 #[tonic::async_trait]
 impl WorkerApi for WorkerService {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Reply<pb::RegisterReply> {
@@ -317,8 +320,27 @@ impl WorkerApi for WorkerService {
     ) -> Reply<Self::WatchAllocationsStream> {
         let node = HostName::new(required("node", &req.get_ref().node)?);
         self.ctx.leader_only()?;
-        // Subscribe before the first read so no change between the two is missed.
-        let mut wake = self.ctx.allocations.subscribe(&node);
+        // A stream for a node the cluster does not know is refused before it subscribes (a
+        // subscription per made-up name would grow the notifier without bound).
+        if !self
+            .ctx
+            .raft
+            .read_local(|fsm| fsm.store().nodes().contains_key(&node))
+        {
+            return Err(ApiError::from(Rejection::UnknownNode(node)).into());
+        }
+        // Subscribe before the first read so no change between the two is missed; a node holds
+        // at most a few streams (one, plus a reconnect overlapping the old one).
+        let Some(mut wake) = self
+            .ctx
+            .allocations
+            .try_subscribe(&node, MAX_WATCHES_PER_NODE)
+        else {
+            return Err(ApiError::Exhausted(format!(
+                "node {node} already has {MAX_WATCHES_PER_NODE} allocation streams open; close one first"
+            ))
+            .into());
+        };
         let first = self
             .ctx
             .leader_read(|fsm| {

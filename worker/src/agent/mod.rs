@@ -80,6 +80,11 @@ pub enum AgentError {
 const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One agent. Shared by its loops through an `Arc`.
+/// How long the files of a finished task (its directory, exit files, log) stay on the host.
+pub const TASK_FILES_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// How often the agent looks for such files.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(600);
+
 pub struct Agent {
     cfg: AgentConfig,
     backend: Arc<dyn DeviceBackend>,
@@ -268,6 +273,7 @@ impl Agent {
             tokio::spawn(self.clone().watch_loop(stop_rx.clone())),
             tokio::spawn(self.clone().report_loop(stop_rx.clone())),
             tokio::spawn(self.clone().health_check_loop(stop_rx.clone())),
+            tokio::spawn(self.clone().housekeeping_loop(stop_rx.clone())),
         ];
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -453,6 +459,40 @@ impl Agent {
         });
         let _ = self.save();
         self.outbox_wake.notify_one();
+    }
+
+    /// Removes the task directories and logs of jobs this host no longer runs or remembers, once
+    /// they are [`TASK_FILES_RETENTION`] old, every [`HOUSEKEEPING_EVERY`] (task logs are also
+    /// capped as they are written: see the shim).
+    async fn housekeeping_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
+                _ = stop.changed() => return,
+            }
+            let mut keep: BTreeSet<String> = lock(&self.state)
+                .tasks
+                .keys()
+                .map(|k| k.job.clone())
+                .collect();
+            keep.extend(lock(&self.running).keys().map(|k| k.job.clone()));
+            keep.extend(lock(&self.desired).iter().map(|k| k.job.clone()));
+            let driver = self.driver.clone();
+            let swept =
+                tokio::task::spawn_blocking(move || driver.sweep(&keep, TASK_FILES_RETENTION))
+                    .await;
+            if let Ok(report) = swept {
+                if report.removed_dirs > 0 {
+                    tracing::info!(
+                        dirs = report.removed_dirs,
+                        bytes = report.removed_bytes,
+                        "removed the files of finished tasks"
+                    );
+                }
+                metrics::counter!("gangway_worker_swept_bytes_total")
+                    .increment(report.removed_bytes);
+            }
+        }
     }
 
     /// Runs the health check every interval (the first run was before registration).
