@@ -557,7 +557,7 @@ async fn an_absolute_set_is_retried_after_an_unknown_outcome() {
     });
     let a = start(fake.clone()).await;
     let mut c = client(&[&a], Duration::from_secs(5));
-    c.set_node_state("n1", "draining", "").await.unwrap();
+    c.set_node_state("n1", "draining", "", None).await.unwrap();
     assert_eq!(fake.count("SetNodeState"), 2);
 }
 
@@ -835,4 +835,46 @@ async fn a_state_this_build_does_not_know_is_an_error_naming_the_field() {
     );
     let err = c.list_jobs(&[], "", false, None).await.unwrap_err();
     assert!(err.to_string().contains("field `jobs[0].state`"), "{err}");
+}
+
+/// A full queue (or a client past its rate) answers RESOURCE_EXHAUSTED with a retry hint: the
+/// client waits as told and submits again, within its deadline; without time left for the wait it
+/// returns the refusal at once.
+#[tokio::test]
+async fn a_refusal_with_a_retry_hint_is_waited_out_within_the_deadline() {
+    let full_twice = |_: &'static str, n: usize| {
+        (n <= 2).then(|| {
+            let mut s = status(
+                Code::ResourceExhausted,
+                "resource_exhausted",
+                "queue default has 100000 pending jobs",
+                None,
+            );
+            s.metadata_mut()
+                .insert(gangway_proto::link::RETRY_AFTER_KEY, "150".parse().unwrap());
+            s
+        })
+    };
+    let fake = Fake::new("a", full_twice);
+    let a = start(fake.clone()).await;
+    let mut c = client(&[&a], Duration::from_secs(5));
+    let started = std::time::Instant::now();
+    let reply = c
+        .submit_job("name = \"j\"", "key-1")
+        .await
+        .expect("admitted on the third try");
+    assert_eq!(reply.job_id, "job-from-a");
+    assert_eq!(fake.count("SubmitJob"), 3);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "waited twice"
+    );
+
+    // A wait longer than the time left: the refusal comes back, not a hang.
+    let fake = Fake::new("b", full_twice);
+    let b = start(fake.clone()).await;
+    let mut c = client(&[&b], Duration::from_millis(100));
+    let err = c.submit_job("name = \"j\"", "key-2").await.unwrap_err();
+    assert!(err.to_string().contains("pending jobs"), "{err}");
+    assert_eq!(fake.count("SubmitJob"), 1);
 }
