@@ -156,17 +156,26 @@ impl Client {
 
     /// Sets a node's state. Safe to resend: it sets an absolute state, so applying it twice is
     /// the same as once.
+    ///
+    /// A drain with `grace` gives the node's work that long to checkpoint and move off before
+    /// what still runs there is stopped and re-queued (None: the cluster's default, 10 minutes).
     pub async fn set_node_state(
         &mut self,
         node: &str,
         state: &str,
         reason: &str,
+        grace: Option<std::time::Duration>,
     ) -> Result<(), ClientError> {
+        // 0 on the wire means "the default": a grace under 1 ms travels as 1 ms, to be refused.
+        let drain_grace_ms = grace.map_or(0, |g| {
+            u64::try_from(g.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
         self.call("SetNodeState", Resend::Safe, |mut api| {
             let req = pb::SetNodeStateRequest {
                 node: node.to_owned(),
                 state: state.to_owned(),
                 reason: reason.to_owned(),
+                drain_grace_ms,
             };
             async move { api.set_node_state(req).await }
         })

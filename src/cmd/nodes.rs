@@ -29,8 +29,9 @@ pub struct NodeGroup {
 
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {
-    /// Stop placing work on the node and move its jobs elsewhere (checkpointing those that can).
-    Drain(NodeStateArgs),
+    /// Stop placing work on the node and move its jobs elsewhere (checkpointing those that can);
+    /// what has not moved when the grace ends is stopped and re-queued.
+    Drain(DrainArgs),
     /// Stop placing new work on the node; what runs there keeps running.
     Cordon(NodeStateArgs),
     /// Make the node schedulable again.
@@ -77,6 +78,16 @@ pub struct NodeStateArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    pub node: NodeStateArgs,
+    /// How long the node's jobs have to checkpoint and move off before what still runs there is
+    /// stopped and re-queued (1s to 24h). Default: the cluster's, 10 minutes.
+    #[arg(long, value_parser = super::common::parse_duration, value_name = "DURATION")]
+    pub grace: Option<std::time::Duration>,
+}
+
+#[derive(Args, Debug)]
 pub struct LeasesArgs {
     #[command(flatten)]
     pub watch: WatchOpts,
@@ -108,6 +119,12 @@ pub struct NodeView {
     pub fenced_devices: u32,
     /// Every device that is not healthy and in service.
     pub device_conditions: Vec<DeviceConditionView>,
+    /// A draining node: when what still runs there is stopped and re-queued (Unix ms); null
+    /// when the node is not draining.
+    pub drain_deadline_ms: Option<u64>,
+    pub drain_deadline: Option<String>,
+    /// Whether the node holds no lease (a drain is complete when it does not).
+    pub empty: bool,
 }
 
 /// One device that is not simply healthy, in `gangway nodes -o json`.
@@ -120,6 +137,8 @@ pub struct DeviceConditionView {
     pub fenced: bool,
     /// "health", "absent" or "operator"; null when not fenced.
     pub fence_source: Option<String>,
+    /// When it was fenced (Unix ms); null when it is not.
+    pub fenced_since_ms: Option<u64>,
     /// For people: "fenced (health): failed: XID 79 ..." or "degraded: thermal throttling".
     pub description: String,
     pub since_ms: u64,
@@ -136,6 +155,7 @@ impl From<&pb::DeviceCondition> for DeviceConditionView {
             health: d.health.clone(),
             fenced: d.fenced,
             fence_source: (!d.fence_source.is_empty()).then(|| d.fence_source.clone()),
+            fenced_since_ms: (d.fenced_since_ms != 0).then_some(d.fenced_since_ms),
             description: d.description.clone(),
             since_ms: d.since_ms,
             since: rfc3339(d.since_ms),
@@ -167,6 +187,9 @@ impl From<&pb::NodeInfo> for NodeView {
                 .iter()
                 .map(DeviceConditionView::from)
                 .collect(),
+            drain_deadline_ms: (n.drain_deadline_ms != 0).then_some(n.drain_deadline_ms),
+            drain_deadline: rfc3339(n.drain_deadline_ms),
+            empty: n.empty,
         }
     }
 }
@@ -229,6 +252,21 @@ fn location(n: &NodeView) -> String {
     or_dash(&parts.join("/"))
 }
 
+/// The STATE cell: a draining node says whether it is empty yet, or until when its work may
+/// still move off on its own.
+fn node_state_cell(n: &NodeView) -> String {
+    if n.state != "draining" {
+        return n.state.clone();
+    }
+    if n.empty {
+        return "draining,empty".to_owned();
+    }
+    match &n.drain_deadline {
+        Some(at) => format!("draining,until={at}"),
+        None => n.state.clone(),
+    }
+}
+
 pub fn nodes_table(view: &NodeListView) -> String {
     if view.nodes.is_empty() {
         return "No nodes.".to_owned();
@@ -249,7 +287,7 @@ pub fn nodes_table(view: &NodeListView) -> String {
         t.add_row(vec![
             n.name.clone(),
             or_dash(&n.address),
-            n.state.clone(),
+            node_state_cell(n),
             n.devices.to_string(),
             n.fenced_devices.to_string(),
             format_milli(n.free_milli),
@@ -326,10 +364,10 @@ pub async fn nodes(args: NodesArgs) -> Result<(), ClientError> {
 }
 
 pub async fn node(group: NodeGroup) -> Result<(), ClientError> {
-    let (args, state, action, done) = match &group.command {
-        NodeCommand::Drain(a) => (a, "draining", "drain", "draining"),
-        NodeCommand::Cordon(a) => (a, "cordoned", "cordon", "cordoned"),
-        NodeCommand::Uncordon(a) => (a, "ready", "uncordon", "ready"),
+    let (args, state, action, done, grace) = match &group.command {
+        NodeCommand::Drain(a) => (&a.node, "draining", "drain", "draining", a.grace),
+        NodeCommand::Cordon(a) => (a, "cordoned", "cordon", "cordoned", None),
+        NodeCommand::Uncordon(a) => (a, "ready", "uncordon", "ready", None),
         NodeCommand::Remove(a) => {
             let mut client = group.opts.client();
             client.remove_node(&a.name, &a.reason).await?;
@@ -344,7 +382,7 @@ pub async fn node(group: NodeGroup) -> Result<(), ClientError> {
     };
     let mut client = group.opts.client();
     client
-        .set_node_state(&args.name, state, &args.reason)
+        .set_node_state(&args.name, state, &args.reason, grace)
         .await?;
     print_action(
         group.opts.output,
@@ -424,6 +462,7 @@ mod tests {
                 description: "fenced (health): failed: XID 79".into(),
                 since_ms: 1_000,
                 present: true,
+                fenced_since_ms: 1_000,
             }],
             ..Default::default()
         };
@@ -460,6 +499,29 @@ mod tests {
                 "swap"
             ]
         );
+
+        let mut drained = node.clone();
+        drained.empty = true;
+        drained.drain_deadline_ms = 1_000;
+        let mut moving = node.clone();
+        moving.drain_deadline_ms = 1_000;
+        let view = NodeListView {
+            nodes: vec![NodeView::from(&drained), NodeView::from(&moving)],
+        };
+        let table = nodes_table(&view);
+        let states: Vec<&str> = table
+            .lines()
+            .skip(1)
+            .take(2)
+            .map(|l| l.split_whitespace().nth(2).unwrap())
+            .collect();
+        assert_eq!(
+            states,
+            ["draining,empty", "draining,until=1970-01-01T00:00:01.000Z"]
+        );
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["nodes"][0]["empty"], true);
+        assert_eq!(json["nodes"][1]["drain_deadline_ms"], 1_000);
 
         let lease = pb::LeaseInfo {
             job_id: "j-1".into(),

@@ -4,7 +4,7 @@
 //! tests can check the rendering without a server.
 
 use super::error::ApiError;
-use crate::engine::MILLI_PER_DEVICE;
+use crate::engine::{NodeState, MILLI_PER_DEVICE};
 use crate::state::{
     Allocation, ClusterStore, DeviceHealth, JobRecord, JobState, NodeRecord, RunRecord, TaskState,
 };
@@ -224,6 +224,7 @@ pub fn device_conditions(node: &NodeRecord) -> Vec<pb::DeviceCondition> {
                     f.since_ms.max(d.health_changed_at_ms)
                 }),
                 present: d.present,
+                fenced_since_ms: d.fence.as_ref().map_or(0, |f| f.since_ms),
             })
         })
         .collect()
@@ -256,6 +257,12 @@ pub fn node_info(store: &ClusterStore, node: &NodeRecord, heartbeat_age_ms: u64)
         heartbeat_age_ms,
         fenced_devices: node.fenced_count() as u32,
         device_conditions: device_conditions(node),
+        drain_deadline_ms: if node.state == NodeState::Draining {
+            node.drain_deadline_ms.unwrap_or(0)
+        } else {
+            0
+        },
+        empty: store.node_is_empty(&reg.name),
     }
 }
 
@@ -542,6 +549,8 @@ mod tests {
             reason: "failed: XID 79".into(),
             since_ms: 20,
         });
+        // A health change after the fence moves since_ms, never the fence's own time.
+        d3.health_changed_at_ms = 30;
         let c = device_conditions(&node);
         assert_eq!(c.len(), 2);
         assert_eq!(
@@ -554,6 +563,8 @@ mod tests {
             (3, "GPU-h-3", "health")
         );
         assert_eq!(c[1].description, "fenced (health): failed: XID 79");
+        assert_eq!((c[1].since_ms, c[1].fenced_since_ms), (30, 20));
+        assert_eq!(c[0].fenced_since_ms, 0, "not fenced");
         assert_eq!(node.fenced_count(), 1);
     }
 
