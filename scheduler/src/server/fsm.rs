@@ -214,6 +214,49 @@ mod tests {
         fsm
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Untrusted bytes (an InstallSnapshot from a peer, a snapshot file on disk) never panic
+        /// the decoder: random bytes, and valid snapshots with bytes flipped, cut or with a
+        /// forged length and checksum, are refused with a reason.
+        #[test]
+        fn snapshot_decoding_never_panics(
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            flips in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 0..6),
+            cut in 0usize..4096,
+            forge in proptest::prelude::any::<bool>(),
+        ) {
+            let _ = decode_snapshot(&noise);
+            let mut with_magic = SNAPSHOT_MAGIC.to_vec();
+            with_magic.extend_from_slice(&noise);
+            let _ = decode_snapshot(&with_magic);
+            let mut bytes = encode_snapshot(&fsm_with_jobs(3)).unwrap();
+            for (at, b) in flips {
+                let at = at % bytes.len();
+                bytes[at] ^= b;
+            }
+            bytes.truncate(cut.max(1).min(bytes.len()));
+            if forge && bytes.len() >= 20 {
+                // A forged header and checksum over damaged state: bincode sees the damage.
+                let body_len = (bytes.len() - 20) as u64;
+                bytes[8..16].copy_from_slice(&body_len.to_le_bytes());
+                let crc = crc32fast::hash(&bytes[16..bytes.len() - 4]);
+                let n = bytes.len();
+                bytes[n - 4..].copy_from_slice(&crc.to_le_bytes());
+            }
+            let _ = decode_snapshot(&bytes);
+        }
+
+        /// A log entry's command from untrusted bytes never panics the decoder either.
+        #[test]
+        fn command_decoding_never_panics(
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let _ = bincode::deserialize::<Command>(&noise);
+        }
+    }
+
     #[test]
     fn a_snapshot_round_trips_and_a_corrupted_one_is_refused_with_its_reason() {
         let fsm = fsm_with_jobs(50);
