@@ -8,40 +8,20 @@
 //! commits it.
 
 use gangway_core::engine::NodeState;
-use gangway_core::engine::{
-    run_round, DeviceKind, HostTopology, PendingReason, RoundInput, SchedulerConfig,
-};
+use gangway_core::engine::{run_round, HostTopology, PendingReason, RoundInput, SchedulerConfig};
 use gangway_core::state::{
     CheckpointManifest, CheckpointReport, ClusterStore, Command, DeviceFenceChange, DeviceHealth,
-    DeviceHealthReport, DeviceInventory, Event, FenceSource, HealthCheckReport, JobState,
-    NodeRegistration, NodeStateChange, Rejection, Response, RunCause, Submission, TaskReport,
-    TaskState, CHECK_PASSES_TO_UNFENCE, FLAP_LIMIT,
+    DeviceHealthReport, Event, FenceSource, HealthCheckReport, JobState, NodeStateChange,
+    Rejection, Response, RunCause, Submission, TaskReport, TaskState, CHECK_PASSES_TO_UNFENCE,
+    FLAP_LIMIT,
 };
 use gangway_proto::ids::{HostName, JobId};
 use gangway_proto::spec::JobSpec;
 use proptest::prelude::*;
+
+mod common;
+use common::{gpu, node};
 use std::collections::BTreeSet;
-
-fn gpu(node: &str, i: u16) -> DeviceInventory {
-    DeviceInventory {
-        uuid: format!("GPU-{node}-{i}"),
-        model: "H100".into(),
-        kind: DeviceKind::Gpu,
-        memory_mib: 80 * 1024,
-        nvlink_domain: 0,
-    }
-}
-
-fn node(name: &str, rack: &str, gpus: u16) -> NodeRegistration {
-    NodeRegistration {
-        name: HostName::new(name),
-        address: format!("{name}:7300"),
-        topology: HostTopology::new("dc1", "z1", "p1", rack),
-        cpu_milli: 64_000,
-        memory_mib: 512 * 1024,
-        devices: (0..gpus).map(|i| gpu(name, i)).collect(),
-    }
-}
 
 /// A job of `tasks` x `devices` GPUs; `extra` is appended to the TOML (sections).
 fn spec(name: &str, tasks: u32, devices: u32, extra: &str) -> JobSpec {

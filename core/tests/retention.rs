@@ -2,36 +2,21 @@
 //! idempotency keys expire after their window, a full queue refuses submissions, and the indexes
 //! a replica keeps are the same whether it replayed the log or installed a snapshot.
 
-use gangway_core::engine::{
-    DeviceKind, DeviceShare, GangPlacement, HostTopology, Plan, TaskPlacement,
-};
+use gangway_core::engine::{DeviceShare, GangPlacement, Plan, TaskPlacement};
 use gangway_core::state::{
-    ClusterStore, Command, DeviceInventory, Event, JobState, Limits, NodeRegistration, Response,
-    Submission, TaskReport, TaskState, PRUNE_BATCH,
+    ClusterStore, Command, Event, JobState, Limits, NodeRegistration, Response, Submission,
+    TaskReport, TaskState, PRUNE_BATCH,
 };
 use gangway_proto::ids::{HostName, JobId};
 use gangway_proto::spec::JobSpec;
 use proptest::prelude::*;
 
+mod common;
+
 const HOUR: u64 = 3_600_000;
 
 fn node(name: &str) -> NodeRegistration {
-    NodeRegistration {
-        name: HostName::new(name),
-        address: format!("{name}:7300"),
-        topology: HostTopology::new("dc1", "z1", "p1", "r1"),
-        cpu_milli: 64_000,
-        memory_mib: 512 * 1024,
-        devices: (0..8)
-            .map(|i| DeviceInventory {
-                uuid: format!("GPU-{name}-{i}"),
-                model: "H100".into(),
-                kind: DeviceKind::Gpu,
-                memory_mib: 80 * 1024,
-                nvlink_domain: 0,
-            })
-            .collect(),
-    }
+    common::node(name, "r1", 8)
 }
 
 fn spec(name: &str, queue: &str) -> JobSpec {

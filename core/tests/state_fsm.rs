@@ -2,37 +2,21 @@
 //! idempotency and fencing, then random command interleavings that try to break the invariants.
 
 use gangway_core::engine::{
-    DeviceKind, DeviceShare, GangPlacement, HostTopology, NodeState, PendingJob, PendingReason,
-    Plan, TaskPlacement,
+    DeviceKind, DeviceShare, GangPlacement, NodeState, PendingJob, PendingReason, Plan,
+    TaskPlacement,
 };
 use gangway_core::state::{
     CheckpointFailure, CheckpointManifest, CheckpointReport, ClusterStore, Command, DefragOrder,
-    DeviceInventory, Event, IdleReport, JobState, NodeRegistration, NodeStateChange, Rejection,
-    Response, Submission, TaskReport, TaskState,
+    Event, IdleReport, JobState, NodeStateChange, Rejection, Response, Submission, TaskReport,
+    TaskState,
 };
 use gangway_proto::ids::{HostName, JobId};
 use gangway_proto::spec::JobSpec;
 use proptest::prelude::*;
-use std::collections::BTreeMap;
 
-fn node(name: &str, rack: &str, gpus: u16) -> NodeRegistration {
-    NodeRegistration {
-        name: HostName::new(name),
-        address: format!("{name}:7300"),
-        topology: HostTopology::new("dc1", "z1", "p1", rack),
-        cpu_milli: 64_000,
-        memory_mib: 512 * 1024,
-        devices: (0..gpus)
-            .map(|i| DeviceInventory {
-                uuid: format!("GPU-{name}-{i}"),
-                model: "H100".into(),
-                kind: DeviceKind::Gpu,
-                memory_mib: 80 * 1024,
-                nvlink_domain: 0,
-            })
-            .collect(),
-    }
-}
+mod common;
+use common::node;
+use std::collections::BTreeMap;
 
 fn spec(name: &str, tasks: u32, devices: u32) -> JobSpec {
     JobSpec::from_toml_str(&format!(

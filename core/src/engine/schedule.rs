@@ -335,35 +335,11 @@ impl<'a> Round<'a> {
         self.ov.take(h, shape, device)
     }
 
-    /// Fills `tasks` tasks into the hosts of one domain; on failure the overlay is unchanged.
+    /// Fills `tasks` tasks into the hosts of one domain, `prefer`red hosts first whatever the
+    /// policy's score (a repair keeping its healthy hosts); on failure the overlay is unchanged.
     /// Scores are computed once per host and again only for the host a task just took (a task
     /// changes no other host's score).
     fn fill(
-        &mut self,
-        hosts: &[usize],
-        tasks: u32,
-        shape: &TaskShape,
-        seed: u64,
-        allow_soft: bool,
-    ) -> Option<(Vec<TaskAt>, f64)> {
-        self.fill_scored(hosts, tasks, shape, seed, allow_soft, &[])
-    }
-
-    /// [`Round::fill`] with `prefer`red hosts taken first, whatever the policy's score.
-    fn fill_preferring(
-        &mut self,
-        hosts: &[usize],
-        tasks: u32,
-        shape: &TaskShape,
-        seed: u64,
-        allow_soft: bool,
-        prefer: &[usize],
-    ) -> Option<Vec<TaskAt>> {
-        self.fill_scored(hosts, tasks, shape, seed, allow_soft, prefer)
-            .map(|(placed, _)| placed)
-    }
-
-    fn fill_scored(
         &mut self,
         hosts: &[usize],
         tasks: u32,
@@ -507,7 +483,9 @@ impl<'a> Round<'a> {
             }
             let hosts = self.ov.domain_index(level).expect("built").hosts[di].clone();
             let mark = self.ov.mark();
-            if let Some((placed, score)) = self.fill(&hosts, req.tasks, shape, seed, allow_soft) {
+            if let Some((placed, score)) =
+                self.fill(&hosts, req.tasks, shape, seed, allow_soft, &[])
+            {
                 successes += 1;
                 if scored == 1 {
                     return Some(placed);
@@ -556,7 +534,8 @@ impl<'a> Round<'a> {
             }
             None => (0..view.hosts().len()).collect(),
         };
-        self.fill_preferring(&hosts, req.tasks, shape, seed, allow_soft, &prefer)
+        self.fill(&hosts, req.tasks, shape, seed, allow_soft, &prefer)
+            .map(|(placed, _)| placed)
     }
 
     /// Places a whole gang in the overlay, or leaves the overlay unchanged and returns None.
