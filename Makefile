@@ -84,9 +84,9 @@ image: deps
 	$(CARGO) build --locked $(if $(filter release,$(IMAGE_PROFILE)),--release) --bin gangway
 	deploy/image/build-image.sh --binary $(CARGO_TARGET_DIR)/$(IMAGE_PROFILE)/gangway --tag $(IMAGE_TAG)
 
-# Chaos: seeded random fault schedules (kill -9, SIGSTOP, partitions) against three replicas and three
-# workers while a client submits, cancels and migrates; checks what actually ran against the
-# invariants. `make test` runs one short schedule; this runs long ones and ends with a summary line.
+# Chaos: seeded random fault schedules (kill -9, SIGSTOP, partitions, failing devices) against three
+# replicas and three workers while a client submits, cancels and migrates; checks what actually ran
+# against the invariants (no device shared, none used after its fence). `make test` runs one short schedule; this runs long ones and ends with a summary line.
 # A failure prints its seed and a one-line reproduce command.
 CHAOS_SCHEDULES ?= 20
 CHAOS_STEPS ?= 20

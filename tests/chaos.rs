@@ -9,6 +9,11 @@
 //! * gangs whole or absent: every sampled lease is the job's whole gang;
 //! * lease epochs per device never go backwards, neither in the committed view nor in the order
 //!   tasks started on a device; one task of one lease is launched once;
+//! * no task is launched on a device after the device was fenced, and no lease is granted on a
+//!   fenced device: the device-fault nemesis fails devices through the hosts' fake fault files,
+//!   a sampler reads the leader's fenced devices (with their fence time) every 100 ms, and every
+//!   task process's devices and start time (its journal) are compared with the fences (see
+//!   `journal::fence_violations`);
 //! * acknowledged submissions are never lost and applied once (one job per idempotency key, the
 //!   acknowledged id); acknowledged cancels stick;
 //! * after the faults stop, the cluster converges (see `converge::unsettled`).
@@ -95,6 +100,14 @@ struct Stats {
     /// Longest time one job ran under two lease epochs at once (a migration's or a lost host's
     /// old ranks stopping while the new ones start elsewhere), ms.
     max_epoch_overlap_ms: u64,
+    /// Device fences the leader listed (a fault the agent saw, reported and the leader fenced).
+    fences: usize,
+    /// Task processes that ran on a device that was fenced at some time.
+    on_fenced_devices: usize,
+    /// Launches after a fence of a lease granted before it (revoked by the fence).
+    fence_raced: usize,
+    /// Devices still fenced when the faults stopped, returned by an operator's unfence.
+    swept: usize,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,6 +143,16 @@ async fn random_faults_never_share_a_device_nor_lose_a_job() {
             s.samples,
             s.max_epoch_overlap_ms
         );
+        println!(
+            "chaos: schedule {} (seed {seed}) devices: {} device faults injected, {} fences seen, {} task launches checked against them ({} on a device fenced at some time), launches inside a fence: 0 violations, {} of a lease granted before its fence; {} devices unfenced after the faults",
+            i + 1,
+            device_faults(&s.faults),
+            s.fences,
+            s.runs,
+            s.on_fenced_devices,
+            s.fence_raced,
+            s.swept
+        );
         total.ops += s.ops;
         total.acked += s.acked;
         total.unknown += s.unknown;
@@ -137,6 +160,10 @@ async fn random_faults_never_share_a_device_nor_lose_a_job() {
         total.runs += s.runs;
         total.samples += s.samples;
         total.max_epoch_overlap_ms = total.max_epoch_overlap_ms.max(s.max_epoch_overlap_ms);
+        total.fences += s.fences;
+        total.on_fenced_devices += s.on_fenced_devices;
+        total.fence_raced += s.fence_raced;
+        total.swept += s.swept;
         for (k, n) in s.faults {
             *total.faults.entry(k).or_default() += n;
         }
@@ -151,6 +178,30 @@ async fn random_faults_never_share_a_device_nor_lose_a_job() {
         total.runs,
         started.elapsed()
     );
+    println!(
+        "chaos summary devices: {} device faults injected, {} fences seen, {} task launches checked, {} on once-fenced devices, 0 launched inside a fence under a later lease (violations 0), {} of a lease granted before its fence",
+        device_faults(&total.faults),
+        total.fences,
+        total.runs,
+        total.on_fenced_devices,
+        total.fence_raced
+    );
+}
+
+fn device_faults(faults: &BTreeMap<&'static str, usize>) -> usize {
+    faults
+        .iter()
+        .filter(|(k, _)| k.starts_with("device-"))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// Unix time minus CLOCK_BOOTTIME, in ms: converts the log's times to the journals'.
+fn unix_minus_boot_ms() -> i64 {
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    unix - boottime_ms() as i64
 }
 
 async fn schedule(seed: u64, steps: u64) -> Stats {
@@ -164,19 +215,31 @@ async fn schedule(seed: u64, steps: u64) -> Stats {
     cluster.wait_for_leader(None, Duration::from_secs(30)).await;
     let journal = cluster.dir.path().join("journal");
     std::fs::create_dir_all(&journal).expect("journal dir");
+    let fault_files: Vec<std::path::PathBuf> = HOSTS
+        .iter()
+        .map(|(h, _)| cluster.dir.path().join(format!("faults-{h}")))
+        .collect();
     let hosts: Vec<Host> = HOSTS
         .iter()
-        .map(|(h, rack)| {
+        .zip(&fault_files)
+        .map(|((h, rack), faults)| {
             let mut host = Host::new(cluster.dir.path(), h, rack, cluster.addrs());
             // Few devices per host, so devices change hands often; the task journals its host.
             host.devices = "4xH100";
             host.env.push(("CHAOS_HOST".to_owned(), h.to_string()));
+            host.args = vec!["--fake-fault-file".into(), faults.display().to_string()];
             host.start();
             host
         })
         .collect();
-    let mut world = World { cluster, hosts };
-    let api = Arc::new(Api::new(world.cluster.addrs()));
+    let api = Arc::new(Api::new(cluster.addrs()));
+    let mut world = World {
+        cluster,
+        hosts,
+        fault_files,
+        api: api.clone(),
+    };
+    let unix_minus_boot = unix_minus_boot_ms();
     let names: Vec<String> = HOSTS.iter().map(|(h, _)| h.to_string()).collect();
     let ready = async {
         loop {
@@ -217,10 +280,16 @@ async fn schedule(seed: u64, steps: u64) -> Stats {
         stop_sampler.clone(),
         running,
     ));
+    let fence_sampler = tokio::spawn(client::sample_fences(api.clone(), stop_sampler.clone()));
     let mut stats = Stats::default();
     tokio::time::sleep(Duration::from_secs(2)).await;
     for step in 0..steps {
         let mut faults = nemesis::plan_step(&mut rng, 3, HOSTS.len());
+        // Every schedule fails a device at least once: the last step does if none did before.
+        if step + 1 == steps && device_faults(&stats.faults) == 0 {
+            let host = rng.random_range(0..HOSTS.len());
+            faults = vec![nemesis::device_fault(&mut rng, host)];
+        }
         faults.sort_by_key(|(_, d)| *d);
         let begun = Instant::now();
         for (f, d) in &mut faults {
@@ -247,15 +316,22 @@ async fn schedule(seed: u64, steps: u64) -> Stats {
     log(format!("faults over; {} operations; converging", ops.len()));
     let settle = Instant::now();
     let mut last = Vec::new();
+    // A device the agent reported failed after its heal's unfence is fenced again: an operator
+    // returns it (each fence was already seen by the sampler).
+    stats.swept = nemesis::unfence_all(&world).await;
     while settle.elapsed() < Duration::from_secs(90) {
         last = converge::unsettled(&api, &names, &journal).await;
         if last.is_empty() {
             break;
         }
+        if last.iter().any(|l| l.contains("is fenced")) {
+            stats.swept += nemesis::unfence_all(&world).await;
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     stop_sampler.store(true, Ordering::Relaxed);
     let samples = sampler.await.expect("sampler task");
+    let fences = fence_sampler.await.expect("fence sampler task");
     if !last.is_empty() {
         panic!(
             "the cluster did not converge within 90 s after the faults stopped:\n  {}\n{}\n{}\n{}",
@@ -287,6 +363,37 @@ async fn schedule(seed: u64, steps: u64) -> Stats {
     violations.extend(journal::restore_violations(&runs));
     violations.extend(history::lease_violations(&samples, &shapes));
     violations.extend(history::op_violations(&ops, &jobs));
+    // When each lease was granted: the jobs' runs, and the sampled lease tables.
+    let mut granted: BTreeMap<(String, u64), u64> = BTreeMap::new();
+    for j in &jobs {
+        if let Some(d) = api.job(&j.id).await {
+            for r in &d.runs {
+                granted.insert((j.id.clone(), r.epoch), r.started_at_ms);
+            }
+        }
+    }
+    let mut leases: Vec<(String, u64, String, Vec<u32>, u64)> = Vec::new();
+    for s in &samples {
+        for l in &s.leases {
+            granted.insert((l.job_id.clone(), l.epoch), l.granted_at_ms);
+            for t in &l.tasks {
+                leases.push((
+                    l.job_id.clone(),
+                    l.epoch,
+                    t.host.clone(),
+                    t.devices.clone(),
+                    l.granted_at_ms,
+                ));
+            }
+        }
+    }
+    leases.sort();
+    leases.dedup();
+    let fence_check = journal::fence_violations(&runs, &fences, &leases, &granted, unix_minus_boot);
+    for r in &fence_check.raced {
+        log(format!("launched after a fence under an older lease: {r}"));
+    }
+    violations.extend(fence_check.violations);
     for r in &runs {
         if !shapes.contains_key(&r.job) {
             violations.push(format!(
@@ -318,6 +425,9 @@ async fn schedule(seed: u64, steps: u64) -> Stats {
     stats.runs = runs.len();
     stats.samples = samples.len();
     stats.max_epoch_overlap_ms = epoch_overlap_ms(&runs);
+    stats.fences = fences.len();
+    stats.on_fenced_devices = fence_check.on_fenced_devices;
+    stats.fence_raced = fence_check.raced.len();
     let dir = world.cluster.dir.path().to_path_buf();
     drop(world.hosts);
     kill_shims(&dir);

@@ -118,6 +118,21 @@ impl Api {
             .0
     }
 
+    /// An operator fences device `device` (its index) of `node`, or returns it to service; true
+    /// when the cluster answered (acknowledged or refused), false when the outcome is unknown.
+    pub async fn set_fence(&self, addr: &str, node: &str, device: u32, fenced: bool) -> bool {
+        let req = pb::SetDeviceFenceRequest {
+            node: node.to_owned(),
+            device: device.to_string(),
+            fenced,
+            reason: "chaos: the device was reset".into(),
+        };
+        let (outcome, _) = self
+            .write(addr, |mut c| async move { c.set_device_fence(req).await })
+            .await;
+        !matches!(outcome, Outcome::Unknown(_))
+    }
+
     /// A client connected to the replica that says it leads, found by asking every replica.
     async fn leader(&self) -> Option<ClientApiClient<Channel>> {
         let cached = self.leader.lock().unwrap().clone();

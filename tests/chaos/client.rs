@@ -1,13 +1,14 @@
 //! The chaos client: submits, resubmits (same key, same spec: the idempotent retry every real
 //! client does after an unknown outcome), cancels and migrates jobs through random replicas while
-//! the nemesis works, recording every operation; and the sampler, which reads the leader's lease
-//! table every 100 ms.
+//! the nemesis works, recording every operation; and the samplers, which read the leader's lease
+//! table and its fenced devices every 100 ms.
 
 use crate::api::{Api, Outcome};
 use crate::history::{Op, Sample};
 use gangway_worker::driver::boottime_ms;
 use rand::rngs::StdRng;
 use rand::Rng;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -177,4 +178,32 @@ pub async fn sample_leases(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     samples
+}
+
+/// Every fence the leader listed: (device uuid, when it was fenced: Unix ms, log time) -> the last
+/// time (CLOCK_BOOTTIME ms) it was seen still fenced. The time is taken before the read is sent
+/// and the read is linearizable, so the device was fenced throughout from its fence time to then.
+pub type Fences = BTreeMap<(String, u64), u64>;
+
+pub async fn sample_fences(api: Arc<Api>, stop: Arc<AtomicBool>) -> Fences {
+    let mut fences = Fences::new();
+    while !stop.load(Ordering::Relaxed) {
+        let at = boottime_ms();
+        if let Some(nodes) = api.nodes().await {
+            for n in &nodes {
+                for d in n
+                    .device_conditions
+                    .iter()
+                    .filter(|d| d.fenced && d.fenced_since_ms > 0)
+                {
+                    let last = fences
+                        .entry((d.uuid.clone(), d.fenced_since_ms))
+                        .or_default();
+                    *last = (*last).max(at);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fences
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 /// Every condition of a settled cluster that does not hold now (empty: converged):
 /// * every replica answers, all name one leader, that leader says it leads, and every replica
 ///   has applied the leader's commit index;
-/// * every host's node is ready;
+/// * every host's node is ready, with no device fenced (the nemesis returns what it failed);
 /// * every job is running, pending with a reason, or finished; a running job has no migration
 ///   under way, and each of its tasks runs (per the journal: a live process of that job, task,
 ///   epoch and host) or finished by itself under that lease;
@@ -58,7 +58,14 @@ pub async fn unsettled(api: &Api, hosts: &[String], journal: &Path) -> Vec<Strin
     };
     for h in hosts {
         match nodes.iter().find(|n| &n.name == h) {
-            Some(n) if n.state == "ready" => {}
+            Some(n) if n.state == "ready" => {
+                for d in n.device_conditions.iter().filter(|d| d.fenced) {
+                    out.push(format!(
+                        "device {} of {h} is fenced: {}",
+                        d.index, d.description
+                    ));
+                }
+            }
             Some(n) => out.push(format!("node {h} is {} ({})", n.state, n.state_reason)),
             None => out.push(format!("node {h} is not registered")),
         }

@@ -202,6 +202,78 @@ pub fn device_violations(runs: &[Run]) -> Vec<String> {
     out
 }
 
+/// What [`fence_violations`] found.
+#[derive(Debug, Default)]
+pub struct FenceCheck {
+    pub violations: Vec<String>,
+    /// Launches on a device after its fence of a lease granted before it (the fence revoked
+    /// that lease; the worker had its directive already): not violations, counted.
+    pub raced: Vec<String>,
+    /// Task processes that started on a device at some time fenced, at any time.
+    pub on_fenced_devices: usize,
+}
+
+/// No task is launched on a device after the device was fenced, and no lease is granted on it:
+/// each fence `(uuid, since)` with the last time it was seen still fenced (`fences`, see
+/// `client::Fences`) is compared with what actually ran (the journals: each process's devices
+/// and start time) and with the leases the leader listed (`leases`: job, epoch, host, device
+/// indices, granted at). A launch inside a fence is a violation unless its lease was granted
+/// before the fence (`granted`: (job, epoch) -> Unix ms). `unix_minus_boot_ms` converts the log's
+/// Unix times to the journals' CLOCK_BOOTTIME.
+pub fn fence_violations(
+    runs: &[Run],
+    fences: &BTreeMap<(String, u64), u64>,
+    leases: &[(String, u64, String, Vec<u32>, u64)],
+    granted: &BTreeMap<(String, u64), u64>,
+    unix_minus_boot_ms: i64,
+) -> FenceCheck {
+    let mut out = FenceCheck::default();
+    let to_boot = |unix_ms: u64| (unix_ms as i64 - unix_minus_boot_ms).max(0) as u64;
+    let fenced_devices: std::collections::BTreeSet<&str> =
+        fences.keys().map(|(u, _)| u.as_str()).collect();
+    for r in runs {
+        if r.uuids.iter().any(|u| fenced_devices.contains(u.as_str())) {
+            out.on_fenced_devices += 1;
+        }
+        let start_ms = r.start_ns as f64 / 1e6;
+        for u in &r.uuids {
+            for ((_, since), last) in fences.range((u.clone(), 0)..=(u.clone(), u64::MAX)) {
+                let from = to_boot(*since) as f64;
+                if !(start_ms > from && start_ms <= *last as f64) {
+                    continue;
+                }
+                let grant = granted.get(&(r.job.clone(), r.epoch));
+                let what = format!(
+                    "device {u}: {} started {:.1} ms after the device was fenced (at {since}, Unix \
+                     ms; its lease granted at {})",
+                    r.describe(),
+                    start_ms - from,
+                    grant.map_or_else(|| "an unknown time".to_owned(), |g| g.to_string())
+                );
+                if grant.is_some_and(|g| g <= since) {
+                    out.raced.push(what);
+                } else {
+                    out.violations.push(what);
+                }
+            }
+        }
+    }
+    for (job, epoch, host, devices, granted_at) in leases {
+        for d in devices {
+            let u = format!("GPU-{host}-{d}");
+            for ((_, since), last) in fences.range((u.clone(), 0)..=(u.clone(), u64::MAX)) {
+                if granted_at > since && to_boot(*granted_at) <= *last {
+                    out.violations.push(format!(
+                        "device {u}: lease {job} epoch {epoch} granted at {granted_at} on it while \
+                         it was fenced (since {since})"
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Restores resume from real checkpoints, and never from an older one than a previous restore of
 /// the same job: a run that resumed at step S > 0 follows a run of that job whose rank 0 journalled
 /// a checkpoint at S, and later epochs of a job never resume below S.
@@ -320,6 +392,48 @@ mod tests {
         let v = device_violations(&[conflict]);
         assert!(
             v.len() == 1 && v[0].contains("another live process"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_launch_inside_a_fence_is_a_violation_unless_its_lease_came_first() {
+        // Unix = boot + 1_000_000 ms. GPU-h1-0 fenced at boot 150 ms, seen fenced until 300.
+        let offset = 1_000_000;
+        let fences = BTreeMap::from([(("GPU-h1-0".to_owned(), 1_000_150), 300)]);
+        let before = run("a", 1, "GPU-h1-0", 0, 100);
+        let after = run("b", 3, "GPU-h1-0", 400, 500);
+        let inside = run("c", 2, "GPU-h1-0", 200, 250);
+        let elsewhere = run("d", 4, "GPU-h1-1", 200, 250);
+        let granted = BTreeMap::from([(("c".to_owned(), 2), 1_000_160)]);
+        let check = |runs: &[Run], granted: &BTreeMap<(String, u64), u64>| {
+            fence_violations(runs, &fences, &[], granted, offset)
+        };
+        let ok = check(&[before.clone(), after.clone(), elsewhere], &granted);
+        assert!(ok.violations.is_empty() && ok.raced.is_empty(), "{ok:?}");
+        assert_eq!(ok.on_fenced_devices, 2);
+        let bad = check(std::slice::from_ref(&inside), &granted);
+        assert!(
+            bad.violations.len() == 1 && bad.violations[0].contains("after the device was fenced"),
+            "{bad:?}"
+        );
+        let unknown = check(std::slice::from_ref(&inside), &BTreeMap::new());
+        assert_eq!(unknown.violations.len(), 1, "{unknown:?}");
+        let earlier = BTreeMap::from([(("c".to_owned(), 2), 1_000_140)]);
+        let raced = check(&[inside], &earlier);
+        assert!(
+            raced.violations.is_empty() && raced.raced.len() == 1,
+            "{raced:?}"
+        );
+
+        let leases = [
+            ("e".to_owned(), 5, "h1".to_owned(), vec![0], 1_000_200),
+            ("f".to_owned(), 6, "h1".to_owned(), vec![0], 1_000_400),
+            ("g".to_owned(), 7, "h1".to_owned(), vec![1], 1_000_200),
+        ];
+        let v = fence_violations(&[], &fences, &leases, &BTreeMap::new(), offset);
+        assert!(
+            v.violations.len() == 1 && v.violations[0].contains("lease e epoch 5"),
             "{v:?}"
         );
     }
