@@ -77,6 +77,30 @@ async fn the_cli_submits_lists_drains_and_snapshots_through_any_replica() {
     assert_eq!(host1["state"], "draining", "{nodes}");
     let cs = json(&gangway(&["cluster", "status", "--addr", &addrs, "-o", "json"]).await);
     assert_eq!(cs["leader_id"], leader);
+    // Limits: the ones given change, the others stay; a zero is refused as a usage error.
+    let out = gangway(&[
+        "cluster",
+        "limits",
+        "--max-pending-per-queue",
+        "5000",
+        "--finished-retention",
+        "2d",
+        "--addr",
+        &addrs,
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("finished jobs kept 2days (at most 100000)"),
+        "{said}"
+    );
+    assert!(
+        said.contains("at most 5000 pending jobs per queue"),
+        "{said}"
+    );
+    let out = gangway(&["cluster", "limits", "--max-finished", "0", "--addr", &addrs]).await;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
     let snap = cluster.dir.path().join("backup.json");
     let out = gangway(&[
         "cluster",

@@ -253,6 +253,16 @@ impl Client {
     }
 
     /// Moves leadership. Not resent after an unknown outcome: the first may have moved it already.
+    /// Changes the limits given (0: keep) and returns those in force. Safe to resend: setting the
+    /// same limits twice is setting them once.
+    pub async fn set_limits(&mut self, limits: pb::Limits) -> Result<pb::Limits, ClientError> {
+        self.call("SetLimits", Resend::Safe, |mut api| {
+            let req = limits;
+            async move { api.set_limits(req).await }
+        })
+        .await
+    }
+
     pub async fn transfer_leader(&mut self, to: u64) -> Result<(), ClientError> {
         self.call("TransferLeader", Resend::UnlessOutcomeUnknown, |mut api| {
             let req = pb::TransferLeaderRequest { to };

@@ -30,6 +30,25 @@ pub enum ClusterCommand {
     /// Consistent snapshots of the cluster state, for backups.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// What the replicated state keeps (finished jobs, idempotency keys) and the pending cap per
+    /// queue: shows them, and changes the ones given.
+    Limits(LimitsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LimitsArgs {
+    /// How long a finished job stays before it moves to the replicas' archives.
+    #[arg(long, value_parser = super::common::parse_duration, value_name = "DURATION")]
+    pub finished_retention: Option<std::time::Duration>,
+    /// At most this many finished jobs stay (the oldest move to the archives first).
+    #[arg(long, value_name = "N")]
+    pub max_finished: Option<u64>,
+    /// How long an idempotency key is remembered (a retry after it creates a new job).
+    #[arg(long, value_parser = super::common::parse_duration, value_name = "DURATION")]
+    pub idempotency_window: Option<std::time::Duration>,
+    /// A queue with this many pending jobs refuses submissions (resource_exhausted).
+    #[arg(long, value_name = "N")]
+    pub max_pending_per_queue: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -234,6 +253,40 @@ pub async fn cluster(group: ClusterGroup) -> Result<(), ClientError> {
                     return Ok(());
                 }
             }
+        }
+        ClusterCommand::Limits(a) => {
+            let ms = |d: Option<std::time::Duration>| {
+                d.map_or(0, |d| {
+                    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+                })
+            };
+            let zero = |n: Option<u64>, field: &str| -> Result<u64, ClientError> {
+                match n {
+                    Some(0) => Err(ClientError::Usage(format!("--{field}: expected 1 or more"))),
+                    n => Ok(n.unwrap_or(0)),
+                }
+            };
+            let limits = client
+                .set_limits(pb::Limits {
+                    finished_retention_ms: ms(a.finished_retention),
+                    max_finished: zero(a.max_finished, "max-finished")?,
+                    idempotency_window_ms: ms(a.idempotency_window),
+                    max_pending_per_queue: zero(a.max_pending_per_queue, "max-pending-per-queue")?,
+                })
+                .await?;
+            let d = |ms: u64| humantime::format_duration(std::time::Duration::from_millis(ms));
+            print_action(
+                output,
+                "limits",
+                "cluster",
+                &format!(
+                    "finished jobs kept {} (at most {}), idempotency keys {}, at most {} pending jobs per queue",
+                    d(limits.finished_retention_ms),
+                    limits.max_finished,
+                    d(limits.idempotency_window_ms),
+                    limits.max_pending_per_queue
+                ),
+            );
         }
         ClusterCommand::TransferLeader(a) => {
             client.transfer_leader(a.to).await?;
