@@ -108,7 +108,7 @@ async fn leases_survive_a_leader_kill_and_the_killed_replica_catches_up() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut c = client(&cluster.addr(new_leader)).await.expect("connect");
     let nodes = c
-        .list_nodes(pb::Empty {})
+        .list_nodes(pb::PageRequest::default())
         .await
         .expect("nodes")
         .into_inner()

@@ -333,7 +333,12 @@ async fn the_compose_cluster_survives_its_leader_cut_off_the_network() {
             let addr = leader_addr.clone();
             async move {
                 let mut c = client(&addr).await?;
-                let nodes = c.list_nodes(pb::Empty {}).await.ok()?.into_inner().nodes;
+                let nodes = c
+                    .list_nodes(pb::PageRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .nodes;
                 (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
             }
         })

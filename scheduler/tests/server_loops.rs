@@ -224,7 +224,12 @@ async fn a_silent_node_is_declared_down_and_its_gang_requeued_from_its_checkpoin
             .any(|h| h.what.contains(&format!("node {silent} went down"))),
         "{requeued:#?}"
     );
-    let nodes = c.list_nodes(pb::Empty {}).await.unwrap().into_inner().nodes;
+    let nodes = c
+        .list_nodes(pb::PageRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
     let down: Vec<&str> = nodes
         .iter()
         .filter(|n| n.state == "down")
@@ -562,5 +567,82 @@ async fn a_client_past_its_submit_rate_is_told_when_to_come_back() {
     c.submit_job(submit(99))
         .await
         .expect("admitted after the hint");
+    r.stop().await;
+}
+
+/// Nodes and leases are listed in pages too: every node once, in name order, and every lease once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_and_leases_are_listed_in_pages() {
+    let r = OneReplica::start().await;
+    let mut c = r.client().await;
+    let mut w = r.worker().await;
+    let alive = Arc::new(Mutex::new(Vec::new()));
+    let _beats = heartbeat(r.addr.clone(), alive.clone());
+    for i in 0..12 {
+        let name = format!("n{i:02}");
+        w.register(host(&name, "r1")).await.expect("register");
+        alive.lock().unwrap().push(name);
+    }
+    for n in 0..20 {
+        c.submit_job(pb::SubmitJobRequest {
+            spec_toml: format!(
+                "name = \"l{n:02}\"\ncommand = [\"true\"]\n[resources]\ndevices = 1\n"
+            ),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut leases = Vec::new();
+    while leases.len() < 20 {
+        assert!(Instant::now() < until, "only {} leases", leases.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        leases.clear();
+        let mut token = String::new();
+        loop {
+            let page = c
+                .list_leases(pb::PageRequest {
+                    page_size: 7,
+                    page_token: token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(page.leases.len() <= 7);
+            leases.extend(page.leases.into_iter().map(|l| l.job_id));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+    }
+    let mut sorted = leases.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, leases, "each lease once, in job id order");
+
+    let mut names = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = c
+            .list_nodes(pb::PageRequest {
+                page_size: 5,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        names.extend(page.nodes.into_iter().map(|n| n.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(pages, 3);
+    let want: Vec<String> = (0..12).map(|i| format!("n{i:02}")).collect();
+    assert_eq!(names, want);
     r.stop().await;
 }

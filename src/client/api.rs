@@ -146,12 +146,27 @@ impl Client {
         Ok(jobs)
     }
 
+    /// Every node, page after page.
     pub async fn list_nodes(&mut self) -> Result<Vec<pb::NodeInfo>, ClientError> {
-        self.call("ListNodes", Resend::Safe, |mut api| async move {
-            api.list_nodes(pb::Empty {}).await
-        })
-        .await
-        .map(|r| r.nodes)
+        let mut nodes = Vec::new();
+        let mut token = String::new();
+        loop {
+            let req = pb::PageRequest {
+                page_size: PAGE as u32,
+                page_token: token.clone(),
+            };
+            let reply = self
+                .call("ListNodes", Resend::Safe, |mut api| {
+                    let req = req.clone();
+                    async move { api.list_nodes(req).await }
+                })
+                .await?;
+            nodes.extend(reply.nodes);
+            if reply.next_page_token.is_empty() {
+                return Ok(nodes);
+            }
+            token = reply.next_page_token;
+        }
     }
 
     /// Sets a node's state. Safe to resend: it sets an absolute state, so applying it twice is
@@ -218,12 +233,27 @@ impl Client {
         .map(|_| ())
     }
 
+    /// Every lease, page after page.
     pub async fn list_leases(&mut self) -> Result<Vec<pb::LeaseInfo>, ClientError> {
-        self.call("ListLeases", Resend::Safe, |mut api| async move {
-            api.list_leases(pb::Empty {}).await
-        })
-        .await
-        .map(|r| r.leases)
+        let mut leases = Vec::new();
+        let mut token = String::new();
+        loop {
+            let req = pb::PageRequest {
+                page_size: PAGE as u32,
+                page_token: token.clone(),
+            };
+            let reply = self
+                .call("ListLeases", Resend::Safe, |mut api| {
+                    let req = req.clone();
+                    async move { api.list_leases(req).await }
+                })
+                .await?;
+            leases.extend(reply.leases);
+            if reply.next_page_token.is_empty() {
+                return Ok(leases);
+            }
+            token = reply.next_page_token;
+        }
     }
 
     pub async fn list_queues(&mut self) -> Result<Vec<pb::QueueInfo>, ClientError> {

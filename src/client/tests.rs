@@ -144,7 +144,7 @@ impl ClientApi for Fake {
     }
     async fn list_nodes(
         &self,
-        _: Request<pb::Empty>,
+        _: Request<pb::PageRequest>,
     ) -> Result<Response<pb::ListNodesReply>, Status> {
         self.enter("ListNodes", "").await?;
         Ok(Response::new(pb::ListNodesReply::default()))
@@ -170,7 +170,7 @@ impl ClientApi for Fake {
     }
     async fn list_leases(
         &self,
-        _: Request<pb::Empty>,
+        _: Request<pb::PageRequest>,
     ) -> Result<Response<pb::ListLeasesReply>, Status> {
         Err(Status::unimplemented("ListLeases"))
     }

@@ -180,7 +180,7 @@ impl Api {
     }
 
     pub async fn leases(&self) -> Option<Vec<pb::LeaseInfo>> {
-        self.read(|mut c| async move { c.list_leases(pb::Empty {}).await })
+        self.read(|mut c| async move { c.list_leases(pb::PageRequest::default()).await })
             .await
             .map(|r| r.leases)
     }
@@ -217,7 +217,7 @@ impl Api {
     }
 
     pub async fn nodes(&self) -> Option<Vec<pb::NodeInfo>> {
-        self.read(|mut c| async move { c.list_nodes(pb::Empty {}).await })
+        self.read(|mut c| async move { c.list_nodes(pb::PageRequest::default()).await })
             .await
             .map(|r| r.nodes)
     }

@@ -313,7 +313,11 @@ pub fn local<T>(msg: T) -> tonic::Request<T> {
 /// One replica's own view of the leases: (job, epoch, hosts per task).
 pub async fn local_leases(addr: &str) -> Option<Vec<(String, u64, Vec<String>)>> {
     let mut c = client(addr).await?;
-    let r = c.list_leases(local(pb::Empty {})).await.ok()?.into_inner();
+    let r = c
+        .list_leases(local(pb::PageRequest::default()))
+        .await
+        .ok()?
+        .into_inner();
     let mut out: Vec<_> = r
         .leases
         .into_iter()

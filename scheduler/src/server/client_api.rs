@@ -282,25 +282,33 @@ impl ClientApi for ClientService {
         })
     }
 
-    async fn list_nodes(&self, req: Request<pb::Empty>) -> Reply<pb::ListNodesReply> {
+    async fn list_nodes(&self, req: Request<pb::PageRequest>) -> Reply<pb::ListNodesReply> {
         let heartbeats = self.ctx.heartbeats.clone();
         let now = Instant::now();
-        let nodes = self
-            .read(local_read(&req), |fsm| {
+        let local = local_read(&req);
+        let page = req.into_inner();
+        let size = page_size(page.page_size)?;
+        let after = HostName::new(page.page_token.clone());
+        let (nodes, next_page_token) = self
+            .read(local, |fsm| {
                 let store = fsm.store();
-                store
-                    .nodes()
-                    .values()
-                    .map(|n| {
-                        let age = heartbeats
-                            .silence(&n.registration.name, now)
-                            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-                        convert::node_info(store, n, age)
-                    })
-                    .collect()
+                let from = match page.page_token.is_empty() {
+                    true => Bound::Unbounded,
+                    false => Bound::Excluded(&after),
+                };
+                let items = store.nodes().range::<HostName, _>((from, Bound::Unbounded));
+                paged(items.map(|(name, n)| (name.to_string(), n)), size, |n| {
+                    let age = heartbeats
+                        .silence(&n.registration.name, now)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                    convert::node_info(store, n, age)
+                })
             })
             .await?;
-        ok(pb::ListNodesReply { nodes })
+        ok(pb::ListNodesReply {
+            nodes,
+            next_page_token,
+        })
     }
 
     async fn set_node_state(&self, req: Request<pb::SetNodeStateRequest>) -> Reply<pb::Empty> {
@@ -348,11 +356,26 @@ impl ClientApi for ClientService {
         ok(pb::Empty {})
     }
 
-    async fn list_leases(&self, req: Request<pb::Empty>) -> Reply<pb::ListLeasesReply> {
-        let leases = self
-            .read(local_read(&req), |fsm| convert::leases(fsm.store()))
+    async fn list_leases(&self, req: Request<pb::PageRequest>) -> Reply<pb::ListLeasesReply> {
+        let local = local_read(&req);
+        let page = req.into_inner();
+        let size = page_size(page.page_size)?;
+        let (leases, next_page_token) = self
+            .read(local, |fsm| {
+                // The running index, in job id order: costs what holds a lease, not history.
+                let running = fsm.store().job_table().running();
+                let items = running
+                    .filter(|j| {
+                        page.page_token.is_empty() || j.id.as_str() > page.page_token.as_str()
+                    })
+                    .map(|j| (j.id.to_string(), j));
+                paged(items, size, convert::lease_info)
+            })
             .await?;
-        ok(pb::ListLeasesReply { leases })
+        ok(pb::ListLeasesReply {
+            leases,
+            next_page_token,
+        })
     }
 
     async fn list_queues(&self, req: Request<pb::Empty>) -> Reply<pb::ListQueuesReply> {
@@ -685,6 +708,23 @@ fn page_size(asked: u32) -> Result<usize, ApiError> {
             message: format!("expected at most {MAX_PAGE}, got {n}"),
         }),
     }
+}
+
+/// The first `size` of `items` (keyed, in key order) as `show` renders them, and the key to go
+/// on from when more follow (empty when none do).
+fn paged<'a, T: 'a, R>(
+    mut items: impl Iterator<Item = (String, &'a T)>,
+    size: usize,
+    show: impl Fn(&T) -> R,
+) -> (Vec<R>, String) {
+    let mut out = Vec::with_capacity(size.min(1024));
+    let mut last = String::new();
+    for (key, item) in items.by_ref().take(size) {
+        out.push(show(item));
+        last = key;
+    }
+    let more = items.next().is_some();
+    (out, if more { last } else { String::new() })
 }
 
 /// A page of archived jobs after `after` that `keep` accepts, and whether more may follow.

@@ -266,30 +266,28 @@ pub fn node_info(store: &ClusterStore, node: &NodeRecord, heartbeat_age_ms: u64)
     }
 }
 
-pub fn leases(store: &ClusterStore) -> Vec<pb::LeaseInfo> {
-    store
-        .jobs()
-        .values()
-        .filter_map(|j| {
-            let l = j.lease.as_ref()?;
-            Some(pb::LeaseInfo {
-                job_id: j.id.to_string(),
-                epoch: l.epoch,
-                granted_at_ms: l.granted_at_ms,
-                tasks: l
-                    .placement
-                    .tasks
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| pb::TaskLease {
-                        task: i as u32,
-                        host: t.host.to_string(),
-                        devices: t.devices.iter().map(|d| u32::from(d.index)).collect(),
-                    })
-                    .collect(),
+/// The lease a running job holds, as listed (an empty entry for a job holding none; the running
+/// index only yields jobs that hold one).
+pub fn lease_info(j: &crate::state::JobRecord) -> pb::LeaseInfo {
+    let Some(l) = j.lease.as_ref() else {
+        return pb::LeaseInfo::default();
+    };
+    pb::LeaseInfo {
+        job_id: j.id.to_string(),
+        epoch: l.epoch,
+        granted_at_ms: l.granted_at_ms,
+        tasks: l
+            .placement
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| pb::TaskLease {
+                task: i as u32,
+                host: t.host.to_string(),
+                devices: t.devices.iter().map(|d| u32::from(d.index)).collect(),
             })
-        })
-        .collect()
+            .collect(),
+    }
 }
 
 pub fn queues(store: &ClusterStore) -> Vec<pb::QueueInfo> {
@@ -298,16 +296,16 @@ pub fn queues(store: &ClusterStore) -> Vec<pb::QueueInfo> {
         pending: u32,
         running: u32,
     }
+    // From the job table's indexes: what waits and what runs, never the history.
     let mut counts: BTreeMap<&str, Counts> = BTreeMap::new();
-    for j in store.jobs().values() {
-        let c = counts.entry(j.spec.queue.as_str()).or_default();
-        match j.state {
-            JobState::Pending => c.pending += 1,
-            JobState::Running => c.running += 1,
-            _ => {}
-        }
+    let table = store.job_table();
+    for (queue, n) in table.pending_by_queue() {
+        counts.entry(queue).or_default().pending = n as u32;
     }
-    // Every configured queue, and every queue a job names even without a guarantee.
+    for j in table.running().filter(|j| j.state == JobState::Running) {
+        counts.entry(j.spec.queue.as_str()).or_default().running += 1;
+    }
+    // Every configured queue, and every queue a live job names even without a guarantee.
     let mut names: Vec<String> = store.queues().keys().map(|q| q.to_string()).collect();
     names.extend(counts.keys().map(|q| (*q).to_owned()));
     names.sort();
