@@ -2,8 +2,10 @@
 
 use super::{Client, ClientError, Resend};
 use gangway_proto::pb;
+use gangway_proto::pb::client_api_client::ClientApiClient;
 use gangway_proto::states::{job_state, task_state, BadState};
 use tonic::codec::Streaming;
+use tonic::transport::Channel;
 
 impl Client {
     /// Submits a spec. Safe to resend: the server creates one job per idempotency key.
@@ -148,25 +150,12 @@ impl Client {
 
     /// Every node, page after page.
     pub async fn list_nodes(&mut self) -> Result<Vec<pb::NodeInfo>, ClientError> {
-        let mut nodes = Vec::new();
-        let mut token = String::new();
-        loop {
-            let req = pb::PageRequest {
-                page_size: PAGE as u32,
-                page_token: token.clone(),
-            };
-            let reply = self
-                .call("ListNodes", Resend::Safe, |mut api| {
-                    let req = req.clone();
-                    async move { api.list_nodes(req).await }
-                })
-                .await?;
-            nodes.extend(reply.nodes);
-            if reply.next_page_token.is_empty() {
-                return Ok(nodes);
-            }
-            token = reply.next_page_token;
-        }
+        self.every_page(
+            "ListNodes",
+            |mut api, req| async move { api.list_nodes(req).await },
+            |r: pb::ListNodesReply| (r.nodes, r.next_page_token),
+        )
+        .await
     }
 
     /// Sets a node's state. Safe to resend: it sets an absolute state, so applying it twice is
@@ -235,7 +224,26 @@ impl Client {
 
     /// Every lease, page after page.
     pub async fn list_leases(&mut self) -> Result<Vec<pb::LeaseInfo>, ClientError> {
-        let mut leases = Vec::new();
+        self.every_page(
+            "ListLeases",
+            |mut api, req| async move { api.list_leases(req).await },
+            |r: pb::ListLeasesReply| (r.leases, r.next_page_token),
+        )
+        .await
+    }
+
+    /// A paged listing read to its end: `send` asks for one page, `split` takes a reply apart
+    /// into its items and the token of the next page (empty at the end).
+    async fn every_page<R, T, Fut>(
+        &mut self,
+        method: &'static str,
+        send: impl Fn(ClientApiClient<Channel>, pb::PageRequest) -> Fut,
+        split: impl Fn(R) -> (Vec<T>, String),
+    ) -> Result<Vec<T>, ClientError>
+    where
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let mut out = Vec::new();
         let mut token = String::new();
         loop {
             let req = pb::PageRequest {
@@ -243,16 +251,14 @@ impl Client {
                 page_token: token.clone(),
             };
             let reply = self
-                .call("ListLeases", Resend::Safe, |mut api| {
-                    let req = req.clone();
-                    async move { api.list_leases(req).await }
-                })
+                .call(method, Resend::Safe, |api| send(api, req.clone()))
                 .await?;
-            leases.extend(reply.leases);
-            if reply.next_page_token.is_empty() {
-                return Ok(leases);
+            let (items, next) = split(reply);
+            out.extend(items);
+            if next.is_empty() {
+                return Ok(out);
             }
-            token = reply.next_page_token;
+            token = next;
         }
     }
 
