@@ -10,112 +10,20 @@
 
 mod common;
 
+use common::trainer::*;
 use common::worker::WorkerProcess as Worker;
 use common::*;
-use gangway_proto::pb;
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-const TRAINER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/trainer.py");
-
-fn trainer_spec(name: &str, tasks: u32, devices: u32) -> String {
+/// A checkpointing trainer gang that may restart twice after application failures.
+fn restartable_trainer(name: &str, tasks: u32, devices: u32) -> String {
     format!(
-        r#"name = "{name}"
-tasks = {tasks}
-command = ["python3", "{TRAINER}", "--step-ms", "50"]
-[resources]
-devices = {devices}
-[checkpoint]
-signal = "SIGUSR1"
-timeout = "10s"
-[restart]
-max_restarts = 2
-backoff = "1s"
-"#
+        "{}[restart]\nmax_restarts = 2\nbackoff = \"1s\"\n",
+        trainer_spec(name, tasks, devices)
     )
-}
-
-/// The steps a trainer printed, in order.
-fn steps(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter_map(|l| l.split("] step ").nth(1))
-        .filter_map(|s| s.trim().parse().ok())
-        .collect()
-}
-
-/// `resumed_step=N` of each start line a trainer printed.
-fn resumed(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter_map(|l| l.split("resumed_step=").nth(1))
-        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
-        .collect()
-}
-
-fn cli(addrs: &[String], args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .arg("--addr")
-        .arg(addrs.join(","))
-        .output()
-        .expect("run gangway")
-}
-
-/// `gangway nodes -o json`, as JSON.
-fn nodes_json(addrs: &[String]) -> Option<Value> {
-    let out = cli(addrs, &["nodes", "-o", "json"]);
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-/// The node named `name` in `gangway nodes -o json`.
-fn node_json(addrs: &[String], name: &str) -> Option<Value> {
-    nodes_json(addrs)?["nodes"]
-        .as_array()?
-        .iter()
-        .find(|n| n["name"] == name)
-        .cloned()
-}
-
-async fn job(addrs: &[String], id: &str) -> Option<pb::JobDetail> {
-    for a in addrs {
-        if let Some(mut c) = client(a).await {
-            if let Ok(r) = c
-                .get_job(pb::GetJobRequest {
-                    job_id: id.to_owned(),
-                })
-                .await
-            {
-                return Some(r.into_inner());
-            }
-        }
-    }
-    None
-}
-
-/// Polls until `check` gives a value, or panics with `what` and the logs.
-async fn poll<T, F, Fut>(
-    timeout: Duration,
-    what: &str,
-    logs: impl Fn() -> String,
-    mut check: F,
-) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let until = Instant::now() + timeout;
-    while Instant::now() < until {
-        if let Some(v) = check().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out after {timeout:?} waiting for {what}\n{}", logs());
 }
 
 /// The job running under an epoch above `newer_than`: (epoch, (host, devices) per rank).
@@ -125,37 +33,13 @@ async fn wait_running(
     newer_than: u64,
     logs: impl Fn() -> String,
 ) -> (u64, Vec<(String, Vec<u32>)>) {
-    poll(
-        Duration::from_secs(30),
-        &format!("job {id} running above epoch {newer_than}"),
-        logs,
-        || {
-            let addrs = addrs.to_vec();
-            let id = id.to_owned();
-            async move {
-                let d = job(&addrs, &id).await?;
-                let s = d.summary.as_ref()?;
-                let running = s.state() == pb::JobState::Running && s.lease_epoch > newer_than;
-                let ranks = d
-                    .tasks
-                    .iter()
-                    .map(|t| (t.host.clone(), t.devices.clone()))
-                    .collect();
-                running.then_some((s.lease_epoch, ranks))
-            }
-        },
-    )
-    .await
-}
-
-fn all_logs(cluster: &TestCluster, workers: &[Worker]) -> String {
-    let mut out = cluster.logs();
-    for w in workers {
-        out.push_str(&format!("--- worker {} (last 30 lines) ---\n", w.name));
-        out.push_str(&w.log_tail(30));
-        out.push('\n');
-    }
-    out
+    let (epoch, d) = running_above(addrs, id, newer_than, logs).await;
+    let ranks = d
+        .tasks
+        .iter()
+        .map(|t| (t.host.clone(), t.devices.clone()))
+        .collect();
+    (epoch, ranks)
 }
 
 /// The sum over every replica of one Prometheus sample (`name{labels}` exactly as exported).
@@ -216,7 +100,7 @@ async fn a_failed_gpu_is_fenced_and_its_gang_repaired_from_its_checkpoint() {
         .map(|n| faulty_worker(&cluster, n))
         .unzip();
     let logs = || all_logs(&cluster, &workers);
-    let id = submit(&addrs[0], &trainer_spec("repair", 2, 8), "repair")
+    let id = submit(&addrs[0], &restartable_trainer("repair", 2, 8), "repair")
         .await
         .expect("submit")
         .job_id;

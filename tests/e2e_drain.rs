@@ -11,104 +11,10 @@
 
 mod common;
 
+use common::trainer::*;
 use common::worker::WorkerProcess as Worker;
 use common::*;
-use gangway_proto::pb;
-use serde_json::Value;
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-const TRAINER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/trainer.py");
-
-fn trainer_spec(name: &str) -> String {
-    format!(
-        r#"name = "{name}"
-tasks = 1
-command = ["python3", "{TRAINER}", "--step-ms", "50"]
-[resources]
-devices = 8
-[checkpoint]
-signal = "SIGUSR1"
-timeout = "10s"
-"#
-    )
-}
-
-/// The steps a trainer printed, in order.
-fn steps(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter_map(|l| l.split("] step ").nth(1))
-        .filter_map(|s| s.trim().parse().ok())
-        .collect()
-}
-
-/// `resumed_step=N` of each start line a trainer printed.
-fn resumed(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter_map(|l| l.split("resumed_step=").nth(1))
-        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
-        .collect()
-}
-
-fn cli(addrs: &[String], args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .arg("--addr")
-        .arg(addrs.join(","))
-        .output()
-        .expect("run gangway")
-}
-
-/// The node named `name` in `gangway nodes -o json`.
-fn node_json(addrs: &[String], name: &str) -> Option<Value> {
-    let out = cli(addrs, &["nodes", "-o", "json"]);
-    if !out.status.success() {
-        return None;
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["nodes"]
-        .as_array()?
-        .iter()
-        .find(|n| n["name"] == name)
-        .cloned()
-}
-
-async fn job(addrs: &[String], id: &str) -> Option<pb::JobDetail> {
-    for a in addrs {
-        if let Some(mut c) = client(a).await {
-            if let Ok(r) = c
-                .get_job(pb::GetJobRequest {
-                    job_id: id.to_owned(),
-                })
-                .await
-            {
-                return Some(r.into_inner());
-            }
-        }
-    }
-    None
-}
-
-/// Polls until `check` gives a value, or panics with `what` and the logs.
-async fn poll<T, F, Fut>(
-    timeout: Duration,
-    what: &str,
-    logs: impl Fn() -> String,
-    mut check: F,
-) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let until = Instant::now() + timeout;
-    while Instant::now() < until {
-        if let Some(v) = check().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out after {timeout:?} waiting for {what}\n{}", logs());
-}
 
 /// The job running under an epoch above `newer_than`: (epoch, host of rank 0).
 async fn wait_running(
@@ -117,33 +23,9 @@ async fn wait_running(
     newer_than: u64,
     logs: impl Fn() -> String,
 ) -> (u64, String) {
-    poll(
-        Duration::from_secs(30),
-        &format!("job {id} running above epoch {newer_than}"),
-        logs,
-        || {
-            let addrs = addrs.to_vec();
-            let id = id.to_owned();
-            async move {
-                let d = job(&addrs, &id).await?;
-                let s = d.summary.as_ref()?;
-                let running = s.state() == pb::JobState::Running && s.lease_epoch > newer_than;
-                let host = d.tasks.first()?.host.clone();
-                running.then_some((s.lease_epoch, host))
-            }
-        },
-    )
-    .await
-}
-
-fn all_logs(cluster: &TestCluster, workers: &[Worker]) -> String {
-    let mut out = cluster.logs();
-    for w in workers {
-        out.push_str(&format!("--- worker {} (last 30 lines) ---\n", w.name));
-        out.push_str(&w.log_tail(30));
-        out.push('\n');
-    }
-    out
+    let (epoch, d) = running_above(addrs, id, newer_than, logs).await;
+    let host = d.tasks.first().expect("rank 0").host.clone();
+    (epoch, host)
 }
 
 /// Three replicas and two 8-GPU hosts, both registered.
@@ -188,7 +70,7 @@ async fn a_drained_host_moves_its_trainer_from_its_checkpoint_and_ends_empty() {
     let (cluster, workers) = cluster_with_two_hosts().await;
     let addrs = cluster.addrs();
     let logs = || all_logs(&cluster, &workers);
-    let id = submit(&addrs[0], &trainer_spec("drain-me"), "drain-me")
+    let id = submit(&addrs[0], &trainer_spec("drain-me", 1, 8), "drain-me")
         .await
         .expect("submit")
         .job_id;

@@ -5,82 +5,14 @@
 
 mod common;
 
+use common::trainer::*;
 use common::*;
 use gangway_proto::pb;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const TRAINER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/trainer.py");
-
 use common::worker::WorkerProcess as Worker;
-
-/// The steps a trainer printed, in order.
-fn steps(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter_map(|l| l.split("] step ").nth(1))
-        .filter_map(|s| s.trim().parse().ok())
-        .collect()
-}
-
-/// `resumed_step=N` of each start line.
-fn resumed(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter_map(|l| l.split("resumed_step=").nth(1))
-        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
-        .collect()
-}
-
-fn trainer_spec(name: &str, tasks: u32, devices: u32) -> String {
-    format!(
-        r#"name = "{name}"
-tasks = {tasks}
-command = ["python3", "{TRAINER}", "--step-ms", "50"]
-[resources]
-devices = {devices}
-[checkpoint]
-signal = "SIGUSR1"
-timeout = "10s"
-"#
-    )
-}
-
-async fn job(addr: &[String], id: &str) -> Option<pb::JobDetail> {
-    for a in addr {
-        if let Some(mut c) = client(a).await {
-            if let Ok(r) = c
-                .get_job(pb::GetJobRequest {
-                    job_id: id.to_owned(),
-                })
-                .await
-            {
-                return Some(r.into_inner());
-            }
-        }
-    }
-    None
-}
-
-/// Polls until `check` gives a value, or panics with `what` and the logs.
-async fn poll<T, F, Fut>(
-    timeout: Duration,
-    what: &str,
-    logs: impl Fn() -> String,
-    mut check: F,
-) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let until = Instant::now() + timeout;
-    while Instant::now() < until {
-        if let Some(v) = check().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out after {timeout:?} waiting for {what}\n{}", logs());
-}
 
 /// Polls a condition on local files until it holds.
 async fn wait_until(
@@ -118,29 +50,6 @@ fn state_of(d: &pb::JobDetail) -> (&str, u64, Vec<String>) {
     )
 }
 
-fn cli(addrs: &[String], args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .arg("--addr")
-        .arg(addrs.join(","))
-        .output()
-        .expect("run gangway")
-}
-
-fn all_logs(cluster: &TestCluster, workers: &[Worker]) -> String {
-    let mut out = cluster.logs();
-    for w in workers {
-        let text = w.agent_log();
-        let tail: Vec<&str> = text.lines().rev().take(30).collect();
-        out.push_str(&format!("--- worker {} (last 30 lines) ---\n", w.name));
-        for l in tail.into_iter().rev() {
-            out.push_str(l);
-            out.push('\n');
-        }
-    }
-    out
-}
-
 fn four_workers(cluster: &TestCluster) -> Vec<Worker> {
     [("w1", "r1"), ("w2", "r1"), ("w3", "r2"), ("w4", "r2")]
         .into_iter()
@@ -175,21 +84,8 @@ async fn wait_running(
     newer_than: u64,
     logs: impl Fn() -> String,
 ) -> (u64, Vec<String>) {
-    poll(
-        Duration::from_secs(30),
-        &format!("job {id} running"),
-        logs,
-        || {
-            let addrs = addrs.to_vec();
-            let id = id.to_owned();
-            async move {
-                let d = job(&addrs, &id).await?;
-                let (state, epoch, hosts) = state_of(&d);
-                (state == "running" && epoch > newer_than).then_some((epoch, hosts))
-            }
-        },
-    )
-    .await
+    let (epoch, d) = running_above(addrs, id, newer_than, logs).await;
+    (epoch, state_of(&d).2)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod trainer;
 pub mod worker;
 
 use gangway_proto::pb;

@@ -260,22 +260,18 @@ impl<'a> Overlay<'a> {
         }
         let nm = models.names.len();
         let mut devices_by_model = vec![0u64; nm];
-        for i in &info {
+        let mut fenced_by_model = vec![0u64; nm];
+        for (i, hs) in info.iter().zip(view.hosts()) {
             for &m in &i.dev_model {
                 if usize::from(m) < nm {
                     devices_by_model[usize::from(m)] += 1;
                 }
             }
-        }
-        let mut fenced_by_model = vec![0u64; nm];
-        for (h, hs) in view.hosts().iter().enumerate() {
-            if !info[h].ready {
-                continue;
-            }
-            for &d in hs.fenced.keys() {
-                match info[h].dev_model.get(usize::from(d)) {
-                    Some(&m) if usize::from(m) < nm => fenced_by_model[usize::from(m)] += 1,
-                    _ => {}
+            // Fenced devices of ready hosts (most hosts have none).
+            let fenced = hs.fenced.keys().filter(|_| i.ready);
+            for m in fenced.filter_map(|&d| i.dev_model.get(usize::from(d))) {
+                if usize::from(*m) < nm {
+                    fenced_by_model[usize::from(*m)] += 1;
                 }
             }
         }

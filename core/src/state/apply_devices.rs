@@ -9,12 +9,11 @@ use super::command::{
     DeviceFenceChange, DeviceHealthReport, DeviceInventory, Event, HealthCheckReport, Rejection,
     Response,
 };
-use super::job_record::MigrationReason;
+use super::job_record::{JobRecord, MigrationReason};
 use super::node_record::DeviceRecord;
 use super::node_record::{DeviceHealth, Fence, FenceSource, CHECK_PASSES_TO_UNFENCE};
 use super::store::ClusterStore;
 use crate::engine::NodeState;
-use crate::engine::{DeviceModel, DeviceSpec};
 use gangway_proto::ids::{HostName, JobId};
 
 impl ClusterStore {
@@ -39,6 +38,14 @@ impl ClusterStore {
             })
     }
 
+    /// The health record of device `index` of `node`, both already checked to exist.
+    fn device_record(&mut self, node: &HostName, index: u16) -> &mut DeviceRecord {
+        self.nodes
+            .get_mut(node)
+            .expect("a node checked by the caller")
+            .device_mut(index)
+    }
+
     pub(super) fn apply_device_health(
         &mut self,
         now: u64,
@@ -55,11 +62,7 @@ impl ClusterStore {
             Ok(i) => i,
             Err(refusal) => return Response::Rejected(refusal),
         };
-        let record = self
-            .nodes
-            .get_mut(&node)
-            .expect("checked")
-            .device_mut(index);
+        let record = self.device_record(&node, index);
         if record.health == health && record.cause == cause {
             return Response::Done;
         }
@@ -115,7 +118,7 @@ impl ClusterStore {
         detail: &str,
         events: &mut Vec<Event>,
     ) {
-        let record = self.nodes.get_mut(node).expect("checked").device_mut(index);
+        let record = self.device_record(node, index);
         record.check_passes = 0;
         if record.fence.is_some() {
             return;
@@ -130,7 +133,7 @@ impl ClusterStore {
     /// A health check passed device `index`: a device fenced for its health returns to service
     /// after [`CHECK_PASSES_TO_UNFENCE`] passes in a row, unless it flaps.
     fn check_passed(&mut self, now: u64, node: &HostName, index: u16, events: &mut Vec<Event>) {
-        let record = self.nodes.get_mut(node).expect("checked").device_mut(index);
+        let record = self.device_record(node, index);
         if !record.checks_may_unfence() {
             return;
         }
@@ -161,11 +164,7 @@ impl ClusterStore {
             let why = format!("fenced by an operator: {reason}");
             self.fence(now, &node, index, FenceSource::Operator, why, events);
         } else {
-            let record = self
-                .nodes
-                .get_mut(&node)
-                .expect("checked")
-                .device_mut(index);
+            let record = self.device_record(&node, index);
             if record.fence.is_none() {
                 return Response::Done;
             }
@@ -195,11 +194,7 @@ impl ClusterStore {
         reason: String,
         events: &mut Vec<Event>,
     ) {
-        let record = self
-            .nodes
-            .get_mut(node)
-            .expect("known node")
-            .device_mut(index);
+        let record = self.device_record(node, index);
         record.check_passes = 0;
         let fence = Fence {
             source,
@@ -238,11 +233,7 @@ impl ClusterStore {
         why: String,
         events: &mut Vec<Event>,
     ) {
-        let record = self
-            .nodes
-            .get_mut(node)
-            .expect("known node")
-            .device_mut(index);
+        let record = self.device_record(node, index);
         record.fence = None;
         record.check_passes = 0;
         record.health = DeviceHealth::Healthy;
@@ -264,16 +255,18 @@ impl ClusterStore {
         reason: &str,
         events: &mut Vec<Event>,
     ) {
-        let holders: Vec<JobId> = self
-            .engine
-            .running()
-            .iter()
-            .filter(|(_, g)| {
-                g.placement.tasks.iter().any(|t| {
-                    &t.host == node && t.devices.iter().any(|d| devices.contains(&d.index))
-                })
+        let holds = |j: &JobRecord| {
+            j.lease.as_ref().is_some_and(|l| {
+                let on_node = l.placement.tasks.iter().filter(|t| &t.host == node);
+                on_node
+                    .flat_map(|t| &t.devices)
+                    .any(|d| devices.contains(&d.index))
             })
-            .map(|(id, _)| id.clone())
+        };
+        let holders: Vec<JobId> = self
+            .jobs_on(node)
+            .into_iter()
+            .filter(|id| self.jobs.get(id).is_some_and(holds))
             .collect();
         for job in holders {
             let why = format!("device {} of {node} {reason}", devices_text(devices));
@@ -360,11 +353,7 @@ impl ClusterStore {
             return Ok(());
         }
         for index in gone {
-            let record = self
-                .nodes
-                .get_mut(node)
-                .expect("known node")
-                .device_mut(index);
+            let record = self.device_record(node, index);
             if record.health != DeviceHealth::Failed {
                 record.health = DeviceHealth::Failed;
                 record.cause = "missing when its host registered again".to_owned();
@@ -386,29 +375,9 @@ impl ClusterStore {
         if joined.is_empty() {
             return Ok(());
         }
-        for (i, d) in joined.iter().enumerate() {
-            match self.engine.model(&d.model) {
-                Some(m) if m.kind != d.kind => {
-                    return Err(format!(
-                        "new device {i} reports model {} as {} but the cluster knows it as {}",
-                        d.model, d.kind, m.kind
-                    ))
-                }
-                Some(_) => {}
-                None => self.engine.add_model(DeviceModel {
-                    name: d.model.clone(),
-                    kind: d.kind,
-                    memory_mib: d.memory_mib,
-                }),
-            }
-        }
-        let specs = joined
-            .iter()
-            .map(|d| DeviceSpec {
-                model: d.model.clone(),
-                nvlink_domain: d.nvlink_domain,
-            })
-            .collect();
+        // Their kinds were checked with the whole registration (`apply_register_node`).
+        self.learn_models(&joined);
+        let specs = joined.iter().map(DeviceInventory::spec).collect();
         self.engine
             .add_devices(node, specs)
             .map_err(|e| e.to_string())?;

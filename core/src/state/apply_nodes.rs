@@ -1,12 +1,13 @@
 //! Apply functions for node and queue commands.
 
 use super::command::{
-    Event, NodeRegistration, NodeStateChange, Rejection, Response, DEFAULT_DRAIN_GRACE_MS,
+    DeviceInventory, Event, NodeRegistration, NodeStateChange, Rejection, Response,
+    DEFAULT_DRAIN_GRACE_MS,
 };
 use super::job_record::{JobState, MigrationReason};
 use super::node_record::NodeRecord;
 use super::store::ClusterStore;
-use crate::engine::{DeviceModel, DeviceSpec, HostFilter, HostSpec, NodeState, QueueConfig};
+use crate::engine::{DeviceModel, HostFilter, HostSpec, NodeState, QueueConfig};
 use gangway_proto::ids::{HostName, JobId};
 
 impl ClusterStore {
@@ -62,28 +63,13 @@ impl ClusterStore {
             events.push(Event::AllocationsChanged(name));
             return Response::Done;
         }
-        for d in &reg.devices {
-            if self.engine.model(&d.model).is_none() {
-                self.engine.add_model(DeviceModel {
-                    name: d.model.clone(),
-                    kind: d.kind,
-                    memory_mib: d.memory_mib,
-                });
-            }
-        }
+        self.learn_models(&reg.devices);
         let spec = HostSpec {
             name: name.clone(),
             topology: reg.topology.clone(),
             cpu_milli: reg.cpu_milli,
             memory_mib: reg.memory_mib,
-            devices: reg
-                .devices
-                .iter()
-                .map(|d| DeviceSpec {
-                    model: d.model.clone(),
-                    nvlink_domain: d.nvlink_domain,
-                })
-                .collect(),
+            devices: reg.devices.iter().map(DeviceInventory::spec).collect(),
             state: NodeState::Ready,
         };
         if let Err(e) = self.engine.add_host(spec) {
@@ -95,6 +81,20 @@ impl ClusterStore {
         events.push(Event::AllocationsChanged(name));
         events.push(Event::SchedulingNeeded);
         Response::Done
+    }
+
+    /// Adds the models of `devices` the cluster does not know yet (their kinds were checked
+    /// against the known models first).
+    pub(super) fn learn_models(&mut self, devices: &[DeviceInventory]) {
+        for d in devices {
+            if self.engine.model(&d.model).is_none() {
+                self.engine.add_model(DeviceModel {
+                    name: d.model.clone(),
+                    kind: d.kind,
+                    memory_mib: d.memory_mib,
+                });
+            }
+        }
     }
 
     pub(super) fn apply_set_node_state(
@@ -130,14 +130,11 @@ impl ClusterStore {
         Response::Done
     }
 
-    /// The jobs holding a lease with a task on `node`, by id.
-    pub(super) fn jobs_on(&self, node: &HostName) -> Vec<JobId> {
-        self.engine
-            .running()
-            .iter()
-            .filter(|(_, g)| g.placement.tasks.iter().any(|t| &t.host == node))
-            .map(|(id, _)| id.clone())
-            .collect()
+    /// The jobs holding a lease with a task on `node`, by id, from the job table's leases-by-node
+    /// index (re-filed first: an apply function may have changed jobs before asking).
+    pub(super) fn jobs_on(&mut self, node: &HostName) -> Vec<JobId> {
+        self.jobs.reindex();
+        self.jobs.on_node(node).map(|j| j.id.clone()).collect()
     }
 
     /// A drain begins: every checkpointable gang on `node` checkpoints and moves elsewhere (a
@@ -210,17 +207,7 @@ impl ClusterStore {
         record.state_reason = reason.clone();
         record.state_changed_at_ms = now;
         self.engine.set_node_state(&node, NodeState::Down);
-        let affected: Vec<JobId> = self
-            .jobs
-            .running()
-            .filter(|j| j.state == JobState::Running)
-            .filter(|j| {
-                j.lease
-                    .as_ref()
-                    .is_some_and(|l| l.placement.tasks.iter().any(|t| t.host == node))
-            })
-            .map(|j| j.id.clone())
-            .collect();
+        let affected = self.jobs_on(&node);
         for job in affected {
             // A lost host is the infrastructure's failure: the gang is repaired, not counted.
             if let Some(record) = self.jobs.get_mut(&job) {

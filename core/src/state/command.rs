@@ -19,6 +19,16 @@ pub struct DeviceInventory {
     pub nvlink_domain: u16,
 }
 
+impl DeviceInventory {
+    /// The device as the engine places on it.
+    pub fn spec(&self) -> crate::engine::DeviceSpec {
+        crate::engine::DeviceSpec {
+            model: self.model.clone(),
+            nvlink_domain: self.nvlink_domain,
+        }
+    }
+}
+
 /// What a worker tells the cluster about its host when it registers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRegistration {

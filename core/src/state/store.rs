@@ -335,14 +335,14 @@ impl ClusterStore {
             .iter()
             .filter(|(_, n)| n.state == NodeState::Draining)
             .filter(|(_, n)| n.drain_deadline_ms.is_some_and(|d| now_ms >= d))
-            .filter(|(name, _)| !self.jobs_on(name).is_empty())
+            .filter(|(name, _)| !self.node_is_empty(name))
             .map(|(name, _)| Command::DrainDeadline { node: name.clone() })
             .collect()
     }
 
     /// Whether a node holds no lease (a drain is complete once it does not).
     pub fn node_is_empty(&self, node: &HostName) -> bool {
-        self.jobs_on(node).is_empty()
+        self.jobs.on_node(node).next().is_none()
     }
 
     /// Everything a node's worker should run now.

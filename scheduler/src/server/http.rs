@@ -3,7 +3,7 @@
 
 use super::context::ReplicaContext;
 use crate::engine::{DeviceKind, NodeState, TopologyLevel, MILLI_PER_DEVICE};
-use crate::state::JobState;
+use crate::state::{DeviceHealth, FenceSource, JobState};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -131,15 +131,18 @@ pub async fn gauge_loop(ctx: ReplicaContext, period: Duration, mut stop: watch::
                 *running.entry(j.spec.queue.clone()).or_default() += 1;
             }
             let mut nodes: BTreeMap<String, u64> = BTreeMap::new();
-            // Devices by health, and fenced devices by who fenced them.
-            let mut health: BTreeMap<String, u64> = BTreeMap::new();
+            // Devices by health, and fenced devices by who fenced them (read in place: a
+            // device without a record, from an older snapshot, is healthy).
+            let mut health: BTreeMap<DeviceHealth, u64> = BTreeMap::new();
+            let mut fenced: BTreeMap<FenceSource, u64> = BTreeMap::new();
             for n in store.nodes().values() {
                 *nodes.entry(n.state.to_string()).or_default() += 1;
-                for i in 0..n.registration.devices.len() {
-                    let d = n.device(i as u16);
-                    *health.entry(d.health.to_string()).or_default() += 1;
+                let unrecorded = n.registration.devices.len().saturating_sub(n.devices.len());
+                *health.entry(DeviceHealth::Healthy).or_default() += unrecorded as u64;
+                for d in &n.devices {
+                    *health.entry(d.health).or_default() += 1;
                     if let Some(f) = &d.fence {
-                        *health.entry(format!("fenced_{}", f.source)).or_default() += 1;
+                        *fenced.entry(f.source).or_default() += 1;
                     }
                 }
             }
@@ -159,19 +162,24 @@ pub async fn gauge_loop(ctx: ReplicaContext, period: Duration, mut stop: watch::
                     e.1 += u64::from(MILLI_PER_DEVICE);
                 }
             }
-            (pending, running, (nodes, health), devices, defrag)
+            (pending, running, (nodes, health, fenced), devices, defrag)
         });
-        let (nodes, health) = nodes;
-        for h in ["healthy", "degraded", "failed"] {
-            let n = health.get(h).copied().unwrap_or(0);
-            metrics::gauge!("gangway_devices_by_health", "health" => h).set(n as f64);
+        let (nodes, health, fenced) = nodes;
+        for h in [
+            DeviceHealth::Healthy,
+            DeviceHealth::Degraded,
+            DeviceHealth::Failed,
+        ] {
+            let n = health.get(&h).copied().unwrap_or(0);
+            metrics::gauge!("gangway_devices_by_health", "health" => h.to_string()).set(n as f64);
         }
-        for source in ["health", "absent", "operator"] {
-            let n = health
-                .get(&format!("fenced_{source}"))
-                .copied()
-                .unwrap_or(0);
-            metrics::gauge!("gangway_fenced_devices", "source" => source).set(n as f64);
+        for source in [
+            FenceSource::Health,
+            FenceSource::Absent,
+            FenceSource::Operator,
+        ] {
+            let n = fenced.get(&source).copied().unwrap_or(0);
+            metrics::gauge!("gangway_fenced_devices", "source" => source.to_string()).set(n as f64);
         }
         let (migrating, reservations, fragmentation) = defrag;
         metrics::gauge!("gangway_migrations_in_flight").set(migrating as f64);
