@@ -29,6 +29,20 @@ use crate::types::Vote;
 use crate::write_path::propose_local;
 use crate::write_path::ForwardReply;
 
+/// Set by the embedding server on a request whose sender proved, by its TLS certificate, to be the
+/// replica with this id. When present, a message claiming another sender (in its metadata or in the
+/// vote it carries) is refused; without TLS nothing is set and messages are taken as they come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuthenticatedReplica(pub NodeId);
+
+/// The largest Raft message a replica decodes: one append may carry a restored backup, which is
+/// one log entry of up to 1 GiB (the client API's restore limit), plus room for its framing.
+/// Only authenticated replicas reach the decoder when TLS is on.
+pub const MAX_RAFT_MESSAGE_BYTES: usize = (1 << 30) + (16 << 20);
+
+/// The largest snapshot a replica accepts from its leader (it is held in memory to install).
+pub const MAX_SNAPSHOT_BYTES: usize = 8 << 30;
+
 /// The tonic implementation of `gangway.consensus.v1.RaftTransport` for one replica.
 pub struct RaftGrpcService<S: StateMachine> {
     raft: RaftOf<S>,
@@ -70,12 +84,40 @@ impl<S: StateMachine> RaftGrpcService<S> {
     /// Refuses a message that arrived on a link the injector cuts (UNAVAILABLE, as a lost message
     /// looks to its sender). Untagged requests (older senders) are let through.
     fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if let (Some(AuthenticatedReplica(proven)), Some(claimed)) =
+            (req.extensions().get::<AuthenticatedReplica>(), sender(req))
+        {
+            if *proven != claimed {
+                return Err(forged(*proven, claimed));
+            }
+        }
         match (&self.faults, sender(req)) {
             (Some(f), Some(from)) if f.is_blocked(from, self.id) => Err(Status::unavailable(
                 format!("injected drop {from}->{}", self.id),
             )),
             _ => Ok(()),
         }
+    }
+}
+
+fn forged(proven: NodeId, claimed: NodeId) -> Status {
+    Status::permission_denied(format!(
+        "permission_denied: replica {proven}'s certificate sent a message claiming to come from replica {claimed}"
+    ))
+}
+
+/// The replica a request's certificate proved, if any.
+fn proven<T>(req: &Request<T>) -> Option<NodeId> {
+    req.extensions().get::<AuthenticatedReplica>().map(|a| a.0)
+}
+
+/// Refuses a vote or append whose vote names another replica than the certificate's.
+fn check_vote(proven: Option<NodeId>, vote: &Vote) -> Result<(), Status> {
+    use openraft::vote::RaftLeaderId;
+    let claimed = *vote.leader_id().node_id();
+    match proven {
+        Some(p) if p != claimed => Err(forged(p, claimed)),
+        _ => Ok(()),
     }
 }
 
@@ -100,7 +142,10 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
         self.admit(&req)?;
-        let rpc = codec::decode(&req.into_inner().data).map_err(bad_request)?;
+        let who = proven(&req);
+        let rpc: openraft::raft::AppendEntriesRequest<crate::types::TypeConfig> =
+            codec::decode(&req.into_inner().data).map_err(bad_request)?;
+        check_vote(who, &rpc.vote)?;
         let resp = self.raft.append_entries(rpc).await.map_err(raft_err)?;
         if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
             *self
@@ -116,7 +161,10 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
         self.admit(&req)?;
-        let rpc = codec::decode(&req.into_inner().data).map_err(bad_request)?;
+        let who = proven(&req);
+        let rpc: openraft::raft::VoteRequest<crate::types::TypeConfig> =
+            codec::decode(&req.into_inner().data).map_err(bad_request)?;
+        check_vote(who, &rpc.vote)?;
         let resp = self.raft.vote(rpc).await.map_err(raft_err)?;
         reply(&resp)
     }
@@ -126,7 +174,10 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
         self.admit(&req)?;
-        let rpc = codec::decode(&req.into_inner().data).map_err(bad_request)?;
+        let who = proven(&req);
+        let rpc: openraft::raft::VoteRequest<crate::types::TypeConfig> =
+            codec::decode(&req.into_inner().data).map_err(bad_request)?;
+        check_vote(who, &rpc.vote)?;
         let resp = self.raft.pre_vote(rpc).await.map_err(raft_err)?;
         reply(&resp)
     }
@@ -136,7 +187,10 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
         self.admit(&req)?;
-        let rpc = codec::decode(&req.into_inner().data).map_err(bad_request)?;
+        let who = proven(&req);
+        let rpc: openraft::raft::TransferLeaderRequest<crate::types::TypeConfig> =
+            codec::decode(&req.into_inner().data).map_err(bad_request)?;
+        check_vote(who, rpc.from_leader())?;
         let resp = self
             .raft
             .handle_transfer_leader(rpc)
@@ -150,18 +204,27 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         req: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
         self.admit(&req)?;
+        let who = proven(&req);
         let mut stream = req.into_inner();
         let mut header: Option<(Vote, SnapshotMeta)> = None;
         let mut data = Vec::new();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
+            if data.len().saturating_add(chunk.data.len()) > MAX_SNAPSHOT_BYTES {
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot larger than {MAX_SNAPSHOT_BYTES} bytes refused"
+                )));
+            }
             if header.is_none() {
                 if chunk.header.is_empty() {
                     return Err(Status::invalid_argument(
                         "first snapshot chunk lacks a header",
                     ));
                 }
-                header = Some(codec::decode(&chunk.header).map_err(bad_request)?);
+                let (vote, meta): (Vote, SnapshotMeta) =
+                    codec::decode(&chunk.header).map_err(bad_request)?;
+                check_vote(who, &vote)?;
+                header = Some((vote, meta));
             }
             data.extend_from_slice(&chunk.data);
         }

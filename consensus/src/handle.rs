@@ -170,8 +170,8 @@ impl<S: StateMachine> ReplicaHandle<S> {
             self.inner.transport.faults(),
             self.inner.leader_contact.clone(),
         ))
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES)
     }
 
     /// Serve [`Self::grpc_service`] alone on `listener` until [`Self::shutdown`].

@@ -201,6 +201,7 @@ fn main() {
         for _ in 0..args.batch.min(args.jobs - submitted) {
             submitted += 1;
             let sub = Submission {
+                owner: String::new(),
                 idempotency_key: Some(format!("key-{submitted}")),
                 spec: spec.clone(),
             };

@@ -67,6 +67,7 @@ impl Cluster {
 
     fn submit(&mut self, spec: JobSpec) -> JobId {
         match self.apply(Command::SubmitJob(Submission {
+            owner: String::new(),
             idempotency_key: None,
             spec,
         })) {

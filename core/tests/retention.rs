@@ -54,6 +54,7 @@ impl Cluster {
 
     fn submit_keyed(&mut self, name: &str, key: Option<&str>) -> Response {
         self.apply(Command::SubmitJob(Submission {
+            owner: String::new(),
             idempotency_key: key.map(str::to_owned),
             spec: spec(name, "default"),
         }))
@@ -220,6 +221,7 @@ fn a_full_queue_refuses_submissions_with_resource_exhausted_and_nothing_changes(
     assert_eq!(c.store.jobs(), &before);
     // The key was not taken: the retry after room frees up creates the job.
     let other = c.apply(Command::SubmitJob(Submission {
+        owner: String::new(),
         idempotency_key: None,
         spec: spec("x", "research"),
     }));
@@ -289,6 +291,7 @@ fn keys_of_an_older_snapshot_without_times_expire_by_their_jobs_submission() {
     let again = old.apply(
         later + 1,
         Command::SubmitJob(Submission {
+            owner: String::new(),
             idempotency_key: Some("legacy".into()),
             spec: spec("old", "default"),
         }),
@@ -394,6 +397,7 @@ proptest! {
                 Step::Submit(keyed) => {
                     n += 1;
                     c.apply(Command::SubmitJob(Submission {
+                        owner: String::new(),
                         idempotency_key: keyed.then(|| format!("key-{}", n % 7)),
                         spec: spec(&format!("j{n}"), if n % 2 == 0 { "a" } else { "b" }),
                     }));

@@ -68,6 +68,7 @@ impl Cluster {
 
     fn submit(&mut self, spec: JobSpec) -> JobId {
         match self.apply(Command::SubmitJob(Submission {
+            owner: String::new(),
             idempotency_key: None,
             spec,
         })) {
@@ -319,6 +320,7 @@ fn submissions_with_the_same_idempotency_key_create_one_job() {
     let mut c = Cluster::new();
     let submit = |key: &str| {
         Command::SubmitJob(Submission {
+            owner: String::new(),
             idempotency_key: Some(key.to_owned()),
             spec: spec("train", 1, 1),
         })
@@ -505,6 +507,7 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
             devices,
             key,
         } => Command::SubmitJob(Submission {
+            owner: String::new(),
             idempotency_key: Some(format!("key-{key}-{tasks}-{devices}")),
             spec: spec("j", *tasks, *devices),
         }),
@@ -768,6 +771,7 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
             reason: "r".into(),
         },
         Command::SubmitJob(Submission {
+            owner: String::new(),
             idempotency_key: Some("k".into()),
             spec: spec("j", 2, 8),
         }),

@@ -25,3 +25,10 @@ pub mod states;
 /// Metadata keys, retry classification and leader following for every client (feature `grpc`).
 #[cfg(feature = "grpc")]
 pub mod link;
+
+/// The allocation set's size bound and digest, shared by replicas and agents (feature `grpc`).
+#[cfg(feature = "grpc")]
+pub mod allocation;
+
+#[cfg(feature = "grpc")]
+pub mod sha256;

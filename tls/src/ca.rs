@@ -158,7 +158,11 @@ pub fn issue(
     })?;
     let stem = cert_stem(id);
     let cert_path = out_dir.join(format!("{stem}.pem"));
-    write_file(&out_dir.join(format!("{stem}-key.pem")), &key.serialize_pem(), 0o600)?;
+    write_file(
+        &out_dir.join(format!("{stem}-key.pem")),
+        &key.serialize_pem(),
+        0o600,
+    )?;
     write_file(&cert_path, &cert.pem(), 0o644)?;
     Ok(cert_path)
 }

@@ -196,7 +196,10 @@ impl tower_service::Service<Uri> for TlsConnect {
             let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}"));
             let host = uri.host().ok_or_else(bad)?.to_owned();
             let port = uri.port_u16().unwrap_or(443);
-            let bare = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+            let bare = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
             let tcp = TcpStream::connect((bare.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
             // The name only feeds SNI: the verifier checks the certificate's identity instead.

@@ -65,7 +65,10 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_err(path, format!("not a PEM certificate file: {e}")))?;
     if certs.is_empty() {
-        return Err(file_err(path, "expected a PEM CERTIFICATE block, found none"));
+        return Err(file_err(
+            path,
+            "expected a PEM CERTIFICATE block, found none",
+        ));
     }
     Ok(certs)
 }

@@ -46,7 +46,10 @@ async fn peers_prove_their_identity_and_rotated_files_are_picked_up() {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path();
     ca::init(ca_dir, 30).unwrap();
-    assert!(ca::init(ca_dir, 30).is_err(), "an existing CA is never overwritten");
+    assert!(
+        ca::init(ca_dir, 30).is_err(),
+        "an existing CA is never overwritten"
+    );
 
     let server_files = issue(ca_dir, "server/1");
     let (addr, mut seen) = serve(ServerTls::new(server_files.clone()).unwrap()).await;
@@ -54,7 +57,10 @@ async fn peers_prove_their_identity_and_rotated_files_are_picked_up() {
     // A client with its certificate, expecting any replica: accepted, and named on the server.
     let alice = ClientTls::new(issue(ca_dir, "client/alice"), Expect::Kind(Kind::Server)).unwrap();
     dial(&alice, &addr).await.unwrap();
-    assert_eq!(seen.recv().await.unwrap(), Some("client/alice".parse().unwrap()));
+    assert_eq!(
+        seen.recv().await.unwrap(),
+        Some("client/alice".parse().unwrap())
+    );
 
     // A token user without a certificate still gets a TLS connection; it is anonymous.
     let anon = TlsFiles {
@@ -62,9 +68,12 @@ async fn peers_prove_their_identity_and_rotated_files_are_picked_up() {
         key: None,
         ..server_files.clone()
     };
-    dial(&ClientTls::new(anon, Expect::Kind(Kind::Server)).unwrap(), &addr)
-        .await
-        .unwrap();
+    dial(
+        &ClientTls::new(anon, Expect::Kind(Kind::Server)).unwrap(),
+        &addr,
+    )
+    .await
+    .unwrap();
     assert_eq!(seen.recv().await.unwrap(), None);
 
     // Expecting a particular host but reaching a replica: the client refuses.
@@ -111,7 +120,10 @@ fn issued_certificates_carry_their_identity_and_keys_are_private() {
         let files = issue(dir.path(), id);
         let cert = crate::load_certs(files.cert.as_ref().unwrap()).unwrap();
         assert_eq!(Identity::from_cert_der(&cert[0]).unwrap().to_string(), id);
-        let mode = std::fs::metadata(files.key.unwrap()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(files.key.unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{id}");
     }
     let mode = std::fs::metadata(ca::ca_key_path(dir.path()))

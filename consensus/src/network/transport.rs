@@ -117,8 +117,8 @@ impl Transport {
             }
         };
         Ok(RaftTransportClient::new(ch)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX))
+            .max_decoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES))
     }
 
     async fn gate(&self, from: NodeId, to: NodeId) -> bool {

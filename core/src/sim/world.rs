@@ -253,6 +253,7 @@ impl<'a> World<'a> {
 
     pub fn submit(&mut self, now: u64, i: usize) -> Result<(), SimError> {
         let command = Command::SubmitJob(Submission {
+            owner: String::new(),
             idempotency_key: None,
             spec: self.spec(i),
         });

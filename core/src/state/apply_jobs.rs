@@ -21,6 +21,7 @@ impl ClusterStore {
         let Submission {
             idempotency_key,
             spec,
+            owner,
         } = submission;
         if let Some(existing) = idempotency_key
             .as_ref()
@@ -46,7 +47,9 @@ impl ClusterStore {
         if let Some(key) = idempotency_key {
             self.remember_key(key, id.clone(), now);
         }
-        self.jobs.insert(JobRecord::new(id.clone(), spec, now));
+        let mut job = JobRecord::new(id.clone(), spec, now);
+        job.owner = owner;
+        self.jobs.insert(job);
         events.push(Event::JobChanged(id.clone()));
         events.push(Event::SchedulingNeeded);
         Response::Submitted {

@@ -107,6 +107,9 @@ pub const DEFAULT_DRAIN_GRACE_MS: u64 = 10 * 60 * 1000;
 pub struct Submission {
     pub idempotency_key: Option<String>,
     pub spec: JobSpec,
+    /// Who submitted it (`client/alice`, `token/ci`): submitters manage only their own jobs.
+    #[serde(default)]
+    pub owner: String,
 }
 
 /// A worker's report about one task under one lease epoch.
@@ -283,6 +286,8 @@ pub enum Command {
         state: Box<super::ClusterStore>,
         backup_revision: u64,
     },
+    /// An admin changes who may do what.
+    SetAccess(super::access::AccessChange),
 }
 
 impl Command {
@@ -311,6 +316,7 @@ impl Command {
             Command::DrainDeadline { .. } => "drain_deadline",
             Command::RemoveNode { .. } => "remove_node",
             Command::Restore { .. } => "restore",
+            Command::SetAccess(_) => "set_access",
         }
     }
 }
@@ -347,6 +353,8 @@ pub enum Rejection {
     },
     #[error("invalid limits: {0}")]
     InvalidLimits(String),
+    #[error("invalid access rule: {0}")]
+    InvalidAccess(String),
     #[error("invalid job: {0}")]
     InvalidJob(String),
     #[error("a backup is restored into an empty cluster only; this one has {nodes} nodes and {jobs} jobs")]
@@ -366,6 +374,7 @@ impl Rejection {
             Rejection::UnknownDevice { .. } => "unknown_device",
             Rejection::QueueFull { .. } => "resource_exhausted",
             Rejection::InvalidLimits(_) => "invalid_limits",
+            Rejection::InvalidAccess(_) => "invalid_access",
             Rejection::InvalidJob(_) => "invalid_job",
             Rejection::NotEmpty { .. } => "not_empty",
         }

@@ -250,6 +250,9 @@ pub const JOB_HISTORY_LIMIT: usize = 64;
 pub struct JobRecord {
     pub id: JobId,
     pub spec: JobSpec,
+    /// Who submitted it (`client/alice`, `token/ci`; empty before identities existed).
+    #[serde(default)]
+    pub owner: String,
     pub submitted_at_ms: u64,
     pub state: JobState,
     /// Why it waits, from the last scheduling round (`Display` gives the words for people).
@@ -357,6 +360,7 @@ impl JobRecord {
         let mut job = Self {
             id,
             spec,
+            owner: String::new(),
             submitted_at_ms: now_ms,
             state: JobState::Pending,
             pending_reason: Some(PendingReason::Unscheduled),

@@ -4,6 +4,7 @@
 //! The consensus layer calls [`ClusterStore::apply`] with the leader-stamped time of each entry; the
 //! engine reads [`ClusterStore::engine`] as its snapshot; workers read [`ClusterStore::allocations_for`].
 
+pub mod access;
 mod apply_devices;
 mod apply_jobs;
 mod apply_nodes;

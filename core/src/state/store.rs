@@ -73,6 +73,9 @@ pub struct ClusterStore {
     /// Retention of finished jobs and keys, and the pending cap per queue.
     #[serde(default)]
     pub(super) limits: super::retention::Limits,
+    /// Who may do what (certificate names and token digests bound to roles).
+    #[serde(default)]
+    pub(super) access: super::access::AccessRules,
 }
 
 /// Added to twice a job's checkpoint timeout before the leader gives up on a migration's
@@ -139,7 +142,16 @@ impl ClusterStore {
                 state,
                 backup_revision,
             } => self.apply_restore(now, *state, backup_revision, events),
+            Command::SetAccess(change) => match self.access.change(change) {
+                Ok(()) => Response::Done,
+                Err(e) => Response::Rejected(super::Rejection::InvalidAccess(e)),
+            },
         }
+    }
+
+    /// Who may do what.
+    pub fn access(&self) -> &super::access::AccessRules {
+        &self.access
     }
 
     /// What was done to give capacity back, oldest first (see `capacity_actions`).

@@ -153,6 +153,7 @@ mod tests {
         store.apply(
             1,
             Command::SubmitJob(Submission {
+                owner: String::new(),
                 idempotency_key: None,
                 spec,
             }),

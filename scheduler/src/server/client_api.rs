@@ -5,10 +5,12 @@
 //! by the leader only (a follower's state may be stale); a follower answers `not_leader` with the
 //! leader's address, which clients follow.
 
+use super::auth::Caller;
 use super::context::ReplicaContext;
 use super::convert;
 use super::error::{required, ApiError};
 use crate::engine::{HostFilter, IdlePolicy, NodeState, QueueConfig};
+use crate::state::access::Permission;
 use crate::state::{
     Command, DeviceFenceChange, JobState, NodeStateChange, Rejection, Response, Submission,
 };
@@ -71,6 +73,25 @@ impl ClientService {
 }
 
 type Reply<T> = Result<TonicResponse<T>, Status>;
+
+impl ClientService {
+    /// Whether `caller` may change `job`: its owner never changes after submission, so this
+    /// replica's own state answers. A job this replica does not (yet) know is refused as unknown
+    /// to callers who may not manage every job.
+    fn check_job_owner(&self, caller: &Caller, job: &JobId) -> Result<(), ApiError> {
+        if caller.grant.has(Permission::ManageAnyJob) {
+            return Ok(());
+        }
+        let owner = self
+            .ctx
+            .raft
+            .read_local(|fsm| fsm.store().job(job).map(|j| j.owner.clone()));
+        match owner {
+            Some(owner) => caller.require_job(&owner),
+            None => Err(ApiError::from(Rejection::UnknownJob(job.clone()))),
+        }
+    }
+}
 
 fn ok<T>(v: T) -> Reply<T> {
     Ok(TonicResponse::new(v))
@@ -172,9 +193,11 @@ fn operator_reason(field: &str, reason: String) -> Result<String, ApiError> {
 impl ClientApi for ClientService {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Reply<pb::SubmitJobReply> {
         self.admit_submit(req.remote_addr())?;
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let spec = JobSpec::from_toml_str(&req.spec_toml)
             .map_err(|e| ApiError::InvalidSpec(e.to_string()))?;
+        caller.require_submit(&spec.queue)?;
         let key = req.idempotency_key.trim();
         if key.len() > MAX_IDEMPOTENCY_KEY {
             return Err(ApiError::invalid(
@@ -189,6 +212,7 @@ impl ClientApi for ClientService {
         let command = Command::SubmitJob(Submission {
             idempotency_key: (!key.is_empty()).then(|| key.to_owned()),
             spec,
+            owner: caller.owner(),
         });
         match self.ctx.write(command).await? {
             Response::Submitted { job, existing } => ok(pb::SubmitJobReply {
@@ -200,8 +224,10 @@ impl ClientApi for ClientService {
     }
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Reply<pb::Empty> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let job = JobId::new(required("job_id", &req.job_id)?);
+        self.check_job_owner(&caller, &job)?;
         let reason = if req.reason.trim().is_empty() {
             "cancelled by user".to_owned()
         } else {
@@ -460,6 +486,7 @@ impl ClientApi for ClientService {
 
     async fn checkpoint_job(&self, req: Request<pb::CheckpointJobRequest>) -> Reply<pb::Empty> {
         let job = JobId::new(required("job_id", &req.get_ref().job_id)?);
+        self.check_job_owner(&Caller::of(&req), &job)?;
         self.ctx
             .write(Command::RequestCheckpoint {
                 job,
@@ -692,6 +719,23 @@ impl ClientApi for ClientService {
     async fn drill(&self, req: Request<pb::DrillRequest>) -> Reply<pb::DrillReply> {
         // Served here, never forwarded: a drill is aimed at one replica.
         ok(super::drill::run(&self.ctx, req.get_ref())?)
+    }
+
+    async fn who_am_i(&self, req: Request<pb::Empty>) -> Reply<pb::WhoAmIReply> {
+        ok(super::access_api::who_am_i(&Caller::of(&req)))
+    }
+
+    async fn list_access(&self, _req: Request<pb::Empty>) -> Reply<pb::AccessRules> {
+        ok(super::access_api::list(&self.ctx).await?)
+    }
+
+    async fn set_access(&self, req: Request<pb::SetAccessRequest>) -> Reply<pb::Empty> {
+        super::access_api::set(&self.ctx, req.into_inner()).await?;
+        ok(pb::Empty {})
+    }
+
+    async fn list_audit(&self, _req: Request<pb::ListAuditRequest>) -> Reply<pb::ListAuditReply> {
+        Err(Status::unimplemented("the audit trail is being built"))
     }
 }
 

@@ -332,7 +332,7 @@ pub fn queues(store: &ClusterStore) -> Vec<pb::QueueInfo> {
         .collect()
 }
 
-pub fn allocation(a: &Allocation) -> pb::Allocation {
+pub fn allocation(a: &Allocation, queue: String) -> pb::Allocation {
     pb::Allocation {
         job_id: a.job.to_string(),
         task: a.task,
@@ -361,6 +361,7 @@ pub fn allocation(a: &Allocation) -> pb::Allocation {
         restore_from: a.restore_from.clone().unwrap_or_default(),
         checkpoint_request: a.checkpoint_request,
         checkpoint_request_at_grant: a.checkpoint_request_at_grant,
+        queue,
     }
 }
 
@@ -483,9 +484,14 @@ pub fn allocation_set(
     revision: u64,
     node: &gangway_proto::ids::HostName,
 ) -> pb::AllocationSet {
+    let queue_of = |a: &Allocation| store.job(&a.job).map(|j| j.spec.queue.clone());
     pb::AllocationSet {
         revision,
-        allocations: store.allocations_for(node).iter().map(allocation).collect(),
+        allocations: store
+            .allocations_for(node)
+            .iter()
+            .map(|a| allocation(a, queue_of(a).unwrap_or_default()))
+            .collect(),
         device_epochs: store
             .device_epochs(node)
             .map(<[u64]>::to_vec)

@@ -41,6 +41,16 @@ pub enum ApiError {
     /// A bound on what one caller may hold is reached (watch streams of a node): retry later.
     #[error("{0}")]
     Exhausted(String),
+    /// The caller is known but may not do this: which permission it lacks and what it has.
+    #[error("permission_denied: {caller} lacks {permission} (it has {has})")]
+    PermissionDenied {
+        caller: String,
+        permission: String,
+        has: String,
+    },
+    /// The caller presented no identity (no client certificate, no known bearer token).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
     /// A client submits faster than its rate (`[clients]` of the server configuration).
     #[error("client {client} submits faster than its rate limit; retry in {} ms", retry_after.as_millis())]
     RateLimited {
@@ -72,6 +82,8 @@ impl ApiError {
             ApiError::FailedPrecondition(_) => "failed_precondition",
             ApiError::Internal(_) => "internal",
             ApiError::Exhausted(_) | ApiError::RateLimited { .. } => "resource_exhausted",
+            ApiError::PermissionDenied { .. } => "permission_denied",
+            ApiError::Unauthenticated(_) => "unauthenticated",
         }
     }
 
@@ -91,7 +103,9 @@ impl ApiError {
                 | Rejection::UnknownJob(_)
                 | Rejection::UnknownTask { .. }
                 | Rejection::UnknownDevice { .. } => Code::NotFound,
-                Rejection::InvalidJob(_) | Rejection::InvalidLimits(_) => Code::InvalidArgument,
+                Rejection::InvalidJob(_)
+                | Rejection::InvalidLimits(_)
+                | Rejection::InvalidAccess(_) => Code::InvalidArgument,
                 Rejection::QueueFull { .. } => Code::ResourceExhausted,
                 Rejection::WrongJobState { .. }
                 | Rejection::NotEmpty { .. }
@@ -103,6 +117,8 @@ impl ApiError {
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Internal(_) => Code::Internal,
             ApiError::Exhausted(_) | ApiError::RateLimited { .. } => Code::ResourceExhausted,
+            ApiError::PermissionDenied { .. } => Code::PermissionDenied,
+            ApiError::Unauthenticated(_) => Code::Unauthenticated,
         }
     }
 

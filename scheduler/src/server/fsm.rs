@@ -204,6 +204,7 @@ mod tests {
             fsm.apply(
                 &ctx,
                 Command::SubmitJob(Submission {
+                    owner: String::new(),
                     idempotency_key: Some(format!("k{i}")),
                     spec,
                 }),

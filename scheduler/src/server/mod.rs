@@ -10,7 +10,9 @@
 //! - [`http`] serves `/metrics`, `/livez`, `/readyz`.
 //! - [`config`] is the validated server configuration (TOML file + flags).
 
+pub mod access_api;
 pub mod archive;
+pub mod auth;
 pub mod client_api;
 pub mod config;
 pub mod context;
@@ -24,6 +26,7 @@ pub mod http;
 pub mod idle_tracker;
 pub mod leader;
 pub mod notifier;
+pub mod policy;
 pub mod replica;
 pub mod worker_api;
 

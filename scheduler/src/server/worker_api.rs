@@ -16,6 +16,7 @@ use crate::state::{
     DeviceHealthReport, DeviceInventory, HealthCheckReport, NodeRegistration, Rejection,
     TaskReport,
 };
+use gangway_proto::allocation;
 use gangway_proto::device::DeviceKind;
 use gangway_proto::ids::{HostName, JobId};
 use gangway_proto::pb;
@@ -256,6 +257,34 @@ impl WorkerService {
 /// Allocation streams one node may hold open at once.
 pub const MAX_WATCHES_PER_NODE: usize = 4;
 
+/// The set, when it fits one message of the allocation stream
+/// ([`allocation::MAX_ALLOCATION_SET_BYTES`], the bound the agent decodes up to); else an error
+/// naming the node and the size, logged here at error: the node cannot learn its allocations, so
+/// its tasks stop by their lease deadline.
+pub fn deliverable(node: &HostName, set: pb::AllocationSet) -> Result<pb::AllocationSet, ApiError> {
+    deliverable_within(node, set, allocation::MAX_ALLOCATION_SET_BYTES)
+}
+
+fn deliverable_within(
+    node: &HostName,
+    set: pb::AllocationSet,
+    limit: usize,
+) -> Result<pb::AllocationSet, ApiError> {
+    let bytes = allocation::encoded_len(&set);
+    if bytes <= limit {
+        return Ok(set);
+    }
+    tracing::error!(
+        node = %node, bytes, limit, allocations = set.allocations.len(),
+        "the node's allocation set is too large for one message and cannot be delivered; its tasks stop by their lease deadline"
+    );
+    metrics::counter!("gangway_allocation_sets_undeliverable_total").increment(1);
+    Err(ApiError::Exhausted(format!(
+        "the allocation set of node {node} is {bytes} bytes ({} allocations), over the {limit}-byte limit of one message: it cannot be delivered",
+        set.allocations.len()
+    )))
+}
+
 #[tonic::async_trait]
 impl WorkerApi for WorkerService {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Reply<pb::RegisterReply> {
@@ -278,10 +307,13 @@ impl WorkerApi for WorkerService {
         let req = req.into_inner();
         let node = HostName::new(required("node", &req.node)?);
         self.ctx.leader_only()?;
-        let state = self
-            .ctx
-            .raft
-            .read_local(|fsm| fsm.store().nodes().get(&node).map(|n| n.state));
+        // The node's state, and the digest of its allocation set as the state holds it: the
+        // agent renews its lease deadline only while the set it applied is this one.
+        let (state, allocation_digest) = self.ctx.raft.read_local(|fsm| {
+            let state = fsm.store().nodes().get(&node).map(|n| n.state);
+            let set = convert::allocation_set(fsm.store(), 0, &node);
+            (state, allocation::digest(&set).to_vec())
+        });
         match state {
             None => return Err(ApiError::from(Rejection::UnknownNode(node)).into()),
             Some(NodeState::Down) => {
@@ -308,6 +340,7 @@ impl WorkerApi for WorkerService {
         Ok(TonicResponse::new(pb::HeartbeatReply {
             heartbeat_interval_ms,
             lease_ttl_ms,
+            allocation_digest,
         }))
     }
 
@@ -351,6 +384,7 @@ impl WorkerApi for WorkerService {
             })
             .await?
             .ok_or_else(|| ApiError::from(Rejection::UnknownNode(node.clone())))?;
+        let first = deliverable(&node, first)?;
         let (tx, rx) = mpsc::channel::<Result<pb::AllocationSet, Status>>(16);
         let ctx = self.ctx.clone();
         let mut stopping = ctx.stopping();
@@ -395,7 +429,13 @@ impl WorkerApi for WorkerService {
                     .read_local(|fsm| convert::allocation_set(fsm.store(), fsm.revision(), &node));
                 if !same(&set, &last) {
                     last = set.clone();
-                    if tx.send(Ok(set)).await.is_err() {
+                    // A set too large to deliver ends the stream with the reason: the agent
+                    // logs it and, no longer current, lets its tasks' lease deadline lapse.
+                    let (item, end) = match deliverable(&node, set) {
+                        Ok(set) => (Ok(set), false),
+                        Err(e) => (Err(e.into()), true),
+                    };
+                    if tx.send(item).await.is_err() || end {
                         return;
                     }
                 }
@@ -658,5 +698,36 @@ mod tests {
                 "lease {lease:?} needlessly short for ttl {ttl:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_set_over_the_message_limit_is_refused_naming_the_node_and_its_size() {
+        let node = HostName::new("gpu-7");
+        let set = pb::AllocationSet {
+            revision: 3,
+            allocations: vec![pb::Allocation {
+                job_id: "big-1".into(),
+                command: vec!["x".repeat(5000)],
+                ..Default::default()
+            }],
+            device_epochs: vec![1],
+        };
+        let bytes = allocation::encoded_len(&set);
+        assert_eq!(
+            deliverable_within(&node, set.clone(), bytes).unwrap(),
+            set,
+            "a set at the limit goes out as it is"
+        );
+        let err = deliverable_within(&node, set.clone(), bytes - 1).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("gpu-7") && text.contains(&format!("{bytes} bytes")),
+            "{text}"
+        );
+        assert_eq!(Status::from(err).code(), tonic::Code::ResourceExhausted);
+        assert!(
+            deliverable(&node, set).is_ok(),
+            "the real limit is far above"
+        );
     }
 }
