@@ -69,7 +69,7 @@ impl Cluster {
                 format!(
                     "id = {}\nlisten = \"{}\"\nhttp = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{cluster}\"\n\
                      [raft]\nelection_timeout_min = \"{e}ms\"\nelection_timeout_max = \"{}ms\"\nheartbeat_interval = \"{}ms\"\n\
-                     snapshot_every_entries = 20000\n[scheduler]\ninterval = \"1s\"\n[workers]\nheartbeat_interval = \"2s\"\nnode_ttl = \"20s\"\n",
+                     snapshot_every_entries = 20000\n[scheduler]\ninterval = \"1s\"\n[workers]\nheartbeat_interval = \"2s\"\nnode_ttl = \"20s\"\n[tls]\ninsecure = true\n",
                     i + 1,
                     addrs[i],
                     ports[3 + i],
@@ -273,6 +273,7 @@ fn main() {
                 // Capacity must turn over (10,000 + 16,000 GPUs of work against 8,000 GPUs), fast
                 // enough that the scheduler, not the fake work, is what is measured.
                 task_runtime: Some(Duration::from_millis(env_or("GANGWAY_BENCH_TASK_MS", 250) as u64)),
+                dialer: None,
             },
         )
         .await

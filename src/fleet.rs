@@ -88,6 +88,19 @@ pub struct FleetOptions {
     /// Each task "finishes" (reported succeeded) this long after it first appears; `None`: tasks
     /// run until revoked.
     pub task_runtime: Option<Duration>,
+    /// How each host dials the cluster (its own `worker/<name>` certificate); `None`: plain TCP,
+    /// toward an insecure cluster.
+    pub dialer: Option<HostDialer>,
+}
+
+/// Gives the dialer of the host with this name.
+#[derive(Clone)]
+pub struct HostDialer(pub Arc<dyn Fn(&str) -> gangway_tls::Dialer + Send + Sync>);
+
+impl std::fmt::Debug for HostDialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostDialer")
+    }
 }
 
 impl Default for FleetOptions {
@@ -95,6 +108,7 @@ impl Default for FleetOptions {
         Self {
             register_deadline: Duration::from_secs(30),
             task_runtime: None,
+            dialer: None,
         }
     }
 }
@@ -130,10 +144,22 @@ impl FakeFleet {
         if addrs.is_empty() {
             return Err(anyhow!("no replica addresses"));
         }
-        let follower = Follower::new(addrs, Duration::from_secs(10));
+        // One link per host: with TLS each host speaks with its own certificate.
+        let links: BTreeMap<String, Follower> = hosts
+            .iter()
+            .map(|h| {
+                let dialer = options
+                    .dialer
+                    .as_ref()
+                    .map_or(gangway_tls::Dialer::Plain, |d| (d.0)(&h.name));
+                let link = Follower::with_dialer(addrs.clone(), Duration::from_secs(10), dialer);
+                (h.name.clone(), link)
+            })
+            .collect();
         let until = Instant::now() + deadline;
         let mut heartbeat_ms = 1_000;
         for (i, host) in hosts.iter().enumerate() {
+            let follower = &links[&host.name];
             let req = host.register_request(i);
             loop {
                 let mut c = follower.client().map_err(|s| anyhow!("{}", s.message()))?;
@@ -157,14 +183,13 @@ impl FakeFleet {
         let mut tasks = JoinSet::new();
         let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
         tasks.spawn(heartbeat_loop(
-            follower.clone(),
-            names.clone(),
+            links.clone(),
             Duration::from_millis(heartbeat_ms),
             stop_rx.clone(),
         ));
         for name in names {
             tasks.spawn(watch_loop(
-                follower.clone(),
+                links[&name].clone(),
                 name,
                 options.task_runtime,
                 seen.clone(),
@@ -213,8 +238,7 @@ impl FakeFleet {
 }
 
 async fn heartbeat_loop(
-    follower: Follower,
-    names: Vec<String>,
+    links: BTreeMap<String, Follower>,
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -224,17 +248,16 @@ async fn heartbeat_loop(
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
-        let Ok(mut c) = follower.client() else {
-            continue;
-        };
-        for name in &names {
+        for (name, follower) in &links {
+            let Ok(mut c) = follower.client() else {
+                continue;
+            };
             let req = pb::HeartbeatRequest {
                 node: name.clone(),
                 devices: Vec::new(),
             };
             if let Err(s) = c.heartbeat(req).await {
                 follower.failed(&s);
-                break;
             }
         }
     }
@@ -254,7 +277,8 @@ async fn watch_loop(
             return;
         }
         // No per-call deadline: this client holds the allocation stream.
-        let Ok(mut c) = follower.stream_client() else {
+        let Ok(mut c) = follower.stream_client(gangway_proto::allocation::MAX_ALLOCATION_SET_BYTES)
+        else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };

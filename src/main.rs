@@ -64,12 +64,20 @@ enum Command {
     Defrag(cmd::defrag::DefragGroup),
     /// Failover drills: transfer-leader, kill-leader, partition-leader, measured and checked.
     Drill(cmd::drill::DrillGroup),
+    /// Who may do what: certificate names and bearer tokens bound to roles (admin).
+    Access(cmd::access::AccessGroup),
+    /// Who the cluster takes you for, and your roles.
+    Whoami(cmd::access::WhoAmIArgs),
+    /// Who did what: the audit trail (submit, cancel, drain, members, access, restore, drills).
+    Audit(cmd::audit::AuditArgs),
+    /// A cluster CA and its certificates: `tls init`, `tls issue server|worker|client NAME`.
+    Tls(cmd::tls::TlsGroup),
 
     // ----- processes -----
     /// Run one scheduler replica (Raft member, client and worker API, leader loops).
     Server(cmd::server::ServerArgs),
     /// The host agent: registers the host's devices, runs the tasks leased to it.
-    Worker(cmd::worker::WorkerArgs),
+    Worker(Box<cmd::worker::WorkerArgs>),
     /// A local cluster: three replicas, a fleet of fake 8-GPU hosts, a demo workload.
     Dev(cmd::dev::DevArgs),
     /// The per-task supervisor the worker starts (not for people).
@@ -115,7 +123,7 @@ fn main() -> ExitCode {
         }
         Command::Worker(args) => {
             init_logging();
-            cmd::worker::run(args)
+            cmd::worker::run(*args)
         }
         Command::TaskShim(args) => return cmd::worker::run_shim(args),
         Command::Health(args) => return cmd::health::run(args),
@@ -134,6 +142,10 @@ fn main() -> ExitCode {
         Command::Cluster(g) => run_client(cmd::cluster::cluster(g)),
         Command::Defrag(g) => run_client(cmd::defrag::defrag(g)),
         Command::Drill(g) => run_client(cmd::drill::drill(g)),
+        Command::Access(g) => run_client(cmd::access::access(g)),
+        Command::Whoami(a) => run_client(cmd::access::whoami(a)),
+        Command::Audit(a) => run_client(cmd::audit::audit(a)),
+        Command::Tls(g) => cmd::tls::run(g),
     };
     match result {
         Ok(code) => code,

@@ -23,9 +23,10 @@ async fn leases_survive_a_leader_kill_and_the_killed_replica_catches_up() {
     // Phase 1: a cluster, four 8-GPU hosts in two racks, a rack-local 2x8 gang and a 4-GPU job.
     let mut cluster = TestCluster::start(3);
     let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
-    let mut fleet = FakeFleet::start(cluster.addrs(), fleet_of_four(), Duration::from_secs(20))
-        .await
-        .expect("fleet registers");
+    let mut fleet =
+        FakeFleet::start_with(cluster.addrs(), fleet_of_four(), common::fleet_options())
+            .await
+            .expect("fleet registers");
     let gang = submit(&cluster.addr(leader), GANG_2X8_RACK, "gang")
         .await
         .expect("submit gang")

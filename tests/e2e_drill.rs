@@ -124,6 +124,7 @@ async fn a_drill_is_refused_unless_the_replica_allows_it() {
         3,
         &ClusterOptions {
             allow_drills: false,
+            ..ClusterOptions::default()
         },
     );
     let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;

@@ -268,3 +268,40 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         Ok(Response::new(pb::ForwardWriteReply { data }))
     }
 }
+
+/// Raft messages as a peer would send them, for tests that play a replica (a forged sender).
+pub mod testing {
+    use super::*;
+
+    /// A `Vote` RPC's payload: replica `candidate` asks for votes in `term`.
+    pub fn vote_request(candidate: NodeId, term: u64) -> Vec<u8> {
+        let req = openraft::raft::VoteRequest::<crate::types::TypeConfig> {
+            vote: Vote::new(term, candidate),
+            last_log_id: None,
+            leadership_transfer: false,
+        };
+        codec::encode(&req).expect("a vote request encodes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vote_naming_another_replica_than_the_certificate_is_refused() {
+        let vote = Vote::new(3, 2);
+        assert!(
+            check_vote(Some(2), &vote).is_ok(),
+            "replica 2 votes as itself"
+        );
+        assert!(check_vote(None, &vote).is_ok(), "no TLS: taken as it comes");
+        let err = check_vote(Some(1), &vote).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(
+            err.message().contains("replica 1's certificate"),
+            "{}",
+            err.message()
+        );
+    }
+}

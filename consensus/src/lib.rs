@@ -36,6 +36,7 @@ pub use config::LogStorage;
 pub use config::ReplicaConfig;
 pub use error::ConsensusError;
 pub use error::Result;
+pub use grpc_service::testing;
 pub use grpc_service::AuthenticatedReplica;
 pub use grpc_service::RaftGrpcService;
 pub use grpc_service::MAX_RAFT_MESSAGE_BYTES;

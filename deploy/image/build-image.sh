@@ -15,7 +15,8 @@
 #   /lib*, /usr/lib*           the libraries ldd lists, at the paths the loader looks them up
 #   /etc/passwd, group         root and the unprivileged user `gangway` (uid/gid 10001)
 #   /etc/nsswitch.conf         names from /etc/hosts, then DNS (Docker's service names)
-#   /etc/gangway/              where a server config is mounted
+#   /etc/gangway/              where a server config is mounted; tls/ (owned by gangway) where
+#                              the compose file's certificate volume goes
 #   /var/lib/gangway           data (owned by gangway, so a fresh named volume is too), with
 #                              checkpoints/ in it: where a worker's shared checkpoint volume goes
 #                              (a volume mounted at a path the image lacks would belong to root)
@@ -96,7 +97,7 @@ root="$work/rootfs"
 
 install -d -m 0755 "$root"/{bin,etc/gangway,usr/local/bin,var/lib}
 install -d -m 1777 "$root/tmp"
-install -d -m 0750 "$root/var/lib/gangway" "$root/var/lib/gangway/checkpoints"
+install -d -m 0750 "$root/var/lib/gangway" "$root/var/lib/gangway/checkpoints" "$root/etc/gangway/tls"
 
 if [ "$strip" = 1 ] && command -v objcopy >/dev/null; then
     objcopy --strip-debug "$binary" "$root/usr/local/bin/gangway"
@@ -153,9 +154,9 @@ EOF
 # per file, so they are appended in a second run; no root or fakeroot needed to build).
 tarball="$work/rootfs.tar"
 tar -C "$root" --sort=name --numeric-owner --owner=0 --group=0 \
-    --exclude=./var/lib/gangway -cf "$tarball" .
+    --exclude=./var/lib/gangway --exclude=./etc/gangway/tls -cf "$tarball" .
 tar -C "$root" --numeric-owner --owner="$uid" --group="$uid" --no-recursion \
-    -rf "$tarball" ./var/lib/gangway ./var/lib/gangway/checkpoints
+    -rf "$tarball" ./var/lib/gangway ./var/lib/gangway/checkpoints ./etc/gangway/tls
 
 # The image the tag names now, if any: removed below once the tag moves, unless a container uses it.
 previous="$(docker image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)"

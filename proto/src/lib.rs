@@ -8,6 +8,7 @@
 
 pub mod device;
 pub mod ids;
+pub mod secret;
 pub mod spec;
 pub mod topology;
 
@@ -16,6 +17,15 @@ pub mod topology;
 #[allow(clippy::all, clippy::pedantic)]
 pub mod pb {
     tonic::include_proto!("gangway.v1");
+
+    impl std::fmt::Debug for SecretVar {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("SecretVar")
+                .field("name", &self.name)
+                .field("value", &format_args!("{}", crate::secret::REDACTED))
+                .finish()
+        }
+    }
 }
 
 /// Job and task states on the wire: words, checked reading (feature `grpc`).

@@ -99,6 +99,13 @@ fn compress(state: &mut [u32; 8], block: &[u8; 64]) {
     }
 }
 
+/// The SHA-256 of `bytes` as 64 lowercase hex digits.
+pub fn hex_digest(bytes: &[u8]) -> String {
+    let mut h = Sha256::default();
+    h.update(bytes);
+    h.finish().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

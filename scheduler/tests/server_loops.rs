@@ -32,6 +32,7 @@ impl OneReplica {
         let http_addr = http.local_addr().unwrap().to_string();
         drop((grpc, http));
         let mut config = ServerConfig::new(1, &addr, &http_addr, dir.path());
+        config.tls.insecure = true;
         config.initial_cluster = format!("1={addr}");
         config.raft.election_timeout_min = Duration::from_millis(200);
         config.raft.election_timeout_max = Duration::from_millis(400);

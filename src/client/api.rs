@@ -2,10 +2,8 @@
 
 use super::{Client, ClientError, Resend};
 use gangway_proto::pb;
-use gangway_proto::pb::client_api_client::ClientApiClient;
 use gangway_proto::states::{job_state, task_state, BadState};
 use tonic::codec::Streaming;
-use tonic::transport::Channel;
 
 impl Client {
     /// Submits a spec. Safe to resend: the server creates one job per idempotency key.
@@ -237,7 +235,7 @@ impl Client {
     async fn every_page<R, T, Fut>(
         &mut self,
         method: &'static str,
-        send: impl Fn(ClientApiClient<Channel>, pb::PageRequest) -> Fut,
+        send: impl Fn(super::credentials::Api, pb::PageRequest) -> Fut,
         split: impl Fn(R) -> (Vec<T>, String),
     ) -> Result<Vec<T>, ClientError>
     where
@@ -276,6 +274,30 @@ impl Client {
         self.call("SetQueue", Resend::Safe, |mut api| {
             let req = queue.clone();
             async move { api.set_queue(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn who_am_i(&mut self) -> Result<pb::WhoAmIReply, ClientError> {
+        self.call("WhoAmI", Resend::Safe, |mut api| async move {
+            api.who_am_i(pb::Empty {}).await
+        })
+        .await
+    }
+
+    pub async fn list_access(&mut self) -> Result<pb::AccessRules, ClientError> {
+        self.call("ListAccess", Resend::Safe, |mut api| async move {
+            api.list_access(pb::Empty {}).await
+        })
+        .await
+    }
+
+    /// Sets one rule absolutely: safe to resend.
+    pub async fn set_access(&mut self, req: pb::SetAccessRequest) -> Result<(), ClientError> {
+        self.call("SetAccess", Resend::Safe, |mut api| {
+            let req = req.clone();
+            async move { api.set_access(req).await }
         })
         .await
         .map(|_| ())

@@ -25,6 +25,7 @@
 
 mod addr;
 mod api;
+pub mod credentials;
 mod error;
 #[cfg(test)]
 mod tests;
@@ -34,11 +35,10 @@ pub use error::{ClientError, EXIT_INVALID};
 pub use gangway_proto::link::normalize_addr;
 
 use gangway_proto::link::{classify, metadata_str, Replicas, Retry, CODE_KEY, LEADER_KEY};
-use gangway_proto::pb::client_api_client::ClientApiClient;
 use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 /// First backoff between attempts.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -98,7 +98,7 @@ impl Backoff {
 /// An open connection to one replica.
 struct Conn {
     uri: String,
-    api: ClientApiClient<Channel>,
+    api: credentials::Api,
 }
 
 /// A leader-following client: see the module documentation.
@@ -148,14 +148,15 @@ impl Client {
                 .map_err(|e| (uri.clone(), format!("bad address: {e}")))?
                 .connect_timeout(remaining.min(CONNECT_TIMEOUT))
                 .tcp_nodelay(true);
-            let channel = match tokio::time::timeout(remaining, endpoint.connect()).await {
+            let creds = credentials::current();
+            let channel = match tokio::time::timeout(remaining, creds.connect(&endpoint)).await {
                 Ok(Ok(channel)) => channel,
                 Ok(Err(e)) => return Err((uri, format!("cannot connect: {}", error_chain(&e)))),
                 Err(_) => return Err((uri, "cannot connect: timed out".to_owned())),
             };
             self.conn = Some(Conn {
                 uri,
-                api: ClientApiClient::new(channel),
+                api: creds.api(channel),
             });
         }
         Ok(self.conn.as_ref().expect("just connected"))
@@ -171,7 +172,7 @@ impl Client {
         mut f: F,
     ) -> Result<T, ClientError>
     where
-        F: FnMut(ClientApiClient<Channel>) -> Fut,
+        F: FnMut(credentials::Api) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let deadline = Instant::now() + self.timeout;

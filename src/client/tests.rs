@@ -247,6 +247,31 @@ impl ClientApi for Fake {
         Err(Status::unimplemented("Drill"))
     }
 
+    async fn who_am_i(&self, _: Request<pb::Empty>) -> Result<Response<pb::WhoAmIReply>, Status> {
+        Err(Status::unimplemented("WhoAmI"))
+    }
+
+    async fn list_access(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> Result<Response<pb::AccessRules>, Status> {
+        Err(Status::unimplemented("ListAccess"))
+    }
+
+    async fn set_access(
+        &self,
+        _: Request<pb::SetAccessRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        Err(Status::unimplemented("SetAccess"))
+    }
+
+    async fn list_audit(
+        &self,
+        _: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditReply>, Status> {
+        Err(Status::unimplemented("ListAudit"))
+    }
+
     async fn restore_snapshot(
         &self,
         _: Request<tonic::Streaming<pb::SnapshotChunk>>,
@@ -728,6 +753,12 @@ fn submit_args(
             addr: crate::cmd::common::AddrList(parse_addr_list(addr).unwrap()),
             timeout: Duration::from_secs(5),
             output: crate::cmd::output::Output::Json,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            token: None,
+            // The fake replicas of these tests serve plain TCP.
+            insecure: true,
         },
     }
 }

@@ -48,10 +48,44 @@ pub struct ClientOpts {
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table,
           help_heading = CLIENT_HEADING)]
     pub output: Output,
+    /// The cluster CA certificate (PEM): replicas must prove themselves with it.
+    #[arg(long, global = true, env = "GANGWAY_TLS_CA", help_heading = CLIENT_HEADING, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Your certificate (`gangway tls issue client NAME`).
+    #[arg(long, global = true, env = "GANGWAY_TLS_CERT", help_heading = CLIENT_HEADING, value_name = "FILE",
+          requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Your certificate's private key.
+    #[arg(long, global = true, env = "GANGWAY_TLS_KEY", help_heading = CLIENT_HEADING, value_name = "FILE",
+          requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// A bearer token bound to roles (`gangway access token`), instead of or besides a certificate.
+    #[arg(long, global = true, env = "GANGWAY_TOKEN", help_heading = CLIENT_HEADING, hide_env_values = true,
+          value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Plain TCP, for a cluster started insecure (local experiments only).
+    #[arg(long, global = true, env = "GANGWAY_INSECURE", help_heading = CLIENT_HEADING)]
+    pub insecure: bool,
 }
 
 impl ClientOpts {
+    /// A client for `--addr` with these credentials (installed for the whole process: drills and
+    /// `logs` dial with them too). Credentials that cannot be used end the command with exit 3.
     pub fn client(&self) -> Client {
+        let flags = crate::client::credentials::CredentialFlags {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            token: self.token.clone(),
+            insecure: self.insecure,
+        };
+        match flags.resolve() {
+            Ok(c) => crate::client::credentials::install(c),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(i32::from(crate::client::EXIT_INVALID));
+            }
+        }
         Client::new(self.addr.0.clone(), self.timeout)
     }
 }

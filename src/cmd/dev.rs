@@ -10,7 +10,6 @@
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use gangway_proto::pb;
-use gangway_proto::pb::client_api_client::ClientApiClient;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
@@ -32,7 +31,8 @@ pub struct DevArgs {
 }
 
 /// Replica timings for a laptop demo: fast failover, short node TTL, short min-runtime.
-fn replica_config(id: u64, port: u16, http: u16, data: &Path, cluster: &str) -> String {
+fn replica_config(id: u64, port: u16, http: u16, data: &Path, cluster: &str, tls: &Path) -> String {
+    let files = |stem: &str| tls.join(stem).display().to_string();
     format!(
         r#"id = {id}
 listen = "127.0.0.1:{port}"
@@ -53,9 +53,62 @@ min_runtime = "30s"
 [workers]
 heartbeat_interval = "1s"
 node_ttl = "6s"
+
+[tls]
+ca = "{}"
+cert = "{}"
+key = "{}"
+
+[access]
+admins = ["client/admin"]
 "#,
-        data.display()
+        data.display(),
+        files("ca.pem"),
+        files(&format!("server-{id}.pem")),
+        files(&format!("server-{id}-key.pem")),
     )
+}
+
+/// The dev cluster's CA in `<dir>/tls`: a certificate for each replica, each host and
+/// `client/admin` (what the demo and the printed commands use).
+fn make_pki(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    use gangway_tls::ca;
+    let tls = dir.join("tls");
+    if !ca::ca_cert_path(&tls).exists() {
+        ca::init(&tls, 30)?;
+    }
+    let ids = (1..=3)
+        .map(|i| format!("server/{i}"))
+        .chain((1..=4).map(|i| format!("worker/host-{i}")))
+        .chain(["client/admin".to_owned()]);
+    for id in ids {
+        let id: gangway_tls::Identity = id.parse()?;
+        if !tls.join(format!("{}.pem", ca::cert_stem(&id))).exists() {
+            ca::issue(&tls, &tls, &id, &ca::IssueOptions::default())?;
+        }
+    }
+    Ok(tls)
+}
+
+/// The demo's own connections speak as `client/admin`.
+fn admin_credentials(tls: &Path) -> anyhow::Result<crate::client::credentials::Credentials> {
+    crate::client::credentials::CredentialFlags {
+        ca: Some(tls.join("ca.pem")),
+        cert: Some(tls.join("client-admin.pem")),
+        key: Some(tls.join("client-admin-key.pem")),
+        token: None,
+        insecure: false,
+    }
+    .resolve()
+    .map_err(|e| anyhow!(e))
+}
+
+/// A client API connection to `addr` as `client/admin`.
+async fn admin_client(addr: &str) -> anyhow::Result<crate::client::credentials::Api> {
+    let creds = crate::client::credentials::current();
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2));
+    Ok(creds.api(creds.connect(&ep).await?))
 }
 
 /// The example trainer, shipped inside the binary so `gangway dev` works from anywhere.
@@ -150,6 +203,12 @@ impl Workers {
             let log = std::fs::File::create(dir.join(format!("worker-{name}.log")))?;
             let child = Command::new(exe)
                 .arg("worker")
+                .arg("--tls-ca")
+                .arg(dir.join("tls/ca.pem"))
+                .arg("--tls-cert")
+                .arg(dir.join(format!("tls/worker-{name}.pem")))
+                .arg("--tls-key")
+                .arg(dir.join(format!("tls/worker-{name}-key.pem")))
                 .arg("--servers")
                 .arg(servers.join(","))
                 .arg("--node")
@@ -171,6 +230,8 @@ impl Workers {
                 .arg("--grace")
                 .arg("3s")
                 .arg("--stop-tasks-on-exit")
+                // A development cluster on one machine: the demo's tasks run as whoever runs it.
+                .arg("--task-user-same-as-agent")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -240,7 +301,7 @@ impl Cluster {
             let config = dir.join(format!("replica-{id}.toml"));
             std::fs::write(
                 &config,
-                replica_config(id, *port, port + 1000, &data, &cluster),
+                replica_config(id, *port, port + 1000, &data, &cluster, &dir.join("tls")),
             )?;
             let log = dir.join(format!("replica-{id}.log"));
             // A fresh log per `gangway dev`; restarts append to it.
@@ -278,7 +339,7 @@ impl Cluster {
                 }
             }
             for addr in &self.addrs {
-                let Ok(mut c) = ClientApiClient::connect(format!("http://{addr}")).await else {
+                let Ok(mut c) = admin_client(addr).await else {
                     continue;
                 };
                 if let Ok(r) = c.cluster_status(pb::Empty {}).await {
@@ -438,7 +499,7 @@ async fn stop_children(children: &mut [Child]) {
 }
 
 async fn submit_demo(leader: &str, trainer: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let mut client = ClientApiClient::connect(format!("http://{leader}")).await?;
+    let mut client = admin_client(leader).await?;
     let mut ids = Vec::new();
     for (key, spec) in DEMO_JOBS {
         let r = client
@@ -458,7 +519,7 @@ async fn job_states(
     addrs: &[String],
 ) -> std::collections::BTreeMap<String, (String, Vec<String>, u64)> {
     for addr in addrs {
-        let Ok(mut c) = ClientApiClient::connect(format!("http://{addr}")).await else {
+        let Ok(mut c) = admin_client(addr).await else {
             continue;
         };
         if let Ok(r) = c.list_jobs(pb::ListJobsRequest::default()).await {
@@ -496,7 +557,13 @@ async fn run_async(args: DevArgs) -> anyhow::Result<ExitCode> {
             temp.path().to_owned()
         }
     };
-    println!("gangway dev: three replicas in {}", dir.display());
+    let tls = make_pki(&dir)?;
+    crate::client::credentials::install(admin_credentials(&tls)?);
+    println!(
+        "gangway dev: three replicas in {} (mutual TLS; CA and certificates in {})",
+        dir.display(),
+        tls.display()
+    );
     let mut cluster = Cluster::start(&exe, &dir, args.base_port).await?;
     let result = demo(&mut cluster, &dir, &args).await;
     cluster.stop().await;
@@ -580,13 +647,14 @@ async fn run_demo(
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "\nTry, in another terminal:\n  export GANGWAY_ADDR={addrs}\n  gangway jobs\n  gangway job status {pretrain}\n  gangway logs {pretrain} --follow\n  gangway job checkpoint {pretrain}\n  gangway job migrate {pretrain}\n  gangway nodes\n  gangway leases\n  gangway cluster status\n  gangway cluster transfer-leader --to {}\n  gangway drill kill-leader\n  gangway drill partition-leader --for 5s\n  echo 'xid 3 79' >> {}/faults-host-1   # GPU 3 of host-1 fails (XID 79); then gangway nodes\n\
+        "\nTry, in another terminal:\n  export GANGWAY_ADDR={addrs} GANGWAY_TLS_CA={tls}/ca.pem GANGWAY_TLS_CERT={tls}/client-admin.pem GANGWAY_TLS_KEY={tls}/client-admin-key.pem\n  gangway whoami\n  gangway jobs\n  gangway job status {pretrain}\n  gangway logs {pretrain} --follow\n  gangway job checkpoint {pretrain}\n  gangway job migrate {pretrain}\n  gangway nodes\n  gangway leases\n  gangway cluster status\n  gangway cluster transfer-leader --to {}\n  gangway drill kill-leader\n  gangway drill partition-leader --for 5s\n  echo 'xid 3 79' >> {}/faults-host-1   # GPU 3 of host-1 fails (XID 79); then gangway nodes\n\
          Metrics: http://127.0.0.1:{}/metrics  Logs: {}/replica-*.log, {}/worker-*.log\nCtrl-C stops everything.",
         leader_id % 3 + 1,
         dir.display(),
         args.base_port + 1000,
         dir.display(),
-        dir.display()
+        dir.display(),
+        tls = dir.join("tls").display(),
     );
     super::server::shutdown_signal().await;
     println!("stopping");

@@ -61,17 +61,24 @@ pub async fn logs(args: LogsArgs) -> Result<(), ClientError> {
         )));
     };
     let uri = format!("http://{}", node.address);
-    let channel = tonic::transport::Endpoint::from_shared(uri.clone())
+    let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
         .map_err(|e| ClientError::Other(format!("bad agent address {uri}: {e}")))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .map_err(|e| {
-            ClientError::Other(format!(
-                "cannot reach the agent of {host} at {}: {e}",
-                node.address
-            ))
-        })?;
+        .connect_timeout(Duration::from_secs(3));
+    // The agent must prove it is that host's agent.
+    let expect = gangway_tls::Identity::new(gangway_tls::Kind::Worker, &host)
+        .map(gangway_tls::Expect::Exactly)
+        .map_err(|e| ClientError::Other(format!("host name {host:?}: {e}")))?;
+    let creds = crate::client::credentials::current();
+    let dialer = creds
+        .dialer
+        .expecting(expect)
+        .map_err(|e| ClientError::Other(e.to_string()))?;
+    let channel = dialer.connect(&endpoint).await.map_err(|e| {
+        ClientError::Other(format!(
+            "cannot reach the agent of {host} at {}: {e}",
+            node.address
+        ))
+    })?;
     let mut agent = AgentApiClient::new(channel);
     let mut stream = agent
         .read_log(pb::ReadLogRequest {

@@ -1,5 +1,7 @@
 //! One module per subcommand (group).
 
+pub mod access;
+pub mod audit;
 pub mod cluster;
 pub mod common;
 pub mod defrag;
@@ -13,6 +15,7 @@ pub mod output;
 pub mod queues;
 pub mod server;
 pub mod sim;
+pub mod tls;
 pub mod worker;
 
 /// Exit code for invalid input: a bad spec, file, flag or field.

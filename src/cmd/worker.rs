@@ -2,7 +2,10 @@
 
 use anyhow::Context;
 use clap::Args;
+use gangway_proto::allocation::MAX_ALLOCATION_SET_BYTES;
 use gangway_worker::agent::health_check::HealthCheckConfig;
+use gangway_worker::agent::task_users::{parse_queue_user, TaskUserFlags};
+use gangway_worker::agent::uid_range::UidRange;
 use gangway_worker::agent::{Agent, AgentConfig, Devices, TopologyLabels};
 use gangway_worker::devices::{FakeBackend, NvmlBackend};
 use std::path::PathBuf;
@@ -64,6 +67,45 @@ pub struct WorkerArgs {
     /// agent re-adopts them).
     #[arg(long)]
     pub stop_tasks_on_exit: bool,
+    /// The account every task runs as (never root nor the agent's user). Tasks need a user: give
+    /// this, --task-uid-range or --task-user-same-as-agent.
+    #[arg(long, env = "GANGWAY_TASK_USER", value_name = "NAME")]
+    pub task_user: Option<String>,
+    /// Each job's tasks on this host run as a uid of their own from FIRST-LAST, with a private
+    /// group of the same number, so jobs cannot signal each other or open each other's files.
+    /// Pick numbers no account, container or service of the host uses (not systemd's
+    /// 61184-65519, nor /etc/subuid ranges).
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub task_uid_range: Option<UidRange>,
+    /// That queue's tasks run as that account, whatever --task-user or --task-uid-range say.
+    /// Repeatable.
+    #[arg(long, value_name = "QUEUE=NAME", value_parser = parse_queue_user)]
+    pub task_user_for_queue: Vec<(String, String)>,
+    /// Supplementary groups every task gets (names or numbers), e.g. the group owning
+    /// /dev/nvidia* where the devices are not world-usable.
+    #[arg(long, value_delimiter = ',', value_name = "GROUP,...")]
+    pub task_groups: Vec<String>,
+    /// Run tasks as the agent's own user. For development only: tasks can then write the lease
+    /// file and the agent's state. An agent not running as root cannot switch users and needs it.
+    #[arg(long)]
+    pub task_user_same_as_agent: bool,
+    /// For tests: the largest allocation set the agent decodes, in bytes (default: the bound every
+    /// legal set fits, gangway_proto::allocation::MAX_ALLOCATION_SET_BYTES).
+    #[arg(long, hide = true, value_name = "BYTES")]
+    pub allocation_stream_max_bytes: Option<usize>,
+    /// The cluster CA certificate (PEM).
+    #[arg(long, env = "GANGWAY_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This host's certificate, naming worker/<node> (`gangway tls issue worker NODE`). The agent's
+    /// log API serves with it too. Rotated files are picked up without a restart.
+    #[arg(long, env = "GANGWAY_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "GANGWAY_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Plain TCP toward a cluster started insecure (local experiments only).
+    #[arg(long, env = "GANGWAY_INSECURE")]
+    pub insecure: bool,
 }
 
 fn host_name() -> String {
@@ -98,7 +140,43 @@ impl WorkerArgs {
             stop_tasks_on_exit: self.stop_tasks_on_exit,
             rpc_timeout: Duration::from_secs(5),
             health_check: self.health_check()?,
+            task_users: TaskUserFlags {
+                user: self.task_user.clone(),
+                uid_range: self.task_uid_range,
+                per_queue: self.task_user_for_queue.clone(),
+                groups: self.task_groups.clone(),
+                same_as_agent: self.task_user_same_as_agent,
+            },
+            allocation_stream_max_bytes: self.allocation_stream_max_bytes()?,
+            tls: self.tls_files()?,
         })
+    }
+
+    fn tls_files(&self) -> anyhow::Result<Option<gangway_tls::TlsFiles>> {
+        if self.insecure {
+            return Ok(None);
+        }
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(Some(gangway_tls::TlsFiles {
+                ca: ca.clone(),
+                cert: Some(cert.clone()),
+                key: Some(key.clone()),
+            })),
+            _ => anyhow::bail!(
+                "--tls-ca, --tls-cert and --tls-key are required (this host's certificate: gangway tls issue worker NODE), or --insecure toward a cluster started insecure"
+            ),
+        }
+    }
+
+    fn allocation_stream_max_bytes(&self) -> anyhow::Result<usize> {
+        let max = MAX_ALLOCATION_SET_BYTES;
+        match self.allocation_stream_max_bytes {
+            None => Ok(max),
+            Some(bytes) if (1024..=max).contains(&bytes) => Ok(bytes),
+            Some(bytes) => anyhow::bail!(
+                "--allocation-stream-max-bytes: expected 1024 to {max} bytes, got {bytes}"
+            ),
+        }
     }
 
     fn health_check(&self) -> anyhow::Result<Option<HealthCheckConfig>> {

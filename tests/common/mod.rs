@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod trainer;
 pub mod worker;
 
@@ -62,11 +63,16 @@ impl Replica {
 pub struct ClusterOptions {
     /// `allow_drills` in every replica's configuration.
     pub allow_drills: bool,
+    /// `tls.insecure`: plain TCP, everyone an admin (the tests of that mode only).
+    pub insecure: bool,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { allow_drills: true }
+        Self {
+            allow_drills: true,
+            insecure: false,
+        }
     }
 }
 
@@ -110,9 +116,27 @@ min_runtime = "1s"
 [workers]
 heartbeat_interval = "500ms"
 node_ttl = "3s"
+
+{}
 "#,
         data.display(),
-        opts.allow_drills
+        opts.allow_drills,
+        tls_section(id, opts)
+    )
+}
+
+/// The replica's `[tls]` and `[access]`: its own certificate from the test CA, `client/admin` an
+/// admin.
+fn tls_section(id: u64, opts: &ClusterOptions) -> String {
+    if opts.insecure {
+        return "[tls]\ninsecure = true\n".to_owned();
+    }
+    let f = pki::pki().files(&format!("server/{id}"));
+    format!(
+        "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[access]\nadmins = [\"client/admin\"]\n",
+        f.ca.display(),
+        f.cert.unwrap().display(),
+        f.key.unwrap().display()
     )
 }
 
@@ -287,12 +311,19 @@ impl Drop for TestCluster {
     }
 }
 
+/// A client API connection to one replica, as `client/admin`.
 pub async fn client(addr: &str) -> Option<ClientApiClient<Channel>> {
+    client_as(addr, "client/admin").await
+}
+
+/// A client API connection to one replica, speaking as `id` (a certificate of the test CA).
+pub async fn client_as(addr: &str, id: &str) -> Option<ClientApiClient<Channel>> {
     let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .ok()?
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(10));
-    Some(ClientApiClient::new(ep.connect().await.ok()?))
+    let channel = pki::pki().dialer(id).connect(&ep).await.ok()?;
+    Some(ClientApiClient::new(channel))
 }
 
 pub async fn status(addr: &str) -> Option<pb::ClusterStatusReply> {
@@ -416,16 +447,25 @@ pub fn explain(out: &std::process::Output) -> String {
     )
 }
 
+/// Fake hosts that register within 20 s, each with its own certificate.
+pub fn fleet_options() -> gangway::fleet::FleetOptions {
+    gangway::fleet::FleetOptions {
+        register_deadline: Duration::from_secs(20),
+        dialer: Some(pki::pki().fleet_dialer()),
+        ..Default::default()
+    }
+}
+
 /// Two 8-GPU fake hosts in one rack, registered with the cluster at `addrs`.
 pub async fn two_hosts(addrs: Vec<String>) -> gangway::fleet::FakeFleet {
     use gangway::fleet::{FakeFleet, FakeHost};
-    FakeFleet::start(
+    FakeFleet::start_with(
         addrs,
         vec![
             FakeHost::h100("host-1", "r1"),
             FakeHost::h100("host-2", "r1"),
         ],
-        Duration::from_secs(20),
+        fleet_options(),
     )
     .await
     .expect("fleet registers")

@@ -22,6 +22,9 @@ pub struct WorkerProcess {
     pub grace: &'static str,
     /// Extra environment for the agent (and so for its tasks).
     pub env: Vec<(String, String)>,
+    /// Who tasks run as: `--task-user-same-as-agent` unless a test isolates its tasks (e.g.
+    /// `--task-uid-range A-B`, which needs root and a passable `dir`).
+    pub task_users: Vec<String>,
     /// Extra flags for `gangway worker` (e.g. `--fake-fault-file PATH`).
     pub args: Vec<String>,
     child: Option<Child>,
@@ -42,6 +45,7 @@ impl WorkerProcess {
             devices: "8xH100",
             grace: "1s",
             env: Vec::new(),
+            task_users: vec!["--task-user-same-as-agent".to_owned()],
             args: Vec::new(),
             child: None,
         }
@@ -56,6 +60,7 @@ impl WorkerProcess {
             .expect("open worker log");
         let child = Command::new(BIN)
             .arg("worker")
+            .args(super::pki::pki().flags(&format!("worker/{}", self.name)))
             .arg("--servers")
             .arg(self.servers.join(","))
             .arg("--node")
@@ -74,6 +79,7 @@ impl WorkerProcess {
             .arg(&self.checkpoints)
             .arg("--grace")
             .arg(self.grace)
+            .args(&self.task_users)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")

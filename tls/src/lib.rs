@@ -54,3 +54,57 @@ pub fn peer_of(extensions: &http::Extensions) -> Peer {
         },
     }
 }
+
+/// How a process dials others: plain TCP (only toward a cluster started insecure) or mutual TLS.
+#[derive(Clone)]
+pub enum Dialer {
+    Plain,
+    Tls(ClientTls),
+}
+
+impl Dialer {
+    /// A lazily connecting channel to `endpoint`.
+    pub fn lazy(&self, endpoint: &tonic::transport::Endpoint) -> tonic::transport::Channel {
+        match self {
+            Dialer::Plain => endpoint.connect_lazy(),
+            Dialer::Tls(t) => t.channel(endpoint),
+        }
+    }
+
+    /// A channel to `endpoint`, connected now.
+    pub async fn connect(
+        &self,
+        endpoint: &tonic::transport::Endpoint,
+    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        match self {
+            Dialer::Plain => endpoint.connect().await,
+            Dialer::Tls(t) => t.connect(endpoint).await,
+        }
+    }
+
+    /// The same credentials, expecting another peer (plain stays plain).
+    pub fn expecting(&self, expect: Expect) -> Result<Dialer, TlsError> {
+        match self {
+            Dialer::Plain => Ok(Dialer::Plain),
+            Dialer::Tls(t) => Ok(Dialer::Tls(t.expecting(expect)?)),
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Dialer::Tls(_))
+    }
+}
+
+/// The identity in an endpoint's own certificate file (to check, at start, that a replica or
+/// agent was given its own certificate).
+pub fn own_identity(files: &TlsFiles) -> Result<Identity, TlsError> {
+    let path = files
+        .cert
+        .as_ref()
+        .ok_or_else(|| TlsError::Config("no certificate given".into()))?;
+    let certs = load_certs(path)?;
+    Identity::from_cert_der(&certs[0]).map_err(|e| TlsError::File {
+        path: path.clone(),
+        message: e.to_string(),
+    })
+}

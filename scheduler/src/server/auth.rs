@@ -144,9 +144,7 @@ pub type Rules =
 
 /// The hex SHA-256 of a bearer token, as rules store it.
 pub fn token_digest(token: &str) -> String {
-    let mut h = gangway_proto::sha256::Sha256::default();
-    h.update(token.as_bytes());
-    h.finish().iter().map(|b| format!("{b:02x}")).collect()
+    gangway_proto::sha256::hex_digest(token.as_bytes())
 }
 
 fn bearer(headers: &http::HeaderMap) -> Result<Option<String>, ApiError> {

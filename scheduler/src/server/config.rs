@@ -135,6 +135,41 @@ impl Default for ClientsSection {
     }
 }
 
+/// Mutual TLS on the replica's gRPC port (client API, worker API, Raft) and toward its peers.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// The cluster CA certificate (PEM): every peer's certificate must chain to it.
+    pub ca: PathBuf,
+    /// This replica's certificate, naming `server/<id>` (`gangway tls issue server <id>`).
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// Plain TCP and no authorization: every caller is an admin. Local experiments only; the
+    /// replica says so in its log and in `cluster status`.
+    pub insecure: bool,
+}
+
+impl TlsSection {
+    /// The files, when TLS is on.
+    pub fn files(&self) -> Option<gangway_tls::TlsFiles> {
+        (!self.insecure).then(|| gangway_tls::TlsFiles {
+            ca: self.ca.clone(),
+            cert: Some(self.cert.clone()),
+            key: Some(self.key.clone()),
+        })
+    }
+}
+
+/// Who may do what, beyond the rules kept in the replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessSection {
+    /// Certificate names that are admins whatever the rules say (`client/admin`), so a cluster
+    /// cannot lock its operators out. Keep the same list on every replica.
+    pub admins: Vec<String>,
+}
+
 /// The whole server configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,6 +192,10 @@ pub struct ServerConfig {
     pub workers: WorkersSection,
     #[serde(default)]
     pub clients: ClientsSection,
+    #[serde(default)]
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub access: AccessSection,
 }
 
 impl ServerConfig {
@@ -174,6 +213,8 @@ impl ServerConfig {
             scheduler: SchedulerSection::default(),
             workers: WorkersSection::default(),
             clients: ClientsSection::default(),
+            tls: TlsSection::default(),
+            access: AccessSection::default(),
         }
     }
 
@@ -262,6 +303,25 @@ impl ServerConfig {
         }
         if self.scheduler.interval.is_zero() {
             return Err(bad("scheduler.interval", "expected a duration above zero"));
+        }
+        if !self.tls.insecure {
+            for (field, path) in [
+                ("tls.ca", &self.tls.ca),
+                ("tls.cert", &self.tls.cert),
+                ("tls.key", &self.tls.key),
+            ] {
+                if path.as_os_str().is_empty() {
+                    return Err(bad(
+                        field,
+                        "required: give the CA, this replica's certificate and key (gangway tls init / issue), or set tls.insecure = true for a local experiment",
+                    ));
+                }
+            }
+        }
+        for (i, admin) in self.access.admins.iter().enumerate() {
+            admin
+                .parse::<gangway_tls::Identity>()
+                .map_err(|e| bad(&format!("access.admins[{i}]"), e.to_string()))?;
         }
         let w = &self.workers;
         if w.heartbeat_interval.is_zero() || w.node_ttl < w.heartbeat_interval * 2 {

@@ -12,6 +12,7 @@
 
 pub mod access_api;
 pub mod archive;
+pub mod audit_api;
 pub mod auth;
 pub mod client_api;
 pub mod config;
@@ -28,6 +29,7 @@ pub mod leader;
 pub mod notifier;
 pub mod policy;
 pub mod replica;
+pub mod tls_link;
 pub mod worker_api;
 
 pub use config::ServerConfig;

@@ -39,6 +39,8 @@ pub enum ServerError {
     Serve { what: &'static str, message: String },
     #[error("{0}")]
     Archive(String),
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 /// The process-wide Prometheus recorder: installed once, shared by every replica a process runs
@@ -70,6 +72,8 @@ pub struct Replica {
     ctx: ReplicaContext,
     grpc_listener: TcpListener,
     http_listener: TcpListener,
+    tls: Option<gangway_tls::ServerTls>,
+    auth: super::auth::AuthLayer,
 }
 
 impl Replica {
@@ -79,6 +83,8 @@ impl Replica {
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
         config.validate()?;
         let members = config.initial_members()?;
+        let tls = super::tls_link::ReplicaTls::new(&config)
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
         let bind = |addr: String, what| async move {
             TcpListener::bind(&addr)
                 .await
@@ -95,7 +101,7 @@ impl Replica {
         // Every Raft message goes through the drill injector; it is empty (delivers everything)
         // unless a drill runs, which the drill handler allows only with `allow_drills`.
         let drills = Arc::new(super::drill::DrillControl::default());
-        let transport = Transport::tcp().with_faults(drills.faults());
+        let transport = Transport::new(tls.peers.clone()).with_faults(drills.faults());
         let archive_dir = std::path::Path::new(&config.data_dir).join("archive");
         let archive = super::archive::JobArchive::open(&archive_dir)
             .map_err(|e| ServerError::Archive(e.to_string()))?;
@@ -108,7 +114,13 @@ impl Replica {
                 "new data directory: bootstrapped the founding members"
             );
         }
+        let rules_raft = raft.clone();
+        let rules: super::auth::Rules =
+            Arc::new(move |f| rules_raft.read_local(|fsm| f(fsm.store().access())));
+        let auth = super::auth::AuthLayer::new(tls.mode.clone(), rules);
         Ok(Self {
+            tls: tls.server,
+            auth,
             ctx: ReplicaContext {
                 raft,
                 config: Arc::new(config),
@@ -147,23 +159,34 @@ impl Replica {
             ctx,
             grpc_listener,
             http_listener,
+            tls,
+            auth,
         } = self;
         let stop_rx = ctx.stopping();
         let mut tasks: JoinSet<Result<(), ServerError>> = JoinSet::new();
 
         let grpc = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .layer(auth)
             .add_service(ctx.raft.grpc_service())
             .add_service(ClientApiServer::new(ClientService::new(ctx.clone())))
             .add_service(WorkerApiServer::new(WorkerService::new(ctx.clone())));
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
-            grpc.serve_with_incoming_shutdown(incoming, async move {
+            let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
-            })
-            .await
-            .map_err(|e| ServerError::Serve {
+            };
+            let served = match tls {
+                Some(tls) => {
+                    grpc.serve_with_incoming_shutdown(tls.incoming(grpc_listener), stopped)
+                        .await
+                }
+                None => {
+                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+                    grpc.serve_with_incoming_shutdown(incoming, stopped).await
+                }
+            };
+            served.map_err(|e| ServerError::Serve {
                 what: "grpc",
                 message: e.to_string(),
             })

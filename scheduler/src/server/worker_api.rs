@@ -6,6 +6,7 @@
 //! answers `not_leader` with the leader's address. Reports are replicated commands, so any replica
 //! accepts them (a follower forwards), and they are idempotent, so workers retry them freely.
 
+use super::auth::Caller;
 use super::context::ReplicaContext;
 use super::convert;
 use super::error::{required, ApiError};
@@ -288,7 +289,9 @@ fn deliverable_within(
 #[tonic::async_trait]
 impl WorkerApi for WorkerService {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Reply<pb::RegisterReply> {
+        let caller = Caller::of(&req);
         let reg = registration_from_pb(req.into_inner())?;
+        caller.require_node(&reg.name)?;
         let name = reg.name.clone();
         self.ctx.write(Command::RegisterNode(reg)).await?;
         if self.ctx.raft.is_leader() {
@@ -304,8 +307,10 @@ impl WorkerApi for WorkerService {
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatReply> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let node = HostName::new(required("node", &req.node)?);
+        caller.require_node(&node)?;
         self.ctx.leader_only()?;
         // The node's state, and the digest of its allocation set as the state holds it: the
         // agent renews its lease deadline only while the set it applied is this one.
@@ -352,6 +357,7 @@ impl WorkerApi for WorkerService {
         req: Request<pb::WatchAllocationsRequest>,
     ) -> Reply<Self::WatchAllocationsStream> {
         let node = HostName::new(required("node", &req.get_ref().node)?);
+        Caller::of(&req).require_node(&node)?;
         self.ctx.leader_only()?;
         // A stream for a node the cluster does not know is refused before it subscribes (a
         // subscription per made-up name would grow the notifier without bound).
@@ -447,8 +453,10 @@ impl WorkerApi for WorkerService {
     }
 
     async fn report_task_status(&self, req: Request<pb::TaskStatusReport>) -> Reply<pb::Empty> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let node = HostName::new(required("node", &req.node)?);
+        caller.require_node(&node)?;
         let job = JobId::new(required("job_id", &req.job_id)?);
         let state = convert::reported_task_state("state", req.state)?;
         // A report about a task this node does not run under the current lease is refused here;
@@ -488,7 +496,9 @@ impl WorkerApi for WorkerService {
     }
 
     async fn report_device_health(&self, req: Request<pb::DeviceHealthReport>) -> Reply<pb::Empty> {
+        let caller = Caller::of(&req);
         let report = device_health_from_report(req.into_inner())?;
+        caller.require_node(&report.node)?;
         self.own_devices(&report.node, std::slice::from_ref(&report.device))?;
         metrics::counter!("gangway_device_health_reports_total", "health" => report.health.to_string())
             .increment(1);
@@ -502,16 +512,38 @@ impl WorkerApi for WorkerService {
     }
 
     async fn report_health_check(&self, req: Request<pb::HealthCheckReport>) -> Reply<pb::Empty> {
+        let caller = Caller::of(&req);
         let report = health_check_from_report(req.into_inner())?;
+        caller.require_node(&report.node)?;
         self.own_devices(&report.node, &report.failed_devices)?;
         self.ctx.write(Command::HealthCheck(report)).await?;
         Ok(TonicResponse::new(pb::Empty {}))
     }
 
     async fn report_checkpoint(&self, req: Request<pb::CheckpointReport>) -> Reply<pb::Empty> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
-        required("node", &req.node)?;
+        let node = HostName::new(required("node", &req.node)?);
+        caller.require_node(&node)?;
         let job = JobId::new(required("job_id", &req.job_id)?);
+        // Only a host the job's lease of that epoch placed a task on reports its checkpoints.
+        let elsewhere = self.ctx.raft.read_local(|fsm| {
+            let lease = fsm.store().job(&job)?.lease.as_ref()?;
+            let hosts = &lease.placement.tasks;
+            (lease.epoch == req.epoch && !hosts.iter().any(|t| t.host == node)).then(|| {
+                hosts
+                    .first()
+                    .map(|t| t.host.to_string())
+                    .unwrap_or_default()
+            })
+        });
+        if let Some(holder) = elsewhere {
+            return Err(ApiError::from(Rejection::BadNode {
+                node,
+                why: format!("job {job}'s lease runs on {holder}, not here"),
+            })
+            .into());
+        }
         let command = if req.error.trim().is_empty() {
             Command::RecordCheckpoint(CheckpointReport {
                 job,

@@ -4,7 +4,6 @@
 
 use crate::client::{normalize_addr, Client, ClientError, Resend};
 use gangway_proto::pb;
-use gangway_proto::pb::client_api_client::ClientApiClient;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
@@ -36,12 +35,12 @@ impl Members {
                     m.id, m.address
                 ))
             })?;
-            let channel = Endpoint::from_shared(uri)
+            let endpoint = Endpoint::from_shared(uri)
                 .map_err(|e| ClientError::Other(format!("replica {}: {e}", m.id)))?
                 .connect_timeout(CONNECT_TIMEOUT)
                 .timeout(STATUS_TIMEOUT)
-                .tcp_nodelay(true)
-                .connect_lazy();
+                .tcp_nodelay(true);
+            let channel = crate::client::credentials::current().lazy(&endpoint);
             members.insert(
                 m.id,
                 Member {
@@ -119,7 +118,7 @@ impl Members {
 }
 
 async fn status_on(channel: Channel) -> Option<pb::ClusterStatusReply> {
-    let mut api = ClientApiClient::new(channel);
+    let mut api = crate::client::credentials::current().api(channel);
     tokio::time::timeout(STATUS_TIMEOUT, api.cluster_status(pb::Empty {}))
         .await
         .ok()?

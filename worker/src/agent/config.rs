@@ -79,6 +79,15 @@ pub struct AgentConfig {
     pub rpc_timeout: Duration,
     /// The operator's health check, if any (see [`super::health_check`]).
     pub health_check: Option<super::health_check::HealthCheckConfig>,
+    /// Who tasks run as (see [`super::task_users`]); checked when the agent starts.
+    pub task_users: super::task_users::TaskUserFlags,
+    /// The largest allocation set the agent decodes: normally
+    /// `gangway_proto::allocation::MAX_ALLOCATION_SET_BYTES`; lower only to test a host that
+    /// cannot receive its allocations.
+    pub allocation_stream_max_bytes: usize,
+    /// The cluster CA and this host's certificate (`worker/<node>`); `None` only toward a cluster
+    /// started insecure.
+    pub tls: Option<gangway_tls::TlsFiles>,
 }
 
 #[cfg(test)]

@@ -12,7 +12,12 @@
 //! * **Lease deadline.** Every reply from the scheduler moves a deadline forward in the lease
 //!   file; each task's supervisor (the shim, see [`crate::driver`]) stops its task when the deadline
 //!   passes, so a host cut off from every replica, or whose agent died, stops its tasks before the
-//!   majority can lease the devices again.
+//!   majority can lease the devices again. A heartbeat reply moves it only while the allocation
+//!   set the agent applied is the state's ([`lease_renewal`]): a host that cannot receive its
+//!   allocations stops its tasks by the deadline too.
+//! * **Task users** ([`task_users`]): tasks run as the unprivileged users the operator names,
+//!   never as the agent's user unless told to; they cannot write the agent's files or reach each
+//!   other's.
 //! * **Re-adoption.** Intent lives in a state file ([`state_file`]); a restarted agent re-adopts the
 //!   tasks whose supervisors still run and reports the ones that ended while it was away.
 //! * **Reports are retried until acknowledged** (an outbox in the state file): an election never
@@ -23,16 +28,23 @@
 //!   device before the failures it caused. The optional health check ([`health_check`]) runs
 //!   before the host first registers and periodically after.
 
+pub mod accounts;
 pub mod checkpoint;
 pub mod config;
 mod cpu_meter;
 pub mod health;
 pub mod health_check;
+mod isolation;
+pub mod lease_renewal;
 pub mod log_service;
 pub mod reconcile;
 pub mod scheduler_link;
 pub mod state_file;
+mod stream_trouble;
 pub mod task_env;
+pub mod task_users;
+mod tls;
+pub mod uid_range;
 
 pub use config::{AgentConfig, TopologyLabels};
 pub use scheduler_link::SchedulerLink;
@@ -93,6 +105,8 @@ pub struct Agent {
     inventory: Vec<DeviceInfo>,
     driver: Arc<TaskDriver>,
     link: SchedulerLink,
+    /// The log API's TLS (`None` toward an insecure cluster).
+    log_tls: Option<gangway_tls::ServerTls>,
     state: Mutex<AgentState>,
     state_file: StateFile,
     /// Held while the state file is written (see [`Agent::save`]).
@@ -120,6 +134,12 @@ pub struct Agent {
     /// Each device's last reported health. Held while the devices are read, so readings are
     /// classified (and their changes queued) in the order they were taken.
     health: Mutex<HealthMonitor>,
+    /// Who tasks run as.
+    users: task_users::TaskUsers,
+    /// The uids of tasks being launched.
+    uids: isolation::UidBook,
+    /// Whether a heartbeat reply may move the lease deadline.
+    renewal: Mutex<lease_renewal::RenewGate>,
 }
 
 /// How the agent's devices are read.
@@ -140,6 +160,9 @@ impl Agent {
             Devices::Fake(f) => (f.clone(), Some(f)),
         };
         let inventory = backend.inventory()?;
+        // SAFETY: geteuid cannot fail.
+        let users = task_users::TaskUsers::from_flags(&cfg.task_users, unsafe { libc::geteuid() })
+            .map_err(AgentError::Config)?;
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
             AgentError::Config(format!(
                 "cannot create the data directory {}: {e}",
@@ -152,6 +175,7 @@ impl Agent {
                 cfg.checkpoint_dir.display()
             ))
         })?;
+        isolation::prepare_host(&cfg, &users)?;
         let driver = Arc::new(TaskDriver::new(DriverConfig {
             shim_command: cfg.shim_command.clone(),
             data_dir: cfg.data_dir.clone(),
@@ -160,7 +184,8 @@ impl Agent {
         })?);
         let state_file = StateFile::new(&cfg.data_dir);
         let state = state_file.load()?;
-        let link = SchedulerLink::new(cfg.servers.clone(), cfg.rpc_timeout);
+        let tls = tls::agent_tls(&cfg)?;
+        let link = SchedulerLink::with_dialer(cfg.servers.clone(), cfg.rpc_timeout, tls.dialer);
         let health = Mutex::new(HealthMonitor::new(&inventory));
         Ok(Arc::new(Self {
             cfg,
@@ -169,6 +194,7 @@ impl Agent {
             inventory,
             driver,
             link,
+            log_tls: tls.server,
             state: Mutex::new(state),
             state_file,
             saving: Mutex::new(()),
@@ -183,6 +209,9 @@ impl Agent {
             lease_ttl_ms: AtomicU64::new(0),
             leader_found: std::sync::atomic::AtomicBool::new(false),
             health,
+            users,
+            uids: isolation::UidBook::default(),
+            renewal: Mutex::new(lease_renewal::RenewGate::default()),
         }))
     }
 
@@ -218,15 +247,22 @@ impl Agent {
                 source,
             })?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let api = tonic::transport::Server::builder()
-            .add_service(pb::agent_api_server::AgentApiServer::new(
+        let router = tonic::transport::Server::builder().add_service(
+            pb::agent_api_server::AgentApiServer::with_interceptor(
                 log_service::LogService::new(self.driver.clone()),
-            ))
-            .serve_with_incoming_shutdown(
+                tls::log_reader,
+            ),
+        );
+        let stopped = wait_stop(stop_rx.clone());
+        let api = match self.log_tls.clone() {
+            Some(t) => {
+                tokio::spawn(router.serve_with_incoming_shutdown(t.incoming(listener), stopped))
+            }
+            None => tokio::spawn(router.serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
-                wait_stop(stop_rx.clone()),
-            );
-        let api = tokio::spawn(api);
+                stopped,
+            )),
+        };
 
         tokio::pin!(shutdown);
         // The health check runs before the host offers its devices; its result is reported once
@@ -315,6 +351,7 @@ impl Agent {
             }
         }
         drop(state);
+        self.driver.close_idle_task_dirs();
         let _ = self.save();
         self.outbox_wake.notify_one();
     }
@@ -371,6 +408,34 @@ impl Agent {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Whether a heartbeat reply carrying the state's allocation digest may move the lease
+    /// deadline (see [`lease_renewal`]); says when that changes.
+    fn may_renew(&self, digest: &[u8]) -> bool {
+        use lease_renewal::Renewal;
+        match lock(&self.renewal).on_reply(digest) {
+            Renewal::Renew { recovered } => {
+                if recovered {
+                    tracing::info!("the allocation set is current again: lease renewals resume");
+                }
+                true
+            }
+            Renewal::Unchecked { first } => {
+                if first {
+                    tracing::warn!("the scheduler's heartbeat replies carry no allocation digest (an older replica): renewing the lease deadline without knowing whether this host's allocations are current");
+                }
+                true
+            }
+            Renewal::Withhold { warn } => {
+                if warn {
+                    tracing::error!(
+                        "this host's allocation set is behind the state's (the allocation stream is not delivering it): not renewing the lease deadline, so its tasks stop by it unless the stream recovers"
+                    );
+                }
+                false
+            }
         }
     }
 
@@ -532,7 +597,9 @@ impl Agent {
             match result {
                 Ok(reply) => {
                     let r = reply.into_inner();
-                    self.lease_granted(sent_at, r.lease_ttl_ms);
+                    if self.may_renew(&r.allocation_digest) {
+                        self.lease_granted(sent_at, r.lease_ttl_ms);
+                    }
                     if !self.leader_found.swap(true, Ordering::AcqRel) {
                         self.outbox_wake.notify_one();
                     }
@@ -565,8 +632,10 @@ impl Agent {
 
     async fn watch_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(50);
+        let mut trouble = stream_trouble::StreamTrouble::default();
         loop {
-            let stream = match self.link.stream_client() {
+            let max_bytes = self.cfg.allocation_stream_max_bytes;
+            let stream = match self.link.stream_client(max_bytes) {
                 Ok(mut c) => {
                     c.watch_allocations(pb::WatchAllocationsRequest {
                         node: self.cfg.node.clone(),
@@ -575,6 +644,7 @@ impl Agent {
                 }
                 Err(e) => Err(e),
             };
+            let mut pause = Duration::ZERO;
             match stream {
                 Ok(resp) => {
                     let mut stream = resp.into_inner();
@@ -586,11 +656,16 @@ impl Agent {
                         match msg {
                             Ok(Some(set)) => {
                                 backoff = Duration::from_millis(50);
+                                trouble.delivered();
                                 self.reconcile(set).await;
                             }
                             Ok(None) => break,
                             Err(status) => {
-                                tracing::debug!("allocation stream ended: {}", status.message());
+                                pause = trouble.failed(
+                                    "the stream ended",
+                                    &self.link.target(),
+                                    &status,
+                                );
                                 self.link.failed(&status);
                                 break;
                             }
@@ -598,12 +673,12 @@ impl Agent {
                     }
                 }
                 Err(status) => {
-                    tracing::debug!(target = %self.link.target(), "watch: {}", status.message());
+                    pause = trouble.failed("cannot open it", &self.link.target(), &status);
                     self.link.failed(&status);
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.max(pause)) => {}
                 _ = stop.changed() => return,
             }
             backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -711,6 +786,7 @@ impl Agent {
         }
         drop((running, launching));
         let next = plan.accepted?;
+        lock(&self.renewal).applied(gangway_proto::allocation::digest(set));
         state.revision = next.revision;
         state.device_epochs = next.device_epochs;
         state.refused = next.refused;
@@ -750,12 +826,31 @@ impl Agent {
         });
     }
 
+    /// Launches a task as the user its queue or job gets (see [`task_users`]).
     async fn launch(self: &Arc<Self>, key: TaskKey, alloc: pb::Allocation) {
+        let assigned = {
+            let state = self.lock_state();
+            self.uids
+                .assign(&self.users, &alloc.queue, &key.job, &state)
+        };
+        match assigned {
+            Ok(identity) => {
+                self.launch_as(key, alloc, identity.clone()).await;
+                self.uids.release(identity.as_ref());
+            }
+            Err(e) => self.launch_failed(&key, format!("no user to run the task as: {e}")),
+        }
+    }
+
+    async fn launch_as(
+        self: &Arc<Self>,
+        key: TaskKey,
+        alloc: pb::Allocation,
+        identity: Option<crate::driver::TaskIdentity>,
+    ) {
         let env = task_env::task_env(&alloc, &self.inventory, &self.cfg.checkpoint_dir);
         let ckdir = task_env::checkpoint_dir(&self.cfg.checkpoint_dir, &alloc.job_id);
-        if let Err(e) = std::fs::create_dir_all(&ckdir) {
-            tracing::warn!("cannot create {}: {e}", ckdir.display());
-        }
+        isolation::hand_over_checkpoint_dir(&ckdir, identity.as_ref());
         // The shim stops the task this long before the lease deadline. A quarter of the lease
         // keeps a task from being fenced at birth when the stop grace is longer than the lease.
         let lease_ttl = Duration::from_millis(self.lease_ttl_ms.load(Ordering::Relaxed));
@@ -765,6 +860,7 @@ impl Agent {
             env,
             work_dir: None,
             fence_grace: Some(self.cfg.grace.min(lease_ttl / 4)),
+            identity,
         };
         match self.driver.launch(spec).await {
             Ok(handle) => {
@@ -822,21 +918,24 @@ impl Agent {
                 self.outbox_wake.notify_one();
                 self.watch_task(handle);
             }
-            Err(e) => {
-                tracing::warn!(job = %key.job, task = key.task, "launch failed: {e}");
-                let outcome = ExitOutcome {
-                    code: None,
-                    signal: None,
-                    reason: ExitReason::FailedToStart,
-                    message: e.to_string(),
-                };
-                let mut state = self.lock_state();
-                record_end(&mut state, &key, outcome);
-                drop(state);
-                let _ = self.save();
-                self.outbox_wake.notify_one();
-            }
+            Err(e) => self.launch_failed(&key, e.to_string()),
         }
+    }
+
+    /// Records and reports a task that could not be started.
+    fn launch_failed(&self, key: &TaskKey, message: String) {
+        tracing::warn!(job = %key.job, task = key.task, "launch failed: {message}");
+        let outcome = ExitOutcome {
+            code: None,
+            signal: None,
+            reason: ExitReason::FailedToStart,
+            message,
+        };
+        let mut state = self.lock_state();
+        record_end(&mut state, key, outcome);
+        drop(state);
+        let _ = self.save();
+        self.outbox_wake.notify_one();
     }
 
     /// Waits for the task's end in the background, then records and reports it.
@@ -847,6 +946,7 @@ impl Agent {
         tokio::spawn(async move {
             let outcome = handle.wait().await;
             lock(&agent.running).remove(&key);
+            agent.driver.retire(&key);
             tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, reason = ?outcome.reason, code = ?outcome.code, "task ended: {}", outcome.message);
             if !outcome.success() {
                 // A failed device often shows first as the crash of the task on it: read the

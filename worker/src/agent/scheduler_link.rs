@@ -7,22 +7,34 @@
 
 use gangway_proto::link::{self, Replicas};
 use gangway_proto::pb::worker_api_client::WorkerApiClient;
+use gangway_tls::Dialer;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 pub use gangway_proto::link::retryable;
 
-/// A leader-following worker API client. Cheap to clone; clones share what they learn.
+/// A leader-following worker API client. Cheap to clone; clones share what they learn and the
+/// connections they open (one per replica and kind, so TLS handshakes are not repeated per call).
 #[derive(Clone)]
 pub struct SchedulerLink {
     replicas: Arc<Mutex<Replicas>>,
     rpc_timeout: Duration,
+    dialer: Dialer,
+    /// (target, for streams?) -> channel.
+    channels: Arc<Mutex<HashMap<(String, bool), Channel>>>,
 }
 
 impl SchedulerLink {
-    /// `addrs` must not be empty; each is `host:port` or `http://host:port`.
+    /// Plain TCP (toward an insecure cluster; tests). See [`Self::with_dialer`].
     pub fn new(addrs: Vec<String>, rpc_timeout: Duration) -> Self {
+        Self::with_dialer(addrs, rpc_timeout, Dialer::Plain)
+    }
+
+    /// `addrs` must not be empty; each is `host:port` or `http://host:port`. `dialer` says how
+    /// replicas are reached (mutual TLS with this host's certificate, or plain TCP).
+    pub fn with_dialer(addrs: Vec<String>, rpc_timeout: Duration, dialer: Dialer) -> Self {
         // A malformed address is kept as given: connecting to it fails with its text.
         let addrs = addrs
             .into_iter()
@@ -31,7 +43,25 @@ impl SchedulerLink {
         Self {
             replicas: Arc::new(Mutex::new(Replicas::new(addrs))),
             rpc_timeout,
+            dialer,
+            channels: Arc::default(),
         }
+    }
+
+    /// The cached channel to the current target (`stream`: the keep-alive endpoint).
+    fn channel(
+        &self,
+        stream: bool,
+        endpoint: impl FnOnce() -> Result<Endpoint, tonic::Status>,
+    ) -> Result<Channel, tonic::Status> {
+        let key = (self.target(), stream);
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(&key) {
+            return Ok(c.clone());
+        }
+        let c = self.dialer.lazy(&endpoint()?);
+        channels.insert(key, c.clone());
+        Ok(c)
     }
 
     fn replicas(&self) -> std::sync::MutexGuard<'_, Replicas> {
@@ -56,18 +86,24 @@ impl SchedulerLink {
 
     /// A client for unary calls, each bounded by the link's timeout.
     pub fn client(&self) -> Result<WorkerApiClient<Channel>, tonic::Status> {
-        let endpoint = self.endpoint()?.timeout(self.rpc_timeout);
-        Ok(WorkerApiClient::new(endpoint.connect_lazy()))
+        let channel = self.channel(false, || Ok(self.endpoint()?.timeout(self.rpc_timeout)))?;
+        Ok(WorkerApiClient::new(channel))
     }
 
     /// A client without a per-call timeout, for the long-lived allocation stream; keep-alives
-    /// notice a dead leader instead.
-    pub fn stream_client(&self) -> Result<WorkerApiClient<Channel>, tonic::Status> {
-        let endpoint = self
-            .endpoint()?
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(2));
-        Ok(WorkerApiClient::new(endpoint.connect_lazy()))
+    /// notice a dead leader instead. It decodes sets up to `max_bytes` (see
+    /// `gangway_proto::allocation::MAX_ALLOCATION_SET_BYTES`), not gRPC's default 4 MiB.
+    pub fn stream_client(
+        &self,
+        max_bytes: usize,
+    ) -> Result<WorkerApiClient<Channel>, tonic::Status> {
+        let channel = self.channel(true, || {
+            Ok(self
+                .endpoint()?
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(Duration::from_secs(2)))
+        })?;
+        Ok(WorkerApiClient::new(channel).max_decoding_message_size(max_bytes))
     }
 
     /// After a failed call: follow the leader hint it carried, or move to the next replica.
