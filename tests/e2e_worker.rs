@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use common::worker::WorkerProcess as Worker;
 
+#[path = "e2e_worker/trust.rs"]
+mod trust;
+
 /// Polls a condition on local files until it holds.
 async fn wait_until(
     timeout: Duration,
@@ -452,9 +455,11 @@ mod deposed {
             &self,
             _: Request<pb::HeartbeatRequest>,
         ) -> Result<Response<pb::HeartbeatReply>, Status> {
+            // No allocation digest, as from a replica that predates it: the agent renews.
             Ok(Response::new(pb::HeartbeatReply {
                 heartbeat_interval_ms: 200,
                 lease_ttl_ms: 60_000,
+                allocation_digest: Vec::new(),
             }))
         }
         type WatchAllocationsStream =

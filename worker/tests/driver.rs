@@ -28,6 +28,9 @@ macro_rules! ensure {
     };
 }
 
+#[path = "driver/isolation.rs"]
+mod isolation;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("task-shim") {
@@ -73,6 +76,12 @@ fn main() {
             "a worker cut off from the scheduler must have stopped its tasks by the lease \
              deadline, or the gang could run twice; a renewed lease must keep them running",
             || Box::pin(lease_expiry_fences_task()),
+        ),
+        (
+            "tasks_are_isolated_from_the_agent_and_each_other",
+            "a task runs as the user it was given and cannot write the lease file or the agent's \
+             state, signal another job's task or open its files (root only)",
+            || Box::pin(isolation::tasks_are_isolated_from_the_agent_and_each_other()),
         ),
         (
             "failed_to_start_names_program",
@@ -169,6 +178,7 @@ fn sh_spec(job: &str, epoch: u64, script: &str) -> LaunchSpec {
         command: vec!["/bin/sh".into(), "-c".into(), script.into()],
         env: BTreeMap::new(),
         work_dir: None,
+        identity: None,
     }
 }
 

@@ -12,6 +12,7 @@ use gangway_proto::pb;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// A report the scheduler has not acknowledged yet; retried until it is.
@@ -232,7 +233,15 @@ impl StateFile {
         let tmp = self
             .path
             .with_extension(format!("json.{}.{n}.tmp", std::process::id()));
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        // 0600: the agent's alone (tasks run as other users and must not read or write it). A
+        // leftover of a crashed agent with the same pid goes first, mode and all.
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(err)?;
         f.write_all(&bytes).map_err(err)?;
         f.sync_all().map_err(err)?;
         drop(f);
@@ -348,6 +357,11 @@ mod tests {
                     start_ticks: 77,
                     exit_file: "/x/exit.json".into(),
                     log_file: "/x/task-1.log".into(),
+                    identity: Some(crate::driver::TaskIdentity {
+                        uid: 61_007,
+                        gid: 61_007,
+                        groups: vec![44],
+                    }),
                 },
                 devices: vec![0, 1],
                 checkpoints_done: 2,
@@ -382,7 +396,20 @@ mod tests {
         });
         file.save(&state).unwrap();
         assert_eq!(file.load().unwrap(), state);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(file.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the agent's state is the agent's alone");
         let text = std::fs::read_to_string(file.path()).unwrap();
+        // A file written before tasks had users still loads: its tasks ran as the agent.
+        let mut older: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let process = &mut older["tasks"][0][1]["process"];
+        assert!(process
+            .as_object_mut()
+            .unwrap()
+            .remove("identity")
+            .is_some());
+        let older: AgentState = serde_json::from_value(older).unwrap();
+        assert_eq!(older.tasks[&key].process.identity, None);
         assert!(
             text.contains(r#""state": "lost""#),
             "report states keep their word form: {text}"

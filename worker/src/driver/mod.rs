@@ -15,12 +15,15 @@
 //!
 //! Files under `data_dir`: `logs/<job>/task-<n>.log` (stdout and stderr of every epoch, each
 //! after a `=== gangway: epoch E started` header) and `tasks/<job>/task-<n>/` (`epoch-<E>/exit.json`
-//! and the default working directory `work/`).
+//! and the default working directory `work/`). A task may run as another user
+//! ([`TaskIdentity`]): it then owns its working directory and nothing else (see `layout.rs`).
 
 mod config;
 mod error;
 mod exit_file;
+mod identity;
 mod key;
+mod layout;
 mod lease;
 mod outcome;
 mod procfs;
@@ -33,10 +36,12 @@ mod task_handle;
 
 pub use config::DriverConfig;
 pub use error::DriverError;
+pub use identity::TaskIdentity;
 pub use key::TaskKey;
+pub use layout::hand_over_dir;
 pub use lease::boottime_ms;
 pub use outcome::{ExitOutcome, ExitReason};
-pub(crate) use procfs::{clock_ticks_per_second, group_cpu_ticks};
+pub(crate) use procfs::{clock_ticks_per_second, group_cpu_ticks, uids_with_processes};
 pub use record::ProcessRecord;
 pub use shim::{run_shim, ShimArgs};
 pub use spec::LaunchSpec;

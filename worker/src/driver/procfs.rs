@@ -90,6 +90,29 @@ pub(crate) fn group_cpu_ticks(groups: &[i32]) -> std::collections::BTreeMap<i32,
     out
 }
 
+/// The real uids of every process on the host, from one pass over /proc (a uid the agent is
+/// about to give a task must not be anyone's already: that one could signal its processes).
+pub(crate) fn uids_with_processes() -> std::collections::BTreeSet<u32> {
+    let mut out = std::collections::BTreeSet::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        // "Uid:\treal\teffective\tsaved\tfs": every one of them counts.
+        let ids = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .into_iter()
+            .flat_map(str::split_whitespace)
+            .filter_map(|u| u.parse::<u32>().ok());
+        out.extend(ids);
+    }
+    out
+}
+
 /// Clock ticks per second, the unit of `/proc/<pid>/stat` times.
 pub(crate) fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf reads a constant of the running system; no memory is passed.
@@ -111,6 +134,13 @@ mod tests {
         assert_eq!(stat.cpu_ticks, 1 + 2);
         assert_eq!(stat.start_ticks, 987654);
         assert!(stat.alive());
+    }
+
+    #[test]
+    fn our_own_uid_has_processes() {
+        // SAFETY: getuid cannot fail.
+        let me = unsafe { libc::getuid() };
+        assert!(uids_with_processes().contains(&me));
     }
 
     #[test]

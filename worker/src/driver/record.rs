@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::TaskKey;
+use super::{TaskIdentity, TaskKey};
 
 /// What the agent persists in its state file to re-adopt a task after a restart.
 ///
@@ -18,4 +18,7 @@ pub struct ProcessRecord {
     pub start_ticks: u64,
     pub exit_file: PathBuf,
     pub log_file: PathBuf,
+    /// Who the task runs as (absent: the agent's user; also in state files that predate it).
+    #[serde(default)]
+    pub identity: Option<TaskIdentity>,
 }

@@ -13,7 +13,10 @@
 //! (no-op handlers) while the task gets them with their default dispositions.
 //!
 //! Flags: `--exit-file PATH --lease-file PATH --grace-ms N [--workdir DIR]
-//! [--log-file PATH --log-max-bytes N] -- CMD [ARGS...]`.
+//! [--log-file PATH --log-max-bytes N] [--uid N --gid N [--groups A,B]] -- CMD [ARGS...]`.
+//!
+//! With `--uid`, the task (not the shim) runs as that user (see [`TaskIdentity`]): it cannot
+//! write the lease file, the exit file or the agent's files, nor signal the shim.
 //!
 //! With `--log-file`, the shim also caps the task's log (its own stdout and stderr, which the task
 //! inherits, opened in append mode): past `--log-max-bytes` the log is copied to `PATH.1`
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use super::lease::{boottime_ms, read_deadline};
 use super::signals::{signal_group, signal_name, survive_group_signals};
-use super::{exit_file, DriverError, ExitOutcome, ExitReason};
+use super::{exit_file, DriverError, ExitOutcome, ExitReason, TaskIdentity};
 
 /// How often the shim checks whether the task has exited.
 const CHILD_POLL: Duration = Duration::from_millis(20);
@@ -48,6 +51,8 @@ pub struct ShimArgs {
     pub command: Vec<String>,
     /// The task's log and the size past which it is rotated.
     pub log_cap: Option<(PathBuf, u64)>,
+    /// Who the task runs as; the shim's own user when absent.
+    pub identity: Option<TaskIdentity>,
 }
 
 impl ShimArgs {
@@ -61,6 +66,7 @@ impl ShimArgs {
         let mut workdir = None;
         let mut log_file = None;
         let mut log_max = None;
+        let (mut uid, mut gid, mut groups) = (None, None, None);
         let mut iter = args.iter();
         let command = loop {
             let Some(flag) = iter.next() else {
@@ -76,6 +82,9 @@ impl ShimArgs {
                 "--workdir" => &mut workdir,
                 "--log-file" => &mut log_file,
                 "--log-max-bytes" => &mut log_max,
+                "--uid" => &mut uid,
+                "--gid" => &mut gid,
+                "--groups" => &mut groups,
                 other => return Err(err(format!("unknown flag `{other}`"))),
             };
             let Some(value) = iter.next() else {
@@ -112,6 +121,7 @@ impl ShimArgs {
             }
             _ => return Err(err("`--log-file` and `--log-max-bytes` go together".into())),
         };
+        let identity = TaskIdentity::from_flags(uid, gid, groups).map_err(err)?;
         Ok(ShimArgs {
             exit_file,
             lease_file,
@@ -119,6 +129,7 @@ impl ShimArgs {
             workdir: workdir.map(PathBuf::from),
             command,
             log_cap,
+            identity,
         })
     }
 
@@ -141,6 +152,9 @@ impl ShimArgs {
             out.push(path.display().to_string());
             out.push("--log-max-bytes".into());
             out.push(max.to_string());
+        }
+        if let Some(identity) = &self.identity {
+            out.extend(identity.to_args());
         }
         out.push("--".into());
         out.extend(self.command.iter().cloned());
@@ -175,33 +189,15 @@ pub fn run_shim(args: ShimArgs) -> i32 {
             ),
         );
     }
-    let mut command = Command::new(&program);
-    command.args(&args.command[1..]);
-    if let Some(dir) = &args.workdir {
-        if !dir.is_dir() {
-            return finish(
-                &args.exit_file,
-                outcome(
-                    None,
-                    ExitReason::FailedToStart,
-                    format!(
-                        "failed to start `{program}`: working directory {} is not a directory",
-                        dir.display()
-                    ),
-                ),
-            );
-        }
-        command.current_dir(dir);
-    }
-    let mut child = match command.spawn() {
+    let mut child = match start_task(&args, &program) {
         Ok(child) => child,
-        Err(e) => {
+        Err(why) => {
             return finish(
                 &args.exit_file,
                 outcome(
                     None,
                     ExitReason::FailedToStart,
-                    format!("failed to start `{program}`: {e}"),
+                    format!("failed to start `{program}`: {why}"),
                 ),
             )
         }
@@ -242,6 +238,29 @@ pub fn run_shim(args: ShimArgs) -> i32 {
         }
         std::thread::sleep(CHILD_POLL);
     }
+}
+
+/// Starts the task in the working directory, as its identity; `Err` says why it could not.
+fn start_task(args: &ShimArgs, program: &str) -> Result<Child, String> {
+    let mut command = Command::new(program);
+    command.args(&args.command[1..]);
+    if let Some(dir) = &args.workdir {
+        if !dir.is_dir() {
+            return Err(format!(
+                "working directory {} is not a directory",
+                dir.display()
+            ));
+        }
+        command.current_dir(dir);
+    }
+    if let Some(identity) = &args.identity {
+        identity.check()?;
+        identity.apply(&mut command);
+    }
+    command.spawn().map_err(|e| match &args.identity {
+        Some(identity) => format!("{e} (running as {identity})"),
+        None => e.to_string(),
+    })
 }
 
 /// The lease ran out: SIGTERM the group, give the task the grace, record the exit, then SIGKILL
@@ -429,6 +448,36 @@ mod tests {
             let e = with(bad).unwrap_err().to_string();
             assert!(e.contains("log"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_task_identity_round_trips_and_root_is_refused() {
+        let base = [
+            "--exit-file",
+            "/x/e",
+            "--lease-file",
+            "/x/l",
+            "--grace-ms",
+            "10",
+        ];
+        let with = |extra: &[&str]| {
+            let mut v: Vec<&str> = base.to_vec();
+            v.extend_from_slice(extra);
+            v.extend_from_slice(&["--", "true"]);
+            ShimArgs::parse(&strings(&v))
+        };
+        let args = with(&["--uid", "61000", "--gid", "61001", "--groups", "44"]).unwrap();
+        let identity = args.identity.clone().unwrap();
+        assert_eq!(
+            (identity.uid, identity.gid, identity.groups),
+            (61000, 61001, vec![44])
+        );
+        assert_eq!(ShimArgs::parse(&args.to_args()).unwrap(), args);
+        assert_eq!(with(&[]).unwrap().identity, None);
+        let e = with(&["--uid", "0", "--gid", "61001"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("uid 0"), "{e}");
     }
 
     #[test]

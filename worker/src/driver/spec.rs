@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::TaskKey;
+use super::{TaskIdentity, TaskKey};
 
 /// One task to start. The agent decides the environment (`CUDA_VISIBLE_DEVICES`, rendezvous
 /// addresses, ...); the driver only runs it.
@@ -21,4 +21,7 @@ pub struct LaunchSpec {
     /// deadline. Default: the driver's stop grace. It must stay well under the lease TTL, or the
     /// shim would fence the task as soon as it starts.
     pub fence_grace: Option<std::time::Duration>,
+    /// Who the task runs as (the shim switches for the task only); the agent's user when absent.
+    /// The default working directory is handed to it.
+    pub identity: Option<TaskIdentity>,
 }

@@ -5,10 +5,12 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
 use super::procfs::{same_process_alive, ProcStat};
 use super::{
-    exit_file, lease, DriverConfig, DriverError, ExitOutcome, LaunchSpec, ProcessRecord, ShimArgs,
-    TaskHandle, TaskKey,
+    exit_file, layout, lease, DriverConfig, DriverError, ExitOutcome, LaunchSpec, ProcessRecord,
+    ShimArgs, TaskHandle, TaskKey,
 };
 
 /// Runs task processes on this host, each under a shim (see [`run_shim`](super::run_shim)).
@@ -20,6 +22,8 @@ pub struct TaskDriver {
     cfg: DriverConfig,
     /// A task's log is rotated past this many bytes (see the shim's `--log-max-bytes`).
     log_max_bytes: u64,
+    /// Task directories open to their task, with the newest epoch launched in each.
+    open: std::sync::Mutex<std::collections::BTreeMap<PathBuf, u64>>,
 }
 
 /// The default cap on one task's log before it is rotated (the previous part is kept beside it,
@@ -43,9 +47,9 @@ impl TaskDriver {
                 cfg.lease_file.display()
             )));
         }
-        for dir in [cfg.data_dir.join("tasks"), cfg.data_dir.join("logs")] {
-            create_dir(&dir)?;
-        }
+        layout::ensure_dir(&cfg.data_dir, layout::PASSABLE)?;
+        layout::ensure_dir(&cfg.data_dir.join("tasks"), layout::PASSABLE)?;
+        layout::ensure_dir(&cfg.data_dir.join("logs"), layout::PRIVATE)?;
         if let Some(parent) = cfg
             .lease_file
             .parent()
@@ -56,6 +60,7 @@ impl TaskDriver {
         Ok(TaskDriver {
             cfg,
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+            open: Default::default(),
         })
     }
 
@@ -134,17 +139,23 @@ impl TaskDriver {
     /// specs and failures of the driver's own files or of the shim binary.
     pub async fn launch(&self, spec: LaunchSpec) -> Result<TaskHandle, DriverError> {
         validate(&spec)?;
-        let key = spec.key;
+        let key = spec.key.clone();
+        let result = self.prepare_and_spawn(spec);
+        if result.is_err() {
+            self.retire(&key);
+        }
+        result
+    }
+
+    fn prepare_and_spawn(&self, spec: LaunchSpec) -> Result<TaskHandle, DriverError> {
+        let key = spec.key.clone();
         let task_dir = self.task_dir(&key);
+        self.open_task_dir(&task_dir, key.epoch)?;
         let epoch_dir = task_dir.join(format!("epoch-{}", key.epoch));
-        create_dir(&epoch_dir)?;
-        let work_dir = match spec.work_dir {
-            Some(dir) => dir,
-            None => {
-                let dir = task_dir.join("work");
-                create_dir(&dir)?;
-                dir
-            }
+        layout::ensure_dir(&epoch_dir, layout::PRIVATE)?;
+        let work_dir = match &spec.work_dir {
+            Some(dir) => dir.clone(),
+            None => layout::work_dir(&task_dir, spec.identity.as_ref())?,
         };
         let exit_file = epoch_dir.join("exit.json");
         // A stale exit file (a relaunch of the same epoch) would be taken for this run's.
@@ -155,25 +166,60 @@ impl TaskDriver {
             _ => {}
         }
         let log_file = self.log_path(&key.job, key.task);
-        let log = open_log(&log_file, &key)?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| DriverError::io("duplicating log file", &log_file, e))?;
-
         let shim_args = ShimArgs {
             log_cap: Some((log_file.clone(), self.log_max_bytes)),
             exit_file: exit_file.clone(),
             lease_file: self.cfg.lease_file.clone(),
             grace: spec.fence_grace.unwrap_or(self.cfg.grace),
-            workdir: Some(work_dir),
-            command: spec.command,
+            workdir: Some(work_dir.clone()),
+            command: spec.command.clone(),
+            identity: spec.identity.clone(),
         };
+        let mut env = spec.env.clone();
+        if spec.identity.is_some() {
+            // The agent's home is not the task's: its working directory is, unless the job says.
+            env.entry("HOME".into())
+                .or_insert_with(|| work_dir.display().to_string());
+        }
+        let (pid, child) = self.spawn_shim(&key, &shim_args, &env, &log_file)?;
+        // The shim is our unreaped child, so its /proc entry exists even if it already exited.
+        let start_ticks = match ProcStat::read(pid) {
+            Ok(stat) => stat.start_ticks,
+            Err(e) => {
+                tracing::warn!(task = %key, pid, error = %e, "cannot read the shim's start time; it cannot be re-adopted");
+                0
+            }
+        };
+        tracing::info!(task = %key, pid, identity = ?spec.identity, "launched task");
+        let record = ProcessRecord {
+            key,
+            pid,
+            start_ticks,
+            exit_file,
+            log_file,
+            identity: spec.identity,
+        };
+        Ok(TaskHandle::launched(record, child))
+    }
+
+    /// Starts the shim in a process group of its own, its output appended to the task's log.
+    fn spawn_shim(
+        &self,
+        key: &TaskKey,
+        shim_args: &ShimArgs,
+        env: &std::collections::BTreeMap<String, String>,
+        log_file: &Path,
+    ) -> Result<(i32, tokio::process::Child), DriverError> {
+        let log = open_log(log_file, key)?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| DriverError::io("duplicating log file", log_file, e))?;
         let program = &self.cfg.shim_command[0];
         let mut command = tokio::process::Command::new(program);
         command
             .args(&self.cfg.shim_command[1..])
             .args(shim_args.to_args())
-            .envs(&spec.env)
+            .envs(env)
             // The shim's own directory pins no mount; the task's is set by the shim.
             .current_dir("/")
             .stdin(Stdio::null())
@@ -193,23 +239,53 @@ impl TaskDriver {
             .id()
             .and_then(|pid| i32::try_from(pid).ok())
             .ok_or_else(|| spawn_err(io::Error::other("spawned shim has no pid")))?;
-        // The shim is our unreaped child, so its /proc entry exists even if it already exited.
-        let start_ticks = match ProcStat::read(pid) {
-            Ok(stat) => stat.start_ticks,
-            Err(e) => {
-                tracing::warn!(task = %key, pid, error = %e, "cannot read the shim's start time; it cannot be re-adopted");
-                0
+        Ok((pid, child))
+    }
+
+    /// Opens a task's directory to its task (0711) and notes the newest epoch launched in it, so
+    /// an older epoch ending later does not close it under the newer one.
+    fn open_task_dir(&self, task_dir: &Path, epoch: u64) -> Result<(), DriverError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(parent) = task_dir.parent() {
+            layout::ensure_dir(parent, layout::PASSABLE)?;
+        }
+        layout::ensure_dir(task_dir, layout::PASSABLE)?;
+        let newest = open.entry(task_dir.to_path_buf()).or_insert(epoch);
+        *newest = (*newest).max(epoch);
+        Ok(())
+    }
+
+    /// Closes the task's directory (0700) once its task has ended, unless a newer epoch of the
+    /// same task was launched in it meanwhile: whoever gets the task's uid later must not reach
+    /// what it left. Errors are logged.
+    pub fn retire(&self, key: &TaskKey) {
+        let task_dir = self.task_dir(key);
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open
+            .get(&task_dir)
+            .is_some_and(|newest| *newest > key.epoch)
+        {
+            return;
+        }
+        open.remove(&task_dir);
+        close_dir(&task_dir);
+    }
+
+    /// Closes every task directory no running task holds: after a restart, those of tasks that
+    /// ended while the agent was away. Call once the running tasks are adopted.
+    pub fn close_idle_task_dirs(&self) {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let jobs = fs::read_dir(self.cfg.data_dir.join("tasks"))
+            .into_iter()
+            .flatten();
+        for job in jobs.flatten() {
+            for task in fs::read_dir(job.path()).into_iter().flatten().flatten() {
+                let path = task.path();
+                if path.is_dir() && !open.contains_key(&path) {
+                    close_dir(&path);
+                }
             }
-        };
-        tracing::info!(task = %key, pid, "launched task");
-        let record = ProcessRecord {
-            key,
-            pid,
-            start_ticks,
-            exit_file,
-            log_file,
-        };
-        Ok(TaskHandle::launched(record, child))
+        }
     }
 
     /// Re-adopts a task an earlier agent started: `Ok(handle)` when its shim still runs (same pid
@@ -218,6 +294,10 @@ impl TaskDriver {
     pub fn adopt(&self, record: &ProcessRecord) -> Result<TaskHandle, ExitOutcome> {
         if record.pid > 1 && same_process_alive(record.pid, record.start_ticks) {
             tracing::info!(task = %record.key, pid = record.pid, "adopted running task");
+            let task_dir = self.task_dir(&record.key);
+            if let Err(e) = self.open_task_dir(&task_dir, record.key.epoch) {
+                tracing::warn!(task = %record.key, error = %e, "cannot open the adopted task's directory to it");
+            }
             return Ok(TaskHandle::adopted(record.clone()));
         }
         Err(match exit_file::read(&record.exit_file) {
@@ -284,6 +364,9 @@ fn validate(spec: &LaunchSpec) -> Result<(), DriverError> {
     if spec.command.iter().any(|a| a.contains('\0')) {
         return Err(bad("a command argument contains a NUL byte".into()));
     }
+    if let Some(identity) = &spec.identity {
+        identity.check().map_err(bad)?;
+    }
     for (name, value) in &spec.env {
         if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0') {
             return Err(bad(format!("invalid environment variable `{name}`")));
@@ -292,14 +375,26 @@ fn validate(spec: &LaunchSpec) -> Result<(), DriverError> {
     Ok(())
 }
 
-/// Opens the task's log for appending and writes the launch header.
+/// Closes a task's directory to everyone but the agent; a missing one is not an error.
+fn close_dir(task_dir: &Path) {
+    match fs::set_permissions(task_dir, fs::Permissions::from_mode(layout::PRIVATE)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            tracing::warn!(dir = %task_dir.display(), error = %e, "cannot close a finished task's directory");
+        }
+        _ => {}
+    }
+}
+
+/// Opens the task's log for appending (the agent's alone: the task writes it through the
+/// descriptors it inherits) and writes the launch header.
 fn open_log(path: &Path, key: &TaskKey) -> Result<fs::File, DriverError> {
     if let Some(dir) = path.parent() {
-        create_dir(dir)?;
+        layout::ensure_dir(dir, layout::PRIVATE)?;
     }
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
         .map_err(|e| DriverError::io("opening task log", path, e))?;
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
