@@ -22,6 +22,7 @@ help:
 	@echo "make bench  - the benchmarks (release builds; prints numbers)"
 	@echo "make chaos  - long seeded fault schedules on real processes (CHAOS_SCHEDULES=20 CHAOS_STEPS=20, CHAOS_SEED=...)"
 	@echo "make image  - the container image gangway:dev from the built binary (IMAGE_PROFILE=release, IMAGE_TAG=...)"
+	@echo "make fuzz   - every fuzz target under cargo-fuzz (nightly) for FUZZ_SECONDS each (FUZZ_TARGETS=...)"
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -98,3 +99,28 @@ bench: deps
 	$(CARGO) bench --locked -p gangway-core --bench placement
 	$(CARGO) bench --locked -p gangway-consensus --bench raft_bench
 	$(CARGO) bench --locked --bench e2e
+
+# Fuzzing: each decoder of untrusted bytes is a target in fuzz/ (cargo-fuzz, libFuzzer, nightly)
+# calling a plain library function; `make test` runs the same functions over their seeds and a few
+# thousand mutants on stable. This runs libFuzzer on each for FUZZ_SECONDS, from the targets' own
+# seeds (written by their short runs) and what earlier runs found (fuzz/corpus, not committed).
+# It reuses the test build's RocksDB library when there is one (the targets never open a database).
+# A crash stops it and leaves the input in fuzz/artifacts/TARGET/; replay it with
+# `cd fuzz && cargo +nightly fuzz run --sanitizer none TARGET artifacts/TARGET/crash-...`.
+.PHONY: fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= spec client_request worker_request log_entry snapshot backup raft_message
+FUZZ_ROCKSDB_LIB := $(firstword $(wildcard $(CARGO_TARGET_DIR)/debug/build/librocksdb-sys-*/out/librocksdb.a))
+FUZZ_ENV := CARGO_TARGET_DIR=$(CARGO_TARGET_DIR)/fuzz $(if $(FUZZ_ROCKSDB_LIB),ROCKSDB_LIB_DIR=$(dir $(FUZZ_ROCKSDB_LIB)) ROCKSDB_STATIC=1)
+FUZZ_FLAGS := --sanitizer none --codegen-units 16
+fuzz: deps
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@cargo fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	GANGWAY_FUZZ_CORPUS=$(CURDIR)/fuzz/corpus $(CARGO) test --locked -p gangway-proto -p gangway-consensus -p gangway-scheduler --lib fuzz_
+	cd fuzz && $(FUZZ_ENV) cargo +nightly fuzz build $(FUZZ_FLAGS)
+	@set -o pipefail; cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  echo "== $$t ($(FUZZ_SECONDS)s)"; \
+	  $(FUZZ_ENV) cargo +nightly fuzz run $(FUZZ_FLAGS) $$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=4096 -print_final_stats=1 2>&1 \
+	    | grep -E '^(stat::number_of_executed_units|stat::new_units_added|Done|SUMMARY)|panicked|deadly signal' || exit 1; \
+	done; echo "fuzz: every target ran $(FUZZ_SECONDS)s without a crash"

@@ -51,8 +51,17 @@ pub trait StateMachine: Send + Sync + 'static {
     /// Serialize the whole state. Called with a consistent view (no apply runs concurrently).
     fn snapshot(&self) -> Result<Vec<u8>, AppError>;
 
-    /// Replace the whole state with one produced by `snapshot` (possibly on another replica).
+    /// Replace the whole state with one produced by `snapshot` (possibly on another replica). On
+    /// an error the state must be left as it was.
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), AppError>;
+
+    /// Whether `snapshot` would restore, without restoring it: a snapshot a peer sends is checked
+    /// before Raft takes it, so a malformed one is refused to its sender and never reaches the
+    /// disk. The default accepts everything (`restore` then has the last word).
+    fn check_snapshot(snapshot: &[u8]) -> Result<(), AppError> {
+        let _ = snapshot;
+        Ok(())
+    }
 }
 
 /// A change published to watchers.

@@ -230,6 +230,12 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         }
         let (vote, meta) =
             header.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        // A snapshot that would not install is refused to its sender before Raft takes it: Raft
+        // treats a failed install as a storage failure, and it must never reach the disk.
+        crate::state_machine::check_installable::<S>(&data).map_err(|e| {
+            tracing::error!(snapshot = %meta, error = %e, "refused a snapshot that would not install");
+            Status::invalid_argument(format!("snapshot refused: {e}"))
+        })?;
         let snapshot = Snapshot {
             meta,
             snapshot: data,

@@ -90,7 +90,7 @@ impl<S: StateMachine> ReplicaHandle<S> {
         config.validate()?;
         let raft_config = Arc::new(config.to_openraft()?);
         let health = StorageHealth::default();
-        std::fs::create_dir_all(&config.data_dir).map_err(storage)?;
+        crate::private_dir::ensure_private_dir(&config.data_dir).map_err(storage)?;
 
         let log_store = match config.log_storage {
             LogStorage::RocksDb => {

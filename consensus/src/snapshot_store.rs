@@ -20,6 +20,7 @@ use crate::types::SnapshotMeta;
 
 const FILE: &str = "current.snap";
 const TMP: &str = "current.snap.tmp";
+const DAMAGED: &str = "current.snap.damaged";
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
@@ -41,19 +42,26 @@ impl SnapshotStore {
 
     /// Durably replace the current snapshot.
     pub(crate) fn save(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
-        let bytes = codec::encode(&StoredSnapshot {
-            meta: meta.clone(),
-            data: data.to_vec(),
-        })?;
+        let bytes = encode(meta, data)?;
         let tmp = self.dir.join(TMP);
         {
-            let mut f = File::create(&tmp)?;
+            // The replica's user only: a snapshot holds the whole state, secrets included.
+            let mut f = private_file(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
         }
         fs::rename(&tmp, self.dir.join(FILE))?;
         File::open(&self.dir)?.sync_all()?;
         Ok(())
+    }
+
+    /// Moves a damaged current snapshot aside (`current.snap.damaged`, replacing an older one)
+    /// so a start does not trip over it again; returns where it went.
+    pub(crate) fn set_aside(&self) -> io::Result<PathBuf> {
+        let to = self.dir.join(DAMAGED);
+        fs::rename(self.dir.join(FILE), &to)?;
+        File::open(&self.dir)?.sync_all()?;
+        Ok(to)
     }
 
     /// The current snapshot, if one was ever saved.
@@ -64,7 +72,34 @@ impl SnapshotStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let s: StoredSnapshot = codec::decode(&bytes)?;
-        Ok(Some((s.meta, s.data)))
+        decode(&bytes).map(Some)
     }
+}
+
+/// A new file (replacing any, whose mode a crash may have left) that only this process's user
+/// may read.
+fn private_file(path: &std::path::Path) -> io::Result<File> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+/// The meta and bytes of a snapshot file's contents; corrupt bytes are `InvalidData`.
+pub(crate) fn decode(bytes: &[u8]) -> io::Result<(SnapshotMeta, Vec<u8>)> {
+    let s: StoredSnapshot = codec::decode(bytes)?;
+    Ok((s.meta, s.data))
+}
+
+/// A snapshot file's contents (tests and fuzzing).
+pub(crate) fn encode(meta: &SnapshotMeta, data: &[u8]) -> io::Result<Vec<u8>> {
+    codec::encode(&StoredSnapshot {
+        meta: meta.clone(),
+        data: data.to_vec(),
+    })
 }

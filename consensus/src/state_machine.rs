@@ -50,9 +50,9 @@ pub(crate) struct SmState<S> {
 
 /// What a snapshot's bytes contain: our bookkeeping plus the application's own snapshot.
 #[derive(Serialize, Deserialize)]
-struct SnapshotBody {
-    last_time_ms: u64,
-    app: Vec<u8>,
+pub(crate) struct SnapshotBody {
+    pub(crate) last_time_ms: u64,
+    pub(crate) app: Vec<u8>,
 }
 
 /// openraft state machine wrapping the application `S`.
@@ -88,14 +88,27 @@ impl<S: StateMachine> StateMachineStore<S> {
         let mut last_applied = None;
         let mut membership = StoredMembership::default();
         let mut last_time_ms = 0;
-        if let Some((meta, data)) = snapshots.load()? {
-            let body: SnapshotBody = codec::decode(&data)?;
-            app.restore(&body.app)
-                .map_err(|e| io::Error::other(format!("restore application from snapshot: {e}")))?;
-            last_applied = meta.last_log_id;
-            membership = meta.last_membership.clone();
-            last_time_ms = body.last_time_ms;
-            tracing::info!(snapshot = %meta, "state machine restored from on-disk snapshot");
+        match restore_from(&snapshots, &mut app) {
+            Ok(Some((meta, body))) => {
+                last_applied = meta.last_log_id;
+                membership = meta.last_membership.clone();
+                last_time_ms = body.last_time_ms;
+                tracing::info!(snapshot = %meta, "state machine restored from on-disk snapshot");
+            }
+            Ok(None) => {}
+            // A snapshot file that does not restore (damaged on disk) must not keep the replica
+            // from starting: it is set aside, and Raft rebuilds the state from the log. When the
+            // log no longer holds every entry since the first, openraft refuses to start and says
+            // which entries are missing (see consensus/README.md, "A damaged snapshot").
+            Err(Restore::Corrupt(why)) => {
+                let kept = snapshots.set_aside()?;
+                tracing::error!(
+                    error = %why,
+                    kept_at = %kept.display(),
+                    "the on-disk snapshot is damaged: set aside; rebuilding the state from the log"
+                );
+            }
+            Err(Restore::Io(e)) => return Err(e),
         }
         let applied_index = last_applied.as_ref().map(|l| l.index).unwrap_or(0);
         let (applied, _) = watch::channel(applied_index);
@@ -121,6 +134,44 @@ impl<S: StateMachine> StateMachineStore<S> {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, SmState<S>> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Why the on-disk snapshot could not be restored.
+enum Restore {
+    /// The file could not be read (permissions, I/O): not the snapshot's fault.
+    Io(io::Error),
+    /// The file's bytes do not decode or do not restore.
+    Corrupt(String),
+}
+
+/// Restores `app` from the snapshot in `snapshots`, if there is one.
+fn restore_from<S: StateMachine>(
+    snapshots: &SnapshotStore,
+    app: &mut S,
+) -> Result<Option<(SnapshotMeta, SnapshotBody)>, Restore> {
+    let loaded = match snapshots.load() {
+        Ok(loaded) => loaded,
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            return Err(Restore::Corrupt(e.to_string()))
+        }
+        Err(e) => return Err(Restore::Io(e)),
+    };
+    let Some((meta, data)) = loaded else {
+        return Ok(None);
+    };
+    let body: SnapshotBody =
+        codec::decode(&data).map_err(|e| Restore::Corrupt(format!("snapshot body: {e}")))?;
+    app.restore(&body.app)
+        .map_err(|e| Restore::Corrupt(format!("restore application from snapshot: {e}")))?;
+    Ok(Some((meta, body)))
+}
+
+/// Whether snapshot bytes from a peer would install: our framing decodes and the application
+/// accepts its part ([`StateMachine::check_snapshot`]).
+pub(crate) fn check_installable<S: StateMachine>(snapshot: &[u8]) -> Result<(), String> {
+    let body: SnapshotBody =
+        codec::decode(snapshot).map_err(|e| format!("snapshot body does not decode: {e}"))?;
+    S::check_snapshot(&body.app).map_err(|e| e.to_string())
 }
 
 impl<S: StateMachine> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> {
@@ -240,14 +291,9 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
         let body: SnapshotBody = codec::decode(&snapshot)?;
-        // Persist first: if restoring fails we still have not lost the leader's snapshot, and if we
-        // crash after, restart restores from this file.
-        let store = self.snapshots.clone();
-        let (m2, d2) = (meta.clone(), snapshot);
-        tokio::task::spawn_blocking(move || store.save(&m2, &d2))
-            .await
-            .map_err(|e| storage_err(&self.health, "snapshot save task", e))?
-            .map_err(|e| storage_err(&self.health, "save installed snapshot", e))?;
+        // Restore first, persist after: a snapshot that does not restore is never written, so it
+        // cannot keep this replica from starting again. A crash between the two restarts from the
+        // previous snapshot and the log, as if this one had not arrived; the leader sends it again.
         {
             let mut g = self.write();
             g.app
@@ -257,6 +303,12 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
             g.membership = meta.last_membership.clone();
             g.last_time_ms = body.last_time_ms;
         }
+        let store = self.snapshots.clone();
+        let (m2, d2) = (meta.clone(), snapshot);
+        tokio::task::spawn_blocking(move || store.save(&m2, &d2))
+            .await
+            .map_err(|e| storage_err(&self.health, "snapshot save task", e))?
+            .map_err(|e| storage_err(&self.health, "save installed snapshot", e))?;
         let index = meta.last_log_id.as_ref().map(|l| l.index).unwrap_or(0);
         let _ = self.changes.send(StateChange::SnapshotInstalled { index });
         self.applied.send_replace(index);
@@ -271,4 +323,118 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
             .map_err(|e| storage_err(&self.health, "snapshot load task", e))??;
         Ok(loaded.map(|(meta, snapshot)| Snapshot { meta, snapshot }))
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::AppError;
+
+    /// A state machine whose state is some bytes; a snapshot starting with `bad` does not restore.
+    #[derive(Default)]
+    struct Toy(Vec<u8>);
+
+    impl StateMachine for Toy {
+        type Command = Vec<u8>;
+        type Response = ();
+        type Event = ();
+
+        fn apply(&mut self, _: &ApplyContext, c: Vec<u8>, _: &mut Vec<()>) {
+            self.0 = c;
+        }
+
+        fn snapshot(&self) -> Result<Vec<u8>, AppError> {
+            Ok(self.0.clone())
+        }
+
+        fn restore(&mut self, snapshot: &[u8]) -> Result<(), AppError> {
+            Self::check_snapshot(snapshot)?;
+            self.0 = snapshot.to_vec();
+            Ok(())
+        }
+
+        fn check_snapshot(snapshot: &[u8]) -> Result<(), AppError> {
+            if snapshot.starts_with(b"bad") {
+                return Err("a bad snapshot".into());
+            }
+            Ok(())
+        }
+    }
+
+    fn body(app: &[u8]) -> Vec<u8> {
+        codec::encode(&SnapshotBody {
+            last_time_ms: 5,
+            app: app.to_vec(),
+        })
+        .unwrap()
+    }
+
+    fn meta(index: u64) -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: Some(openraft::testing::log_id::<TypeConfig>(1, 1, index)),
+            last_membership: StoredMembership::default(),
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> StateMachineStore<Toy> {
+        let (changes, _) = broadcast::channel(4);
+        let snapshots = SnapshotStore::open(dir.to_path_buf()).unwrap();
+        StateMachineStore::open(Toy::default(), snapshots, StorageHealth::default(), changes)
+            .expect("a replica starts")
+    }
+
+    /// A snapshot that does not restore is refused before Raft takes it, and were it delivered
+    /// anyway it is never written: the replica starts again from what it had.
+    #[tokio::test]
+    async fn a_snapshot_that_does_not_restore_never_reaches_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_installable::<Toy>(&body(b"good")).is_ok());
+        let err = check_installable::<Toy>(&body(b"bad state")).unwrap_err();
+        assert!(err.contains("a bad snapshot"), "{err}");
+        assert!(check_installable::<Toy>(b"\xff\xff not a body").is_err());
+
+        let mut sm = open(dir.path());
+        sm.install_snapshot(&meta(3), body(b"good")).await.unwrap();
+        assert!(sm.install_snapshot(&meta(9), body(b"bad")).await.is_err());
+        drop(sm);
+        let again = open(dir.path());
+        let g = again.state.read().unwrap();
+        assert_eq!(g.app.0, b"good", "the good snapshot is the one on disk");
+        assert_eq!(g.last_applied.map(|l| l.index), Some(3));
+    }
+
+    /// A damaged snapshot file does not keep the replica from starting: it is set aside (kept
+    /// for inspection) and the state starts empty, for Raft to rebuild from the log.
+    #[tokio::test]
+    async fn a_damaged_snapshot_file_is_set_aside_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        sm.install_snapshot(&meta(3), body(b"good")).await.unwrap();
+        drop(sm);
+        let file = dir.path().join(FILE_FOR_TESTS);
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes.truncate(bytes.len() - 3);
+        std::fs::write(&file, &bytes).unwrap();
+
+        let again = open(dir.path());
+        let g = again.state.read().unwrap();
+        assert!(g.app.0.is_empty() && g.last_applied.is_none());
+        assert!(!file.exists());
+        assert_eq!(
+            std::fs::read(dir.path().join("current.snap.damaged")).unwrap(),
+            bytes
+        );
+        drop(g);
+        // A file whose application part does not restore is set aside the same way.
+        std::fs::write(
+            &file,
+            crate::snapshot_store::encode(&meta(4), &body(b"bad")).unwrap(),
+        )
+        .unwrap();
+        let third = open(dir.path());
+        assert!(third.state.read().unwrap().last_applied.is_none());
+        assert!(!file.exists());
+    }
+
+    const FILE_FOR_TESTS: &str = "current.snap";
 }

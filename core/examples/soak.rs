@@ -148,6 +148,7 @@ fn main() {
             max_finished: 100_000,
             idempotency_window_ms: 600_000,
             max_pending_per_queue: 1_000_000,
+            ..Limits::default()
         }
     } else {
         Limits {
@@ -155,6 +156,7 @@ fn main() {
             max_finished: usize::MAX,
             idempotency_window_ms: u64::MAX / 4,
             max_pending_per_queue: 1_000_000,
+            ..Limits::default()
         }
     };
     apply(&mut store, now, Command::SetLimits(limits), &mut events);

@@ -872,6 +872,27 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
             exit_code: None,
             message: "lease expired".into(),
         }),
+        Command::SubmitJob(Submission {
+            owner: "client/alice".into(),
+            idempotency_key: None,
+            spec: JobSpec::from_toml_str(
+                "name = \"s\"\ncommand = [\"true\"]\n[secret_env]\nTOKEN = \"t0ps3cret\"\n[resources]\ndevices = 1\n",
+            )
+            .unwrap(),
+        }),
+        Command::Audited {
+            actor: "client/alice".into(),
+            command: Box::new(Command::CancelJob {
+                job: job.clone(),
+                reason: "r".into(),
+            }),
+        },
+        Command::AuditNote(gangway_core::state::AuditNote {
+            actor: "client/ops".into(),
+            action: "add_member".into(),
+            target: "replica 4 at 10.0.0.4:7101".into(),
+            outcome: "ok".into(),
+        }),
     ];
     for cmd in commands {
         let bytes = bincode::serialize(&cmd).expect("encode");
@@ -879,6 +900,24 @@ fn every_command_and_response_round_trips_through_the_log_encoding() {
             bincode::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", cmd.kind()));
         assert_eq!(back, cmd);
     }
+    // The wrapper nests once: bytes of an audited command inside another are refused, so no input
+    // makes the decoder recurse without bound.
+    let nested = Command::Audited {
+        actor: "a".into(),
+        command: Box::new(Command::Audited {
+            actor: "b".into(),
+            command: Box::new(Command::SetLimits(Default::default())),
+        }),
+    };
+    let err = bincode::deserialize::<Command>(&bincode::serialize(&nested).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("cannot wrap"), "{err}");
+    // ... and a refusal leaves the decoder able to read a good one after it.
+    let once = Command::Audited {
+        actor: "a".into(),
+        command: Box::new(Command::SetLimits(Default::default())),
+    };
+    let back: Command = bincode::deserialize(&bincode::serialize(&once).unwrap()).unwrap();
+    assert_eq!(back, once);
     let responses = vec![
         Response::Done,
         Response::Submitted {

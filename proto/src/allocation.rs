@@ -5,8 +5,9 @@
 //! # The size bound
 //!
 //! A job's spec bounds what each of its allocations carries (see [`crate::spec`]): the command
-//! ([`MAX_COMMAND_ARGS`] arguments, [`MAX_COMMAND_BYTES`] bytes), the environment
-//! ([`MAX_ENV_VARS`] variables, [`MAX_ENV_BYTES`] bytes), up to [`MAX_DEVICES_PER_TASK`] devices,
+//! ([`MAX_COMMAND_ARGS`] arguments, [`MAX_COMMAND_BYTES`] bytes), the environment, plain and
+//! secret together ([`MAX_ENV_VARS`] variables, [`MAX_ENV_BYTES`] bytes; a secret variable is
+//! framed as a map entry is), up to [`MAX_DEVICES_PER_TASK`] devices,
 //! names of at most [`MAX_NAME_LEN`] bytes. With the strings the scheduler adds (device uuids,
 //! rank 0's address, the restore path, at the [`ASSUMED_MAX_UUID`], [`ASSUMED_MAX_ADDRESS`] and
 //! [`ASSUMED_MAX_PATH`] this bound assumes) and protobuf's framing, one allocation encodes to at
@@ -125,6 +126,7 @@ mod tests {
             checkpoint_request: u64::MAX,
             checkpoint_request_at_grant: u64::MAX,
             queue: "q".repeat(MAX_NAME_LEN),
+            secret_env: Vec::new(),
         }
     }
 
@@ -141,8 +143,8 @@ mod tests {
             one <= MAX_ALLOCATION_BYTES,
             "{one} > {MAX_ALLOCATION_BYTES}"
         );
-        assert!(MAX_ALLOCATION_BYTES < 170 * 1024, "{MAX_ALLOCATION_BYTES}");
-        assert!(MAX_FULL_ALLOCATIONS_PER_SET >= 400);
+        const { assert!(MAX_ALLOCATION_BYTES < 170 * 1024) };
+        const { assert!(MAX_FULL_ALLOCATIONS_PER_SET >= 400) };
         assert!(a.encoded_len() > 128 * 1024, "the test allocation is large");
     }
 
@@ -164,7 +166,9 @@ mod tests {
         let base = digest(&set(7, vec![a.clone()], vec![4, 0]));
         // Another read, with the environment map rebuilt (another iteration order).
         let mut same = a.clone();
-        same.env = a.env.clone().into_iter().rev().collect();
+        let mut pairs: Vec<(String, String)> = a.env.clone().into_iter().collect();
+        pairs.reverse();
+        same.env = pairs.into_iter().collect();
         assert_eq!(digest(&set(9, vec![same], vec![4, 0])), base);
         let mut changes = Vec::new();
         let mut b = a.clone();
@@ -173,6 +177,20 @@ mod tests {
         let mut c = a.clone();
         c.env.insert("K1".into(), "changed".into());
         changes.push(set(7, vec![c], vec![4, 0]));
+        let mut secret = a.clone();
+        secret.secret_env.push(pb::SecretVar {
+            name: "TOKEN".into(),
+            value: "t0ps3cret".into(),
+        });
+        let shown = format!("{secret:?}");
+        assert!(
+            shown.contains("TOKEN") && !shown.contains("t0ps3cret"),
+            "{shown}"
+        );
+        changes.push(set(7, vec![secret.clone()], vec![4, 0]));
+        let mut rotated = secret;
+        rotated.secret_env[0].value = "rotated".into();
+        changes.push(set(7, vec![rotated], vec![4, 0]));
         changes.push(set(7, vec![], vec![4, 0]));
         changes.push(set(7, vec![a.clone()], vec![5, 0]));
         changes.push(set(7, vec![a.clone(), a.clone()], vec![4, 0]));

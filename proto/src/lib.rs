@@ -7,6 +7,7 @@
 //! the replicas follows (`link`: metadata keys, retry classification, leader following).
 
 pub mod device;
+pub mod fuzz;
 pub mod ids;
 pub mod secret;
 pub mod spec;

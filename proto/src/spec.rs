@@ -7,6 +7,7 @@
 //! `JobSpec`.
 
 use crate::device::DeviceKind;
+use crate::secret::Secret;
 use crate::topology::TopologyLevel;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -24,7 +25,8 @@ pub const MAX_SPEC_BYTES: usize = 256 * 1024;
 /// Most arguments of a task's command, and their total bytes.
 pub const MAX_COMMAND_ARGS: usize = 1024;
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
-/// Most environment variables of a task, and their names and values' total bytes.
+/// Most environment variables of a task, and their names and values' total bytes (`[env]` and
+/// `[secret_env]` together).
 pub const MAX_ENV_VARS: usize = 256;
 pub const MAX_ENV_BYTES: usize = 64 * 1024;
 /// Most accepted models a spec may list.
@@ -48,6 +50,11 @@ pub struct JobSpec {
     pub tasks: u32,
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// `[secret_env]`: variables whose values reach only the tasks, on the hosts leased to the job
+    /// (see [`crate::secret`]: never shown by `Debug`, a listing or a backup). No name is in `env`
+    /// too.
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, Secret>,
     pub resources: Resources,
     pub topology: TopologySpec,
     /// `None`: the job cannot be checkpointed, so it is never migrated and only preempted by a stop.
@@ -192,6 +199,8 @@ struct RawSpec {
     command: Option<toml::Value>,
     #[serde(default)]
     env: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    secret_env: BTreeMap<String, toml::Value>,
     resources: Option<RawResources>,
     topology: Option<RawTopology>,
     checkpoint: Option<RawCheckpoint>,
@@ -253,6 +262,19 @@ fn describe(v: &toml::Value) -> String {
         toml::Value::Datetime(d) => format!("the date {d}"),
         toml::Value::Array(_) => "an array".to_owned(),
         toml::Value::Table(_) => "a table".to_owned(),
+    }
+}
+
+/// What kind of value `v` is, without the value (for errors about secrets).
+fn kind_of(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a number",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a date",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
     }
 }
 
@@ -522,6 +544,55 @@ fn is_reserved_env(s: &str) -> bool {
     s.starts_with("GANGWAY_") || s == "CUDA_VISIBLE_DEVICES" || s == "TPU_VISIBLE_CHIPS"
 }
 
+/// The problem with a variable's name under `path`, if any.
+fn check_env_name(p: &mut Problems, path: &str, key: &str) {
+    if !is_env_name(key) {
+        p.add(
+            path,
+            "expected a variable name of letters, digits and '_', not starting with a digit",
+        );
+    } else if is_reserved_env(key) {
+        p.add(path, "is set by the worker (GANGWAY_*, CUDA_VISIBLE_DEVICES, TPU_VISIBLE_CHIPS) and cannot be overridden");
+    }
+}
+
+/// `[secret_env]`: names as in `[env]` and none of them also there; string values. No error
+/// repeats a value: it says only what kind of value was found.
+fn check_secret_env(
+    p: &mut Problems,
+    raw: &BTreeMap<String, toml::Value>,
+    env: &BTreeMap<String, toml::Value>,
+) -> BTreeMap<String, Secret> {
+    let mut out = BTreeMap::new();
+    for (key, value) in raw {
+        let path = format!("secret_env.{key}");
+        check_env_name(p, &path, key);
+        if env.contains_key(key) {
+            p.add(
+                &path,
+                "is also in [env]: a variable is either plain or secret, not both",
+            );
+        }
+        match value {
+            toml::Value::String(s) if s.contains('\0') => p.add(
+                &path,
+                "expected a string without NUL bytes; this one has one",
+            ),
+            toml::Value::String(s) => {
+                out.insert(key.clone(), Secret::new(s.clone()));
+            }
+            other => p.add(
+                &path,
+                format!(
+                    "expected a string (the secret value), got {}",
+                    kind_of(other)
+                ),
+            ),
+        }
+    }
+    out
+}
+
 impl JobSpec {
     /// Parses and validates a TOML job spec.
     pub fn from_toml_str(text: &str) -> Result<JobSpec, SpecError> {
@@ -596,11 +667,7 @@ impl JobSpec {
         let mut env = BTreeMap::new();
         for (key, value) in &raw.env {
             let path = format!("env.{key}");
-            if !is_env_name(key) {
-                p.add(&path, "expected a variable name of letters, digits and '_', not starting with a digit");
-            } else if is_reserved_env(key) {
-                p.add(&path, "is set by the worker (GANGWAY_*, CUDA_VISIBLE_DEVICES, TPU_VISIBLE_CHIPS) and cannot be overridden");
-            }
+            check_env_name(&mut p, &path, key);
             match value {
                 toml::Value::String(s) if !s.contains('\0') => {
                     env.insert(key.clone(), s.clone());
@@ -615,13 +682,22 @@ impl JobSpec {
             }
         }
 
-        let env_bytes: usize = env.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if raw.env.len() > MAX_ENV_VARS || env_bytes > MAX_ENV_BYTES {
+        let secret_env = check_secret_env(&mut p, &raw.secret_env, &raw.env);
+        let env_bytes: usize = env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + secret_env
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        let vars = raw.env.len() + raw.secret_env.len();
+        if vars > MAX_ENV_VARS || env_bytes > MAX_ENV_BYTES {
+            let (path, secret) = match raw.secret_env.len() {
+                0 => ("env", String::new()),
+                n => ("secret_env", format!(" ({n} of them in [secret_env])")),
+            };
             p.add(
-                "env",
+                path,
                 format!(
-                    "has {} variables of {env_bytes} bytes in all; at most {MAX_ENV_VARS} variables and {MAX_ENV_BYTES} bytes",
-                    raw.env.len()
+                    "has {vars} variables{secret} of {env_bytes} bytes in all; at most {MAX_ENV_VARS} variables and {MAX_ENV_BYTES} bytes, [env] and [secret_env] together",
                 ),
             );
         }
@@ -741,6 +817,7 @@ impl JobSpec {
             tasks,
             command,
             env,
+            secret_env,
             resources: resources.expect("resources present when no problem was found"),
             topology,
             checkpoint,
@@ -1110,6 +1187,75 @@ timeout = "60s"
             "y".repeat(MAX_COMMAND_BYTES - 10)
         );
         assert!(JobSpec::from_toml_str(&text).is_ok());
+    }
+
+    /// `[secret_env]`: parsed into secrets, refused when a name is bad, reserved or also in
+    /// `[env]`, counted in the environment's limits; no error and no `Debug` repeats a value.
+    #[test]
+    fn secret_env_is_checked_counted_and_never_echoed() {
+        let spec = |tables: &str| {
+            format!("name = \"s\"\ncommand = [\"true\"]\n{tables}\n[resources]\ndevices = 1\n")
+        };
+        let ok = JobSpec::from_toml_str(&spec(
+            "[env]\nLR = \"0.1\"\n[secret_env]\nHF_TOKEN = \"hf_abc123\"\nDB_PASSWORD = \"\"\n",
+        ))
+        .unwrap();
+        assert_eq!(ok.env["LR"], "0.1");
+        assert_eq!(ok.secret_env["HF_TOKEN"].expose(), Some("hf_abc123"));
+        assert_eq!(ok.secret_env["DB_PASSWORD"].expose(), Some(""));
+        let debug = format!("{ok:?}");
+        assert!(
+            debug.contains("HF_TOKEN") && !debug.contains("hf_abc123"),
+            "{debug}"
+        );
+
+        let cases = [
+            (
+                "[env]\nX = \"1\"\n[secret_env]\nX = \"s3cr3t\"",
+                "secret_env.X",
+                "also in [env]",
+            ),
+            (
+                "[secret_env]\nGANGWAY_JOB_ID = \"s3cr3t\"",
+                "secret_env.GANGWAY_JOB_ID",
+                "set by the worker",
+            ),
+            (
+                "[secret_env]\n\"9X\" = \"s3cr3t\"",
+                "secret_env.9X",
+                "variable name",
+            ),
+            (
+                "[secret_env]\nPIN = 424242",
+                "secret_env.PIN",
+                "got an integer",
+            ),
+            ("[secret_env]\nK = \"s3cr3t\\u0000\"", "secret_env.K", "NUL"),
+        ];
+        for (tables, path, needle) in cases {
+            let err = JobSpec::from_toml_str(&spec(tables)).unwrap_err();
+            assert_eq!(err.paths(), vec![path], "{err}");
+            let text = err.to_string();
+            assert!(text.contains(needle), "{text}");
+            assert!(
+                !text.contains("s3cr3t") && !text.contains("424242"),
+                "{text}"
+            );
+        }
+
+        // The limits count both tables together, and name the secret one when it is used.
+        let mut tables = String::from("[env]\n");
+        for i in 0..MAX_ENV_VARS {
+            tables.push_str(&format!("V{i} = \"1\"\n"));
+        }
+        tables.push_str("[secret_env]\nS = \"s3cr3t\"\n");
+        let err = JobSpec::from_toml_str(&spec(&tables)).unwrap_err();
+        assert_eq!(err.paths(), vec!["secret_env"], "{err}");
+        assert!(err.to_string().contains("together"), "{err}");
+        let big = format!("[secret_env]\nS = \"{}\"\n", "z".repeat(MAX_ENV_BYTES));
+        let err = JobSpec::from_toml_str(&spec(&big)).unwrap_err();
+        assert_eq!(err.paths(), vec!["secret_env"], "{err}");
+        assert!(!err.to_string().contains("zzz"), "{err}");
     }
 
     proptest::proptest! {

@@ -30,8 +30,8 @@ pub enum ClusterCommand {
     /// Consistent snapshots of the cluster state, for backups.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
-    /// What the replicated state keeps (finished jobs, idempotency keys) and the pending cap per
-    /// queue: shows them, and changes the ones given.
+    /// What the replicated state keeps (finished jobs, idempotency keys, audit entries) and the
+    /// pending cap per queue: shows them, and changes the ones given.
     Limits(LimitsArgs),
 }
 
@@ -49,6 +49,9 @@ pub struct LimitsArgs {
     /// A queue with this many pending jobs refuses submissions (resource_exhausted).
     #[arg(long, value_name = "N")]
     pub max_pending_per_queue: Option<u64>,
+    /// The audit trail keeps this many entries (the oldest leave first; at most 1,000,000).
+    #[arg(long, value_name = "N")]
+    pub max_audit_entries: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -145,6 +148,8 @@ pub struct ClusterView {
     pub commit_index: u64,
     pub applied_index: u64,
     pub members: Vec<MemberView>,
+    /// The answering replica runs without TLS or authorization.
+    pub insecure: bool,
 }
 
 impl From<&pb::ClusterStatusReply> for ClusterView {
@@ -158,6 +163,7 @@ impl From<&pb::ClusterStatusReply> for ClusterView {
             term: c.term,
             commit_index: c.commit_index,
             applied_index: c.applied_index,
+            insecure: c.insecure,
             members: c
                 .members
                 .iter()
@@ -197,6 +203,11 @@ pub fn cluster_table(v: &ClusterView) -> String {
         v.commit_index,
         v.applied_index
     );
+    if v.insecure {
+        out.push_str(
+            "\nSecurity: INSECURE (plain TCP, no authentication: anyone who reaches the port is admin)",
+        );
+    }
     if !v.members.is_empty() {
         let mut t = new_table(["ID", "ADDRESS", "ROLE", "MATCHED", "LAG"]);
         for m in &v.members {
@@ -272,6 +283,7 @@ pub async fn cluster(group: ClusterGroup) -> Result<(), ClientError> {
                     max_finished: zero(a.max_finished, "max-finished")?,
                     idempotency_window_ms: ms(a.idempotency_window),
                     max_pending_per_queue: zero(a.max_pending_per_queue, "max-pending-per-queue")?,
+                    max_audit_entries: zero(a.max_audit_entries, "max-audit-entries")?,
                 })
                 .await?;
             let d = |ms: u64| humantime::format_duration(std::time::Duration::from_millis(ms));
@@ -280,11 +292,12 @@ pub async fn cluster(group: ClusterGroup) -> Result<(), ClientError> {
                 "limits",
                 "cluster",
                 &format!(
-                    "finished jobs kept {} (at most {}), idempotency keys {}, at most {} pending jobs per queue",
+                    "finished jobs kept {} (at most {}), idempotency keys {}, at most {} pending jobs per queue, {} audit entries",
                     d(limits.finished_retention_ms),
                     limits.max_finished,
                     d(limits.idempotency_window_ms),
-                    limits.max_pending_per_queue
+                    limits.max_pending_per_queue,
+                    limits.max_audit_entries
                 ),
             );
         }
@@ -420,6 +433,7 @@ mod tests {
             commit_index: 100,
             applied_index: 99,
             role: role.into(),
+            insecure: false,
             members: vec![
                 pb::MemberInfo {
                     id: 1,

@@ -296,6 +296,11 @@ pub struct JobDetailView {
     /// Its leases, oldest first (the most recent ones only).
     pub runs: Vec<RunView>,
     pub restart: Option<RestartView>,
+    /// The spec's `[env]`.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The names of the spec's `[secret_env]` (their values never leave the cluster but to the
+    /// job's hosts).
+    pub secret_env: Vec<String>,
     pub history: Vec<HistoryView>,
 }
 
@@ -305,6 +310,8 @@ impl From<&pb::JobDetail> for JobDetailView {
         Self {
             job: JobView::from(&summary),
             command: d.command.clone(),
+            env: d.env.clone().into_iter().collect(),
+            secret_env: d.secret_env.clone(),
             required_topology: d.required_topology.clone(),
             preferred_topology: d.preferred_topology.clone(),
             finished_at_ms: d.finished_at_ms,
@@ -458,6 +465,13 @@ pub fn job_detail_table(v: &JobDetailView, now_ms: u64) -> String {
     }
     if !v.command.is_empty() {
         lines.push(("Command", v.command.join(" ")));
+    }
+    let env: Vec<String> = v.env.iter().map(|(k, val)| format!("{k}={val}")).collect();
+    let secret = gangway_proto::secret::REDACTED;
+    let secrets = v.secret_env.iter().map(|k| format!("{k}={secret}"));
+    let env: Vec<String> = env.into_iter().chain(secrets).collect();
+    if !env.is_empty() {
+        lines.push(("Env", env.join(" ")));
     }
     if !v.required_topology.is_empty() || !v.preferred_topology.is_empty() {
         lines.push((
@@ -903,6 +917,8 @@ mod tests {
                 what: "submitted".into(),
             }],
             command: vec!["python3".into(), "train.py".into()],
+            env: [("LR".to_owned(), "0.1".to_owned())].into(),
+            secret_env: vec!["HF_TOKEN".into()],
             required_topology: "rack".into(),
             runs: vec![
                 pb::RunInfo {
@@ -946,6 +962,7 @@ mod tests {
             "1        6      host-a,host-c  2m40s ago  1m ago   infrastructure  device 3 of host-c failed",
             "2        7      host-a,host-b  40s ago    running  -",
             "Command:     python3 train.py",
+            "Env:         LR=0.1 HF_TOKEN=<secret>",
             "Topology:    required rack, preferred -",
             "Checkpoint:  step 400 at /ckpt/400 (3.0 GiB, epoch 6, 1m ago)",
             "0     host-a  0-7      running  -",

@@ -231,6 +231,7 @@ impl<'a> World<'a> {
             tasks: j.tasks,
             command: vec!["simulated".to_owned()],
             env: BTreeMap::new(),
+            secret_env: BTreeMap::new(),
             resources: Resources {
                 devices: DeviceCount::Whole(j.devices_per_task),
                 kind: DeviceKind::Gpu,

@@ -288,6 +288,17 @@ pub enum Command {
     },
     /// An admin changes who may do what.
     SetAccess(super::access::AccessChange),
+    /// A change made on behalf of `actor` (a person's certificate or token name): `command` is
+    /// applied as it would be alone and one entry records who, what, on what, and the outcome
+    /// (see `state::audit`). Wraps one command, never another `Audited`.
+    Audited {
+        actor: String,
+        #[serde(deserialize_with = "super::audit::one_level")]
+        command: Box<Command>,
+    },
+    /// An action that is not a state change (membership, leader transfer, drill), recorded by
+    /// the replica that acted.
+    AuditNote(super::audit::AuditNote),
 }
 
 impl Command {
@@ -317,6 +328,8 @@ impl Command {
             Command::RemoveNode { .. } => "remove_node",
             Command::Restore { .. } => "restore",
             Command::SetAccess(_) => "set_access",
+            Command::Audited { .. } => "audited",
+            Command::AuditNote(_) => "audit_note",
         }
     }
 }

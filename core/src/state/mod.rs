@@ -9,6 +9,7 @@ mod apply_devices;
 mod apply_jobs;
 mod apply_nodes;
 mod apply_plan;
+pub mod audit;
 pub mod command;
 pub mod job_record;
 pub mod job_table;
@@ -17,6 +18,7 @@ pub mod retention;
 mod round;
 pub mod store;
 
+pub use audit::{AuditEntry, AuditLog, AuditNote, DEFAULT_MAX_AUDIT_ENTRIES};
 pub use command::{
     CheckpointFailure, CheckpointManifest, CheckpointReport, Command, DefragMove, DefragOrder,
     DeviceFenceChange, DeviceHealthReport, DeviceInventory, Event, HealthCheckReport, IdleReport,

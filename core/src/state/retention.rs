@@ -25,6 +25,13 @@ pub struct Limits {
     pub idempotency_window_ms: u64,
     /// A submission to a queue with this many pending jobs is refused (`resource_exhausted`).
     pub max_pending_per_queue: usize,
+    /// The audit trail keeps this many entries (the oldest leave first).
+    #[serde(default = "default_max_audit_entries")]
+    pub max_audit_entries: usize,
+}
+
+fn default_max_audit_entries() -> usize {
+    super::audit::DEFAULT_MAX_AUDIT_ENTRIES
 }
 
 impl Default for Limits {
@@ -34,6 +41,7 @@ impl Default for Limits {
             max_finished: 100_000,
             idempotency_window_ms: 24 * 3600 * 1000,
             max_pending_per_queue: 100_000,
+            max_audit_entries: super::audit::DEFAULT_MAX_AUDIT_ENTRIES,
         }
     }
 }
@@ -49,6 +57,13 @@ impl Limits {
         }
         if self.max_pending_per_queue == 0 {
             return Some("max_pending_per_queue must be at least 1".into());
+        }
+        let most = super::audit::MAX_AUDIT_ENTRIES_LIMIT;
+        if !(1..=most).contains(&self.max_audit_entries) {
+            return Some(format!(
+                "max_audit_entries must be from 1 to {most}, got {}",
+                self.max_audit_entries
+            ));
         }
         None
     }
@@ -204,6 +219,7 @@ impl ClusterStore {
             return Response::Rejected(Rejection::InvalidLimits(problem));
         }
         self.limits = limits;
+        self.audit.trim(limits.max_audit_entries);
         Response::Done
     }
 

@@ -28,6 +28,9 @@ pub struct Allocation {
     pub devices: Vec<(u16, String, u32)>,
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// The spec's `[secret_env]`: the one place its values leave the replicas (to the leased
+    /// host); `Debug` shows the names only.
+    pub secret_env: BTreeMap<String, gangway_proto::secret::Secret>,
     /// Rank 0's host and port.
     pub master_addr: String,
     pub checkpoint: Option<CheckpointSpec>,
@@ -76,6 +79,9 @@ pub struct ClusterStore {
     /// Who may do what (certificate names and token digests bound to roles).
     #[serde(default)]
     pub(super) access: super::access::AccessRules,
+    /// Who did what, newest last, at most `limits.max_audit_entries` (see `state::audit`).
+    #[serde(default)]
+    pub(super) audit: super::audit::AuditLog,
 }
 
 /// Added to twice a job's checkpoint timeout before the leader gives up on a migration's
@@ -109,7 +115,12 @@ impl ClusterStore {
     }
 
     /// One apply function per command.
-    fn dispatch(&mut self, now: u64, command: Command, events: &mut Vec<Event>) -> Response {
+    pub(super) fn dispatch(
+        &mut self,
+        now: u64,
+        command: Command,
+        events: &mut Vec<Event>,
+    ) -> Response {
         match command {
             Command::RegisterNode(reg) => self.apply_register_node(now, reg, events),
             Command::SetNodeState(change) => self.apply_set_node_state(now, change, events),
@@ -146,6 +157,17 @@ impl ClusterStore {
                 Ok(()) => Response::Done,
                 Err(e) => Response::Rejected(super::Rejection::InvalidAccess(e)),
             },
+            Command::Audited { actor, command } => self.apply_audited(now, actor, *command, events),
+            Command::AuditNote(note) => {
+                self.note_audit(super::audit::AuditEntry {
+                    at_ms: now,
+                    actor: note.actor,
+                    action: note.action,
+                    target: note.target,
+                    outcome: note.outcome,
+                });
+                Response::Done
+            }
         }
     }
 
@@ -185,11 +207,16 @@ impl ClusterStore {
                 jobs: self.jobs.len(),
             });
         }
+        let trail = std::mem::take(&mut self.audit);
         *self = backup;
+        // The backup's trail, then what this cluster recorded before the restore.
+        let backup_trail = std::mem::take(&mut self.audit);
+        self.audit = trail.after(backup_trail, self.limits.max_audit_entries);
         self.now_ms = self.now_ms.max(now);
         self.next_epoch = self.next_epoch.saturating_add(RESTORE_JUMP);
         self.revision_base = backup_revision.saturating_add(RESTORE_JUMP);
         self.reservations.clear();
+        self.end_jobs_without_secrets(now, events);
         let leased: Vec<JobId> = self.jobs.running().map(|j| j.id.clone()).collect();
         for job in leased {
             self.revoke_lease(
@@ -206,6 +233,28 @@ impl ClusterStore {
         }
         events.push(Event::SchedulingNeeded);
         Response::Done
+    }
+
+    /// A backup holds no secret values (see `gangway_proto::secret`): a job it restores that has
+    /// not ended and has `[secret_env]` would run without them, so it is cancelled, saying why.
+    fn end_jobs_without_secrets(&mut self, now: u64, events: &mut Vec<Event>) {
+        let bereft: Vec<JobId> = self
+            .jobs
+            .map()
+            .values()
+            .filter(|j| !j.state.is_terminal())
+            .filter(|j| j.spec.secret_env.values().any(|s| s.is_withheld()))
+            .map(|j| j.id.clone())
+            .collect();
+        for job in bereft {
+            self.apply_cancel_job(
+                now,
+                job,
+                "restored from a backup, which holds no secret values: submit the job again with its [secret_env]".to_owned(),
+                events,
+            );
+        }
+        self.jobs.reindex();
     }
 
     /// Device-hours idle reclamation has given back so far (see `reclaimed_device_ms`).
@@ -414,6 +463,7 @@ impl ClusterStore {
                     devices,
                     command: job.spec.command.clone(),
                     env: job.spec.env.clone(),
+                    secret_env: job.spec.secret_env.clone(),
                     master_addr: master_addr.clone(),
                     checkpoint: job.spec.checkpoint.clone(),
                     restore_from: job.restore_from().map(str::to_owned),

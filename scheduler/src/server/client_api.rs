@@ -9,16 +9,13 @@ use super::auth::Caller;
 use super::context::ReplicaContext;
 use super::convert;
 use super::error::{required, ApiError};
-use crate::engine::{HostFilter, IdlePolicy, NodeState, QueueConfig};
+use super::requests::{self, page_size};
 use crate::state::access::Permission;
-use crate::state::{
-    Command, DeviceFenceChange, JobState, NodeStateChange, Rejection, Response, Submission,
-};
+use crate::state::{Command, Rejection, Response, Submission};
 use gangway_consensus::Role;
-use gangway_proto::ids::{HostName, JobId, QueueName};
+use gangway_proto::ids::{HostName, JobId};
 use gangway_proto::pb;
 use gangway_proto::pb::client_api_server::ClientApi;
-use gangway_proto::spec::JobSpec;
 use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::pin::Pin;
@@ -29,8 +26,6 @@ use tonic::{Request, Response as TonicResponse, Status};
 const SNAPSHOT_CHUNK: usize = 1 << 20;
 /// Largest backup a restore accepts: it becomes one Raft entry, held in memory on every replica.
 const MAX_RESTORE_BYTES: usize = 1 << 30;
-/// Longest idempotency key accepted (it is kept in the replicated state).
-const MAX_IDEMPOTENCY_KEY: usize = 256;
 
 pub struct ClientService {
     ctx: ReplicaContext,
@@ -122,99 +117,19 @@ impl ClientService {
     }
 }
 
-fn parse_job_states(states: &[i32]) -> Result<BTreeSet<JobState>, ApiError> {
-    states
-        .iter()
-        .enumerate()
-        .map(|(i, s)| convert::job_state_from_pb(&format!("states[{i}]"), *s))
-        .collect()
-}
-
-/// The states an operator may set; `down` is the leader's verdict alone.
-pub fn parse_operator_node_state(s: &str) -> Result<NodeState, ApiError> {
-    match s {
-        "ready" => Ok(NodeState::Ready),
-        "cordoned" => Ok(NodeState::Cordoned),
-        "draining" => Ok(NodeState::Draining),
-        other => Err(ApiError::invalid(
-            "state",
-            format!("expected ready, cordoned or draining, got {other:?}"),
-        )),
-    }
-}
-
-/// The shortest and longest drain grace an operator may ask for.
-pub const MIN_DRAIN_GRACE_MS: u64 = 1_000;
-pub const MAX_DRAIN_GRACE_MS: u64 = 24 * 60 * 60 * 1000;
-
-/// `drain_grace_ms` of a SetNodeState: 0 is the default ([`None`]); otherwise only for a drain,
-/// and within [`MIN_DRAIN_GRACE_MS`]..=[`MAX_DRAIN_GRACE_MS`].
-pub fn drain_grace(state: NodeState, grace_ms: u64) -> Result<Option<u64>, ApiError> {
-    if grace_ms == 0 {
-        return Ok(None);
-    }
-    if state != NodeState::Draining {
-        return Err(ApiError::invalid(
-            "drain_grace_ms",
-            format!("applies to a drain only, not to state {state}"),
-        ));
-    }
-    if !(MIN_DRAIN_GRACE_MS..=MAX_DRAIN_GRACE_MS).contains(&grace_ms) {
-        return Err(ApiError::invalid(
-            "drain_grace_ms",
-            format!(
-                "must be between {MIN_DRAIN_GRACE_MS} ms (1 s) and {MAX_DRAIN_GRACE_MS} ms (24 h), got {grace_ms}"
-            ),
-        ));
-    }
-    Ok(Some(grace_ms))
-}
-
-/// Longest operator reason accepted (it is kept in the replicated state).
-const MAX_REASON: usize = 1024;
-
-/// An operator's reason: trimmed, "by an operator" when empty, at most [`MAX_REASON`] bytes.
-fn operator_reason(field: &str, reason: String) -> Result<String, ApiError> {
-    let reason = reason.trim();
-    if reason.len() > MAX_REASON {
-        return Err(ApiError::invalid(
-            field,
-            format!("expected at most {MAX_REASON} bytes, got {}", reason.len()),
-        ));
-    }
-    Ok(if reason.is_empty() {
-        "by an operator".to_owned()
-    } else {
-        reason.to_owned()
-    })
-}
-
 #[tonic::async_trait]
 impl ClientApi for ClientService {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Reply<pb::SubmitJobReply> {
         self.admit_submit(req.remote_addr())?;
         let caller = Caller::of(&req);
-        let req = req.into_inner();
-        let spec = JobSpec::from_toml_str(&req.spec_toml)
-            .map_err(|e| ApiError::InvalidSpec(e.to_string()))?;
+        let (spec, idempotency_key) = requests::submission(req.get_ref())?;
         caller.require_submit(&spec.queue)?;
-        let key = req.idempotency_key.trim();
-        if key.len() > MAX_IDEMPOTENCY_KEY {
-            return Err(ApiError::invalid(
-                "idempotency_key",
-                format!(
-                    "expected at most {MAX_IDEMPOTENCY_KEY} bytes, got {}",
-                    key.len()
-                ),
-            )
-            .into());
-        }
         let command = Command::SubmitJob(Submission {
-            idempotency_key: (!key.is_empty()).then(|| key.to_owned()),
+            idempotency_key,
             spec,
             owner: caller.owner(),
         });
-        match self.ctx.write(command).await? {
+        match self.ctx.write_as(&caller, command).await? {
             Response::Submitted { job, existing } => ok(pb::SubmitJobReply {
                 job_id: job.to_string(),
                 existing,
@@ -225,15 +140,11 @@ impl ClientApi for ClientService {
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Reply<pb::Empty> {
         let caller = Caller::of(&req);
-        let req = req.into_inner();
-        let job = JobId::new(required("job_id", &req.job_id)?);
+        let (job, reason) = requests::cancel(req.into_inner())?;
         self.check_job_owner(&caller, &job)?;
-        let reason = if req.reason.trim().is_empty() {
-            "cancelled by user".to_owned()
-        } else {
-            req.reason
-        };
-        self.ctx.write(Command::CancelJob { job, reason }).await?;
+        self.ctx
+            .write_as(&caller, Command::CancelJob { job, reason })
+            .await?;
         ok(pb::Empty {})
     }
 
@@ -267,9 +178,7 @@ impl ClientApi for ClientService {
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Reply<pb::ListJobsReply> {
         let local = local_read(&req);
         let req = req.into_inner();
-        let states = parse_job_states(&req.states)?;
-        let queue = req.queue.trim().to_owned();
-        let size = page_size(req.page_size)?;
+        let (states, queue, size) = requests::job_filter(&req)?;
         let after = (!req.page_token.is_empty()).then(|| JobId::new(req.page_token.clone()));
         let keep = |j: &crate::state::JobRecord| {
             (states.is_empty() || states.contains(&j.state))
@@ -338,47 +247,29 @@ impl ClientApi for ClientService {
     }
 
     async fn set_node_state(&self, req: Request<pb::SetNodeStateRequest>) -> Reply<pb::Empty> {
-        let req = req.into_inner();
-        let node = HostName::new(required("node", &req.node)?);
-        let state = parse_operator_node_state(req.state.trim())?;
-        let grace_ms = drain_grace(state, req.drain_grace_ms)?;
-        let reason = if req.reason.trim().is_empty() {
-            format!("set to {state} by an operator")
-        } else {
-            req.reason
-        };
+        let caller = Caller::of(&req);
+        let change = requests::node_state_change(req.into_inner())?;
         self.ctx
-            .write(Command::SetNodeState(NodeStateChange {
-                node,
-                state,
-                reason,
-                grace_ms,
-            }))
+            .write_as(&caller, Command::SetNodeState(change))
             .await?;
         ok(pb::Empty {})
     }
 
     async fn set_device_fence(&self, req: Request<pb::SetDeviceFenceRequest>) -> Reply<pb::Empty> {
-        let req = req.into_inner();
-        let node = HostName::new(required("node", &req.node)?);
-        let device = super::worker_api::device_name("device", &req.device)?.to_owned();
-        let reason = operator_reason("reason", req.reason)?;
+        let caller = Caller::of(&req);
+        let change = requests::fence_change(req.into_inner())?;
         self.ctx
-            .write(Command::FenceDevice(DeviceFenceChange {
-                node,
-                device,
-                fenced: req.fenced,
-                reason,
-            }))
+            .write_as(&caller, Command::FenceDevice(change))
             .await?;
         ok(pb::Empty {})
     }
 
     async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Reply<pb::Empty> {
-        let req = req.into_inner();
-        let node = HostName::new(required("node", &req.node)?);
-        let reason = operator_reason("reason", req.reason)?;
-        self.ctx.write(Command::RemoveNode { node, reason }).await?;
+        let caller = Caller::of(&req);
+        let (node, reason) = requests::node_removal(req.into_inner())?;
+        self.ctx
+            .write_as(&caller, Command::RemoveNode { node, reason })
+            .await?;
         ok(pb::Empty {})
     }
 
@@ -412,112 +303,39 @@ impl ClientApi for ClientService {
     }
 
     async fn set_limits(&self, req: Request<pb::Limits>) -> Reply<pb::Limits> {
-        let req = req.into_inner();
+        let caller = Caller::of(&req);
         let current = self.ctx.leader_read(|fsm| *fsm.store().limits()).await?;
-        let or = |asked: u64, now: u64| if asked == 0 { now } else { asked };
-        let limits = crate::state::Limits {
-            finished_retention_ms: or(req.finished_retention_ms, current.finished_retention_ms),
-            max_finished: or(req.max_finished, current.max_finished as u64) as usize,
-            idempotency_window_ms: or(req.idempotency_window_ms, current.idempotency_window_ms),
-            max_pending_per_queue: or(
-                req.max_pending_per_queue,
-                current.max_pending_per_queue as u64,
-            ) as usize,
-        };
-        self.ctx.write(Command::SetLimits(limits)).await?;
-        ok(pb::Limits {
-            finished_retention_ms: limits.finished_retention_ms,
-            max_finished: limits.max_finished as u64,
-            idempotency_window_ms: limits.idempotency_window_ms,
-            max_pending_per_queue: limits.max_pending_per_queue as u64,
-        })
+        let limits = requests::limits(req.get_ref(), current);
+        self.ctx
+            .write_as(&caller, Command::SetLimits(limits))
+            .await?;
+        ok(requests::limits_to_pb(&limits))
     }
 
     async fn set_queue(&self, req: Request<pb::QueueInfo>) -> Reply<pb::Empty> {
-        let req = req.into_inner();
-        let name = required("name", &req.name)?;
-        if name.len() > 128
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(ApiError::invalid(
-                "name",
-                "expected up to 128 characters of letters, digits, '-', '_' or '.'",
-            )
-            .into());
-        }
-        let idle = match req.idle_action.as_str() {
-            "" | "off" => None,
-            action => {
-                let action = action.parse().map_err(|e: String| {
-                    ApiError::invalid("idle_action", format!("{e}, or empty for no idle policy"))
-                })?;
-                if !(1..=100).contains(&req.idle_threshold_pct) {
-                    return Err(ApiError::invalid(
-                        "idle_threshold_pct",
-                        "expected a utilization percentage from 1 to 100 (a device below it counts as idle)",
-                    )
-                    .into());
-                }
-                if !(1_000..=7 * 24 * 3_600_000).contains(&req.idle_window_ms) {
-                    return Err(ApiError::invalid(
-                        "idle_window_ms",
-                        "expected a window from 1 s to 7 days",
-                    )
-                    .into());
-                }
-                Some(IdlePolicy {
-                    window_ms: req.idle_window_ms,
-                    threshold_pct: req.idle_threshold_pct,
-                    action,
-                })
-            }
-        };
-        let queue = QueueConfig {
-            name: QueueName::new(name),
-            guaranteed_milli: req.guaranteed_milli,
-            may_borrow: req.may_borrow,
-            idle,
-        };
-        self.ctx.write(Command::SetQueue(queue)).await?;
+        let caller = Caller::of(&req);
+        let queue = requests::queue_config(req.into_inner())?;
+        self.ctx.write_as(&caller, Command::SetQueue(queue)).await?;
         ok(pb::Empty {})
     }
 
     async fn checkpoint_job(&self, req: Request<pb::CheckpointJobRequest>) -> Reply<pb::Empty> {
         let job = JobId::new(required("job_id", &req.get_ref().job_id)?);
-        self.check_job_owner(&Caller::of(&req), &job)?;
+        let caller = Caller::of(&req);
+        self.check_job_owner(&caller, &job)?;
+        let reason = "requested by user".to_owned();
         self.ctx
-            .write(Command::RequestCheckpoint {
-                job,
-                reason: "requested by user".to_owned(),
-            })
+            .write_as(&caller, Command::RequestCheckpoint { job, reason })
             .await?;
         ok(pb::Empty {})
     }
 
     async fn migrate_job(&self, req: Request<pb::MigrateJobRequest>) -> Reply<pb::Empty> {
-        let req = req.into_inner();
-        let job = JobId::new(required("job_id", &req.job_id)?);
-        let hosts = |field: &str, names: Vec<String>| -> Result<BTreeSet<HostName>, ApiError> {
-            names
-                .iter()
-                .enumerate()
-                .map(|(i, n)| Ok(HostName::new(required(&format!("{field}[{i}]"), n)?)))
-                .collect()
-        };
-        let hosts = HostFilter {
-            only: hosts("to", req.to)?,
-            avoid: hosts("avoid", req.avoid)?,
-        };
-        if let Some(both) = hosts.only.intersection(&hosts.avoid).next() {
-            return Err(ApiError::invalid(
-                "avoid",
-                format!("host {both} is also named in `to`; a host cannot be both"),
-            )
-            .into());
-        }
-        self.ctx.write(Command::MigrateJob { job, hosts }).await?;
+        let caller = Caller::of(&req);
+        let (job, hosts) = requests::migration(req.into_inner())?;
+        self.ctx
+            .write_as(&caller, Command::MigrateJob { job, hosts })
+            .await?;
         ok(pb::Empty {})
     }
 
@@ -594,50 +412,64 @@ impl ClientApi for ClientService {
             members,
             role: role.to_owned(),
             started_at_ms: super::drill::process_started_ms(),
+            insecure: self.ctx.config.tls.insecure,
         })
     }
 
     async fn transfer_leader(&self, req: Request<pb::TransferLeaderRequest>) -> Reply<pb::Empty> {
+        let caller = Caller::of(&req);
         let to = req.get_ref().to;
         if to == 0 {
             return Err(ApiError::invalid("to", "expected a replica id of 1 or more").into());
         }
         self.ctx.leader_only()?;
-        self.ctx
+        let outcome = self
+            .ctx
             .raft
             .transfer_leader(to)
             .await
-            .map_err(|e| ApiError::from_consensus(self.ctx.id(), e))?;
+            .map_err(|e| ApiError::from_consensus(self.ctx.id(), e));
+        let target = format!("replica {to}");
+        self.ctx
+            .audit_note(&caller, "transfer_leader", target, outcome.as_ref().err())
+            .await;
+        outcome?;
         ok(pb::Empty {})
     }
 
     async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Reply<pb::Empty> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
-        if req.id == 0 {
-            return Err(ApiError::invalid("id", "expected a replica id of 1 or more").into());
-        }
-        let addr = required("address", &req.address)?;
-        if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
-            return Err(ApiError::invalid("address", "expected host:port").into());
-        }
+        let (member, addr) = requests::new_member(&req)?;
         self.ctx.leader_only()?;
         let id = self.ctx.id();
-        self.ctx
-            .raft
-            .add_learner(req.id, addr)
-            .await
-            .map_err(|e| ApiError::from_consensus(id, e))?;
-        if req.voter {
+        let outcome = async {
             self.ctx
                 .raft
-                .promote(BTreeSet::from([req.id]))
+                .add_learner(member, addr.clone())
                 .await
                 .map_err(|e| ApiError::from_consensus(id, e))?;
+            if req.voter {
+                self.ctx
+                    .raft
+                    .promote(BTreeSet::from([member]))
+                    .await
+                    .map_err(|e| ApiError::from_consensus(id, e))?;
+            }
+            Ok(())
         }
+        .await;
+        let role = if req.voter { "voter" } else { "learner" };
+        let target = format!("replica {member} at {addr} as a {role}");
+        self.ctx
+            .audit_note(&caller, "add_member", target, outcome.as_ref().err())
+            .await;
+        outcome?;
         ok(pb::Empty {})
     }
 
     async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Reply<pb::Empty> {
+        let caller = Caller::of(&req);
         let target = req.get_ref().id;
         self.ctx.leader_only()?;
         let m = self.ctx.raft.metrics();
@@ -652,11 +484,21 @@ impl ClientApi for ClientService {
             )
             .into());
         }
-        self.ctx
+        let outcome = self
+            .ctx
             .raft
             .remove(BTreeSet::from([target]))
             .await
-            .map_err(|e| ApiError::from_consensus(self.ctx.id(), e))?;
+            .map_err(|e| ApiError::from_consensus(self.ctx.id(), e));
+        self.ctx
+            .audit_note(
+                &caller,
+                "remove_member",
+                format!("replica {target}"),
+                outcome.as_ref().err(),
+            )
+            .await;
+        outcome?;
         ok(pb::Empty {})
     }
 
@@ -681,6 +523,7 @@ impl ClientApi for ClientService {
         &self,
         req: Request<tonic::Streaming<pb::SnapshotChunk>>,
     ) -> Reply<pb::RestoreSnapshotReply> {
+        let caller = Caller::of(&req);
         let mut stream = req.into_inner();
         let mut bytes = Vec::new();
         while let Some(chunk) = stream.message().await? {
@@ -693,13 +536,7 @@ impl ClientApi for ClientService {
             }
             bytes.extend_from_slice(&chunk.data);
         }
-        let (state, backup_revision) =
-            super::fsm::SchedulerFsm::from_backup(&bytes).map_err(|e| {
-                ApiError::invalid(
-                    "data",
-                    format!("expected a snapshot written by `gangway cluster snapshot save`: {e}"),
-                )
-            })?;
+        let (state, backup_revision) = requests::backup(&bytes)?;
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let reply = pb::RestoreSnapshotReply {
             nodes: count(state.nodes().len()),
@@ -707,18 +544,18 @@ impl ClientApi for ClientService {
             requeued: count(state.jobs().values().filter(|j| j.lease.is_some()).count()),
             backup_revision,
         };
-        self.ctx
-            .write(Command::Restore {
-                state: Box::new(state),
-                backup_revision,
-            })
-            .await?;
+        let restore = Command::Restore {
+            state: Box::new(state),
+            backup_revision,
+        };
+        self.ctx.write_as(&caller, restore).await?;
         ok(reply)
     }
 
     async fn drill(&self, req: Request<pb::DrillRequest>) -> Reply<pb::DrillReply> {
         // Served here, never forwarded: a drill is aimed at one replica.
-        ok(super::drill::run(&self.ctx, req.get_ref())?)
+        let caller = Caller::of(&req);
+        ok(super::drill::run_audited(&self.ctx, &caller, req.get_ref()).await?)
     }
 
     async fn who_am_i(&self, req: Request<pb::Empty>) -> Reply<pb::WhoAmIReply> {
@@ -730,27 +567,21 @@ impl ClientApi for ClientService {
     }
 
     async fn set_access(&self, req: Request<pb::SetAccessRequest>) -> Reply<pb::Empty> {
-        super::access_api::set(&self.ctx, req.into_inner()).await?;
+        let caller = Caller::of(&req);
+        let change = super::access_api::change_from_pb(req.into_inner())?;
+        self.ctx
+            .write_as(&caller, Command::SetAccess(change))
+            .await?;
         ok(pb::Empty {})
     }
 
-    async fn list_audit(&self, _req: Request<pb::ListAuditRequest>) -> Reply<pb::ListAuditReply> {
-        Err(Status::unimplemented("the audit trail is being built"))
-    }
-}
-
-/// Jobs a listing returns when the request does not say, and the most it may ask for.
-const DEFAULT_PAGE: usize = 1_000;
-const MAX_PAGE: usize = 5_000;
-
-fn page_size(asked: u32) -> Result<usize, ApiError> {
-    match asked as usize {
-        0 => Ok(DEFAULT_PAGE),
-        n if n <= MAX_PAGE => Ok(n),
-        n => Err(ApiError::InvalidArgument {
-            field: "page_size".into(),
-            message: format!("expected at most {MAX_PAGE}, got {n}"),
-        }),
+    async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> Reply<pb::ListAuditReply> {
+        let local = local_read(&req);
+        let query = super::audit_api::AuditQuery::from_pb(req.get_ref())?;
+        let entries = self
+            .read(local, |fsm| query.answer(fsm.store().audit()))
+            .await?;
+        ok(pb::ListAuditReply { entries })
     }
 }
 
@@ -802,47 +633,5 @@ fn archived_page(
         if end {
             return Ok((out, false));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn operators_cannot_declare_a_node_down() {
-        assert_eq!(
-            parse_operator_node_state("draining").unwrap(),
-            NodeState::Draining
-        );
-        let err = parse_operator_node_state("down").unwrap_err();
-        assert!(err.to_string().contains("field `state`"), "{err}");
-    }
-
-    #[test]
-    fn a_drain_grace_is_bounded_and_for_drains_only() {
-        let d = NodeState::Draining;
-        assert_eq!(drain_grace(d, 0).unwrap(), None, "0: the default");
-        assert_eq!(drain_grace(d, 2_000).unwrap(), Some(2_000));
-        assert_eq!(drain_grace(d, MIN_DRAIN_GRACE_MS).unwrap(), Some(1_000));
-        assert_eq!(
-            drain_grace(d, MAX_DRAIN_GRACE_MS).unwrap(),
-            Some(MAX_DRAIN_GRACE_MS)
-        );
-        for bad in [999, MAX_DRAIN_GRACE_MS + 1] {
-            let err = drain_grace(d, bad).unwrap_err();
-            assert!(err.to_string().contains("field `drain_grace_ms`"), "{err}");
-        }
-        let err = drain_grace(NodeState::Cordoned, 5_000).unwrap_err();
-        assert!(err.to_string().contains("drain only"), "{err}");
-        assert_eq!(drain_grace(NodeState::Ready, 0).unwrap(), None);
-    }
-
-    #[test]
-    fn job_state_filters_name_the_field() {
-        let running = i32::from(pb::JobState::Running);
-        assert_eq!(parse_job_states(&[running]).unwrap().len(), 1);
-        let err = parse_job_states(&[running, 9]).unwrap_err();
-        assert!(err.to_string().starts_with("field `states[1]`"), "{err}");
     }
 }

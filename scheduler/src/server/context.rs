@@ -1,11 +1,12 @@
 //! [`ReplicaContext`]: what every service and loop of one replica shares: the Raft handle, the
 //! configuration and the leader's in-memory heartbeat clocks.
 
+use super::auth::Caller;
 use super::config::ServerConfig;
 use super::error::ApiError;
 use super::fsm::SchedulerFsm;
 use super::heartbeats::HeartbeatTracker;
-use crate::state::{Command, Response};
+use crate::state::{AuditNote, Command, Response};
 use gangway_consensus::ReplicaHandle;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -43,7 +44,10 @@ impl ReplicaContext {
     /// Commits a command (a follower forwards it to the leader) and turns the state machine's
     /// refusal into an error.
     pub async fn write(&self, command: Command) -> Result<Response, ApiError> {
-        let kind = command.kind();
+        let kind = match &command {
+            Command::Audited { command, .. } => command.kind(),
+            other => other.kind(),
+        };
         let response = self
             .raft
             .write(command)
@@ -53,6 +57,38 @@ impl ReplicaContext {
         match response {
             Response::Rejected(r) => Err(r.into()),
             other => Ok(other),
+        }
+    }
+
+    /// Commits a change made on behalf of `caller` (a person's request): the state records who
+    /// did it, what it was about and its outcome in the audit trail (`state::audit`), a refusal
+    /// included.
+    pub async fn write_as(&self, caller: &Caller, command: Command) -> Result<Response, ApiError> {
+        self.write(Command::Audited {
+            actor: caller.name.clone(),
+            command: Box::new(command),
+        })
+        .await
+    }
+
+    /// Records in the audit trail an action of `caller` that is not a state change (a membership
+    /// change, a leader transfer, a drill): `error` is its refusal, `None` when it was done. Best effort: an action that happened
+    /// is not undone because its note could not be committed; that is logged instead.
+    pub async fn audit_note(
+        &self,
+        caller: &Caller,
+        action: &str,
+        target: String,
+        error: Option<&ApiError>,
+    ) {
+        let note = AuditNote {
+            actor: caller.name.clone(),
+            action: action.to_owned(),
+            target,
+            outcome: error.map_or("ok", ApiError::code).to_owned(),
+        };
+        if let Err(e) = self.write(Command::AuditNote(note.clone())).await {
+            tracing::warn!(?note, error = %e, "the audit trail could not record an action");
         }
     }
 

@@ -192,6 +192,9 @@ pub fn job_detail(job: &JobRecord) -> pb::JobDetail {
             backoff_ms: duration_ms(job.spec.restart.backoff),
             max_backoff_ms: duration_ms(job.spec.restart.max_backoff),
         }),
+        env: job.spec.env.clone().into_iter().collect(),
+        // Names only: a secret's value goes to the leased hosts' allocations and nowhere else.
+        secret_env: job.spec.secret_env.keys().cloned().collect(),
     }
 }
 
@@ -362,6 +365,17 @@ pub fn allocation(a: &Allocation, queue: String) -> pb::Allocation {
         checkpoint_request: a.checkpoint_request,
         checkpoint_request_at_grant: a.checkpoint_request_at_grant,
         queue,
+        // The one place a secret's value leaves the replicas: the allocation of a leased host.
+        secret_env: a
+            .secret_env
+            .iter()
+            .filter_map(|(name, secret)| {
+                Some(pb::SecretVar {
+                    name: name.clone(),
+                    value: secret.expose()?.to_owned(),
+                })
+            })
+            .collect(),
     }
 }
 

@@ -6,6 +6,7 @@
 //! membership change. The call is never forwarded: an operator aims it at one replica (the CLI aims
 //! it at the leader). Nothing runs unless the replica's configuration sets `allow_drills`.
 
+use super::auth::Caller;
 use super::context::ReplicaContext;
 use super::error::ApiError;
 use gangway_consensus::{FaultInjector, NodeId};
@@ -96,6 +97,16 @@ fn partition_peers(
     if peers.is_empty() {
         return Ok(members.iter().copied().filter(|&m| m != me).collect());
     }
+    if peers.len() > members.len() {
+        return Err(ApiError::invalid(
+            "peers",
+            format!(
+                "expected at most {} replicas (the members), got {}",
+                members.len(),
+                peers.len()
+            ),
+        ));
+    }
     let mut out = Vec::new();
     for (i, &p) in peers.iter().enumerate() {
         let field = format!("peers[{i}]");
@@ -130,30 +141,75 @@ fn partition_duration(ms: u64) -> Result<Duration, ApiError> {
     Ok(Duration::from_millis(ms))
 }
 
-/// Serves one `Drill` call on this replica.
-pub fn run(ctx: &ReplicaContext, req: &pb::DrillRequest) -> Result<pb::DrillReply, ApiError> {
+/// A drill request that passed every check, ready to start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Drill {
+    Abort,
+    Partition {
+        peers: Vec<NodeId>,
+        duration: Duration,
+    },
+    Heal,
+}
+
+impl Drill {
+    /// What the audit trail calls it.
+    fn action(&self) -> &'static str {
+        match self {
+            Drill::Abort => "drill_abort",
+            Drill::Partition { .. } => "drill_partition",
+            Drill::Heal => "drill_heal",
+        }
+    }
+}
+
+/// Checks one `Drill` call on this replica: allowed here, then [`plan`].
+pub fn prepare(ctx: &ReplicaContext, req: &pb::DrillRequest) -> Result<Drill, ApiError> {
     let id = ctx.id();
     if !ctx.config.allow_drills {
         return Err(not_allowed(id));
     }
+    let members: BTreeSet<NodeId> = ctx.raft.metrics().members.into_keys().collect();
+    plan(req, id, &members)
+}
+
+/// What a `Drill` request asks replica `me` of `members` to do: a known action with bounded
+/// arguments (peers that are other members, a partition of 1 ms to [`MAX_PARTITION`]).
+pub fn plan(
+    req: &pb::DrillRequest,
+    me: NodeId,
+    members: &BTreeSet<NodeId>,
+) -> Result<Drill, ApiError> {
     let action = pb::DrillAction::try_from(req.action).map_err(|_| {
         ApiError::invalid(
             "action",
             format!("expected ABORT, PARTITION or HEAL, got {}", req.action),
         )
     })?;
+    match action {
+        pb::DrillAction::Unspecified => Err(ApiError::invalid(
+            "action",
+            "expected ABORT, PARTITION or HEAL",
+        )),
+        pb::DrillAction::Abort => Ok(Drill::Abort),
+        pb::DrillAction::Partition => {
+            let duration = partition_duration(req.duration_ms)?;
+            let peers = partition_peers(me, members, &req.peers)?;
+            Ok(Drill::Partition { peers, duration })
+        }
+        pb::DrillAction::Heal => Ok(Drill::Heal),
+    }
+}
+
+/// Starts a prepared drill on this replica.
+pub fn start(ctx: &ReplicaContext, drill: Drill) -> pb::DrillReply {
+    let id = ctx.id();
     let reply = pb::DrillReply {
         node_id: id,
         was_leader: ctx.raft.is_leader(),
     };
-    match action {
-        pb::DrillAction::Unspecified => {
-            return Err(ApiError::invalid(
-                "action",
-                "expected ABORT, PARTITION or HEAL",
-            ))
-        }
-        pb::DrillAction::Abort => {
+    match drill {
+        Drill::Abort => {
             tracing::warn!(
                 was_leader = reply.was_leader,
                 "drill: aborting this process as a crash would (no clean shutdown)"
@@ -164,10 +220,7 @@ pub fn run(ctx: &ReplicaContext, req: &pb::DrillRequest) -> Result<pb::DrillRepl
                 std::process::abort();
             });
         }
-        pb::DrillAction::Partition => {
-            let duration = partition_duration(req.duration_ms)?;
-            let members: BTreeSet<NodeId> = ctx.raft.metrics().members.into_keys().collect();
-            let peers = partition_peers(id, &members, &req.peers)?;
+        Drill::Partition { peers, duration } => {
             tracing::warn!(
                 ?peers,
                 duration = %humantime::format_duration(duration),
@@ -176,12 +229,38 @@ pub fn run(ctx: &ReplicaContext, req: &pb::DrillRequest) -> Result<pb::DrillRepl
             );
             ctx.drills.partition(id, &peers, duration);
         }
-        pb::DrillAction::Heal => {
+        Drill::Heal => {
             tracing::warn!("drill: healing, Raft traffic flows again");
             ctx.drills.heal();
         }
     }
-    Ok(reply)
+    reply
+}
+
+/// Serves one `Drill` call on this replica, recorded in the audit trail for `caller`. An abort or a partition is recorded before
+/// it starts (afterwards this replica is gone or cut off, and its note could not be committed);
+/// a heal after it ends the partition; a refused drill with the refusal's code.
+pub async fn run_audited(
+    ctx: &ReplicaContext,
+    caller: &Caller,
+    req: &pb::DrillRequest,
+) -> Result<pb::DrillReply, ApiError> {
+    let target = format!("replica {}", ctx.id());
+    let drill = match prepare(ctx, req) {
+        Ok(drill) => drill,
+        Err(e) => {
+            ctx.audit_note(caller, "drill", target, Some(&e)).await;
+            return Err(e);
+        }
+    };
+    let action = drill.action();
+    if drill == Drill::Heal {
+        let reply = start(ctx, drill);
+        ctx.audit_note(caller, action, target, None).await;
+        return Ok(reply);
+    }
+    ctx.audit_note(caller, action, target, None).await;
+    Ok(start(ctx, drill))
 }
 
 #[cfg(test)]
@@ -193,7 +272,11 @@ mod tests {
         let members = BTreeSet::from([1, 2, 3]);
         assert_eq!(partition_peers(2, &members, &[]).unwrap(), vec![1, 3]);
         assert_eq!(partition_peers(2, &members, &[3, 3]).unwrap(), vec![3]);
-        let cases: [(&[u64], &str); 2] = [(&[1, 2], "peers[1]"), (&[7], "peers[0]")];
+        let cases: [(&[u64], &str); 3] = [
+            (&[1, 2], "peers[1]"),
+            (&[7], "peers[0]"),
+            (&[1, 3, 1, 3], "peers"),
+        ];
         for (peers, field) in cases {
             let err = partition_peers(2, &members, peers).unwrap_err().to_string();
             assert!(err.contains(field), "{peers:?}: {err}");

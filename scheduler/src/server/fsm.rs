@@ -34,6 +34,15 @@ impl SchedulerFsm {
         }
     }
 
+    /// A state machine holding `store` as of applied index `applied_index` (tests, fuzzing).
+    pub fn from_store(store: ClusterStore, applied_index: u64) -> Self {
+        Self {
+            applied_index,
+            store,
+            archive: ArchiveSink::default(),
+        }
+    }
+
     /// The state machine of a serving replica: finished jobs leaving the state go to `archive`.
     pub fn with_archive(archive: std::sync::Arc<super::archive::JobArchive>) -> Self {
         Self {
@@ -118,6 +127,11 @@ impl StateMachine for SchedulerFsm {
         let archive = self.archive.clone();
         *self = decode_snapshot(snapshot)?;
         self.archive = archive;
+        Ok(())
+    }
+
+    fn check_snapshot(snapshot: &[u8]) -> Result<(), AppError> {
+        decode_snapshot(snapshot)?;
         Ok(())
     }
 }

@@ -29,6 +29,7 @@ pub mod leader;
 pub mod notifier;
 pub mod policy;
 pub mod replica;
+pub mod requests;
 pub mod tls_link;
 pub mod worker_api;
 

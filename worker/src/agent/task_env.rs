@@ -22,6 +22,10 @@ pub fn task_env(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    // The spec's [secret_env]: only in the task's environment (never in a file or a log line).
+    for secret in &alloc.secret_env {
+        env.insert(secret.name.clone(), secret.value.clone());
+    }
     let mut set = |k: &str, v: String| {
         env.insert(k.to_owned(), v);
     };
@@ -98,6 +102,10 @@ mod tests {
             master_addr: "10.0.0.5:29512".into(),
             restore_from: "/ck/train-4/step-40".into(),
             checkpoint_signal: "SIGUSR1".into(),
+            secret_env: vec![pb::SecretVar {
+                name: "HF_TOKEN".into(),
+                value: "hf_s3cret".into(),
+            }],
             ..Default::default()
         }
     }
@@ -118,6 +126,7 @@ mod tests {
             "the agent's value wins over the spec's"
         );
         assert_eq!(env["LR"], "0.1");
+        assert_eq!(env["HF_TOKEN"], "hf_s3cret", "a secret reaches the task");
         assert_eq!(env["GANGWAY_TASK_COUNT"], "2");
         assert_eq!(env["CUDA_VISIBLE_DEVICES"], "GPU-a,GPU-b");
         assert_eq!(env["GANGWAY_MASTER_ADDR"], "10.0.0.5:29512");
