@@ -7,6 +7,11 @@
 //!
 //! Run: `cargo bench --bench e2e` (release build). Sizes can be scaled down for a quick look with
 //! `GANGWAY_BENCH_HOSTS`, `GANGWAY_BENCH_JOBS`, `GANGWAY_BENCH_GANGS`, `GANGWAY_BENCH_KILLS`.
+//!
+//! `GANGWAY_BENCH_TLS=both` (the default) runs the submission storm twice in the same run, on a
+//! fresh cluster each time: with mutual TLS on every link (each host with its own certificate, as
+//! in production), then plain (`tls.insecure`), and prints the cost of TLS; `on` or `off` runs one.
+//! The failover phase runs once, with TLS.
 
 use gangway::fleet::{FakeFleet, FakeHost, FleetOptions};
 use gangway_proto::pb;
@@ -34,6 +39,53 @@ fn free_ports(n: usize) -> Vec<u16> {
     ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
+/// The bench's certificates: a CA, the replicas', the submitters' (`client/admin`) and each fake
+/// host's, issued as needed.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("gangway-bench-tls-")
+            .tempdir()
+            .unwrap();
+        gangway_tls::ca::init(dir.path(), 7).unwrap();
+        Pki { dir }
+    }
+
+    fn files(&self, id: &str) -> gangway_tls::TlsFiles {
+        let id: gangway_tls::Identity = id.parse().unwrap();
+        let stem = gangway_tls::ca::cert_stem(&id);
+        let files = gangway_tls::TlsFiles::in_dir(self.dir.path(), &stem);
+        if !files.cert.as_ref().unwrap().exists() {
+            let opts = gangway_tls::ca::IssueOptions::default();
+            gangway_tls::ca::issue(self.dir.path(), self.dir.path(), &id, &opts).unwrap();
+        }
+        files
+    }
+
+    fn dialer(&self, id: &str) -> gangway_tls::Dialer {
+        let expect = gangway_tls::Expect::Kind(gangway_tls::Kind::Server);
+        gangway_tls::Dialer::Tls(gangway_tls::ClientTls::new(self.files(id), expect).unwrap())
+    }
+
+    /// The `[tls]` and `[access]` sections of replica `id`.
+    fn server_config(&self, id: usize) -> String {
+        let f = self.files(&format!("server/{id}"));
+        format!(
+            "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[access]\nadmins = [\"client/admin\"]\n",
+            f.ca.display(),
+            f.cert.unwrap().display(),
+            f.key.unwrap().display()
+        )
+    }
+}
+
+/// How the bench's own clients dial (plain, or TLS as client/admin): set per phase.
+static DIALER: std::sync::RwLock<Option<gangway_tls::Dialer>> = std::sync::RwLock::new(None);
+
 struct Cluster {
     addrs: Vec<String>,
     configs: Vec<std::path::PathBuf>,
@@ -42,7 +94,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start() -> Self {
+    fn start(pki: Option<&Pki>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("gangway-bench-")
             .tempdir()
@@ -69,13 +121,14 @@ impl Cluster {
                 format!(
                     "id = {}\nlisten = \"{}\"\nhttp = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{cluster}\"\n\
                      [raft]\nelection_timeout_min = \"{e}ms\"\nelection_timeout_max = \"{}ms\"\nheartbeat_interval = \"{}ms\"\n\
-                     snapshot_every_entries = 20000\n[scheduler]\ninterval = \"1s\"\n[workers]\nheartbeat_interval = \"2s\"\nnode_ttl = \"20s\"\n[tls]\ninsecure = true\n",
+                     snapshot_every_entries = 20000\n[scheduler]\ninterval = \"1s\"\n[workers]\nheartbeat_interval = \"2s\"\nnode_ttl = \"20s\"\n{}",
                     i + 1,
                     addrs[i],
                     ports[3 + i],
                     data.display(),
                     e * 2,
                     (e / 4).max(10),
+                    pki.map_or("[tls]\ninsecure = true\n".to_owned(), |p| p.server_config(i + 1)),
                 ),
             )
             .unwrap();
@@ -161,7 +214,12 @@ async fn connect(addr: &str) -> Option<ClientApiClient<Channel>> {
         .ok()?
         .connect_timeout(Duration::from_millis(300))
         .tcp_nodelay(true);
-    Some(ClientApiClient::new(ep.connect().await.ok()?))
+    let dialer = DIALER
+        .read()
+        .unwrap()
+        .clone()
+        .unwrap_or(gangway_tls::Dialer::Plain);
+    Some(ClientApiClient::new(dialer.connect(&ep).await.ok()?))
 }
 
 fn single_gpu(i: usize) -> String {
@@ -248,133 +306,228 @@ async fn submit_all(
     all
 }
 
+/// What one storm measured.
+struct Figures {
+    placed_per_s: f64,
+    submits_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// One phase: a fresh cluster (TLS when `pki` is given), the fleet, the storm, then `kills`
+/// leader kills.
+async fn phase(
+    pki: Option<&Arc<Pki>>,
+    hosts: usize,
+    jobs: usize,
+    gangs: usize,
+    kills: usize,
+) -> Figures {
+    *DIALER.write().unwrap() = pki.map(|p| p.dialer("client/admin"));
+    let pki_ref = pki.map(|p| p.as_ref());
+    let mut cluster = Cluster::start(pki_ref);
+    let leader = cluster.leader(None).await;
+    let label = if pki.is_some() { "TLS on" } else { "TLS off" };
+    println!(
+        "e2e bench ({label}): 3 replicas on loopback ({}), leader {}",
+        Path::new(BIN).display(),
+        leader + 1
+    );
+    let fleet_hosts: Vec<FakeHost> = (0..hosts)
+        .map(|i| FakeHost::h100(&format!("h{i:04}"), &format!("r{:03}", i / 16)))
+        .collect();
+    let t = Instant::now();
+    let mut fleet = FakeFleet::start_with(
+        cluster.addrs.clone(),
+        fleet_hosts,
+        FleetOptions {
+            register_deadline: Duration::from_secs(60),
+            // Capacity must turn over (10,000 + 16,000 GPUs of work against 8,000 GPUs), fast
+            // enough that the scheduler, not the fake work, is what is measured.
+            task_runtime: Some(Duration::from_millis(
+                env_or("GANGWAY_BENCH_TASK_MS", 250) as u64
+            )),
+            dialer: pki.map(|p| {
+                let p = p.clone();
+                gangway::fleet::HostDialer(Arc::new(move |name: &str| {
+                    p.dialer(&format!("worker/{name}"))
+                }))
+            }),
+        },
+    )
+    .await
+    .expect("fleet");
+    println!(
+        "registered {hosts} hosts ({} GPUs) in {:.1}s",
+        hosts * 8,
+        t.elapsed().as_secs_f64()
+    );
+
+    // Phase 1: the submission storm.
+    let mut specs: Vec<String> = (0..jobs).map(single_gpu).collect();
+    specs.extend((0..gangs).map(gang));
+    let total = specs.len();
+    let t0 = Instant::now();
+    let submitted = submit_all(&cluster.addrs, specs, 64, "storm").await;
+    let submit_secs = t0.elapsed().as_secs_f64();
+    let all_placed = fleet
+        .wait_for(Duration::from_secs(600), |seen| {
+            submitted.keys().all(|id| seen.contains_key(id))
+        })
+        .await;
+    let seen = fleet.seen();
+    let last = submitted
+        .keys()
+        .filter_map(|id| seen.get(id).map(|s| s.first_seen))
+        .max()
+        .unwrap_or(t0);
+    let placed = submitted.keys().filter(|id| seen.contains_key(*id)).count();
+    let span = last.duration_since(t0).as_secs_f64();
+    let mut lat: Vec<f64> = submitted
+        .iter()
+        .filter_map(|(id, at)| {
+            seen.get(id)
+                .map(|s| s.first_seen.duration_since(*at).as_secs_f64() * 1e3)
+        })
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "submitted {total} jobs in {submit_secs:.1}s ({:.0}/s)",
+        total as f64 / submit_secs
+    );
+    println!(
+        "placed {placed}/{total}{} in {span:.1}s: {:.0} jobs placed/s (target >= 5000)",
+        if all_placed { "" } else { " (TIMED OUT)" },
+        placed as f64 / span
+    );
+    println!(
+        "submit-to-lease latency: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+
+    // Phase 2: leader kill to first new placement, `kills` times.
+    let mut failovers = Vec::new();
+    for k in 0..kills {
+        let leader = cluster.leader(None).await;
+        let killed_at = Instant::now();
+        cluster.kill(leader);
+        // Submit to the survivors until one accepts; the first placement after the kill ends it.
+        let survivors: Vec<String> = cluster
+            .addrs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != leader)
+            .map(|(_, a)| a.clone())
+            .collect();
+        // Beside the submission, watch for the survivors to agree on a new leader.
+        let watch_addrs = survivors.clone();
+        let killed_id = leader as u64 + 1;
+        let elected = tokio::spawn(async move {
+            loop {
+                let mut ids = Vec::new();
+                for a in &watch_addrs {
+                    if let Some(mut c) = connect(a).await {
+                        if let Ok(s) = c.cluster_status(pb::Empty {}).await {
+                            ids.push(s.into_inner().leader_id);
+                        }
+                    }
+                }
+                if ids.len() == watch_addrs.len()
+                    && ids
+                        .iter()
+                        .all(|i| *i == ids[0] && *i != 0 && *i != killed_id)
+                {
+                    return Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let ids = submit_all(
+            &survivors,
+            vec![single_gpu(1_000_000 + k)],
+            1,
+            &format!("kill-{k}"),
+        )
+        .await;
+        let accepted = Instant::now();
+        let id = ids.keys().next().cloned().expect("one submission");
+        fleet
+            .wait_for(Duration::from_secs(60), |seen| seen.contains_key(&id))
+            .await;
+        let at = fleet.seen()[&id].first_seen;
+        failovers.push(at.duration_since(killed_at).as_secs_f64() * 1e3);
+        let elected = elected.await.expect("leader watcher");
+        let ms = |t: Instant| t.saturating_duration_since(killed_at).as_millis();
+        println!(
+            "  kill {k}: new leader agreed at {} ms, submission accepted at {} ms, placed at {} ms",
+            ms(elected),
+            ms(accepted),
+            ms(at)
+        );
+        cluster.spawn(leader);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    failovers.sort_by(f64::total_cmp);
+    println!(
+        "leader kill to first new placement over {kills} kills: p50 {:.0} ms, p99 {:.0} ms (target p99 < 1000 ms); all: {:?}",
+        percentile(&failovers, 0.5),
+        percentile(&failovers, 0.99),
+        failovers.iter().map(|f| f.round() as u64).collect::<Vec<_>>()
+    );
+    fleet.stop().await;
+    Figures {
+        placed_per_s: placed as f64 / span,
+        submits_per_s: total as f64 / submit_secs,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+    }
+}
+
 fn main() {
     let hosts = env_or("GANGWAY_BENCH_HOSTS", 1_000);
     let jobs = env_or("GANGWAY_BENCH_JOBS", 10_000);
     let gangs = env_or("GANGWAY_BENCH_GANGS", 1_000);
     let kills = env_or("GANGWAY_BENCH_KILLS", 5);
+    let modes = std::env::var("GANGWAY_BENCH_TLS").unwrap_or_else(|_| "both".into());
+    let (tls_on, tls_off) = match modes.as_str() {
+        "on" => (true, false),
+        "off" => (false, true),
+        "both" => (true, true),
+        other => panic!("GANGWAY_BENCH_TLS: expected on, off or both, got {other:?}"),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async move {
-        let mut cluster = Cluster::start();
-        let leader = cluster.leader(None).await;
-        println!("e2e bench: 3 replicas on loopback ({}), leader {}", Path::new(BIN).display(), leader + 1);
-        let fleet_hosts: Vec<FakeHost> = (0..hosts)
-            .map(|i| FakeHost::h100(&format!("h{i:04}"), &format!("r{:03}", i / 16)))
-            .collect();
-        let t = Instant::now();
-        let mut fleet = FakeFleet::start_with(
-            cluster.addrs.clone(),
-            fleet_hosts,
-            FleetOptions {
-                register_deadline: Duration::from_secs(60),
-                // Capacity must turn over (10,000 + 16,000 GPUs of work against 8,000 GPUs), fast
-                // enough that the scheduler, not the fake work, is what is measured.
-                task_runtime: Some(Duration::from_millis(env_or("GANGWAY_BENCH_TASK_MS", 250) as u64)),
-                dialer: None,
-            },
-        )
-        .await
-        .expect("fleet");
-        println!("registered {hosts} hosts ({} GPUs) in {:.1}s", hosts * 8, t.elapsed().as_secs_f64());
-
-        // Phase 1: the submission storm.
-        let mut specs: Vec<String> = (0..jobs).map(single_gpu).collect();
-        specs.extend((0..gangs).map(gang));
-        let total = specs.len();
-        let t0 = Instant::now();
-        let submitted = submit_all(&cluster.addrs, specs, 64, "storm").await;
-        let submit_secs = t0.elapsed().as_secs_f64();
-        let all_placed = fleet
-            .wait_for(Duration::from_secs(600), |seen| submitted.keys().all(|id| seen.contains_key(id)))
-            .await;
-        let seen = fleet.seen();
-        let last = submitted
-            .keys()
-            .filter_map(|id| seen.get(id).map(|s| s.first_seen))
-            .max()
-            .unwrap_or(t0);
-        let placed = submitted.keys().filter(|id| seen.contains_key(*id)).count();
-        let span = last.duration_since(t0).as_secs_f64();
-        let mut lat: Vec<f64> = submitted
-            .iter()
-            .filter_map(|(id, at)| seen.get(id).map(|s| s.first_seen.duration_since(*at).as_secs_f64() * 1e3))
-            .collect();
-        lat.sort_by(f64::total_cmp);
-        println!("submitted {total} jobs in {submit_secs:.1}s ({:.0}/s)", total as f64 / submit_secs);
-        println!(
-            "placed {placed}/{total}{} in {span:.1}s: {:.0} jobs placed/s (target >= 5000)",
-            if all_placed { "" } else { " (TIMED OUT)" },
-            placed as f64 / span
-        );
-        println!(
-            "submit-to-lease latency: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
-            lat.last().copied().unwrap_or(f64::NAN)
-        );
-
-        // Phase 2: leader kill to first new placement, `kills` times.
-        let mut failovers = Vec::new();
-        for k in 0..kills {
-            let leader = cluster.leader(None).await;
-            let killed_at = Instant::now();
-            cluster.kill(leader);
-            // Submit to the survivors until one accepts; the first placement after the kill ends it.
-            let survivors: Vec<String> = cluster
-                .addrs
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != leader)
-                .map(|(_, a)| a.clone())
-                .collect();
-            // Beside the submission, watch for the survivors to agree on a new leader.
-            let watch_addrs = survivors.clone();
-            let killed_id = leader as u64 + 1;
-            let elected = tokio::spawn(async move {
-                loop {
-                    let mut ids = Vec::new();
-                    for a in &watch_addrs {
-                        if let Some(mut c) = connect(a).await {
-                            if let Ok(s) = c.cluster_status(pb::Empty {}).await {
-                                ids.push(s.into_inner().leader_id);
-                            }
-                        }
-                    }
-                    if ids.len() == watch_addrs.len()
-                        && ids.iter().all(|i| *i == ids[0] && *i != 0 && *i != killed_id)
-                    {
-                        return Instant::now();
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            });
-            let ids = submit_all(&survivors, vec![single_gpu(1_000_000 + k)], 1, &format!("kill-{k}")).await;
-            let accepted = Instant::now();
-            let id = ids.keys().next().cloned().expect("one submission");
-            fleet.wait_for(Duration::from_secs(60), |seen| seen.contains_key(&id)).await;
-            let at = fleet.seen()[&id].first_seen;
-            failovers.push(at.duration_since(killed_at).as_secs_f64() * 1e3);
-            let elected = elected.await.expect("leader watcher");
-            let ms = |t: Instant| t.saturating_duration_since(killed_at).as_millis();
+        let pki = Arc::new(Pki::new());
+        let on = if tls_on {
+            Some(phase(Some(&pki), hosts, jobs, gangs, kills).await)
+        } else {
+            None
+        };
+        let off = if tls_off {
+            let kills = if tls_on { 0 } else { kills };
+            Some(phase(None, hosts, jobs, gangs, kills).await)
+        } else {
+            None
+        };
+        if let (Some(on), Some(off)) = (on, off) {
             println!(
-                "  kill {k}: new leader agreed at {} ms, submission accepted at {} ms, placed at {} ms",
-                ms(elected),
-                ms(accepted),
-                ms(at)
+                "TLS cost (same run, on/off): placed/s {:.0} vs {:.0} ({:.2}x), submits/s {:.0} vs {:.0} ({:.2}x), submit-to-lease p50 {:.0} vs {:.0} ms, p99 {:.0} vs {:.0} ms",
+                on.placed_per_s,
+                off.placed_per_s,
+                on.placed_per_s / off.placed_per_s,
+                on.submits_per_s,
+                off.submits_per_s,
+                on.submits_per_s / off.submits_per_s,
+                on.p50_ms,
+                off.p50_ms,
+                on.p99_ms,
+                off.p99_ms
             );
-            cluster.spawn(leader);
-            tokio::time::sleep(Duration::from_secs(3)).await;
         }
-        failovers.sort_by(f64::total_cmp);
-        println!(
-            "leader kill to first new placement over {kills} kills: p50 {:.0} ms, p99 {:.0} ms (target p99 < 1000 ms); all: {:?}",
-            percentile(&failovers, 0.5),
-            percentile(&failovers, 0.99),
-            failovers.iter().map(|f| f.round() as u64).collect::<Vec<_>>()
-        );
-        fleet.stop().await;
     });
 }

@@ -194,6 +194,75 @@ async fn every_rpc_under_every_identity_matches_the_policy_table() {
         wrong.join("\n"),
         cluster.logs()
     );
+
+    // The oversized-spec story: a 3-task job whose command line is 1.5 MB is refused at submit,
+    // naming the limit, before it can reach any host's allocation set.
+    let mut admin = common::client(&addr).await.expect("admin");
+    let spec = format!(
+        "name = \"huge\"\ntasks = 3\ncommand = [\"run\", \"{}\"]\n[resources]\ndevices = 1\n",
+        "x".repeat(1_500_000)
+    );
+    let err = admin
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: spec,
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect_err("a 1.5 MB command is refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains(&gangway_proto::spec::MAX_SPEC_BYTES.to_string()),
+        "the error names the limit: {}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitters_submit_into_their_queues_and_manage_only_their_own_jobs() {
+    let mut cluster = TestCluster::start(1);
+    let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let addr = cluster.addr(leader);
+    grant(&addr, "client/sub-a", &["submitter"], &["a"], "").await;
+    grant(&addr, "client/sub-a2", &["submitter"], &["a"], "").await;
+    let spec = |queue: &str| pb::SubmitJobRequest {
+        spec_toml: format!(
+            "name = \"j\"\nqueue = \"{queue}\"\ncommand = [\"true\"]\n[resources]\ndevices = 1\n"
+        ),
+        idempotency_key: String::new(),
+    };
+    let mut a = common::client_as(&addr, "client/sub-a").await.unwrap();
+    let mut a2 = common::client_as(&addr, "client/sub-a2").await.unwrap();
+    let err = a
+        .submit_job(spec("b"))
+        .await
+        .expect_err("queue b is not its");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("queue \"b\""), "{}", err.message());
+    let job = a
+        .submit_job(spec("a"))
+        .await
+        .expect("its queue")
+        .into_inner()
+        .job_id;
+    let cancel = |job: &str| pb::CancelJobRequest {
+        job_id: job.to_owned(),
+        reason: String::new(),
+    };
+    // Another submitter of the same queue may not cancel it; its owner may.
+    let err = a2.cancel_job(cancel(&job)).await.expect_err("not its job");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("client/sub-a"), "{}", err.message());
+    a.cancel_job(cancel(&job)).await.expect("its own job");
+    let detail = common::client(&addr)
+        .await
+        .unwrap()
+        .get_job(pb::GetJobRequest { job_id: job })
+        .await
+        .unwrap()
+        .into_inner();
+    let state = detail.summary.as_ref().map(|s| s.state);
+    assert_eq!(state, Some(pb::JobState::Cancelled as i32), "{detail:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

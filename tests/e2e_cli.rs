@@ -234,6 +234,8 @@ async fn operators_grow_shrink_and_hand_over_the_cluster_from_the_cli() {
     let mut child = std::process::Command::new(BIN)
         .args(["server", "--id", "4", "--listen", &fourth])
         .args(["--http", &format!("127.0.0.1:{}", ports[1])])
+        .args(common::pki::pki().flags("server/4"))
+        .args(["--admin", "client/admin"])
         .arg("--data-dir")
         .arg(&data)
         .stdout(log.try_clone().unwrap())

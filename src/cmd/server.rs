@@ -37,6 +37,22 @@ pub struct ServerArgs {
     /// Allow failover drills (kill-leader, partition-leader) against this replica.
     #[arg(long)]
     pub allow_drills: bool,
+    /// The cluster CA certificate (config `tls.ca`).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This replica's certificate, naming server/<id> (config `tls.cert`).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (config `tls.key`).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Plain TCP, no authentication, everyone admin: local experiments only (config
+    /// `tls.insecure`).
+    #[arg(long)]
+    pub insecure: bool,
+    /// A certificate name that is always admin (config `access.admins`); repeatable.
+    #[arg(long = "admin", value_name = "IDENTITY")]
+    pub admins: Vec<String>,
 }
 
 impl ServerArgs {
@@ -77,6 +93,19 @@ impl ServerArgs {
         if self.allow_drills {
             c.allow_drills = true;
         }
+        for (flag, slot) in [
+            (&self.tls_ca, &mut c.tls.ca),
+            (&self.tls_cert, &mut c.tls.cert),
+            (&self.tls_key, &mut c.tls.key),
+        ] {
+            if let Some(v) = flag {
+                *slot = v.clone();
+            }
+        }
+        if self.insecure {
+            c.tls.insecure = true;
+        }
+        c.access.admins.extend(self.admins.iter().cloned());
         c.validate()?;
         Ok(c)
     }

@@ -148,6 +148,25 @@ pub fn health_check_from_report(req: pb::HealthCheckReport) -> Result<HealthChec
     })
 }
 
+/// The most devices one host registers, and the longest strings a host sends (they are kept in
+/// the replicated state or in a job's history).
+pub const MAX_DEVICES_PER_HOST: usize = 64;
+pub const MAX_DEVICE_STRING: usize = 128;
+pub const MAX_LABEL: usize = 63;
+pub const MAX_ADDRESS: usize = 261;
+pub const MAX_REPORT_TEXT: usize = 4096;
+
+/// `value` if it is at most `max` bytes, else an error naming `field`.
+fn bounded<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str, ApiError> {
+    if value.len() > max {
+        return Err(ApiError::invalid(
+            field,
+            format!("expected at most {max} bytes, got {}", value.len()),
+        ));
+    }
+    Ok(value)
+}
+
 /// Checks a registration field by field; the error names the first bad one.
 pub fn registration_from_pb(req: pb::RegisterRequest) -> Result<NodeRegistration, ApiError> {
     let name = required("node", &req.node)?;
@@ -161,9 +180,26 @@ pub fn registration_from_pb(req: pb::RegisterRequest) -> Result<NodeRegistration
             "expected a host name: up to 253 letters, digits, '-', '_' or '.'",
         ));
     }
-    let address = required("address", &req.address)?;
+    let address = bounded("address", required("address", &req.address)?, MAX_ADDRESS)?;
     if !address.contains(':') {
         return Err(ApiError::invalid("address", "expected host:port"));
+    }
+    if req.devices.len() > MAX_DEVICES_PER_HOST {
+        return Err(ApiError::invalid(
+            "devices",
+            format!(
+                "expected at most {MAX_DEVICES_PER_HOST} devices, got {}",
+                req.devices.len()
+            ),
+        ));
+    }
+    for (field, label) in [
+        ("datacenter", &req.datacenter),
+        ("zone", &req.zone),
+        ("pod", &req.pod),
+        ("rack", &req.rack),
+    ] {
+        bounded(field, label, MAX_LABEL)?;
     }
     let mut devices = Vec::with_capacity(req.devices.len());
     for (i, d) in req.devices.into_iter().enumerate() {
@@ -180,6 +216,8 @@ pub fn registration_from_pb(req: pb::RegisterRequest) -> Result<NodeRegistration
         if d.uuid.trim().is_empty() {
             return Err(ApiError::invalid(&field("uuid"), "required"));
         }
+        bounded(&field("model"), &d.model, MAX_DEVICE_STRING)?;
+        bounded(&field("uuid"), &d.uuid, MAX_DEVICE_STRING)?;
         let nvlink_domain = u16::try_from(d.nvlink_domain).map_err(|_| {
             ApiError::invalid(&field("nvlink_domain"), "expected a value up to 65535")
         })?;
@@ -289,9 +327,10 @@ fn deliverable_within(
 #[tonic::async_trait]
 impl WorkerApi for WorkerService {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Reply<pb::RegisterReply> {
-        let caller = Caller::of(&req);
+        // Who may speak for the node comes first: a host learns nothing about another's
+        // registration rules by sending it garbage.
+        Caller::of(&req).require_node(&HostName::new(required("node", &req.get_ref().node)?))?;
         let reg = registration_from_pb(req.into_inner())?;
-        caller.require_node(&reg.name)?;
         let name = reg.name.clone();
         self.ctx.write(Command::RegisterNode(reg)).await?;
         if self.ctx.raft.is_leader() {
@@ -428,8 +467,11 @@ impl WorkerApi for WorkerService {
                         let _ = tx.send(Err(e.into())).await;
                         return;
                     }
-                    continue;
                 }
+                // Read on every wake-up, the periodic one too: a change no event announced (a
+                // rank that finished while its gang runs on) still reaches the worker within a
+                // tick, well before its lease renewals, which wait for the set the heartbeat
+                // reply's digest names, would stop.
                 let set = ctx
                     .raft
                     .read_local(|fsm| convert::allocation_set(fsm.store(), fsm.revision(), &node));
@@ -489,16 +531,15 @@ impl WorkerApi for WorkerService {
                 epoch: req.epoch,
                 state,
                 exit_code: req.has_exit_code.then_some(req.exit_code),
-                message: req.message,
+                message: bounded("message", &req.message, MAX_REPORT_TEXT)?.to_owned(),
             }))
             .await?;
         Ok(TonicResponse::new(pb::Empty {}))
     }
 
     async fn report_device_health(&self, req: Request<pb::DeviceHealthReport>) -> Reply<pb::Empty> {
-        let caller = Caller::of(&req);
+        Caller::of(&req).require_node(&HostName::new(required("node", &req.get_ref().node)?))?;
         let report = device_health_from_report(req.into_inner())?;
-        caller.require_node(&report.node)?;
         self.own_devices(&report.node, std::slice::from_ref(&report.device))?;
         metrics::counter!("gangway_device_health_reports_total", "health" => report.health.to_string())
             .increment(1);
@@ -512,9 +553,8 @@ impl WorkerApi for WorkerService {
     }
 
     async fn report_health_check(&self, req: Request<pb::HealthCheckReport>) -> Reply<pb::Empty> {
-        let caller = Caller::of(&req);
+        Caller::of(&req).require_node(&HostName::new(required("node", &req.get_ref().node)?))?;
         let report = health_check_from_report(req.into_inner())?;
-        caller.require_node(&report.node)?;
         self.own_devices(&report.node, &report.failed_devices)?;
         self.ctx.write(Command::HealthCheck(report)).await?;
         Ok(TonicResponse::new(pb::Empty {}))
@@ -550,7 +590,8 @@ impl WorkerApi for WorkerService {
                 epoch: req.epoch,
                 request: req.request,
                 manifest: CheckpointManifest {
-                    path: required("path", &req.path)?.to_owned(),
+                    path: bounded("path", required("path", &req.path)?, MAX_REPORT_TEXT)?
+                        .to_owned(),
                     step: req.step,
                     bytes: req.bytes,
                 },
@@ -560,7 +601,7 @@ impl WorkerApi for WorkerService {
                 job,
                 epoch: req.epoch,
                 request: req.request,
-                error: req.error,
+                error: bounded("error", &req.error, MAX_REPORT_TEXT)?.to_owned(),
             })
         };
         self.ctx.write(command).await?;
