@@ -317,6 +317,16 @@ async fn the_compose_cluster_survives_its_leader_cut_off_the_network() {
             async move { healthy.then_some(()) }
         })
         .await;
+    // The cluster's CA and client/admin certificate, as the compose file's pki service made them:
+    // the test speaks to the replicas with them.
+    let tls = tempfile::tempdir().unwrap();
+    docker(&[
+        "cp",
+        &format!("{}:/etc/gangway/tls/.", replicas[0].container),
+        &tls.path().display().to_string(),
+    ])
+    .unwrap_or_else(|e| project.fail(&e));
+    common::pki::speak_as(gangway_tls::TlsFiles::in_dir(tls.path(), "client-admin"));
     let all: Vec<&Replica> = replicas.iter().collect();
     let leader = project
         .wait(Duration::from_secs(30), "an agreed leader", || {

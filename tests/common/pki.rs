@@ -6,6 +6,15 @@ use gangway_tls::{ca, ClientTls, Dialer, Expect, Identity, Kind, TlsFiles};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+/// Certificates other than the test CA's that `common::client` speaks with (a compose cluster's,
+/// which made its own CA).
+static SPEAK_AS: std::sync::RwLock<Option<TlsFiles>> = std::sync::RwLock::new(None);
+
+/// From now on, `common::client` dials with these files (as the identity they name).
+pub fn speak_as(files: TlsFiles) {
+    *SPEAK_AS.write().unwrap_or_else(|p| p.into_inner()) = Some(files);
+}
+
 pub struct Pki {
     dir: tempfile::TempDir,
     issued: Mutex<()>,
@@ -57,9 +66,11 @@ impl Pki {
         files
     }
 
-    /// A dialer speaking as `id`, expecting a replica.
+    /// A dialer speaking as `id`, expecting a replica (or with the files of [`speak_as`]).
     pub fn dialer(&self, id: &str) -> Dialer {
-        Dialer::Tls(ClientTls::new(self.files(id), Expect::Kind(Kind::Server)).expect("client tls"))
+        let over = SPEAK_AS.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let files = over.unwrap_or_else(|| self.files(id));
+        Dialer::Tls(ClientTls::new(files, Expect::Kind(Kind::Server)).expect("client tls"))
     }
 
     /// `--tls-ca/--tls-cert/--tls-key` for a process speaking as `id`.
