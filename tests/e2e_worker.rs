@@ -550,6 +550,8 @@ async fn a_stale_directive_is_refused_and_says_so() {
             .serve(addr),
     );
     let mut w = Worker::new(dir.path(), "fenced", "r1", vec![addr.to_string()]);
+    // The scripted scheduler serves plain TCP.
+    w.tls = false;
     w.start();
     let current = dir.path().join("current.marker");
     let stale = dir.path().join("stale.marker");

@@ -27,6 +27,9 @@ pub struct WorkerProcess {
     pub task_users: Vec<String>,
     /// Extra flags for `gangway worker` (e.g. `--fake-fault-file PATH`).
     pub args: Vec<String>,
+    /// Mutual TLS with `worker/<name>` of the test CA (default); false: plain TCP toward a
+    /// scripted scheduler the test plays itself.
+    pub tls: bool,
     child: Option<Child>,
 }
 
@@ -47,6 +50,7 @@ impl WorkerProcess {
             env: Vec::new(),
             task_users: vec!["--task-user-same-as-agent".to_owned()],
             args: Vec::new(),
+            tls: true,
             child: None,
         }
     }
@@ -60,7 +64,11 @@ impl WorkerProcess {
             .expect("open worker log");
         let child = Command::new(BIN)
             .arg("worker")
-            .args(super::pki::pki().flags(&format!("worker/{}", self.name)))
+            .args(if self.tls {
+                super::pki::pki().flags(&format!("worker/{}", self.name))
+            } else {
+                vec!["--insecure".to_owned()]
+            })
             .arg("--servers")
             .arg(self.servers.join(","))
             .arg("--node")
