@@ -470,12 +470,14 @@ async fn phase(
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     failovers.sort_by(f64::total_cmp);
-    println!(
-        "leader kill to first new placement over {kills} kills: p50 {:.0} ms, p99 {:.0} ms (target p99 < 1000 ms); all: {:?}",
-        percentile(&failovers, 0.5),
-        percentile(&failovers, 0.99),
-        failovers.iter().map(|f| f.round() as u64).collect::<Vec<_>>()
-    );
+    if kills > 0 {
+        println!(
+            "leader kill to first new placement over {kills} kills: p50 {:.0} ms, p99 {:.0} ms (target p99 < 1000 ms); all: {:?}",
+            percentile(&failovers, 0.5),
+            percentile(&failovers, 0.99),
+            failovers.iter().map(|f| f.round() as u64).collect::<Vec<_>>()
+        );
+    }
     fleet.stop().await;
     Figures {
         placed_per_s: placed as f64 / span,
