@@ -13,13 +13,14 @@ SHELL := /bin/bash
 APT_PACKAGES := libclang-dev clang g++ python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: dev test deps fmt lint unit sim-demo bench chaos clean-cache help image
+.PHONY: dev test deps fmt lint unit sim-demo bench bench-peers chaos clean-cache help image
 
 help:
 	@echo "make dev    - install missing system packages, build, run a local 3-replica cluster with a demo"
 	@echo "make sim-demo - the simulator on the Philly and openb traces, with plots"
 	@echo "make test   - install missing system packages, fmt + clippy + every test"
 	@echo "make bench  - the benchmarks (release builds; prints numbers)"
+	@echo "make bench-peers - Gangway beside etcd and Slurm on this machine, one table (PEERS_QUICK=1: a smoke run)"
 	@echo "make chaos  - long seeded fault schedules on real processes (CHAOS_SCHEDULES=20 CHAOS_STEPS=20, CHAOS_SEED=...)"
 	@echo "make image  - the container image gangway:dev from the built binary (IMAGE_PROFILE=release, IMAGE_TAG=...)"
 	@echo "make fuzz   - every fuzz target under cargo-fuzz (nightly) for FUZZ_SECONDS each (FUZZ_TARGETS=...)"
@@ -99,6 +100,13 @@ bench: deps
 	$(CARGO) bench --locked -p gangway-core --bench placement
 	$(CARGO) bench --locked -p gangway-consensus --bench raft_bench
 	$(CARGO) bench --locked --bench e2e
+
+# Gangway beside the systems people would otherwise use, on this machine in one run: 3-member etcd
+# (replicated writes, leader kills) and Slurm with 8 slurmd (jobs, gangs, submit rates). Installs
+# what is missing (apt: etcd-server etcd-client slurm-wlm munge), builds release, prints one table of
+# ratios. Knobs and what each row measures: deploy/peers/README.md.
+bench-peers: deps
+	deploy/peers/bench-peers.sh
 
 # Fuzzing: each decoder of untrusted bytes is a target in fuzz/ (cargo-fuzz, libFuzzer, nightly)
 # calling a plain library function; `make test` runs the same functions over their seeds and a few

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""The one table of make bench-peers: reads the RESULT lines of a run, prints Markdown.
+
+Usage: table.py RESULTS_FILE [HEADER_LINE]
+Ratios are Gangway / peer: above 1 is better for rates, below 1 is better for times and p99.
+"""
+import sys
+
+
+def parse(path):
+    rows = []
+    for line in open(path):
+        if not line.startswith("RESULT "):
+            continue
+        parts = line.split()
+        kv = dict(p.split("=", 1) for p in parts[3:] if "=" in p)
+        rows.append((parts[1], parts[2], kv))
+    return rows
+
+
+def find(rows, kind, system, **match):
+    for k, s, kv in rows:
+        if k == kind and s == system and all(kv.get(a) == str(b) for a, b in match.items()):
+            return kv
+    return None
+
+
+def f(x, digits=0):
+    return f"{float(x):,.{digits}f}"
+
+
+def ratio(a, b):
+    try:
+        return f"{float(a) / float(b):.2f}x"
+    except (TypeError, ValueError, ZeroDivisionError):
+        return "-"
+
+
+def main():
+    rows = parse(sys.argv[1])
+    out = []
+    if len(sys.argv) > 2:
+        out.append(sys.argv[2])
+        out.append("")
+    out.append("| workload | Gangway | peer | Gangway / peer |")
+    out.append("|---|---|---|---|")
+    clients = []
+    for k, s, kv in rows:
+        if k == "write" and kv["clients"] not in clients:
+            clients.append(kv["clients"])
+    for c in clients:
+        g, e = find(rows, "write", "gangway", clients=c), find(rows, "write", "etcd", clients=c)
+        cell = lambda r: (f"{f(r['tput'])}/s, p99 {f(r['p99_ms'], 1)} ms" + (f" ({r['errors']} errors)" if r["errors"] != "0" else "")) if r else "skipped"
+        rat = f"{ratio(g['tput'], e['tput'])} throughput, {ratio(g['p99_ms'], e['p99_ms'])} p99" if g and e else "-"
+        out.append(f"| 256-byte replicated writes, {c} client{'s' if c != '1' else ''} (vs etcd) | {cell(g)} | {cell(e)} | {rat} |")
+    g, e = find(rows, "failover", "gangway"), find(rows, "failover", "etcd")
+    if g or e:
+        cell = lambda r: f"p50 {f(r['p50_ms'])} ms, p99 {f(r['p99_ms'])} ms ({r['kills']} kills)" if r else "skipped"
+        rat = f"{ratio(g['p50_ms'], e['p50_ms'])} p50, {ratio(g['p99_ms'], e['p99_ms'])} p99" if g and e else "-"
+        el = (g or e)["election_ms"]
+        out.append(f"| leader kill -9 -> next accepted write, election timeout {el} ms (vs etcd) | {cell(g)} | {cell(e)} | {rat} |")
+
+    def gw(kind, **m):
+        return find(rows, kind, "gangway-tls", **m), find(rows, kind, "gangway-insecure", **m)
+
+    for label, what in (("trivial", "trivial 1-GPU jobs, first submit -> last finished"),
+                        ("gang", "gangs of 2 x 8 GPUs, first submit -> last finished")):
+        (gt, gi), s = gw("jobs", label=label), find(rows, "jobs", "slurm", label=label)
+        if not (gt or gi or s):
+            continue
+        n = (gt or gi or s)["n"]
+
+        def cell(r):
+            if not r:
+                return "skipped"
+            bad = "" if r["completed"] == r["n"] else f", {r['completed']}/{r['n']} succeeded"
+            return f"{f(int(r['total_ms']) / 1000, 1)} s (submitting {f(int(r['submit_ms']) / 1000, 1)} s{bad})"
+        g = gt or gi
+        gcell = cell(gt) + (f"; TLS off {cell(gi)}" if gt and gi else "") if gt else cell(gi)
+        rat = ratio(g["total_ms"], s["total_ms"]) + " time" if g and s else "-"
+        out.append(f"| {n} {what} (vs Slurm, 8 slurmd) | {gcell} | {cell(s)} | {rat} |")
+    for p in ("1", "8"):
+        (gt, gi), s = gw("submit", submitters=p), find(rows, "submit", "slurm", submitters=p)
+        if not (gt or gi or s):
+            continue
+        cell = lambda r: f"{f(r['rate'])} jobs/s ({r['n']} in {f(int(r['ms']) / 1000, 1)} s)" if r else "skipped"
+        g = gt or gi
+        gcell = cell(gt) + (f"; TLS off {cell(gi)}" if gt and gi else "") if gt else cell(gi)
+        rat = ratio(g["rate"], s["rate"]) + " rate" if g and s else "-"
+        out.append(f"| submit rate, {p} submitter{'s' if p != '1' else ''}, CLI per job (vs sbatch) | {gcell} | {cell(s)} | {rat} |")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
