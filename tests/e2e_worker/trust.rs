@@ -94,6 +94,54 @@ async fn a_host_that_cannot_receive_its_allocations_stops_a_revoked_task_by_its_
     println!("stopped {:?} after the cancel", cancelled.elapsed());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_that_finishes_early_does_not_stop_its_hosts_renewals() {
+    // Rank 1 of a 2-rank gang succeeds at once while rank 0 runs on: the host's allocation set
+    // changes without the gang ending. The host must learn the new set and keep renewing.
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let addrs = cluster.addrs();
+    let mut w = Worker::new(cluster.dir.path(), "early", "r1", addrs.clone());
+    w.start();
+    let logs = || format!("{}\n--- worker ---\n{}", cluster.logs(), w.log_tail(40));
+    let pid_file = cluster.dir.path().join("rank0.pid");
+    let script = format!(
+        "[ \"$GANGWAY_TASK_INDEX\" = 1 ] && exit 0; echo $$ > {}; exec sleep 600",
+        pid_file.display()
+    );
+    let spec = sh_job("early", &script, "").replace("command", "tasks = 2\ncommand");
+    let id = submit(&addrs[0], &spec, "early")
+        .await
+        .expect("submit")
+        .job_id;
+    wait_until(Duration::from_secs(20), "rank 0 runs", logs, || {
+        pid_file.exists()
+    })
+    .await;
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "rank 1 done", logs, || {
+        w.agent_log().contains("task ended") && w.task_log(&id, 1).contains("epoch")
+    })
+    .await;
+    // Three lease TTLs (2.25 s each) later rank 0 still runs, and the host never fell behind.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(alive(pid), "rank 0 was stopped:\n{}", w.agent_log());
+    let agent = w.agent_log();
+    assert!(
+        !agent.contains("not renewing the lease deadline"),
+        "{agent}"
+    );
+    assert!(
+        !w.task_log(&id, 0).contains("lease expired"),
+        "{}",
+        w.task_log(&id, 0)
+    );
+}
+
 /// Each probe prints `NAME: ALLOWED` or `NAME: REFUSED: <the error>`.
 const PROBES: &str = r#"try() { name=$1; shift; if out=$("$@" 2>&1); then echo "$name: ALLOWED"; else echo "$name: REFUSED: $out"; fi; }
 echo "uid=$(id -u)"
