@@ -33,7 +33,7 @@ if [ "$MODE" = tls ]; then
   "$GW" tls issue client admin --dir "$T" >/dev/null
   export GANGWAY_TLS_CA=$T/ca.pem GANGWAY_TLS_CERT=$T/client-admin.pem GANGWAY_TLS_KEY=$T/client-admin-key.pem
 else
-  export GANGWAY_INSECURE=1
+  export GANGWAY_INSECURE=true
 fi
 
 for i in 1 2 3; do
@@ -95,7 +95,7 @@ command = ["true"]
 devices = 16
 J
 
-left() { "$GW" jobs --state pending,running --limit 1 -o json 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["jobs"]))' 2>/dev/null || echo 1; }
+left() { "$GW" jobs --state pending,running --limit 1 -o json 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["jobs"]))' 2>/dev/null || echo error; }
 count() { "$GW" jobs --state "$1" -o json 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["jobs"]))' 2>/dev/null || echo "?"; }
 
 run_jobs() {  # LABEL N SPEC
@@ -104,7 +104,11 @@ run_jobs() {  # LABEL N SPEC
   t0=$(ms)
   for _ in $(seq 1 "$n"); do "$GW" submit "$spec" >/dev/null || echo "submit failed"; done
   t1=$(ms)
-  while [ "$(left)" != 0 ]; do sleep 0.2; done
+  local errs=0 l
+  while l=$(left); [ "$l" != 0 ]; do
+    if [ "$l" = error ]; then errs=$((errs+1)); [ $errs -ge 50 ] && { echo "gangway jobs fails 50 times in a row; logs in $DIR"; exit 1; }; else errs=0; fi
+    sleep 0.2
+  done
   t2=$(ms)
   ok=$(( $(count succeeded) - before ))
   echo "RESULT jobs gangway-$MODE label=$label n=$n completed=$ok submit_ms=$((t1-t0)) total_ms=$((t2-t0))"
