@@ -171,6 +171,25 @@ mod tests {
     }
 
     #[test]
+    fn insecure_takes_the_usual_spellings_from_the_environment() {
+        for (value, want) in [
+            ("1", true),
+            ("true", true),
+            ("yes", true),
+            ("0", false),
+            ("false", false),
+        ] {
+            std::env::set_var("GANGWAY_INSECURE", value);
+            let cli = parse(&["whoami"]).unwrap_or_else(|e| panic!("{value}: {e}"));
+            std::env::remove_var("GANGWAY_INSECURE");
+            let Command::Whoami(a) = cli.command else {
+                panic!("not whoami")
+            };
+            assert_eq!(a.opts.insecure, want, "GANGWAY_INSECURE={value}");
+        }
+    }
+
+    #[test]
     fn guaranteed_devices_parse_to_milli() {
         for (arg, want) in [("2.5", 2500), ("3", 3000), ("0.125", 125)] {
             let cli = parse(&["queue", "set", "research", "--guaranteed", arg]).unwrap();

@@ -64,7 +64,8 @@ pub struct ClientOpts {
           value_name = "TOKEN")]
     pub token: Option<String>,
     /// Plain TCP, for a cluster started insecure (local experiments only).
-    #[arg(long, global = true, env = "GANGWAY_INSECURE", help_heading = CLIENT_HEADING)]
+    #[arg(long, global = true, env = "GANGWAY_INSECURE", help_heading = CLIENT_HEADING,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
 }
 

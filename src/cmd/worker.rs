@@ -104,7 +104,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "GANGWAY_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
     /// Plain TCP toward a cluster started insecure (local experiments only).
-    #[arg(long, env = "GANGWAY_INSECURE")]
+    #[arg(long, env = "GANGWAY_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
 }
 
