@@ -795,6 +795,12 @@ async fn a_preempted_trainer_checkpoints_before_it_stops() {
         d.history
     );
     assert_eq!(d.summary.as_ref().unwrap().preemptions, 1);
+    // The state calls the preemptor running once its lease is granted; the victim's process may
+    // still be finishing its last step then (the agent launches the preemptor after it exits).
+    wait_until(Duration::from_secs(20), "the victim stops", logs, || {
+        workers[0].task_log(&low, 0).contains("stopping at step ")
+    })
+    .await;
     let log = workers[0].task_log(&low, 0);
     let stopped_at: u64 = log
         .lines()
