@@ -751,6 +751,7 @@ proptest! {
                 }
             }
             prop_assert!(c.store.job_table().indexes_consistent());
+            prop_assert_eq!(c.store.check_consistency(), Ok(()));
         }
     }
 }

@@ -642,6 +642,10 @@ fn to_command(store: &ClusterStore, op: &Op) -> Option<Command> {
 
 /// The safety invariants that must hold after every command.
 fn check_invariants(store: &ClusterStore, epochs_seen: &mut BTreeMap<(HostName, usize), u64>) {
+    // The relations a decoded snapshot or backup is checked against hold after every command.
+    if let Err(e) = store.check_consistency() {
+        panic!("inconsistent state: {e}");
+    }
     // No device is held by two live leases: the leases' shares per device never exceed one device.
     let mut held: BTreeMap<(HostName, u16), u32> = BTreeMap::new();
     for job in store.jobs().values() {
@@ -1564,6 +1568,26 @@ fn a_backup_restores_into_an_empty_cluster_only_and_trusts_no_lease_from_before_
         new.apply(restore(500)),
         Response::Rejected(Rejection::NotEmpty { .. })
     ));
+
+    // Phase 6: a backup that contradicts itself (a lease on a host no record knows, as an edit
+    // of the JSON could make it) is refused whole by the apply, which every replica runs.
+    assert_eq!(backup.check_consistency(), Ok(()));
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&backup.to_snapshot().unwrap()).unwrap();
+    json["jobs"][running.as_str()]["lease"]["placement"]["tasks"][0]["host"] = "ghost".into();
+    let edited = ClusterStore::from_snapshot(&serde_json::to_vec(&json).unwrap()).unwrap();
+    let why = edited.check_consistency().unwrap_err();
+    assert!(why.contains(running.as_str()), "{why}");
+    let mut empty = Cluster::new();
+    let r = empty.apply(Command::Restore {
+        state: Box::new(edited),
+        backup_revision: 500,
+    });
+    assert!(
+        matches!(&r, Response::Rejected(e) if e.code() == "invalid_backup"),
+        "{r:?}"
+    );
+    assert!(empty.store.jobs().is_empty() && empty.store.nodes().is_empty());
 }
 
 /// A migration whose checkpoint answer was lost (an agent restarted mid-checkpoint) does not hold

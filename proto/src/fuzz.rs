@@ -101,11 +101,13 @@ impl Mutator {
     }
 }
 
-/// Runs `target` on every seed, then on `rounds` mutants of them (deterministic: the same inputs
-/// every run), and writes the seeds for `make fuzz` when [`CORPUS_ENV`] is set.
+/// Runs `target` on every seed and every input a long run once crashed on
+/// (`fuzz/regressions/<name>/`, kept in the tree), then on `rounds` mutants of the seeds
+/// (deterministic: the same inputs every run), and writes the seeds for `make fuzz` when
+/// [`CORPUS_ENV`] is set.
 pub fn short_run(name: &str, seeds: &[Vec<u8>], rounds: usize, target: impl Fn(&[u8])) {
     export_seeds(name, seeds);
-    for seed in seeds {
+    for seed in seeds.iter().chain(&regressions(name)) {
         target(seed);
     }
     if seeds.is_empty() {
@@ -121,6 +123,19 @@ pub fn short_run(name: &str, seeds: &[Vec<u8>], rounds: usize, target: impl Fn(&
         input = m.mutate(&input, seeds);
         target(&input);
     }
+}
+
+/// The inputs that once crashed target `name` (`fuzz/regressions/<name>/*`), in name order.
+pub fn regressions(name: &str) -> Vec<Vec<u8>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/regressions")
+        .join(name);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut paths: Vec<_> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+    paths.sort();
+    paths.iter().filter_map(|p| std::fs::read(p).ok()).collect()
 }
 
 /// Writes `seeds` as `$GANGWAY_FUZZ_CORPUS/<name>/seed-<i>` when the variable is set.

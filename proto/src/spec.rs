@@ -826,6 +826,58 @@ impl JobSpec {
         })
     }
 
+    /// The first limit a spec breaks, if any: what parsing guarantees, checked again on a spec
+    /// that did not come through [`JobSpec::from_toml_str`] (one decoded from a snapshot or a
+    /// backup), so no later use of its sizes can exhaust memory.
+    pub fn check_limits(&self) -> Result<(), String> {
+        let over = |what: &str, got: usize, max: usize| {
+            (got > max).then(|| format!("{what}: {got}, at most {max}"))
+        };
+        let command_bytes: usize = self.command.iter().map(String::len).sum();
+        let env_bytes: usize = self
+            .env
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+            + self
+                .secret_env
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        let problem = [
+            over("tasks", self.tasks as usize, MAX_TASKS as usize),
+            (self.tasks == 0).then(|| "tasks: 0".to_owned()),
+            over("command arguments", self.command.len(), MAX_COMMAND_ARGS),
+            over("command bytes", command_bytes, MAX_COMMAND_BYTES),
+            over(
+                "environment variables",
+                self.env.len() + self.secret_env.len(),
+                MAX_ENV_VARS,
+            ),
+            over("environment bytes", env_bytes, MAX_ENV_BYTES),
+            over(
+                "name bytes",
+                self.name.len().max(self.queue.len()),
+                MAX_NAME_LEN,
+            ),
+            over("models", self.resources.models.len(), MAX_MODELS),
+            match self.resources.devices {
+                DeviceCount::Whole(n) => over("devices", n as usize, MAX_DEVICES_PER_TASK as usize),
+                DeviceCount::Fraction(m) if m == 0 || m >= 1000 => {
+                    Some(format!("a fraction of {m} milli-devices"))
+                }
+                _ => None,
+            },
+        ]
+        .into_iter()
+        .flatten()
+        .next();
+        match problem {
+            Some(p) => Err(format!("job {:?}: {p}", self.name)),
+            None => Ok(()),
+        }
+    }
+
     fn check_resources(p: &mut Problems, r: RawResources) -> Resources {
         let devices = check_devices(p, r.devices.as_ref());
         let kind = match r.kind.as_ref() {
@@ -1181,6 +1233,11 @@ timeout = "60s"
             JobSpec::from_toml_str(&text).unwrap_err().paths(),
             vec!["env"]
         );
+        // A spec decoded elsewhere (a snapshot) is held to the same limits.
+        let mut decoded = JobSpec::from_toml_str(&base("command = [\"true\"]", "")).unwrap();
+        assert_eq!(decoded.check_limits(), Ok(()));
+        decoded.tasks = u32::MAX;
+        assert!(decoded.check_limits().unwrap_err().contains("tasks"));
         // Just under every limit is accepted.
         let text = format!(
             "name = \"ok\"\ncommand = [\"run\", \"{}\"]\n[resources]\ndevices = 1\n",

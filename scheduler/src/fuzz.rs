@@ -672,6 +672,41 @@ mod tests {
         short_run("log_entry", &seeds, 3_000, log_entry);
     }
 
+    /// The inputs a long run crashed on (states that contradict themselves: a host index past
+    /// the hosts, a lease on a host the engine does not know) are refused, not used.
+    #[test]
+    fn states_that_contradict_themselves_are_refused() {
+        for input in gangway_proto::fuzz::regressions("snapshot") {
+            let (tag, body) = input.split_first().expect("a tagged input");
+            let bytes = if tag % 2 == 1 {
+                framed(body)
+            } else {
+                body.to_vec()
+            };
+            assert!(decode_snapshot(&bytes).is_err());
+        }
+        let backups = gangway_proto::fuzz::regressions("backup");
+        assert!(!backups.is_empty(), "the regressions are in the tree");
+        for input in backups {
+            let err = requests::backup(&input).expect_err("refused at the edge");
+            assert_eq!(err.code(), "invalid_argument");
+            if let Ok(fsm) = serde_json::from_slice::<SchedulerFsm>(&input) {
+                // And were one committed anyway, its apply refuses it whole.
+                let mut store = ClusterStore::new();
+                let restore = Command::Restore {
+                    state: Box::new(fsm.store().clone()),
+                    backup_revision: 1,
+                };
+                let r = store.apply(NOW_MS, restore, &mut Vec::new());
+                assert!(
+                    matches!(&r, crate::state::Response::Rejected(e) if e.code() == "invalid_backup"),
+                    "{r:?}"
+                );
+                assert!(store.nodes().is_empty() && store.jobs().is_empty());
+            }
+        }
+    }
+
     #[test]
     fn fuzz_snapshot_short_run() {
         let seeds = snapshot_seeds();

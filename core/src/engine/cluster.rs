@@ -543,6 +543,91 @@ impl ClusterState {
         Some(gang)
     }
 
+    /// The first way this state contradicts itself, if any: the host index against the hosts,
+    /// device models, and each device's, CPU's and memory's ledger (free + fenced + what running
+    /// gangs hold = capacity). Every change made through this type keeps them; a state decoded
+    /// from untrusted bytes (a snapshot, a backup) is checked before it is used, so no later
+    /// placement or release can index out of bounds or overflow.
+    pub fn check(&self) -> Result<(), String> {
+        if self.host_index.len() != self.hosts.len() {
+            return Err(format!(
+                "{} hosts but {} in the host index",
+                self.hosts.len(),
+                self.host_index.len()
+            ));
+        }
+        for (name, &i) in &self.host_index {
+            match self.hosts.get(i) {
+                Some(h) if &h.spec.name == name => {}
+                _ => return Err(format!("host index: {name} points at position {i}")),
+            }
+        }
+        let mut used: Vec<(Vec<u64>, u64, u64)> = self
+            .hosts
+            .iter()
+            .map(|h| (vec![0; h.spec.devices.len()], 0, 0))
+            .collect();
+        for (job, gang) in &self.running {
+            for t in &gang.placement.tasks {
+                let Some(&hi) = self.host_index.get(&t.host) else {
+                    return Err(format!("job {job} runs on unknown host {}", t.host));
+                };
+                let (devices, cpu, memory) = &mut used[hi];
+                for share in &t.devices {
+                    let Some(d) = devices.get_mut(usize::from(share.index)) else {
+                        return Err(format!(
+                            "job {job} holds device {} of {}, which has {}",
+                            share.index,
+                            t.host,
+                            devices.len()
+                        ));
+                    };
+                    *d += u64::from(share.milli);
+                }
+                *cpu = cpu.saturating_add(t.cpu_milli);
+                *memory = memory.saturating_add(t.memory_mib);
+            }
+        }
+        for (h, (devices, cpu, memory)) in self.hosts.iter().zip(used) {
+            let name = &h.spec.name;
+            if h.free_milli.len() != h.spec.devices.len() {
+                return Err(format!(
+                    "host {name}: free capacity of a different device count"
+                ));
+            }
+            if let Some(d) = h
+                .spec
+                .devices
+                .iter()
+                .find(|d| !self.models.contains_key(&d.model))
+            {
+                return Err(format!("host {name}: unknown model {}", d.model));
+            }
+            for (i, held) in devices.iter().enumerate() {
+                let fenced = h.fenced.get(&(i as u16)).copied().unwrap_or(0);
+                let total = u64::from(h.free_milli[i]) + u64::from(fenced) + held;
+                if total != u64::from(MILLI_PER_DEVICE) {
+                    return Err(format!(
+                        "host {name} device {i}: free, fenced and held add up to {total} milli"
+                    ));
+                }
+            }
+            if let Some(i) = h.fenced.keys().find(|i| usize::from(**i) >= devices.len()) {
+                return Err(format!(
+                    "host {name}: device {i} is fenced but does not exist"
+                ));
+            }
+            if h.free_cpu_milli.checked_add(cpu) != Some(h.spec.cpu_milli)
+                || h.free_memory_mib.checked_add(memory) != Some(h.spec.memory_mib)
+            {
+                return Err(format!(
+                    "host {name}: free and held CPU or memory differ from its capacity"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Devices of a kind in hosts that accept work: (free milli, total milli).
     pub fn capacity_milli(&self, kind: DeviceKind) -> (u64, u64) {
         let mut free = 0u64;

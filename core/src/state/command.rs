@@ -372,6 +372,8 @@ pub enum Rejection {
     InvalidJob(String),
     #[error("a backup is restored into an empty cluster only; this one has {nodes} nodes and {jobs} jobs")]
     NotEmpty { nodes: usize, jobs: usize },
+    #[error("the backup contradicts itself: {0}")]
+    InvalidBackup(String),
 }
 
 impl Rejection {
@@ -390,6 +392,7 @@ impl Rejection {
             Rejection::InvalidAccess(_) => "invalid_access",
             Rejection::InvalidJob(_) => "invalid_job",
             Rejection::NotEmpty { .. } => "not_empty",
+            Rejection::InvalidBackup(_) => "invalid_backup",
         }
     }
 }

@@ -11,6 +11,7 @@ mod apply_nodes;
 mod apply_plan;
 pub mod audit;
 pub mod command;
+mod consistency;
 pub mod job_record;
 pub mod job_table;
 pub mod node_record;

@@ -207,6 +207,11 @@ impl ClusterStore {
                 jobs: self.jobs.len(),
             });
         }
+        // Checked here too, not only where the backup came in: this is a log entry, and a state
+        // that contradicts itself would panic every replica that applies it, at every restart.
+        if let Err(e) = backup.check_consistency() {
+            return Response::Rejected(super::command::Rejection::InvalidBackup(e));
+        }
         let trail = std::mem::take(&mut self.audit);
         *self = backup;
         // The backup's trail, then what this cluster recorded before the restore.

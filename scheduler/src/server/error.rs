@@ -105,7 +105,8 @@ impl ApiError {
                 | Rejection::UnknownDevice { .. } => Code::NotFound,
                 Rejection::InvalidJob(_)
                 | Rejection::InvalidLimits(_)
-                | Rejection::InvalidAccess(_) => Code::InvalidArgument,
+                | Rejection::InvalidAccess(_)
+                | Rejection::InvalidBackup(_) => Code::InvalidArgument,
                 Rejection::QueueFull { .. } => Code::ResourceExhausted,
                 Rejection::WrongJobState { .. }
                 | Rejection::NotEmpty { .. }

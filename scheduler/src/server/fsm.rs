@@ -90,9 +90,12 @@ impl SchedulerFsm {
         self.store.revision(self.applied_index)
     }
 
-    /// Reads a backup written by `gangway cluster snapshot save`: the state and its revision.
-    pub fn from_backup(bytes: &[u8]) -> Result<(ClusterStore, u64), serde_json::Error> {
-        let fsm: SchedulerFsm = serde_json::from_slice(bytes)?;
+    /// Reads a backup written by `gangway cluster snapshot save`: the state and its revision,
+    /// refused when it does not decode or contradicts itself (see
+    /// `ClusterStore::check_consistency`).
+    pub fn from_backup(bytes: &[u8]) -> Result<(ClusterStore, u64), String> {
+        let fsm: SchedulerFsm = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        fsm.store.check_consistency()?;
         let revision = fsm.revision();
         Ok((fsm.store, revision))
     }
@@ -152,6 +155,8 @@ pub enum SnapshotError {
     Checksum { stored: u32, computed: u32 },
     #[error("snapshot refused: the state does not decode: {0}")]
     Decode(String),
+    #[error("snapshot refused: the state contradicts itself: {0}")]
+    Inconsistent(String),
 }
 
 /// `magic (8) | state length (8, LE) | state (bincode) | CRC-32 of the state (4, LE)`.
@@ -166,9 +171,17 @@ pub fn encode_snapshot(fsm: &SchedulerFsm) -> Result<Vec<u8>, AppError> {
     Ok(out)
 }
 
-/// Reads a snapshot written by [`encode_snapshot`] after checking it whole; a snapshot of an
-/// older version (JSON) is still read.
+/// Reads a snapshot written by [`encode_snapshot`] after checking it whole (checksum, then the
+/// state's own consistency); a snapshot of an older version (JSON) is still read.
 pub fn decode_snapshot(bytes: &[u8]) -> Result<SchedulerFsm, SnapshotError> {
+    let fsm = decode_unchecked(bytes)?;
+    fsm.store
+        .check_consistency()
+        .map_err(SnapshotError::Inconsistent)?;
+    Ok(fsm)
+}
+
+fn decode_unchecked(bytes: &[u8]) -> Result<SchedulerFsm, SnapshotError> {
     if !bytes.starts_with(SNAPSHOT_MAGIC) {
         return serde_json::from_slice(bytes).map_err(|e| SnapshotError::Decode(e.to_string()));
     }
