@@ -56,14 +56,7 @@ impl Pki {
     }
 
     fn files(&self, id: &str) -> gangway_tls::TlsFiles {
-        let id: gangway_tls::Identity = id.parse().unwrap();
-        let stem = gangway_tls::ca::cert_stem(&id);
-        let files = gangway_tls::TlsFiles::in_dir(self.dir.path(), &stem);
-        if !files.cert.as_ref().unwrap().exists() {
-            let opts = gangway_tls::ca::IssueOptions::default();
-            gangway_tls::ca::issue(self.dir.path(), self.dir.path(), &id, &opts).unwrap();
-        }
-        files
+        gangway_tls::ca::ensure(self.dir.path(), &id.parse().unwrap()).unwrap()
     }
 
     fn dialer(&self, id: &str) -> gangway_tls::Dialer {

@@ -51,19 +51,8 @@ impl Pki {
     /// The files of identity `id` (`server/1`, `worker/h1`, `client/alice`), issued on first use.
     pub fn files(&self, id: &str) -> TlsFiles {
         let id: Identity = id.parse().expect("identity");
-        let stem = ca::cert_stem(&id);
-        let files = TlsFiles::in_dir(self.dir.path(), &stem);
         let _g = self.issued.lock().unwrap_or_else(|p| p.into_inner());
-        if !files.cert.as_ref().unwrap().exists() {
-            ca::issue(
-                self.dir.path(),
-                self.dir.path(),
-                &id,
-                &ca::IssueOptions::default(),
-            )
-            .expect("issue a test certificate");
-        }
-        files
+        ca::ensure(self.dir.path(), &id).expect("issue a test certificate")
     }
 
     /// A dialer speaking as `id`, expecting a replica (or with the files of [`speak_as`]).

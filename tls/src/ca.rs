@@ -166,3 +166,13 @@ pub fn issue(
     write_file(&cert_path, &cert.pem(), 0o644)?;
     Ok(cert_path)
 }
+
+/// The files of `id` in `dir` (the CA's directory), issued there with default options first if
+/// they are not there yet: how a test, a bench or `gangway dev` gets the certificates it needs.
+pub fn ensure(dir: &Path, id: &Identity) -> Result<crate::TlsFiles, TlsError> {
+    let files = crate::TlsFiles::in_dir(dir, &cert_stem(id));
+    if !files.cert.as_ref().is_some_and(|c| c.exists()) {
+        issue(dir, dir, id, &IssueOptions::default())?;
+    }
+    Ok(files)
+}

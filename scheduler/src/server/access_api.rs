@@ -5,7 +5,6 @@ use super::auth::{Caller, CallerKind};
 use super::context::ReplicaContext;
 use super::error::{required, ApiError};
 use crate::state::access::{AccessChange, Grant, Role, TokenRule};
-use crate::state::Command;
 use gangway_proto::pb;
 
 pub fn who_am_i(caller: &Caller) -> pb::WhoAmIReply {
@@ -110,9 +109,4 @@ pub fn change_from_pb(req: pb::SetAccessRequest) -> Result<AccessChange, ApiErro
         ));
     }
     Ok(AccessChange::Principal { principal, grant })
-}
-
-pub async fn set(ctx: &ReplicaContext, req: pb::SetAccessRequest) -> Result<(), ApiError> {
-    ctx.write(Command::SetAccess(change_from_pb(req)?)).await?;
-    Ok(())
 }

@@ -138,9 +138,8 @@ pub enum Mode {
     Secure { admins: BTreeSet<String> },
 }
 
-/// Where the rules are read: the replica's own applied state.
-pub type Rules =
-    Arc<dyn Fn(&dyn Fn(&AccessRules) -> Option<Caller>) -> Option<Caller> + Send + Sync>;
+/// Where the rules are read: runs a look-up on the replica's own applied rules.
+pub type Rules = Arc<dyn Fn(&mut dyn FnMut(&AccessRules)) + Send + Sync>;
 
 /// The hex SHA-256 of a bearer token, as rules store it.
 pub fn token_digest(token: &str) -> String {
@@ -177,14 +176,15 @@ pub fn authenticate(
     };
     if let Some(token) = bearer(headers)? {
         let digest = token_digest(&token);
-        return rules(&|r: &AccessRules| {
-            r.token_by_digest(&digest).map(|(name, grant)| Caller {
+        let mut caller = None;
+        rules(&mut |r| {
+            caller = r.token_by_digest(&digest).map(|(name, grant)| Caller {
                 name: format!("token/{name}"),
                 kind: CallerKind::Person,
                 grant: grant.clone(),
             })
-        })
-        .ok_or_else(|| ApiError::Unauthenticated("unknown bearer token".into()));
+        });
+        return caller.ok_or_else(|| ApiError::Unauthenticated("unknown bearer token".into()));
     }
     let id = match peer {
         Peer::Certified(id) => id,
@@ -205,15 +205,8 @@ pub fn authenticate(
 
 fn caller_for(id: &Identity, admins: &BTreeSet<String>, rules: &Rules) -> Caller {
     let name = id.to_string();
-    let mut grant = rules(&|r: &AccessRules| {
-        Some(Caller {
-            name: String::new(),
-            kind: CallerKind::Person,
-            grant: r.grant_of(&name),
-        })
-    })
-    .map(|c| c.grant)
-    .unwrap_or_default();
+    let mut grant = Grant::default();
+    rules(&mut |r| grant = r.grant_of(&name));
     if admins.contains(&name) {
         grant.roles.insert(Role::Admin);
     }

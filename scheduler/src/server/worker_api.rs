@@ -324,12 +324,20 @@ fn deliverable_within(
     )))
 }
 
+/// The node a host's request speaks for (its `node` field), once the caller proved to be that
+/// host's agent; checked before anything else in the request is looked at.
+fn own_node<T>(req: &Request<T>, node: impl Fn(&T) -> &str) -> Result<HostName, ApiError> {
+    let node = HostName::new(required("node", node(req.get_ref()))?);
+    Caller::of(req).require_node(&node)?;
+    Ok(node)
+}
+
 #[tonic::async_trait]
 impl WorkerApi for WorkerService {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Reply<pb::RegisterReply> {
         // Who may speak for the node comes first: a host learns nothing about another's
         // registration rules by sending it garbage.
-        Caller::of(&req).require_node(&HostName::new(required("node", &req.get_ref().node)?))?;
+        own_node(&req, |r| &r.node)?;
         let reg = registration_from_pb(req.into_inner())?;
         let name = reg.name.clone();
         self.ctx.write(Command::RegisterNode(reg)).await?;
@@ -346,10 +354,8 @@ impl WorkerApi for WorkerService {
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatReply> {
-        let caller = Caller::of(&req);
+        let node = own_node(&req, |r| &r.node)?;
         let req = req.into_inner();
-        let node = HostName::new(required("node", &req.node)?);
-        caller.require_node(&node)?;
         self.ctx.leader_only()?;
         // The node's state, and the digest of its allocation set as the state holds it: the
         // agent renews its lease deadline only while the set it applied is this one.
@@ -395,8 +401,7 @@ impl WorkerApi for WorkerService {
         &self,
         req: Request<pb::WatchAllocationsRequest>,
     ) -> Reply<Self::WatchAllocationsStream> {
-        let node = HostName::new(required("node", &req.get_ref().node)?);
-        Caller::of(&req).require_node(&node)?;
+        let node = own_node(&req, |r| &r.node)?;
         self.ctx.leader_only()?;
         // A stream for a node the cluster does not know is refused before it subscribes (a
         // subscription per made-up name would grow the notifier without bound).
@@ -495,10 +500,8 @@ impl WorkerApi for WorkerService {
     }
 
     async fn report_task_status(&self, req: Request<pb::TaskStatusReport>) -> Reply<pb::Empty> {
-        let caller = Caller::of(&req);
+        let node = own_node(&req, |r| &r.node)?;
         let req = req.into_inner();
-        let node = HostName::new(required("node", &req.node)?);
-        caller.require_node(&node)?;
         let job = JobId::new(required("job_id", &req.job_id)?);
         let state = convert::reported_task_state("state", req.state)?;
         // A report about a task this node does not run under the current lease is refused here;
@@ -538,7 +541,7 @@ impl WorkerApi for WorkerService {
     }
 
     async fn report_device_health(&self, req: Request<pb::DeviceHealthReport>) -> Reply<pb::Empty> {
-        Caller::of(&req).require_node(&HostName::new(required("node", &req.get_ref().node)?))?;
+        own_node(&req, |r| &r.node)?;
         let report = device_health_from_report(req.into_inner())?;
         self.own_devices(&report.node, std::slice::from_ref(&report.device))?;
         metrics::counter!("gangway_device_health_reports_total", "health" => report.health.to_string())
@@ -553,7 +556,7 @@ impl WorkerApi for WorkerService {
     }
 
     async fn report_health_check(&self, req: Request<pb::HealthCheckReport>) -> Reply<pb::Empty> {
-        Caller::of(&req).require_node(&HostName::new(required("node", &req.get_ref().node)?))?;
+        own_node(&req, |r| &r.node)?;
         let report = health_check_from_report(req.into_inner())?;
         self.own_devices(&report.node, &report.failed_devices)?;
         self.ctx.write(Command::HealthCheck(report)).await?;
@@ -561,10 +564,8 @@ impl WorkerApi for WorkerService {
     }
 
     async fn report_checkpoint(&self, req: Request<pb::CheckpointReport>) -> Reply<pb::Empty> {
-        let caller = Caller::of(&req);
+        let node = own_node(&req, |r| &r.node)?;
         let req = req.into_inner();
-        let node = HostName::new(required("node", &req.node)?);
-        caller.require_node(&node)?;
         let job = JobId::new(required("job_id", &req.job_id)?);
         // Only a host the job's lease of that epoch placed a task on reports its checkpoints.
         let elsewhere = self.ctx.raft.read_local(|fsm| {
