@@ -239,6 +239,15 @@ async fn submitters_submit_into_their_queues_and_manage_only_their_own_jobs() {
         .expect_err("queue b is not its");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("queue \"b\""), "{}", err.message());
+    // A batch with one job in another's queue is refused whole.
+    let err = a
+        .submit_jobs(pb::SubmitJobsRequest {
+            jobs: vec![spec("a"), spec("b")],
+            array_size: 0,
+        })
+        .await
+        .expect_err("queue b is not its");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let job = a
         .submit_job(spec("a"))
         .await

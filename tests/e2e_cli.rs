@@ -63,6 +63,58 @@ async fn the_cli_submits_lists_drains_and_snapshots_through_any_replica() {
         "{out:?}"
     );
 
+    // Phase 3b: a job array is one request: three jobs, in order, each with its index; a batch
+    // with a bad file creates none.
+    let one = cluster.dir.path().join("one.toml");
+    std::fs::write(
+        &one,
+        "name = \"arr\"\ncommand = [\"true\"]\n[resources]\ndevices = 1\n",
+    )
+    .unwrap();
+    let out = gangway(&[
+        "submit",
+        one.to_str().unwrap(),
+        "--array",
+        "3",
+        "--addr",
+        &addrs,
+        "-o",
+        "json",
+    ])
+    .await;
+    let ids: Vec<String> = json(&out)
+        .as_array()
+        .expect("one view per job")
+        .iter()
+        .map(|v| v["job_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    let third = json(&gangway(&["job", "status", &ids[2], "--addr", &addrs, "-o", "json"]).await);
+    assert_eq!(third["env"]["GANGWAY_ARRAY_INDEX"], "2", "{third}");
+    assert_eq!(third["env"]["GANGWAY_ARRAY_SIZE"], "3", "{third}");
+    let before = json(&gangway(&["jobs", "--addr", &addrs, "-o", "json"]).await)["jobs"]
+        .as_array()
+        .unwrap()
+        .len();
+    let out = gangway(&[
+        "submit",
+        one.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "--addr",
+        &addrs,
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad.toml"),
+        "{out:?}"
+    );
+    let after = json(&gangway(&["jobs", "--addr", &addrs, "-o", "json"]).await)["jobs"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(before, after, "nothing created");
+
     // Phase 4: drain a node; cluster status names the leader; a snapshot is saved.
     let out = gangway(&["node", "drain", "host-1", "--addr", &addrs]).await;
     assert!(out.status.success(), "{out:?}");

@@ -68,6 +68,7 @@ if [ "$ONLY" != raft ]; then
     S=$RUN/slurm
     if "$HERE/slurm.sh" start "$S"; then
       "$HERE/slurm.sh" jobs "$S" trivial "$PEERS_JOBS" --gres=gpu:1 | tee -a "$RESULTS"
+      "$HERE/slurm.sh" array "$S" array "$(( PEERS_JOBS < 1000 ? PEERS_JOBS : 1000 ))" --gres=gpu:1 | tee -a "$RESULTS"
       "$HERE/slurm.sh" jobs "$S" gang "$PEERS_GANGS" -N 2 --ntasks-per-node=1 --gres=gpu:8 | tee -a "$RESULTS"
       for p in 1 8; do "$HERE/slurm.sh" submit "$S" $p $((PEERS_SUBMITS / p)) | tee -a "$RESULTS"; done
     fi

@@ -6,6 +6,8 @@
 # Workloads (RESULT lines for deploy/peers/table.py):
 #   trivial: PEERS_JOBS (1000) x `gangway submit` of a 1-GPU job running `true`, one after another,
 #            then `gangway jobs --state pending,running` every 0.2 s until none is left
+#   array:   min(PEERS_JOBS, 1000) trivial jobs as one job array (`gangway submit --array N`, as
+#            Slurm's `sbatch --array`, whose default MaxArraySize is 1001), polled the same way
 #   gang:    PEERS_GANGS (100) x a gang of 2 tasks x 8 GPUs running `true`, the same way
 #   submit:  1 and 8 parallel submitters, PEERS_SUBMITS (400) jobs each time, of a job no host can
 #            place (16 devices per task on 8-GPU hosts: it stays pending, as Slurm's held jobs do)
@@ -98,11 +100,17 @@ J
 left() { "$GW" jobs --state pending,running --limit 1 -o json 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["jobs"]))' 2>/dev/null || echo error; }
 count() { "$GW" jobs --state "$1" -o json 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["jobs"]))' 2>/dev/null || echo "?"; }
 
-run_jobs() {  # LABEL N SPEC
+run_jobs() {  # LABEL N SPEC [array]
   local label=$1 n=$2 spec=$3 before t0 t1 t2 ok
   before=$(count succeeded)
   t0=$(ms)
-  for _ in $(seq 1 "$n"); do "$GW" submit "$spec" >/dev/null || echo "submit failed"; done
+  if [ "${4:-}" = array ]; then
+    for ((k = 0; k < n; k += 1000)); do
+      "$GW" submit "$spec" --array $(( n - k < 1000 ? n - k : 1000 )) >/dev/null || echo "submit failed"
+    done
+  else
+    for _ in $(seq 1 "$n"); do "$GW" submit "$spec" >/dev/null || echo "submit failed"; done
+  fi
   t1=$(ms)
   local errs=0 l
   while l=$(left); [ "$l" != 0 ]; do
@@ -114,6 +122,7 @@ run_jobs() {  # LABEL N SPEC
   echo "RESULT jobs gangway-$MODE label=$label n=$n completed=$ok submit_ms=$((t1-t0)) total_ms=$((t2-t0))"
 }
 run_jobs trivial "$JOBS" "$DIR/trivial.toml"
+run_jobs array "$(( JOBS < 1000 ? JOBS : 1000 ))" "$DIR/trivial.toml" array
 run_jobs gang "$GANGS" "$DIR/gang.toml"
 
 for P in 1 8; do

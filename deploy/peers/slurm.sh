@@ -3,6 +3,8 @@
 # munged, slurmctld and 8 slurmd (n1-n8), 8 fake GPUs each (device files that are /dev/null).
 #   slurm.sh start DIR                 configs into DIR/etc, start everything, wait for 8 idle nodes
 #   slurm.sh jobs DIR LABEL N ARGS...  N x `sbatch ARGS --wrap true` one after another, then poll
+#   slurm.sh array DIR LABEL N ARGS... one `sbatch --array=0-(N-1) ARGS --wrap true` (N <= 1000),
+#                                      then poll
 #                                      squeue every 0.2 s until the queue is empty
 #   slurm.sh submit DIR P K            P submitters x K held jobs (`sbatch -H`), then cancel them
 #   slurm.sh stop DIR                  stop what start started (by recorded pid)
@@ -37,11 +39,15 @@ start)
     sleep 0.5
   done
   echo "slurm: nodes did not come up; see $DIR/log"; sinfo; exit 1 ;;
-jobs)
+jobs|array)
   label=$1; n=$2; shift 2
   first=$(squeue -h -t all -o %i | sort -n | tail -1); first=${first:-0}
   t0=$(ms)
-  for i in $(seq 1 "$n"); do sbatch -Q -o /dev/null -e /dev/null "$@" --wrap true >/dev/null || echo "submit $i failed"; done
+  if [ "$cmd" = array ]; then
+    sbatch -Q -o /dev/null -e /dev/null --array="0-$((n-1))" "$@" --wrap true >/dev/null || echo "submit failed"
+  else
+    for i in $(seq 1 "$n"); do sbatch -Q -o /dev/null -e /dev/null "$@" --wrap true >/dev/null || echo "submit $i failed"; done
+  fi
   t1=$(ms)
   while [ "$(squeue -h -t PD,R,CG,CF | wc -l)" -gt 0 ]; do sleep 0.2; done
   t2=$(ms)

@@ -156,7 +156,7 @@ pub fn client_request(data: &[u8]) {
     let Some((&method, body)) = data.split_first() else {
         return;
     };
-    match method % 16 {
+    match method % 17 {
         0 => {
             let Ok(req) = pb::SubmitJobRequest::decode(body) else {
                 return;
@@ -256,6 +256,22 @@ pub fn client_request(data: &[u8]) {
                 })
             }) {
                 apply_as_person(Command::RequestCheckpoint { job, reason });
+            }
+        }
+        15 => {
+            let Ok(req) = pb::SubmitJobsRequest::decode(body) else {
+                return;
+            };
+            if let Ok(batch) = requests::submissions(&req) {
+                let batch = batch
+                    .into_iter()
+                    .map(|(spec, idempotency_key)| Submission {
+                        idempotency_key,
+                        spec,
+                        owner: "client/fuzz".into(),
+                    })
+                    .collect();
+                apply_as_person(Command::SubmitJobs(batch));
             }
         }
         _ => backup(body),
@@ -393,6 +409,17 @@ pub fn client_request_seeds() -> Vec<Vec<u8>> {
             14,
             pb::CheckpointJobRequest {
                 job_id: "train-1".into(),
+            }
+            .encode_to_vec(),
+        ),
+        tagged(
+            15,
+            pb::SubmitJobsRequest {
+                jobs: vec![pb::SubmitJobRequest {
+                    spec_toml: SPECS[0].into(),
+                    idempotency_key: "sweep".into(),
+                }],
+                array_size: 4,
             }
             .encode_to_vec(),
         ),

@@ -22,6 +22,23 @@ impl Client {
         .await
     }
 
+    /// Submits several jobs in one request (all or none); `array_size` above 0 makes the one
+    /// spec a job array. Resent like one job: each job's idempotency key holds across resends.
+    pub async fn submit_jobs(
+        &mut self,
+        jobs: Vec<pb::SubmitJobRequest>,
+        array_size: u32,
+    ) -> Result<pb::SubmitJobsReply, ClientError> {
+        self.call("SubmitJobs", Resend::Safe, |mut api| {
+            let req = pb::SubmitJobsRequest {
+                jobs: jobs.clone(),
+                array_size,
+            };
+            async move { api.submit_jobs(req).await }
+        })
+        .await
+    }
+
     /// Cancels a job. Not resent after an unknown outcome: a second cancel of a job the first one
     /// ended fails with `wrong_job_state`, which would hide that the first one worked.
     pub async fn cancel_job(&mut self, job_id: &str, reason: &str) -> Result<(), ClientError> {

@@ -106,6 +106,23 @@ impl ClientApi for Fake {
             existing,
         }))
     }
+    async fn submit_jobs(
+        &self,
+        r: Request<pb::SubmitJobsRequest>,
+    ) -> Result<Response<pb::SubmitJobsReply>, Status> {
+        let req = r.into_inner();
+        let keys: Vec<_> = req.jobs.iter().map(|j| j.idempotency_key.clone()).collect();
+        self.enter("SubmitJobs", &keys.join(",")).await?;
+        let n = req.array_size.max(req.jobs.len() as u32);
+        Ok(Response::new(pb::SubmitJobsReply {
+            jobs: (0..n)
+                .map(|i| pb::SubmitJobReply {
+                    job_id: format!("job-{i}-from-{}", self.name),
+                    existing: false,
+                })
+                .collect(),
+        }))
+    }
     async fn cancel_job(
         &self,
         _: Request<pb::CancelJobRequest>,
@@ -746,7 +763,8 @@ fn submit_args(
     wait: Option<Duration>,
 ) -> crate::cmd::jobs::SubmitArgs {
     crate::cmd::jobs::SubmitArgs {
-        file: file.to_owned(),
+        files: vec![file.to_owned()],
+        array: None,
         idempotency_key: None,
         wait,
         opts: crate::cmd::common::ClientOpts {
@@ -786,6 +804,52 @@ async fn submit_validates_locally_before_sending() {
         .await
         .unwrap_err();
     assert_eq!(err.exit_code(), EXIT_INVALID);
+}
+
+#[tokio::test]
+async fn several_files_go_in_one_request_or_none_leaves() {
+    let fake = Fake::serving("a");
+    let a = start(fake.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&good, VALID_SPEC).unwrap();
+    std::fs::write(&bad, "name = \"x\"\ntasks = 0\n").unwrap();
+
+    // One bad file among good ones: nothing is sent, and the error names the file.
+    let mut args = submit_args(&a, &good, None);
+    args.files = vec![good.clone(), bad.clone(), good.clone()];
+    let err = crate::cmd::jobs::submit(args).await.unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_INVALID);
+    assert!(err.to_string().contains("bad.toml"), "{err}");
+    assert_eq!(fake.count("SubmitJobs") + fake.count("SubmitJob"), 0);
+
+    // Three good files: one request, each job with its own key under the run's key.
+    let mut args = submit_args(&a, &good, None);
+    args.files = vec![good.clone(); 3];
+    args.idempotency_key = Some("k".into());
+    crate::cmd::jobs::submit(args)
+        .await
+        .expect("a batch of three");
+    assert_eq!((fake.count("SubmitJobs"), fake.count("SubmitJob")), (1, 0));
+    let call = fake
+        .calls()
+        .into_iter()
+        .find(|c| c.method == "SubmitJobs")
+        .unwrap();
+    assert_eq!(call.key, "k/0,k/1,k/2");
+
+    // An array is one spec; --wait is for one job.
+    let mut args = submit_args(&a, &good, Some(Duration::from_secs(1)));
+    args.array = Some(10);
+    let err = crate::cmd::jobs::submit(args).await.unwrap_err();
+    assert!(err.to_string().contains("--wait"), "{err}");
+    let mut args = submit_args(&a, &good, None);
+    args.files = vec![good.clone(), good.clone()];
+    args.array = Some(10);
+    let err = crate::cmd::jobs::submit(args).await.unwrap_err();
+    assert!(err.to_string().contains("--array takes one spec"), "{err}");
+    assert_eq!(fake.count("SubmitJobs"), 1, "refused before sending");
 }
 
 #[tokio::test]

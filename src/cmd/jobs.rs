@@ -15,19 +15,29 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// Most spec files one `gangway submit` sends (the server's batch limit).
+const MAX_BATCH_FILES: usize = 1_000;
+
 /// How often `submit --wait` asks for the job's state.
 const WAIT_POLL: Duration = Duration::from_millis(500);
 
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
-    /// The job spec (TOML); `-` reads it from stdin. It is validated here first, with the same code
-    /// as the server.
-    pub file: PathBuf,
-    /// Submissions with the same key create one job. Default: a random key, made once per run, so
-    /// the client's own retries never create a second job.
+    /// The job specs (TOML); `-` reads one from stdin. Each is validated here first, with the
+    /// same code as the server. Several files go in one request: all jobs are created or none
+    /// (at most 1,000).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// A job array: the one spec created N times (at most 1,000) in one request, job i (from 0)
+    /// with GANGWAY_ARRAY_INDEX=i and GANGWAY_ARRAY_SIZE=N in its environment.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub array: Option<u32>,
+    /// Submissions with the same key create one job (a batch's job i gets `KEY/i`). Default: a
+    /// random key, made once per run, so the client's own retries never create a second job.
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
     /// Wait until the job is running; exit 2 (not placeable yet) if it is not after this long.
+    /// One job only.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub wait: Option<Duration>,
     #[command(flatten)]
@@ -582,12 +592,18 @@ fn read_spec(file: &std::path::Path) -> Result<String, ClientError> {
 }
 
 pub async fn submit(args: SubmitArgs) -> Result<(), ClientError> {
-    let text = read_spec(&args.file)?;
-    JobSpec::from_toml_str(&text).map_err(ClientError::InvalidSpec)?;
     let key = args
         .idempotency_key
         .clone()
         .unwrap_or_else(new_idempotency_key);
+    let [file] = args.files.as_slice() else {
+        return submit_batch(args, key).await;
+    };
+    if args.array.is_some() {
+        return submit_batch(args, key).await;
+    }
+    let text = read_spec(file)?;
+    JobSpec::from_toml_str(&text).map_err(ClientError::InvalidSpec)?;
     let mut client = args.opts.client();
     let reply = client.submit_job(&text, &key).await?;
     let mut view = SubmitView {
@@ -632,6 +648,67 @@ pub async fn submit(args: SubmitArgs) -> Result<(), ClientError> {
         }
     }
     result.map(|_| ()).map_err(|(_, e)| e)
+}
+
+/// Several specs, or one spec as an array, in one `SubmitJobs` request; one id per line.
+async fn submit_batch(args: SubmitArgs, key: String) -> Result<(), ClientError> {
+    if args.wait.is_some() {
+        return Err(ClientError::Usage(
+            "--wait takes one job; leave it out with several files or --array".into(),
+        ));
+    }
+    if args.files.len() > MAX_BATCH_FILES {
+        return Err(ClientError::Usage(format!(
+            "at most {} files go in one submission, got {}",
+            MAX_BATCH_FILES,
+            args.files.len()
+        )));
+    }
+    if args.array.is_some() && args.files.len() > 1 {
+        return Err(ClientError::Usage("--array takes one spec file".into()));
+    }
+    let mut jobs = Vec::with_capacity(args.files.len());
+    for (i, file) in args.files.iter().enumerate() {
+        let text = read_spec(file)?;
+        JobSpec::from_toml_str(&text)
+            .map_err(|e| ClientError::Usage(format!("{}: {e}", file.display())))?;
+        // An array's jobs get `KEY/i` from the server; a batch's here.
+        let key = match args.array {
+            Some(_) => key.clone(),
+            None => format!("{key}/{i}"),
+        };
+        jobs.push(pb::SubmitJobRequest {
+            spec_toml: text,
+            idempotency_key: key,
+        });
+    }
+    let reply = args
+        .opts
+        .client()
+        .submit_jobs(jobs, args.array.unwrap_or(0))
+        .await?;
+    let existing = reply.jobs.iter().filter(|j| j.existing).count();
+    if existing > 0 {
+        eprintln!(
+            "idempotency key {key} was already used: {existing} of the {} jobs existed, not created again",
+            reply.jobs.len()
+        );
+    }
+    let views: Vec<SubmitView> = reply
+        .jobs
+        .into_iter()
+        .map(|j| SubmitView {
+            job_id: j.job_id,
+            existing: j.existing,
+            state: None,
+            pending_reason: None,
+        })
+        .collect();
+    match args.opts.output {
+        Output::Table => views.iter().for_each(|v| println!("{}", v.job_id)),
+        Output::Json => println!("{}", to_json(&views, false)),
+    }
+    Ok(())
 }
 
 /// Polls the job until it runs (or has already run to success), fails, or `wait` passes.

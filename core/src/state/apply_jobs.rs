@@ -2,14 +2,26 @@
 
 use super::command::{
     CheckpointFailure, CheckpointReport, DefragOrder, Event, IdleReport, Rejection, Response,
-    Submission, TaskReport, TaskState,
+    Submission, SubmittedJob, TaskReport, TaskState, MAX_BATCH_JOBS,
 };
 use super::job_record::{JobRecord, JobState, MigrationReason, RunCause};
 use super::store::ClusterStore;
 use crate::engine::{join_hosts, HostFilter, IdleAction};
 use gangway_proto::ids::{JobId, QueueName};
 
-use gangway_proto::spec::MAX_TASKS;
+use gangway_proto::spec::{JobSpec, MAX_TASKS};
+use std::collections::{BTreeMap, BTreeSet};
+use Rejection::InvalidJob;
+
+/// What in a spec would break the state if it reached the log: the edge validated it; apply
+/// re-checks and refuses it identically on every replica.
+fn unappliable(spec: &JobSpec) -> Option<Rejection> {
+    (spec.tasks == 0 || spec.tasks > MAX_TASKS || spec.command.is_empty()).then(|| {
+        InvalidJob(format!(
+            "tasks must be 1..={MAX_TASKS} and command non-empty"
+        ))
+    })
+}
 
 impl ClusterStore {
     pub(super) fn apply_submit_job(
@@ -32,16 +44,84 @@ impl ClusterStore {
                 existing: true,
             };
         }
-        // The edge validated the spec; apply re-checks what would break the state if a bad spec
-        // reached the log anyway, and rejects it identically on every replica.
-        if spec.tasks == 0 || spec.tasks > MAX_TASKS || spec.command.is_empty() {
-            return Response::Rejected(Rejection::InvalidJob(format!(
-                "tasks must be 1..={MAX_TASKS} and command non-empty"
-            )));
-        }
-        if let Some(refusal) = self.refuse_full_queue(&spec.queue) {
+        if let Some(refusal) = unappliable(&spec) {
             return Response::Rejected(refusal);
         }
+        if let Some(refusal) = self.refuse_full_queue(&spec.queue, 1) {
+            return Response::Rejected(refusal);
+        }
+        Response::Submitted {
+            job: self.create_job(now, idempotency_key, spec, owner, events),
+            existing: false,
+        }
+    }
+
+    /// A batch: every job is checked (its spec, its queue's room for all the batch adds there)
+    /// before the first is created, so a refused batch leaves nothing behind.
+    pub(super) fn apply_submit_jobs(
+        &mut self,
+        now: u64,
+        batch: Vec<Submission>,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        if batch.is_empty() || batch.len() > MAX_BATCH_JOBS {
+            return Response::Rejected(Rejection::InvalidJob(format!(
+                "a batch holds 1..={MAX_BATCH_JOBS} jobs, got {}",
+                batch.len()
+            )));
+        }
+        let mut adding: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut keys = BTreeSet::new();
+        for (i, s) in batch.iter().enumerate() {
+            if let Some(InvalidJob(why)) = unappliable(&s.spec) {
+                return Response::Rejected(InvalidJob(format!("jobs[{i}]: {why}")));
+            }
+            let seen = s
+                .idempotency_key
+                .as_ref()
+                .is_some_and(|k| self.idempotency.contains_key(k) || !keys.insert(k.as_str()));
+            if !seen {
+                *adding.entry(s.spec.queue.as_str()).or_default() += 1;
+            }
+        }
+        if let Some(refusal) = adding
+            .iter()
+            .find_map(|(queue, n)| self.refuse_full_queue(queue, *n))
+        {
+            return Response::Rejected(refusal);
+        }
+        let mut jobs = Vec::with_capacity(batch.len());
+        for Submission {
+            idempotency_key,
+            spec,
+            owner,
+        } in batch
+        {
+            let known = idempotency_key
+                .as_ref()
+                .and_then(|k| self.idempotency.get(k));
+            jobs.push(match known {
+                Some(job) => SubmittedJob {
+                    job: job.clone(),
+                    existing: true,
+                },
+                None => SubmittedJob {
+                    job: self.create_job(now, idempotency_key, spec, owner, events),
+                    existing: false,
+                },
+            });
+        }
+        Response::SubmittedJobs(jobs)
+    }
+
+    fn create_job(
+        &mut self,
+        now: u64,
+        idempotency_key: Option<String>,
+        spec: JobSpec,
+        owner: String,
+        events: &mut Vec<Event>,
+    ) -> JobId {
         let id = JobId::new(format!("{}-{}", spec.name, self.next_job_seq));
         self.next_job_seq += 1;
         if let Some(key) = idempotency_key {
@@ -52,10 +132,7 @@ impl ClusterStore {
         self.jobs.insert(job);
         events.push(Event::JobChanged(id.clone()));
         events.push(Event::SchedulingNeeded);
-        Response::Submitted {
-            job: id,
-            existing: false,
-        }
+        id
     }
 
     pub(super) fn apply_cancel_job(

@@ -129,6 +129,12 @@ pub fn target_of(command: &Command) -> String {
     use super::access::AccessChange;
     match command {
         Command::SubmitJob(s) => format!("{} in queue {}", s.spec.name, s.spec.queue),
+        Command::SubmitJobs(batch) => {
+            let queues: std::collections::BTreeSet<_> =
+                batch.iter().map(|s| s.spec.queue.as_str()).collect();
+            let queues: Vec<_> = queues.into_iter().collect();
+            format!("{} jobs in queue {}", batch.len(), queues.join(", "))
+        }
         Command::CancelJob { job, .. }
         | Command::RequestCheckpoint { job, .. }
         | Command::MigrateJob { job, .. } => job.to_string(),
@@ -198,6 +204,12 @@ impl ClusterStore {
         let response = self.dispatch(now, command, events);
         let target = match &response {
             Response::Submitted { job, .. } => job.to_string(),
+            Response::SubmittedJobs(jobs) => match (jobs.first(), jobs.last()) {
+                (Some(first), Some(last)) if jobs.len() > 1 => {
+                    format!("{} jobs: {} .. {}", jobs.len(), first.job, last.job)
+                }
+                _ => target,
+            },
             _ => target,
         };
         let outcome = outcome_of(&response);

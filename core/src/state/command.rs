@@ -112,6 +112,17 @@ pub struct Submission {
     pub owner: String,
 }
 
+/// The most jobs one [`Command::SubmitJobs`] creates: one log entry stays small enough to
+/// replicate in one message, and one apply short.
+pub const MAX_BATCH_JOBS: usize = 1_000;
+
+/// One job of a batch: its id, and whether its idempotency key had been seen already.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmittedJob {
+    pub job: JobId,
+    pub existing: bool,
+}
+
 /// A worker's report about one task under one lease epoch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskReport {
@@ -219,6 +230,9 @@ pub enum Command {
     },
     /// A client submits a job.
     SubmitJob(Submission),
+    /// A client submits several jobs at once (a batch or a job array): all are created, in order,
+    /// or none (see [`MAX_BATCH_JOBS`]).
+    SubmitJobs(Vec<Submission>),
     CancelJob {
         job: JobId,
         reason: String,
@@ -309,6 +323,7 @@ impl Command {
             Command::SetNodeState(_) => "set_node_state",
             Command::NodeDown { .. } => "node_down",
             Command::SubmitJob(_) => "submit_job",
+            Command::SubmitJobs(_) => "submit_jobs",
             Command::CancelJob { .. } => "cancel_job",
             Command::ApplyPlan { .. } => "apply_plan",
             Command::TaskStatus(_) => "task_status",
@@ -358,10 +373,13 @@ pub enum Rejection {
     UnknownTask { job: JobId, task: u32 },
     #[error("node {node} has no device {device}")]
     UnknownDevice { node: HostName, device: String },
-    #[error("queue {queue} has {pending} pending jobs, its limit is {limit}; retry when some have been placed")]
+    #[error("queue {queue} has {pending} pending jobs and this submission adds {adding}, its limit is {limit}; retry when some have been placed")]
     QueueFull {
         queue: String,
         pending: usize,
+        /// How many pending jobs the refused submission would have added (1 for one job).
+        #[serde(default)]
+        adding: usize,
         limit: usize,
     },
     #[error("invalid limits: {0}")]
@@ -408,6 +426,8 @@ pub enum Response {
         job: JobId,
         existing: bool,
     },
+    /// The jobs of a [`Command::SubmitJobs`], in its order.
+    SubmittedJobs(Vec<SubmittedJob>),
     /// What a scheduling round committed.
     PlanApplied {
         placed: Vec<(JobId, u64)>,

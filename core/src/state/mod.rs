@@ -23,7 +23,8 @@ pub use audit::{AuditEntry, AuditLog, AuditNote, DEFAULT_MAX_AUDIT_ENTRIES};
 pub use command::{
     CheckpointFailure, CheckpointManifest, CheckpointReport, Command, DefragMove, DefragOrder,
     DeviceFenceChange, DeviceHealthReport, DeviceInventory, Event, HealthCheckReport, IdleReport,
-    NodeRegistration, NodeStateChange, Rejection, Response, Submission, TaskReport, TaskState,
+    NodeRegistration, NodeStateChange, Rejection, Response, Submission, SubmittedJob, TaskReport,
+    TaskState, MAX_BATCH_JOBS,
 };
 pub use job_record::{JobRecord, JobState, Lease, Migration, MigrationReason, RunCause, RunRecord};
 pub use job_table::JobTable;

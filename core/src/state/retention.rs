@@ -240,12 +240,14 @@ impl ClusterStore {
     }
 
     /// The refusal of a submission to `queue` when it is full.
-    pub(super) fn refuse_full_queue(&self, queue: &str) -> Option<Rejection> {
+    pub(super) fn refuse_full_queue(&self, queue: &str, adding: usize) -> Option<Rejection> {
         let pending = self.jobs.pending_in(queue);
-        (pending >= self.limits.max_pending_per_queue).then(|| Rejection::QueueFull {
+        let limit = self.limits.max_pending_per_queue;
+        (pending.saturating_add(adding) > limit).then(|| Rejection::QueueFull {
             queue: queue.to_owned(),
             pending,
-            limit: self.limits.max_pending_per_queue,
+            adding,
+            limit,
         })
     }
 }

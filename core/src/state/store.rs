@@ -126,6 +126,7 @@ impl ClusterStore {
             Command::SetNodeState(change) => self.apply_set_node_state(now, change, events),
             Command::NodeDown { node, reason } => self.apply_node_down(now, node, reason, events),
             Command::SubmitJob(submission) => self.apply_submit_job(now, submission, events),
+            Command::SubmitJobs(batch) => self.apply_submit_jobs(now, batch, events),
             Command::CancelJob { job, reason } => self.apply_cancel_job(now, job, reason, events),
             Command::ApplyPlan { plan } => self.apply_plan(now, plan, events),
             Command::TaskStatus(report) => self.apply_task_status(now, report, events),

@@ -138,6 +138,39 @@ impl ClientApi for ClientService {
         }
     }
 
+    async fn submit_jobs(&self, req: Request<pb::SubmitJobsRequest>) -> Reply<pb::SubmitJobsReply> {
+        self.admit_submit(req.remote_addr())?;
+        let caller = Caller::of(&req);
+        let batch = requests::submissions(req.get_ref())?;
+        let queues: BTreeSet<&str> = batch.iter().map(|(spec, _)| spec.queue.as_str()).collect();
+        for queue in queues {
+            caller.require_submit(queue)?;
+        }
+        let owner = caller.owner();
+        let command = Command::SubmitJobs(
+            batch
+                .into_iter()
+                .map(|(spec, idempotency_key)| Submission {
+                    idempotency_key,
+                    spec,
+                    owner: owner.clone(),
+                })
+                .collect(),
+        );
+        match self.ctx.write_as(&caller, command).await? {
+            Response::SubmittedJobs(jobs) => ok(pb::SubmitJobsReply {
+                jobs: jobs
+                    .into_iter()
+                    .map(|j| pb::SubmitJobReply {
+                        job_id: j.job.to_string(),
+                        existing: j.existing,
+                    })
+                    .collect(),
+            }),
+            other => Err(ApiError::Internal(format!("unexpected response {other:?}")).into()),
+        }
+    }
+
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Reply<pb::Empty> {
         let caller = Caller::of(&req);
         let (job, reason) = requests::cancel(req.into_inner())?;

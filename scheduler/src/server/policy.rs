@@ -28,6 +28,7 @@ pub const RAFT: &str = "gangway.consensus.v1.RaftTransport";
 /// (service, method, need), every method served on a replica's gRPC port.
 pub const POLICY: &[(&str, &str, Need)] = &[
     (CLIENT_API, "SubmitJob", Permission(P::Submit)),
+    (CLIENT_API, "SubmitJobs", Permission(P::Submit)),
     (CLIENT_API, "CancelJob", Permission(P::ManageOwnJobs)),
     (CLIENT_API, "CheckpointJob", Permission(P::ManageOwnJobs)),
     (CLIENT_API, "GetJob", Permission(P::Read)),

@@ -137,6 +137,76 @@ pub fn submission(req: &pb::SubmitJobRequest) -> Result<(JobSpec, Option<String>
     Ok((spec, (!key.is_empty()).then(|| key.to_owned())))
 }
 
+/// A `SubmitJobs`: every job as [`submission`] reads it, a job array expanded (see the proto),
+/// each problem under `jobs[i]`.
+pub fn submissions(
+    req: &pb::SubmitJobsRequest,
+) -> Result<Vec<(JobSpec, Option<String>)>, ApiError> {
+    use crate::state::MAX_BATCH_JOBS;
+    let within = |field: &str, n: usize| {
+        if (1..=MAX_BATCH_JOBS).contains(&n) {
+            Ok(())
+        } else {
+            Err(ApiError::invalid(
+                field,
+                format!("expected 1..={MAX_BATCH_JOBS} jobs, got {n}"),
+            ))
+        }
+    };
+    if req.array_size == 0 {
+        within("jobs", req.jobs.len())?;
+        return req
+            .jobs
+            .iter()
+            .enumerate()
+            .map(|(i, job)| submission(job).map_err(|e| under(&format!("jobs[{i}]"), e)))
+            .collect();
+    }
+    within("array_size", req.array_size as usize)?;
+    let [job] = req.jobs.as_slice() else {
+        return Err(ApiError::invalid(
+            "jobs",
+            format!("a job array takes exactly one spec, got {}", req.jobs.len()),
+        ));
+    };
+    let (spec, key) = submission(job).map_err(|e| under("jobs[0]", e))?;
+    let size = req.array_size;
+    if key
+        .as_ref()
+        .is_some_and(|k| k.len() + 1 + size.to_string().len() > MAX_IDEMPOTENCY_KEY)
+    {
+        return Err(ApiError::invalid(
+            "jobs[0].idempotency_key",
+            format!(
+                "with the `/<index>` an array adds, expected at most {MAX_IDEMPOTENCY_KEY} bytes"
+            ),
+        ));
+    }
+    Ok((0..size)
+        .map(|i| {
+            let mut spec = spec.clone();
+            spec.env.insert(ARRAY_INDEX_ENV.to_owned(), i.to_string());
+            spec.env.insert(ARRAY_SIZE_ENV.to_owned(), size.to_string());
+            (spec, key.as_ref().map(|k| format!("{k}/{i}")))
+        })
+        .collect())
+}
+
+/// Set by a job array on each of its jobs (names the worker's own variables cannot take).
+pub const ARRAY_INDEX_ENV: &str = "GANGWAY_ARRAY_INDEX";
+pub const ARRAY_SIZE_ENV: &str = "GANGWAY_ARRAY_SIZE";
+
+/// `error`, about the part of the request at `at`: its field path under `at`.
+fn under(at: &str, error: ApiError) -> ApiError {
+    match error {
+        ApiError::InvalidSpec(problems) => ApiError::InvalidSpec(format!("{at}: {problems}")),
+        ApiError::InvalidArgument { field, message } => {
+            ApiError::invalid(&format!("{at}.{field}"), message)
+        }
+        other => other,
+    }
+}
+
 /// A `CancelJob`: the job and the reason kept in its history.
 pub fn cancel(req: pb::CancelJobRequest) -> Result<(JobId, String), ApiError> {
     let job = JobId::new(required("job_id", &req.job_id)?);
@@ -324,6 +394,85 @@ pub fn job_filter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn job(spec: &str, key: &str) -> pb::SubmitJobRequest {
+        pb::SubmitJobRequest {
+            spec_toml: spec.into(),
+            idempotency_key: key.into(),
+        }
+    }
+
+    const SPEC: &str = "name = \"s\"\ncommand = [\"true\"]\n[resources]\ndevices = 1\n";
+
+    #[test]
+    fn a_job_array_is_its_spec_n_times_each_with_its_index_and_key() {
+        let req = pb::SubmitJobsRequest {
+            jobs: vec![job(SPEC, "sweep")],
+            array_size: 3,
+        };
+        let jobs = submissions(&req).unwrap();
+        assert_eq!(jobs.len(), 3);
+        for (i, (spec, key)) in jobs.iter().enumerate() {
+            assert_eq!(spec.env[ARRAY_INDEX_ENV], i.to_string());
+            assert_eq!(spec.env[ARRAY_SIZE_ENV], "3");
+            assert_eq!(key.as_deref(), Some(format!("sweep/{i}").as_str()));
+        }
+        let unkeyed = pb::SubmitJobsRequest {
+            jobs: vec![job(SPEC, "")],
+            array_size: 2,
+        };
+        assert!(submissions(&unkeyed)
+            .unwrap()
+            .iter()
+            .all(|(_, k)| k.is_none()));
+    }
+
+    #[test]
+    fn a_bad_batch_names_the_field_and_the_job() {
+        let cases = [
+            (vec![], 0, "field `jobs`"),
+            (
+                vec![job(SPEC, ""); 1_001],
+                0,
+                "field `jobs`: expected 1..=1000 jobs, got 1001",
+            ),
+            (vec![job(SPEC, "")], 1_001, "field `array_size`"),
+            (
+                vec![job(SPEC, ""), job(SPEC, "")],
+                5,
+                "exactly one spec, got 2",
+            ),
+            (
+                vec![job(SPEC, ""), job("tasks = 0", "")],
+                0,
+                "jobs[1]: invalid job spec",
+            ),
+            (
+                vec![job(SPEC, &"k".repeat(300))],
+                0,
+                "field `jobs[0].idempotency_key`",
+            ),
+            (
+                vec![job(SPEC, &"k".repeat(254))],
+                10,
+                "field `jobs[0].idempotency_key`",
+            ),
+        ];
+        for (jobs, array_size, expected) in cases {
+            let n = jobs.len();
+            let err = submissions(&pb::SubmitJobsRequest { jobs, array_size }).unwrap_err();
+            assert!(
+                err.to_string().contains(expected),
+                "{n} jobs, array {array_size}: {err}"
+            );
+        }
+        // A key that fits with the longest index suffix is taken.
+        let fits = pb::SubmitJobsRequest {
+            jobs: vec![job(SPEC, &"k".repeat(253))],
+            array_size: 10,
+        };
+        assert_eq!(submissions(&fits).unwrap().len(), 10);
+    }
 
     #[test]
     fn operators_cannot_declare_a_node_down() {
