@@ -302,3 +302,52 @@ async fn http_get(addr: &str, path: &str, want: &str) -> String {
     }
     last
 }
+
+/// A host that asks a follower while the replicas elect (its leader just killed) is held until
+/// the election names the new leader and then sent there: never to the dead leader, and not
+/// round the replicas while there is none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_election_a_follower_sends_hosts_to_the_winner_not_the_dead_leader() {
+    let mut cluster = TestCluster::start(3);
+    let old = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let _fleet = two_hosts(cluster.addrs()).await;
+    let follower = (1..=3).find(|id| *id != old).unwrap();
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(follower)))
+        .unwrap()
+        .timeout(Duration::from_secs(10));
+    let channel = pki::pki()
+        .dialer("worker/host-1")
+        .connect(&ep)
+        .await
+        .expect("host-1 reaches the follower");
+    let mut host = pb::worker_api_client::WorkerApiClient::new(channel);
+    let dead = cluster.addr(old);
+    cluster.kill(old);
+    // Past three heartbeat intervals (100 ms here) the follower counts its leader as silent.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let asked = std::time::Instant::now();
+    let heartbeat = host
+        .heartbeat(pb::HeartbeatRequest {
+            node: "host-1".into(),
+            devices: Vec::new(),
+        })
+        .await;
+    let answered = asked.elapsed();
+    let new = cluster
+        .wait_for_leader(Some(old), Duration::from_secs(30))
+        .await;
+    eprintln!("the follower answered after {answered:?}");
+    match heartbeat {
+        Ok(_) => assert_eq!(new, follower, "only the leader answers a heartbeat"),
+        Err(status) => {
+            let hint = gangway_proto::link::leader_hint(&status)
+                .map(|h| h.trim_start_matches("http://").to_owned());
+            assert_eq!(
+                hint,
+                Some(cluster.addr(new)),
+                "sent elsewhere than the winner (the dead leader is {dead}): {status:?}\n{}",
+                cluster.logs()
+            );
+        }
+    }
+}

@@ -12,21 +12,25 @@
 //! - etcd: three `etcd` processes (Debian etcd-server, 3.4), a write is `etcdserverpb.KV/Put` sent
 //!   to the leader, answered once applied.
 //!
-//! Election timing is the same on both sides: etcd's defaults (heartbeat 100 ms, election timeout
-//! 1000 ms, which etcd randomises over 1000-2000 ms) and Gangway set to heartbeat 100 ms, election
-//! timeout 1000-2000 ms (`PEERS_ELECTION_MS`, `PEERS_HEARTBEAT_MS` change Gangway's). Snapshots
-//! every 100,000 entries on both (etcd's default `--snapshot-count`).
+//! Election timing: each side's production default, and each row says when a follower may first
+//! campaign after the last heartbeat it saw. etcd: heartbeat 100 ms, election timeout 1000 ms,
+//! randomised over 1000-2000 ms. Gangway: `ReplicaConfig::new`'s heartbeat 100 ms, election
+//! timeout 400-800 ms, which openraft turns into a campaign 1200-1600 ms after the last heartbeat
+//! (its leader lease, election_timeout_max, comes first). `PEERS_ELECTION_MS=MIN-MAX` and
+//! `PEERS_HEARTBEAT_MS` change Gangway's. Snapshots every 100,000 entries on both (etcd's default
+//! `--snapshot-count`).
 //!
 //! Usage (run through cargo, or the built binary directly):
 //!   peers_raft run gangway|etcd DIR   every workload against one system; prints RESULT lines
 //!   peers_raft serve ID DIR PEERS EMIN_MS EMAX_MS HB_MS [init]   one Gangway replica (internal)
 //! Environment: PEERS_CLIENTS (default 1,16,64,256), PEERS_WRITE_SECS (10), PEERS_VALUE_BYTES
-//! (256), PEERS_KILLS (20), PEERS_ELECTION_MS (1000-2000), PEERS_HEARTBEAT_MS (100), ETCD (etcd).
+//! (256), PEERS_KILLS (20), PEERS_ELECTION_MS (400-800), PEERS_HEARTBEAT_MS (100), ETCD (etcd).
 //! Connections: one per 16 clients (at least one), the clients of a connection multiplexed on it.
 //!
 //! Output lines, parsed by deploy/peers/table.py:
 //!   RESULT write SYSTEM clients=C conns=K ops=N secs=S tput=OPS p50_ms=X p99_ms=Y errors=E
-//!   RESULT failover SYSTEM kills=N p50_ms=X p99_ms=Y max_ms=Z election_ms=A-B
+//!   RESULT failover SYSTEM kills=N p50_ms=X p99_ms=Y max_ms=Z campaign_ms=A-B timeout_ms=C-D
+//!   (campaign: when a follower may first stand after the last heartbeat it saw)
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -204,7 +208,14 @@ impl Members {
                 let (a, b) = v.split_once('-').expect("PEERS_ELECTION_MS=MIN-MAX");
                 (a.parse().expect("min ms"), b.parse().expect("max ms"))
             }
-            None => (1000, 2000),
+            // Gangway's production default (what `ReplicaConfig::new` sets).
+            None => {
+                let d = gangway_consensus::ReplicaConfig::new(1, "127.0.0.1:1", "/tmp");
+                (
+                    d.election_timeout_min.as_millis() as u64,
+                    d.election_timeout_max.as_millis() as u64,
+                )
+            }
         };
         Members {
             sys,
@@ -212,7 +223,12 @@ impl Members {
             addrs: ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
             children: vec![None, None, None],
             election: (emin, emax),
-            heartbeat: env_or("PEERS_HEARTBEAT_MS", 100),
+            heartbeat: env_or(
+                "PEERS_HEARTBEAT_MS",
+                gangway_consensus::ReplicaConfig::new(1, "127.0.0.1:1", "/tmp")
+                    .heartbeat_interval
+                    .as_millis() as u64,
+            ),
         }
     }
 
@@ -486,15 +502,27 @@ async fn failover(m: &mut Members, kills: usize, next_op: &Arc<AtomicU64>) {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     times.sort_by(|a, b| a.total_cmp(b));
+    // When a follower may first campaign after the last heartbeat it saw. etcd (defaults, not
+    // changed here): election timeout 1000 ms, randomised over 1000-2000 ms, votes refused for
+    // 1000 ms (check-quorum lease). openraft: the leader's lease (election_timeout_max) plus the
+    // randomised timeout, so MIN-MAX campaigns at MAX+MIN .. 2*MAX.
+    let election = match m.sys {
+        System::Etcd => (1000, 2000),
+        System::Gangway => (m.election.1 + m.election.0, 2 * m.election.1),
+    };
     println!(
-        "RESULT failover {} kills={} p50_ms={:.0} p99_ms={:.0} max_ms={:.0} election_ms={}-{}",
+        "RESULT failover {} kills={} p50_ms={:.0} p99_ms={:.0} max_ms={:.0} campaign_ms={}-{} timeout_ms={}",
         m.sys.name(),
         times.len(),
         pct(&times, 0.50),
         pct(&times, 0.99),
         times.last().copied().unwrap_or(f64::NAN),
-        m.election.0,
-        m.election.1,
+        election.0,
+        election.1,
+        match m.sys {
+            System::Etcd => "1000".to_owned(),
+            System::Gangway => format!("{}-{}", m.election.0, m.election.1),
+        },
     );
 }
 

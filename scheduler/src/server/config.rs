@@ -47,9 +47,9 @@ pub struct RaftSection {
 impl Default for RaftSection {
     fn default() -> Self {
         Self {
-            election_timeout_min: Duration::from_millis(750),
-            election_timeout_max: Duration::from_millis(1500),
-            heartbeat_interval: Duration::from_millis(150),
+            election_timeout_min: Duration::from_millis(400),
+            election_timeout_max: Duration::from_millis(800),
+            heartbeat_interval: Duration::from_millis(100),
             snapshot_every_entries: 10_000,
         }
     }
@@ -399,7 +399,7 @@ mod tests {
             ),
             (
                 with(
-                    "heartbeat_interval = \"150ms\"",
+                    "heartbeat_interval = \"100ms\"",
                     "heartbeat_interval = \"900ms\"",
                 ),
                 "raft.heartbeat_interval",

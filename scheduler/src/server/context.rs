@@ -9,7 +9,7 @@ use super::heartbeats::HeartbeatTracker;
 use crate::state::{AuditNote, Command, Response};
 use gangway_consensus::ReplicaHandle;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Clone)]
 pub struct ReplicaContext {
@@ -133,6 +133,36 @@ impl ReplicaContext {
             replica: self.id(),
             leader: leader.map(|(_, addr)| addr),
         })
+    }
+}
+
+impl ReplicaContext {
+    /// As [`Self::leader_only`], but a follower whose leader has gone silent (no heartbeat for
+    /// three intervals: dead or cut off) holds the call until the election names a leader, up to
+    /// `wait`, and then answers with it. A host asking during a failover is sent to the new leader
+    /// as soon as there is one, instead of to the old one or round the replicas, and a fleet's
+    /// thousand hosts do not ask again and again while the replicas elect.
+    pub async fn leader_only_after_election(&self, wait: Duration) -> Result<(), ApiError> {
+        let silent = self
+            .raft
+            .since_leader_contact()
+            .is_none_or(|d| d > self.config.raft.heartbeat_interval * 3);
+        match self.leader_only() {
+            Err(ApiError::NotLeader { .. }) if silent && !self.raft.is_leader() => {
+                let old = self.raft.leader().map(|(id, _)| id);
+                let started = tokio::time::Instant::now();
+                let winner = self.raft.wait_for_leader_change(old, wait).await;
+                // This replica won: it serves once a quorum has acknowledged it as leader, a
+                // round trip after it counted its votes.
+                if winner == Some(self.id()) {
+                    while self.leader_only().is_err() && started.elapsed() < wait {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                self.leader_only()
+            }
+            other => other,
+        }
     }
 }
 

@@ -324,6 +324,15 @@ fn deliverable_within(
     )))
 }
 
+impl WorkerService {
+    /// How long a follower holds a host's heartbeat or stream while its replicas elect: the
+    /// longest an election takes to start (openraft: the leader's lease, then at most
+    /// `election_timeout_max`), one more timeout for the vote, under the agent's 5 s RPC timeout.
+    fn election_wait(&self) -> std::time::Duration {
+        (self.ctx.config.raft.election_timeout_max * 3).min(std::time::Duration::from_secs(4))
+    }
+}
+
 /// The node a host's request speaks for (its `node` field), once the caller proved to be that
 /// host's agent; checked before anything else in the request is looked at.
 fn own_node<T>(req: &Request<T>, node: impl Fn(&T) -> &str) -> Result<HostName, ApiError> {
@@ -356,7 +365,9 @@ impl WorkerApi for WorkerService {
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatReply> {
         let node = own_node(&req, |r| &r.node)?;
         let req = req.into_inner();
-        self.ctx.leader_only()?;
+        self.ctx
+            .leader_only_after_election(self.election_wait())
+            .await?;
         // The node's state, and the digest of its allocation set as the state holds it: the
         // agent renews its lease deadline only while the set it applied is this one.
         let (state, allocation_digest) = self.ctx.raft.read_local(|fsm| {
@@ -402,7 +413,9 @@ impl WorkerApi for WorkerService {
         req: Request<pb::WatchAllocationsRequest>,
     ) -> Reply<Self::WatchAllocationsStream> {
         let node = own_node(&req, |r| &r.node)?;
-        self.ctx.leader_only()?;
+        self.ctx
+            .leader_only_after_election(self.election_wait())
+            .await?;
         // A stream for a node the cluster does not know is refused before it subscribes (a
         // subscription per made-up name would grow the notifier without bound).
         if !self

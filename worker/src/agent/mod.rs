@@ -619,8 +619,11 @@ impl Agent {
                 }
                 Err(status) => {
                     tracing::debug!(target = %self.link.target(), "heartbeat: {}", status.message());
-                    self.link.failed(&status);
-                    pause = pause.min(Duration::from_millis(200));
+                    pause = if self.link.failed(&status) {
+                        Duration::ZERO
+                    } else {
+                        pause.min(Duration::from_millis(200))
+                    };
                 }
             }
             tokio::select! {
@@ -645,6 +648,7 @@ impl Agent {
                 Err(e) => Err(e),
             };
             let mut pause = Duration::ZERO;
+            let mut redirected = false;
             match stream {
                 Ok(resp) => {
                     let mut stream = resp.into_inner();
@@ -666,7 +670,7 @@ impl Agent {
                                     &self.link.target(),
                                     &status,
                                 );
-                                self.link.failed(&status);
+                                redirected = self.link.failed(&status);
                                 break;
                             }
                         }
@@ -674,8 +678,14 @@ impl Agent {
                 }
                 Err(status) => {
                     pause = trouble.failed("cannot open it", &self.link.target(), &status);
-                    self.link.failed(&status);
+                    redirected = self.link.failed(&status);
                 }
+            }
+            // Sent to the leader by a replica that knows it (after a failover, the first thing
+            // a host hears): go there now, not after the backoff the election has built up.
+            if redirected && pause.is_zero() {
+                backoff = Duration::from_millis(50);
+                continue;
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff.max(pause)) => {}

@@ -107,8 +107,9 @@ impl SchedulerLink {
     }
 
     /// After a failed call: follow the leader hint it carried, or move to the next replica.
-    pub fn failed(&self, status: &tonic::Status) {
-        self.replicas().failed(&link::classify(status));
+    /// True when it names a leader other than the replica just tried: worth retrying at once.
+    pub fn failed(&self, status: &tonic::Status) -> bool {
+        self.replicas().failed(&link::classify(status))
     }
 }
 
