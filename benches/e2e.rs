@@ -103,8 +103,9 @@ impl Cluster {
             .map(|(i, a)| format!("{}={a}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
-        // Election timeout (min; max is twice it), GANGWAY_BENCH_ELECTION_MS, default 300 ms.
-        let e = env_or("GANGWAY_BENCH_ELECTION_MS", 300);
+        // Election timeout (min; max is twice it), GANGWAY_BENCH_ELECTION_MS; by default the
+        // production default's (400-800 ms, heartbeat 100 ms).
+        let e = env_or("GANGWAY_BENCH_ELECTION_MS", 400);
         let mut configs = Vec::new();
         for i in 0..3 {
             let data = dir.path().join(format!("data-{}", i + 1));

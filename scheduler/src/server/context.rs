@@ -143,26 +143,31 @@ impl ReplicaContext {
     /// as soon as there is one, instead of to the old one or round the replicas, and a fleet's
     /// thousand hosts do not ask again and again while the replicas elect.
     pub async fn leader_only_after_election(&self, wait: Duration) -> Result<(), ApiError> {
-        let silent = self
-            .raft
-            .since_leader_contact()
-            .is_none_or(|d| d > self.config.raft.heartbeat_interval * 3);
-        match self.leader_only() {
-            Err(ApiError::NotLeader { .. }) if silent && !self.raft.is_leader() => {
-                let old = self.raft.leader().map(|(id, _)| id);
-                let started = tokio::time::Instant::now();
-                let winner = self.raft.wait_for_leader_change(old, wait).await;
-                // This replica won: it serves once a quorum has acknowledged it as leader, a
-                // round trip after it counted its votes.
-                if winner == Some(self.id()) {
-                    while self.leader_only().is_err() && started.elapsed() < wait {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                }
-                self.leader_only()
-            }
-            other => other,
+        let silent = || {
+            self.raft
+                .since_leader_contact()
+                .is_none_or(|d| d > self.config.raft.heartbeat_interval * 3)
+        };
+        let first = self.leader_only();
+        if !matches!(first, Err(ApiError::NotLeader { .. })) || !silent() || self.raft.is_leader() {
+            return first;
         }
+        // Until the election names a leader (another, or this replica), or the one it had speaks
+        // again (it was slow, not gone): woken by the change, and
+        // every 100 ms to look at the contact.
+        let old = self.raft.leader().map(|(id, _)| id);
+        let started = tokio::time::Instant::now();
+        while started.elapsed() < wait && silent() {
+            let step = Duration::from_millis(100).min(wait.saturating_sub(started.elapsed()));
+            match self.raft.wait_for_leader_change(old, step).await {
+                Some(id) if id != self.id() => break,
+                // This replica won: a quorum has just voted for it, which confirms it as well as
+                // their acknowledgements will (the metrics publish those a little later).
+                Some(_) if self.raft.is_leader() => return Ok(()),
+                _ => {}
+            }
+        }
+        self.leader_only()
     }
 }
 
