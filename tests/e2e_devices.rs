@@ -175,7 +175,8 @@ async fn a_failed_gpu_is_fenced_and_its_gang_repaired_from_its_checkpoint() {
     );
     assert!(
         (1.0..=2.0).contains(&commands),
-        "{commands} device_health commands"
+        "{commands} device_health commands ({reports} failed reports)\n{}",
+        logs()
     );
     assert!((1.0..=2.0).contains(&reports), "{reports} failed reports");
 

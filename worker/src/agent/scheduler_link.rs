@@ -109,7 +109,15 @@ impl SchedulerLink {
     /// After a failed call: follow the leader hint it carried, or move to the next replica.
     /// True when it names a leader other than the replica just tried: worth retrying at once.
     pub fn failed(&self, status: &tonic::Status) -> bool {
-        self.replicas().failed(&link::classify(status))
+        let retry = link::classify(status);
+        let mut replicas = self.replicas();
+        // The loops sharing this link call at once: a hint naming the replica the link already
+        // targets was followed by another loop while this call was out (no replica names itself
+        // as another's leader). Go there; dropping it would send every loop to a follower.
+        if matches!(&retry, link::Retry::FollowLeader(leader) if leader == replicas.target()) {
+            return true;
+        }
+        replicas.failed(&retry)
     }
 }
 
@@ -140,6 +148,10 @@ mod tests {
             "http://c:3",
             "a hint one loop got is every loop's"
         );
+        // The heartbeat and the stream both asked a follower; the second answer names the
+        // leader the first already found: it stays the target.
+        assert!(link.failed(&with_leader("c:3")), "retry now, at the leader");
+        assert_eq!(other.target(), "http://c:3");
         link.failed(&tonic::Status::unavailable("connection refused"));
         assert_eq!(other.target(), "http://b:2");
     }
