@@ -336,8 +336,31 @@ async fn hosts_speak_only_for_themselves_and_replicas_only_as_themselves() {
         ..Default::default()
     };
     denied(
-        w1.report_task_status(task).await.map(|_| ()),
+        w1.report_task_status(task.clone()).await.map(|_| ()),
         "task report as host-2",
+    );
+    denied(
+        w1.report_task_statuses(pb::TaskStatusReports {
+            node: "host-2".into(),
+            reports: vec![task.clone()],
+        })
+        .await
+        .map(|_| ()),
+        "task reports as host-2",
+    );
+    // Its own batch cannot carry another host's report either.
+    let err = w1
+        .report_task_statuses(pb::TaskStatusReports {
+            node: "host-1".into(),
+            reports: vec![task],
+        })
+        .await
+        .expect_err("a report of host-2 in host-1's batch");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("reports[0].node"),
+        "{}",
+        err.message()
     );
 
     // A replica's certificate (server/2) sending a vote that claims to come from replica 3.

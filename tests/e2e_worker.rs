@@ -484,6 +484,13 @@ mod deposed {
             self.reports.lock().unwrap().push(r.into_inner());
             Ok(Response::new(pb::Empty {}))
         }
+        /// A replica from before batched reports: the agent falls back to one at a time.
+        async fn report_task_statuses(
+            &self,
+            _: Request<pb::TaskStatusReports>,
+        ) -> Result<Response<pb::TaskStatusOutcomes>, Status> {
+            Err(Status::unimplemented("ReportTaskStatuses"))
+        }
         async fn report_checkpoint(
             &self,
             _: Request<pb::CheckpointReport>,

@@ -455,18 +455,9 @@ pub fn worker_request(data: &[u8]) {
             }
         }
         3 => {
-            let Ok(req) = pb::TaskStatusReport::decode(body) else {
-                return;
-            };
-            if let Ok(state) = convert::reported_task_state("state", req.state) {
-                apply_to_fixture(Command::TaskStatus(crate::state::TaskReport {
-                    job: gangway_proto::ids::JobId::new(req.job_id),
-                    task: req.task,
-                    epoch: req.epoch,
-                    state,
-                    exit_code: req.has_exit_code.then_some(req.exit_code),
-                    message: req.message,
-                }));
+            if let Ok(Ok(report)) = pb::TaskStatusReport::decode(body).map(worker_api::task_report)
+            {
+                apply_to_fixture(Command::TaskStatus(report));
             }
         }
         4 => {
@@ -477,6 +468,18 @@ pub fn worker_request(data: &[u8]) {
         }
         6 => {
             let _ = pb::CheckpointReport::decode(body);
+            // The same bytes as a host's batch of task reports.
+            if let Ok(batch) = pb::TaskStatusReports::decode(body) {
+                let reports: Result<Vec<_>, _> = batch
+                    .reports
+                    .into_iter()
+                    .take(crate::state::MAX_BATCH_REPORTS)
+                    .map(worker_api::task_report)
+                    .collect();
+                if let Ok(reports) = reports {
+                    apply_to_fixture(Command::TaskStatuses(reports));
+                }
+            }
         }
         _ => {
             if let Ok(set) = pb::AllocationSet::decode(body) {

@@ -2,7 +2,7 @@
 
 use super::command::{
     CheckpointFailure, CheckpointReport, DefragOrder, Event, IdleReport, Rejection, Response,
-    Submission, SubmittedJob, TaskReport, TaskState, MAX_BATCH_JOBS,
+    Submission, SubmittedJob, TaskReport, TaskState, MAX_BATCH_JOBS, MAX_BATCH_REPORTS,
 };
 use super::job_record::{JobRecord, JobState, MigrationReason, RunCause};
 use super::store::ClusterStore;
@@ -165,6 +165,33 @@ impl ClusterStore {
                 Response::Done
             }
         }
+    }
+
+    /// Each report as if alone, in order; a batch larger than [`MAX_BATCH_REPORTS`] is refused
+    /// whole (the edge never sends one).
+    pub(super) fn apply_task_statuses(
+        &mut self,
+        now: u64,
+        reports: Vec<TaskReport>,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        if reports.len() > MAX_BATCH_REPORTS {
+            return Response::Rejected(InvalidJob(format!(
+                "a batch holds at most {MAX_BATCH_REPORTS} task reports, got {}",
+                reports.len()
+            )));
+        }
+        Response::Each(
+            reports
+                .into_iter()
+                .map(|r| {
+                    let response = self.apply_task_status(now, r, events);
+                    // Indexes are rebuilt between reports, as between entries.
+                    self.jobs.reindex();
+                    response
+                })
+                .collect(),
+        )
     }
 
     pub(super) fn apply_task_status(

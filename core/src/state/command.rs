@@ -116,6 +116,9 @@ pub struct Submission {
 /// replicate in one message, and one apply short.
 pub const MAX_BATCH_JOBS: usize = 1_000;
 
+/// The most task reports one [`Command::TaskStatuses`] carries.
+pub const MAX_BATCH_REPORTS: usize = 256;
+
 /// One job of a batch: its id, and whether its idempotency key had been seen already.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubmittedJob {
@@ -245,6 +248,10 @@ pub enum Command {
     /// A worker's report about one task. Idempotent: a report for an older epoch, or one that
     /// repeats the current state, changes nothing.
     TaskStatus(TaskReport),
+    /// Several reports of one host, sent together (what its agent had queued): each applied as
+    /// [`Command::TaskStatus`] would apply it, in order, each with its own outcome (see
+    /// [`MAX_BATCH_REPORTS`]).
+    TaskStatuses(Vec<TaskReport>),
     /// A checkpoint a task wrote. Completes a migration waiting for it.
     RecordCheckpoint(CheckpointReport),
     /// A checkpoint that failed. Aborts a move waiting for it (the job keeps running where it is);
@@ -327,6 +334,7 @@ impl Command {
             Command::CancelJob { .. } => "cancel_job",
             Command::ApplyPlan { .. } => "apply_plan",
             Command::TaskStatus(_) => "task_status",
+            Command::TaskStatuses(_) => "task_statuses",
             Command::RecordCheckpoint(_) => "record_checkpoint",
             Command::CheckpointFailed(_) => "checkpoint_failed",
             Command::RequestCheckpoint { .. } => "request_checkpoint",
@@ -428,6 +436,8 @@ pub enum Response {
     },
     /// The jobs of a [`Command::SubmitJobs`], in its order.
     SubmittedJobs(Vec<SubmittedJob>),
+    /// One outcome per report of a [`Command::TaskStatuses`], in its order.
+    Each(Vec<Response>),
     /// What a scheduling round committed.
     PlanApplied {
         placed: Vec<(JobId, u64)>,

@@ -24,7 +24,7 @@ pub use command::{
     CheckpointFailure, CheckpointManifest, CheckpointReport, Command, DefragMove, DefragOrder,
     DeviceFenceChange, DeviceHealthReport, DeviceInventory, Event, HealthCheckReport, IdleReport,
     NodeRegistration, NodeStateChange, Rejection, Response, Submission, SubmittedJob, TaskReport,
-    TaskState, MAX_BATCH_JOBS,
+    TaskState, MAX_BATCH_JOBS, MAX_BATCH_REPORTS,
 };
 pub use job_record::{JobRecord, JobState, Lease, Migration, MigrationReason, RunCause, RunRecord};
 pub use job_table::JobTable;

@@ -130,6 +130,7 @@ impl ClusterStore {
             Command::CancelJob { job, reason } => self.apply_cancel_job(now, job, reason, events),
             Command::ApplyPlan { plan } => self.apply_plan(now, plan, events),
             Command::TaskStatus(report) => self.apply_task_status(now, report, events),
+            Command::TaskStatuses(reports) => self.apply_task_statuses(now, reports, events),
             Command::RecordCheckpoint(report) => self.apply_record_checkpoint(now, report, events),
             Command::CheckpointFailed(failure) => {
                 self.apply_checkpoint_failed(now, failure, events)

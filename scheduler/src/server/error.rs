@@ -60,6 +60,18 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// This error, about the part of a request at `at` (`jobs[3]`, `reports[0]`): its field
+    /// path under `at`.
+    pub fn under(self, at: &str) -> Self {
+        match self {
+            ApiError::InvalidSpec(problems) => ApiError::InvalidSpec(format!("{at}: {problems}")),
+            ApiError::InvalidArgument { field, message } => {
+                ApiError::invalid(&format!("{at}.{field}"), message)
+            }
+            other => other,
+        }
+    }
+
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
         ApiError::InvalidArgument {
             field: field.to_owned(),

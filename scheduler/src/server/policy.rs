@@ -59,6 +59,7 @@ pub const POLICY: &[(&str, &str, Need)] = &[
     (WORKER_API, "Heartbeat", Worker),
     (WORKER_API, "WatchAllocations", Worker),
     (WORKER_API, "ReportTaskStatus", Worker),
+    (WORKER_API, "ReportTaskStatuses", Worker),
     (WORKER_API, "ReportCheckpoint", Worker),
     (WORKER_API, "ReportDeviceHealth", Worker),
     (WORKER_API, "ReportHealthCheck", Worker),

@@ -159,7 +159,7 @@ pub fn submissions(
             .jobs
             .iter()
             .enumerate()
-            .map(|(i, job)| submission(job).map_err(|e| under(&format!("jobs[{i}]"), e)))
+            .map(|(i, job)| submission(job).map_err(|e| e.under(&format!("jobs[{i}]"))))
             .collect();
     }
     within("array_size", req.array_size as usize)?;
@@ -169,7 +169,7 @@ pub fn submissions(
             format!("a job array takes exactly one spec, got {}", req.jobs.len()),
         ));
     };
-    let (spec, key) = submission(job).map_err(|e| under("jobs[0]", e))?;
+    let (spec, key) = submission(job).map_err(|e| e.under("jobs[0]"))?;
     let size = req.array_size;
     if key
         .as_ref()
@@ -195,17 +195,6 @@ pub fn submissions(
 /// Set by a job array on each of its jobs (names the worker's own variables cannot take).
 pub const ARRAY_INDEX_ENV: &str = "GANGWAY_ARRAY_INDEX";
 pub const ARRAY_SIZE_ENV: &str = "GANGWAY_ARRAY_SIZE";
-
-/// `error`, about the part of the request at `at`: its field path under `at`.
-fn under(at: &str, error: ApiError) -> ApiError {
-    match error {
-        ApiError::InvalidSpec(problems) => ApiError::InvalidSpec(format!("{at}: {problems}")),
-        ApiError::InvalidArgument { field, message } => {
-            ApiError::invalid(&format!("{at}.{field}"), message)
-        }
-        other => other,
-    }
-}
 
 /// A `CancelJob`: the job and the reason kept in its history.
 pub fn cancel(req: pb::CancelJobRequest) -> Result<(JobId, String), ApiError> {

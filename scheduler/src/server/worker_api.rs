@@ -14,8 +14,8 @@ use super::heartbeats::DeviceSample;
 use crate::engine::{HostTopology, NodeState};
 use crate::state::{
     CheckpointFailure, CheckpointManifest, CheckpointReport, Command, DeviceHealth,
-    DeviceHealthReport, DeviceInventory, HealthCheckReport, NodeRegistration, Rejection,
-    TaskReport,
+    DeviceHealthReport, DeviceInventory, HealthCheckReport, NodeRegistration, Rejection, Response,
+    TaskReport, MAX_BATCH_REPORTS,
 };
 use gangway_proto::allocation;
 use gangway_proto::device::DeviceKind;
@@ -333,6 +333,47 @@ impl WorkerService {
     }
 }
 
+/// A task report as the state machine takes it; each problem names its field.
+pub fn task_report(req: pb::TaskStatusReport) -> Result<TaskReport, ApiError> {
+    Ok(TaskReport {
+        job: JobId::new(required("job_id", &req.job_id)?),
+        task: req.task,
+        epoch: req.epoch,
+        state: convert::reported_task_state("state", req.state)?,
+        exit_code: req.has_exit_code.then_some(req.exit_code),
+        message: bounded("message", &req.message, MAX_REPORT_TEXT)?.to_owned(),
+    })
+}
+
+impl WorkerService {
+    /// A report about a task this node does not run under the current lease is refused here;
+    /// the state machine refuses older epochs on its own, deterministically.
+    fn leased_here(&self, node: &HostName, report: &TaskReport) -> Result<(), ApiError> {
+        let holder = self.ctx.raft.read_local(|fsm| {
+            let lease = fsm.store().job(&report.job)?.lease.as_ref()?;
+            (lease.epoch == report.epoch)
+                .then(|| {
+                    lease
+                        .placement
+                        .tasks
+                        .get(report.task as usize)
+                        .map(|t| t.host.clone())
+                })
+                .flatten()
+        });
+        match holder {
+            Some(holder) if holder != *node => Err(ApiError::from(Rejection::BadNode {
+                node: node.clone(),
+                why: format!(
+                    "task {} of job {} runs on {holder}",
+                    report.task, report.job
+                ),
+            })),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The node a host's request speaks for (its `node` field), once the caller proved to be that
 /// host's agent; checked before anything else in the request is looked at.
 fn own_node<T>(req: &Request<T>, node: impl Fn(&T) -> &str) -> Result<HostName, ApiError> {
@@ -514,43 +555,56 @@ impl WorkerApi for WorkerService {
 
     async fn report_task_status(&self, req: Request<pb::TaskStatusReport>) -> Reply<pb::Empty> {
         let node = own_node(&req, |r| &r.node)?;
-        let req = req.into_inner();
-        let job = JobId::new(required("job_id", &req.job_id)?);
-        let state = convert::reported_task_state("state", req.state)?;
-        // A report about a task this node does not run under the current lease is refused here;
-        // the state machine refuses older epochs on its own, deterministically.
-        let holder = self.ctx.raft.read_local(|fsm| {
-            let lease = fsm.store().job(&job)?.lease.as_ref()?;
-            (lease.epoch == req.epoch)
-                .then(|| {
-                    lease
-                        .placement
-                        .tasks
-                        .get(req.task as usize)
-                        .map(|t| t.host.clone())
-                })
-                .flatten()
-        });
-        if let Some(holder) = holder {
-            if holder != node {
-                return Err(ApiError::from(Rejection::BadNode {
-                    node,
-                    why: format!("task {} of job {job} runs on {holder}", req.task),
-                })
+        let report = task_report(req.into_inner())?;
+        self.leased_here(&node, &report)?;
+        self.ctx.write(Command::TaskStatus(report)).await?;
+        Ok(TonicResponse::new(pb::Empty {}))
+    }
+
+    async fn report_task_statuses(
+        &self,
+        req: Request<pb::TaskStatusReports>,
+    ) -> Reply<pb::TaskStatusOutcomes> {
+        let node = own_node(&req, |r| &r.node)?;
+        let reports = req.into_inner().reports;
+        if reports.is_empty() || reports.len() > MAX_BATCH_REPORTS {
+            return Err(ApiError::invalid(
+                "reports",
+                format!(
+                    "expected 1..={MAX_BATCH_REPORTS} reports, got {}",
+                    reports.len()
+                ),
+            )
+            .into());
+        }
+        let mut refused = vec![String::new(); reports.len()];
+        let mut taken = Vec::with_capacity(reports.len());
+        for (i, r) in reports.into_iter().enumerate() {
+            if r.node != node.as_str() {
+                return Err(ApiError::invalid(
+                    &format!("reports[{i}].node"),
+                    format!("expected {node}, the batch's node, got {:?}", r.node),
+                )
                 .into());
             }
+            let report = task_report(r).map_err(|e| e.under(&format!("reports[{i}]")))?;
+            match self.leased_here(&node, &report) {
+                Ok(()) => taken.push((i, report)),
+                Err(e) => refused[i] = e.code().to_owned(),
+            }
         }
-        self.ctx
-            .write(Command::TaskStatus(TaskReport {
-                job,
-                task: req.task,
-                epoch: req.epoch,
-                state,
-                exit_code: req.has_exit_code.then_some(req.exit_code),
-                message: bounded("message", &req.message, MAX_REPORT_TEXT)?.to_owned(),
-            }))
-            .await?;
-        Ok(TonicResponse::new(pb::Empty {}))
+        if !taken.is_empty() {
+            let (at, reports): (Vec<usize>, Vec<TaskReport>) = taken.into_iter().unzip();
+            if let Response::Each(outcomes) = self.ctx.write(Command::TaskStatuses(reports)).await?
+            {
+                for (i, outcome) in at.into_iter().zip(outcomes) {
+                    if let Response::Rejected(r) = outcome {
+                        refused[i] = r.code().to_owned();
+                    }
+                }
+            }
+        }
+        Ok(TonicResponse::new(pb::TaskStatusOutcomes { refused }))
     }
 
     async fn report_device_health(&self, req: Request<pb::DeviceHealthReport>) -> Reply<pb::Empty> {

@@ -42,6 +42,7 @@ pub mod scheduler_link;
 pub mod state_file;
 mod stream_trouble;
 pub mod task_env;
+mod task_reports;
 pub mod task_users;
 mod tls;
 pub mod uid_range;
@@ -66,6 +67,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use task_reports::{task_status_report, MAX_REPORTS_PER_REQUEST};
 use tokio::sync::{watch, Notify};
 
 /// Why the agent could not run.
@@ -1022,6 +1024,7 @@ impl Agent {
     /// Sends queued reports in order, each until a replica answers it.
     async fn report_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(50);
+        let mut batches = true;
         loop {
             // Registration is accepted by any replica (a follower forwards it); the first answered
             // heartbeat has found the leader. Until then reports would go through a follower.
@@ -1031,19 +1034,43 @@ impl Agent {
                     _ = stop.changed() => return,
                 }
             }
-            let next = self.lock_state().outbox.first().cloned();
-            let Some(report) = next else {
+            // The task reports at the head of the queue go together (one request, one log
+            // entry); anything else, or a replica that does not take batches, one at a time.
+            let sending: Vec<PendingReport> = {
+                let state = self.lock_state();
+                let tasks = state
+                    .outbox
+                    .iter()
+                    .take_while(|r| matches!(r, PendingReport::Task { .. }))
+                    .take(if batches { MAX_REPORTS_PER_REQUEST } else { 1 })
+                    .count();
+                state.outbox.iter().take(tasks.max(1)).cloned().collect()
+            };
+            if sending.is_empty() {
                 tokio::select! {
                     _ = self.outbox_wake.notified() => continue,
                     _ = stop.changed() => return,
                 }
+            }
+            let sent = match sending.as_slice() {
+                [one] => self.send_report(one).await,
+                several => match self.send_task_reports(several).await {
+                    Err(status) if status.code() == tonic::Code::Unimplemented => {
+                        tracing::info!("the replica takes task reports one at a time");
+                        batches = false;
+                        continue;
+                    }
+                    other => other,
+                },
             };
-            match self.send_report(&report).await {
+            match sent {
                 Ok(()) => {
                     backoff = Duration::from_millis(50);
                     let mut state = self.lock_state();
-                    if state.outbox.first() == Some(&report) {
-                        state.outbox.remove(0);
+                    for report in &sending {
+                        if let Some(at) = state.outbox.iter().position(|r| r == report) {
+                            state.outbox.remove(at);
+                        }
                     }
                     drop(state);
                     let _ = self.save();
@@ -1060,31 +1087,37 @@ impl Agent {
         }
     }
 
+    /// Several task reports in one request: Ok when the replica judged them all (each taken, or
+    /// refused for good, which retrying cannot change).
+    async fn send_task_reports(&self, reports: &[PendingReport]) -> Result<(), tonic::Status> {
+        let mut client = self.link.client()?;
+        let node = self.cfg.node.clone();
+        let batch = pb::TaskStatusReports {
+            node: node.clone(),
+            reports: reports
+                .iter()
+                .filter_map(|r| task_status_report(&node, r))
+                .collect(),
+        };
+        let outcomes = client.report_task_statuses(batch).await?.into_inner();
+        for (report, code) in reports.iter().zip(&outcomes.refused) {
+            if !code.is_empty() {
+                tracing::info!(?report, code, "report settled by a refusal");
+            }
+        }
+        Ok(())
+    }
+
     /// Ok when the report is settled: accepted, or definitely refused (a stale epoch, a job that
     /// no longer exists), which retrying cannot change.
     async fn send_report(&self, report: &PendingReport) -> Result<(), tonic::Status> {
         let mut client = self.link.client()?;
         let node = self.cfg.node.clone();
         let result = match report {
-            PendingReport::Task {
-                key,
-                state,
-                exit_code,
-                message,
-            } => {
-                client
-                    .report_task_status(pb::TaskStatusReport {
-                        node,
-                        job_id: key.job.clone(),
-                        task: key.task,
-                        epoch: key.epoch,
-                        state: state.to_pb().into(),
-                        has_exit_code: exit_code.is_some(),
-                        exit_code: exit_code.unwrap_or(0),
-                        message: message.clone(),
-                    })
-                    .await
-            }
+            PendingReport::Task { .. } => match task_status_report(&node, report) {
+                Some(r) => client.report_task_status(r).await,
+                None => Ok(tonic::Response::new(pb::Empty {})),
+            },
             PendingReport::Checkpoint {
                 key,
                 request,

@@ -1,12 +1,15 @@
-//! Many jobs in one command (`SubmitJobs`: a batch of specs or a job array), as stories: the jobs
+//! Many changes in one command, as stories. Jobs (`SubmitJobs`: a batch of specs or a job array)
 //! are created in order, as one job at a time would create them; a batch that cannot be taken
 //! whole (a bad spec, a queue without room for all of it) leaves nothing behind; idempotency keys
-//! hold across batches and inside one.
+//! hold across batches and inside one. A host's task reports (`TaskStatuses`) are each applied as
+//! alone, with their own outcomes.
 
+use gangway_core::engine::{DeviceShare, GangPlacement, Plan, TaskPlacement};
 use gangway_core::state::{
     ClusterStore, Command, Event, Limits, Rejection, Response, Submission, SubmittedJob,
-    MAX_BATCH_JOBS,
+    TaskReport, TaskState, MAX_BATCH_JOBS, MAX_BATCH_REPORTS,
 };
+use gangway_proto::ids::{HostName, JobId};
 use gangway_proto::spec::JobSpec;
 use proptest::prelude::*;
 
@@ -196,6 +199,114 @@ fn an_audited_batch_is_one_entry_naming_its_jobs() {
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].action, "submit_jobs");
     assert_eq!(entries[0].target, "3 jobs: a-1 .. c-3");
+}
+
+mod common;
+
+impl Cluster {
+    /// A node h1 with 8 devices and `n` one-device jobs placed on it, device i for job i.
+    fn running(n: usize) -> (Self, Vec<(JobId, u64)>) {
+        let mut c = Cluster::new();
+        c.apply(Command::RegisterNode(common::node("h1", "r1", 8)));
+        let jobs = c
+            .batch(
+                (0..n)
+                    .map(|i| job(&format!("t{i}"), "default", None))
+                    .collect(),
+            )
+            .expect("submitted");
+        let placements = jobs
+            .iter()
+            .enumerate()
+            .map(|(i, j)| GangPlacement {
+                job: j.job.clone(),
+                queue: "default".into(),
+                tasks: vec![TaskPlacement {
+                    host: HostName::new("h1"),
+                    devices: vec![DeviceShare {
+                        index: i as u16,
+                        milli: 1000,
+                    }],
+                    cpu_milli: 0,
+                    memory_mib: 0,
+                }],
+                borrowed_milli: 0,
+            })
+            .collect();
+        let r = c.apply(Command::ApplyPlan {
+            plan: Plan {
+                placements,
+                ..Plan::default()
+            },
+        });
+        assert!(
+            matches!(r, Response::PlanApplied { ref placed, .. } if placed.len() == n),
+            "{r:?}"
+        );
+        let leased = jobs
+            .into_iter()
+            .map(|j| {
+                let epoch = c.store.job(&j.job).unwrap().lease.as_ref().unwrap().epoch;
+                (j.job, epoch)
+            })
+            .collect();
+        (c, leased)
+    }
+}
+
+fn report(job: &JobId, epoch: u64, state: TaskState) -> TaskReport {
+    TaskReport {
+        job: job.clone(),
+        task: 0,
+        epoch,
+        state,
+        exit_code: (state == TaskState::Succeeded).then_some(0),
+        message: String::new(),
+    }
+}
+
+#[test]
+fn a_hosts_reports_in_one_command_are_each_judged_as_alone() {
+    let (mut batched, jobs) = Cluster::running(3);
+    let (mut single, _) = Cluster::running(3);
+    let reports = vec![
+        report(&jobs[0].0, jobs[0].1, TaskState::Running),
+        report(&jobs[0].0, jobs[0].1, TaskState::Succeeded),
+        // A stale epoch: refused, and the others still count.
+        report(&jobs[1].0, jobs[1].1 - 1, TaskState::Failed),
+        report(&jobs[2].0, jobs[2].1, TaskState::Succeeded),
+    ];
+    let each = match batched.apply(Command::TaskStatuses(reports.clone())) {
+        Response::Each(each) => each,
+        other => panic!("{other:?}"),
+    };
+    let alone: Vec<Response> = reports
+        .into_iter()
+        .map(|r| {
+            single.now = batched.now - 10;
+            single.apply(Command::TaskStatus(r))
+        })
+        .collect();
+    assert_eq!(each, alone, "the same outcome per report");
+    assert!(matches!(each[2], Response::Rejected(_)), "{:?}", each[2]);
+    assert_eq!(batched.store.jobs(), single.store.jobs());
+    let state = |c: &Cluster, j: &JobId| c.store.job(j).unwrap().state;
+    assert_eq!(
+        state(&batched, &jobs[0].0),
+        gangway_core::state::JobState::Succeeded
+    );
+    assert_eq!(
+        state(&batched, &jobs[1].0),
+        gangway_core::state::JobState::Running
+    );
+    assert_eq!(
+        state(&batched, &jobs[2].0),
+        gangway_core::state::JobState::Succeeded
+    );
+
+    let too_many = vec![report(&jobs[1].0, jobs[1].1, TaskState::Running); MAX_BATCH_REPORTS + 1];
+    let r = batched.apply(Command::TaskStatuses(too_many));
+    assert!(matches!(r, Response::Rejected(_)), "{r:?}");
 }
 
 proptest! {
