@@ -460,6 +460,7 @@ mod deposed {
                 heartbeat_interval_ms: 200,
                 lease_ttl_ms: 60_000,
                 allocation_digest: Vec::new(),
+                allocation_revision: 0,
             }))
         }
         type WatchAllocationsStream =

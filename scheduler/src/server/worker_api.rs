@@ -411,10 +411,10 @@ impl WorkerApi for WorkerService {
             .await?;
         // The node's state, and the digest of its allocation set as the state holds it: the
         // agent renews its lease deadline only while the set it applied is this one.
-        let (state, allocation_digest) = self.ctx.raft.read_local(|fsm| {
+        let (state, allocation_digest, allocation_revision) = self.ctx.raft.read_local(|fsm| {
             let state = fsm.store().nodes().get(&node).map(|n| n.state);
             let set = convert::allocation_set(fsm.store(), 0, &node);
-            (state, allocation::digest(&set).to_vec())
+            (state, allocation::digest(&set).to_vec(), fsm.revision())
         });
         match state {
             None => return Err(ApiError::from(Rejection::UnknownNode(node)).into()),
@@ -443,6 +443,7 @@ impl WorkerApi for WorkerService {
             heartbeat_interval_ms,
             lease_ttl_ms,
             allocation_digest,
+            allocation_revision,
         }))
     }
 

@@ -141,7 +141,7 @@ pub struct Agent {
     /// The uids of tasks being launched.
     uids: isolation::UidBook,
     /// Whether a heartbeat reply may move the lease deadline.
-    renewal: Mutex<lease_renewal::RenewGate>,
+    renewal: Mutex<lease_renewal::RenewGate<(u64, u64)>>,
 }
 
 /// How the agent's devices are read.
@@ -415,9 +415,11 @@ impl Agent {
 
     /// Whether a heartbeat reply carrying the state's allocation digest may move the lease
     /// deadline (see [`lease_renewal`]); says when that changes.
-    fn may_renew(&self, digest: &[u8]) -> bool {
+    fn may_renew(&self, digest: &[u8], revision: u64, grant: (u64, u64)) -> bool {
         use lease_renewal::Renewal;
-        match lock(&self.renewal).on_reply(digest) {
+        match lock(&self.renewal).on_reply(digest, revision, grant) {
+            // Taken when the stream delivers that revision (see `reconcile`).
+            Renewal::Deferred => false,
             Renewal::Renew { recovered } => {
                 if recovered {
                     tracing::info!("the allocation set is current again: lease renewals resume");
@@ -599,7 +601,8 @@ impl Agent {
             match result {
                 Ok(reply) => {
                     let r = reply.into_inner();
-                    if self.may_renew(&r.allocation_digest) {
+                    let grant = (sent_at, r.lease_ttl_ms);
+                    if self.may_renew(&r.allocation_digest, r.allocation_revision, grant) {
                         self.lease_granted(sent_at, r.lease_ttl_ms);
                     }
                     if !self.leader_found.swap(true, Ordering::AcqRel) {
@@ -798,7 +801,14 @@ impl Agent {
         }
         drop((running, launching));
         let next = plan.accepted?;
-        lock(&self.renewal).applied(gangway_proto::allocation::digest(set));
+        let held =
+            lock(&self.renewal).applied(gangway_proto::allocation::digest(set), set.revision);
+        if let Some(((sent_at, ttl_ms), recovered)) = held {
+            if recovered {
+                tracing::info!("the allocation set is current again: lease renewals resume");
+            }
+            self.lease_granted(sent_at, ttl_ms);
+        }
         state.revision = next.revision;
         state.device_epochs = next.device_epochs;
         state.refused = next.refused;
