@@ -434,28 +434,6 @@ impl<S: StateMachine> ReplicaHandle<S> {
         })
     }
 
-    /// Wait until this replica knows a leader other than `from` (or `timeout`): how a replica
-    /// whose leader went silent learns who won the election. The leader then, if any.
-    pub async fn wait_for_leader_change(
-        &self,
-        from: Option<NodeId>,
-        timeout: Duration,
-    ) -> Option<NodeId> {
-        let mut rx = self.inner.raft.metrics();
-        let changed = async {
-            loop {
-                let leader = rx.borrow_and_update().current_leader;
-                if leader.is_some() && leader != from {
-                    return leader;
-                }
-                if rx.changed().await.is_err() {
-                    return None;
-                }
-            }
-        };
-        tokio::time::timeout(timeout, changed).await.ok().flatten()
-    }
-
     /// Wait until this replica has applied `index` (or `timeout`).
     pub async fn wait_for_applied(&self, index: u64, timeout: Duration) -> Result<()> {
         let mut rx = self.inner.applied.clone();

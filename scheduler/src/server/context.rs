@@ -9,7 +9,7 @@ use super::heartbeats::HeartbeatTracker;
 use crate::state::{AuditNote, Command, Response};
 use gangway_consensus::ReplicaHandle;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Clone)]
 pub struct ReplicaContext {
@@ -133,41 +133,6 @@ impl ReplicaContext {
             replica: self.id(),
             leader: leader.map(|(_, addr)| addr),
         })
-    }
-}
-
-impl ReplicaContext {
-    /// As [`Self::leader_only`], but a follower whose leader has gone silent (no heartbeat for
-    /// three intervals: dead or cut off) holds the call until the election names a leader, up to
-    /// `wait`, and then answers with it. A host asking during a failover is sent to the new leader
-    /// as soon as there is one, instead of to the old one or round the replicas, and a fleet's
-    /// thousand hosts do not ask again and again while the replicas elect.
-    pub async fn leader_only_after_election(&self, wait: Duration) -> Result<(), ApiError> {
-        let silent = || {
-            self.raft
-                .since_leader_contact()
-                .is_none_or(|d| d > self.config.raft.heartbeat_interval * 3)
-        };
-        let first = self.leader_only();
-        if !matches!(first, Err(ApiError::NotLeader { .. })) || !silent() || self.raft.is_leader() {
-            return first;
-        }
-        // Until the election names a leader (another, or this replica), or the one it had speaks
-        // again (it was slow, not gone): woken by the change, and
-        // every 100 ms to look at the contact.
-        let old = self.raft.leader().map(|(id, _)| id);
-        let started = tokio::time::Instant::now();
-        while started.elapsed() < wait && silent() {
-            let step = Duration::from_millis(100).min(wait.saturating_sub(started.elapsed()));
-            match self.raft.wait_for_leader_change(old, step).await {
-                Some(id) if id != self.id() => break,
-                // This replica won: a quorum has just voted for it, which confirms it as well as
-                // their acknowledgements will (the metrics publish those a little later).
-                Some(_) if self.raft.is_leader() => return Ok(()),
-                _ => {}
-            }
-        }
-        self.leader_only()
     }
 }
 

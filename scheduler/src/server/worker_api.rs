@@ -324,15 +324,6 @@ fn deliverable_within(
     )))
 }
 
-impl WorkerService {
-    /// How long a follower holds a host's heartbeat or stream while its replicas elect: the
-    /// longest an election takes to start (openraft: the leader's lease, then at most
-    /// `election_timeout_max`), one more timeout for the vote, under the agent's 5 s RPC timeout.
-    fn election_wait(&self) -> std::time::Duration {
-        (self.ctx.config.raft.election_timeout_max * 3).min(std::time::Duration::from_secs(4))
-    }
-}
-
 /// A task report as the state machine takes it; each problem names its field.
 pub fn task_report(req: pb::TaskStatusReport) -> Result<TaskReport, ApiError> {
     Ok(TaskReport {
@@ -406,9 +397,7 @@ impl WorkerApi for WorkerService {
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatReply> {
         let node = own_node(&req, |r| &r.node)?;
         let req = req.into_inner();
-        self.ctx
-            .leader_only_after_election(self.election_wait())
-            .await?;
+        self.ctx.leader_only()?;
         // The node's state, and the digest of its allocation set as the state holds it: the
         // agent renews its lease deadline only while the set it applied is this one.
         let (state, allocation_digest, allocation_revision) = self.ctx.raft.read_local(|fsm| {
@@ -455,9 +444,7 @@ impl WorkerApi for WorkerService {
         req: Request<pb::WatchAllocationsRequest>,
     ) -> Reply<Self::WatchAllocationsStream> {
         let node = own_node(&req, |r| &r.node)?;
-        self.ctx
-            .leader_only_after_election(self.election_wait())
-            .await?;
+        self.ctx.leader_only()?;
         // A stream for a node the cluster does not know is refused before it subscribes (a
         // subscription per made-up name would grow the notifier without bound).
         if !self
