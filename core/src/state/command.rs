@@ -233,9 +233,6 @@ pub enum Command {
     },
     /// A client submits a job.
     SubmitJob(Submission),
-    /// A client submits several jobs at once (a batch or a job array): all are created, in order,
-    /// or none (see [`MAX_BATCH_JOBS`]).
-    SubmitJobs(Vec<Submission>),
     CancelJob {
         job: JobId,
         reason: String,
@@ -248,10 +245,6 @@ pub enum Command {
     /// A worker's report about one task. Idempotent: a report for an older epoch, or one that
     /// repeats the current state, changes nothing.
     TaskStatus(TaskReport),
-    /// Several reports of one host, sent together (what its agent had queued): each applied as
-    /// [`Command::TaskStatus`] would apply it, in order, each with its own outcome (see
-    /// [`MAX_BATCH_REPORTS`]).
-    TaskStatuses(Vec<TaskReport>),
     /// A checkpoint a task wrote. Completes a migration waiting for it.
     RecordCheckpoint(CheckpointReport),
     /// A checkpoint that failed. Aborts a move waiting for it (the job keeps running where it is);
@@ -320,6 +313,16 @@ pub enum Command {
     /// An action that is not a state change (membership, leader transfer, drill), recorded by
     /// the replica that acted.
     AuditNote(super::audit::AuditNote),
+    /// A client submits several jobs at once (a batch or a job array): all are created, in order,
+    /// or none (see [`MAX_BATCH_JOBS`]).
+    SubmitJobs(Vec<Submission>),
+    /// Several reports of one host, sent together (what its agent had queued): each applied as
+    /// [`Command::TaskStatus`] would apply it, in order, each with its own outcome (see
+    /// [`MAX_BATCH_REPORTS`]).
+    TaskStatuses(Vec<TaskReport>),
+    // New variants go here, at the end: the log encodes a variant by its position (bincode),
+    // so one inserted above would make every entry already written decode as its neighbour
+    // (`a_commands_tag_is_its_place_for_good` pins them).
 }
 
 impl Command {
@@ -385,10 +388,9 @@ pub enum Rejection {
     QueueFull {
         queue: String,
         pending: usize,
-        /// How many pending jobs the refused submission would have added (1 for one job).
-        #[serde(default)]
-        adding: usize,
         limit: usize,
+        /// How many pending jobs the refused submission would have added (1 for one job).
+        adding: usize,
     },
     #[error("invalid limits: {0}")]
     InvalidLimits(String),
@@ -434,10 +436,6 @@ pub enum Response {
         job: JobId,
         existing: bool,
     },
-    /// The jobs of a [`Command::SubmitJobs`], in its order.
-    SubmittedJobs(Vec<SubmittedJob>),
-    /// One outcome per report of a [`Command::TaskStatuses`], in its order.
-    Each(Vec<Response>),
     /// What a scheduling round committed.
     PlanApplied {
         placed: Vec<(JobId, u64)>,
@@ -445,6 +443,11 @@ pub enum Response {
         preempted: Vec<JobId>,
     },
     Rejected(Rejection),
+    /// The jobs of a [`Command::SubmitJobs`], in its order.
+    SubmittedJobs(Vec<SubmittedJob>),
+    /// One outcome per report of a [`Command::TaskStatuses`], in its order.
+    Each(Vec<Response>),
+    // New variants at the end: replicas of two versions exchange responses (a forwarded write).
 }
 
 /// What watchers learn as commands apply: the worker API streams allocations of the nodes that
