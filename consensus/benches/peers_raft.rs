@@ -203,19 +203,18 @@ impl Members {
             System::Gangway => GANGWAY_PORTS,
             System::Etcd => ETCD_CLIENT_PORTS,
         };
+        // Gangway's production default (what `ReplicaConfig::new` sets) unless told otherwise.
+        let default = gangway_consensus::ReplicaConfig::new(1, "127.0.0.1:1", "/tmp");
+        let ms = |d: Duration| d.as_millis() as u64;
         let (emin, emax) = match std::env::var("PEERS_ELECTION_MS").ok() {
             Some(v) => {
                 let (a, b) = v.split_once('-').expect("PEERS_ELECTION_MS=MIN-MAX");
                 (a.parse().expect("min ms"), b.parse().expect("max ms"))
             }
-            // Gangway's production default (what `ReplicaConfig::new` sets).
-            None => {
-                let d = gangway_consensus::ReplicaConfig::new(1, "127.0.0.1:1", "/tmp");
-                (
-                    d.election_timeout_min.as_millis() as u64,
-                    d.election_timeout_max.as_millis() as u64,
-                )
-            }
+            None => (
+                ms(default.election_timeout_min),
+                ms(default.election_timeout_max),
+            ),
         };
         Members {
             sys,
@@ -223,12 +222,7 @@ impl Members {
             addrs: ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
             children: vec![None, None, None],
             election: (emin, emax),
-            heartbeat: env_or(
-                "PEERS_HEARTBEAT_MS",
-                gangway_consensus::ReplicaConfig::new(1, "127.0.0.1:1", "/tmp")
-                    .heartbeat_interval
-                    .as_millis() as u64,
-            ),
+            heartbeat: env_or("PEERS_HEARTBEAT_MS", ms(default.heartbeat_interval)),
         }
     }
 

@@ -13,6 +13,16 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// The pid a task wrote to `pid_file` once it started (within 20 s).
+async fn started(pid_file: &std::path::Path, what: &str, logs: impl Fn() -> String) -> u32 {
+    wait_until(Duration::from_secs(20), what, logs, || pid_file.exists()).await;
+    std::fs::read_to_string(pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 fn sh_job(name: &str, script: &str, extra: &str) -> String {
     format!(
         "name = \"{name}\"\ncommand = [\"sh\", \"-c\", '''{script}''']\n[resources]\ndevices = 1\n{extra}"
@@ -35,15 +45,7 @@ async fn a_host_that_cannot_receive_its_allocations_stops_a_revoked_task_by_its_
         .await
         .expect("submit")
         .job_id;
-    wait_until(Duration::from_secs(20), "the sleeper runs", logs, || {
-        pid_file.exists()
-    })
-    .await;
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = started(&pid_file, "the sleeper runs", logs).await;
 
     // Phase 2: a job with a 5 KB command lands on the same host. Its set no longer fits what the
     // agent decodes: the stream fails, and the agent says why.
@@ -114,15 +116,7 @@ async fn a_rank_that_finishes_early_does_not_stop_its_hosts_renewals() {
         .await
         .expect("submit")
         .job_id;
-    wait_until(Duration::from_secs(20), "rank 0 runs", logs, || {
-        pid_file.exists()
-    })
-    .await;
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = started(&pid_file, "rank 0 runs", logs).await;
     wait_until(Duration::from_secs(20), "rank 1 done", logs, || {
         w.agent_log().contains("task ended") && w.task_log(&id, 1).contains("epoch")
     })

@@ -421,9 +421,7 @@ impl Agent {
             // Taken when the stream delivers that revision (see `reconcile`).
             Renewal::Deferred => false,
             Renewal::Renew { recovered } => {
-                if recovered {
-                    tracing::info!("the allocation set is current again: lease renewals resume");
-                }
+                say_resumed(recovered);
                 true
             }
             Renewal::Unchecked { first } => {
@@ -804,9 +802,7 @@ impl Agent {
         let held =
             lock(&self.renewal).applied(gangway_proto::allocation::digest(set), set.revision);
         if let Some(((sent_at, ttl_ms), recovered)) = held {
-            if recovered {
-                tracing::info!("the allocation set is current again: lease renewals resume");
-            }
+            say_resumed(recovered);
             self.lease_granted(sent_at, ttl_ms);
         }
         state.revision = next.revision;
@@ -1268,4 +1264,11 @@ fn host_memory_mib() -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb / 1024)
+}
+
+/// Says that lease renewals resume, when the agent had said its allocation set was behind.
+fn say_resumed(recovered: bool) {
+    if recovered {
+        tracing::info!("the allocation set is current again: lease renewals resume");
+    }
 }
