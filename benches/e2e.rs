@@ -7,6 +7,10 @@
 //!
 //! Run: `cargo bench --bench e2e` (release build). Sizes can be scaled down for a quick look with
 //! `GANGWAY_BENCH_HOSTS`, `GANGWAY_BENCH_JOBS`, `GANGWAY_BENCH_GANGS`, `GANGWAY_BENCH_KILLS`.
+//! `GANGWAY_BENCH_ELECTION_MS` (400: 400-800 ms, the production default) and
+//! `GANGWAY_BENCH_DETECT=on|off` (on, as in production) set the replicas' election timing.
+//! `GANGWAY_BENCH_BATCH=N` has each submitter send N jobs per request (`SubmitJobs`; default 1,
+//! one `SubmitJob` per job), which takes the submission path out of what bounds placement.
 //!
 //! `GANGWAY_BENCH_TLS=both` (the default) runs the submission storm twice in the same run, on a
 //! fresh cluster each time: with mutual TLS on every link (each host with its own certificate, as
@@ -88,10 +92,15 @@ struct Cluster {
 
 impl Cluster {
     fn start(pki: Option<&Pki>) -> Self {
-        let dir = tempfile::Builder::new()
+        let mut dir = tempfile::Builder::new()
             .prefix("gangway-bench-")
             .tempdir()
             .unwrap();
+        // GANGWAY_BENCH_KEEP=1 keeps the replicas' logs and data (the path is printed).
+        if std::env::var("GANGWAY_BENCH_KEEP").is_ok_and(|v| v == "1") {
+            dir.disable_cleanup(true);
+            println!("replica logs and data kept in {}", dir.path().display());
+        }
         let ports = free_ports(6);
         let addrs: Vec<String> = ports[..3]
             .iter()
@@ -106,6 +115,8 @@ impl Cluster {
         // Election timeout (min; max is twice it), GANGWAY_BENCH_ELECTION_MS; by default the
         // production default's (400-800 ms, heartbeat 100 ms).
         let e = env_or("GANGWAY_BENCH_ELECTION_MS", 400);
+        // Leader-loss detection, GANGWAY_BENCH_DETECT=on|off (on, as in production).
+        let detect = std::env::var("GANGWAY_BENCH_DETECT").map_or(true, |v| v != "off");
         let mut configs = Vec::new();
         for i in 0..3 {
             let data = dir.path().join(format!("data-{}", i + 1));
@@ -115,7 +126,7 @@ impl Cluster {
                 format!(
                     "id = {}\nlisten = \"{}\"\nhttp = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{cluster}\"\n\
                      [raft]\nelection_timeout_min = \"{e}ms\"\nelection_timeout_max = \"{}ms\"\nheartbeat_interval = \"{}ms\"\n\
-                     snapshot_every_entries = 20000\n[scheduler]\ninterval = \"1s\"\n[workers]\nheartbeat_interval = \"2s\"\nnode_ttl = \"20s\"\n{}",
+                     leader_loss_detection = {detect}\nsnapshot_every_entries = 20000\n[scheduler]\ninterval = \"1s\"\n[workers]\nheartbeat_interval = \"2s\"\nnode_ttl = \"20s\"\n{}",
                     i + 1,
                     addrs[i],
                     ports[3 + i],
@@ -150,7 +161,10 @@ impl Cluster {
             .arg("server")
             .arg("--config")
             .arg(&self.configs[i])
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("GANGWAY_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -195,6 +209,24 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The highest term any live replica reports (0 when none answers).
+    async fn term(&self) -> u64 {
+        let mut term = 0;
+        for (i, a) in self.addrs.iter().enumerate() {
+            if self.children[i].is_none() {
+                continue;
+            }
+            if let Some(mut c) = connect(a).await {
+                if let Ok(s) = c.cluster_status(pb::Empty {}).await {
+                    term = term.max(s.into_inner().term);
+                }
+            }
+        }
+        term
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..3 {
@@ -234,12 +266,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx]
 }
 
-/// Submits every spec with `concurrency` clients against the leader (following redirects);
-/// returns submit start time per job id.
+/// Submits every spec with `concurrency` clients against the leader (following redirects),
+/// `batch` specs per request (`SubmitJob` when 1, else `SubmitJobs`); returns submit start time
+/// per job id.
 async fn submit_all(
     addrs: &[String],
     specs: Vec<String>,
     concurrency: usize,
+    batch: usize,
     key_prefix: &str,
 ) -> BTreeMap<String, Instant> {
     let specs = Arc::new(tokio::sync::Mutex::new(
@@ -255,9 +289,21 @@ async fn submit_all(
             let mut target = addrs[w % addrs.len()].clone();
             let mut client = connect(&target).await;
             loop {
-                let Some((i, spec)) = specs.lock().await.pop() else {
-                    break;
+                let taken: Vec<(usize, String)> = {
+                    let mut left = specs.lock().await;
+                    let from = left.len().saturating_sub(batch.max(1));
+                    left.split_off(from)
                 };
+                if taken.is_empty() {
+                    break;
+                }
+                let jobs: Vec<pb::SubmitJobRequest> = taken
+                    .into_iter()
+                    .map(|(i, spec)| pb::SubmitJobRequest {
+                        spec_toml: spec,
+                        idempotency_key: format!("{key_prefix}-{i}"),
+                    })
+                    .collect();
                 let started = Instant::now();
                 loop {
                     let Some(c) = client.as_mut() else {
@@ -265,15 +311,9 @@ async fn submit_all(
                         client = connect(&target).await;
                         continue;
                     };
-                    match c
-                        .submit_job(pb::SubmitJobRequest {
-                            spec_toml: spec.clone(),
-                            idempotency_key: format!("{key_prefix}-{i}"),
-                        })
-                        .await
-                    {
-                        Ok(r) => {
-                            out.push((r.into_inner().job_id, started));
+                    match submit_once(c, &jobs).await {
+                        Ok(ids) => {
+                            out.extend(ids.into_iter().map(|id| (id, started)));
                             break;
                         }
                         Err(s) => {
@@ -283,6 +323,12 @@ async fn submit_all(
                                 .and_then(|v| v.to_str().ok())
                             {
                                 target = l.to_owned();
+                            } else if s.code() != tonic::Code::Unavailable {
+                                eprintln!(
+                                    "submitter {w}: {:?}: {}; retrying",
+                                    s.code(),
+                                    s.message()
+                                );
                             }
                             client = connect(&target).await;
                             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -298,6 +344,28 @@ async fn submit_all(
         all.extend(r.expect("submitter"));
     }
     all
+}
+
+/// One request: the job alone, or the jobs as one `SubmitJobs`; the ids created.
+async fn submit_once(
+    c: &mut ClientApiClient<Channel>,
+    jobs: &[pb::SubmitJobRequest],
+) -> Result<Vec<String>, tonic::Status> {
+    if let [one] = jobs {
+        return Ok(vec![c.submit_job(one.clone()).await?.into_inner().job_id]);
+    }
+    let reply = c
+        .submit_jobs(pb::SubmitJobsRequest {
+            jobs: jobs.to_vec(),
+            array_size: 0,
+        })
+        .await?;
+    Ok(reply
+        .into_inner()
+        .jobs
+        .into_iter()
+        .map(|j| j.job_id)
+        .collect())
 }
 
 /// What one storm measured.
@@ -357,12 +425,14 @@ async fn phase(
         t.elapsed().as_secs_f64()
     );
 
-    // Phase 1: the submission storm.
+    // Phase 1: the submission storm: each submitter sends `batch` jobs per request.
+    let batch = env_or("GANGWAY_BENCH_BATCH", 1).clamp(1, 1_000);
     let mut specs: Vec<String> = (0..jobs).map(single_gpu).collect();
     specs.extend((0..gangs).map(gang));
     let total = specs.len();
+    let term_before = cluster.term().await;
     let t0 = Instant::now();
-    let submitted = submit_all(&cluster.addrs, specs, 64, "storm").await;
+    let submitted = submit_all(&cluster.addrs, specs, 64, batch, "storm").await;
     let submit_secs = t0.elapsed().as_secs_f64();
     let all_placed = fleet
         .wait_for(Duration::from_secs(600), |seen| {
@@ -370,6 +440,8 @@ async fn phase(
         })
         .await;
     let seen = fleet.seen();
+    // Nothing is killed during the storm: a new term here is an election the load caused.
+    let elections = cluster.term().await.saturating_sub(term_before);
     let last = submitted
         .keys()
         .filter_map(|id| seen.get(id).map(|s| s.first_seen))
@@ -386,7 +458,7 @@ async fn phase(
         .collect();
     lat.sort_by(f64::total_cmp);
     println!(
-        "submitted {total} jobs in {submit_secs:.1}s ({:.0}/s)",
+        "submitted {total} jobs in {submit_secs:.1}s ({:.0}/s, {batch} per request)",
         total as f64 / submit_secs
     );
     println!(
@@ -400,6 +472,7 @@ async fn phase(
         percentile(&lat, 0.99),
         lat.last().copied().unwrap_or(f64::NAN)
     );
+    println!("terms started during the storm (no replica killed): {elections}");
 
     // Phase 2: leader kill to first new placement, `kills` times.
     let mut failovers = Vec::new();
@@ -442,6 +515,7 @@ async fn phase(
             &survivors,
             vec![single_gpu(1_000_000 + k)],
             1,
+            1,
             &format!("kill-{k}"),
         )
         .await;
@@ -460,8 +534,14 @@ async fn phase(
             ms(accepted),
             ms(at)
         );
+        // Each kill starts from a settled cluster: the killed replica back and caught up, and
+        // every host's standby connections to it made again (with TLS, 1,000 hosts' handshakes
+        // take several seconds of these two cores), GANGWAY_BENCH_KILL_PAUSE_S.
         cluster.spawn(leader);
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(
+            env_or("GANGWAY_BENCH_KILL_PAUSE_S", 10) as u64,
+        ))
+        .await;
     }
     failovers.sort_by(f64::total_cmp);
     if kills > 0 {

@@ -9,6 +9,7 @@
 use anyhow::anyhow;
 use gangway_proto::pb;
 use gangway_worker::agent::scheduler_link::retryable;
+use gangway_worker::agent::task_reports::MAX_REPORTS_PER_REQUEST;
 use gangway_worker::agent::SchedulerLink;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -176,17 +177,43 @@ impl FakeFleet {
                 }
             }
         }
+        // Standby connections to every replica, as the agent keeps (a failover then needs no
+        // new handshake); a few hosts at a time, so they do not crowd the replicas at start.
+        let permits = Arc::new(tokio::sync::Semaphore::new(16));
+        let mut warming = JoinSet::new();
+        for link in links.values().cloned() {
+            let permits = permits.clone();
+            warming.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                link.warm().await;
+            });
+        }
+        while warming.join_next().await.is_some() {}
         let (stop, stop_rx) = watch::channel(false);
         let (changed_tx, changed) = watch::channel(0u64);
         let changed_tx = Arc::new(changed_tx);
         let seen = Arc::new(Mutex::new(BTreeMap::new()));
         let mut tasks = JoinSet::new();
         let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
-        tasks.spawn(heartbeat_loop(
-            links.clone(),
-            Duration::from_millis(heartbeat_ms),
-            stop_rx.clone(),
-        ));
+        let every = Duration::from_millis(heartbeat_ms);
+        for (i, name) in names.iter().enumerate() {
+            // Each host re-connects replicas it found unreachable, at its own phase.
+            let (link, spread) = (links[name].clone(), i as f64 / names.len() as f64);
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = link.keep_warm(STANDBY_EVERY, STANDBY_EVERY.mul_f64(spread)) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            });
+            tasks.spawn(heartbeat_loop(
+                name.clone(),
+                links[name].clone(),
+                every,
+                every.mul_f64(i as f64 / names.len() as f64),
+                stop_rx.clone(),
+            ));
+        }
         for name in names {
             tasks.spawn(watch_loop(
                 links[&name].clone(),
@@ -237,28 +264,31 @@ impl FakeFleet {
     }
 }
 
+/// One host's heartbeats, as its agent sends them: on its own timer, the fleet's hosts spread over
+/// the interval (`phase`) rather than all at once.
 async fn heartbeat_loop(
-    links: BTreeMap<String, Follower>,
+    name: String,
+    follower: Follower,
     every: Duration,
+    phase: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
-        for (name, follower) in &links {
-            let Ok(mut c) = follower.client() else {
-                continue;
-            };
-            let req = pb::HeartbeatRequest {
-                node: name.clone(),
-                devices: Vec::new(),
-            };
-            if let Err(s) = c.heartbeat(req).await {
-                follower.failed(&s);
-            }
+        let Ok(mut c) = follower.client() else {
+            continue;
+        };
+        let req = pb::HeartbeatRequest {
+            node: name.clone(),
+            devices: Vec::new(),
+        };
+        if let Err(s) = c.heartbeat(req).await {
+            follower.failed(&s);
         }
     }
 }
@@ -333,42 +363,72 @@ async fn watch_loop(
             if new_any {
                 changed.send_modify(|v| *v += 1);
             }
-            // Acknowledge each new task as running, once per (job, task, epoch).
-            for a in set.allocations {
-                let key = (a.job_id.clone(), a.task);
-                if reported.get(&key) == Some(&a.epoch) {
-                    continue;
-                }
-                let report = pb::TaskStatusReport {
+            // Acknowledge each new task as running, once per (job, task, epoch), in one batch
+            // as the agent does; the batch "finishes" together `task_runtime` later.
+            let fresh: Vec<pb::TaskStatusReport> = set
+                .allocations
+                .into_iter()
+                .filter(|a| reported.get(&(a.job_id.clone(), a.task)) != Some(&a.epoch))
+                .map(|a| pb::TaskStatusReport {
                     node: name.clone(),
-                    job_id: a.job_id.clone(),
+                    job_id: a.job_id,
                     task: a.task,
                     epoch: a.epoch,
                     state: pb::TaskState::Running.into(),
                     has_exit_code: false,
                     exit_code: 0,
                     message: String::new(),
-                };
-                if c.report_task_status(report.clone()).await.is_ok() {
-                    reported.insert(key, a.epoch);
-                    if let Some(runtime) = task_runtime {
-                        let mut c = c.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(runtime).await;
-                            let done = pb::TaskStatusReport {
-                                state: pb::TaskState::Succeeded.into(),
-                                has_exit_code: true,
-                                exit_code: 0,
-                                ..report
-                            };
-                            // Best effort: a lost report leaves the task running, as a hung
-                            // worker would; the benchmark counts placements, not completions.
-                            let _ = c.report_task_status(done).await;
-                        });
-                    }
+                })
+                .collect();
+            for batch in fresh.chunks(MAX_REPORTS_PER_REQUEST) {
+                if report_all(&mut c, &name, batch.to_vec()).await.is_err() {
+                    continue;
+                }
+                for r in batch {
+                    reported.insert((r.job_id.clone(), r.task), r.epoch);
+                }
+                if let Some(runtime) = task_runtime {
+                    let mut c = c.clone();
+                    let (name, done) = (name.clone(), finished(batch));
+                    tokio::spawn(async move {
+                        tokio::time::sleep(runtime).await;
+                        // Best effort: a lost report leaves the tasks running, as a hung worker
+                        // would; the benchmark counts placements, not completions.
+                        let _ = report_all(&mut c, &name, done).await;
+                    });
                 }
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// How often a host connects again to replicas it found unreachable (the agent's period).
+const STANDBY_EVERY: Duration = Duration::from_secs(2);
+
+/// The same tasks, reported succeeded.
+fn finished(running: &[pb::TaskStatusReport]) -> Vec<pb::TaskStatusReport> {
+    running
+        .iter()
+        .map(|r| pb::TaskStatusReport {
+            state: pb::TaskState::Succeeded.into(),
+            has_exit_code: true,
+            exit_code: 0,
+            ..r.clone()
+        })
+        .collect()
+}
+
+/// Sends `reports` of `node` as one `ReportTaskStatuses` call.
+async fn report_all(
+    c: &mut pb::worker_api_client::WorkerApiClient<tonic::transport::Channel>,
+    node: &str,
+    reports: Vec<pb::TaskStatusReport>,
+) -> Result<(), tonic::Status> {
+    c.report_task_statuses(pb::TaskStatusReports {
+        node: node.to_owned(),
+        reports,
+    })
+    .await
+    .map(drop)
 }

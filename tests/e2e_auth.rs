@@ -75,7 +75,7 @@ async fn call(channel: Channel, w: &Who, service: &str, method: &str) -> Result<
     grpc.ready().await.map_err(|e| e.to_string())?;
     let codec = || tonic_prost::ProstCodec::<pb::Empty, pb::Empty>::default();
     let client_streaming = matches!(method, "RestoreSnapshot" | "InstallSnapshot");
-    let server_streaming = matches!(method, "SaveSnapshot" | "WatchAllocations");
+    let server_streaming = matches!(method, "SaveSnapshot" | "WatchAllocations" | "Presence");
     let status = if client_streaming {
         let req = with_token(
             w,

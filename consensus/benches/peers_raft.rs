@@ -24,13 +24,16 @@
 //!   peers_raft run gangway|etcd DIR   every workload against one system; prints RESULT lines
 //!   peers_raft serve ID DIR PEERS EMIN_MS EMAX_MS HB_MS [init]   one Gangway replica (internal)
 //! Environment: PEERS_CLIENTS (default 1,16,64,256), PEERS_WRITE_SECS (10), PEERS_VALUE_BYTES
-//! (256), PEERS_KILLS (20), PEERS_ELECTION_MS (400-800), PEERS_HEARTBEAT_MS (100), ETCD (etcd).
+//! (256), PEERS_KILLS (20), PEERS_ELECTION_MS (400-800), PEERS_HEARTBEAT_MS (100), PEERS_DETECT
+//! (on), ETCD (etcd). An empty PEERS_CLIENTS runs no write rows (failover only).
 //! Connections: one per 16 clients (at least one), the clients of a connection multiplexed on it.
 //!
 //! Output lines, parsed by deploy/peers/table.py:
 //!   RESULT write SYSTEM clients=C conns=K ops=N secs=S tput=OPS p50_ms=X p99_ms=Y errors=E
-//!   RESULT failover SYSTEM kills=N p50_ms=X p99_ms=Y max_ms=Z campaign_ms=A-B timeout_ms=C-D
-//!   (campaign: when a follower may first stand after the last heartbeat it saw)
+//!   RESULT failover SYSTEM kills=N p50_ms=X p99_ms=Y max_ms=Z campaign_ms=A-B timeout_ms=C-D detect=on|off|-
+//!   (campaign: when a follower may first stand after the last heartbeat it saw, without
+//!   detection; detect: Gangway's leader-loss detection, `PEERS_DETECT=on|off`, on by default:
+//!   a follower whose leader's port refuses connections elects at once)
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -505,7 +508,7 @@ async fn failover(m: &mut Members, kills: usize, next_op: &Arc<AtomicU64>) {
         System::Gangway => (m.election.1 + m.election.0, 2 * m.election.1),
     };
     println!(
-        "RESULT failover {} kills={} p50_ms={:.0} p99_ms={:.0} max_ms={:.0} campaign_ms={}-{} timeout_ms={}",
+        "RESULT failover {} kills={} p50_ms={:.0} p99_ms={:.0} max_ms={:.0} campaign_ms={}-{} timeout_ms={} detect={}",
         m.sys.name(),
         times.len(),
         pct(&times, 0.50),
@@ -517,13 +520,29 @@ async fn failover(m: &mut Members, kills: usize, next_op: &Arc<AtomicU64>) {
             System::Etcd => "1000".to_owned(),
             System::Gangway => format!("{}-{}", m.election.0, m.election.1),
         },
+        match m.sys {
+            System::Etcd => "-",
+            System::Gangway if detection() => "on",
+            System::Gangway => "off",
+        },
     );
+}
+
+/// Whether Gangway's replicas detect a dead leader's process (`PEERS_DETECT=on|off`, default on as
+/// in production); the members inherit it from the bench's environment.
+fn detection() -> bool {
+    match std::env::var("PEERS_DETECT").as_deref() {
+        Ok("off") => false,
+        Ok("on") | Err(_) => true,
+        Ok(other) => panic!("PEERS_DETECT: expected on or off, got {other:?}"),
+    }
 }
 
 async fn run(sys: System, dir: &Path) {
     let clients: Vec<usize> = std::env::var("PEERS_CLIENTS")
         .unwrap_or_else(|_| "1,16,64,256".into())
         .split(',')
+        .filter(|c| !c.trim().is_empty())
         .map(|c| c.trim().parse().expect("PEERS_CLIENTS: numbers"))
         .collect();
     let secs: f64 = env_or("PEERS_WRITE_SECS", 10.0);
@@ -564,6 +583,7 @@ async fn serve(args: &[String]) {
     cfg.heartbeat_interval = ms(&args[5]);
     cfg.snapshot_every_entries = 100_000;
     cfg.keep_entries_after_snapshot = 5_000;
+    cfg.leader_loss_detection = detection();
     let h = ReplicaHandle::start(cfg, Kv::default(), Transport::tcp())
         .await
         .expect("start replica");

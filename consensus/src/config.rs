@@ -46,6 +46,10 @@ pub struct ReplicaConfig {
     pub rpc_timeout: Duration,
     /// Deadline for a client `write` (including forwarding and waiting for a leader).
     pub write_timeout: Duration,
+    /// Whether followers hold a presence stream to the leader and, when its process dies (its
+    /// port then refuses connections), elect at once instead of after the election timeout. A
+    /// leader whose host dies or is cut off is still replaced on the timeout.
+    pub leader_loss_detection: bool,
 }
 
 impl ReplicaConfig {
@@ -68,6 +72,7 @@ impl ReplicaConfig {
             snapshot_chunk_bytes: 1 << 20,
             rpc_timeout: Duration::from_millis(1_000),
             write_timeout: Duration::from_secs(10),
+            leader_loss_detection: true,
         }
     }
 

@@ -16,6 +16,8 @@ use tonic::Streaming;
 use crate::app::StateMachine;
 use crate::codec;
 use crate::error::WireError;
+use crate::leader_loss::presence_stream;
+use crate::leader_loss::LeaderLoss;
 use crate::log_store::StorageHealth;
 use crate::network::sender;
 use crate::network::FaultInjector;
@@ -56,6 +58,10 @@ pub struct RaftGrpcService<S: StateMachine> {
     /// When a leader of the current term last reached this replica (see
     /// `ReplicaHandle::since_leader_contact`).
     leader_contact: LeaderContact,
+    /// Whether this replica has proved its leader's process gone (votes inside the lease).
+    loss: LeaderLoss,
+    /// Turns true when the replica stops: ends the presence streams it serves.
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// When this replica last heard from a leader it accepts (an append that was not refused for an
@@ -70,6 +76,8 @@ impl<S: StateMachine> RaftGrpcService<S> {
         id: NodeId,
         faults: Option<Arc<FaultInjector>>,
         leader_contact: LeaderContact,
+        loss: LeaderLoss,
+        stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         RaftGrpcService {
             raft,
@@ -78,7 +86,16 @@ impl<S: StateMachine> RaftGrpcService<S> {
             id,
             faults,
             leader_contact,
+            loss,
+            stop,
         }
+    }
+
+    /// Whether injected faults cut the link between this replica and `peer`, either way.
+    fn cut_off_from(&self, peer: NodeId) -> bool {
+        self.faults
+            .as_ref()
+            .is_some_and(|f| f.is_blocked(self.id, peer) || f.is_blocked(peer, self.id))
     }
 
     /// Refuses a message that arrived on a link the injector cuts (UNAVAILABLE, as a lost message
@@ -162,9 +179,19 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
     ) -> Result<Response<pb::RaftPayload>, Status> {
         self.admit(&req)?;
         let who = proven(&req);
-        let rpc: openraft::raft::VoteRequest<crate::types::TypeConfig> =
+        let mut rpc: openraft::raft::VoteRequest<crate::types::TypeConfig> =
             codec::decode(&req.into_inner().data).map_err(bad_request)?;
         check_vote(who, &rpc.vote)?;
+        // Inside the leader's lease openraft refuses every vote, so that a live leader is not
+        // deposed; a leader whose process is provably gone is not live (see `leader_loss`).
+        if !rpc.leadership_transfer {
+            use openraft::vote::RaftLeaderId;
+            let candidate = *rpc.vote.leader_id().node_id();
+            rpc.leadership_transfer = self
+                .loss
+                .voter_proves_gone(&self.raft, candidate, |l| self.cut_off_from(l))
+                .await;
+        }
         let resp = self.raft.vote(rpc).await.map_err(raft_err)?;
         reply(&resp)
     }
@@ -272,6 +299,18 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         };
         let data = codec::encode(&r).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ForwardWriteReply { data }))
+    }
+
+    type PresenceStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::RaftPayload, Status>> + Send + 'static>,
+    >;
+
+    async fn presence(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<Self::PresenceStream>, Status> {
+        self.admit(&req)?;
+        Ok(Response::new(Box::pin(presence_stream(self.stop.clone()))))
     }
 }
 

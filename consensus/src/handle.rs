@@ -27,6 +27,8 @@ use crate::config::ReplicaConfig;
 use crate::error::ConsensusError;
 use crate::error::Result;
 use crate::grpc_service::RaftGrpcService;
+use crate::leader_loss::LeaderLoss;
+use crate::leader_loss::Watcher;
 use crate::log_store::AnyLogStore;
 use crate::log_store::MemLogStore;
 use crate::log_store::RocksLogStore;
@@ -60,6 +62,7 @@ struct Inner<S: StateMachine> {
     stop: watch::Sender<bool>,
     servers: Mutex<Vec<JoinHandle<()>>>,
     leader_contact: crate::grpc_service::LeaderContact,
+    loss: LeaderLoss,
 }
 
 /// A running replica. Cheap to clone; all clones drive the same replica.
@@ -116,6 +119,18 @@ impl<S: StateMachine> ReplicaHandle<S> {
             .await
             .map_err(|e| write_path::fatal(&health, &e))?;
         let (stop, _) = watch::channel(false);
+        let loss = LeaderLoss::new(config.leader_loss_detection);
+        let watcher = tokio::spawn(
+            Watcher {
+                raft: raft.clone(),
+                transport: transport.clone(),
+                me: config.node_id,
+                loss: loss.clone(),
+                stagger: config.heartbeat_interval,
+                stop: stop.subscribe(),
+            }
+            .run(),
+        );
         tracing::info!(id = config.node_id, addr = %config.advertise_addr, "replica started");
         Ok(ReplicaHandle {
             inner: Arc::new(Inner {
@@ -127,8 +142,9 @@ impl<S: StateMachine> ReplicaHandle<S> {
                 changes,
                 applied,
                 stop,
-                servers: Mutex::new(Vec::new()),
+                servers: Mutex::new(vec![watcher]),
                 leader_contact: Arc::default(),
+                loss,
             }),
         })
     }
@@ -169,6 +185,8 @@ impl<S: StateMachine> ReplicaHandle<S> {
             self.id(),
             self.inner.transport.faults(),
             self.inner.leader_contact.clone(),
+            self.inner.loss.clone(),
+            self.inner.stop.subscribe(),
         ))
         .max_decoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES)
         .max_encoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES)

@@ -15,6 +15,7 @@ mod error;
 pub mod fuzz;
 mod grpc_service;
 mod handle;
+mod leader_loss;
 mod log_store;
 mod metrics;
 mod network;

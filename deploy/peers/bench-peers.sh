@@ -59,6 +59,9 @@ if [ "$ONLY" != jobs ]; then
   if [ $have_etcd = 1 ]; then say "etcd: writes and $PEERS_KILLS leader kills"; raft etcd "$RUN/etcd" | tee -a "$RESULTS"
   else echo "etcd missing: its rows are skipped"; fi
   say "gangway consensus: writes and $PEERS_KILLS leader kills"; raft gangway "$RUN/raft" | tee -a "$RESULTS"
+  # The same kills with leader-loss detection off: what the election timeout alone gives.
+  say "gangway consensus: $PEERS_KILLS leader kills, detection off"
+  PEERS_CLIENTS="" PEERS_DETECT=off raft gangway "$RUN/raft-nodetect" | tee -a "$RESULTS"
 fi
 
 # 4. Jobs on 8 hosts and submit rates: Slurm, then Gangway (TLS on, then off).

@@ -181,6 +181,11 @@ impl Replicas {
         }
     }
 
+    /// The configured replicas, in order.
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
     /// The replica to call now.
     pub fn target(&self) -> &str {
         match &self.hint {

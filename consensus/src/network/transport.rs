@@ -173,6 +173,30 @@ impl Transport {
     }
 }
 
+impl Transport {
+    /// Opens a `Presence` stream from `from` to `to` at `addr` (no deadline: it is held open).
+    /// Refused with `FailedPrecondition` when injected faults cut the link either way.
+    pub(crate) async fn presence(
+        &self,
+        from: NodeId,
+        to: NodeId,
+        addr: &str,
+    ) -> Result<tonic::Streaming<crate::pb::RaftPayload>, tonic::Status> {
+        if let Some(f) = &self.faults {
+            if f.is_blocked(from, to) || f.is_blocked(to, from) {
+                return Err(tonic::Status::failed_precondition(format!(
+                    "injected partition {from}<->{to}"
+                )));
+            }
+        }
+        let mut client = self
+            .client(addr)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let req = tagged(from, crate::pb::RaftPayload { data: Vec::new() });
+        Ok(client.presence(req).await?.into_inner())
+    }
+}
+
 /// Metadata key naming the sending replica of a Raft message, so the receiver can apply its own
 /// injected faults to the link it arrived on.
 pub(crate) const FROM_KEY: &str = "x-gangway-raft-from";

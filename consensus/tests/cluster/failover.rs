@@ -97,3 +97,41 @@ async fn storage_failure_on_leader_stops_its_writes_and_cluster_fails_over() {
     assert!(!ops.contains(&100), "a refused write was applied");
     c.shutdown().await;
 }
+
+/// A leader whose process dies is replaced before any election timeout could fire: its port
+/// refuses connections, the followers' presence streams end, and they elect at once. The timeouts
+/// here are long (2-4 s, so openraft's own campaign comes 6-8 s after the last heartbeat: the
+/// leader's lease of 4 s, then the timeout); a new leader within 3 s can only come from the
+/// detector. Before the kill, the detector leaves a live leader alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_leaders_process_is_replaced_before_any_election_timeout() {
+    let _g = serial().await;
+    let timing = Timing {
+        heartbeat: Duration::from_millis(100),
+        election_min: Duration::from_secs(2),
+        election_max: Duration::from_secs(4),
+        ..Timing::default()
+    };
+    let mut c = Cluster::start(3, 0, 21, timing).await;
+    let old = c.leader().await;
+    c.write_ok("k", 0).await;
+    let term = c.node(old).metrics().term;
+
+    // A second of heartbeats with every presence stream open: nobody campaigns.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(c.leader().await, old, "the live leader keeps leading");
+    assert_eq!(
+        c.node(old).metrics().term,
+        term,
+        "no election while it lives"
+    );
+
+    c.kill(old).await;
+    let survivors: Vec<_> = c.live();
+    let new = c.leader_among(&survivors, Duration::from_secs(3)).await;
+    assert_ne!(new, old);
+    c.write_ok("k", 1).await;
+    let states = c.converge(Duration::from_secs(10)).await;
+    check_history(&states, &BTreeSet::from([0, 1]));
+    c.shutdown().await;
+}

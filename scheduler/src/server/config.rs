@@ -42,6 +42,8 @@ pub struct RaftSection {
     #[serde(deserialize_with = "duration")]
     pub heartbeat_interval: Duration,
     pub snapshot_every_entries: u64,
+    /// Followers elect at once when the leader's process dies (its port refuses connections).
+    pub leader_loss_detection: bool,
 }
 
 impl Default for RaftSection {
@@ -51,6 +53,7 @@ impl Default for RaftSection {
             election_timeout_max: Duration::from_millis(800),
             heartbeat_interval: Duration::from_millis(100),
             snapshot_every_entries: 10_000,
+            leader_loss_detection: true,
         }
     }
 }

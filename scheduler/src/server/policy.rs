@@ -69,6 +69,7 @@ pub const POLICY: &[(&str, &str, Need)] = &[
     (RAFT, "TransferLeader", Replica),
     (RAFT, "InstallSnapshot", Replica),
     (RAFT, "ForwardWrite", Replica),
+    (RAFT, "Presence", Replica),
 ];
 
 /// The need of a gRPC path (`/package.Service/Method`); `None` for a method not in the table.

@@ -98,6 +98,7 @@ impl Replica {
         rc.election_timeout_max = config.raft.election_timeout_max;
         rc.heartbeat_interval = config.raft.heartbeat_interval;
         rc.snapshot_every_entries = config.raft.snapshot_every_entries;
+        rc.leader_loss_detection = config.raft.leader_loss_detection;
         // Every Raft message goes through the drill injector; it is empty (delivers everything)
         // unless a drill runs, which the drill handler allows only with `allow_drills`.
         let drills = Arc::new(super::drill::DrillControl::default());

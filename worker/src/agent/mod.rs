@@ -42,7 +42,7 @@ pub mod scheduler_link;
 pub mod state_file;
 mod stream_trouble;
 pub mod task_env;
-mod task_reports;
+pub mod task_reports;
 pub mod task_users;
 mod tls;
 pub mod uid_range;
@@ -312,6 +312,7 @@ impl Agent {
             tokio::spawn(self.clone().report_loop(stop_rx.clone())),
             tokio::spawn(self.clone().health_check_loop(stop_rx.clone())),
             tokio::spawn(self.clone().housekeeping_loop(stop_rx.clone())),
+            tokio::spawn(self.clone().standby_loop(stop_rx.clone())),
         ];
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -327,6 +328,16 @@ impl Agent {
         let _ = api.await;
         let _ = self.save();
         Ok(())
+    }
+
+    /// Standby connections to every replica, so a failover needs no new handshake (see
+    /// [`SchedulerLink::keep_warm`]); each host re-checks at its own phase of the period.
+    async fn standby_loop(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        let phase = STANDBY_EVERY.mul_f64(phase_of(&self.cfg.node));
+        tokio::select! {
+            _ = self.link.keep_warm(STANDBY_EVERY, phase) => {}
+            _ = wait_stop(stop) => {}
+        }
     }
 
     /// Re-adopts the tasks an earlier run of the agent left; the ones that ended meanwhile are
@@ -1271,4 +1282,15 @@ fn say_resumed(recovered: bool) {
     if recovered {
         tracing::info!("the allocation set is current again: lease renewals resume");
     }
+}
+
+/// How often an agent connects again to replicas it found unreachable.
+const STANDBY_EVERY: Duration = Duration::from_secs(2);
+
+/// A fraction in [0, 1) fixed per node name: spreads a fleet's periodic work over the period.
+fn phase_of(node: &str) -> f64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    node.hash(&mut h);
+    (h.finish() % 1_000) as f64 / 1_000.0
 }
