@@ -58,10 +58,16 @@ pub struct RaftGrpcService<S: StateMachine> {
     /// When a leader of the current term last reached this replica (see
     /// `ReplicaHandle::since_leader_contact`).
     leader_contact: LeaderContact,
-    /// Whether this replica has proved its leader's process gone (votes inside the lease).
-    loss: LeaderLoss,
-    /// Turns true when the replica stops: ends the presence streams it serves.
-    stop: tokio::sync::watch::Receiver<bool>,
+    /// Leader-loss detection's side of the service.
+    presence: PresenceSide,
+}
+
+/// What the service needs for leader-loss detection: whether this replica has proved its leader's
+/// process gone (votes inside the lease), and the replica's stop signal, which ends the presence
+/// streams it serves.
+pub(crate) struct PresenceSide {
+    pub loss: LeaderLoss,
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// When this replica last heard from a leader it accepts (an append that was not refused for an
@@ -76,8 +82,7 @@ impl<S: StateMachine> RaftGrpcService<S> {
         id: NodeId,
         faults: Option<Arc<FaultInjector>>,
         leader_contact: LeaderContact,
-        loss: LeaderLoss,
-        stop: tokio::sync::watch::Receiver<bool>,
+        presence: PresenceSide,
     ) -> Self {
         RaftGrpcService {
             raft,
@@ -86,8 +91,7 @@ impl<S: StateMachine> RaftGrpcService<S> {
             id,
             faults,
             leader_contact,
-            loss,
-            stop,
+            presence,
         }
     }
 
@@ -188,6 +192,7 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
             use openraft::vote::RaftLeaderId;
             let candidate = *rpc.vote.leader_id().node_id();
             rpc.leadership_transfer = self
+                .presence
                 .loss
                 .voter_proves_gone(&self.raft, candidate, |l| self.cut_off_from(l))
                 .await;
@@ -310,7 +315,9 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<Self::PresenceStream>, Status> {
         self.admit(&req)?;
-        Ok(Response::new(Box::pin(presence_stream(self.stop.clone()))))
+        Ok(Response::new(Box::pin(presence_stream(
+            self.presence.stop.clone(),
+        ))))
     }
 }
 

@@ -185,8 +185,10 @@ impl<S: StateMachine> ReplicaHandle<S> {
             self.id(),
             self.inner.transport.faults(),
             self.inner.leader_contact.clone(),
-            self.inner.loss.clone(),
-            self.inner.stop.subscribe(),
+            crate::grpc_service::PresenceSide {
+                loss: self.inner.loss.clone(),
+                stop: self.inner.stop.subscribe(),
+            },
         ))
         .max_decoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES)
         .max_encoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES)
