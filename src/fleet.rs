@@ -181,8 +181,8 @@ impl FakeFleet {
         // new handshake); a few hosts at a time, so they do not crowd the replicas at start.
         let permits = Arc::new(tokio::sync::Semaphore::new(16));
         let mut warming = JoinSet::new();
-        for link in links.values().cloned() {
-            let permits = permits.clone();
+        for link in links.values() {
+            let (link, permits) = (link.clone(), permits.clone());
             warming.spawn(async move {
                 let _permit = permits.acquire_owned().await;
                 link.warm().await;
