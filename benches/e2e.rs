@@ -185,17 +185,9 @@ impl Cluster {
     async fn leader(&self, not: Option<usize>) -> usize {
         loop {
             let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
-            for (i, a) in self.addrs.iter().enumerate() {
-                if Some(i) == not || self.children[i].is_none() {
-                    continue;
-                }
-                if let Some(mut c) = connect(a).await {
-                    if let Ok(s) = c.cluster_status(pb::Empty {}).await {
-                        let s = s.into_inner();
-                        if s.leader_id != 0 {
-                            *votes.entry(s.leader_id).or_default() += 1;
-                        }
-                    }
+            for s in self.statuses(not).await {
+                if s.leader_id != 0 {
+                    *votes.entry(s.leader_id).or_default() += 1;
                 }
             }
             if let Some((id, n)) = votes.into_iter().max_by_key(|(_, n)| *n) {
@@ -207,23 +199,31 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-}
 
-impl Cluster {
-    /// The highest term any live replica reports (0 when none answers).
-    async fn term(&self) -> u64 {
-        let mut term = 0;
+    /// What each running replica (but `not`) that answers says of the cluster.
+    async fn statuses(&self, not: Option<usize>) -> Vec<pb::ClusterStatusReply> {
+        let mut out = Vec::new();
         for (i, a) in self.addrs.iter().enumerate() {
-            if self.children[i].is_none() {
+            if Some(i) == not || self.children[i].is_none() {
                 continue;
             }
             if let Some(mut c) = connect(a).await {
                 if let Ok(s) = c.cluster_status(pb::Empty {}).await {
-                    term = term.max(s.into_inner().term);
+                    out.push(s.into_inner());
                 }
             }
         }
-        term
+        out
+    }
+
+    /// The highest term any live replica reports (0 when none answers).
+    async fn term(&self) -> u64 {
+        self.statuses(None)
+            .await
+            .iter()
+            .map(|s| s.term)
+            .max()
+            .unwrap_or(0)
     }
 }
 

@@ -8,7 +8,7 @@
 
 use anyhow::anyhow;
 use gangway_proto::pb;
-use gangway_worker::agent::scheduler_link::retryable;
+use gangway_worker::agent::scheduler_link::{retryable, STANDBY_EVERY};
 use gangway_worker::agent::task_reports::MAX_REPORTS_PER_REQUEST;
 use gangway_worker::agent::SchedulerLink;
 use std::collections::BTreeMap;
@@ -402,9 +402,6 @@ async fn watch_loop(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
-
-/// How often a host connects again to replicas it found unreachable (the agent's period).
-const STANDBY_EVERY: Duration = Duration::from_secs(2);
 
 /// The same tasks, reported succeeded.
 fn finished(running: &[pb::TaskStatusReport]) -> Vec<pb::TaskStatusReport> {

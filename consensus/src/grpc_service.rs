@@ -99,7 +99,7 @@ impl<S: StateMachine> RaftGrpcService<S> {
     fn cut_off_from(&self, peer: NodeId) -> bool {
         self.faults
             .as_ref()
-            .is_some_and(|f| f.is_blocked(self.id, peer) || f.is_blocked(peer, self.id))
+            .is_some_and(|f| f.is_cut(self.id, peer))
     }
 
     /// Refuses a message that arrived on a link the injector cuts (UNAVAILABLE, as a lost message

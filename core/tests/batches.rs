@@ -4,12 +4,12 @@
 //! hold across batches and inside one. A host's task reports (`TaskStatuses`) are each applied as
 //! alone, with their own outcomes.
 
-use gangway_core::engine::{DeviceShare, GangPlacement, Plan, TaskPlacement};
+use gangway_core::engine::Plan;
 use gangway_core::state::{
-    ClusterStore, Command, Event, Limits, Rejection, Response, Submission, SubmittedJob,
-    TaskReport, TaskState, MAX_BATCH_JOBS, MAX_BATCH_REPORTS,
+    Command, Event, Limits, Rejection, Response, Submission, SubmittedJob, TaskReport, TaskState,
+    MAX_BATCH_JOBS, MAX_BATCH_REPORTS,
 };
-use gangway_proto::ids::{HostName, JobId};
+use gangway_proto::ids::JobId;
 use gangway_proto::spec::JobSpec;
 use proptest::prelude::*;
 
@@ -28,26 +28,10 @@ fn job(name: &str, queue: &str, key: Option<&str>) -> Submission {
     }
 }
 
-struct Cluster {
-    store: ClusterStore,
-    now: u64,
-    events: Vec<Event>,
-}
+mod common;
+use common::Cluster;
 
 impl Cluster {
-    fn new() -> Self {
-        Self {
-            store: ClusterStore::new(),
-            now: 1_000,
-            events: Vec::new(),
-        }
-    }
-
-    fn apply(&mut self, cmd: Command) -> Response {
-        self.now += 10;
-        self.store.apply(self.now, cmd, &mut self.events)
-    }
-
     fn batch(&mut self, jobs: Vec<Submission>) -> Result<Vec<SubmittedJob>, Rejection> {
         match self.apply(Command::SubmitJobs(jobs)) {
             Response::SubmittedJobs(jobs) => Ok(jobs),
@@ -201,8 +185,6 @@ fn an_audited_batch_is_one_entry_naming_its_jobs() {
     assert_eq!(entries[0].target, "3 jobs: a-1 .. c-3");
 }
 
-mod common;
-
 impl Cluster {
     /// A node h1 with 8 devices and `n` one-device jobs placed on it, device i for job i.
     fn running(n: usize) -> (Self, Vec<(JobId, u64)>) {
@@ -218,20 +200,7 @@ impl Cluster {
         let placements = jobs
             .iter()
             .enumerate()
-            .map(|(i, j)| GangPlacement {
-                job: j.job.clone(),
-                queue: "default".into(),
-                tasks: vec![TaskPlacement {
-                    host: HostName::new("h1"),
-                    devices: vec![DeviceShare {
-                        index: i as u16,
-                        milli: 1000,
-                    }],
-                    cpu_milli: 0,
-                    memory_mib: 0,
-                }],
-                borrowed_milli: 0,
-            })
+            .map(|(i, j)| common::one_device(&j.job, "h1", i as u16))
             .collect();
         let r = c.apply(Command::ApplyPlan {
             plan: Plan {

@@ -323,20 +323,7 @@ fn a_plan_that_places_many_gangs_at_once_keeps_the_queue_in_order() {
         .take(50)
         .chain(jobs.iter().skip(99))
         .enumerate()
-        .map(|(n, job)| GangPlacement {
-            job: job.clone(),
-            queue: "default".into(),
-            tasks: vec![TaskPlacement {
-                host: HostName::new(format!("h{}", n / 8 + 1)),
-                devices: vec![DeviceShare {
-                    index: (n % 8) as u16,
-                    milli: 1000,
-                }],
-                cpu_milli: 0,
-                memory_mib: 0,
-            }],
-            borrowed_milli: 0,
-        })
+        .map(|(n, job)| common::one_device(job, &format!("h{}", n / 8 + 1), (n % 8) as u16))
         .collect();
     let r = c.apply(Command::ApplyPlan {
         plan: Plan {

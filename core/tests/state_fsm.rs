@@ -46,26 +46,9 @@ fn placement(job: &JobId, hosts: &[&str], first: u16, n: u16) -> GangPlacement {
     }
 }
 
-struct Cluster {
-    store: ClusterStore,
-    now: u64,
-    events: Vec<Event>,
-}
+use common::Cluster;
 
 impl Cluster {
-    fn new() -> Self {
-        Self {
-            store: ClusterStore::new(),
-            now: 1_000,
-            events: Vec::new(),
-        }
-    }
-
-    fn apply(&mut self, cmd: Command) -> Response {
-        self.now += 10;
-        self.store.apply(self.now, cmd, &mut self.events)
-    }
-
     fn submit(&mut self, spec: JobSpec) -> JobId {
         match self.apply(Command::SubmitJob(Submission {
             owner: String::new(),

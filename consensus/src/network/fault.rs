@@ -101,6 +101,13 @@ impl FaultInjector {
         self.lock().blocked.contains(&(from, to))
     }
 
+    /// Whether the link between `a` and `b` is cut in either direction (a partition proves
+    /// nothing about whether a peer's process lives).
+    pub fn is_cut(&self, a: NodeId, b: NodeId) -> bool {
+        let g = self.lock();
+        g.blocked.contains(&(a, b)) || g.blocked.contains(&(b, a))
+    }
+
     /// Decide the fate of one message on the directed link `from -> to`.
     pub fn verdict(&self, from: NodeId, to: NodeId) -> Verdict {
         let mut s = self.lock();

@@ -183,7 +183,7 @@ impl Transport {
         addr: &str,
     ) -> Result<tonic::Streaming<crate::pb::RaftPayload>, tonic::Status> {
         if let Some(f) = &self.faults {
-            if f.is_blocked(from, to) || f.is_blocked(to, from) {
+            if f.is_cut(from, to) {
                 return Err(tonic::Status::failed_precondition(format!(
                     "injected partition {from}<->{to}"
                 )));

@@ -49,6 +49,7 @@ pub mod uid_range;
 
 pub use config::{AgentConfig, TopologyLabels};
 pub use scheduler_link::SchedulerLink;
+use scheduler_link::STANDBY_EVERY;
 
 use crate::devices::{DeviceBackend, DeviceInfo, FakeBackend};
 use crate::driver::{
@@ -1283,9 +1284,6 @@ fn say_resumed(recovered: bool) {
         tracing::info!("the allocation set is current again: lease renewals resume");
     }
 }
-
-/// How often an agent connects again to replicas it found unreachable.
-const STANDBY_EVERY: Duration = Duration::from_secs(2);
 
 /// A fraction in [0, 1) fixed per node name: spreads a fleet's periodic work over the period.
 fn phase_of(node: &str) -> f64 {

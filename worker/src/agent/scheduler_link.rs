@@ -15,6 +15,9 @@ use tonic::transport::{Channel, Endpoint};
 
 pub use gangway_proto::link::retryable;
 
+/// How often a host connects again to replicas it found unreachable ([`SchedulerLink::keep_warm`]).
+pub const STANDBY_EVERY: Duration = Duration::from_secs(2);
+
 /// A leader-following worker API client. Cheap to clone; clones share what they learn and the
 /// connections they open (one per replica and kind, so TLS handshakes are not repeated per call).
 #[derive(Clone)]
