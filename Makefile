@@ -59,7 +59,7 @@ test: deps fmt lint unit
 # it starts in seconds. DEV_FLAGS=--smoke runs the demo, checks it, and exits.
 DEV_FLAGS ?=
 dev: deps
-	$(CARGO) build --locked --bin gangway
+	$(CARGO) build --locked --bin gangway --bin gangway-shim
 	$(CARGO_TARGET_DIR)/debug/gangway dev $(DEV_FLAGS)
 
 # The simulator on real traces: two weeks of Philly at five times its arrival rate through four
@@ -83,7 +83,7 @@ sim-demo: deps
 IMAGE_PROFILE ?= debug
 IMAGE_TAG ?= gangway:dev
 image: deps
-	$(CARGO) build --locked $(if $(filter release,$(IMAGE_PROFILE)),--release) --bin gangway
+	$(CARGO) build --locked $(if $(filter release,$(IMAGE_PROFILE)),--release) --bin gangway --bin gangway-shim
 	deploy/image/build-image.sh --binary $(CARGO_TARGET_DIR)/$(IMAGE_PROFILE)/gangway --tag $(IMAGE_TAG)
 
 # Chaos: seeded random fault schedules (kill -9, SIGSTOP, partitions, failing devices) against three

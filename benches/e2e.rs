@@ -11,6 +11,8 @@
 //! `GANGWAY_BENCH_DETECT=on|off` (on, as in production) set the replicas' election timing.
 //! `GANGWAY_BENCH_BATCH=N` has each submitter send N jobs per request (`SubmitJobs`; default 1,
 //! one `SubmitJob` per job), which takes the submission path out of what bounds placement.
+//! `GANGWAY_BENCH_RATE=N` offers N jobs per second in all (open loop: submit-to-lease latency at
+//! a given load, not under a backlog); by default submitters send as fast as they are answered.
 //!
 //! `GANGWAY_BENCH_TLS=both` (the default) runs the submission storm twice in the same run, on a
 //! fresh cluster each time: with mutual TLS on every link (each host with its own certificate, as
@@ -268,12 +270,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Submits every spec with `concurrency` clients against the leader (following redirects),
 /// `batch` specs per request (`SubmitJob` when 1, else `SubmitJobs`); returns submit start time
-/// per job id.
+/// per job id. With a `rate` (jobs per second, all clients together), each client starts a
+/// request every `concurrency * batch / rate` (open loop, clients spread over the period; a
+/// client behind schedule sends at once); without one, each sends as fast as it is answered.
 async fn submit_all(
     addrs: &[String],
     specs: Vec<String>,
     concurrency: usize,
     batch: usize,
+    rate: Option<f64>,
     key_prefix: &str,
 ) -> BTreeMap<String, Instant> {
     let specs = Arc::new(tokio::sync::Mutex::new(
@@ -284,11 +289,21 @@ async fn submit_all(
         let specs = specs.clone();
         let addrs = addrs.to_vec();
         let key_prefix = key_prefix.to_owned();
+        let mut pace = rate.map(|r| {
+            let every = Duration::from_secs_f64((concurrency * batch.max(1)) as f64 / r);
+            let first = tokio::time::Instant::now() + every.mul_f64(w as f64 / concurrency as f64);
+            let mut tick = tokio::time::interval_at(first, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            tick
+        });
         tasks.spawn(async move {
             let mut out = Vec::new();
             let mut target = addrs[w % addrs.len()].clone();
             let mut client = connect(&target).await;
             loop {
+                if let Some(tick) = pace.as_mut() {
+                    tick.tick().await;
+                }
                 let taken: Vec<(usize, String)> = {
                     let mut left = specs.lock().await;
                     let from = left.len().saturating_sub(batch.max(1));
@@ -427,12 +442,14 @@ async fn phase(
 
     // Phase 1: the submission storm: each submitter sends `batch` jobs per request.
     let batch = env_or("GANGWAY_BENCH_BATCH", 1).clamp(1, 1_000);
+    // GANGWAY_BENCH_RATE=N: offer N jobs per second (open loop) instead of as fast as accepted.
+    let rate = Some(env_or("GANGWAY_BENCH_RATE", 0) as f64).filter(|r| *r > 0.0);
     let mut specs: Vec<String> = (0..jobs).map(single_gpu).collect();
     specs.extend((0..gangs).map(gang));
     let total = specs.len();
     let term_before = cluster.term().await;
     let t0 = Instant::now();
-    let submitted = submit_all(&cluster.addrs, specs, 64, batch, "storm").await;
+    let submitted = submit_all(&cluster.addrs, specs, 64, batch, rate, "storm").await;
     let submit_secs = t0.elapsed().as_secs_f64();
     let all_placed = fleet
         .wait_for(Duration::from_secs(600), |seen| {
@@ -458,8 +475,11 @@ async fn phase(
         .collect();
     lat.sort_by(f64::total_cmp);
     println!(
-        "submitted {total} jobs in {submit_secs:.1}s ({:.0}/s, {batch} per request)",
-        total as f64 / submit_secs
+        "submitted {total} jobs in {submit_secs:.1}s ({:.0}/s, {batch} per request, {})",
+        total as f64 / submit_secs,
+        rate.map_or("as fast as accepted".to_owned(), |r| format!(
+            "offered at {r:.0}/s"
+        ))
     );
     println!(
         "placed {placed}/{total}{} in {span:.1}s: {:.0} jobs placed/s (target >= 5000)",
@@ -472,6 +492,25 @@ async fn phase(
         percentile(&lat, 0.99),
         lat.last().copied().unwrap_or(f64::NAN)
     );
+    // Apart: a single GPU is found at once while there is capacity; a rack-local gang of two
+    // whole hosts may wait for two hosts of one rack to drain.
+    for kind in ["single", "gang"] {
+        let mut lat: Vec<f64> = submitted
+            .iter()
+            .filter(|(id, _)| id.starts_with(&format!("{kind}-")))
+            .filter_map(|(id, at)| {
+                seen.get(id)
+                    .map(|s| s.first_seen.duration_since(*at).as_secs_f64() * 1e3)
+            })
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        println!(
+            "  {kind} jobs ({}): p50 {:.0} ms, p99 {:.0} ms",
+            lat.len(),
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99)
+        );
+    }
     println!("terms started during the storm (no replica killed): {elections}");
 
     // Phase 2: leader kill to first new placement, `kills` times.
@@ -516,6 +555,7 @@ async fn phase(
             vec![single_gpu(1_000_000 + k)],
             1,
             1,
+            None,
             &format!("kill-{k}"),
         )
         .await;

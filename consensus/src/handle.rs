@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tonic::transport::server::TcpIncoming;
 
 use crate::app::StateChange;
 use crate::app::StateMachine;
@@ -200,9 +201,11 @@ impl<S: StateMachine> ReplicaHandle<S> {
         let svc = self.grpc_service();
         let id = self.id();
         let task = tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // Server::tcp_nodelay applies only to listeners tonic binds itself: a connection
+            // accepted here gets it from TcpIncoming, or small replies wait on Nagle's algorithm
+            // for the peer's delayed ACK (tens of milliseconds).
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
             let res = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;

@@ -9,7 +9,9 @@
 #
 # What goes in:
 #   /usr/local/bin/gangway     the binary (debug info stripped unless --no-strip); server, worker,
-#                              CLI and the per-task supervisor are all this one program
+#                              CLI (and the per-task supervisor, `gangway task-shim`)
+#   /usr/local/bin/gangway-shim  the small per-task supervisor the worker prefers, when it was
+#                              built beside the binary (cargo build --bin gangway-shim)
 #   /bin/<tool>                small programs for tasks, with their libraries (default: sh, sleep,
 #                              so the compose demo and the end-to-end test have a command to run)
 #   /lib*, /usr/lib*           the libraries ldd lists, at the paths the loader looks them up
@@ -74,10 +76,13 @@ for t in $tools; do
     tool_files+=("$(readlink -f "$path")")
 done
 
+shim="$(dirname "$binary")/gangway-shim"
+[ -f "$shim" ] && [ -x "$shim" ] || shim=""
+
 script="${BASH_SOURCE[0]}"
 hash="$(
     {
-        sha256sum "$binary" "$script" | cut -d' ' -f1
+        sha256sum "$binary" $shim "$script" | cut -d' ' -f1
         echo "strip=$strip uid=$uid tools=$tools labels=${labels[*]+${labels[*]}}"
         for f in ${tool_files[@]+"${tool_files[@]}"}; do sha256sum "$f"; done
     } | sha256sum | cut -c1-16
@@ -105,8 +110,17 @@ else
     cp "$binary" "$root/usr/local/bin/gangway"
 fi
 chmod 0755 "$root/usr/local/bin/gangway"
-
 elves=("$binary")
+if [ -n "$shim" ]; then
+    if [ "$strip" = 1 ] && command -v objcopy >/dev/null; then
+        objcopy --strip-debug "$shim" "$root/usr/local/bin/gangway-shim"
+    else
+        cp "$shim" "$root/usr/local/bin/gangway-shim"
+    fi
+    chmod 0755 "$root/usr/local/bin/gangway-shim"
+    elves+=("$shim")
+fi
+
 i=0
 for t in $tools; do
     cp "${tool_files[$i]}" "$root/bin/$t"

@@ -41,13 +41,14 @@ if command -v slurmctld >/dev/null && [ -x /usr/sbin/munged ]; then
   if [ "$(id -u)" = 0 ]; then have_slurm=1; else echo "Slurm here runs as root (SlurmUser=root, munge): skipped"; fi
 fi
 
-# 2. Release builds: the gangway binary and the consensus bench (both share the release cache).
+# 2. Release builds: the gangway binaries and the consensus bench (both share the release cache;
+#    --workspace, not -p: the same features as the binary, so RocksDB is built once).
 cd "$ROOT"
 say "building (release)"
-$CARGO build --release --locked --bin gangway || exit 1
-$CARGO bench --locked -p gangway-consensus --bench peers_raft --no-run || exit 1
+$CARGO build --release --locked --bin gangway --bin gangway-shim || exit 1
+$CARGO bench --locked --workspace --bench peers_raft --no-run || exit 1
 GW=$CARGO_TARGET_DIR/release/gangway
-raft() { $CARGO bench --locked -q -p gangway-consensus --bench peers_raft -- run "$@"; }
+raft() { $CARGO bench --locked -q --workspace --bench peers_raft -- run "$@"; }
 
 {
   echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(uname -m), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -11,6 +11,7 @@
 #   gang:    PEERS_GANGS (100) x a gang of 2 tasks x 8 GPUs running `true`, the same way
 #   submit:  1 and 8 parallel submitters, PEERS_SUBMITS (400) jobs each time, of a job no host can
 #            place (16 devices per task on 8-GPU hosts: it stays pending, as Slurm's held jobs do)
+# PEERS_PARTS (default "trivial array gang submit") runs some of them only.
 # Configuration: the production defaults (deploy/config/gangway-server.toml) except ports, data
 # directories, and the per-client submit rate limit (200/s by default, for every client on one
 # address: all of ours are 127.0.0.1), raised so that it does not cap what is measured.
@@ -18,6 +19,8 @@
 set -uo pipefail
 GW=$1; DIR=$2; MODE=${3:-tls}
 JOBS=${PEERS_JOBS:-1000}; GANGS=${PEERS_GANGS:-100}; SUBMITS=${PEERS_SUBMITS:-400}
+PARTS=" ${PEERS_PARTS:-trivial array gang submit} "
+part() { [[ $PARTS == *" $1 "* ]]; }
 ms() { date +%s%3N; }
 rm -rf "$DIR"; mkdir -p "$DIR"
 ADDRS=127.0.0.1:15101,127.0.0.1:15102,127.0.0.1:15103
@@ -121,11 +124,11 @@ run_jobs() {  # LABEL N SPEC [array]
   ok=$(( $(count succeeded) - before ))
   echo "RESULT jobs gangway-$MODE label=$label n=$n completed=$ok submit_ms=$((t1-t0)) total_ms=$((t2-t0))"
 }
-run_jobs trivial "$JOBS" "$DIR/trivial.toml"
-run_jobs array "$(( JOBS < 1000 ? JOBS : 1000 ))" "$DIR/trivial.toml" array
-run_jobs gang "$GANGS" "$DIR/gang.toml"
+part trivial && run_jobs trivial "$JOBS" "$DIR/trivial.toml"
+part array && run_jobs array "$(( JOBS < 1000 ? JOBS : 1000 ))" "$DIR/trivial.toml" array
+part gang && run_jobs gang "$GANGS" "$DIR/gang.toml"
 
-for P in 1 8; do
+part submit && for P in 1 8; do
   K=$(( SUBMITS / P )); t0=$(ms); subs=()
   for _ in $(seq 1 $P); do ( for _ in $(seq 1 $K); do "$GW" submit "$DIR/unplaceable.toml" >/dev/null || echo "submit failed"; done ) & subs+=($!); done
   wait "${subs[@]}"

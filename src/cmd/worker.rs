@@ -136,7 +136,7 @@ impl WorkerArgs {
                 .clone()
                 .unwrap_or_else(|| self.data_dir.join("checkpoints")),
             grace: self.grace,
-            shim_command: vec![exe.display().to_string(), "task-shim".to_owned()],
+            shim_command: gangway_worker::driver::shim_command_for(&exe),
             stop_tasks_on_exit: self.stop_tasks_on_exit,
             rpc_timeout: Duration::from_secs(5),
             health_check: self.health_check()?,

@@ -166,7 +166,8 @@ pub fn kill_shims(marker: &Path) {
         };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline);
-        if !(cmdline.contains("task-shim") && cmdline.contains(&marker)) {
+        let shim = cmdline.contains("task-shim") || cmdline.contains("gangway-shim");
+        if !(shim && cmdline.contains(&marker)) {
             continue;
         }
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub use client::{ClientTls, Expect};
 pub use files::{load_certs, load_key, load_roots, TlsError, TlsFiles};
 pub use identity::{Identity, IdentityError, Kind};
-pub use server::ServerTls;
+pub use server::{plain_incoming, ServerTls};
 
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 

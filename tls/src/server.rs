@@ -19,6 +19,14 @@ use crate::{provider, TlsError};
 /// How long a connecting peer has to finish its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Accepts on `listener` for `tonic::transport::Server::serve_with_incoming*` without TLS
+/// (`tls.insecure`), each connection with `TCP_NODELAY` as the TLS path sets it. tonic's own
+/// `Server::tcp_nodelay` applies only to listeners tonic binds itself; without it a small reply
+/// waits on Nagle's algorithm for the peer's delayed ACK, tens of milliseconds.
+pub fn plain_incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// A server's TLS setup, reloaded when its files change.
 #[derive(Clone)]
 pub struct ServerTls {

@@ -132,3 +132,32 @@ fn issued_certificates_carry_their_identity_and_keys_are_private() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// Every accepted connection, plain or TLS, has Nagle's algorithm off: a small gRPC reply would
+/// otherwise wait for the peer's delayed ACK (measured: replicated writes at 16 clients had a p99
+/// of 43 ms instead of 3.5 ms on plain connections before `plain_incoming`).
+#[tokio::test]
+async fn accepted_connections_send_small_replies_at_once() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut plain = crate::plain_incoming(listener);
+    let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let accepted = plain.next().await.expect("a connection").unwrap();
+    assert!(accepted.nodelay().unwrap(), "plain: TCP_NODELAY unset");
+
+    let dir = tempfile::tempdir().unwrap();
+    ca::init(dir.path(), 7).unwrap();
+    let server = ServerTls::new(issue(dir.path(), "server/1")).unwrap();
+    let client =
+        ClientTls::new(issue(dir.path(), "worker/n1"), Expect::Kind(Kind::Server)).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut tls = server.incoming(listener);
+    let (dialed, accepted) = tokio::join!(dial(&client, &addr), tls.next());
+    dialed.unwrap();
+    let accepted = accepted.expect("a connection").unwrap();
+    assert!(
+        accepted.get_ref().0.nodelay().unwrap(),
+        "TLS: TCP_NODELAY unset"
+    );
+}

@@ -92,5 +92,14 @@ async fn writes_replicate_reads_are_linearizable_and_followers_redirect() {
     assert_eq!(m.voters, BTreeSet::from([1, 2, 3]));
     assert!(m.committed_index.unwrap() >= last);
     assert_eq!(m.replication_lag.len(), 2);
+
+    // Every connection a replica accepted (replication, votes, forwarded writes) sends its small
+    // replies at once: Nagle's algorithm off, or each could wait tens of milliseconds on the
+    // peer's delayed ACK.
+    let servers: Vec<std::net::SocketAddr> = c.addrs.values().map(|a| a.parse().unwrap()).collect();
+    let accepted = accepted_connections(&servers);
+    assert!(!accepted.is_empty(), "the replicas accepted connections");
+    let slow: Vec<_> = accepted.iter().filter(|(_, nodelay)| !nodelay).collect();
+    assert!(slow.is_empty(), "accepted without TCP_NODELAY: {slow:?}");
     c.shutdown().await;
 }

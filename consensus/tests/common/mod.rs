@@ -373,3 +373,35 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// This process's TCP connections whose local end is one of `servers` (connections a replica
+/// accepted), each with whether `TCP_NODELAY` is set. Read from /proc/self/fd.
+pub fn accepted_connections(servers: &[std::net::SocketAddr]) -> Vec<(std::net::SocketAddr, bool)> {
+    use std::os::fd::{BorrowedFd, RawFd};
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .flatten()
+    {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<RawFd>() else {
+            continue;
+        };
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: the descriptor is only duplicated; if it was closed meanwhile, dup fails.
+        let Ok(owned) = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned() else {
+            continue;
+        };
+        let s = std::net::TcpStream::from(owned);
+        // A listener has no peer: only accepted (and dialed) connections have both ends.
+        if let (Ok(local), Ok(_peer)) = (s.local_addr(), s.peer_addr()) {
+            if servers.contains(&local) {
+                out.push((local, s.nodelay().expect("getsockopt TCP_NODELAY")));
+            }
+        }
+    }
+    out
+}

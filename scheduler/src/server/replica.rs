@@ -167,7 +167,6 @@ impl Replica {
         let mut tasks: JoinSet<Result<(), ServerError>> = JoinSet::new();
 
         let grpc = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .layer(auth)
             .add_service(ctx.raft.grpc_service())
             .add_service(ClientApiServer::new(ClientService::new(ctx.clone())))
@@ -183,7 +182,7 @@ impl Replica {
                         .await
                 }
                 None => {
-                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+                    let incoming = gangway_tls::plain_incoming(grpc_listener);
                     grpc.serve_with_incoming_shutdown(incoming, stopped).await
                 }
             };

@@ -70,7 +70,8 @@ pub struct AgentConfig {
     pub checkpoint_dir: PathBuf,
     /// Stop: signal, this long, then kill.
     pub grace: Duration,
-    /// How a task's supervisor is started: the `gangway` binary and `task-shim`.
+    /// How a task's supervisor is started: `gangway-shim`, or the `gangway` binary and `task-shim`
+    /// (see [`crate::driver::shim_command_for`]).
     pub shim_command: Vec<String>,
     /// On a clean shutdown, stop the tasks too (development clusters); by default they keep
     /// running and a restarted agent re-adopts them.

@@ -119,11 +119,14 @@ impl UidBook {
                 by_job.insert(id.uid, key.job.clone());
             }
         }
-        let processes = uids_with_processes();
+        // Read from /proc only if a fresh uid is to be picked (not for a fixed user, nor for a
+        // job that already holds one): a host may run thousands of processes.
+        let processes = std::cell::OnceCell::new();
+        let has_process = |uid: u32| processes.get_or_init(uids_with_processes).contains(&uid);
         let has_account = |uid: u32| accounts::uid_has_account(uid) || accounts::gid_has_group(uid);
         let taken = Taken {
             by_job: &by_job,
-            processes: &processes,
+            has_process: &has_process,
             has_account: &has_account,
         };
         let identity = users.identity_for(queue, job, &taken)?;

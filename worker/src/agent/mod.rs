@@ -32,6 +32,7 @@ pub mod accounts;
 pub mod checkpoint;
 pub mod config;
 mod cpu_meter;
+mod group_commit;
 pub mod health;
 pub mod health_check;
 mod isolation;
@@ -58,6 +59,7 @@ use crate::driver::{
 };
 use gangway_proto::link::{error_code, retryable};
 use gangway_proto::pb;
+use group_commit::GroupCommit;
 use health::{HealthChange, HealthMonitor};
 use health_check::CheckOutcome;
 use reconcile::{Action, LocalTask};
@@ -112,8 +114,9 @@ pub struct Agent {
     log_tls: Option<gangway_tls::ServerTls>,
     state: Mutex<AgentState>,
     state_file: StateFile,
-    /// Held while the state file is written (see [`Agent::save`]).
-    saving: Mutex<()>,
+    /// Writes of the state file, one for the changes made while the previous one was under way
+    /// (see [`Agent::save`]).
+    saving: GroupCommit,
     running: Mutex<BTreeMap<TaskKey, TaskHandle>>,
     /// CPU use of each running task's process group: the utilization of the fake devices it holds.
     cpu: Mutex<cpu_meter::CpuMeter>,
@@ -200,7 +203,7 @@ impl Agent {
             log_tls: tls.server,
             state: Mutex::new(state),
             state_file,
-            saving: Mutex::new(()),
+            saving: GroupCommit::default(),
             running: Mutex::new(BTreeMap::new()),
             cpu: Mutex::new(cpu_meter::CpuMeter::new()),
             checkpointing: Mutex::new(BTreeSet::new()),
@@ -222,14 +225,17 @@ impl Agent {
         lock(&self.state)
     }
 
-    /// Writes the current state; false when it could not be written (the error is logged).
-    /// Writes are serialized and each takes its snapshot under the write lock, so the file always
-    /// ends up holding the newest state, never an older snapshot written late.
+    /// Makes the change just made to the state durable; false when it could not be written (the
+    /// error is logged). Writes are serialized and each takes its snapshot under the write lock,
+    /// so the file always ends up holding the newest state, never an older snapshot written
+    /// late; changes made while one write is under way share the next ([`GroupCommit`]).
     fn save(&self) -> bool {
-        let _writing = lock(&self.saving);
-        let snapshot = self.lock_state().clone();
-        match self.state_file.save(&snapshot) {
-            Ok(()) => true,
+        let written = self.saving.commit(
+            || self.lock_state().clone(),
+            |snapshot| self.state_file.save(&snapshot),
+        );
+        match written {
+            Ok(_) => true,
             Err(e) => {
                 tracing::error!("{e}");
                 false
@@ -261,10 +267,9 @@ impl Agent {
             Some(t) => {
                 tokio::spawn(router.serve_with_incoming_shutdown(t.incoming(listener), stopped))
             }
-            None => tokio::spawn(router.serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                stopped,
-            )),
+            None => tokio::spawn(
+                router.serve_with_incoming_shutdown(gangway_tls::plain_incoming(listener), stopped),
+            ),
         };
 
         tokio::pin!(shutdown);

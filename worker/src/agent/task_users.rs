@@ -241,7 +241,6 @@ pub fn parse_queue_user(s: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
 
     fn range(s: &str) -> Option<UidRange> {
         Some(s.parse().unwrap())
@@ -344,11 +343,10 @@ mod tests {
         };
         let users = TaskUsers::from_flags(&f, 0).unwrap();
         let by_job = BTreeMap::new();
-        let processes = BTreeSet::new();
         let no_accounts = |_: u32| false;
         let taken = Taken {
             by_job: &by_job,
-            processes: &processes,
+            has_process: &no_accounts,
             has_account: &no_accounts,
         };
         let id = users.identity_for("any", "job-1", &taken).unwrap().unwrap();

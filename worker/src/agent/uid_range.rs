@@ -8,7 +8,7 @@
 //! owner); a uid is passed over while a running task of another job holds it, while any process
 //! on the host runs as it, or while an account or group of the host has that number.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// The most uids one range may span (each pick may probe all of them).
 pub const MAX_RANGE_LEN: u32 = 1 << 20;
@@ -23,8 +23,9 @@ pub struct UidRange {
 pub struct Taken<'a> {
     /// The uids the running (or starting) tasks hold, with their job.
     pub by_job: &'a BTreeMap<u32, String>,
-    /// The uid of every process on the host.
-    pub processes: &'a BTreeSet<u32>,
+    /// Whether a process of the host runs as this uid (asked only when a fresh uid is picked:
+    /// answering reads every process's status in /proc).
+    pub has_process: &'a dyn Fn(u32) -> bool,
     /// Whether an account or a group of the host has this number.
     pub has_account: &'a dyn Fn(u32) -> bool,
 }
@@ -80,7 +81,7 @@ impl UidRange {
         for i in 0..u64::from(self.len()) {
             let uid = self.first + ((start + i) % u64::from(self.len())) as u32;
             let used = taken.by_job.contains_key(&uid)
-                || taken.processes.contains(&uid)
+                || (taken.has_process)(uid)
                 || (taken.has_account)(uid);
             if !used {
                 return Ok(uid);
@@ -134,12 +135,12 @@ mod tests {
             last: 103,
         };
         let mut by_job = BTreeMap::new();
-        let processes = BTreeSet::from([101]);
+        let processes = |uid: u32| uid == 101;
         let accounts = |uid: u32| uid == 102;
         let taken = |by_job: &BTreeMap<u32, String>| {
             let t = Taken {
                 by_job,
-                processes: &processes,
+                has_process: &processes,
                 has_account: &accounts,
             };
             let mut picks = Vec::new();
@@ -161,7 +162,7 @@ mod tests {
         by_job.insert(103, "b".to_owned());
         let t = Taken {
             by_job: &by_job,
-            processes: &processes,
+            has_process: &processes,
             has_account: &accounts,
         };
         let err = range.pick("c", &t).unwrap_err();

@@ -18,6 +18,7 @@
 //! and the default working directory `work/`). A task may run as another user
 //! ([`TaskIdentity`]): it then owns its working directory and nothing else (see `layout.rs`).
 
+mod child_exit;
 mod config;
 mod error;
 mod exit_file;
@@ -34,7 +35,7 @@ mod spec;
 mod task_driver;
 mod task_handle;
 
-pub use config::DriverConfig;
+pub use config::{shim_command_for, DriverConfig, SHIM_BINARY};
 pub use error::DriverError;
 pub use identity::TaskIdentity;
 pub use key::TaskKey;

@@ -28,11 +28,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
+use super::child_exit::ChildExit;
 use super::lease::{boottime_ms, read_deadline};
 use super::signals::{signal_group, signal_name, survive_group_signals};
 use super::{exit_file, DriverError, ExitOutcome, ExitReason, TaskIdentity};
 
-/// How often the shim checks whether the task has exited.
+/// How often the shim checks whether the task has exited while fencing it.
 const CHILD_POLL: Duration = Duration::from_millis(20);
 /// How often the shim re-reads the lease file.
 const LEASE_POLL: Duration = Duration::from_millis(100);
@@ -202,6 +203,7 @@ pub fn run_shim(args: ShimArgs) -> i32 {
             )
         }
     };
+    let exited = ChildExit::new(&child);
     let mut next_lease_check = Instant::now() + LEASE_POLL;
     loop {
         match child.try_wait() {
@@ -236,7 +238,8 @@ pub fn run_shim(args: ShimArgs) -> i32 {
                 }
             }
         }
-        std::thread::sleep(CHILD_POLL);
+        // Until the task exits or the next lease check is due.
+        exited.wait(next_lease_check.saturating_duration_since(Instant::now()));
     }
 }
 
