@@ -117,7 +117,9 @@ impl Cluster {
         // Election timeout (min; max is twice it), GANGWAY_BENCH_ELECTION_MS; by default the
         // production default's (400-800 ms, heartbeat 100 ms).
         let e = env_or("GANGWAY_BENCH_ELECTION_MS", 400);
-        // Leader-loss detection, GANGWAY_BENCH_DETECT=on|off (on, as in production).
+        // Leader-loss detection, GANGWAY_BENCH_DETECT=on|off (on, as in production). The
+        // per-client submit limit (200/s per address by default; every submitter here is
+        // 127.0.0.1) is raised so that it does not cap what is measured.
         let detect = std::env::var("GANGWAY_BENCH_DETECT").map_or(true, |v| v != "off");
         let mut configs = Vec::new();
         for i in 0..3 {
@@ -128,7 +130,8 @@ impl Cluster {
                 format!(
                     "id = {}\nlisten = \"{}\"\nhttp = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ninitial_cluster = \"{cluster}\"\n\
                      [raft]\nelection_timeout_min = \"{e}ms\"\nelection_timeout_max = \"{}ms\"\nheartbeat_interval = \"{}ms\"\n\
-                     leader_loss_detection = {detect}\nsnapshot_every_entries = 20000\n[scheduler]\ninterval = \"1s\"\n[workers]\nheartbeat_interval = \"2s\"\nnode_ttl = \"20s\"\n{}",
+                     leader_loss_detection = {detect}\nsnapshot_every_entries = 20000\n[scheduler]\ninterval = \"1s\"\n[workers]\nheartbeat_interval = \"2s\"\nnode_ttl = \"20s\"\n\
+                     [clients]\nsubmit_per_second = 1000000\nsubmit_burst = 1000000\n{}",
                     i + 1,
                     addrs[i],
                     ports[3 + i],

@@ -5,7 +5,6 @@
 //! alone on a listener (tests, or a dedicated Raft port).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_stream::StreamExt;
 use tonic::Request;
@@ -28,8 +27,9 @@ use crate::types::RaftOf;
 use crate::types::Snapshot;
 use crate::types::SnapshotMeta;
 use crate::types::Vote;
-use crate::write_path::propose_local;
+use crate::write_path::propose_unless_cut_off;
 use crate::write_path::ForwardReply;
+use crate::write_path::WriteLimits;
 
 /// Set by the embedding server on a request whose sender proved, by its TLS certificate, to be the
 /// replica with this id. When present, a message claiming another sender (in its metadata or in the
@@ -49,7 +49,7 @@ pub const MAX_SNAPSHOT_BYTES: usize = 8 << 30;
 pub struct RaftGrpcService<S: StateMachine> {
     raft: RaftOf<S>,
     health: StorageHealth,
-    write_timeout: Duration,
+    limits: WriteLimits,
     /// This replica's id, the receiving end of every link checked against `faults`.
     id: NodeId,
     /// The replica's own fault injector: a message arriving on a link it cuts is refused, so a
@@ -78,7 +78,7 @@ impl<S: StateMachine> RaftGrpcService<S> {
     pub(crate) fn new(
         raft: RaftOf<S>,
         health: StorageHealth,
-        write_timeout: Duration,
+        limits: WriteLimits,
         id: NodeId,
         faults: Option<Arc<FaultInjector>>,
         leader_contact: LeaderContact,
@@ -87,7 +87,7 @@ impl<S: StateMachine> RaftGrpcService<S> {
         RaftGrpcService {
             raft,
             health,
-            write_timeout,
+            limits,
             id,
             faults,
             leader_contact,
@@ -289,8 +289,14 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         // One hop only: the receiver proposes locally or answers NotLeader; it never forwards
         // again, so a stale leader hint cannot make a write bounce around the cluster.
         let outcome = tokio::time::timeout(
-            self.write_timeout,
-            propose_local(&self.raft, &self.health, command),
+            self.limits.timeout,
+            propose_unless_cut_off(
+                &self.raft,
+                &self.health,
+                self.limits.cut_off_after,
+                self.limits.poll,
+                command,
+            ),
         )
         .await;
         let r = match outcome {

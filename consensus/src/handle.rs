@@ -182,7 +182,11 @@ impl<S: StateMachine> ReplicaHandle<S> {
         RaftTransportServer::new(RaftGrpcService::new(
             self.inner.raft.clone(),
             self.inner.health.clone(),
-            self.inner.config.write_timeout,
+            write_path::WriteLimits {
+                timeout: self.inner.config.write_timeout,
+                cut_off_after: self.inner.config.election_timeout_min,
+                poll: self.inner.config.heartbeat_interval,
+            },
             self.id(),
             self.inner.transport.faults(),
             self.inner.leader_contact.clone(),
@@ -251,6 +255,12 @@ impl<S: StateMachine> ReplicaHandle<S> {
         let mut last_err;
         loop {
             self.inner.health.check()?;
+            // A leader cut off from its quorum answers at once, rather than retrying here until
+            // the cut heals: its client tries another replica.
+            write_path::refuse_if_cut_off(
+                &self.inner.raft,
+                self.inner.config.election_timeout_min,
+            )?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt = tokio::time::timeout(
                 remaining,
@@ -288,8 +298,15 @@ impl<S: StateMachine> ReplicaHandle<S> {
         forward: bool,
         remaining: Duration,
     ) -> Result<(u64, Vec<u8>)> {
-        let local =
-            write_path::propose_local(&self.inner.raft, &self.inner.health, bytes.clone()).await;
+        let config = &self.inner.config;
+        let local = write_path::propose_unless_cut_off(
+            &self.inner.raft,
+            &self.inner.health,
+            config.election_timeout_min,
+            config.heartbeat_interval,
+            bytes.clone(),
+        )
+        .await;
         let (leader_id, leader_addr) = match &local {
             Err(ConsensusError::NotLeader {
                 leader_id: Some(l),

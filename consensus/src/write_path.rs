@@ -66,9 +66,79 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long a write may take, and how long a leader may go without a quorum's acknowledgement
+/// before it counts as cut off ([`propose_unless_cut_off`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WriteLimits {
+    pub timeout: std::time::Duration,
+    pub cut_off_after: std::time::Duration,
+    /// How often a pending write checks whether its leader is cut off (the heartbeat interval).
+    pub poll: std::time::Duration,
+}
+
+/// Whether this replica leads but has lost its quorum: one had acknowledged it, but none within
+/// `within` (the shortest election timeout), so the others may be electing a new leader. A
+/// leader no quorum has acknowledged yet (just elected) is not cut off; a single voter never is.
+fn cut_off<S: StateMachine>(raft: &RaftOf<S>, within: std::time::Duration) -> bool {
+    use openraft::type_config::async_runtime::watch::WatchReceiver;
+    let metrics = raft.metrics();
+    let m = metrics.borrow_watched();
+    m.state == openraft::ServerState::Leader
+        && m.membership_config.membership().voter_ids().count() > 1
+        && m.last_quorum_acked
+            .as_ref()
+            .is_some_and(|acked| openraft::Instant::elapsed(&**acked) > within)
+}
+
+/// `NotLeader` naming no leader when this replica is a leader cut off from its quorum.
+pub(crate) fn refuse_if_cut_off<S: StateMachine>(
+    raft: &RaftOf<S>,
+    within: std::time::Duration,
+) -> Result<(), ConsensusError> {
+    if cut_off(raft, within) {
+        return Err(ConsensusError::NotLeader {
+            leader_id: None,
+            leader_addr: None,
+        });
+    }
+    Ok(())
+}
+
+/// [`propose_local`], except on a leader cut off from its quorum ([`cut_off`]), whose write could
+/// only wait for the cut to heal and then be discarded. Such a leader refuses a new write
+/// (`NotLeader` naming no leader: certainly not proposed, so the client tries another replica at
+/// once), and stops waiting for one already proposed once it is cut off (`Unavailable`: the
+/// outcome is unknown, as the entry may yet commit if this replica keeps its leadership; a
+/// client resends it with its idempotency key). The state is checked every `poll`.
+pub(crate) async fn propose_unless_cut_off<S: StateMachine>(
+    raft: &RaftOf<S>,
+    health: &StorageHealth,
+    cut_off_after: std::time::Duration,
+    poll: std::time::Duration,
+    command: Vec<u8>,
+) -> Result<(u64, Vec<u8>), ConsensusError> {
+    refuse_if_cut_off(raft, cut_off_after)?;
+    let watch = async {
+        while !cut_off(raft, cut_off_after) {
+            tokio::time::sleep(poll).await;
+        }
+        tracing::warn!(
+            within = ?cut_off_after,
+            "no quorum acknowledged this leader in time: a pending write is let go, outcome unknown"
+        );
+    };
+    tokio::select! {
+        r = propose_local(raft, health, command) => r,
+        () = watch => Err(ConsensusError::Unavailable(format!(
+            "this leader lost its quorum (no acknowledgement within {cut_off_after:?}) while the \
+             write was pending; outcome unknown"
+        ))),
+    }
+}
+
 /// Propose `command` (already encoded) through the local Raft and wait until it is applied here.
 /// Returns the log index and the encoded response. `NotLeader` means it was not proposed.
-pub(crate) async fn propose_local<S: StateMachine>(
+async fn propose_local<S: StateMachine>(
     raft: &RaftOf<S>,
     health: &StorageHealth,
     command: Vec<u8>,

@@ -100,3 +100,48 @@ async fn one_way_partition_from_leader_forces_new_leader_without_losing_writes()
     check_history(&states, &acked);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_leader_refuses_writes_instead_of_holding_them() {
+    let _g = serial().await;
+    let c = Cluster::start(3, 0, 31, Timing::default()).await;
+    c.write_ok("c", 0).await;
+    let old = c.leader().await;
+    let others: Vec<_> = c.live().into_iter().filter(|id| *id != old).collect();
+    c.faults.isolate(old, &others);
+
+    // A write proposed as the cut begins is let go once the leader counts as cut off (the
+    // shortest election timeout without a quorum's acknowledgement), its outcome unknown, rather
+    // than waited on until the cut heals (here: for the whole write timeout).
+    match c.node(old).write(append("c", 99)).await {
+        Err(ConsensusError::Unavailable(m)) => assert!(m.contains("lost its quorum"), "{m}"),
+        other => panic!("expected the pending write let go, got {other:?}"),
+    }
+    // Past that, the cut-off leader still believes it leads (it cannot hear of a newer term)...
+    tokio::time::sleep(c.timing.election_min * 2).await;
+    assert_eq!(c.node(old).metrics().role, Role::Leader);
+    // ...but refuses a write rather than proposing it and holding it until the cut heals:
+    // NotLeader naming no leader (certainly not proposed; a client tries another replica).
+    match c.node(old).write(append("c", 100)).await {
+        Err(ConsensusError::NotLeader {
+            leader_id: None,
+            leader_addr: None,
+        }) => {}
+        other => panic!("expected a refusal naming no leader, got {other:?}"),
+    }
+
+    // The others elect a leader and take writes; once healed, the refused write is nowhere.
+    let new = c.leader_among(&others, Duration::from_secs(10)).await;
+    c.write(new, "c", 1).await.expect("write on the new leader");
+    c.faults.heal();
+    let states = c.converge(Duration::from_secs(10)).await;
+    for kv in states.values() {
+        assert!(!kv.ops().contains(&100), "a refused write was applied");
+        assert!(
+            !kv.ops().contains(&99),
+            "the cut-off leader's entry survived the heal"
+        );
+        assert!(kv.ops().contains(&1));
+    }
+    c.shutdown().await;
+}
