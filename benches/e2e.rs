@@ -283,7 +283,7 @@ async fn submit_all(
     batch: usize,
     rate: Option<f64>,
     key_prefix: &str,
-) -> BTreeMap<String, Instant> {
+) -> BTreeMap<String, Submitted> {
     let specs = Arc::new(tokio::sync::Mutex::new(
         specs.into_iter().enumerate().collect::<Vec<_>>(),
     ));
@@ -331,7 +331,11 @@ async fn submit_all(
                     };
                     match submit_once(c, &jobs).await {
                         Ok(ids) => {
-                            out.extend(ids.into_iter().map(|id| (id, started)));
+                            let accepted = Instant::now();
+                            out.extend(
+                                ids.into_iter()
+                                    .map(|id| (id, Submitted { started, accepted })),
+                            );
                             break;
                         }
                         Err(s) => {
@@ -362,6 +366,13 @@ async fn submit_all(
         all.extend(r.expect("submitter"));
     }
     all
+}
+
+/// When a job's request was sent, and when its acceptance (committed) came back.
+#[derive(Clone, Copy, Debug)]
+struct Submitted {
+    started: Instant,
+    accepted: Instant,
 }
 
 /// One request: the job alone, or the jobs as one `SubmitJobs`; the ids created.
@@ -469,14 +480,24 @@ async fn phase(
         .unwrap_or(t0);
     let placed = submitted.keys().filter(|id| seen.contains_key(*id)).count();
     let span = last.duration_since(t0).as_secs_f64();
+    let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1e3;
     let mut lat: Vec<f64> = submitted
         .iter()
-        .filter_map(|(id, at)| {
-            seen.get(id)
-                .map(|s| s.first_seen.duration_since(*at).as_secs_f64() * 1e3)
-        })
+        .filter_map(|(id, at)| seen.get(id).map(|s| ms(at.started, s.first_seen)))
         .collect();
     lat.sort_by(f64::total_cmp);
+    // The two halves: the request until its acceptance came back (the submission committed),
+    // then until a host's stream showed the lease (rounds, the plan's commit, the stream).
+    let mut commit: Vec<f64> = submitted
+        .values()
+        .map(|at| ms(at.started, at.accepted))
+        .collect();
+    commit.sort_by(f64::total_cmp);
+    let mut to_host: Vec<f64> = submitted
+        .iter()
+        .filter_map(|(id, at)| seen.get(id).map(|s| ms(at.accepted, s.first_seen)))
+        .collect();
+    to_host.sort_by(f64::total_cmp);
     println!(
         "submitted {total} jobs in {submit_secs:.1}s ({:.0}/s, {batch} per request, {})",
         total as f64 / submit_secs,
@@ -495,16 +516,20 @@ async fn phase(
         percentile(&lat, 0.99),
         lat.last().copied().unwrap_or(f64::NAN)
     );
+    println!(
+        "  of which: request to acceptance p50 {:.0} ms, p99 {:.0} ms; acceptance to lease on a host p50 {:.0} ms, p99 {:.0} ms (0 when the lease was seen first)",
+        percentile(&commit, 0.5),
+        percentile(&commit, 0.99),
+        percentile(&to_host, 0.5),
+        percentile(&to_host, 0.99)
+    );
     // Apart: a single GPU is found at once while there is capacity; a rack-local gang of two
     // whole hosts may wait for two hosts of one rack to drain.
     for kind in ["single", "gang"] {
         let mut lat: Vec<f64> = submitted
             .iter()
             .filter(|(id, _)| id.starts_with(&format!("{kind}-")))
-            .filter_map(|(id, at)| {
-                seen.get(id)
-                    .map(|s| s.first_seen.duration_since(*at).as_secs_f64() * 1e3)
-            })
+            .filter_map(|(id, at)| seen.get(id).map(|s| ms(at.started, s.first_seen)))
             .collect();
         lat.sort_by(f64::total_cmp);
         println!(
