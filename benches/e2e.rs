@@ -263,6 +263,13 @@ fn gang(i: usize) -> String {
     )
 }
 
+/// Milliseconds, in order.
+fn sorted_ms(values: impl Iterator<Item = f64>) -> Vec<f64> {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -481,23 +488,24 @@ async fn phase(
     let placed = submitted.keys().filter(|id| seen.contains_key(*id)).count();
     let span = last.duration_since(t0).as_secs_f64();
     let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1e3;
-    let mut lat: Vec<f64> = submitted
-        .iter()
-        .filter_map(|(id, at)| seen.get(id).map(|s| ms(at.started, s.first_seen)))
-        .collect();
-    lat.sort_by(f64::total_cmp);
+    // Submit to lease, of every job or of one kind (by id: `single-N`, `gang-N`).
+    let to_lease = |kind: &str| {
+        sorted_ms(
+            submitted
+                .iter()
+                .filter(|(id, _)| id.starts_with(kind))
+                .filter_map(|(id, at)| seen.get(id).map(|s| ms(at.started, s.first_seen))),
+        )
+    };
+    let lat = to_lease("");
     // The two halves: the request until its acceptance came back (the submission committed),
     // then until a host's stream showed the lease (rounds, the plan's commit, the stream).
-    let mut commit: Vec<f64> = submitted
-        .values()
-        .map(|at| ms(at.started, at.accepted))
-        .collect();
-    commit.sort_by(f64::total_cmp);
-    let mut to_host: Vec<f64> = submitted
-        .iter()
-        .filter_map(|(id, at)| seen.get(id).map(|s| ms(at.accepted, s.first_seen)))
-        .collect();
-    to_host.sort_by(f64::total_cmp);
+    let commit = sorted_ms(submitted.values().map(|at| ms(at.started, at.accepted)));
+    let to_host = sorted_ms(
+        submitted
+            .iter()
+            .filter_map(|(id, at)| seen.get(id).map(|s| ms(at.accepted, s.first_seen))),
+    );
     println!(
         "submitted {total} jobs in {submit_secs:.1}s ({:.0}/s, {batch} per request, {})",
         total as f64 / submit_secs,
@@ -526,12 +534,7 @@ async fn phase(
     // Apart: a single GPU is found at once while there is capacity; a rack-local gang of two
     // whole hosts may wait for two hosts of one rack to drain.
     for kind in ["single", "gang"] {
-        let mut lat: Vec<f64> = submitted
-            .iter()
-            .filter(|(id, _)| id.starts_with(&format!("{kind}-")))
-            .filter_map(|(id, at)| seen.get(id).map(|s| ms(at.started, s.first_seen)))
-            .collect();
-        lat.sort_by(f64::total_cmp);
+        let lat = to_lease(&format!("{kind}-"));
         println!(
             "  {kind} jobs ({}): p50 {:.0} ms, p99 {:.0} ms",
             lat.len(),

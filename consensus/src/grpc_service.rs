@@ -290,13 +290,7 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         // again, so a stale leader hint cannot make a write bounce around the cluster.
         let outcome = tokio::time::timeout(
             self.limits.timeout,
-            propose_unless_cut_off(
-                &self.raft,
-                &self.health,
-                self.limits.cut_off_after,
-                self.limits.poll,
-                command,
-            ),
+            propose_unless_cut_off(&self.raft, &self.health, &self.limits, command),
         )
         .await;
         let r = match outcome {

@@ -182,11 +182,7 @@ impl<S: StateMachine> ReplicaHandle<S> {
         RaftTransportServer::new(RaftGrpcService::new(
             self.inner.raft.clone(),
             self.inner.health.clone(),
-            write_path::WriteLimits {
-                timeout: self.inner.config.write_timeout,
-                cut_off_after: self.inner.config.election_timeout_min,
-                poll: self.inner.config.heartbeat_interval,
-            },
+            self.write_limits(),
             self.id(),
             self.inner.transport.faults(),
             self.inner.leader_contact.clone(),
@@ -197,6 +193,24 @@ impl<S: StateMachine> ReplicaHandle<S> {
         ))
         .max_decoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES)
         .max_encoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES)
+    }
+
+    /// The limits of a write proposed here, from the configuration: a leader counts as cut off
+    /// after the shortest election timeout without a quorum's acknowledgement, checked every
+    /// heartbeat interval.
+    fn write_limits(&self) -> write_path::WriteLimits {
+        let c = &self.inner.config;
+        write_path::WriteLimits {
+            timeout: c.write_timeout,
+            cut_off_after: c.election_timeout_min,
+            poll: c.heartbeat_interval,
+        }
+    }
+
+    /// Whether this replica leads but is cut off from its quorum ([`write_path::Leadership`]).
+    fn cut_off(&self) -> bool {
+        let within = self.write_limits().cut_off_after;
+        write_path::leadership(&self.inner.raft, within) == write_path::Leadership::CutOff
     }
 
     /// Serve [`Self::grpc_service`] alone on `listener` until [`Self::shutdown`].
@@ -255,12 +269,6 @@ impl<S: StateMachine> ReplicaHandle<S> {
         let mut last_err;
         loop {
             self.inner.health.check()?;
-            // A leader cut off from its quorum answers at once, rather than retrying here until
-            // the cut heals: its client tries another replica.
-            write_path::refuse_if_cut_off(
-                &self.inner.raft,
-                self.inner.config.election_timeout_min,
-            )?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt = tokio::time::timeout(
                 remaining,
@@ -277,8 +285,10 @@ impl<S: StateMachine> ReplicaHandle<S> {
                 }
             };
             match &err {
-                // Certainly not proposed anywhere: wait for a leader and try again.
-                ConsensusError::NotLeader { .. } if forward => {}
+                // Certainly not proposed anywhere: wait for a leader and try again. Not when
+                // this replica refused it as a leader cut off from its quorum: its client tries
+                // another replica at once rather than wait here for the cut to heal.
+                ConsensusError::NotLeader { .. } if forward && !self.cut_off() => {}
                 _ => return Err(err),
             }
             last_err = err;
@@ -298,12 +308,10 @@ impl<S: StateMachine> ReplicaHandle<S> {
         forward: bool,
         remaining: Duration,
     ) -> Result<(u64, Vec<u8>)> {
-        let config = &self.inner.config;
         let local = write_path::propose_unless_cut_off(
             &self.inner.raft,
             &self.inner.health,
-            config.election_timeout_min,
-            config.heartbeat_interval,
+            &self.write_limits(),
             bytes.clone(),
         )
         .await;
@@ -416,17 +424,7 @@ impl<S: StateMachine> ReplicaHandle<S> {
     /// allocation streams) asks this instead of [`Self::is_leader`]. A single voter is its own
     /// quorum.
     pub fn is_confirmed_leader(&self, within: Duration) -> bool {
-        let metrics = self.inner.raft.metrics();
-        let m = metrics.borrow_watched();
-        if m.state != openraft::ServerState::Leader {
-            return false;
-        }
-        if m.membership_config.membership().voter_ids().count() <= 1 {
-            return true;
-        }
-        m.last_quorum_acked
-            .as_ref()
-            .is_some_and(|acked| openraft::Instant::elapsed(&**acked) <= within)
+        write_path::leadership(&self.inner.raft, within) == write_path::Leadership::Confirmed
     }
 
     /// How long since a leader this replica accepts last sent it entries or a heartbeat; `None`

@@ -76,61 +76,78 @@ pub(crate) struct WriteLimits {
     pub poll: std::time::Duration,
 }
 
-/// Whether this replica leads but has lost its quorum: one had acknowledged it, but none within
-/// `within` (the shortest election timeout), so the others may be electing a new leader. A
-/// leader no quorum has acknowledged yet (just elected) is not cut off; a single voter never is.
-fn cut_off<S: StateMachine>(raft: &RaftOf<S>, within: std::time::Duration) -> bool {
+/// What this replica knows of its own leadership: whether a quorum acknowledged it lately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Leadership {
+    /// Not the leader.
+    Follows,
+    /// The leader, and a quorum acknowledged it within the window (a single voter always).
+    Confirmed,
+    /// The leader, and no quorum has acknowledged it yet (just elected).
+    Unacknowledged,
+    /// The leader, but the last quorum acknowledged it longer ago than the window: cut off, while
+    /// the others may be electing a new leader (it cannot hear of a newer term meanwhile).
+    CutOff,
+}
+
+/// This replica's [`Leadership`], a quorum's acknowledgement counting within `within`.
+pub(crate) fn leadership<S: StateMachine>(
+    raft: &RaftOf<S>,
+    within: std::time::Duration,
+) -> Leadership {
     use openraft::type_config::async_runtime::watch::WatchReceiver;
     let metrics = raft.metrics();
     let m = metrics.borrow_watched();
-    m.state == openraft::ServerState::Leader
-        && m.membership_config.membership().voter_ids().count() > 1
-        && m.last_quorum_acked
-            .as_ref()
-            .is_some_and(|acked| openraft::Instant::elapsed(&**acked) > within)
+    if m.state != openraft::ServerState::Leader {
+        return Leadership::Follows;
+    }
+    if m.membership_config.membership().voter_ids().count() <= 1 {
+        return Leadership::Confirmed;
+    }
+    match m.last_quorum_acked.as_ref() {
+        None => Leadership::Unacknowledged,
+        Some(acked) if openraft::Instant::elapsed(&**acked) <= within => Leadership::Confirmed,
+        Some(_) => Leadership::CutOff,
+    }
 }
 
-/// `NotLeader` naming no leader when this replica is a leader cut off from its quorum.
-pub(crate) fn refuse_if_cut_off<S: StateMachine>(
+fn cut_off<S: StateMachine>(raft: &RaftOf<S>, within: std::time::Duration) -> bool {
+    leadership(raft, within) == Leadership::CutOff
+}
+
+/// [`propose_local`], except on a leader cut off from its quorum ([`Leadership::CutOff`]), whose
+/// write could only wait for the cut to heal and then be discarded. Such a leader refuses a new
+/// write (`NotLeader` naming no leader: certainly not proposed, so the client tries another
+/// replica at once), and stops waiting for one already proposed once it is cut off
+/// (`Unavailable`: the outcome is unknown, as the entry may yet commit if this replica keeps its
+/// leadership; a client resends it with its idempotency key). The state is checked every
+/// `limits.poll`.
+pub(crate) async fn propose_unless_cut_off<S: StateMachine>(
     raft: &RaftOf<S>,
-    within: std::time::Duration,
-) -> Result<(), ConsensusError> {
+    health: &StorageHealth,
+    limits: &WriteLimits,
+    command: Vec<u8>,
+) -> Result<(u64, Vec<u8>), ConsensusError> {
+    let within = limits.cut_off_after;
     if cut_off(raft, within) {
         return Err(ConsensusError::NotLeader {
             leader_id: None,
             leader_addr: None,
         });
     }
-    Ok(())
-}
-
-/// [`propose_local`], except on a leader cut off from its quorum ([`cut_off`]), whose write could
-/// only wait for the cut to heal and then be discarded. Such a leader refuses a new write
-/// (`NotLeader` naming no leader: certainly not proposed, so the client tries another replica at
-/// once), and stops waiting for one already proposed once it is cut off (`Unavailable`: the
-/// outcome is unknown, as the entry may yet commit if this replica keeps its leadership; a
-/// client resends it with its idempotency key). The state is checked every `poll`.
-pub(crate) async fn propose_unless_cut_off<S: StateMachine>(
-    raft: &RaftOf<S>,
-    health: &StorageHealth,
-    cut_off_after: std::time::Duration,
-    poll: std::time::Duration,
-    command: Vec<u8>,
-) -> Result<(u64, Vec<u8>), ConsensusError> {
-    refuse_if_cut_off(raft, cut_off_after)?;
     let watch = async {
-        while !cut_off(raft, cut_off_after) {
-            tokio::time::sleep(poll).await;
+        while !cut_off(raft, within) {
+            tokio::time::sleep(limits.poll).await;
         }
         tracing::warn!(
-            within = ?cut_off_after,
+            ?within,
             "no quorum acknowledged this leader in time: a pending write is let go, outcome unknown"
         );
     };
     tokio::select! {
         r = propose_local(raft, health, command) => r,
         () = watch => Err(ConsensusError::Unavailable(format!(
-            "this leader lost its quorum (no acknowledgement within {cut_off_after:?}) while the \
+            "this leader lost its quorum (no acknowledgement within {within:?}) while the \
              write was pending; outcome unknown"
         ))),
     }

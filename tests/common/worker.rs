@@ -166,7 +166,8 @@ pub fn kill_shims(marker: &Path) {
         };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline);
-        let shim = cmdline.contains("task-shim") || cmdline.contains("gangway-shim");
+        let shim =
+            cmdline.contains("task-shim") || cmdline.contains(gangway_worker::driver::SHIM_BINARY);
         if !(shim && cmdline.contains(&marker)) {
             continue;
         }

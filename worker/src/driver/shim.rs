@@ -33,8 +33,6 @@ use super::lease::{boottime_ms, read_deadline};
 use super::signals::{signal_group, signal_name, survive_group_signals};
 use super::{exit_file, DriverError, ExitOutcome, ExitReason, TaskIdentity};
 
-/// How often the shim checks whether the task has exited while fencing it.
-const CHILD_POLL: Duration = Duration::from_millis(20);
 /// How often the shim re-reads the lease file.
 const LEASE_POLL: Duration = Duration::from_millis(100);
 
@@ -230,7 +228,7 @@ pub fn run_shim(args: ShimArgs) -> i32 {
         if Instant::now() >= next_lease_check {
             next_lease_check += LEASE_POLL;
             if let Some(why) = lease.check() {
-                return fence(&args, &program, &mut child, &why);
+                return fence(&args, &program, &mut child, &exited, &why);
             }
             if let Some((path, max)) = &args.log_cap {
                 if let Err(e) = rotate_log(path, *max) {
@@ -268,7 +266,7 @@ fn start_task(args: &ShimArgs, program: &str) -> Result<Child, String> {
 
 /// The lease ran out: SIGTERM the group, give the task the grace, record the exit, then SIGKILL
 /// the group, which also ends anything the task left behind, and the shim itself.
-fn fence(args: &ShimArgs, program: &str, child: &mut Child, why: &str) -> i32 {
+fn fence(args: &ShimArgs, program: &str, child: &mut Child, exited: &ChildExit, why: &str) -> i32 {
     eprintln!("gangway task-shim: {why}; sending SIGTERM to the task");
     let leader = own_group();
     match leader {
@@ -285,7 +283,7 @@ fn fence(args: &ShimArgs, program: &str, child: &mut Child, why: &str) -> i32 {
     while status.is_none() && Instant::now() < give_up {
         status = child.try_wait().ok().flatten();
         if status.is_none() {
-            std::thread::sleep(CHILD_POLL);
+            exited.wait(give_up.saturating_duration_since(Instant::now()));
         }
     }
     let detail = match status {
