@@ -25,11 +25,14 @@
 //!   peers_raft serve ID DIR PEERS EMIN_MS EMAX_MS HB_MS [init]   one Gangway replica (internal)
 //! Environment: PEERS_CLIENTS (default 1,16,64,256), PEERS_WRITE_SECS (10), PEERS_VALUE_BYTES
 //! (256), PEERS_KILLS (20), PEERS_ELECTION_MS (400-800), PEERS_HEARTBEAT_MS (100), PEERS_DETECT
-//! (on), ETCD (etcd). An empty PEERS_CLIENTS runs no write rows (failover only).
+//! (on), PEERS_REPLICATION (`ReplicaConfig::replication`: stream (the default, one request in
+//! flight per follower), stream:N, or calls: one unary AppendEntries call at a time, as before),
+//! ETCD (etcd). An empty PEERS_CLIENTS runs no write rows (failover
+//! only).
 //! Connections: one per 16 clients (at least one), the clients of a connection multiplexed on it.
 //!
 //! Output lines, parsed by deploy/peers/table.py:
-//!   RESULT write SYSTEM clients=C conns=K ops=N secs=S tput=OPS p50_ms=X p99_ms=Y errors=E
+//!   RESULT write SYSTEM clients=C conns=K ops=N secs=S tput=OPS p50_ms=X p99_ms=Y errors=E replication=stream:N|calls|-
 //!   RESULT failover SYSTEM kills=N p50_ms=X p99_ms=Y max_ms=Z campaign_ms=A-B timeout_ms=C-D detect=on|off|-
 //!   (campaign: when a follower may first stand after the last heartbeat it saw, without
 //!   detection; detect: Gangway's leader-loss detection, `PEERS_DETECT=on|off`, on by default:
@@ -53,6 +56,7 @@ use common::Kv;
 use gangway_consensus::pb;
 use gangway_consensus::ReplicaConfig;
 use gangway_consensus::ReplicaHandle;
+use gangway_consensus::Replication;
 use gangway_consensus::Transport;
 use tokio::process::Child;
 use tokio::process::Command;
@@ -434,12 +438,16 @@ async fn throughput(m: &Members, clients: usize, secs: f64, vbytes: usize, next_
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_by(|a, b| a.total_cmp(b));
     println!(
-        "RESULT write {} clients={clients} conns={conns} ops={} secs={elapsed:.2} tput={:.0} p50_ms={:.2} p99_ms={:.2} errors={errors}",
+        "RESULT write {} clients={clients} conns={conns} ops={} secs={elapsed:.2} tput={:.0} p50_ms={:.2} p99_ms={:.2} errors={errors} replication={}",
         m.sys.name(),
         all.len(),
         all.len() as f64 / elapsed,
         pct(&all, 0.50),
         pct(&all, 0.99),
+        match m.sys {
+            System::Gangway => replication_name(),
+            _ => "-".into(),
+        },
     );
 }
 
@@ -528,6 +536,25 @@ async fn failover(m: &mut Members, kills: usize, next_op: &Arc<AtomicU64>) {
     );
 }
 
+/// How Gangway's leader replicates (`PEERS_REPLICATION`, default as in production); the members
+/// inherit it from the bench's environment.
+fn replication() -> Replication {
+    match std::env::var("PEERS_REPLICATION") {
+        Err(_) => Replication::default(),
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|e| panic!("PEERS_REPLICATION: {e}")),
+    }
+}
+
+/// `replication()` as the RESULT lines name it.
+fn replication_name() -> String {
+    match replication() {
+        Replication::Calls => "calls".into(),
+        Replication::Stream { in_flight } => format!("stream:{in_flight}"),
+    }
+}
+
 /// Whether Gangway's replicas detect a dead leader's process (`PEERS_DETECT=on|off`, default on as
 /// in production); the members inherit it from the bench's environment.
 fn detection() -> bool {
@@ -584,6 +611,7 @@ async fn serve(args: &[String]) {
     cfg.snapshot_every_entries = 100_000;
     cfg.keep_entries_after_snapshot = 5_000;
     cfg.leader_loss_detection = detection();
+    cfg.replication = replication();
     let h = ReplicaHandle::start(cfg, Kv::default(), Transport::tcp())
         .await
         .expect("start replica");

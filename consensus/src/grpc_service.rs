@@ -20,6 +20,7 @@ use crate::leader_loss::LeaderLoss;
 use crate::log_store::StorageHealth;
 use crate::network::sender;
 use crate::network::FaultInjector;
+use crate::network::DROPPED_KEY;
 use crate::pb;
 use crate::pb::raft_transport_server::RaftTransport;
 use crate::types::NodeId;
@@ -95,6 +96,14 @@ impl<S: StateMachine> RaftGrpcService<S> {
         }
     }
 
+    /// Resolves once this replica is stopping.
+    fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stop = self.presence.stop.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    }
+
     /// Whether injected faults cut the link between this replica and `peer`, either way.
     fn cut_off_from(&self, peer: NodeId) -> bool {
         self.faults
@@ -113,12 +122,65 @@ impl<S: StateMachine> RaftGrpcService<S> {
             }
         }
         match (&self.faults, sender(req)) {
-            (Some(f), Some(from)) if f.is_blocked(from, self.id) => Err(Status::unavailable(
-                format!("injected drop {from}->{}", self.id),
-            )),
+            (Some(f), Some(from)) if f.is_blocked(from, self.id) => {
+                Err(injected_drop(from, self.id))
+            }
             _ => Ok(()),
         }
     }
+}
+
+/// A leader of the current term reached this replica now.
+fn touch(contact: &LeaderContact) {
+    *contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+}
+
+/// What each message of a `StreamAppend` stream is checked against, as a unary append is: the
+/// sender's certificate against the vote it carries, and the replica's own injected faults (a link
+/// cut while the stream is open stops it). The first refusal ends the requests and is kept in
+/// `refused`, for the stream to end with once the admitted ones are answered.
+struct MessageCheck {
+    proven: Option<NodeId>,
+    sender: Option<NodeId>,
+    me: NodeId,
+    faults: Option<Arc<FaultInjector>>,
+    refused: Arc<std::sync::Mutex<Option<Status>>>,
+}
+
+type AppendRequest = openraft::raft::AppendEntriesRequest<crate::types::TypeConfig>;
+
+impl MessageCheck {
+    fn admit_append(&self, msg: Result<pb::RaftPayload, Status>) -> Option<AppendRequest> {
+        let admitted = msg.and_then(|msg| {
+            if let (Some(f), Some(from)) = (&self.faults, self.sender) {
+                if f.is_blocked(from, self.me) {
+                    return Err(injected_drop(from, self.me));
+                }
+            }
+            let rpc: AppendRequest = codec::decode(&msg.data).map_err(bad_request)?;
+            check_vote(self.proven, &rpc.vote)?;
+            Ok(rpc)
+        });
+        match admitted {
+            Ok(rpc) => Some(rpc),
+            Err(status) => {
+                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                None
+            }
+        }
+    }
+}
+
+/// The refusal of a message that arrived on a link the injector cuts: UNAVAILABLE, marked (metadata
+/// [`DROPPED_KEY`]) so that its sender counts it as never delivered, as it counts a message its own
+/// injector drops. It certainly was not acted on.
+fn injected_drop(from: NodeId, to: NodeId) -> Status {
+    let mut status = Status::unavailable(format!("injected drop {from}->{to}"));
+    status.metadata_mut().insert(
+        DROPPED_KEY,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    status
 }
 
 fn forged(proven: NodeId, claimed: NodeId) -> Status {
@@ -169,12 +231,53 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         check_vote(who, &rpc.vote)?;
         let resp = self.raft.append_entries(rpc).await.map_err(raft_err)?;
         if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
-            *self
-                .leader_contact
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+            touch(&self.leader_contact);
         }
         reply(&resp)
+    }
+
+    type StreamAppendStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::RaftPayload, Status>> + Send + 'static>,
+    >;
+
+    async fn stream_append(
+        &self,
+        req: Request<Streaming<pb::RaftPayload>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        self.admit(&req)?;
+        let check = MessageCheck {
+            proven: proven(&req),
+            sender: sender(&req),
+            me: self.id,
+            faults: self.faults.clone(),
+            refused: Arc::default(),
+        };
+        let refused = check.refused.clone();
+        // A stopping replica ends the stream both ways (as it ends presence streams): the
+        // server's graceful shutdown waits for every stream, and the leader would keep this one
+        // open. The requests end, which lets go of the request side, and so do the replies.
+        let (stopping_in, stopping_out) = (self.stopping(), self.stopping());
+        let requests = futures::StreamExt::take_until(req.into_inner(), stopping_in)
+            .map_while(move |msg| check.admit_append(msg));
+        let contact = self.leader_contact.clone();
+        let replies = self.raft.stream_append(requests).map(move |r| {
+            let r = r.map_err(raft_err)?;
+            if !matches!(r, Err(openraft::raft::StreamAppendError::HigherVote(_))) {
+                touch(&contact);
+            }
+            let data = codec::encode(&r).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(pb::RaftPayload { data })
+        });
+        // After the replies to what was admitted, the reason the rest was refused, if any.
+        let refusal = tokio_stream::once(()).filter_map(move |()| {
+            refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .map(Err)
+        });
+        let replies = futures::StreamExt::take_until(replies.chain(refusal), stopping_out);
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(
@@ -339,6 +442,59 @@ pub mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn append_from(leader: NodeId) -> pb::RaftPayload {
+        let req = AppendRequest {
+            vote: Vote::new(3, leader),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: Vec::new(),
+        };
+        pb::RaftPayload {
+            data: codec::encode(&req).unwrap(),
+        }
+    }
+
+    fn check(faults: Option<Arc<FaultInjector>>) -> MessageCheck {
+        MessageCheck {
+            proven: Some(2),
+            sender: Some(2),
+            me: 1,
+            faults,
+            refused: Arc::default(),
+        }
+    }
+
+    fn refusal(c: &MessageCheck) -> Status {
+        let taken = c.refused.lock().unwrap().take();
+        taken.expect("the refusal is kept for the stream to end with")
+    }
+
+    #[test]
+    fn a_stream_of_appends_is_checked_message_by_message() {
+        // Replica 2's certificate, appends in its own name: admitted.
+        let c = check(None);
+        assert!(c.admit_append(Ok(append_from(2))).is_some());
+        assert!(c.refused.lock().unwrap().is_none());
+        // One claiming replica 3's leadership: refused, as a unary append would be.
+        assert!(c.admit_append(Ok(append_from(3))).is_none());
+        assert_eq!(refusal(&c).code(), tonic::Code::PermissionDenied);
+        // Bytes that are no append.
+        let junk = pb::RaftPayload {
+            data: vec![0xff; 3],
+        };
+        assert!(c.admit_append(Ok(junk)).is_none());
+        assert_eq!(refusal(&c).code(), tonic::Code::InvalidArgument);
+        // A link this replica's injector cut after the stream opened: refused, marked dropped.
+        let faults = Arc::new(FaultInjector::new(1));
+        let c = check(Some(faults.clone()));
+        assert!(c.admit_append(Ok(append_from(2))).is_some());
+        faults.block_one_way(2, 1);
+        assert!(c.admit_append(Ok(append_from(2))).is_none());
+        let dropped = refusal(&c);
+        assert_eq!(dropped.code(), tonic::Code::Unavailable);
+        assert!(dropped.metadata().get(DROPPED_KEY).is_some());
+    }
 
     #[test]
     fn a_vote_naming_another_replica_than_the_certificate_is_refused() {

@@ -115,6 +115,7 @@ impl<S: StateMachine> ReplicaHandle<S> {
             transport: transport.clone(),
             rpc_timeout: config.rpc_timeout,
             chunk_bytes: config.snapshot_chunk_bytes,
+            replication: config.replication,
         };
         let raft = openraft::Raft::new(config.node_id, raft_config, network, log_store, sm)
             .await

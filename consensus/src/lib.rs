@@ -37,6 +37,7 @@ pub use app::StateChange;
 pub use app::StateMachine;
 pub use config::LogStorage;
 pub use config::ReplicaConfig;
+pub use config::Replication;
 pub use error::ConsensusError;
 pub use error::Result;
 pub use grpc_service::testing;

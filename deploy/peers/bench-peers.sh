@@ -63,6 +63,9 @@ if [ "$ONLY" != jobs ]; then
   # The same kills with leader-loss detection off: what the election timeout alone gives.
   say "gangway consensus: $PEERS_KILLS leader kills, detection off"
   PEERS_CLIENTS="" PEERS_DETECT=off raft gangway "$RUN/raft-nodetect" | tee -a "$RESULTS"
+  # The same writes replicated one unary AppendEntries call at a time (as before the stream).
+  say "gangway consensus: writes, one AppendEntries call at a time"
+  PEERS_KILLS=0 PEERS_REPLICATION=calls raft gangway "$RUN/raft-calls" | tee -a "$RESULTS"
 fi
 
 # 4. Jobs on 8 hosts and submit rates: Slurm, then Gangway (TLS on, then off).

@@ -4,9 +4,10 @@
 //! the bincode-encoded entry (big-endian so that RocksDB's byte order is log order); column family
 //! `meta` holds `vote`, `committed` and `last_purged` (bincode).
 //!
-//! Durability: an append is written to the memtable/WAL in one `WriteBatch` (so a batch of entries
-//! that openraft hands us in one call costs one write), then a single flusher thread runs
-//! `flush_wal(sync = true)` and only then tells openraft the entries are persisted. Appends that
+//! Durability: an append is written to the memtable and RocksDB's WAL buffer in one `WriteBatch`
+//! (so a batch of entries that openraft hands us in one call costs one write, and no system call:
+//! `manual_wal_flush`), then a single flusher thread runs `flush_wal(sync = true)`, which writes the
+//! buffer and fsyncs it, and only then tells openraft the entries are persisted. Appends that
 //! queue up while an fsync is in flight are acknowledged by the next single fsync (group commit),
 //! which is what gives throughput under concurrency. Votes are fsynced before `save_vote` returns.
 //! Any write or fsync failure is returned to openraft (which stops the Raft core) and recorded in
@@ -81,6 +82,10 @@ impl RocksLogStore {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Writes fill RocksDB's WAL buffer without a write(2) each; the flusher's one
+        // `flush_wal(true)` writes and fsyncs what queued up, and a synced write (a vote) flushes
+        // the buffer before its fsync. Nothing is acknowledged before it is on disk either way.
+        opts.set_manual_wal_flush(true);
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_LOGS, Options::default()),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
@@ -124,6 +129,12 @@ impl RocksLogStore {
         let cf = self.cf(CF_META)?;
         let got = self.check("read meta", self.db.get_cf(cf, key))?;
         got.map(|b| codec::decode(&b)).transpose()
+    }
+
+    /// Writes RocksDB's WAL buffer to the file without an fsync: what was written so far then
+    /// survives the process (not a power cut), as a write without `manual_wal_flush` would.
+    fn write_out(&self, what: &str) -> Result<(), io::Error> {
+        self.check(what, self.db.flush_wal(false))
     }
 
     fn put_meta<T: serde::Serialize>(
@@ -240,9 +251,11 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Not synced: losing it only means re-applying from the snapshot up to a smaller index
-        // after a crash, which openraft handles; it is made durable by the next synced append.
-        self.put_meta(KEY_COMMITTED, &committed, false)
+        // Not synced: losing it to a power cut only means re-applying from the snapshot up to a
+        // smaller index, which openraft handles; it is made durable by the next synced append.
+        // Handed to the OS, though, so that it survives the process being killed.
+        self.put_meta(KEY_COMMITTED, &committed, false)?;
+        self.write_out("write committed")
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -284,7 +297,7 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
                 .delete_range_cf(cf, index_key(from), index_key(u64::MAX)),
         )?;
         // u64::MAX itself is excluded by delete_range; it can never be a real index.
-        Ok(())
+        self.write_out("truncate")
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {

@@ -3,6 +3,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use openraft::base::BoxFuture;
+use openraft::base::BoxStream;
 use openraft::errors::NetworkError;
 use openraft::errors::RPCError;
 use openraft::errors::ReplicationClosed;
@@ -12,17 +14,23 @@ use openraft::network::RPCOption;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
+use openraft::OptionalSend;
 use openraft::RaftNetworkFactory;
 use openraft::RaftNetworkV2;
+use tokio_stream::Stream;
+use tokio_stream::StreamExt;
 
+use super::stream;
 use super::transport::tagged;
 use super::transport::CallError;
 use super::transport::Transport;
 use crate::codec;
+use crate::config::Replication;
 use crate::pb;
 use crate::types::Node;
 use crate::types::NodeId;
@@ -37,6 +45,8 @@ pub(crate) struct NetworkFactory {
     pub(crate) transport: Transport,
     pub(crate) rpc_timeout: Duration,
     pub(crate) chunk_bytes: usize,
+    /// How entries reach each follower.
+    pub(crate) replication: Replication,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -50,6 +60,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             transport: self.transport.clone(),
             rpc_timeout: self.rpc_timeout,
             chunk_bytes: self.chunk_bytes,
+            replication: self.replication,
         }
     }
 }
@@ -62,7 +73,12 @@ pub(crate) struct RaftClient {
     transport: Transport,
     rpc_timeout: Duration,
     chunk_bytes: usize,
+    replication: Replication,
 }
+
+/// What `stream_append` returns: the replies, in order, as openraft reads them.
+type AppendReplies<'s> =
+    BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>;
 
 fn rpc_err(e: CallError) -> RPCError<TypeConfig> {
     match e {
@@ -73,6 +89,19 @@ fn rpc_err(e: CallError) -> RPCError<TypeConfig> {
 
 fn decode_err(e: std::io::Error) -> RPCError<TypeConfig> {
     RPCError::Network(NetworkError::new(&e))
+}
+
+/// An append request as the stream carries it. One that does not encode ends the stream there
+/// (`map_while`): the follower must never see a gap, and openraft resends what was not
+/// acknowledged on the next stream.
+fn encode_append(req: AppendEntriesRequest<TypeConfig>) -> Option<pb::RaftPayload> {
+    match codec::encode(&req) {
+        Ok(data) => Some(pb::RaftPayload { data }),
+        Err(e) => {
+            tracing::error!(error = %e, "an append request did not encode; stream ended");
+            None
+        }
+    }
 }
 
 impl RaftClient {
@@ -122,6 +151,50 @@ impl RaftNetworkV2<TypeConfig> for RaftClient {
         let t = self.timeout(&option);
         self.unary(&rpc, t, |mut c, p| async move { c.append_entries(p).await })
             .await
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<AppendReplies<'s>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        let in_flight = match self.replication {
+            Replication::Calls => {
+                return openraft::network::stream_append_sequential(self, input, option)
+            }
+            Replication::Stream { in_flight } => in_flight,
+        };
+        let pace = stream::Pace {
+            reply_timeout: self.timeout(&option),
+            in_flight,
+        };
+        let (transport, addr, link) = (
+            self.transport.clone(),
+            self.addr.clone(),
+            (self.from, self.target),
+        );
+        // Lazily, like openraft's one-call-at-a-time stream: the stream is opened only once the
+        // first request is taken (which is where openraft waits out its backoff after errors), and
+        // a failure to open is the first reply, where openraft counts it toward that backoff.
+        let opened = async move {
+            let mut requests = Box::pin(input.map_while(encode_append));
+            let first = requests.next().await?;
+            let requests = tokio_stream::once(first).chain(requests);
+            Some(stream::open(&transport, link, &addr, pace, requests).await)
+        };
+        let replies =
+            futures::StreamExt::flat_map(futures::stream::once(opened), |opened| match opened {
+                None => Box::pin(futures::stream::empty()) as AppendReplies<'static>,
+                Some(Err(e)) => Box::pin(futures::stream::once(async move { Err(rpc_err(e)) })),
+                Some(Ok(replies)) => Box::pin(replies.map(|reply| {
+                    let reply = reply.map_err(rpc_err)?;
+                    codec::decode::<StreamAppendResult<TypeConfig>>(&reply.data).map_err(decode_err)
+                })),
+            });
+        Box::pin(async move { Ok(Box::pin(replies) as AppendReplies<'s>) })
     }
 
     async fn vote(

@@ -3,6 +3,7 @@
 
 pub(crate) mod client;
 pub(crate) mod fault;
+pub(crate) mod stream;
 pub(crate) mod transport;
 
 pub use fault::FaultInjector;
@@ -12,3 +13,4 @@ pub(crate) use transport::tagged;
 pub use transport::Connector;
 pub use transport::TcpConnector;
 pub use transport::Transport;
+pub(crate) use transport::DROPPED_KEY;

@@ -106,7 +106,7 @@ impl Transport {
         self.faults.clone()
     }
 
-    fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, CallError> {
+    pub(super) fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, CallError> {
         let mut cache = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let ch = match cache.get(addr) {
             Some(c) => c.clone(),
@@ -121,7 +121,8 @@ impl Transport {
             .max_encoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES))
     }
 
-    async fn gate(&self, from: NodeId, to: NodeId) -> bool {
+    /// Whether a message on the link `from -> to` goes through (after any injected delay).
+    pub(super) async fn gate(&self, from: NodeId, to: NodeId) -> bool {
         match self.faults.as_ref().map(|f| f.verdict(from, to)) {
             None | Some(Verdict::Deliver) => true,
             Some(Verdict::Delay(d)) => {
@@ -152,13 +153,7 @@ impl Transport {
                 // not make it wait the full deadline (tests would crawl); it is reported as not sent.
                 return Err(CallError::NotSent(format!("injected drop {from}->{to}")));
             }
-            let reply = f(client).await.map_err(|s| {
-                if s.code() == tonic::Code::Unavailable && is_connect_failure(s.message()) {
-                    CallError::NotSent(format!("{s}"))
-                } else {
-                    CallError::NoReply(format!("{s}"))
-                }
-            })?;
+            let reply = f(client).await.map_err(status_error)?;
             if !self.gate(to, from).await {
                 return Err(CallError::NoReply(format!(
                     "injected drop of reply {to}->{from}"
@@ -217,8 +212,44 @@ pub(crate) fn sender<T>(req: &tonic::Request<T>) -> Option<NodeId> {
         .and_then(|s| s.parse().ok())
 }
 
+/// Metadata key on a receiver's refusal of a message that arrived on a link its injector cuts.
+pub(crate) const DROPPED_KEY: &str = "x-gangway-raft-dropped";
+
+/// A failed call's status as a [`CallError`]: not sent when the connection could not be made, or
+/// when the receiver's injector dropped the request (before acting on it).
+pub(super) fn status_error(s: tonic::Status) -> CallError {
+    let dropped = s.metadata().get(DROPPED_KEY).is_some();
+    if dropped || (s.code() == tonic::Code::Unavailable && is_connect_failure(s.message())) {
+        CallError::NotSent(format!("{s}"))
+    } else {
+        CallError::NoReply(format!("{s}"))
+    }
+}
+
 /// Whether a tonic status says the connection could not be established (so nothing was sent),
 /// as opposed to a connection that broke after the request may have left.
 fn is_connect_failure(msg: &str) -> bool {
     msg.contains("error trying to connect") || msg.contains("tcp connect error")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_call_is_not_sent_only_when_nothing_was_acted_on() {
+        let not_sent = |s| matches!(status_error(s), CallError::NotSent(_));
+        let refused = tonic::Status::unavailable("tcp connect error: Connection refused");
+        assert!(not_sent(refused), "the connection was never made");
+        let mut dropped = tonic::Status::unavailable("injected drop 2->1");
+        dropped.metadata_mut().insert(
+            DROPPED_KEY,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        assert!(not_sent(dropped), "the receiver's injector dropped it");
+        let broke = tonic::Status::unavailable("connection reset");
+        assert!(!not_sent(broke), "it may have been delivered");
+        let unmarked = tonic::Status::unavailable("injected drop 2->1");
+        assert!(!not_sent(unmarked), "only the mark says it was dropped");
+    }
 }

@@ -64,6 +64,7 @@ pub const POLICY: &[(&str, &str, Need)] = &[
     (WORKER_API, "ReportDeviceHealth", Worker),
     (WORKER_API, "ReportHealthCheck", Worker),
     (RAFT, "AppendEntries", Replica),
+    (RAFT, "StreamAppend", Replica),
     (RAFT, "Vote", Replica),
     (RAFT, "PreVote", Replica),
     (RAFT, "TransferLeader", Replica),
