@@ -121,12 +121,7 @@ impl<S: StateMachine> RaftGrpcService<S> {
                 return Err(forged(*proven, claimed));
             }
         }
-        match (&self.faults, sender(req)) {
-            (Some(f), Some(from)) if f.is_blocked(from, self.id) => {
-                Err(injected_drop(from, self.id))
-            }
-            _ => Ok(()),
-        }
+        refuse_if_cut(&self.faults, sender(req), self.id)
     }
 }
 
@@ -152,11 +147,7 @@ type AppendRequest = openraft::raft::AppendEntriesRequest<crate::types::TypeConf
 impl MessageCheck {
     fn admit_append(&self, msg: Result<pb::RaftPayload, Status>) -> Option<AppendRequest> {
         let admitted = msg.and_then(|msg| {
-            if let (Some(f), Some(from)) = (&self.faults, self.sender) {
-                if f.is_blocked(from, self.me) {
-                    return Err(injected_drop(from, self.me));
-                }
-            }
+            refuse_if_cut(&self.faults, self.sender, self.me)?;
             let rpc: AppendRequest = codec::decode(&msg.data).map_err(bad_request)?;
             check_vote(self.proven, &rpc.vote)?;
             Ok(rpc)
@@ -168,6 +159,18 @@ impl MessageCheck {
                 None
             }
         }
+    }
+}
+
+/// Refuses a message from `from` (untagged: let through) on a link `faults` cuts toward `me`.
+fn refuse_if_cut(
+    faults: &Option<Arc<FaultInjector>>,
+    from: Option<NodeId>,
+    me: NodeId,
+) -> Result<(), Status> {
+    match (faults, from) {
+        (Some(f), Some(from)) if f.is_blocked(from, me) => Err(injected_drop(from, me)),
+        _ => Ok(()),
     }
 }
 

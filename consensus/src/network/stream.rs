@@ -1,7 +1,9 @@
-//! The pipelined replication stream from a leader to one follower: one gRPC bidirectional stream
-//! (`StreamAppend`) on which the leader sends AppendEntries requests as entries are submitted to its
-//! log, without waiting for the reply to the previous one, and the follower answers each, in order,
-//! once it is persisted.
+//! The replication stream from a leader to one follower: one gRPC bidirectional stream
+//! (`StreamAppend`), held open, on which the leader sends AppendEntries requests, up to
+//! [`Pace::in_flight`] of them awaiting replies, and the follower answers each, in order, once it is
+//! persisted. The next request is taken from openraft only when the window has room, so it carries
+//! every entry submitted meanwhile (with one in flight: one request per round trip, as many entries
+//! as came).
 //!
 //! Two things a unary call gets for free are kept here per message: a deadline (a reply owed and not
 //! come within `reply_timeout` ends the stream, so a follower that stops answering is noticed as it
