@@ -445,7 +445,7 @@ async fn throughput(m: &Members, clients: usize, secs: f64, vbytes: usize, next_
         pct(&all, 0.50),
         pct(&all, 0.99),
         match m.sys {
-            System::Gangway => replication_name(),
+            System::Gangway => replication().to_string(),
             _ => "-".into(),
         },
     );
@@ -544,14 +544,6 @@ fn replication() -> Replication {
         Ok(v) => v
             .parse()
             .unwrap_or_else(|e| panic!("PEERS_REPLICATION: {e}")),
-    }
-}
-
-/// `replication()` as the RESULT lines name it.
-fn replication_name() -> String {
-    match replication() {
-        Replication::Calls => "calls".into(),
-        Replication::Stream { in_flight } => format!("stream:{in_flight}"),
     }
 }
 

@@ -82,6 +82,16 @@ impl Default for Replication {
     }
 }
 
+/// The name [`FromStr`](std::str::FromStr) reads: `calls` or `stream:N`.
+impl std::fmt::Display for Replication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Replication::Calls => f.write_str("calls"),
+            Replication::Stream { in_flight } => write!(f, "stream:{in_flight}"),
+        }
+    }
+}
+
 impl std::str::FromStr for Replication {
     type Err = String;
 

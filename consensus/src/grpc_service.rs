@@ -421,9 +421,7 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         req: Request<pb::RaftPayload>,
     ) -> Result<Response<Self::PresenceStream>, Status> {
         self.admit(&req)?;
-        Ok(Response::new(Box::pin(presence_stream(
-            self.presence.stop.clone(),
-        ))))
+        Ok(Response::new(Box::pin(presence_stream(self.stopping()))))
     }
 }
 

@@ -210,8 +210,7 @@ impl<S: StateMachine> ReplicaHandle<S> {
 
     /// Whether this replica leads but is cut off from its quorum ([`write_path::Leadership`]).
     fn cut_off(&self) -> bool {
-        let within = self.write_limits().cut_off_after;
-        write_path::leadership(&self.inner.raft, within) == write_path::Leadership::CutOff
+        write_path::cut_off(&self.inner.raft, self.write_limits().cut_off_after)
     }
 
     /// Serve [`Self::grpc_service`] alone on `listener` until [`Self::shutdown`].

@@ -265,10 +265,10 @@ impl<S: crate::app::StateMachine> Watcher<S> {
 
 /// The presence stream's server side: nothing is sent; it ends when the replica stops.
 pub(crate) fn presence_stream(
-    mut stop: watch::Receiver<bool>,
+    stopping: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> impl futures::Stream<Item = Result<pb::RaftPayload, tonic::Status>> + Send + 'static {
     futures::stream::once(async move {
-        let _ = stop.wait_for(|s| *s).await;
+        stopping.await;
         Err(tonic::Status::unavailable("replica stopping"))
     })
 }

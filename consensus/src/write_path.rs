@@ -111,7 +111,8 @@ pub(crate) fn leadership<S: StateMachine>(
     }
 }
 
-fn cut_off<S: StateMachine>(raft: &RaftOf<S>, within: std::time::Duration) -> bool {
+/// Whether this replica leads but is cut off from its quorum ([`Leadership::CutOff`]).
+pub(crate) fn cut_off<S: StateMachine>(raft: &RaftOf<S>, within: std::time::Duration) -> bool {
     leadership(raft, within) == Leadership::CutOff
 }
 
@@ -135,9 +136,13 @@ pub(crate) async fn propose_unless_cut_off<S: StateMachine>(
             leader_addr: None,
         });
     }
+    // Checked just above: the watch looks again only after each poll interval.
     let watch = async {
-        while !cut_off(raft, within) {
+        loop {
             tokio::time::sleep(limits.poll).await;
+            if cut_off(raft, within) {
+                break;
+            }
         }
         tracing::warn!(
             ?within,
