@@ -100,19 +100,33 @@ impl ReplicaContext {
             .map_err(|e| ApiError::from_consensus(self.id(), e))
     }
 
-    /// A read for decisions the leader sends out (allocation sets): linearizable once per term,
-    /// then from local state while the term lasts. A thousand workers reconnecting to a new leader
-    /// cost one ReadIndex round, not a thousand.
+    /// A read for decisions the leader sends out (allocation sets): [`Self::term_read`], as the
+    /// API's error.
     pub async fn leader_read<R>(&self, f: impl FnOnce(&SchedulerFsm) -> R) -> Result<R, ApiError> {
+        self.term_read(f)
+            .await
+            .map_err(|e| ApiError::from_consensus(self.id(), e))
+    }
+
+    /// A read for what the leader decides (scheduling rounds, allocation sets): linearizable once
+    /// per term, then from local state while the term lasts. The once is what DESIGN section 4
+    /// asks (a new leader acts only on state that includes its own term's first entry); after it,
+    /// the local state only moves forward through this leader's own commits, and whatever it
+    /// decides on it goes through the log, where a deposed leader's entry is never committed and
+    /// the state machine re-checks every placement. A thousand workers reconnecting to a new
+    /// leader cost one ReadIndex round, not a thousand, and a round does not wait on a quorum's
+    /// heartbeat and the apply queue before it can start.
+    pub async fn term_read<R>(
+        &self,
+        f: impl FnOnce(&SchedulerFsm) -> R,
+    ) -> Result<R, gangway_consensus::ConsensusError> {
         use std::sync::atomic::Ordering;
         let m = self.raft.metrics();
         let term = m.term;
-        if m.role == gangway_consensus::Role::Leader
-            && self.barrier_term.load(Ordering::Acquire) == term
-        {
+        if reads_locally(m.role, term, self.barrier_term.load(Ordering::Acquire)) {
             return Ok(self.raft.read_local(f));
         }
-        let r = self.read(f).await?;
+        let r = self.raft.read(f).await?;
         self.barrier_term.store(term, Ordering::Release);
         Ok(r)
     }
@@ -142,4 +156,48 @@ pub fn wall_clock_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Whether a [`ReplicaContext::term_read`] may come from local state: this replica leads, in the
+/// term in which it confirmed a linearizable read (`barrier_term`).
+fn reads_locally(role: gangway_consensus::Role, term: u64, barrier_term: u64) -> bool {
+    role == gangway_consensus::Role::Leader && barrier_term == term
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reads_locally;
+    use gangway_consensus::Role;
+
+    #[test]
+    fn a_leader_reads_locally_only_in_the_term_it_confirmed() {
+        let cases = [
+            (Role::Leader, 5, 5, true, "confirmed this term"),
+            (
+                Role::Leader,
+                5,
+                0,
+                false,
+                "a new leader that has not confirmed yet",
+            ),
+            (
+                Role::Leader,
+                7,
+                5,
+                false,
+                "re-elected: the barrier was an earlier term's",
+            ),
+            (
+                Role::Follower,
+                5,
+                5,
+                false,
+                "deposed within what it saw of the term",
+            ),
+            (Role::Candidate, 6, 5, false, "campaigning"),
+        ];
+        for (role, term, barrier, local, story) in cases {
+            assert_eq!(reads_locally(role, term, barrier), local, "{story}");
+        }
+    }
 }

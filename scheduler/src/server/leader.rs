@@ -1,7 +1,8 @@
 //! The leader's loops: scheduling rounds, node-down detection and idle leases.
 //!
 //! Both run on every replica and act only while it leads. A scheduling round is Nomad's model: read
-//! the state (linearizable, so a new leader sees every committed entry), run the pure engine on it,
+//! the state (linearizable once per term, so a new leader sees every committed entry; then its own
+//! applied state, `ReplicaContext::term_read`), run the pure engine on it,
 //! and commit the resulting plan as one `ApplyPlan` command, which every replica re-checks as it
 //! applies. A round never writes when nothing would change, so an idle cluster writes nothing.
 
@@ -107,7 +108,8 @@ fn defrag_limits(ctx: &ReplicaContext) -> Option<engine::DefragLimits> {
     })
 }
 
-/// One round: a linearizable read of what the round needs (`ClusterStore::round_input`), the
+/// One round: a read of what the round needs (`ClusterStore::round_input`; linearizable on the
+/// term's first round, then local: `ReplicaContext::term_read`), the
 /// pure round (`engine::run_round`) on a blocking thread, then its outcome committed: the plan
 /// as one `ApplyPlan`, a defragmentation proposal as its own `Defragment` after it. Only the
 /// leader's own log takes them (`try_write`): a deposed leader's plan is dropped rather than
@@ -120,8 +122,7 @@ pub async fn scheduling_round(
     let limits = defrag_limits(ctx);
     let defrag_on = limits.is_some();
     let snapshot = ctx
-        .raft
-        .read(|fsm| {
+        .term_read(|fsm| {
             let store = fsm.store();
             let read = store.round_input(defrag_on);
             (!read.pending.is_empty()).then(|| {
@@ -132,9 +133,12 @@ pub async fn scheduling_round(
             })
         })
         .await?;
+    metrics::histogram!("gangway_scheduling_read_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
     let Some((view, pending, reasons, config, state)) = snapshot else {
         return Ok(RoundOutcome::default());
     };
+    let computing = Instant::now();
     let now = wall_clock_ms();
     let pending_count = pending.len();
     let round = tokio::task::spawn_blocking(move || {
@@ -150,6 +154,8 @@ pub async fn scheduling_round(
     })
     .await
     .map_err(|e| ConsensusError::Fatal(format!("scheduling task panicked: {e}")))?;
+    metrics::histogram!("gangway_scheduling_compute_duration_seconds")
+        .record(computing.elapsed().as_secs_f64());
     metrics::histogram!("gangway_scheduling_attempt_duration_seconds")
         .record(started.elapsed().as_secs_f64());
     let outcome = commit_plan(ctx, round.plan, pending_count).await?;
