@@ -13,6 +13,11 @@
 //! one `SubmitJob` per job), which takes the submission path out of what bounds placement.
 //! `GANGWAY_BENCH_RATE=N` offers N jobs per second in all (open loop: submit-to-lease latency at
 //! a given load, not under a backlog); by default submitters send as fast as they are answered.
+//! `GANGWAY_BENCH_ORDER=gangs-first` (the default) submits every gang before the single jobs: at
+//! 2,500 jobs/s the 1,000 gangs (16,000 GPUs) arrive in 0.4 s on 8,000 GPUs, twice the fleet, so
+//! the first second is queueing for capacity. `mixed` spreads the gangs evenly among the single
+//! jobs (one every JOBS/GANGS), an arrival whose GPU demand stays under the fleet's at that rate.
+//! `GANGWAY_BENCH_TIMELINE=1` prints jobs accepted and placed per 100 ms.
 //!
 //! `GANGWAY_BENCH_TLS=both` (the default) runs the submission storm twice in the same run, on a
 //! fresh cluster each time: with mutual TLS on every link (each host with its own certificate, as
@@ -263,6 +268,26 @@ fn gang(i: usize) -> String {
     )
 }
 
+/// The specs in reverse order of submission (submitters take from the end): every gang first,
+/// or (`GANGWAY_BENCH_ORDER=mixed`) the gangs spread evenly among the single jobs.
+fn arrival(jobs: usize, gangs: usize) -> Vec<String> {
+    let mixed = match std::env::var("GANGWAY_BENCH_ORDER").as_deref() {
+        Ok("mixed") => true,
+        Ok("gangs-first") | Err(_) => false,
+        Ok(other) => panic!("GANGWAY_BENCH_ORDER: expected gangs-first or mixed, got {other}"),
+    };
+    let mut specs: Vec<String> = (0..jobs).map(single_gpu).collect();
+    if !mixed {
+        specs.extend((0..gangs).map(gang));
+        return specs;
+    }
+    // Gang i goes after single job (i + 1) * jobs / (gangs + 1), counted from the front.
+    for i in (0..gangs).rev() {
+        specs.insert((i + 1) * jobs / (gangs + 1), gang(i));
+    }
+    specs
+}
+
 /// Milliseconds, in order.
 fn sorted_ms(values: impl Iterator<Item = f64>) -> Vec<f64> {
     let mut v: Vec<f64> = values.collect();
@@ -465,8 +490,7 @@ async fn phase(
     let batch = env_or("GANGWAY_BENCH_BATCH", 1).clamp(1, 1_000);
     // GANGWAY_BENCH_RATE=N: offer N jobs per second (open loop) instead of as fast as accepted.
     let rate = Some(env_or("GANGWAY_BENCH_RATE", 0) as f64).filter(|r| *r > 0.0);
-    let mut specs: Vec<String> = (0..jobs).map(single_gpu).collect();
-    specs.extend((0..gangs).map(gang));
+    let specs = arrival(jobs, gangs);
     let total = specs.len();
     let term_before = cluster.term().await;
     let t0 = Instant::now();
@@ -474,7 +498,8 @@ async fn phase(
     let submit_secs = t0.elapsed().as_secs_f64();
     let all_placed = fleet
         .wait_for(Duration::from_secs(600), |seen| {
-            submitted.keys().all(|id| seen.contains_key(id))
+            // The count first: this runs on every new lease a host sees.
+            seen.len() >= submitted.len() && submitted.keys().all(|id| seen.contains_key(id))
         })
         .await;
     let seen = fleet.seen();
@@ -543,6 +568,31 @@ async fn phase(
         );
     }
     println!("terms started during the storm (no replica killed): {elections}");
+    // GANGWAY_BENCH_TIMELINE=1: jobs accepted and placed (seen on a host) per 100 ms since the
+    // first submit, to see which of submission, rounds and capacity turnover bounds the storm.
+    if std::env::var("GANGWAY_BENCH_TIMELINE").is_ok_and(|v| v == "1") {
+        let slot = |at: Instant| (at.saturating_duration_since(t0).as_millis() / 100) as usize;
+        // Per slot: accepted, placed, and the submit-to-lease times of the jobs sent in it.
+        let mut per: BTreeMap<usize, (usize, usize, Vec<f64>)> = BTreeMap::new();
+        for (id, at) in &submitted {
+            per.entry(slot(at.accepted)).or_default().0 += 1;
+            if let Some(s) = seen.get(id) {
+                per.entry(slot(s.first_seen)).or_default().1 += 1;
+                let lease = ms(at.started, s.first_seen);
+                per.entry(slot(at.started)).or_default().2.push(lease);
+            }
+        }
+        for (s, (accepted, placed, sent)) in per {
+            let sent = sorted_ms(sent.into_iter());
+            println!(
+                "  t={:.1}s accepted {accepted:>5} placed {placed:>5}; sent then: {} jobs, to lease p50 {:.0} ms, p99 {:.0} ms",
+                s as f64 / 10.0,
+                sent.len(),
+                percentile(&sent, 0.5),
+                percentile(&sent, 0.99)
+            );
+        }
+    }
 
     // Phase 2: leader kill to first new placement, `kills` times.
     let mut failovers = Vec::new();

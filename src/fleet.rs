@@ -237,22 +237,27 @@ impl FakeFleet {
         self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Waits until `pred` holds over the jobs seen, or `timeout`.
+    /// Waits until `pred` holds over the jobs seen, or `timeout`. `pred` runs on the map itself,
+    /// under the lock every host's stream takes for each set it receives: keep it cheap (a bench
+    /// waiting for thousands of jobs checks the count first), or the waiting measures itself.
     pub async fn wait_for(
         &mut self,
         timeout: Duration,
         mut pred: impl FnMut(&BTreeMap<String, SeenLease>) -> bool,
     ) -> bool {
         let until = tokio::time::Instant::now() + timeout;
+        let holds = |pred: &mut dyn FnMut(&BTreeMap<String, SeenLease>) -> bool| {
+            pred(&self.seen.lock().unwrap_or_else(|p| p.into_inner()))
+        };
         loop {
-            if pred(&self.seen()) {
+            if holds(&mut pred) {
                 return true;
             }
             if tokio::time::timeout_at(until, self.changed.changed())
                 .await
                 .is_err()
             {
-                return pred(&self.seen());
+                return holds(&mut pred);
             }
         }
     }

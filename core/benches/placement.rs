@@ -1,7 +1,8 @@
 //! Placement throughput on a synthetic fleet: 10,000 hosts x 8 GPUs (racks of 32 hosts, pods of
-//! 10 racks, zones of 10 pods), 10,000 pending gangs per round, one core. Prints numbers.
+//! 10 racks, zones of 10 pods), 10,000 pending gangs per round, one core; then a round over a
+//! backlog of 11,000 jobs on the fleet filled. Prints numbers.
 //!
-//! `cargo bench -p gangway-scheduler --bench placement`
+//! `cargo bench -p gangway-core --bench placement`
 
 use gangway_core::engine::{
     schedule, ClusterState, DeviceDemand, DeviceKind, DeviceModel, GangRequest, HostSpec,
@@ -138,6 +139,8 @@ fn main() {
         gw.2 / ff.2
     );
 
+    backlog_on_a_full_fleet();
+
     // The re-check every plan goes through.
     let c2 = c.clone();
     let config = SchedulerConfig {
@@ -158,4 +161,60 @@ fn main() {
         s,
         plan.placements.len() as f64 / s
     );
+}
+
+/// A round over a backlog that cannot start yet: every device busy, 10,000 single-GPU jobs and
+/// 1,000 rack-local gangs of 2 x 8 GPUs pending (the e2e bench's storm once its hosts are full),
+/// on the fleet with and without a few devices free. What a leader pays per round while a queue
+/// drains: each pending job is examined and its reason kept.
+fn backlog_on_a_full_fleet() {
+    let mut c = fleet();
+    let fill: Vec<GangRequest> = (0..HOSTS)
+        .map(|i| GangRequest::new(format!("fill{i:05}"), 1, DeviceDemand::Whole(8)))
+        .collect();
+    let config = SchedulerConfig {
+        policy: PolicyName::Gangway,
+        preemption: false,
+        ..SchedulerConfig::default()
+    };
+    let plan = schedule(&c, &fill, &config, 0);
+    assert_eq!(plan.placements.len(), HOSTS, "the fleet fills");
+    let by_id: std::collections::HashMap<_, _> = fill.iter().map(|r| (r.id.clone(), r)).collect();
+    for p in &plan.placements {
+        c.apply_placement(by_id[&p.job].clone(), p.clone(), 0)
+            .expect("fill applies");
+    }
+    let mut backlog: Vec<GangRequest> = (0..10_000)
+        .map(|i| {
+            GangRequest::new(format!("single-{i}"), 1, DeviceDemand::Whole(1))
+                .with_submitted_at_ms(1_000 + i as u64)
+        })
+        .collect();
+    backlog.extend((0..1_000).map(|i| {
+        GangRequest::new(format!("gang-{i}"), 2, DeviceDemand::Whole(8))
+            .with_required(TopologyLevel::Rack)
+            .with_submitted_at_ms(i as u64)
+    }));
+    let full = c.clone();
+    // A few hosts freed: the round places some and examines the rest.
+    let mut some_free = c;
+    for i in (0..HOSTS).step_by(100) {
+        let id = gangway_proto::ids::JobId::new(format!("fill{i:05}"));
+        some_free.release(&id).expect("release");
+    }
+    for (label, fleet) in [("full fleet", &full), ("1% of hosts free", &some_free)] {
+        let runs = 5;
+        let t = Instant::now();
+        let mut placed = 0;
+        for _ in 0..runs {
+            placed = schedule(fleet, &backlog, &config, 10_000).placements.len();
+        }
+        let s = t.elapsed().as_secs_f64() / runs as f64;
+        println!(
+            "gangway    backlog of {} on a {label}: {placed} placed, round {:.1} ms = {:.0} pending jobs examined/s",
+            backlog.len(),
+            s * 1e3,
+            backlog.len() as f64 / s
+        );
+    }
 }
