@@ -17,7 +17,8 @@
 //! 2,500 jobs/s the 1,000 gangs (16,000 GPUs) arrive in 0.4 s on 8,000 GPUs, twice the fleet, so
 //! the first second is queueing for capacity. `mixed` spreads the gangs evenly among the single
 //! jobs (one every JOBS/GANGS), an arrival whose GPU demand stays under the fleet's at that rate.
-//! `GANGWAY_BENCH_TIMELINE=1` prints jobs accepted and placed per 100 ms.
+//! `GANGWAY_BENCH_TIMELINE=1` prints, per 100 ms of the storm, the jobs accepted and placed in it
+//! and the submit-to-lease p50/p99 of the jobs sent in it.
 //!
 //! `GANGWAY_BENCH_TLS=both` (the default) runs the submission storm twice in the same run, on a
 //! fresh cluster each time: with mutual TLS on every link (each host with its own certificate, as
