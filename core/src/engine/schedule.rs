@@ -17,6 +17,7 @@ use super::preemption;
 use super::quota::QuotaBook;
 use super::topology::TopologyLevel;
 use gangway_proto::ids::{HostName, JobId, QueueName};
+use rustc_hash::FxHashSet;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Above this many distinct host shapes, non-exhaustive policies score only the tightest
@@ -896,23 +897,24 @@ pub fn schedule(
         quota.mode == QuotaMode::Borrow
             && !quota.within_guarantee(config, &req.queue, req.total_milli())
     };
+    // Queue order: the key, then the job id and the position (borrowed, not cloned: a backlog is
+    // sorted every round).
+    let keys: Vec<_> = pending
+        .iter()
+        .map(|req| {
+            let (priority, submitted) = policy.queue_key(req);
+            // A repair (its device failed under it) goes before ordinary pending work.
+            let ordinary = !req.resume.repair;
+            (ordinary, priority, borrows(req), submitted)
+        })
+        .collect();
     let mut order: Vec<usize> = (0..pending.len()).collect();
-    order.sort_by_cached_key(|&i| {
-        let req = &pending[i];
-        let (priority, submitted) = policy.queue_key(req);
-        // A repair (its device failed under it) goes before ordinary pending work.
-        let ordinary = !req.resume.repair;
-        (
-            ordinary,
-            priority,
-            borrows(req),
-            submitted,
-            req.id.clone(),
-            i,
-        )
-    });
+    order
+        .sort_unstable_by(|&a, &b| (keys[a], &pending[a].id, a).cmp(&(keys[b], &pending[b].id, b)));
     let mut plan = Plan::default();
-    let mut seen: BTreeSet<&JobId> = BTreeSet::new();
+    // Membership only (never iterated): hashed, so a backlog costs no string comparisons here.
+    let mut seen: FxHashSet<&JobId> =
+        FxHashSet::with_capacity_and_hasher(pending.len(), Default::default());
     let mut blocked_queues: BTreeMap<&QueueName, &JobId> = BTreeMap::new();
     let mut reservation: Option<Reservation> = None;
     let mut reserve_tried = false;
