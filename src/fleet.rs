@@ -234,7 +234,12 @@ impl FakeFleet {
 
     /// Every job seen on some host so far.
     pub fn seen(&self) -> BTreeMap<String, SeenLease> {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.with_seen(BTreeMap::clone)
+    }
+
+    /// `f` over the jobs seen, under the lock every host's stream takes for each set it receives.
+    fn with_seen<R>(&self, f: impl FnOnce(&BTreeMap<String, SeenLease>) -> R) -> R {
+        f(&self.seen.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Waits until `pred` holds over the jobs seen, or `timeout`. `pred` runs on the map itself,
@@ -246,18 +251,15 @@ impl FakeFleet {
         mut pred: impl FnMut(&BTreeMap<String, SeenLease>) -> bool,
     ) -> bool {
         let until = tokio::time::Instant::now() + timeout;
-        let holds = |pred: &mut dyn FnMut(&BTreeMap<String, SeenLease>) -> bool| {
-            pred(&self.seen.lock().unwrap_or_else(|p| p.into_inner()))
-        };
         loop {
-            if holds(&mut pred) {
+            if self.with_seen(&mut pred) {
                 return true;
             }
             if tokio::time::timeout_at(until, self.changed.changed())
                 .await
                 .is_err()
             {
-                return holds(&mut pred);
+                return self.with_seen(&mut pred);
             }
         }
     }

@@ -139,7 +139,7 @@ fn main() {
         gw.2 / ff.2
     );
 
-    backlog_on_a_full_fleet();
+    backlog_on_a_full_fleet(&c);
 
     // The re-check every plan goes through.
     let c2 = c.clone();
@@ -167,8 +167,8 @@ fn main() {
 /// 1,000 rack-local gangs of 2 x 8 GPUs pending (the e2e bench's storm once its hosts are full),
 /// on the fleet with and without a few devices free. What a leader pays per round while a queue
 /// drains: each pending job is examined and its reason kept.
-fn backlog_on_a_full_fleet() {
-    let mut c = fleet();
+fn backlog_on_a_full_fleet(empty: &ClusterState) {
+    let mut c = empty.clone();
     let fill: Vec<GangRequest> = (0..HOSTS)
         .map(|i| GangRequest::new(format!("fill{i:05}"), 1, DeviceDemand::Whole(8)))
         .collect();

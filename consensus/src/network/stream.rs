@@ -22,6 +22,8 @@ use futures::StreamExt;
 use tokio::sync::oneshot;
 use tokio::sync::watch;
 
+use super::transport::lost_reply;
+use super::transport::lost_request;
 use super::transport::status_error;
 use super::transport::tagged;
 use super::transport::CallError;
@@ -94,13 +96,12 @@ pub(crate) async fn open(
 ) -> Result<impl Stream<Item = Result<pb::RaftPayload, CallError>> + Send + 'static, CallError> {
     let reply_timeout = pace.reply_timeout;
     let mut client = transport.client(addr)?;
-    let (sent, sent_rx) = watch::channel(0u64);
     let link = Link {
         transport: transport.clone(),
         from,
         to,
         in_flight: u64::from(pace.in_flight.get()),
-        sent: Arc::new(sent),
+        sent: Arc::new(watch::channel(0u64).0),
         received: Arc::new(watch::channel(0u64).0),
         dropped: Arc::new(AtomicBool::new(false)),
     };
@@ -123,8 +124,7 @@ pub(crate) async fn open(
     let replies = Replies {
         _held: replies_held,
         replies: opened.into_inner(),
-        sent: sent_rx,
-        received: 0,
+        sent: link.sent.subscribe(),
         reply_timeout,
         link,
     };
@@ -144,7 +144,6 @@ struct Replies {
     _held: oneshot::Sender<()>,
     replies: tonic::Streaming<pb::RaftPayload>,
     sent: watch::Receiver<u64>,
-    received: u64,
     reply_timeout: Duration,
     link: Link,
 }
@@ -154,7 +153,7 @@ impl Replies {
     async fn next(&mut self) -> Option<Result<pb::RaftPayload, CallError>> {
         let (from, to) = (self.link.from, self.link.to);
         let next = loop {
-            let owed = *self.sent.borrow_and_update() > self.received;
+            let owed = *self.sent.borrow_and_update() > *self.link.received.borrow();
             if owed {
                 match tokio::time::timeout(self.reply_timeout, self.replies.next()).await {
                     Ok(next) => break next,
@@ -163,9 +162,7 @@ impl Replies {
             }
             // Every reply owed is in: a lost request ends the stream here.
             if self.link.dropped.load(Ordering::Acquire) {
-                return Some(Err(CallError::NotSent(format!(
-                    "injected drop {from}->{to}"
-                ))));
+                return Some(Err(lost_request(from, to)));
             }
             tokio::select! {
                 next = self.replies.next() => break next,
@@ -181,14 +178,11 @@ impl Replies {
             None => None,
             Some(Err(status)) => Some(Err(status_error(status))),
             Some(Ok(msg)) => {
-                self.received += 1;
-                self.link.received.send_replace(self.received);
+                self.link.received.send_modify(|n| *n += 1);
                 if self.link.transport.gate(to, from).await {
                     Some(Ok(msg))
                 } else {
-                    Some(Err(CallError::NoReply(format!(
-                        "injected drop of reply {to}->{from}"
-                    ))))
+                    Some(Err(lost_reply(from, to)))
                 }
             }
         }

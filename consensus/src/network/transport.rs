@@ -149,15 +149,11 @@ impl Transport {
         let client = self.client(addr)?;
         let run = async {
             if !self.gate(from, to).await {
-                // Model a lost request: the sender learns nothing until its deadline, but we do
-                // not make it wait the full deadline (tests would crawl); it is reported as not sent.
-                return Err(CallError::NotSent(format!("injected drop {from}->{to}")));
+                return Err(lost_request(from, to));
             }
             let reply = f(client).await.map_err(status_error)?;
             if !self.gate(to, from).await {
-                return Err(CallError::NoReply(format!(
-                    "injected drop of reply {to}->{from}"
-                )));
+                return Err(lost_reply(from, to));
             }
             Ok(reply.into_inner())
         };
@@ -210,6 +206,18 @@ pub(crate) fn sender<T>(req: &tonic::Request<T>) -> Option<NodeId> {
         .get(FROM_KEY)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse().ok())
+}
+
+/// A request the injector lost on `from -> to`. The sender of a lost request learns nothing until
+/// its deadline; it is not made to wait it (tests would crawl) but told the request was not sent.
+pub(super) fn lost_request(from: NodeId, to: NodeId) -> CallError {
+    CallError::NotSent(format!("injected drop {from}->{to}"))
+}
+
+/// The reply to a `from -> to` request, lost by the injector on its way back: it may have been
+/// acted on.
+pub(super) fn lost_reply(from: NodeId, to: NodeId) -> CallError {
+    CallError::NoReply(format!("injected drop of reply {to}->{from}"))
 }
 
 /// Metadata key on a receiver's refusal of a message that arrived on a link its injector cuts.
