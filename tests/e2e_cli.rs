@@ -19,6 +19,12 @@ fn json(out: &Output) -> Value {
 async fn the_cli_submits_lists_drains_and_snapshots_through_any_replica() {
     let mut cluster = TestCluster::start(3);
     let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    // Each replica turned transparent huge pages off for itself (src/cmd/server.rs).
+    for id in 1..=3 {
+        let pid = cluster.replica(id).pid().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(status.contains("THP_enabled:\t0"), "replica {id}: {status}");
+    }
     let fleet = two_hosts(cluster.addrs()).await;
     // A follower first in the list: the CLI must find the leader by itself.
     let follower = (1..=3).find(|id| *id != leader).unwrap();

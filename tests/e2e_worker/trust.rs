@@ -166,7 +166,7 @@ async fn tasks_run_as_a_user_of_their_own_that_cannot_touch_the_agents_files() {
     let env = format!(
         "[env]\nLEASE = \"{}\"\nSTATE = \"{}\"\n",
         w.data.join("lease-deadline").display(),
-        w.data.join("agent-state.json").display()
+        w.data.join("agent-state.1").display()
     );
     let id = submit(&addrs[0], &sh_job("probe", PROBES, &env), "probe")
         .await

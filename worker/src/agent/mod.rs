@@ -40,6 +40,7 @@ pub mod lease_renewal;
 pub mod log_service;
 pub mod reconcile;
 pub mod scheduler_link;
+mod slot_pair;
 pub mod state_file;
 mod stream_trouble;
 pub mod task_env;
@@ -721,6 +722,7 @@ impl Agent {
         let Some((actions, stopping)) = self.decide(&set) else {
             return;
         };
+        let mut launched = Vec::new();
         for action in actions {
             match action {
                 Action::Stop { key } => {
@@ -730,7 +732,7 @@ impl Agent {
                         tokio::spawn(async move { h.stop(grace).await });
                     }
                 }
-                Action::Launch { key, alloc } => self.launch(key, alloc).await,
+                Action::Launch { key, alloc } => launched.extend(self.launch(key, alloc).await),
                 Action::WaitForStop {
                     key,
                     alloc,
@@ -751,6 +753,7 @@ impl Agent {
                 | Action::Forget { .. } => {}
             }
         }
+        self.commit_launches(launched);
     }
 
     /// What the host has, for [`reconcile::plan`]; taken under the state and running locks.
@@ -855,14 +858,18 @@ impl Agent {
                 if let Some(&newest) = lock(&agent.launching).get(&key) {
                     alloc.checkpoint_request = alloc.checkpoint_request.max(newest);
                 }
-                agent.launch(key.clone(), alloc).await;
+                let launched = agent.launch(key.clone(), alloc).await;
+                agent.commit_launches(launched.into_iter().collect());
             }
             lock(&agent.launching).remove(&key);
         });
     }
 
-    /// Launches a task as the user its queue or job gets (see [`task_users`]).
-    async fn launch(self: &Arc<Self>, key: TaskKey, alloc: pb::Allocation) {
+    /// Launches a task as the user its queue or job gets (see [`task_users`]) and records it in
+    /// the state, unsaved: the caller saves once for all the tasks it launches
+    /// ([`commit_launches`](Self::commit_launches)). `None` when the launch failed (recorded,
+    /// saved and reported as such).
+    async fn launch(self: &Arc<Self>, key: TaskKey, alloc: pb::Allocation) -> Option<TaskHandle> {
         let assigned = {
             let state = self.lock_state();
             self.uids
@@ -870,10 +877,35 @@ impl Agent {
         };
         match assigned {
             Ok(identity) => {
-                self.launch_as(key, alloc, identity.clone()).await;
+                let launched = self.launch_as(key, alloc, identity.clone()).await;
                 self.uids.release(identity.as_ref());
+                launched
             }
-            Err(e) => self.launch_failed(&key, format!("no user to run the task as: {e}")),
+            Err(e) => {
+                self.launch_failed(&key, format!("no user to run the task as: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Makes the launches just recorded durable with one save, then watches each task. Tasks
+    /// the state file cannot name could not be re-adopted after a restart and would be
+    /// launched a second time: if the save fails they are stopped instead.
+    fn commit_launches(self: &Arc<Self>, launched: Vec<TaskHandle>) {
+        if launched.is_empty() {
+            return;
+        }
+        if !self.save() {
+            for h in &launched {
+                let key = h.key();
+                tracing::error!(job = %key.job, task = key.task, "stopping the task just launched: the agent state cannot be saved");
+                let (h, grace) = (h.clone(), self.cfg.grace);
+                tokio::spawn(async move { h.stop(grace).await });
+            }
+        }
+        self.outbox_wake.notify_one();
+        for h in launched {
+            self.watch_task(h);
         }
     }
 
@@ -882,7 +914,7 @@ impl Agent {
         key: TaskKey,
         alloc: pb::Allocation,
         identity: Option<crate::driver::TaskIdentity>,
-    ) {
+    ) -> Option<TaskHandle> {
         let env = task_env::task_env(&alloc, &self.inventory, &self.cfg.checkpoint_dir);
         let ckdir = task_env::checkpoint_dir(&self.cfg.checkpoint_dir, &alloc.job_id);
         isolation::hand_over_checkpoint_dir(&ckdir, identity.as_ref());
@@ -938,22 +970,13 @@ impl Agent {
                             result,
                         });
                     }
-                    drop(state);
-                    if !self.save() {
-                        // A task the state file does not name could not be re-adopted after a
-                        // restart, and would be launched a second time: stop it now instead.
-                        tracing::error!(job = %key.job, task = key.task, "stopping the task just launched: the agent state cannot be saved");
-                        let h = handle.clone();
-                        let grace = self.cfg.grace;
-                        tokio::spawn(async move {
-                            h.stop(grace).await;
-                        });
-                    }
                 }
-                self.outbox_wake.notify_one();
-                self.watch_task(handle);
+                Some(handle)
             }
-            Err(e) => self.launch_failed(&key, e.to_string()),
+            Err(e) => {
+                self.launch_failed(&key, e.to_string());
+                None
+            }
         }
     }
 

@@ -1,18 +1,17 @@
 //! The agent's local intent, persisted so a restarted agent re-adopts the tasks it left running
 //! and never relaunches one that ended.
 //!
-//! Written atomically (temporary file, fsync, rename) after every change that matters: a launch,
-//! an end, a newer fencing floor, a report queued or acknowledged. A crash between a change and
+//! Written atomically (two slot files in turn, see [`SlotPair`]) after every change that matters:
+//! a launch, an end, a newer fencing floor, a report queued or acknowledged. A crash between a change and
 //! its write loses at most that change, and each loss is safe: an unrecorded launch is found as a
 //! stray only if its shim runs (it then keeps its lease deadline, so it ends by itself), and a
 //! queued report is re-derived from the task's exit file.
 
+use super::slot_pair::{SlotError, SlotPair};
 use crate::driver::{ExitOutcome, ProcessRecord, TaskKey};
 use gangway_proto::pb;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// A report the scheduler has not acknowledged yet; retried until it is.
@@ -171,9 +170,15 @@ mod pairs {
     }
 }
 
-/// Where the state lives and how it is written.
+/// Where the state lives and how it is written: two slot files, `agent-state.0` and
+/// `agent-state.1`, written in turn and in place ([`SlotPair`]: a save allocates and frees no
+/// inode and costs one `fdatasync`). An agent of an earlier version kept one `agent-state.json`,
+/// replaced by rename; it is read when no slot exists yet and removed after the first save.
 pub struct StateFile {
-    path: PathBuf,
+    slots: SlotPair,
+    legacy: PathBuf,
+    /// Whether `legacy` may still exist.
+    legacy_left: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +193,8 @@ pub enum StateFileError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("the agent state {path} holds no whole save ({why}), nor does the other slot beside it; move both aside to start afresh, which forgets the tasks they name")]
+    Damaged { path: PathBuf, why: String },
     #[error("cannot write the agent state {path}: {source}")]
     Write {
         path: PathBuf,
@@ -195,63 +202,65 @@ pub enum StateFileError {
     },
 }
 
+impl From<SlotError> for StateFileError {
+    fn from(e: SlotError) -> Self {
+        match e {
+            SlotError::Read { path, source } => StateFileError::Read { path, source },
+            SlotError::Damaged { path, why } => StateFileError::Damaged { path, why },
+            SlotError::Write { path, source } => StateFileError::Write { path, source },
+        }
+    }
+}
+
 impl StateFile {
     pub fn new(dir: &Path) -> Self {
         Self {
-            path: dir.join("agent-state.json"),
+            slots: SlotPair::new(dir, "agent-state"),
+            legacy: dir.join("agent-state.json"),
+            legacy_left: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The two slot files.
+    pub fn paths(&self) -> &[PathBuf; 2] {
+        self.slots.paths()
     }
 
     /// The saved state, or an empty one when none was saved yet.
     pub fn load(&self) -> Result<AgentState, StateFileError> {
-        match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateFileError::Corrupt {
-                path: self.path.clone(),
-                source,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
-            Err(source) => Err(StateFileError::Read {
-                path: self.path.clone(),
-                source,
-            }),
-        }
+        let (path, bytes) = match self.slots.load()? {
+            Some((path, body)) => (path.to_path_buf(), body),
+            None => match std::fs::read(&self.legacy) {
+                Ok(bytes) => (self.legacy.clone(), bytes),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(AgentState::default())
+                }
+                Err(source) => {
+                    let path = self.legacy.clone();
+                    return Err(StateFileError::Read { path, source });
+                }
+            },
+        };
+        serde_json::from_slice(&bytes).map_err(|source| StateFileError::Corrupt { path, source })
     }
 
     pub fn save(&self, state: &AgentState) -> Result<(), StateFileError> {
-        let err = |source| StateFileError::Write {
-            path: self.path.clone(),
-            source,
-        };
-        let bytes = serde_json::to_vec_pretty(state).map_err(|e| err(std::io::Error::other(e)))?;
-        // A temporary name of its own per write: two writers never truncate each other's file.
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self
-            .path
-            .with_extension(format!("json.{}.{n}.tmp", std::process::id()));
-        // 0600: the agent's alone (tasks run as other users and must not read or write it). A
-        // leftover of a crashed agent with the same pid goes first, mode and all.
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(err)?;
-        f.write_all(&bytes).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        drop(f);
-        if let Err(e) = std::fs::rename(&tmp, &self.path) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(err(e));
-        }
-        if let Some(dir) = self.path.parent() {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StateFileError::Write {
+            path: self.slots.paths()[0].clone(),
+            source: std::io::Error::other(e),
+        })?;
+        self.slots.save(&bytes)?;
+        if self
+            .legacy_left
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            match std::fs::remove_file(&self.legacy) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!(
+                    path = %self.legacy.display(),
+                    error = %e,
+                    "cannot remove the agent state of an earlier version (the slots are read first)"
+                ),
+                _ => {}
             }
         }
         Ok(())
@@ -397,11 +406,15 @@ mod tests {
         file.save(&state).unwrap();
         assert_eq!(file.load().unwrap(), state);
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(file.path()).unwrap().permissions().mode() & 0o777;
+        let slot = &file.paths()[1];
+        let mode = std::fs::metadata(slot).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "the agent's state is the agent's alone");
-        let text = std::fs::read_to_string(file.path()).unwrap();
+        let text = std::fs::read_to_string(slot).unwrap();
+        let (_, json) = text
+            .split_once('\n')
+            .expect("a header line, then the state");
         // A file written before tasks had users still loads: its tasks ran as the agent.
-        let mut older: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut older: serde_json::Value = serde_json::from_str(json).unwrap();
         let process = &mut older["tasks"][0][1]["process"];
         assert!(process
             .as_object_mut()
@@ -411,15 +424,55 @@ mod tests {
         let older: AgentState = serde_json::from_value(older).unwrap();
         assert_eq!(older.tasks[&key].process.identity, None);
         assert!(
-            text.contains(r#""state": "lost""#),
-            "report states keep their word form: {text}"
+            json.contains(r#""state": "lost""#),
+            "report states keep their word form: {json}"
         );
-        assert!(text.contains(r#""health": "failed""#), "{text}");
-        std::fs::write(file.path(), b"{ not json").unwrap();
+        assert!(json.contains(r#""health": "failed""#), "{json}");
+        // A whole save that is not a state names its slot.
+        file.slots.save(b"{ not json").unwrap();
         let err = file.load().unwrap_err().to_string();
         assert!(
-            err.contains("agent-state.json") && err.contains("not valid"),
+            err.contains("agent-state.0") && err.contains("not valid"),
             "{err}"
+        );
+        // No whole save in either slot: named, never taken for an empty state.
+        std::fs::write(&file.paths()[0], b"{ not json").unwrap();
+        std::fs::write(&file.paths()[1], b"").unwrap();
+        let err = StateFile::new(dir.path()).load().unwrap_err().to_string();
+        assert!(
+            err.contains("agent-state.0") && err.contains("no whole save"),
+            "{err}"
+        );
+    }
+
+    /// An agent upgraded in place finds the single file its earlier version wrote by rename,
+    /// and leaves only the slots after its first save.
+    #[test]
+    fn the_state_an_earlier_version_left_is_read_then_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join("agent-state.json");
+        let earlier = AgentState {
+            revision: 7,
+            ..AgentState::default()
+        };
+        std::fs::write(&legacy, serde_json::to_vec_pretty(&earlier).unwrap()).unwrap();
+        let file = StateFile::new(dir.path());
+        assert_eq!(file.load().unwrap(), earlier);
+        let later = AgentState {
+            revision: 8,
+            ..earlier
+        };
+        file.save(&later).unwrap();
+        assert!(
+            !legacy.exists(),
+            "the old file goes once the slots hold the state"
+        );
+        assert_eq!(StateFile::new(dir.path()).load().unwrap(), later);
+        std::fs::write(&legacy, b"{ stale").unwrap();
+        assert_eq!(
+            StateFile::new(dir.path()).load().unwrap(),
+            later,
+            "slots are read first"
         );
     }
 }

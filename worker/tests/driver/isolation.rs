@@ -59,7 +59,8 @@ pub(crate) async fn tasks_are_isolated_from_the_agent_and_each_other() -> CaseRe
     mine.identity = identity(MINE);
     for (k, v) in [
         ("LEASE", fx.path("lease")),
-        ("STATE", state.path().to_path_buf()),
+        // The one save above went to the state's second slot (save 1, slot 1).
+        ("STATE", state.paths()[1].clone()),
         ("OTHER_DIR", other_dir.clone()),
     ] {
         mine.env.insert(k.into(), v.display().to_string());
