@@ -932,44 +932,41 @@ impl Agent {
         match self.driver.launch(spec).await {
             Ok(handle) => {
                 tracing::info!(job = %key.job, task = key.task, epoch = key.epoch, "launched");
-                {
-                    let mut state = self.lock_state();
-                    state.tasks.insert(
-                        key.clone(),
-                        TaskEntry {
-                            process: handle.record(),
-                            devices: alloc.devices.iter().map(|d| d.index).collect(),
-                            // Requests made before the launch are answered by the restore.
-                            checkpoints_done: alloc.checkpoint_request,
-                            ended: None,
-                        },
-                    );
-                    state.outbox.push(PendingReport::Task {
+                let mut state = self.lock_state();
+                state.tasks.insert(
+                    key.clone(),
+                    TaskEntry {
+                        process: handle.record(),
+                        devices: alloc.devices.iter().map(|d| d.index).collect(),
+                        // Requests made before the launch are answered by the restore.
+                        checkpoints_done: alloc.checkpoint_request,
+                        ended: None,
+                    },
+                );
+                state.outbox.push(PendingReport::Task {
+                    key: key.clone(),
+                    state: ReportedState::Running,
+                    exit_code: None,
+                    message: String::new(),
+                });
+                // Checkpoint requests made after the lease was granted but before the launch
+                // (while the agent was away or the devices were still being freed) are
+                // answered by the restore point: the task has done no work under this lease
+                // yet. Rank 0 says so, or a migration waiting for one of them would wait
+                // forever.
+                if key.task == 0 && alloc.checkpoint_request > alloc.checkpoint_request_at_grant {
+                    let result = match checkpoint::read_manifest(&ckdir) {
+                        Some(m) => Ok((m.path, m.step, m.bytes)),
+                        None => Err(
+                            "no checkpoint yet: the task had not started under this lease"
+                                .to_owned(),
+                        ),
+                    };
+                    state.outbox.push(PendingReport::Checkpoint {
                         key: key.clone(),
-                        state: ReportedState::Running,
-                        exit_code: None,
-                        message: String::new(),
+                        request: alloc.checkpoint_request,
+                        result,
                     });
-                    // Checkpoint requests made after the lease was granted but before the launch
-                    // (while the agent was away or the devices were still being freed) are
-                    // answered by the restore point: the task has done no work under this lease
-                    // yet. Rank 0 says so, or a migration waiting for one of them would wait
-                    // forever.
-                    if key.task == 0 && alloc.checkpoint_request > alloc.checkpoint_request_at_grant
-                    {
-                        let result = match checkpoint::read_manifest(&ckdir) {
-                            Some(m) => Ok((m.path, m.step, m.bytes)),
-                            None => Err(
-                                "no checkpoint yet: the task had not started under this lease"
-                                    .to_owned(),
-                            ),
-                        };
-                        state.outbox.push(PendingReport::Checkpoint {
-                            key: key.clone(),
-                            request: alloc.checkpoint_request,
-                            result,
-                        });
-                    }
                 }
                 Some(handle)
             }
