@@ -296,12 +296,16 @@ mod tests {
         }
         let last = file.load().unwrap().revision;
         assert!((0..4).any(|t| last == t * 1000 + 49), "{last}");
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(leftovers.is_empty(), "{leftovers:?}");
+        names.sort();
+        assert_eq!(
+            names,
+            ["agent-state.0", "agent-state.1"],
+            "the two slots, nothing else"
+        );
     }
 
     #[test]
