@@ -66,7 +66,7 @@ impl SlotPair {
         let mut next = self.lock();
         let files = self.read_both()?;
         let newest = newest(&files);
-        *next = Some(newest.as_ref().map_or(1, |(_, seq, _)| seq + 1));
+        *next = Some(seq_after(newest.map(|(_, seq, _)| seq)));
         if let Some((slot, seq, body)) = newest {
             if let Some(Err(why)) = decoded(&files, 1 - slot) {
                 tracing::warn!(
@@ -76,9 +76,9 @@ impl SlotPair {
             }
             return Ok(Some((&self.paths[slot], body.to_vec())));
         }
-        for (slot, file) in files.iter().enumerate() {
-            if let Some(bytes) = file {
-                let why = decode(slot, bytes).err().unwrap_or_default();
+        // No whole save: the first slot present is damaged (both are, if both are present).
+        for slot in 0..2 {
+            if let Some(Err(why)) = decoded(&files, slot) {
                 let path = self.paths[slot].clone();
                 return Err(SlotError::Damaged { path, why });
             }
@@ -91,7 +91,7 @@ impl SlotPair {
         let mut next = self.lock();
         let seq = match *next {
             Some(seq) => seq,
-            None => newest(&self.read_both()?).map_or(1, |(_, seq, _)| seq + 1),
+            None => seq_after(newest(&self.read_both()?).map(|(_, seq, _)| seq)),
         };
         let path = &self.paths[(seq % 2) as usize];
         write_slot(path, &encode(seq, body)).map_err(|source| SlotError::Write {
@@ -118,6 +118,11 @@ impl SlotPair {
         };
         Ok([read(&self.paths[0])?, read(&self.paths[1])?])
     }
+}
+
+/// The number of the save after the newest whole one (1 when there is none).
+fn seq_after(newest: Option<u64>) -> u64 {
+    newest.map_or(1, |seq| seq + 1)
 }
 
 fn decoded(files: &[Option<Vec<u8>>; 2], slot: usize) -> Option<Result<(u64, &[u8]), String>> {
