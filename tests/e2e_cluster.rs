@@ -147,7 +147,7 @@ async fn leases_survive_a_leader_kill_and_the_killed_replica_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_specs_are_rejected_with_the_field_named_and_nothing_created() {
     let mut cluster = TestCluster::start(3);
-    let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
     let cases = [
         (
             single("x", 0).replace("devices = 0", "devices = -2"),
@@ -181,7 +181,7 @@ async fn invalid_specs_are_rejected_with_the_field_named_and_nothing_created() {
             );
         }
     }
-    let jobs = list_jobs(&cluster.addr(leader)).await;
+    let jobs = cluster.list_jobs().await;
     assert!(
         jobs.is_empty(),
         "invalid submissions created jobs: {jobs:?}"
@@ -209,7 +209,7 @@ async fn concurrent_submissions_with_one_idempotency_key_create_one_job() {
             "round {round}: exactly one created it: {a:?} {b:?}"
         );
     }
-    let jobs = list_jobs(&cluster.addr(leader)).await;
+    let jobs = cluster.list_jobs().await;
     assert_eq!(jobs.len(), 5, "{jobs:?}");
 }
 

@@ -110,7 +110,8 @@ async fn assert_cluster_settled(
             "replica {id}: the leases from before the drill"
         );
     }
-    let probes_alive: Vec<_> = list_jobs(&cluster.addr(leader))
+    let probes_alive: Vec<_> = cluster
+        .list_jobs()
         .await
         .into_iter()
         .filter(|j| j.name.starts_with("drill-probe-") && j.state().word() != "cancelled")
@@ -142,7 +143,7 @@ async fn a_drill_is_refused_unless_the_replica_allows_it() {
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("allow_drills"), "{}", explain(&out));
-    assert!(list_jobs(&cluster.addr(leader)).await.is_empty());
+    assert!(cluster.list_jobs().await.is_empty());
 
     // The RPC itself, every action: FAILED_PRECONDITION naming the setting.
     let mut c = client(&cluster.addr(leader)).await.expect("connect");

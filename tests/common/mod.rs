@@ -269,6 +269,27 @@ impl TestCluster {
         out
     }
 
+    /// Every job, as the leader lists it. A leader that loses its term between the test's look and
+    /// the read (a 2-core CI machine under load can miss heartbeats) answers `UNAVAILABLE`; the read
+    /// goes to whichever replica leads next, as the CLI's client would, for up to 30 s.
+    pub async fn list_jobs(&mut self) -> Vec<pb::JobSummary> {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let leader = self.wait_for_leader(None, Duration::from_secs(30)).await;
+            let reply = match client(&self.addr(leader)).await {
+                Some(mut c) => c.list_jobs(pb::ListJobsRequest::default()).await,
+                None => Err(tonic::Status::unavailable("cannot connect")),
+            };
+            match reply {
+                Ok(r) => return r.into_inner().jobs,
+                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("list jobs from replica {leader}: {e:?}\n{}", self.logs()),
+            }
+        }
+    }
+
     /// Waits until a running replica reports a leader other than `not`, and returns its id.
     pub async fn wait_for_leader(&mut self, not: Option<u64>, timeout: Duration) -> u64 {
         let until = Instant::now() + timeout;
@@ -393,16 +414,6 @@ pub fn single(name: &str, devices: u32) -> String {
     format!(
         "name = \"{name}\"\nqueue = \"default\"\ncommand = [\"sleep\", \"1000\"]\n[resources]\ndevices = {devices}\n"
     )
-}
-
-/// Every job, as the replica at `addr` (the leader) lists it.
-pub async fn list_jobs(addr: &str) -> Vec<pb::JobSummary> {
-    let mut c = client(addr).await.expect("connect");
-    c.list_jobs(pb::ListJobsRequest::default())
-        .await
-        .expect("list jobs")
-        .into_inner()
-        .jobs
 }
 
 /// Submits through the client API of `addr` (a follower forwards).
