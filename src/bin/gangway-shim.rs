@@ -11,11 +11,8 @@ const EXIT_INVALID: u8 = 3;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match gangway_worker::driver::ShimArgs::parse(&args) {
-        Ok(a) => {
-            let code = gangway_worker::driver::run_shim(a);
-            ExitCode::from(u8::try_from(code).unwrap_or(1))
-        }
+    match gangway_worker::driver::shim_main(&args) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             eprintln!("error: gangway-shim: {e}");
             ExitCode::from(EXIT_INVALID)

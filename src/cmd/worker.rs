@@ -67,6 +67,12 @@ pub struct WorkerArgs {
     /// agent re-adopts them).
     #[arg(long)]
     pub stop_tasks_on_exit: bool,
+    /// Start task shims from one fork server (a small process forked per task) instead of
+    /// executing the shim binary per task; `false` executes each (the fallback either way when
+    /// the server fails).
+    #[arg(long, env = "GANGWAY_SHIM_FORK_SERVER", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new(), value_name = "BOOL")]
+    pub shim_fork_server: bool,
     /// The account every task runs as (never root nor the agent's user). Tasks need a user: give
     /// this, --task-uid-range or --task-user-same-as-agent.
     #[arg(long, env = "GANGWAY_TASK_USER", value_name = "NAME")]
@@ -137,6 +143,7 @@ impl WorkerArgs {
                 .unwrap_or_else(|| self.data_dir.join("checkpoints")),
             grace: self.grace,
             shim_command: gangway_worker::driver::shim_command_for(&exe),
+            shim_fork_server: self.shim_fork_server,
             stop_tasks_on_exit: self.stop_tasks_on_exit,
             rpc_timeout: Duration::from_secs(5),
             health_check: self.health_check()?,
@@ -259,11 +266,8 @@ pub struct ShimArgs {
 }
 
 pub fn run_shim(args: ShimArgs) -> ExitCode {
-    match gangway_worker::driver::ShimArgs::parse(&args.args) {
-        Ok(a) => {
-            let code = gangway_worker::driver::run_shim(a);
-            ExitCode::from(u8::try_from(code).unwrap_or(1))
-        }
+    match gangway_worker::driver::shim_main(&args.args) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             eprintln!("error: task-shim: {e}");
             ExitCode::from(super::EXIT_INVALID)

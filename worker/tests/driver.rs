@@ -2,18 +2,19 @@
 //! the shim.
 //!
 //! `harness = false`: the shim must be a real executable the driver can start, so `main` runs
-//! [`run_shim`] when invoked as `<test-exe> task-shim ...` and the test cases otherwise. Each case
+//! [`shim_main`] when invoked as `<test-exe> task-shim ...` and the test cases otherwise. Each case
 //! prints its name, why it matters, and PASS or FAIL; any failure exits non-zero.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use gangway_worker::driver::{
-    boottime_ms, run_shim, DriverConfig, DriverError, ExitOutcome, ExitReason, LaunchSpec,
-    ProcessRecord, ShimArgs, TaskDriver, TaskHandle, TaskKey,
+    boottime_ms, shim_main, DriverConfig, DriverError, ExitOutcome, ExitReason, LaunchSpec,
+    ProcessRecord, TaskDriver, TaskHandle, TaskKey,
 };
 
 type CaseResult = Result<(), String>;
@@ -34,8 +35,8 @@ mod isolation;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("task-shim") {
-        let code = match ShimArgs::parse(&args[2..]) {
-            Ok(shim_args) => run_shim(shim_args),
+        let code = match shim_main(&args[2..]) {
+            Ok(code) => code,
             Err(e) => {
                 eprintln!("{e}");
                 2
@@ -91,6 +92,22 @@ fn main() {
         ),
     ];
 
+    // The fork server's own failures, once (their drivers fork whatever the pass).
+    let fork_server_cases: &[(&str, &str, Case)] = &[
+        (
+            "a_killed_fork_server_loses_no_task_and_is_replaced",
+            "a shim must outlive the server that forked it and still report its task's end; a \
+             dead server must not stop the next launch",
+            || Box::pin(a_killed_fork_server_loses_no_task_and_is_replaced()),
+        ),
+        (
+            "a_stuck_fork_server_never_runs_a_task_twice",
+            "when the server does not answer, the driver starts the shim itself; it must know no \
+             forked copy runs, or the task would run twice on the same devices",
+            || Box::pin(a_stuck_fork_server_never_runs_a_task_twice()),
+        ),
+    ];
+
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -100,11 +117,18 @@ fn main() {
     };
     let started = Instant::now();
     let mut failed = 0;
-    for (name, why, case) in cases {
+    // Every case twice: shims forked by the fork server (the agent's default), then executed.
+    let passes = [(true, "forked shims"), (false, "executed shims")];
+    let runs = passes
+        .iter()
+        .flat_map(|pass| cases.iter().map(move |case| (case, pass)))
+        .chain(fork_server_cases.iter().map(|case| (case, &passes[0])));
+    for ((name, why, case), (fork, how)) in runs {
         if filter.as_deref().is_some_and(|f| !name.contains(f)) {
             continue;
         }
-        println!("test {name}\n    why: {why}");
+        FORK_SERVER.store(*fork, Ordering::SeqCst);
+        println!("test {name} ({how})\n    why: {why}");
         let case_start = Instant::now();
         let result = runtime.block_on(async {
             tokio::time::timeout(Duration::from_secs(15), case())
@@ -156,10 +180,14 @@ impl Fixture {
     }
 }
 
+/// Whether the drivers of the current pass fork their shims (see `main`).
+static FORK_SERVER: AtomicBool = AtomicBool::new(true);
+
 fn new_driver(data_dir: &Path, grace: Duration) -> Result<TaskDriver, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     TaskDriver::new(DriverConfig {
         shim_command: vec![exe.display().to_string(), "task-shim".into()],
+        fork_server: FORK_SERVER.load(Ordering::SeqCst),
         data_dir: data_dir.to_path_buf(),
         lease_file: data_dir.join("lease"),
         grace,
@@ -525,6 +553,120 @@ async fn failed_to_start_names_program() -> CaseResult {
     ensure!(
         matches!(err, Some(DriverError::InvalidSpec { .. })),
         "empty command accepted: {err:?}"
+    );
+    Ok(())
+}
+
+/// The parent of `pid`, from field 4 of its `/proc` stat line.
+fn parent_of(pid: i32) -> Result<i32, String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+    let after = &text[text.rfind(')').ok_or("no `)` in stat")? + 1..];
+    after
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("no parent in {text:?}"))
+}
+
+fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// Launches a task that appends a line to `runs`, then waits for `go-<job>` before exiting;
+/// returns its handle once it is running.
+async fn counted_task(fx: &Fixture, job: &str) -> Result<TaskHandle, String> {
+    let script = format!(
+        "echo {job} >> runs; touch started-{job}; while [ ! -f go-{job} ]; do sleep 0.02; done"
+    );
+    let handle = fx.launch(job, 1, &script).await?;
+    wait_for_file(&fx.path(&format!("started-{job}")), LONG).await?;
+    Ok(handle)
+}
+
+async fn finish_counted(fx: &Fixture, handle: &TaskHandle, job: &str) -> Result<(), String> {
+    touch(&fx.path(&format!("go-{job}")))?;
+    let outcome = wait_within(handle, LONG).await?;
+    ensure!(
+        outcome.reason == ExitReason::Exited && outcome.code == Some(0),
+        "{job}: want Exited/0, got {outcome:?}"
+    );
+    Ok(())
+}
+
+fn runs(fx: &Fixture) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(fx.path("runs")).map_err(|e| e.to_string())?;
+    Ok(text.lines().map(str::to_owned).collect())
+}
+
+/// The fork server's process: a shim's parent, and runs with `--fork-server`.
+fn server_of(shim: i32) -> Result<i32, String> {
+    let parent = parent_of(shim)?;
+    ensure!(
+        parent != std::process::id() as i32,
+        "the shim {shim} is the driver's own child: it was executed, not forked"
+    );
+    ensure!(
+        cmdline(parent).contains(" --fork-server "),
+        "the shim's parent {parent} is not a fork server: {}",
+        cmdline(parent)
+    );
+    Ok(parent)
+}
+
+async fn a_killed_fork_server_loses_no_task_and_is_replaced() -> CaseResult {
+    let fx = Fixture::new(Duration::from_secs(1))?;
+    let first = counted_task(&fx, "one").await?;
+    let server = server_of(first.record().pid)?;
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(server, libc::SIGKILL) };
+    // A shim outlives its server, and its end still reaches the driver (through its pidfd).
+    finish_counted(&fx, &first, "one").await?;
+    // The next request finds the server gone: that shim is executed instead...
+    let second = counted_task(&fx, "two").await?;
+    ensure!(
+        parent_of(second.record().pid)? == std::process::id() as i32,
+        "after the server died the shim should have been executed by the driver"
+    );
+    finish_counted(&fx, &second, "two").await?;
+    // ...and the one after goes to a fresh server.
+    let third = counted_task(&fx, "three").await?;
+    let fresh = server_of(third.record().pid)?;
+    ensure!(fresh != server, "the dead server {server} was reused");
+    finish_counted(&fx, &third, "three").await?;
+    ensure!(
+        runs(&fx)? == ["one", "two", "three"],
+        "each task exactly once: {:?}",
+        runs(&fx)?
+    );
+    Ok(())
+}
+
+async fn a_stuck_fork_server_never_runs_a_task_twice() -> CaseResult {
+    let fx = Fixture::new(Duration::from_secs(1))?;
+    let first = counted_task(&fx, "one").await?;
+    let server = server_of(first.record().pid)?;
+    finish_counted(&fx, &first, "one").await?;
+    // Stopped, the server takes the request but never forks: the driver gives up on it after
+    // its answer limit, kills it, learns no shim was forked, and executes the shim itself.
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(server, libc::SIGSTOP) };
+    let second = counted_task(&fx, "two").await?;
+    ensure!(
+        parent_of(second.record().pid)? == std::process::id() as i32,
+        "with the server stopped the shim should have been executed by the driver"
+    );
+    finish_counted(&fx, &second, "two").await?;
+    ensure!(
+        cmdline(server).is_empty() || parent_of(server).is_err(),
+        "the stuck server {server} was left running"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(
+        runs(&fx)? == ["one", "two"],
+        "each task exactly once: {:?}",
+        runs(&fx)?
     );
     Ok(())
 }

@@ -73,6 +73,9 @@ pub struct AgentConfig {
     /// How a task's supervisor is started: `gangway-shim`, or the `gangway` binary and `task-shim`
     /// (see [`crate::driver::shim_command_for`]).
     pub shim_command: Vec<String>,
+    /// Shims forked by a fork server rather than executed one by one (see
+    /// [`crate::driver::DriverConfig::fork_server`]).
+    pub shim_fork_server: bool,
     /// On a clean shutdown, stop the tasks too (development clusters); by default they keep
     /// running and a restarted agent re-adopts them.
     pub stop_tasks_on_exit: bool,

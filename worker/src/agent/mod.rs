@@ -185,6 +185,7 @@ impl Agent {
         isolation::prepare_host(&cfg, &users)?;
         let driver = Arc::new(TaskDriver::new(DriverConfig {
             shim_command: cfg.shim_command.clone(),
+            fork_server: cfg.shim_fork_server,
             data_dir: cfg.data_dir.clone(),
             lease_file: cfg.data_dir.join("lease-deadline"),
             grace: cfg.grace,

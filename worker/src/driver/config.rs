@@ -10,6 +10,9 @@ pub struct DriverConfig {
     /// Program and leading arguments that start a shim (see [`shim_command_for`]). The driver
     /// appends the shim's flags, `--` and the task's command.
     pub shim_command: Vec<String>,
+    /// Shims forked by one long-lived `shim_command --fork-server` instead of each executed (see
+    /// `fork_server.rs`); the driver executes them when the server fails.
+    pub fork_server: bool,
     /// The driver owns `<data_dir>/tasks/...` (exit files, default working directories) and
     /// `<data_dir>/logs/...` (one log per task, across epochs).
     pub data_dir: PathBuf,

@@ -13,6 +13,10 @@
 //!   the task by the deadline;
 //! * signals (checkpoint, stop) go to the whole group, reaching a launcher's workers too.
 //!
+//! Shims are forked by a small fork server (`fork_server.rs`) when the configuration asks for it,
+//! which saves executing the shim binary per task; the driver executes them otherwise, and
+//! whenever the server fails.
+//!
 //! Files under `data_dir`: `logs/<job>/task-<n>.log` (stdout and stderr of every epoch, each
 //! after a `=== gangway: epoch E started` header) and `tasks/<job>/task-<n>/` (`epoch-<E>/exit.json`
 //! and the default working directory `work/`). A task may run as another user
@@ -22,6 +26,7 @@ mod child_exit;
 mod config;
 mod error;
 mod exit_file;
+mod fork_server;
 mod identity;
 mod key;
 mod layout;
@@ -44,7 +49,7 @@ pub use lease::boottime_ms;
 pub use outcome::{ExitOutcome, ExitReason};
 pub(crate) use procfs::{clock_ticks_per_second, group_cpu_ticks, uids_with_processes};
 pub use record::ProcessRecord;
-pub use shim::{run_shim, ShimArgs};
+pub use shim::{run_shim, shim_main, ShimArgs};
 pub use spec::LaunchSpec;
 pub use task_driver::{SweepReport, TaskDriver, DEFAULT_LOG_MAX_BYTES};
 pub use task_handle::TaskHandle;

@@ -161,6 +161,18 @@ impl ShimArgs {
     }
 }
 
+/// What the shim binary does with its flags: serve as the driver's fork server (`--fork-server
+/// <data dir>`, see `fork_server.rs`) or supervise one task. Returns the exit code; `Err` for flags
+/// that are neither. Blocking: call it from `main` before starting any async runtime.
+pub fn shim_main(args: &[String]) -> Result<i32, DriverError> {
+    if let [flag, _data_dir] = args {
+        if flag == super::fork_server::FLAG {
+            return Ok(super::fork_server::serve());
+        }
+    }
+    Ok(run_shim(ShimArgs::parse(args)?))
+}
+
 /// Runs the shim until the task ends; returns the shim's exit code (0 once the exit file is
 /// written). Blocking: call it from `main` before starting any async runtime.
 pub fn run_shim(args: ShimArgs) -> i32 {

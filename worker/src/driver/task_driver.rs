@@ -7,6 +7,7 @@ use std::process::Stdio;
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
+use super::fork_server::ForkServer;
 use super::procfs::{same_process_alive, ProcStat};
 use super::{
     exit_file, layout, lease, DriverConfig, DriverError, ExitOutcome, LaunchSpec, ProcessRecord,
@@ -24,6 +25,8 @@ pub struct TaskDriver {
     log_max_bytes: u64,
     /// Task directories open to their task, with the newest epoch launched in each.
     open: std::sync::Mutex<std::collections::BTreeMap<PathBuf, u64>>,
+    /// Forks shims when the configuration asks for it.
+    fork_server: Option<ForkServer>,
 }
 
 /// The default cap on one task's log before it is rotated (the previous part is kept beside it,
@@ -57,10 +60,14 @@ impl TaskDriver {
         {
             create_dir(parent)?;
         }
+        let fork_server = cfg
+            .fork_server
+            .then(|| ForkServer::new(&cfg.shim_command, &cfg.data_dir));
         Ok(TaskDriver {
             cfg,
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             open: Default::default(),
+            fork_server,
         })
     }
 
@@ -181,7 +188,28 @@ impl TaskDriver {
             env.entry("HOME".into())
                 .or_insert_with(|| work_dir.display().to_string());
         }
-        let (pid, child) = self.spawn_shim(&key, &shim_args, &env, &log_file)?;
+        let log = open_log(&log_file, &key)?;
+        let record = |pid, start_ticks| ProcessRecord {
+            key: key.clone(),
+            pid,
+            start_ticks,
+            exit_file,
+            log_file: log_file.clone(),
+            identity: spec.identity.clone(),
+        };
+        if let Some(server) = &self.fork_server {
+            match server.fork(shim_args.to_args(), env.clone(), &log) {
+                Ok(forked) => {
+                    tracing::info!(task = %key, pid = forked.pid, identity = ?spec.identity, "launched task (forked shim)");
+                    let record = record(forked.pid, forked.start_ticks);
+                    return Ok(TaskHandle::forked(record, forked.pidfd));
+                }
+                Err(why) => {
+                    tracing::warn!(task = %key, %why, "the shim fork server failed; executing the shim")
+                }
+            }
+        }
+        let (pid, child) = self.spawn_shim(&shim_args, &env, log, &log_file)?;
         // The shim is our unreaped child, so its /proc entry exists even if it already exited.
         let start_ticks = match ProcStat::read(pid) {
             Ok(stat) => stat.start_ticks,
@@ -191,26 +219,17 @@ impl TaskDriver {
             }
         };
         tracing::info!(task = %key, pid, identity = ?spec.identity, "launched task");
-        let record = ProcessRecord {
-            key,
-            pid,
-            start_ticks,
-            exit_file,
-            log_file,
-            identity: spec.identity,
-        };
-        Ok(TaskHandle::launched(record, child))
+        Ok(TaskHandle::launched(record(pid, start_ticks), child))
     }
 
     /// Starts the shim in a process group of its own, its output appended to the task's log.
     fn spawn_shim(
         &self,
-        key: &TaskKey,
         shim_args: &ShimArgs,
         env: &std::collections::BTreeMap<String, String>,
+        log: fs::File,
         log_file: &Path,
     ) -> Result<(i32, tokio::process::Child), DriverError> {
-        let log = open_log(log_file, key)?;
         let log_err = log
             .try_clone()
             .map_err(|e| DriverError::io("duplicating log file", log_file, e))?;
@@ -450,6 +469,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = DriverConfig {
             shim_command: vec![],
+            fork_server: false,
             data_dir: dir.path().into(),
             lease_file: dir.path().join("lease"),
             grace: std::time::Duration::from_secs(1),
@@ -462,6 +482,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut driver = TaskDriver::new(DriverConfig {
             shim_command: vec!["gangway".into(), "task-shim".into()],
+            fork_server: false,
             data_dir: dir.path().into(),
             lease_file: dir.path().join("lease"),
             grace: std::time::Duration::from_secs(1),

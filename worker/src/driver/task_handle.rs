@@ -4,6 +4,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::fd::OwnedFd;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::watch;
 
 use super::procfs::same_process_alive;
@@ -26,8 +30,9 @@ pub struct TaskHandle {
 
 struct Inner {
     record: ProcessRecord,
-    /// Whether the shim is a child of this process. If not (adopted), the pid is re-checked
-    /// against its start time before every signal, since nothing stops it being recycled.
+    /// Whether the shim is not a child of this process (adopted, or forked by the fork server).
+    /// Then the pid is re-checked against its start time before every signal, since nothing
+    /// stops it being recycled.
     adopted: bool,
     /// `None` while the shim runs; the outcome once the watcher saw it end.
     outcome: watch::Receiver<Option<ExitOutcome>>,
@@ -66,6 +71,41 @@ impl TaskHandle {
         }
     }
 
+    /// Watches a shim the fork server started (not our child, so not ours to wait for): woken
+    /// by its pidfd when it exits, or polled as an adopted one where there is no pidfd.
+    pub(crate) fn forked(record: ProcessRecord, pidfd: Option<OwnedFd>) -> Self {
+        let Some(pidfd) = pidfd else {
+            return Self::adopted(record);
+        };
+        let (tx, rx) = watch::channel(None);
+        let flags = Arc::new(StopFlags::default());
+        let (pid, ticks, exit_file) = (record.pid, record.start_ticks, record.exit_file.clone());
+        let watcher_flags = flags.clone();
+        tokio::spawn(async move {
+            // SAFETY: the AsyncFd owns the pidfd, which stays open and the same until it drops.
+            let registered = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) };
+            let how = match registered {
+                Ok(fd) => match fd.readable().await {
+                    Ok(_) => "the shim exited".to_owned(),
+                    Err(e) => format!("cannot watch the shim: {e}"),
+                },
+                Err(_) => {
+                    poll_until_gone(pid, ticks).await;
+                    "the shim is gone".to_owned()
+                }
+            };
+            let _ = tx.send(Some(conclude(&exit_file, &watcher_flags, &how)));
+        });
+        TaskHandle {
+            inner: Arc::new(Inner {
+                record,
+                adopted: true,
+                outcome: rx,
+                flags,
+            }),
+        }
+    }
+
     /// Watches a shim an earlier agent started, by polling `/proc`. Uses the current Tokio
     /// runtime when there is one, else a thread of its own.
     pub(crate) fn adopted(record: ProcessRecord) -> Self {
@@ -80,11 +120,7 @@ impl TaskHandle {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    let mut tick = tokio::time::interval(ADOPTED_POLL);
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    while same_process_alive(pid, ticks) {
-                        tick.tick().await;
-                    }
+                    poll_until_gone(pid, ticks).await;
                     done();
                 });
             }
@@ -185,6 +221,15 @@ impl TaskHandle {
             return Ok(());
         }
         signal_group(record.pid, signal)
+    }
+}
+
+/// Returns once the process `pid` started at `ticks` is gone, looking every [`ADOPTED_POLL`].
+async fn poll_until_gone(pid: i32, ticks: u64) {
+    let mut tick = tokio::time::interval(ADOPTED_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while same_process_alive(pid, ticks) {
+        tick.tick().await;
     }
 }
 
