@@ -3,37 +3,28 @@
 //! It is what lets an agent that restarted while the task ran (and so is not the shim's parent
 //! and cannot wait for it) still learn the task's real exit status.
 
-use std::fs;
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use super::lease::temp_sibling;
 use super::ExitOutcome;
 
-/// Writes the outcome atomically and durably: temporary file, fsync, rename, fsync of the
-/// directory. The shim may be SIGKILLed right after, and the host may crash; a reader sees the
-/// whole outcome or none.
+/// Writes the outcome in place, then `fdatasync`s it: one flush, no temporary file, no rename.
+/// Nobody reads the file while it is written: the agent reads it only once the shim has exited.
+/// A shim killed mid-write, or a host that crashed before the flush reached the disk, leaves an
+/// empty, cut or missing file; a cut JSON object never parses, so a reader sees the whole outcome
+/// or [`read`]'s error, and treats that as it treats no file (the task's end is lost).
 pub(crate) fn write(path: &Path, outcome: &ExitOutcome) -> io::Result<()> {
     let json = serde_json::to_vec(outcome).map_err(io::Error::other)?;
-    let tmp = temp_sibling(path, 0);
-    let result = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(&json)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            // Best effort: some filesystems cannot fsync a directory.
-            if let Ok(dir) = fs::File::open(dir) {
-                let _ = dir.sync_all();
-            }
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(&json)?;
+    file.sync_data()
 }
 
 /// Reads the outcome: `Ok(None)` when there is no exit file, `Err` with a sentence when there is
@@ -65,11 +56,39 @@ mod tests {
             message: "fenced".into(),
         };
         write(&path, &outcome).unwrap();
-        assert_eq!(read(&path), Ok(Some(outcome)));
+        assert_eq!(read(&path), Ok(Some(outcome.clone())));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the agent's alone");
         let raw: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
         assert_eq!(raw["reason"], "lease_expired");
         assert_eq!(raw["code"], serde_json::Value::Null);
         fs::write(&path, "{").unwrap();
         assert!(read(&path).unwrap_err().contains("corrupt"));
+        // A longer file from before is replaced whole, not overwritten at its head.
+        fs::write(&path, vec![b' '; 4096]).unwrap();
+        write(&path, &outcome).unwrap();
+        assert_eq!(read(&path), Ok(Some(outcome.clone())));
+    }
+
+    #[test]
+    fn a_write_cut_anywhere_never_reads_as_an_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exit.json");
+        let outcome = ExitOutcome {
+            code: Some(0),
+            signal: None,
+            reason: ExitReason::Exited,
+            message: "`true` exited with code 0".into(),
+        };
+        write(&path, &outcome).unwrap();
+        let whole = fs::read(&path).unwrap();
+        for cut in 0..whole.len() {
+            fs::write(&path, &whole[..cut]).unwrap();
+            assert!(
+                read(&path).is_err(),
+                "a write cut at {cut} bytes read as an outcome"
+            );
+        }
     }
 }

@@ -5,7 +5,9 @@
 //! |-------------------------------------|--------|----------------------------------------|
 //! | `data_dir`, `tasks/`, `tasks/<job>` | agent  | 0711: passable, not listable           |
 //! | `tasks/<job>/task-<n>`              | agent  | 0711 while the task runs, 0700 after   |
-//! | `tasks/<job>/task-<n>/epoch-<E>`    | agent  | 0700 (the shim's exit file)            |
+//! | `tasks/<job>/task-<n>/exit-<E>.json`| agent  | 0600 (the shim's exit file; earlier    |
+//! |                                     |        | agents wrote `epoch-<E>/exit.json`,    |
+//! |                                     |        | still read: records name the path)     |
 //! | `tasks/<job>/task-<n>/work`         | task   | 0700 (the task's working directory)    |
 //! | `logs/`, `logs/<job>`, task logs    | agent  | 0700, logs 0600 (the task writes its   |
 //! |                                     |        | log through the descriptor it inherits)|

@@ -55,7 +55,7 @@ pub(crate) fn read_deadline(path: &Path) -> io::Result<u64> {
 
 /// `dir/.name.tmp-<pid>-<n>`: in the same directory so the rename is atomic, unique per process
 /// and call so concurrent writers never share one.
-pub(crate) fn temp_sibling(path: &Path, n: u64) -> PathBuf {
+fn temp_sibling(path: &Path, n: u64) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

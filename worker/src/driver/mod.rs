@@ -18,7 +18,7 @@
 //! whenever the server fails.
 //!
 //! Files under `data_dir`: `logs/<job>/task-<n>.log` (stdout and stderr of every epoch, each
-//! after a `=== gangway: epoch E started` header) and `tasks/<job>/task-<n>/` (`epoch-<E>/exit.json`
+//! after a `=== gangway: epoch E started` header) and `tasks/<job>/task-<n>/` (`exit-<E>.json`
 //! and the default working directory `work/`). A task may run as another user
 //! ([`TaskIdentity`]): it then owns its working directory and nothing else (see `layout.rs`).
 

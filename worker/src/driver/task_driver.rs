@@ -158,13 +158,11 @@ impl TaskDriver {
         let key = spec.key.clone();
         let task_dir = self.task_dir(&key);
         self.open_task_dir(&task_dir, key.epoch)?;
-        let epoch_dir = task_dir.join(format!("epoch-{}", key.epoch));
-        layout::ensure_dir(&epoch_dir, layout::PRIVATE)?;
         let work_dir = match &spec.work_dir {
             Some(dir) => dir.clone(),
             None => layout::work_dir(&task_dir, spec.identity.as_ref())?,
         };
-        let exit_file = epoch_dir.join("exit.json");
+        let exit_file = task_dir.join(format!("exit-{}.json", key.epoch));
         // A stale exit file (a relaunch of the same epoch) would be taken for this run's.
         match fs::remove_file(&exit_file) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -330,8 +328,8 @@ impl TaskDriver {
         })
     }
 
-    /// `<data_dir>/tasks/<job>/task-<n>`: exit files of each epoch and the default working
-    /// directory.
+    /// `<data_dir>/tasks/<job>/task-<n>`: the exit file of each epoch (`exit-<E>.json`) and the
+    /// default working directory.
     fn task_dir(&self, key: &TaskKey) -> PathBuf {
         self.cfg
             .data_dir
@@ -496,8 +494,8 @@ mod tests {
                 .join("tasks")
                 .join(path_component(job))
                 .join("task-0");
-            fs::create_dir_all(task.join("epoch-1")).unwrap();
-            fs::write(task.join("epoch-1").join("exit.json"), b"{}").unwrap();
+            fs::create_dir_all(&task).unwrap();
+            fs::write(task.join("exit-1.json"), b"{}").unwrap();
             let logs = dir.path().join("logs").join(path_component(job));
             fs::create_dir_all(&logs).unwrap();
             fs::write(logs.join("task-0.log"), vec![b'x'; 1000]).unwrap();
@@ -511,10 +509,7 @@ mod tests {
         let report = driver.sweep(&keep, std::time::Duration::ZERO);
         assert_eq!(report.removed_dirs, 4);
         assert_eq!(report.removed_bytes, 2 * (1000 + 2));
-        assert!(dir
-            .path()
-            .join("tasks/live-1/task-0/epoch-1/exit.json")
-            .exists());
+        assert!(dir.path().join("tasks/live-1/task-0/exit-1.json").exists());
         assert!(dir.path().join("logs/live-1/task-0.log").exists());
         assert!(!dir.path().join("tasks/done-2").exists());
         assert!(!dir.path().join("logs").join(path_component("a/b")).exists());
