@@ -723,7 +723,9 @@ impl Agent {
         let Some((actions, stopping)) = self.decide(&set) else {
             return;
         };
-        let mut launched = Vec::new();
+        // The set's launches go side by side: each waits on its shim's answer from the fork
+        // server, and the waits overlap (the uid book keeps concurrent picks apart).
+        let mut launches = Vec::new();
         for action in actions {
             match action {
                 Action::Stop { key } => {
@@ -733,7 +735,7 @@ impl Agent {
                         tokio::spawn(async move { h.stop(grace).await });
                     }
                 }
-                Action::Launch { key, alloc } => launched.extend(self.launch(key, alloc).await),
+                Action::Launch { key, alloc } => launches.push(self.launch(key, alloc)),
                 Action::WaitForStop {
                     key,
                     alloc,
@@ -754,7 +756,8 @@ impl Agent {
                 | Action::Forget { .. } => {}
             }
         }
-        self.commit_launches(launched);
+        let launched = futures::future::join_all(launches).await;
+        self.commit_launches(launched.into_iter().flatten().collect());
     }
 
     /// What the host has, for [`reconcile::plan`]; taken under the state and running locks.

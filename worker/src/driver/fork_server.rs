@@ -43,6 +43,8 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 use super::procfs::ProcStat;
 use super::shim::{run_shim, ShimArgs};
@@ -318,6 +320,8 @@ pub(crate) struct ForkServer {
 #[derive(Default)]
 struct State {
     running: Option<Running>,
+    /// Counts the servers started, so a request that gives up kills only the one it asked.
+    generation: u64,
     failures: u32,
 }
 
@@ -348,54 +352,107 @@ impl ForkServer {
 
     /// Forks a shim with these flags, variables and log. `Err` says why not, and then no shim
     /// of this request runs (see the module documentation): the caller may start it otherwise.
-    pub(crate) fn fork(
+    /// Requests go to the server one at a time; their answers are awaited side by side.
+    pub(crate) async fn fork(
         &self,
         shim_args: Vec<String>,
         env: BTreeMap<String, String>,
         log: &File,
     ) -> Result<Forked, String> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (generation, answer) = self.send(&Request { shim_args, env }, log)?;
+        let result = self.answer(generation, answer).await;
+        let mut state = self.lock();
+        match &result {
+            Ok(_) => state.failures = 0,
+            Err(_) => state.failures += 1,
+        }
+        result
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands the request to the server (started if there is none); returns the server's
+    /// generation and the socket its answer comes on.
+    fn send(&self, request: &Request, log: &File) -> Result<(u64, UnixStream), String> {
+        let mut state = self.lock();
         if state.failures >= GIVE_UP_AFTER {
             return Err(format!(
                 "the fork server failed {GIVE_UP_AFTER} times in a row; shims are executed"
             ));
         }
-        let result = self.request(&mut state, &Request { shim_args, env }, log);
-        match &result {
-            Ok(_) => state.failures = 0,
-            Err(_) => {
-                state.failures += 1;
-                // Whatever went wrong, the next request starts a fresh server.
-                state.running = None;
-            }
+        let sent = self.send_locked(&mut state, request, log);
+        if sent.is_err() {
+            state.failures += 1;
+            state.running = None;
         }
-        result
+        sent.map(|answer| (state.generation, answer))
     }
 
-    fn request(&self, state: &mut State, request: &Request, log: &File) -> Result<Forked, String> {
+    fn send_locked(
+        &self,
+        state: &mut State,
+        request: &Request,
+        log: &File,
+    ) -> Result<UnixStream, String> {
         if state.running.is_none() {
             state.running = Some(self.start()?);
+            state.generation += 1;
         }
         let server = state.running.as_ref().expect("just started");
         let (answer, theirs) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
-        answer
-            .set_read_timeout(Some(ANSWER_LIMIT))
-            .map_err(|e| format!("socket timeout: {e}"))?;
         write_frame(&server.sock, request, &[log.as_fd(), theirs.as_fd()])
             .map_err(|e| format!("the fork server took no request: {e}"))?;
         // From here the only copies of the answer socket's far end are the server's and its
         // child's: the answer ends at end-of-file once neither holds it.
-        drop(theirs);
-        match read_frame::<Answer>(&answer) {
-            Ok(Some((answer, fds))) => forked(answer, fds),
-            Ok(None) => Err("the fork server ended without forking".into()),
+        Ok(answer)
+    }
+
+    /// The answer to one request: from the shim, or the server's refusal, or, when none comes
+    /// within [`ANSWER_LIMIT`], whatever settling says once the server is killed.
+    async fn answer(&self, generation: u64, answer: UnixStream) -> Result<Forked, String> {
+        // A whole answer is one small message: once readable, a read does not wait (the limit
+        // only bounds a sender that died half way).
+        answer
+            .set_read_timeout(Some(SETTLE_LIMIT))
+            .map_err(|e| format!("socket timeout: {e}"))?;
+        // SAFETY: the AsyncFd owns the socket, which stays open and the same until it is taken
+        // back with into_inner.
+        let failed = match unsafe { AsyncFd::register_with_interest(answer, Interest::READABLE) } {
+            Ok(registered) => {
+                let ready = tokio::time::timeout(ANSWER_LIMIT, registered.readable())
+                    .await
+                    .map(|ready| ready.map(drop));
+                let answer = registered.into_inner();
+                match ready {
+                    Ok(Ok(_)) => match read_frame::<Answer>(&answer) {
+                        Ok(Some((answer, fds))) => return forked(answer, fds),
+                        Ok(None) => return Err("the fork server ended without forking".into()),
+                        Err(e) => (answer, e.to_string()),
+                    },
+                    Ok(Err(e)) => (answer, e.to_string()),
+                    Err(_) => (answer, format!("no answer within {ANSWER_LIMIT:?}")),
+                }
+            }
             Err(e) => {
-                // Stuck or broken: kill the server, then learn whether it forked.
+                let (answer, e) = e.into_parts();
+                (answer, format!("cannot wait for the answer: {e}"))
+            }
+        };
+        let (answer, why) = failed;
+        // Stuck or broken: kill the server (unless a fresh one replaced it meanwhile), then learn
+        // whether it forked.
+        {
+            let mut state = self.lock();
+            if state.generation == generation {
                 state.running = None;
-                settle(&answer)
-                    .map_err(|why| format!("the fork server did not answer ({e}); {why}"))
             }
         }
+        let settled = tokio::task::spawn_blocking(move || settle(&answer))
+            .await
+            .unwrap_or_else(|e| Err(format!("settling: {e}")));
+        settled.map_err(|then| format!("the fork server did not answer ({why}); {then}"))
     }
 
     fn start(&self) -> Result<Running, String> {
@@ -545,18 +602,24 @@ mod tests {
         assert_eq!(forked(answer, fds).unwrap_err(), "unknown flag `--bogus`");
     }
 
-    #[test]
-    fn a_driver_whose_server_cannot_start_gives_up_after_a_few_tries() {
+    #[tokio::test]
+    async fn a_driver_whose_server_cannot_start_gives_up_after_a_few_tries() {
         let server = ForkServer::new(&["/nonexistent/gangway-shim".into()], "/data".as_ref());
         let log = tempfile::tempfile().unwrap();
         for _ in 0..GIVE_UP_AFTER {
-            let err = server.fork(vec![], BTreeMap::new(), &log).unwrap_err();
+            let err = server
+                .fork(vec![], BTreeMap::new(), &log)
+                .await
+                .unwrap_err();
             assert!(
                 err.contains("/nonexistent/gangway-shim --fork-server /data"),
                 "{err}"
             );
         }
-        let err = server.fork(vec![], BTreeMap::new(), &log).unwrap_err();
+        let err = server
+            .fork(vec![], BTreeMap::new(), &log)
+            .await
+            .unwrap_err();
         assert!(err.contains("shims are executed"), "{err}");
     }
 }

@@ -147,14 +147,14 @@ impl TaskDriver {
     pub async fn launch(&self, spec: LaunchSpec) -> Result<TaskHandle, DriverError> {
         validate(&spec)?;
         let key = spec.key.clone();
-        let result = self.prepare_and_spawn(spec);
+        let result = self.prepare_and_spawn(spec).await;
         if result.is_err() {
             self.retire(&key);
         }
         result
     }
 
-    fn prepare_and_spawn(&self, spec: LaunchSpec) -> Result<TaskHandle, DriverError> {
+    async fn prepare_and_spawn(&self, spec: LaunchSpec) -> Result<TaskHandle, DriverError> {
         let key = spec.key.clone();
         let task_dir = self.task_dir(&key);
         self.open_task_dir(&task_dir, key.epoch)?;
@@ -196,7 +196,7 @@ impl TaskDriver {
             identity: spec.identity.clone(),
         };
         if let Some(server) = &self.fork_server {
-            match server.fork(shim_args.to_args(), env.clone(), &log) {
+            match server.fork(shim_args.to_args(), env.clone(), &log).await {
                 Ok(forked) => {
                     tracing::info!(task = %key, pid = forked.pid, identity = ?spec.identity, "launched task (forked shim)");
                     let record = record(forked.pid, forked.start_ticks);
