@@ -187,27 +187,50 @@ impl TaskDriver {
                 .or_insert_with(|| work_dir.display().to_string());
         }
         let log = open_log(&log_file, &key)?;
-        let record = |pid, start_ticks| ProcessRecord {
-            key: key.clone(),
-            pid,
-            start_ticks,
+        let started = self
+            .start_shim(&key, &shim_args, env, log, &log_file)
+            .await?;
+        let record = ProcessRecord {
+            key,
+            pid: started.pid,
+            start_ticks: started.start_ticks,
             exit_file,
-            log_file: log_file.clone(),
-            identity: spec.identity.clone(),
+            log_file,
+            identity: spec.identity,
         };
+        tracing::info!(task = %record.key, pid = record.pid, identity = ?record.identity, forked = started.child.is_none(), "launched task");
+        Ok(match started.child {
+            Some(child) => TaskHandle::launched(record, child),
+            None => TaskHandle::forked(record, started.pidfd),
+        })
+    }
+
+    /// Starts the shim: forked by the fork server when there is one and it answers, else
+    /// executed by this process.
+    async fn start_shim(
+        &self,
+        key: &TaskKey,
+        shim_args: &ShimArgs,
+        env: std::collections::BTreeMap<String, String>,
+        log: fs::File,
+        log_file: &Path,
+    ) -> Result<Started, DriverError> {
         if let Some(server) = &self.fork_server {
             match server.fork(shim_args.to_args(), env.clone(), &log).await {
                 Ok(forked) => {
-                    tracing::info!(task = %key, pid = forked.pid, identity = ?spec.identity, "launched task (forked shim)");
-                    let record = record(forked.pid, forked.start_ticks);
-                    return Ok(TaskHandle::forked(record, forked.pidfd));
+                    return Ok(Started {
+                        pid: forked.pid,
+                        start_ticks: forked.start_ticks,
+                        child: None,
+                        pidfd: forked.pidfd,
+                    })
                 }
                 Err(why) => {
                     tracing::warn!(task = %key, %why, "the shim fork server failed; executing the shim")
                 }
             }
         }
-        let (pid, child) = self.spawn_shim(&shim_args, &env, log, &log_file)?;
+        let (pid, child) = self.spawn_shim(shim_args, &env, log, log_file)?;
         // The shim is our unreaped child, so its /proc entry exists even if it already exited.
         let start_ticks = match ProcStat::read(pid) {
             Ok(stat) => stat.start_ticks,
@@ -216,8 +239,12 @@ impl TaskDriver {
                 0
             }
         };
-        tracing::info!(task = %key, pid, identity = ?spec.identity, "launched task");
-        Ok(TaskHandle::launched(record(pid, start_ticks), child))
+        Ok(Started {
+            pid,
+            start_ticks,
+            child: Some(child),
+            pidfd: None,
+        })
     }
 
     /// Starts the shim in a process group of its own, its output appended to the task's log.
@@ -337,6 +364,15 @@ impl TaskDriver {
             .join(path_component(&key.job))
             .join(format!("task-{}", key.task))
     }
+}
+
+/// A shim just started: executed (our `child`) or forked by the fork server (its `pidfd`, where
+/// the kernel has them).
+struct Started {
+    pid: i32,
+    start_ticks: u64,
+    child: Option<tokio::process::Child>,
+    pidfd: Option<std::os::fd::OwnedFd>,
 }
 
 /// What a [`TaskDriver::sweep`] removed.

@@ -33,10 +33,25 @@ struct Inner {
     /// Whether the shim is not a child of this process (adopted, or forked by the fork server).
     /// Then the pid is re-checked against its start time before every signal, since nothing
     /// stops it being recycled.
-    adopted: bool,
+    not_child: bool,
     /// `None` while the shim runs; the outcome once the watcher saw it end.
     outcome: watch::Receiver<Option<ExitOutcome>>,
     flags: Arc<StopFlags>,
+}
+
+/// Settles a handle's outcome once its shim has ended.
+struct Watcher {
+    tx: watch::Sender<Option<ExitOutcome>>,
+    exit_file: std::path::PathBuf,
+    flags: Arc<StopFlags>,
+}
+
+impl Watcher {
+    fn ended(self, how: &str) {
+        let _ = self
+            .tx
+            .send(Some(conclude(&self.exit_file, &self.flags, how)));
+    }
 }
 
 /// What this side did to the task, which the exit file alone cannot say.
@@ -47,28 +62,40 @@ struct StopFlags {
 }
 
 impl TaskHandle {
+    /// A handle on `record`'s shim and the watcher that settles its outcome. `child`: whether
+    /// the shim is this process's child.
+    fn watched(record: ProcessRecord, child: bool) -> (Self, Watcher) {
+        let (tx, rx) = watch::channel(None);
+        let flags = Arc::new(StopFlags::default());
+        let watcher = Watcher {
+            tx,
+            exit_file: record.exit_file.clone(),
+            flags: flags.clone(),
+        };
+        let inner = Inner {
+            record,
+            not_child: !child,
+            outcome: rx,
+            flags,
+        };
+        let handle = TaskHandle {
+            inner: Arc::new(inner),
+        };
+        (handle, watcher)
+    }
+
     /// Watches a shim this process started: a background task reaps it (so it never lingers as a
     /// zombie) and then reads its exit file.
     pub(crate) fn launched(record: ProcessRecord, mut child: tokio::process::Child) -> Self {
-        let (tx, rx) = watch::channel(None);
-        let flags = Arc::new(StopFlags::default());
-        let exit_file = record.exit_file.clone();
-        let watcher_flags = flags.clone();
+        let (handle, watcher) = Self::watched(record, true);
         tokio::spawn(async move {
             let how = match child.wait().await {
                 Ok(status) => format!("shim {status}"),
                 Err(e) => format!("cannot wait for the shim: {e}"),
             };
-            let _ = tx.send(Some(conclude(&exit_file, &watcher_flags, &how)));
+            watcher.ended(&how);
         });
-        TaskHandle {
-            inner: Arc::new(Inner {
-                record,
-                adopted: false,
-                outcome: rx,
-                flags,
-            }),
-        }
+        handle
     }
 
     /// Watches a shim the fork server started (not our child, so not ours to wait for): woken
@@ -77,10 +104,8 @@ impl TaskHandle {
         let Some(pidfd) = pidfd else {
             return Self::adopted(record);
         };
-        let (tx, rx) = watch::channel(None);
-        let flags = Arc::new(StopFlags::default());
-        let (pid, ticks, exit_file) = (record.pid, record.start_ticks, record.exit_file.clone());
-        let watcher_flags = flags.clone();
+        let (pid, ticks) = (record.pid, record.start_ticks);
+        let (handle, watcher) = Self::watched(record, false);
         tokio::spawn(async move {
             // SAFETY: the AsyncFd owns the pidfd, which stays open and the same until it drops.
             let registered = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) };
@@ -94,29 +119,17 @@ impl TaskHandle {
                     "the shim is gone".to_owned()
                 }
             };
-            let _ = tx.send(Some(conclude(&exit_file, &watcher_flags, &how)));
+            watcher.ended(&how);
         });
-        TaskHandle {
-            inner: Arc::new(Inner {
-                record,
-                adopted: true,
-                outcome: rx,
-                flags,
-            }),
-        }
+        handle
     }
 
     /// Watches a shim an earlier agent started, by polling `/proc`. Uses the current Tokio
     /// runtime when there is one, else a thread of its own.
     pub(crate) fn adopted(record: ProcessRecord) -> Self {
-        let (tx, rx) = watch::channel(None);
-        let flags = Arc::new(StopFlags::default());
-        let (pid, ticks, exit_file) = (record.pid, record.start_ticks, record.exit_file.clone());
-        let watcher_flags = flags.clone();
-        let done = move || {
-            let outcome = conclude(&exit_file, &watcher_flags, "the adopted shim is gone");
-            let _ = tx.send(Some(outcome));
-        };
+        let (pid, ticks) = (record.pid, record.start_ticks);
+        let (handle, watcher) = Self::watched(record, false);
+        let done = move || watcher.ended("the adopted shim is gone");
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
@@ -133,14 +146,7 @@ impl TaskHandle {
                 });
             }
         }
-        TaskHandle {
-            inner: Arc::new(Inner {
-                record,
-                adopted: true,
-                outcome: rx,
-                flags,
-            }),
-        }
+        handle
     }
 
     pub fn key(&self) -> &TaskKey {
@@ -215,9 +221,9 @@ impl TaskHandle {
         }
         let record = &self.inner.record;
         // Our own child's pid cannot be recycled before we reap it, and a process group id stays
-        // taken while any member lives; an adopted pid has no such guarantee, so check it is
-        // still the process we recorded.
-        if self.inner.adopted && !same_process_alive(record.pid, record.start_ticks) {
+        // taken while any member lives; a pid that is not our child has no such guarantee, so
+        // check it is still the process we recorded.
+        if self.inner.not_child && !same_process_alive(record.pid, record.start_ticks) {
             return Ok(());
         }
         signal_group(record.pid, signal)
