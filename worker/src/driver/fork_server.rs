@@ -5,13 +5,15 @@
 //!
 //! The driver starts `<shim command> --fork-server <data dir>` once (the directory only names
 //! whose server it is, in `ps` and for tools that find a host's shims by their command line: a
-//! forked shim keeps its server's), with one end of a Unix socket pair as its standard input, and sends one request per task: the shim's flags and the variables the
-//! task adds, with two descriptors, the task's log and one end of a fresh socket pair for the
-//! answer. The server checks the flags and forks; the child becomes the shim exactly as the driver
-//! would have started it (leader of its own process group, the log as its stdout and stderr,
-//! standard input from `/dev/null`, `/` as its directory, the variables set) and runs
-//! [`run_shim`]. Before anything else the child itself answers: its pid, its start time and a
-//! pidfd the driver watches (the shim is not the driver's child). The server reaps its children.
+//! forked shim keeps its server's), with one end of a Unix socket pair as its standard input, and
+//! sends one request per task: the shim's flags and the variables the task adds, with two
+//! descriptors, the task's log and one end of a fresh socket pair for the answer. Requests go one
+//! at a time; their answers are awaited side by side. The server checks the flags and forks; the
+//! child becomes the shim exactly as the driver would have started it (leader of its own process
+//! group, the log as its stdout and stderr, standard input from `/dev/null`, `/` as its directory,
+//! the variables set) and runs [`run_shim`]. Before anything else the child itself answers: its
+//! pid, its start time and a pidfd the driver watches (the shim is not the driver's child). The
+//! server reaps its children.
 //!
 //! The answer comes from the child, not the server, so the driver always learns whether a shim
 //! exists, even when the server dies or hangs mid-request: the answer socket ends without an
