@@ -416,8 +416,35 @@ pub fn single(name: &str, devices: u32) -> String {
     )
 }
 
-/// Submits through the client API of `addr` (a follower forwards).
+/// Submits through the client API of `addr` (a follower forwards), sent again with the same key
+/// while the answer says it was certainly not proposed (`no_leader`, `not_leader`: an election
+/// under way, which a loaded 2-core CI machine can start at any time), for up to 30 s, as the
+/// CLI's client does. Any other answer, an unknown outcome included, is returned as it came, so a
+/// test can still tell who created a job.
 pub async fn submit(
+    addr: &str,
+    spec: &str,
+    key: &str,
+) -> Result<pb::SubmitJobReply, tonic::Status> {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = submit_once(addr, spec, key).await;
+        let code = reply.as_ref().err().and_then(|s| {
+            s.metadata()
+                .get("x-gangway-code")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
+        match code.as_deref() {
+            Some("no_leader" | "not_leader") if Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ => return reply,
+        }
+    }
+}
+
+async fn submit_once(
     addr: &str,
     spec: &str,
     key: &str,
