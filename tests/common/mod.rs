@@ -8,8 +8,8 @@ pub mod pki;
 pub mod trainer;
 pub mod worker;
 
-use gangway_proto::pb;
 use gangway_proto::pb::client_api_client::ClientApiClient;
+use gangway_proto::{link, pb};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -417,9 +417,9 @@ pub fn single(name: &str, devices: u32) -> String {
 }
 
 /// Submits through the client API of `addr` (a follower forwards), sent again with the same key
-/// while the answer says it was certainly not proposed (`no_leader`, `not_leader`: an election
-/// under way, which a loaded 2-core CI machine can start at any time), for up to 30 s, as the
-/// CLI's client does. Any other answer, an unknown outcome included, is returned as it came, so a
+/// while the answer says it was certainly not proposed (by `link::classify`, the rules every
+/// client follows: `no_leader`, `not_leader`; here an election under way, which a loaded 2-core
+/// CI machine can start at any time), for up to 30 s, as the CLI's client does. Any other answer, an unknown outcome included, is returned as it came, so a
 /// test can still tell who created a job.
 pub async fn submit(
     addr: &str,
@@ -429,18 +429,16 @@ pub async fn submit(
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let reply = submit_once(addr, spec, key).await;
-        let code = reply.as_ref().err().and_then(|s| {
-            s.metadata()
-                .get("x-gangway-code")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
+        let not_proposed = reply.as_ref().err().map(link::classify).is_some_and(|r| {
+            matches!(
+                r,
+                link::Retry::FollowLeader(_) | link::Retry::AnotherReplica
+            )
         });
-        match code.as_deref() {
-            Some("no_leader" | "not_leader") if Instant::now() < until => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            _ => return reply,
+        if !not_proposed || Instant::now() >= until {
+            return reply;
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

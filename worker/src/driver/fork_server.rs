@@ -48,6 +48,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
+use super::fd_wait::{pidfd_open, readable_within};
 use super::procfs::ProcStat;
 use super::shim::{run_shim, ShimArgs};
 
@@ -114,7 +115,7 @@ pub fn serve() -> i32 {
     }
     loop {
         reap();
-        match readable(&sock, REAP_EVERY) {
+        match readable_within(sock.as_fd(), REAP_EVERY) {
             Ok(false) => continue,
             Ok(true) => {}
             Err(e) => {
@@ -211,37 +212,6 @@ fn null_stdin() -> io::Result<()> {
 fn reap() {
     // SAFETY: waitpid with WNOHANG and no status pointer.
     while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
-}
-
-/// Whether the socket has something to read (or end-of-file) within `within`.
-fn readable(sock: &UnixStream, within: Duration) -> io::Result<bool> {
-    let mut poll = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(within.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd for the duration of the call.
-    match unsafe { libc::poll(&mut poll, 1, ms) } {
-        -1 => {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            }
-        }
-        0 => Ok(false),
-        _ => Ok(true),
-    }
-}
-
-fn pidfd_open(pid: i32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-    // SAFETY: a descriptor just returned by the kernel, owned by nobody else.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 // ---- frames ----

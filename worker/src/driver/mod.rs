@@ -26,6 +26,7 @@ mod child_exit;
 mod config;
 mod error;
 mod exit_file;
+mod fd_wait;
 mod fork_server;
 mod identity;
 mod key;
