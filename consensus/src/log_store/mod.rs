@@ -3,6 +3,7 @@
 
 pub(crate) mod memory;
 pub(crate) mod rocks;
+mod tail;
 
 use std::sync::Arc;
 use std::sync::Mutex;

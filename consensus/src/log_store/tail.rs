@@ -1,0 +1,176 @@
+//! The Raft log's tail in memory, in front of RocksDB: every entry appended and not yet written
+//! there, and the most recent written ones.
+//!
+//! An append puts its entries here and returns; the fsync thread writes them to RocksDB (one
+//! `WriteBatch` per group commit) and marks them written. Readers (replication, the state
+//! machine's apply) find an entry here or, if it is not here, in RocksDB: only written entries
+//! ever leave the tail, oldest first, once more than [`Tail::keep`] are held. An entry is marked
+//! written only if the tail still holds that same entry (same log id): a truncation and a new
+//! append at the same index between the write and the mark leave the new entry unwritten.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::ops::RangeBounds;
+
+use openraft::entry::RaftEntry;
+
+use crate::types::Entry;
+use crate::types::LogId;
+
+/// One entry of the tail, and whether RocksDB holds it.
+struct Slot {
+    entry: Entry,
+    written: bool,
+}
+
+/// The tail: entries by index.
+pub(super) struct Tail {
+    slots: BTreeMap<u64, Slot>,
+    /// How many entries to keep once written (the unwritten ones are always kept).
+    keep: usize,
+}
+
+impl Tail {
+    pub(super) fn new(keep: usize) -> Self {
+        Tail {
+            slots: BTreeMap::new(),
+            keep,
+        }
+    }
+
+    /// Holds `entry`, not yet written (replacing an entry at the same index, as a put would).
+    pub(super) fn push(&mut self, entry: Entry) {
+        let slot = Slot {
+            entry,
+            written: false,
+        };
+        self.slots.insert(slot.entry.index(), slot);
+    }
+
+    /// The log id of the last entry held.
+    pub(super) fn last(&self) -> Option<LogId> {
+        self.slots.values().next_back().map(|s| s.entry.log_id())
+    }
+
+    /// Drops every entry from index `from` on.
+    pub(super) fn truncate_from(&mut self, from: u64) {
+        self.slots.split_off(&from);
+    }
+
+    /// Drops every entry up to and including index `upto`.
+    pub(super) fn purge_upto(&mut self, upto: u64) {
+        self.slots = self.slots.split_off(&upto.saturating_add(1));
+    }
+
+    /// Marks these entries written (those the tail still holds as they were), then lets the
+    /// oldest written ones go beyond [`Tail::keep`].
+    pub(super) fn written(&mut self, ids: impl IntoIterator<Item = LogId>) {
+        for id in ids {
+            if let Some(slot) = self.slots.get_mut(&id.index()) {
+                if slot.entry.log_id() == id {
+                    slot.written = true;
+                }
+            }
+        }
+        while self.slots.len() > self.keep {
+            match self.slots.first_entry() {
+                Some(first) if first.get().written => {
+                    first.remove();
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// The entries of `range` held here, in order, and the index below which the rest of the
+    /// range must be read from RocksDB (the range's start when the tail holds all of it).
+    pub(super) fn read(&self, range: &impl RangeBounds<u64>) -> (Vec<Entry>, u64) {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => x.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let Some(first) = self.slots.keys().next().copied() else {
+            return (Vec::new(), u64::MAX);
+        };
+        let from = start.max(first);
+        let held = self
+            .slots
+            .range(from..)
+            .take_while(|(i, _)| range.contains(*i))
+            .map(|(_, s)| s.entry.clone())
+            .collect();
+        (held, first)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::impls::leader_id_adv::LeaderId;
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry::new_blank(LogId::new(LeaderId { term, node_id: 1 }, index))
+    }
+
+    fn indexes(entries: &[Entry]) -> Vec<(u64, u64)> {
+        entries
+            .iter()
+            .map(|e| (e.log_id().leader_id.term, e.index()))
+            .collect()
+    }
+
+    #[test]
+    fn unwritten_entries_stay_however_many_there_are() {
+        let mut tail = Tail::new(2);
+        for i in 1..=5 {
+            tail.push(entry(1, i));
+        }
+        tail.written([]);
+        let (held, below) = tail.read(&(1..6));
+        assert_eq!(held.len(), 5);
+        assert_eq!(below, 1);
+        // Written, the oldest go beyond the bound; the rest of a range is then read from RocksDB.
+        tail.written((1..=5).map(|i| entry(1, i).log_id()));
+        let (held, below) = tail.read(&(1..6));
+        assert_eq!(indexes(&held), [(1, 4), (1, 5)]);
+        assert_eq!(below, 4);
+    }
+
+    #[test]
+    fn an_entry_replaced_after_its_write_began_is_not_marked_written() {
+        let mut tail = Tail::new(0);
+        for i in 1..=3 {
+            tail.push(entry(1, i));
+        }
+        // The fsync thread wrote term 1's entries 1..=3 while a new leader's entry 3 replaced
+        // the old one: only 1 and 2 are written, and only they may go.
+        tail.truncate_from(3);
+        tail.push(entry(2, 3));
+        tail.written((1..=3).map(|i| entry(1, i).log_id()));
+        let (held, below) = tail.read(&(1..=3));
+        assert_eq!(indexes(&held), [(2, 3)]);
+        assert_eq!(below, 3);
+    }
+
+    #[test]
+    fn truncation_and_purge_cut_both_ends() {
+        let mut tail = Tail::new(100);
+        for i in 1..=10 {
+            tail.push(entry(1, i));
+        }
+        tail.truncate_from(8);
+        tail.purge_upto(3);
+        assert_eq!(tail.last().map(|l| l.index()), Some(7));
+        let (held, below) = tail.read(&(..));
+        assert_eq!(indexes(&held), [(1, 4), (1, 5), (1, 6), (1, 7)]);
+        assert_eq!(below, 4);
+        let (held, _) = tail.read(&(5..7));
+        assert_eq!(indexes(&held), [(1, 5), (1, 6)]);
+        tail.purge_upto(7);
+        assert_eq!(tail.last(), None);
+        let (held, below) = tail.read(&(..));
+        assert!(held.is_empty());
+        assert_eq!(below, u64::MAX);
+    }
+}
