@@ -63,6 +63,11 @@ use tokio::process::Command;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
+/// The allocator the `gangway` binary runs its replicas with (src/main.rs); the load generator,
+/// the same binary, drives etcd with it too.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The few etcd v3 messages the load generator needs, written by hand (field numbers from etcd's
 /// `rpc.proto`; prost skips the fields left out).
 mod etcd_pb {
