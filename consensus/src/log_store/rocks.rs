@@ -18,7 +18,6 @@
 
 use std::fmt::Debug;
 use std::io;
-use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::mpsc;
@@ -39,6 +38,7 @@ use rocksdb::WriteBatch;
 use rocksdb::WriteOptions;
 use rocksdb::DB;
 
+use super::tail::first_index;
 use super::tail::Tail;
 use super::StorageHealth;
 use crate::codec;
@@ -194,11 +194,7 @@ impl RocksLogStore {
         range: &impl RangeBounds<u64>,
         below: u64,
     ) -> Result<Vec<Entry>, io::Error> {
-        let start = match range.start_bound() {
-            Bound::Included(x) => *x,
-            Bound::Excluded(x) => x.saturating_add(1),
-            Bound::Unbounded => 0,
-        };
+        let start = first_index(range);
         let mut out = Vec::new();
         if start >= below {
             return Ok(out);

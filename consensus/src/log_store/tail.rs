@@ -85,15 +85,10 @@ impl Tail {
     /// The entries of `range` held here, in order, and the index below which the rest of the
     /// range must be read from RocksDB (the range's start when the tail holds all of it).
     pub(super) fn read(&self, range: &impl RangeBounds<u64>) -> (Vec<Entry>, u64) {
-        let start = match range.start_bound() {
-            Bound::Included(x) => *x,
-            Bound::Excluded(x) => x.saturating_add(1),
-            Bound::Unbounded => 0,
-        };
         let Some(first) = self.slots.keys().next().copied() else {
             return (Vec::new(), u64::MAX);
         };
-        let from = start.max(first);
+        let from = first_index(range).max(first);
         let held = self
             .slots
             .range(from..)
@@ -101,6 +96,15 @@ impl Tail {
             .map(|(_, s)| s.entry.clone())
             .collect();
         (held, first)
+    }
+}
+
+/// The first index of `range`.
+pub(super) fn first_index(range: &impl RangeBounds<u64>) -> u64 {
+    match range.start_bound() {
+        Bound::Included(x) => *x,
+        Bound::Excluded(x) => x.saturating_add(1),
+        Bound::Unbounded => 0,
     }
 }
 
