@@ -39,6 +39,7 @@ use rocksdb::WriteOptions;
 use rocksdb::DB;
 
 use super::tail::first_index;
+use super::tail::Keep;
 use super::tail::Tail;
 use super::StorageHealth;
 use crate::codec;
@@ -53,9 +54,12 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 
-/// How many written entries the tail keeps in memory for readers (replication reads what was just
-/// appended; a follower further behind is served from RocksDB).
-const TAIL_KEEP: usize = 1024;
+/// How much of the written log the tail keeps in memory for readers (replication reads what was
+/// just appended; a follower further behind is served from RocksDB).
+const TAIL_KEEP: Keep = Keep {
+    entries: 1024,
+    bytes: 8 << 20,
+};
 
 /// Raft log on RocksDB. Cheap to clone (openraft uses clones as log readers).
 #[derive(Clone)]
@@ -263,15 +267,11 @@ impl Group {
             let mut ops = vec![first];
             ops.extend(rx.try_iter());
             match self.write(&ops) {
-                Ok(()) => {
-                    let written = ops.iter().flat_map(|op| match op {
-                        Op::Append { entries, .. } => &entries[..],
-                        _ => &[],
-                    });
+                Ok(written) => {
                     self.tail
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .written(written.map(|e| e.log_id()));
+                        .written(written);
                     answer(ops, Ok(()));
                 }
                 Err(e) => {
@@ -283,8 +283,9 @@ impl Group {
         }
     }
 
-    /// One `WriteBatch` with every op in order, then the WAL written and fsynced.
-    fn write(&self, ops: &[Op]) -> Result<(), io::Error> {
+    /// One `WriteBatch` with every op in order, then the WAL written and fsynced. Returns each
+    /// entry written with its encoded size.
+    fn write(&self, ops: &[Op]) -> Result<Vec<(LogId, usize)>, io::Error> {
         let cf = |name| {
             self.db
                 .cf_handle(name)
@@ -292,11 +293,14 @@ impl Group {
         };
         let (logs, meta) = (cf(CF_LOGS)?, cf(CF_META)?);
         let mut batch = WriteBatch::default();
+        let mut written = Vec::new();
         for op in ops {
             match op {
                 Op::Append { entries, .. } => {
                     for e in entries {
-                        batch.put_cf(logs, index_key(e.index()), codec::encode(e)?);
+                        let bytes = codec::encode(e)?;
+                        written.push((e.log_id(), bytes.len()));
+                        batch.put_cf(logs, index_key(e.index()), bytes);
                     }
                 }
                 // u64::MAX itself is excluded by delete_range; it can never be a real index.
@@ -312,7 +316,8 @@ impl Group {
             }
         }
         self.db.write(batch).map_err(io::Error::other)?;
-        self.db.flush_wal(true).map_err(io::Error::other)
+        self.db.flush_wal(true).map_err(io::Error::other)?;
+        Ok(written)
     }
 }
 
@@ -462,7 +467,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = open(dir.path());
         // Far more entries than the tail keeps: reads of the old ones come from RocksDB.
-        let n = TAIL_KEEP as u64 * 3;
+        let n = TAIL_KEEP.entries as u64 * 3;
         log.blocking_append((1..=n - 10).map(|i| entry(1, i)))
             .await
             .unwrap();

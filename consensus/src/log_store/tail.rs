@@ -4,7 +4,8 @@
 //! An append puts its entries here and returns; the fsync thread writes them to RocksDB (one
 //! `WriteBatch` per group commit) and marks them written. Readers (replication, the state
 //! machine's apply) find an entry here or, if it is not here, in RocksDB: only written entries
-//! ever leave the tail, oldest first, once more than [`Tail::keep`] are held. An entry is marked
+//! ever leave the tail, oldest first, once it holds more of them than its [`Keep`] allows (by
+//! count and by encoded bytes, so a run of large entries cannot hold much memory). An entry is marked
 //! written only if the tail still holds that same entry (same log id): a truncation and a new
 //! append at the same index between the write and the mark leave the new entry unwritten.
 
@@ -17,23 +18,34 @@ use openraft::entry::RaftEntry;
 use crate::types::Entry;
 use crate::types::LogId;
 
-/// One entry of the tail, and whether RocksDB holds it.
+/// How much of the written log the tail keeps (the unwritten entries are always kept).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Keep {
+    /// At most this many written entries...
+    pub entries: usize,
+    /// ...of at most this many encoded bytes together.
+    pub bytes: usize,
+}
+
+/// One entry of the tail, and its encoded size once RocksDB holds it.
 struct Slot {
     entry: Entry,
-    written: bool,
+    written: Option<usize>,
 }
 
 /// The tail: entries by index.
 pub(super) struct Tail {
     slots: BTreeMap<u64, Slot>,
-    /// How many entries to keep once written (the unwritten ones are always kept).
-    keep: usize,
+    /// The encoded bytes of the written entries held.
+    written_bytes: usize,
+    keep: Keep,
 }
 
 impl Tail {
-    pub(super) fn new(keep: usize) -> Self {
+    pub(super) fn new(keep: Keep) -> Self {
         Tail {
             slots: BTreeMap::new(),
+            written_bytes: 0,
             keep,
         }
     }
@@ -42,9 +54,23 @@ impl Tail {
     pub(super) fn push(&mut self, entry: Entry) {
         let slot = Slot {
             entry,
-            written: false,
+            written: None,
         };
-        self.slots.insert(slot.entry.index(), slot);
+        if let Some(old) = self.slots.insert(slot.entry.index(), slot) {
+            self.forget(&old);
+        }
+    }
+
+    /// Takes a slot that left the tail off the written bytes.
+    fn forget(&mut self, slot: &Slot) {
+        self.written_bytes -= slot.written.unwrap_or(0);
+    }
+
+    /// Takes every slot of `gone` off the written bytes.
+    fn forget_all(&mut self, gone: BTreeMap<u64, Slot>) {
+        for slot in gone.values() {
+            self.forget(slot);
+        }
     }
 
     /// The log id of the last entry held.
@@ -54,28 +80,33 @@ impl Tail {
 
     /// Drops every entry from index `from` on.
     pub(super) fn truncate_from(&mut self, from: u64) {
-        self.slots.split_off(&from);
+        let gone = self.slots.split_off(&from);
+        self.forget_all(gone);
     }
 
     /// Drops every entry up to and including index `upto`.
     pub(super) fn purge_upto(&mut self, upto: u64) {
-        self.slots = self.slots.split_off(&upto.saturating_add(1));
+        let kept = self.slots.split_off(&upto.saturating_add(1));
+        let gone = std::mem::replace(&mut self.slots, kept);
+        self.forget_all(gone);
     }
 
-    /// Marks these entries written (those the tail still holds as they were), then lets the
-    /// oldest written ones go beyond [`Tail::keep`].
-    pub(super) fn written(&mut self, ids: impl IntoIterator<Item = LogId>) {
-        for id in ids {
+    /// Marks these entries written, each with its encoded size (those the tail still holds as
+    /// they were), then lets the oldest written ones go beyond what [`Keep`] allows.
+    pub(super) fn written(&mut self, ids: impl IntoIterator<Item = (LogId, usize)>) {
+        for (id, bytes) in ids {
             if let Some(slot) = self.slots.get_mut(&id.index()) {
-                if slot.entry.log_id() == id {
-                    slot.written = true;
+                if slot.entry.log_id() == id && slot.written.is_none() {
+                    slot.written = Some(bytes);
+                    self.written_bytes += bytes;
                 }
             }
         }
-        while self.slots.len() > self.keep {
+        while self.slots.len() > self.keep.entries || self.written_bytes > self.keep.bytes {
             match self.slots.first_entry() {
-                Some(first) if first.get().written => {
-                    first.remove();
+                Some(first) if first.get().written.is_some() => {
+                    let slot = first.remove();
+                    self.forget(&slot);
                 }
                 _ => break,
             }
@@ -117,6 +148,18 @@ mod tests {
         Entry::new_blank(LogId::new(LeaderId { term, node_id: 1 }, index))
     }
 
+    fn keep(entries: usize) -> Keep {
+        Keep {
+            entries,
+            bytes: usize::MAX,
+        }
+    }
+
+    /// Each entry written, at 10 bytes.
+    fn written(entries: impl IntoIterator<Item = Entry>) -> Vec<(LogId, usize)> {
+        entries.into_iter().map(|e| (e.log_id(), 10)).collect()
+    }
+
     fn indexes(entries: &[Entry]) -> Vec<(u64, u64)> {
         entries
             .iter()
@@ -126,7 +169,7 @@ mod tests {
 
     #[test]
     fn unwritten_entries_stay_however_many_there_are() {
-        let mut tail = Tail::new(2);
+        let mut tail = Tail::new(keep(2));
         for i in 1..=5 {
             tail.push(entry(1, i));
         }
@@ -135,15 +178,39 @@ mod tests {
         assert_eq!(held.len(), 5);
         assert_eq!(below, 1);
         // Written, the oldest go beyond the bound; the rest of a range is then read from RocksDB.
-        tail.written((1..=5).map(|i| entry(1, i).log_id()));
+        tail.written(written((1..=5).map(|i| entry(1, i))));
         let (held, below) = tail.read(&(1..6));
         assert_eq!(indexes(&held), [(1, 4), (1, 5)]);
         assert_eq!(below, 4);
     }
 
     #[test]
+    fn large_entries_leave_sooner() {
+        let mut tail = Tail::new(Keep {
+            entries: 100,
+            bytes: 25,
+        });
+        for i in 1..=5 {
+            tail.push(entry(1, i));
+        }
+        // 10 bytes each: two fit in 25. The bytes of entries that left are not counted again.
+        tail.written(written((1..=3).map(|i| entry(1, i))));
+        assert_eq!(
+            indexes(&tail.read(&(..)).0),
+            [(1, 2), (1, 3), (1, 4), (1, 5)]
+        );
+        tail.truncate_from(3);
+        tail.push(entry(2, 3));
+        tail.written(written([entry(2, 3), entry(1, 4)]));
+        assert_eq!(indexes(&tail.read(&(..)).0), [(1, 2), (2, 3)]);
+        tail.purge_upto(2);
+        tail.written(written([entry(2, 3)]));
+        assert_eq!(tail.written_bytes, 10);
+    }
+
+    #[test]
     fn an_entry_replaced_after_its_write_began_is_not_marked_written() {
-        let mut tail = Tail::new(0);
+        let mut tail = Tail::new(keep(0));
         for i in 1..=3 {
             tail.push(entry(1, i));
         }
@@ -151,7 +218,7 @@ mod tests {
         // the old one: only 1 and 2 are written, and only they may go.
         tail.truncate_from(3);
         tail.push(entry(2, 3));
-        tail.written((1..=3).map(|i| entry(1, i).log_id()));
+        tail.written(written((1..=3).map(|i| entry(1, i))));
         let (held, below) = tail.read(&(1..=3));
         assert_eq!(indexes(&held), [(2, 3)]);
         assert_eq!(below, 3);
@@ -159,7 +226,7 @@ mod tests {
 
     #[test]
     fn truncation_and_purge_cut_both_ends() {
-        let mut tail = Tail::new(100);
+        let mut tail = Tail::new(keep(100));
         for i in 1..=10 {
             tail.push(entry(1, i));
         }
