@@ -2,12 +2,12 @@
 //! there, and the most recent written ones.
 //!
 //! An append puts its entries here and returns; the fsync thread writes them to RocksDB (one
-//! `WriteBatch` per group commit) and marks them written. Readers (replication, the state
-//! machine's apply) find an entry here or, if it is not here, in RocksDB: only written entries
-//! ever leave the tail, oldest first, once it holds more of them than its [`Keep`] allows (by
-//! count and by encoded bytes, so a run of large entries cannot hold much memory). An entry is marked
-//! written only if the tail still holds that same entry (same log id): a truncation and a new
-//! append at the same index between the write and the mark leave the new entry unwritten.
+//! `WriteBatch` per group commit) and marks them written. Readers (replication, the state machine's
+//! apply) find an entry here or, if it is not here, in RocksDB: only written entries ever leave the
+//! tail, oldest first, once it holds more of them than its [`Keep`] allows (by count and by encoded
+//! bytes, so a run of large entries cannot hold much memory). An entry is marked written only if
+//! the tail still holds that same entry (same log id): a truncation and a new append at the same
+//! index between the write and the mark leave the new entry unwritten.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
