@@ -28,6 +28,20 @@ pub fn router(ctx: ReplicaContext, prometheus: PrometheusHandle) -> Router {
         .with_state(HttpState { ctx, prometheus })
 }
 
+/// The HTTP listener as served: Nagle's algorithm off on every connection it accepts. axum, like
+/// tonic with a listener it did not bind, leaves an accepted socket as the kernel made it, and a
+/// small reply (a probe, a metrics page) would then wait on the peer's delayed ACK.
+pub fn listener(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY on an accepted HTTP connection");
+        }
+    })
+}
+
 async fn metrics_page(State(s): State<HttpState>) -> String {
     s.prometheus.render()
 }
@@ -213,5 +227,21 @@ pub async fn gauge_loop(ctx: ReplicaContext, period: Duration, mut stop: watch::
             metrics::gauge!("gangway_devices", "kind" => k)
                 .set(total as f64 / f64::from(MILLI_PER_DEVICE));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::serve::Listener;
+
+    #[tokio::test]
+    async fn accepted_connections_send_small_replies_at_once() {
+        let bound = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = bound.local_addr().unwrap();
+        let mut served = listener(bound);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = served.accept().await;
+        assert!(accepted.nodelay().unwrap(), "accepted without TCP_NODELAY");
     }
 }

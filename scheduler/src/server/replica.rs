@@ -196,7 +196,7 @@ impl Replica {
         let app = http::router(ctx.clone(), prometheus.clone());
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
-            axum::serve(http_listener, app)
+            axum::serve(http::listener(http_listener), app)
                 .with_graceful_shutdown(async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
