@@ -83,6 +83,9 @@ enum Op {
     Purge { upto: LogId, done: Done },
 }
 
+/// What a store says once its fsync thread stopped.
+const FSYNC_THREAD_GONE: &str = "raft log fsync thread is gone";
+
 /// Where a truncation or a purge learns that it is on disk.
 type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
 
@@ -146,9 +149,7 @@ impl RocksLogStore {
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, io::Error> {
-        self.db
-            .cf_handle(name)
-            .ok_or_else(|| io::Error::other(format!("column family {name} missing")))
+        column(&self.db, name)
     }
 
     /// Record a failure in the health flag and pass it on.
@@ -167,16 +168,15 @@ impl RocksLogStore {
     }
 
     fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
-        self.tail.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.tail)
     }
 
     /// Queues `op` for the fsync thread.
     fn send(&self, op: Op) -> Result<(), io::Error> {
         let sent = self.flusher.tx.as_ref().map(|tx| tx.send(op));
         if !matches!(sent, Some(Ok(()))) {
-            let msg = "raft log fsync thread is gone";
-            self.health.fail(msg);
-            return Err(io::Error::other(msg));
+            self.health.fail(FSYNC_THREAD_GONE);
+            return Err(io::Error::other(FSYNC_THREAD_GONE));
         }
         Ok(())
     }
@@ -187,7 +187,7 @@ impl RocksLogStore {
         self.send(op(done))?;
         match on_disk.await {
             Ok(res) => res.map_err(io::Error::other),
-            Err(_) => Err(io::Error::other("raft log fsync thread is gone")),
+            Err(_) => Err(io::Error::other(FSYNC_THREAD_GONE)),
         }
     }
 
@@ -268,10 +268,7 @@ impl Group {
             ops.extend(rx.try_iter());
             match self.write(&ops) {
                 Ok(written) => {
-                    self.tail
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .written(written);
+                    lock(&self.tail).written(written);
                     answer(ops, Ok(()));
                 }
                 Err(e) => {
@@ -286,12 +283,7 @@ impl Group {
     /// One `WriteBatch` with every op in order, then the WAL written and fsynced. Returns each
     /// entry written with its encoded size.
     fn write(&self, ops: &[Op]) -> Result<Vec<(LogId, usize)>, io::Error> {
-        let cf = |name| {
-            self.db
-                .cf_handle(name)
-                .ok_or_else(|| io::Error::other(format!("column family {name} missing")))
-        };
-        let (logs, meta) = (cf(CF_LOGS)?, cf(CF_META)?);
+        let (logs, meta) = (column(&self.db, CF_LOGS)?, column(&self.db, CF_META)?);
         let mut batch = WriteBatch::default();
         let mut written = Vec::new();
         for op in ops {
@@ -319,6 +311,17 @@ impl Group {
         self.db.flush_wal(true).map_err(io::Error::other)?;
         Ok(written)
     }
+}
+
+/// A column family of the log's RocksDB.
+fn column<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, io::Error> {
+    db.cf_handle(name)
+        .ok_or_else(|| io::Error::other(format!("column family {name} missing")))
+}
+
+/// The tail, even if a thread panicked holding it (its state is whole between calls).
+fn lock(tail: &Mutex<Tail>) -> std::sync::MutexGuard<'_, Tail> {
+    tail.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Tells each op's waiter how its group went.
@@ -438,6 +441,7 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log_store::tail::tests::indexes as ids;
     use crate::types::LogCommand;
     use openraft::impls::leader_id_adv::LeaderId;
     use openraft::storage::RaftLogStorageExt;
@@ -449,13 +453,6 @@ mod tests {
             command: vec![term as u8; 32],
         };
         Entry::new_normal(LogId::new(LeaderId { term, node_id: 1 }, index), command)
-    }
-
-    fn ids(entries: &[Entry]) -> Vec<(u64, u64)> {
-        entries
-            .iter()
-            .map(|e| (e.log_id().leader_id.term, e.index()))
-            .collect()
     }
 
     fn open(dir: &Path) -> RocksLogStore {

@@ -140,7 +140,7 @@ pub(super) fn first_index(range: &impl RangeBounds<u64>) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use openraft::impls::leader_id_adv::LeaderId;
 
@@ -160,7 +160,8 @@ mod tests {
         entries.into_iter().map(|e| (e.log_id(), 10)).collect()
     }
 
-    fn indexes(entries: &[Entry]) -> Vec<(u64, u64)> {
+    /// Each entry's (term, index), to compare a read with what was expected.
+    pub(in crate::log_store) fn indexes(entries: &[Entry]) -> Vec<(u64, u64)> {
         entries
             .iter()
             .map(|e| (e.log_id().leader_id.term, e.index()))
