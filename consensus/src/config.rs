@@ -11,9 +11,10 @@ use crate::types::NodeId;
 /// Which log store backs the replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogStorage {
-    /// RocksDB under `data_dir/raft-log`, fsynced appends. Use this in production.
+    /// Segment files under `data_dir/raft-wal`, fsynced appends (an old RocksDB log in
+    /// `data_dir/raft-log` is migrated at start). Use this in production.
     #[default]
-    RocksDb,
+    Disk,
     /// In memory only; nothing survives a restart (snapshots still go to `data_dir`). For tests and
     /// simulations.
     Memory,
@@ -26,7 +27,7 @@ pub struct ReplicaConfig {
     pub node_id: NodeId,
     /// The gRPC address other replicas (and forwarded writes) use to reach this replica.
     pub advertise_addr: String,
-    /// Where the Raft log (RocksDB) and snapshots live.
+    /// Where the Raft log (segment files) and snapshots live.
     pub data_dir: PathBuf,
     /// Log store backend.
     pub log_storage: LogStorage,
@@ -121,7 +122,7 @@ impl ReplicaConfig {
             node_id,
             advertise_addr: advertise_addr.into(),
             data_dir: data_dir.into(),
-            log_storage: LogStorage::RocksDb,
+            log_storage: LogStorage::Disk,
             election_timeout_min: Duration::from_millis(400),
             election_timeout_max: Duration::from_millis(800),
             heartbeat_interval: Duration::from_millis(100),

@@ -11,12 +11,12 @@ use openraft::testing::{blank_ent, log_id, membership_ent};
 use std::collections::BTreeSet;
 
 /// What the first byte of an input selects.
-const KINDS: u8 = 7;
+const KINDS: u8 = 8;
 
 /// One peer message or stored record: the first byte picks the kind (`AppendEntries`, `Vote` and
 /// `PreVote`, `TransferLeader`, the `InstallSnapshot` header, a snapshot file, a snapshot's body,
-/// a log entry as the log store keeps it), the rest is its bincode, decoded as the receiving code
-/// decodes it and then used as it would use it.
+/// a log entry as the log store keeps it, a raft log segment file), the rest is its bincode (or the
+/// segment's bytes), decoded as the receiving code decodes it and then used as it would use it.
 pub fn raft_message(data: &[u8]) {
     let Some((&kind, body)) = data.split_first() else {
         return;
@@ -54,11 +54,12 @@ pub fn raft_message(data: &[u8]) {
         5 => {
             let _ = codec::decode::<crate::state_machine::SnapshotBody>(body);
         }
-        _ => {
+        6 => {
             if let Ok(entry) = codec::decode::<Entry>(body) {
                 let _ = (entry.to_string(), entry.get_membership());
             }
         }
+        _ => drop(crate::log_store::wal::replay_untrusted(body)),
     }
 }
 
@@ -111,6 +112,7 @@ pub fn raft_message_seeds() -> Vec<Vec<u8>> {
         ),
         tagged(5, body),
         tagged(6, encode(&entries[2])),
+        tagged(7, crate::log_store::wal::segment_seed()),
     ]
 }
 
@@ -136,6 +138,8 @@ mod tests {
         let seeds = raft_message_seeds();
         assert!(codec::decode::<AppendEntriesRequest<TypeConfig>>(&seeds[0][1..]).is_ok());
         assert!(crate::snapshot_store::decode(&seeds[4][1..]).is_ok());
+        let replayed = crate::log_store::wal::replay_untrusted(&seeds[7][1..]);
+        assert_eq!(replayed, Ok(Some(8)), "the segment seed replays whole");
         gangway_proto::fuzz::short_run("raft_message", &seeds, 5_000, raft_message);
     }
 }

@@ -30,10 +30,11 @@ use crate::error::Result;
 use crate::grpc_service::RaftGrpcService;
 use crate::leader_loss::LeaderLoss;
 use crate::leader_loss::Watcher;
+use crate::log_store::wal;
 use crate::log_store::AnyLogStore;
 use crate::log_store::MemLogStore;
-use crate::log_store::RocksLogStore;
 use crate::log_store::StorageHealth;
+use crate::log_store::WalLogStore;
 use crate::metrics::ReplicaMetrics;
 use crate::network::client::NetworkFactory;
 use crate::network::transport::CallError;
@@ -97,9 +98,15 @@ impl<S: StateMachine> ReplicaHandle<S> {
         crate::private_dir::ensure_private_dir(&config.data_dir).map_err(storage)?;
 
         let log_store = match config.log_storage {
-            LogStorage::RocksDb => {
-                let dir = config.data_dir.join("raft-log");
-                AnyLogStore::Rocks(open_rocks_retrying(&dir, &health).await?)
+            LogStorage::Disk => {
+                wal::migrate::from_rocksdb(&config.data_dir).map_err(|e| {
+                    storage(format!(
+                        "migrate the raft log in {}: {e}",
+                        config.data_dir.display()
+                    ))
+                })?;
+                let dir = config.data_dir.join(wal::migrate::DIR);
+                AnyLogStore::Wal(open_log_retrying(&dir, &health).await?)
             }
             LogStorage::Memory => AnyLogStore::Memory(MemLogStore::new()),
         };
@@ -647,17 +654,14 @@ impl<S: StateMachine> ReplicaHandle<S> {
     }
 }
 
-/// Open the RocksDB log, retrying briefly while a previous incarnation in the same process (tests)
-/// still holds the lock while its last tasks wind down.
-async fn open_rocks_retrying(
-    dir: &std::path::Path,
-    health: &StorageHealth,
-) -> Result<RocksLogStore> {
+/// Open the log, retrying briefly while a previous incarnation in the same process (tests) still
+/// holds its lock while its last tasks wind down.
+async fn open_log_retrying(dir: &std::path::Path, health: &StorageHealth) -> Result<WalLogStore> {
     let mut tries = 0;
     loop {
-        match RocksLogStore::open(dir, health.clone()) {
+        match WalLogStore::open(dir, health.clone()) {
             Ok(s) => return Ok(s),
-            Err(e) if tries < 100 && e.to_string().contains("lock") => {
+            Err(e) if tries < 100 && e.to_string().contains(wal::LOCKED) => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

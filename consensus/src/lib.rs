@@ -57,8 +57,8 @@ pub use types::NodeId;
 /// Storage internals, public for the conformance tests and for tools that inspect a data dir.
 pub mod storage {
     pub use crate::log_store::MemLogStore;
-    pub use crate::log_store::RocksLogStore;
     pub use crate::log_store::StorageHealth;
+    pub use crate::log_store::WalLogStore;
     pub use crate::state_machine::StateMachineStore;
     pub use crate::types::LogCommand;
     pub use crate::types::LogResponse;

@@ -8,8 +8,8 @@ use openraft::StorageError;
 use tokio::sync::broadcast;
 
 use super::MemLogStore;
-use super::RocksLogStore;
 use super::StorageHealth;
+use super::WalLogStore;
 use crate::app::AppError;
 use crate::app::ApplyContext;
 use crate::app::StateMachine;
@@ -49,18 +49,20 @@ fn sm(dir: &std::path::Path) -> Result<StateMachineStore<Sum>, StorageError<Type
         .map_err(|e| StorageError::read(TypeConfig::err_from_error(&e)))
 }
 
-struct RocksBuilder;
+/// Small segments, so that the suite's logs span several.
+struct WalBuilder;
 
-impl StoreBuilder<TypeConfig, RocksLogStore, StateMachineStore<Sum>, tempfile::TempDir>
-    for RocksBuilder
+impl StoreBuilder<TypeConfig, WalLogStore, StateMachineStore<Sum>, tempfile::TempDir>
+    for WalBuilder
 {
     async fn build(
         &self,
-    ) -> Result<(tempfile::TempDir, RocksLogStore, StateMachineStore<Sum>), StorageError<TypeConfig>>
+    ) -> Result<(tempfile::TempDir, WalLogStore, StateMachineStore<Sum>), StorageError<TypeConfig>>
     {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = RocksLogStore::open(&dir.path().join("raft-log"), StorageHealth::default())
-            .map_err(|e| StorageError::read(TypeConfig::err_from_error(&e)))?;
+        let log =
+            WalLogStore::open_with(&dir.path().join("raft-wal"), StorageHealth::default(), 4096)
+                .map_err(|e| StorageError::read(TypeConfig::err_from_error(&e)))?;
         let sm = sm(dir.path())?;
         Ok((dir, log, sm))
     }
@@ -82,8 +84,8 @@ impl StoreBuilder<TypeConfig, MemLogStore, StateMachineStore<Sum>, tempfile::Tem
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rocksdb_log_store_passes_openraft_conformance_suite() {
-    Suite::test_all(RocksBuilder).await.expect("conformance");
+async fn segment_log_store_passes_openraft_conformance_suite() {
+    Suite::test_all(WalBuilder).await.expect("conformance");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,15 +1,16 @@
-//! Raft log stores: RocksDB for real replicas, memory for tests and simulations. Both implement
-//! openraft's `RaftLogStorage` and pass its conformance suite (see the tests at the bottom).
+//! Raft log stores: segment files for real replicas, memory for tests and simulations. Both
+//! implement openraft's `RaftLogStorage` and pass its conformance suite (see the tests at the
+//! bottom).
 
 pub(crate) mod memory;
-pub(crate) mod rocks;
 mod tail;
+pub(crate) mod wal;
 
 use std::sync::Arc;
 use std::sync::Mutex;
 
 pub use memory::MemLogStore;
-pub use rocks::RocksLogStore;
+pub use wal::WalLogStore;
 
 use crate::error::ConsensusError;
 
@@ -50,7 +51,7 @@ impl StorageHealth {
 /// openraft's storage traits use `async fn` (not object safe).
 #[derive(Clone)]
 pub(crate) enum AnyLogStore {
-    Rocks(RocksLogStore),
+    Wal(WalLogStore),
     Memory(MemLogStore),
 }
 
@@ -77,14 +78,14 @@ mod any_impl {
             range: RB,
         ) -> Result<Vec<Entry>, io::Error> {
             match self {
-                AnyLogStore::Rocks(s) => s.try_get_log_entries(range).await,
+                AnyLogStore::Wal(s) => s.try_get_log_entries(range).await,
                 AnyLogStore::Memory(s) => s.try_get_log_entries(range).await,
             }
         }
 
         async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
             match self {
-                AnyLogStore::Rocks(s) => s.read_vote().await,
+                AnyLogStore::Wal(s) => s.read_vote().await,
                 AnyLogStore::Memory(s) => s.read_vote().await,
             }
         }
@@ -95,7 +96,7 @@ mod any_impl {
 
         async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
             match self {
-                AnyLogStore::Rocks(s) => s.get_log_state().await,
+                AnyLogStore::Wal(s) => s.get_log_state().await,
                 AnyLogStore::Memory(s) => s.get_log_state().await,
             }
         }
@@ -106,21 +107,21 @@ mod any_impl {
 
         async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
             match self {
-                AnyLogStore::Rocks(s) => s.save_vote(vote).await,
+                AnyLogStore::Wal(s) => s.save_vote(vote).await,
                 AnyLogStore::Memory(s) => s.save_vote(vote).await,
             }
         }
 
         async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
             match self {
-                AnyLogStore::Rocks(s) => s.save_committed(committed).await,
+                AnyLogStore::Wal(s) => s.save_committed(committed).await,
                 AnyLogStore::Memory(s) => s.save_committed(committed).await,
             }
         }
 
         async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
             match self {
-                AnyLogStore::Rocks(s) => s.read_committed().await,
+                AnyLogStore::Wal(s) => s.read_committed().await,
                 AnyLogStore::Memory(s) => s.read_committed().await,
             }
         }
@@ -135,21 +136,21 @@ mod any_impl {
             I::IntoIter: OptionalSend,
         {
             match self {
-                AnyLogStore::Rocks(s) => s.append(entries, callback).await,
+                AnyLogStore::Wal(s) => s.append(entries, callback).await,
                 AnyLogStore::Memory(s) => s.append(entries, callback).await,
             }
         }
 
         async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
             match self {
-                AnyLogStore::Rocks(s) => s.truncate_after(last_log_id).await,
+                AnyLogStore::Wal(s) => s.truncate_after(last_log_id).await,
                 AnyLogStore::Memory(s) => s.truncate_after(last_log_id).await,
             }
         }
 
         async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
             match self {
-                AnyLogStore::Rocks(s) => s.purge(log_id).await,
+                AnyLogStore::Wal(s) => s.purge(log_id).await,
                 AnyLogStore::Memory(s) => s.purge(log_id).await,
             }
         }
