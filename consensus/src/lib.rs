@@ -1,7 +1,7 @@
 //! # gangway-consensus
 //!
-//! A generic Raft-replicated state machine for Gangway: openraft (pinned 0.10 alpha) with a
-//! RocksDB log, an on-disk snapshot store and a tonic gRPC transport. It knows nothing about GPUs:
+//! A generic Raft-replicated state machine for Gangway: openraft (pinned 0.10 alpha) with a log
+//! of its own segment files, an on-disk snapshot store and a tonic gRPC transport. It knows nothing about GPUs:
 //! the scheduler plugs its FSM in by implementing [`StateMachine`] and drives the replica through a
 //! [`ReplicaHandle`]. See the crate README for the API tour, error codes, on-disk layout and wire
 //! encoding.

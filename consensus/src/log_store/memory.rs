@@ -1,4 +1,4 @@
-//! In-memory Raft log store: the same contract as the RocksDB one without the disk, for tests and
+//! In-memory Raft log store: the same contract as the segment-file one without the disk, for tests and
 //! simulations that run many replicas. Nothing survives dropping the last clone.
 
 use std::collections::BTreeMap;

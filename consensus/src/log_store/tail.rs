@@ -1,11 +1,11 @@
-//! The Raft log's tail in memory, in front of RocksDB: every entry appended and not yet written
-//! there, and the most recent written ones.
+//! The Raft log's tail in memory, in front of its segment files: every entry appended and not yet
+//! written there, and the most recent written ones.
 //!
-//! An append puts its entries here and returns; the fsync thread writes them to RocksDB (one
-//! `WriteBatch` per group commit) and marks them written. Readers (replication, the state machine's
-//! apply) find an entry here or, if it is not here, in RocksDB: only written entries ever leave the
-//! tail, oldest first, once it holds more of them than its [`Keep`] allows (by count and by encoded
-//! bytes, so a run of large entries cannot hold much memory). An entry is marked written only if
+//! An append puts its entries here and returns; the fsync thread writes them to the current segment
+//! (one `pwrite` and one `fdatasync` per group commit) and marks them written. Readers (replication,
+//! the state machine's apply) find an entry here or, if it is not here, in its segment: only
+//! written entries ever leave the tail, oldest first, once it holds more of them than its [`Keep`]
+//! allows (by count and by encoded bytes, so a run of large entries cannot hold much memory). An entry is marked written only if
 //! the tail still holds that same entry (same log id): a truncation and a new append at the same
 //! index between the write and the mark leave the new entry unwritten.
 
@@ -27,7 +27,7 @@ pub(super) struct Keep {
     pub bytes: usize,
 }
 
-/// One entry of the tail, and its encoded size once RocksDB holds it.
+/// One entry of the tail, and its record's size once written.
 struct Slot {
     entry: Entry,
     written: Option<usize>,
@@ -114,7 +114,7 @@ impl Tail {
     }
 
     /// The entries of `range` held here, in order, and the index below which the rest of the
-    /// range must be read from RocksDB (the range's start when the tail holds all of it).
+    /// range must be read from the segments (the range's start when the tail holds all of it).
     pub(super) fn read(&self, range: &impl RangeBounds<u64>) -> (Vec<Entry>, u64) {
         let Some(first) = self.slots.keys().next().copied() else {
             return (Vec::new(), u64::MAX);
@@ -178,7 +178,7 @@ pub(super) mod tests {
         let (held, below) = tail.read(&(1..6));
         assert_eq!(held.len(), 5);
         assert_eq!(below, 1);
-        // Written, the oldest go beyond the bound; the rest of a range is then read from RocksDB.
+        // Written, the oldest go beyond the bound; the rest of a range is then read from the segments.
         tail.written(written((1..=5).map(|i| entry(1, i))));
         let (held, below) = tail.read(&(1..6));
         assert_eq!(indexes(&held), [(1, 4), (1, 5)]);

@@ -35,6 +35,12 @@ async fn all(log: &mut WalLogStore) -> Vec<(u64, u64)> {
     ids(&log.try_get_log_entries(0..).await.unwrap())
 }
 
+/// A log in `dir` holding entries 1..=n of term 1, closed.
+async fn closed_log(dir: &Path, n: u64) {
+    let mut log = open(dir);
+    append(&mut log, 1, 1..=n).await;
+}
+
 async fn append(log: &mut WalLogStore, term: u64, indexes: std::ops::RangeInclusive<u64>) {
     log.blocking_append(indexes.map(|i| entry(term, i)))
         .await
@@ -164,9 +170,7 @@ fn offsets(path: &Path) -> Vec<(u64, std::ops::Range<usize>)> {
 #[tokio::test]
 async fn a_torn_last_group_is_dropped_and_nothing_after_it_comes_back() {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = open(dir.path());
-    append(&mut log, 1, 1..=3).await;
-    drop(log);
+    closed_log(dir.path(), 3).await;
     // A crash while 3 was being written: the middle of its record never reached the disk, the
     // end did. 2 and 1 are whole.
     let path = newest(dir.path());
@@ -204,9 +208,7 @@ async fn a_torn_last_group_is_dropped_and_nothing_after_it_comes_back() {
 #[tokio::test]
 async fn damage_in_an_older_segment_refuses_to_open_and_says_where() {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = open(dir.path());
-    append(&mut log, 1, 1..=100).await;
-    drop(log);
+    closed_log(dir.path(), 100).await;
     let first = segments(dir.path()).remove(0).1;
     let mut bytes = std::fs::read(&first).unwrap();
     bytes[600] ^= 0xff;
@@ -224,9 +226,7 @@ async fn damage_in_an_older_segment_refuses_to_open_and_says_where() {
 #[tokio::test]
 async fn a_missing_segment_refuses_to_open() {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = open(dir.path());
-    append(&mut log, 1, 1..=100).await;
-    drop(log);
+    closed_log(dir.path(), 100).await;
     let segs = segments(dir.path());
     assert!(segs.len() >= 3);
     std::fs::remove_file(&segs[1].1).unwrap();
