@@ -7,11 +7,13 @@
 //!   point, which drops its entries, and the fsync thread deletes it when it starts.
 //! - Every segment starts with its [`Start`] record. The newest may be all zeros (a crash right
 //!   after it was renamed into place): it gets its start record now.
-//! - In the newest segment, the first record that is not whole ends the log: a crash tore the
-//!   group being written, which was never acknowledged. Everything after it is zeroed before
-//!   anything new is written, so no stale record can ever follow a new one. In an older segment
-//!   the same is damage (each was fsynced whole before the next was used), and the log refuses to
-//!   open rather than forget acknowledged entries.
+//! - In the newest segment, a record that is not whole because part of it is still zeros (a
+//!   512-byte sector of it never reached the disk: a crash tore the group being written, which was
+//!   never acknowledged) ends the log. Everything after it is zeroed before anything new is
+//!   written, so no stale record can ever follow a new one. A record that is not whole with every
+//!   sector of it written is damage, not a crash, and so is any record that is not whole in an
+//!   older segment (each was fsynced whole before the next was used): the log refuses to open
+//!   rather than forget acknowledged entries.
 //! - The entries replayed must make one run from the purge point with no hole.
 
 use std::collections::BTreeMap;
@@ -102,13 +104,43 @@ fn replay(index: &mut Index, seq: u64, bytes: &[u8], newest: bool) -> Result<u64
             }
             Read::End if offset == 0 && !newest => return Err("is empty".into()),
             Read::End => return Ok(offset as u64),
-            Read::Torn(why) if newest => {
+            Read::Torn(why) if newest && torn_by_crash(bytes, offset) => {
                 tracing::warn!(seq, offset, %why, "raft log ends in a torn write; what follows is dropped");
                 return Ok(offset as u64);
+            }
+            Read::Torn(why) if newest => {
+                return Err(format!(
+                    "at byte {offset}: {why}, with every sector written"
+                ))
             }
             Read::Torn(why) => return Err(format!("at byte {offset}: {why}")),
         }
     }
+}
+
+/// The sector size a crash tears writes at: a sector reaches the disk whole or not at all.
+const SECTOR: usize = 512;
+
+/// Whether the frame that is not whole at `at` can be a crash's torn write: some sector of it
+/// (512-byte aligned in the file, cut to the frame) is still all zeros, as the segment was before
+/// the write. The frame runs as far as its length says, within the segment.
+fn torn_by_crash(bytes: &[u8], at: usize) -> bool {
+    let len = bytes
+        .get(at..at + 4)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let end = at
+        .saturating_add(record::HEADER)
+        .saturating_add(len)
+        .min(bytes.len());
+    let mut from = at;
+    while from < end {
+        let to = ((from / SECTOR + 1) * SECTOR).min(end);
+        if bytes[from..to].iter().all(|b| *b == 0) {
+            return true;
+        }
+        from = to;
+    }
+    false
 }
 
 /// Replays arbitrary bytes as the newest and as an older segment, as recovery would (the fuzz

@@ -167,33 +167,57 @@ fn offsets(path: &Path) -> Vec<(u64, std::ops::Range<usize>)> {
     out
 }
 
+/// A log holding 1 and 2 (one group), then 3 with a command large enough to span several sectors
+/// (a group of its own); returns the newest segment and where 3's record lies.
+async fn log_with_a_long_last_record(dir: &Path) -> (PathBuf, std::ops::Range<usize>) {
+    let mut log = open(dir);
+    append(&mut log, 1, 1..=2).await;
+    let command = LogCommand {
+        stamped_ms: 3,
+        command: vec![7; 3000],
+    };
+    let long = Entry::new_normal(
+        LogId::new(
+            LeaderId {
+                term: 1,
+                node_id: 1,
+            },
+            3,
+        ),
+        command,
+    );
+    log.blocking_append([long]).await.unwrap();
+    drop(log);
+    let path = newest(dir);
+    let (index, range) = offsets(&path).pop().unwrap();
+    assert_eq!(index, 3);
+    (path, range)
+}
+
 #[tokio::test]
 async fn a_torn_last_group_is_dropped_and_nothing_after_it_comes_back() {
     let dir = tempfile::tempdir().unwrap();
-    closed_log(dir.path(), 3).await;
-    // A crash while 3 was being written: the middle of its record never reached the disk, the
-    // end did. 2 and 1 are whole.
-    let path = newest(dir.path());
-    let at = offsets(&path);
-    let (index, range) = at.last().unwrap().clone();
-    assert_eq!(index, 3);
+    let (path, range) = log_with_a_long_last_record(dir.path()).await;
+    // A crash while 3 was being written: its last sector never reached the disk (it is still the
+    // zeros the segment was made of); the ones before it did.
     let mut bytes = std::fs::read(&path).unwrap();
-    bytes[range.start + 20..range.start + 40].fill(0);
+    let last_sector = (range.end - 1) / 512 * 512;
+    assert!(last_sector > range.start + 8, "the header landed");
+    bytes[last_sector..range.end].fill(0);
     std::fs::write(&path, &bytes).unwrap();
 
     let mut log = open(dir.path());
     assert_eq!(all(&mut log).await, [(1, 1), (1, 2)]);
     // The log goes on after 2; a shorter record now lies where 3 began. Whatever 3 left past it
     // was zeroed, so no stale bytes can be read as a record after a restart.
-    log.blocking_append([Entry::new_blank(LogId::new(
+    let blank = Entry::new_blank(LogId::new(
         LeaderId {
             term: 2,
             node_id: 1,
         },
         3,
-    ))])
-    .await
-    .unwrap();
+    ));
+    log.blocking_append([blank]).await.unwrap();
     drop(log);
     let bytes = std::fs::read(&path).unwrap();
     let end = offsets(&path).last().unwrap().1.end;
@@ -203,6 +227,24 @@ async fn a_torn_last_group_is_dropped_and_nothing_after_it_comes_back() {
     );
     let mut log = open(dir.path());
     assert_eq!(all(&mut log).await, [(1, 1), (1, 2), (2, 3)]);
+}
+
+#[tokio::test]
+async fn damage_in_the_newest_segment_is_not_taken_for_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, range) = log_with_a_long_last_record(dir.path()).await;
+    // One byte of 3 changed, every sector of it written: no crash does that.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[range.start + 100] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let e = WalLogStore::open_with(dir.path(), StorageHealth::default(), SMALL)
+        .err()
+        .expect("refused");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("at byte {}", range.start)) && msg.contains("every sector written"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
