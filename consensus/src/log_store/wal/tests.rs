@@ -35,6 +35,21 @@ async fn all(log: &mut WalLogStore) -> Vec<(u64, u64)> {
     ids(&log.try_get_log_entries(0..).await.unwrap())
 }
 
+/// Why opening the log in `dir` is refused (it must be).
+fn refusal(dir: &Path) -> String {
+    match WalLogStore::open_with(dir, StorageHealth::default(), SMALL) {
+        Ok(_) => panic!("the log in {} opened", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Changes one byte of a file, as damage on the disk would.
+fn flip(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 0x01;
+    std::fs::write(path, &bytes).unwrap();
+}
+
 /// A log in `dir` holding entries 1..=n of term 1, closed.
 async fn closed_log(dir: &Path, n: u64) {
     let mut log = open(dir);
@@ -234,13 +249,8 @@ async fn damage_in_the_newest_segment_is_not_taken_for_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let (path, range) = log_with_a_long_last_record(dir.path()).await;
     // One byte of 3 changed, every sector of it written: no crash does that.
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[range.start + 100] ^= 0x01;
-    std::fs::write(&path, &bytes).unwrap();
-    let e = WalLogStore::open_with(dir.path(), StorageHealth::default(), SMALL)
-        .err()
-        .expect("refused");
-    let msg = e.to_string();
+    flip(&path, range.start + 100);
+    let msg = refusal(dir.path());
     assert!(
         msg.contains(&format!("at byte {}", range.start)) && msg.contains("every sector written"),
         "{msg}"
@@ -252,13 +262,8 @@ async fn damage_in_an_older_segment_refuses_to_open_and_says_where() {
     let dir = tempfile::tempdir().unwrap();
     closed_log(dir.path(), 100).await;
     let first = segments(dir.path()).remove(0).1;
-    let mut bytes = std::fs::read(&first).unwrap();
-    bytes[600] ^= 0xff;
-    std::fs::write(&first, &bytes).unwrap();
-    let e = WalLogStore::open_with(dir.path(), StorageHealth::default(), SMALL)
-        .err()
-        .expect("refused");
-    let msg = e.to_string();
+    flip(&first, 600);
+    let msg = refusal(dir.path());
     assert!(
         msg.contains(&segment::name(1)) && msg.contains("at byte"),
         "{msg}"
@@ -272,10 +277,8 @@ async fn a_missing_segment_refuses_to_open() {
     let segs = segments(dir.path());
     assert!(segs.len() >= 3);
     std::fs::remove_file(&segs[1].1).unwrap();
-    let e = WalLogStore::open_with(dir.path(), StorageHealth::default(), SMALL)
-        .err()
-        .expect("refused");
-    assert!(e.to_string().contains("but has entry"), "{e}");
+    let msg = refusal(dir.path());
+    assert!(msg.contains("but has entry"), "{msg}");
 }
 
 #[tokio::test]
@@ -331,10 +334,8 @@ async fn a_crash_right_after_a_new_segment_was_renamed_in_leaves_a_usable_log() 
 async fn a_second_store_on_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _log = open(dir.path());
-    let e = WalLogStore::open_with(dir.path(), StorageHealth::default(), SMALL)
-        .err()
-        .expect("refused");
-    assert!(e.to_string().contains(LOCKED), "{e}");
+    let msg = refusal(dir.path());
+    assert!(msg.contains(LOCKED), "{msg}");
 }
 
 #[tokio::test]
