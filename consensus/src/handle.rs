@@ -661,7 +661,8 @@ async fn open_log_retrying(dir: &std::path::Path, health: &StorageHealth) -> Res
     loop {
         match WalLogStore::open(dir, health.clone()) {
             Ok(s) => return Ok(s),
-            Err(e) if tries < 100 && e.to_string().contains(wal::LOCKED) => {
+            // The previous store still holds the directory's lock.
+            Err(e) if tries < 100 && e.kind() == std::io::ErrorKind::WouldBlock => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

@@ -155,6 +155,15 @@ pub(super) mod tests {
         }
     }
 
+    /// A tail keeping `keep` that holds entries 1..=n of term 1, none written.
+    fn holding(keep: Keep, n: u64) -> Tail {
+        let mut tail = Tail::new(keep);
+        for i in 1..=n {
+            tail.push(entry(1, i));
+        }
+        tail
+    }
+
     /// Each entry written, at 10 bytes.
     fn written(entries: impl IntoIterator<Item = Entry>) -> Vec<(LogId, usize)> {
         entries.into_iter().map(|e| (e.log_id(), 10)).collect()
@@ -170,10 +179,7 @@ pub(super) mod tests {
 
     #[test]
     fn unwritten_entries_stay_however_many_there_are() {
-        let mut tail = Tail::new(keep(2));
-        for i in 1..=5 {
-            tail.push(entry(1, i));
-        }
+        let mut tail = holding(keep(2), 5);
         tail.written([]);
         let (held, below) = tail.read(&(1..6));
         assert_eq!(held.len(), 5);
@@ -187,13 +193,13 @@ pub(super) mod tests {
 
     #[test]
     fn large_entries_leave_sooner() {
-        let mut tail = Tail::new(Keep {
-            entries: 100,
-            bytes: 25,
-        });
-        for i in 1..=5 {
-            tail.push(entry(1, i));
-        }
+        let mut tail = holding(
+            Keep {
+                entries: 100,
+                bytes: 25,
+            },
+            5,
+        );
         // 10 bytes each: two fit in 25. The bytes of entries that left are not counted again.
         tail.written(written((1..=3).map(|i| entry(1, i))));
         assert_eq!(
@@ -211,10 +217,7 @@ pub(super) mod tests {
 
     #[test]
     fn an_entry_replaced_after_its_write_began_is_not_marked_written() {
-        let mut tail = Tail::new(keep(0));
-        for i in 1..=3 {
-            tail.push(entry(1, i));
-        }
+        let mut tail = holding(keep(0), 3);
         // The fsync thread wrote term 1's entries 1..=3 while a new leader's entry 3 replaced
         // the old one: only 1 and 2 are written, and only they may go.
         tail.truncate_from(3);
@@ -227,10 +230,7 @@ pub(super) mod tests {
 
     #[test]
     fn truncation_and_purge_cut_both_ends() {
-        let mut tail = Tail::new(keep(100));
-        for i in 1..=10 {
-            tail.push(entry(1, i));
-        }
+        let mut tail = holding(keep(100), 10);
         tail.truncate_from(8);
         tail.purge_upto(3);
         assert_eq!(tail.last().map(|l| l.index()), Some(7));

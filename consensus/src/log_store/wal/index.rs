@@ -5,6 +5,9 @@
 use std::collections::BTreeMap;
 use std::ops::RangeBounds;
 
+use serde::Deserialize;
+use serde::Serialize;
+
 use crate::types::LogId;
 use crate::types::Vote;
 
@@ -17,7 +20,7 @@ pub(super) struct Loc {
 }
 
 /// The log's state apart from its entries.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub(super) struct State {
     pub vote: Option<Vote>,
     pub committed: Option<LogId>,

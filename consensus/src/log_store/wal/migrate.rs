@@ -17,6 +17,7 @@ use rocksdb::IteratorMode;
 use rocksdb::Options;
 use rocksdb::DB;
 
+use super::index::State;
 use super::record;
 use super::record::Record;
 use super::record::Start;
@@ -92,12 +93,12 @@ fn read_legacy(dir: &Path) -> io::Result<(Start, Vec<Entry>)> {
         }
         entries.push(entry);
     }
-    let start = Start {
-        seq: 1,
+    let state = State {
         vote,
         committed,
         last_purged,
     };
+    let start = Start { seq: 1, state };
     Ok((start, entries))
 }
 

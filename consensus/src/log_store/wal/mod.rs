@@ -62,7 +62,6 @@ use crate::types::Vote;
 
 pub(crate) use self::recover::replay_untrusted;
 pub(crate) use self::recover::segment_seed;
-pub(crate) use self::segment::LOCKED;
 
 /// The size of a new segment: a few snapshots' worth of typical entries, so that purges free whole
 /// files while a zeroed spare stays cheap to make.
@@ -140,7 +139,7 @@ impl WalLogStore {
             tail: tail.clone(),
             committed: committed.clone(),
             health: health.clone(),
-            making: None,
+            spare: writer::Spare::found(dir),
         };
         let (tx, rx) = mpsc::channel::<Op>();
         let thread = std::thread::Builder::new()

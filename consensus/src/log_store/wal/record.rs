@@ -8,6 +8,7 @@
 use serde::Deserialize;
 use serde::Serialize;
 
+use super::index::State;
 use crate::codec;
 use crate::types::Entry;
 use crate::types::LogId;
@@ -41,9 +42,7 @@ pub(super) enum Record<E = Entry> {
 pub(super) struct Start {
     /// The segment's sequence number, as in its file name.
     pub seq: u64,
-    pub vote: Option<Vote>,
-    pub committed: Option<LogId>,
-    pub last_purged: Option<LogId>,
+    pub state: State,
 }
 
 /// Appends `record`'s frame to `out`; returns the frame's length.
@@ -51,20 +50,24 @@ pub(super) fn encode_into<E: Serialize>(
     record: &Record<E>,
     out: &mut Vec<u8>,
 ) -> Result<usize, std::io::Error> {
-    let body = codec::encode(record)?;
-    let len = u32::try_from(body.len())
+    let at = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    let encoded = codec::encode_into(record, out);
+    let body_len = out.len() - at - HEADER;
+    let len = u32::try_from(body_len)
         .ok()
-        .filter(|l| (*l as usize) <= MAX_BODY)
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("log record of {} bytes is over the limit", body.len()),
-            )
-        })?;
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc(len, &body).to_le_bytes());
-    out.extend_from_slice(&body);
-    Ok(HEADER + body.len())
+        .filter(|l| *l as usize <= MAX_BODY);
+    let (Ok(()), Some(len)) = (encoded, len) else {
+        out.truncate(at);
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("log record of {body_len} bytes does not encode or is over the limit"),
+        ));
+    };
+    let sum = crc(len, &out[at + HEADER..]);
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    out[at + 4..at + HEADER].copy_from_slice(&sum.to_le_bytes());
+    Ok(HEADER + body_len)
 }
 
 /// What the bytes at some offset of a segment hold.
@@ -190,9 +193,11 @@ mod tests {
         let records: Vec<Record<&Entry>> = vec![
             Record::Start(Start {
                 seq: 3,
-                vote: Some(vote),
-                committed: Some(id),
-                last_purged: None,
+                state: State {
+                    vote: Some(vote),
+                    committed: Some(id),
+                    last_purged: None,
+                },
             }),
             Record::Truncate(11),
             Record::Purge(id),

@@ -182,9 +182,11 @@ pub(crate) fn segment_seed() -> Vec<u8> {
     let vote = crate::types::Vote::new(3, 1);
     let mut records: Vec<Record<&crate::types::Entry>> = vec![Record::Start(Start {
         seq: 1,
-        vote: Some(vote),
-        committed: Some(id(6)),
-        last_purged: Some(id(6)),
+        state: State {
+            vote: Some(vote),
+            committed: Some(id(6)),
+            last_purged: Some(id(6)),
+        },
     })];
     records.extend(entries.iter().map(Record::Entry));
     records.extend([
@@ -203,11 +205,7 @@ pub(crate) fn segment_seed() -> Vec<u8> {
 /// What a record read back does to the index.
 pub(super) fn effect(rec: Record) -> Effect {
     match rec {
-        Record::Start(s) => Effect::Start(State {
-            vote: s.vote,
-            committed: s.committed,
-            last_purged: s.last_purged,
-        }),
+        Record::Start(s) => Effect::Start(s.state),
         Record::Entry(e) => Effect::Entry(e.log_id()),
         Record::Truncate(from) => Effect::Truncate(from),
         Record::Purge(id) => Effect::Purge(id),
@@ -239,7 +237,10 @@ fn resume(
         capacity: bytes.len() as u64,
     };
     if end == 0 {
-        let start = Record::<&crate::types::Entry>::Start(start_of(seq, &index.state));
+        let start = Record::<&crate::types::Entry>::Start(Start {
+            seq,
+            state: index.state.clone(),
+        });
         let mut buf = Vec::new();
         let len = record::encode_into(&start, &mut buf)?;
         file.write_all_at(&buf, 0)?;
@@ -255,16 +256,6 @@ fn resume(
         cursor.offset = len as u64;
     }
     Ok(cursor)
-}
-
-/// The start record of segment `seq` for a log in `state`.
-pub(super) fn start_of(seq: u64, state: &State) -> Start {
-    Start {
-        seq,
-        vote: state.vote,
-        committed: state.committed,
-        last_purged: state.last_purged,
-    }
 }
 
 /// Half-made files (a segment or spare being zeroed when the process stopped).

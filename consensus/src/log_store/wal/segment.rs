@@ -78,8 +78,8 @@ pub(super) fn open(path: &Path) -> io::Result<File> {
 /// same directory (another process, or this one) is refused, never interleaved.
 pub(super) struct DirLock(#[allow(dead_code)] File);
 
-/// What the error of a second open of a locked directory says (callers retry on it).
-pub(crate) const LOCKED: &str = "is locked by another open log";
+/// What the error of a second open of a locked directory says (its kind is `WouldBlock`).
+pub(super) const LOCKED: &str = "is locked by another open log";
 
 impl DirLock {
     pub(super) fn take(dir: &Path) -> io::Result<Self> {

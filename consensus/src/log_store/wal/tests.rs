@@ -8,6 +8,7 @@ use openraft::impls::leader_id_adv::LeaderId;
 use openraft::storage::RaftLogStorageExt;
 use openraft::type_config::TypeConfigExt;
 
+use super::segment::LOCKED;
 use super::*;
 use crate::log_store::tail::tests::indexes as ids;
 use crate::types::LogCommand;

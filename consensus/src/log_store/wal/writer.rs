@@ -23,7 +23,7 @@ use super::index::State;
 use super::lock;
 use super::record;
 use super::record::Record;
-use super::recover::start_of;
+use super::record::Start;
 use super::recover::Cursor;
 use super::segment;
 use super::Disk;
@@ -76,8 +76,28 @@ pub(super) struct Writer {
     /// a crash only means re-applying from the snapshot), and when the store closes.
     pub committed: Arc<Mutex<Option<LogId>>>,
     pub health: StorageHealth,
-    /// The spare being made, if one is.
-    pub making: Option<std::thread::JoinHandle<io::Result<()>>>,
+    pub spare: Spare,
+}
+
+/// The next segment, made ahead of use in the file `spare`.
+pub(super) enum Spare {
+    /// None made or being made.
+    Absent,
+    /// Being made on its own thread.
+    Making(std::thread::JoinHandle<io::Result<()>>),
+    /// Made (possibly by an earlier run).
+    Ready,
+}
+
+impl Spare {
+    /// What a directory holds at open.
+    pub(super) fn found(dir: &std::path::Path) -> Spare {
+        if dir.join(SPARE).exists() {
+            Spare::Ready
+        } else {
+            Spare::Absent
+        }
+    }
 }
 
 /// One group's records: what each does to the index and where it lies, and each entry written
@@ -124,7 +144,7 @@ impl Writer {
                 tracing::warn!(error = %e, "writing the committed index at close failed");
             }
         }
-        if let Some(making) = self.making.take() {
+        if let Spare::Making(making) = std::mem::replace(&mut self.spare, Spare::Absent) {
             let _ = making.join();
         }
     }
@@ -177,7 +197,10 @@ impl Writer {
             let frame = g.buf.split_off(at);
             self.flush(&mut g.buf, true)?;
             self.roll(frame.len())?;
-            let start = start_of(self.cursor.seq, &self.state);
+            let start = Start {
+                seq: self.cursor.seq,
+                state: self.state.clone(),
+            };
             let start_len = record::encode_into(&Record::<&Entry>::Start(start), &mut g.buf)?;
             g.effects
                 .push((Effect::Start(self.state.clone()), self.loc(0, start_len)));
@@ -232,7 +255,7 @@ impl Writer {
 
     /// Renames the spare (once made) to `path`; false if there is none of the right size.
     fn take_spare(&mut self, path: &std::path::Path) -> io::Result<bool> {
-        if let Some(making) = self.making.take() {
+        if let Spare::Making(making) = std::mem::replace(&mut self.spare, Spare::Absent) {
             match making.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -275,12 +298,14 @@ impl Writer {
             }
         }
         let half = self.cursor.offset > self.cursor.capacity / 2;
-        if half && self.making.is_none() && !self.dir.join(SPARE).exists() {
+        if half && matches!(self.spare, Spare::Absent) {
             let (path, bytes) = (self.dir.join(SPARE), self.segment_bytes);
-            self.making = std::thread::Builder::new()
+            let making = std::thread::Builder::new()
                 .name("raft-log-spare".into())
-                .spawn(move || segment::create_zeroed(&path, bytes))
-                .ok();
+                .spawn(move || segment::create_zeroed(&path, bytes));
+            if let Ok(making) = making {
+                self.spare = Spare::Making(making);
+            }
         }
     }
 
