@@ -1019,7 +1019,10 @@ impl Agent {
                 state.tasks.remove(&key);
             }
             drop(state);
-            let _ = agent.save();
+            // Not saved here: an agent that restarts before its next save finds the task
+            // unended in its state, the process gone, and reads the shim's exit file
+            // (`readopt`): the same report again, which the replicas settle as a repeat. While
+            // no replica answers, the report loop saves (a host crash would lose the end).
             agent.outbox_wake.notify_one();
         });
     }
@@ -1072,6 +1075,8 @@ impl Agent {
     async fn report_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(50);
         let mut batches = true;
+        // Whether the state was saved since the current run of failed sends began.
+        let mut saved_while_failing = false;
         loop {
             // Registration is accepted by any replica (a follower forwards it); the first answered
             // heartbeat has found the leader. Until then reports would go through a follower.
@@ -1113,6 +1118,7 @@ impl Agent {
             match sent {
                 Ok(()) => {
                     backoff = Duration::from_millis(50);
+                    saved_while_failing = false;
                     let mut state = self.lock_state();
                     for report in &sending {
                         if let Some(at) = state.outbox.iter().position(|r| r == report) {
@@ -1120,10 +1126,22 @@ impl Agent {
                         }
                     }
                     drop(state);
-                    let _ = self.save();
+                    // Task reports leave the saved outbox with the next save: one sent again
+                    // after a restart is settled by a refusal or changes nothing. A health or
+                    // checkpoint report sent again could undo what came after it: saved now.
+                    if !only_task_reports(&sending) {
+                        let _ = self.save();
+                    }
                 }
                 Err(status) => {
                     self.link.failed(&status);
+                    // While no replica answers, the state file holds what the outbox waits to
+                    // send: ends are not saved as they happen (their exit files are written
+                    // without an fsync), so a host crashing now would lose them.
+                    if !saved_while_failing {
+                        saved_while_failing = true;
+                        let _ = self.save();
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => return,
@@ -1260,6 +1278,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn only_task_reports(reports: &[PendingReport]) -> bool {
+    reports
+        .iter()
+        .all(|r| matches!(r, PendingReport::Task { .. }))
+}
+
 /// Records a task's end and queues its report.
 fn record_end(state: &mut AgentState, key: &TaskKey, outcome: ExitOutcome) {
     // The lease ending under a cut-off host, or a supervisor that vanished, is not the task's
@@ -1270,12 +1294,7 @@ fn record_end(state: &mut AgentState, key: &TaskKey, outcome: ExitOutcome) {
         _ => ReportedState::Failed,
     };
     let message = outcome.message.clone();
-    state.outbox.push(PendingReport::Task {
-        key: key.clone(),
-        state: report_state,
-        exit_code: outcome.code,
-        message,
-    });
+    state.queue_task_end(key, report_state, outcome.code, message);
     if let Some(e) = state.tasks.get_mut(key) {
         e.ended = Some(outcome);
     }

@@ -146,6 +146,26 @@ impl AgentState {
             .unwrap_or(self.outbox.len());
         self.outbox.insert(at, report);
     }
+
+    /// Queues the report of a task's end. A report of its start still queued goes: the end says
+    /// all it would (a task that ends before its start is sent costs one report, not two).
+    pub fn queue_task_end(
+        &mut self,
+        key: &TaskKey,
+        state: ReportedState,
+        exit_code: Option<i32>,
+        message: String,
+    ) {
+        self.outbox.retain(|r| {
+            !matches!(r, PendingReport::Task { key: k, state: ReportedState::Running, .. } if k == key)
+        });
+        self.outbox.push(PendingReport::Task {
+            key: key.clone(),
+            state,
+            exit_code,
+            message,
+        });
+    }
 }
 
 /// A map with structured keys, as a JSON list of pairs.
@@ -344,6 +364,58 @@ mod tests {
                 task(2, ReportedState::Lost),
             ]
         );
+    }
+
+    #[test]
+    fn an_end_replaces_its_own_unsent_start_only() {
+        let key = |job: &str, task| TaskKey {
+            job: job.into(),
+            task,
+            epoch: 1,
+        };
+        let report = |key: TaskKey, state| PendingReport::Task {
+            key,
+            state,
+            exit_code: None,
+            message: String::new(),
+        };
+        let health = PendingReport::DeviceHealth {
+            uuid: "a".into(),
+            health: ReportedHealth::Failed,
+            cause: "XID 79".into(),
+        };
+        let mut state = AgentState {
+            outbox: vec![
+                report(key("j", 0), ReportedState::Running),
+                health.clone(),
+                report(key("j", 1), ReportedState::Running),
+                report(key("k", 0), ReportedState::Running),
+            ],
+            ..AgentState::default()
+        };
+        state.queue_task_end(
+            &key("j", 0),
+            ReportedState::Succeeded,
+            Some(0),
+            String::new(),
+        );
+        let mut ended = report(key("j", 0), ReportedState::Succeeded);
+        if let PendingReport::Task { exit_code, .. } = &mut ended {
+            *exit_code = Some(0);
+        }
+        assert_eq!(
+            state.outbox,
+            [
+                health,
+                report(key("j", 1), ReportedState::Running),
+                report(key("k", 0), ReportedState::Running),
+                ended.clone(),
+            ],
+            "the other rank's start, another job's and the health report stay, in order"
+        );
+        // An end already queued is never dropped by a second report of the same task.
+        state.queue_task_end(&key("j", 0), ReportedState::Lost, None, String::new());
+        assert_eq!(state.outbox.iter().filter(|r| **r == ended).count(), 1);
     }
 
     #[test]
