@@ -21,7 +21,10 @@
 //! * **Re-adoption.** Intent lives in a state file ([`state_file`]); a restarted agent re-adopts the
 //!   tasks whose supervisors still run and reports the ones that ended while it was away.
 //! * **Reports are retried until acknowledged** (an outbox in the state file): an election never
-//!   loses a completion. A definite refusal (a stale epoch) also ends the retries.
+//!   loses a completion. A definite refusal (a stale epoch) also ends the retries. A task's end
+//!   is queued without a save of its own (a restarted agent learns it again from the shim's exit
+//!   file), and so is the removal of acknowledged task reports; the state is saved when a send
+//!   fails, so what waits on an unreachable quorum is on disk.
 //! * **Device health** ([`health`]): every telemetry reading classifies each device healthy,
 //!   degraded or failed; each change is queued once, ahead of any queued task failure, and a task
 //!   that fails makes the agent read its devices first, so the scheduler learns of a failed
