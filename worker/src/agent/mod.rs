@@ -23,8 +23,8 @@
 //! * **Reports are retried until acknowledged** (an outbox in the state file): an election never
 //!   loses a completion. A definite refusal (a stale epoch) also ends the retries. A task's end
 //!   is queued without a save of its own (a restarted agent learns it again from the shim's exit
-//!   file), and so is the removal of acknowledged task reports; the state is saved when a send
-//!   fails, so what waits on an unreachable quorum is on disk.
+//!   file), and so is the removal of acknowledged task reports; the state is saved after every
+//!   failed send, so what waits on an unreachable quorum is on disk.
 //! * **Device health** ([`health`]): every telemetry reading classifies each device healthy,
 //!   degraded or failed; each change is queued once, ahead of any queued task failure, and a task
 //!   that fails makes the agent read its devices first, so the scheduler learns of a failed
@@ -74,7 +74,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use task_reports::{task_status_report, MAX_REPORTS_PER_REQUEST};
+use task_reports::{only_task_reports, task_status_report, MAX_REPORTS_PER_REQUEST};
 use tokio::sync::{watch, Notify};
 
 /// Why the agent could not run.
@@ -1078,8 +1078,6 @@ impl Agent {
     async fn report_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(50);
         let mut batches = true;
-        // Whether the state was saved since the current run of failed sends began.
-        let mut saved_while_failing = false;
         loop {
             // Registration is accepted by any replica (a follower forwards it); the first answered
             // heartbeat has found the leader. Until then reports would go through a follower.
@@ -1121,7 +1119,6 @@ impl Agent {
             match sent {
                 Ok(()) => {
                     backoff = Duration::from_millis(50);
-                    saved_while_failing = false;
                     let mut state = self.lock_state();
                     for report in &sending {
                         if let Some(at) = state.outbox.iter().position(|r| r == report) {
@@ -1129,9 +1126,6 @@ impl Agent {
                         }
                     }
                     drop(state);
-                    // Task reports leave the saved outbox with the next save: one sent again
-                    // after a restart is settled by a refusal or changes nothing. A health or
-                    // checkpoint report sent again could undo what came after it: saved now.
                     if !only_task_reports(&sending) {
                         let _ = self.save();
                     }
@@ -1139,12 +1133,10 @@ impl Agent {
                 Err(status) => {
                     self.link.failed(&status);
                     // While no replica answers, the state file holds what the outbox waits to
-                    // send: ends are not saved as they happen (their exit files are written
-                    // without an fsync), so a host crashing now would lose them.
-                    if !saved_while_failing {
-                        saved_while_failing = true;
-                        let _ = self.save();
-                    }
+                    // send (ends are not saved as they happen, and their exit files are written
+                    // without an fsync): saved after every failed send, at most once a backoff
+                    // (once a second when backed off), ends queued during an outage included.
+                    let _ = self.save();
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => return,
@@ -1279,12 +1271,6 @@ impl Agent {
 /// consistent for our use (every critical section is a few assignments), so it is taken anyway.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn only_task_reports(reports: &[PendingReport]) -> bool {
-    reports
-        .iter()
-        .all(|r| matches!(r, PendingReport::Task { .. }))
 }
 
 /// Records a task's end and queues its report.
