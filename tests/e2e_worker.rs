@@ -360,6 +360,78 @@ async fn a_restarted_worker_readopts_its_running_task() {
     .await;
 }
 
+/// The agent records no task end of its own as it happens (the shim's exit file, written without
+/// an fsync, is the record): an agent that was down when its task ended learns the end from that
+/// file when it comes back, and the job completes without its task being started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_ends_while_its_agent_is_down_is_reported_when_it_returns() {
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let addrs = cluster.addrs();
+    let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
+    w.grace = "200ms";
+    w.start();
+    let spec = r#"name = "brief"
+command = ["sh", "-c", "echo started; sleep 0.5; echo done"]
+[resources]
+devices = 1
+"#;
+    let id = submit(&addrs[0], spec, "brief")
+        .await
+        .expect("submit")
+        .job_id;
+    let (epoch, _) = wait_running(&addrs, &id, 0, || cluster.logs()).await;
+    wait_until(
+        Duration::from_secs(20),
+        "the task's start",
+        || w.agent_log(),
+        || w.task_log(&id, 0).contains("started"),
+    )
+    .await;
+
+    // The agent dies while the task runs; the task ends without it, its shim writing the exit
+    // file and exiting.
+    w.kill_agent();
+    let exit_file = w
+        .data
+        .join("tasks")
+        .join(&id)
+        .join("task-0")
+        .join(format!("exit-{epoch}.json"));
+    wait_until(
+        Duration::from_secs(5),
+        "the shim's exit file",
+        || w.task_log(&id, 0),
+        || exit_file.exists(),
+    )
+    .await;
+
+    // Back within the node's TTL: the end comes from the exit file, the job succeeds.
+    w.start();
+    poll(
+        Duration::from_secs(20),
+        "the job's success",
+        || w.agent_log(),
+        || {
+            let (addrs, id) = (addrs.clone(), id.clone());
+            async move {
+                let d = job(&addrs, &id).await?;
+                (state_of(&d).0 == "succeeded").then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        w.agent_log()
+            .contains("task ended while the agent was away"),
+        "{}",
+        w.agent_log()
+    );
+    let log = w.task_log(&id, 0);
+    let starts = log.lines().filter(|l| *l == "started").count();
+    assert_eq!(starts, 1, "the task ran once: {log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cut_off_from_every_replica_stops_its_tasks_by_its_lease_deadline() {
     // Phase 1: a trainer runs on one host.
