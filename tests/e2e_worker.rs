@@ -64,14 +64,28 @@ fn four_workers(cluster: &TestCluster) -> Vec<Worker> {
         .collect()
 }
 
-/// Three replicas and one 8-GPU host, "solo", running.
-async fn one_host() -> (TestCluster, Vec<String>, Vec<Worker>) {
+/// Three replicas and one 8-GPU host `name` in rack r1, started once `setup` has adjusted it.
+async fn host(name: &str, setup: impl FnOnce(&mut Worker)) -> (TestCluster, Vec<String>, Worker) {
     let mut cluster = TestCluster::start(3);
     cluster.wait_for_leader(None, Duration::from_secs(30)).await;
     let addrs = cluster.addrs();
-    let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
+    let mut w = Worker::new(cluster.dir.path(), name, "r1", addrs.clone());
+    setup(&mut w);
     w.start();
+    (cluster, addrs, w)
+}
+
+/// Three replicas and one 8-GPU host, "solo", running.
+async fn one_host() -> (TestCluster, Vec<String>, Vec<Worker>) {
+    let (cluster, addrs, w) = host("solo", |_| {}).await;
     (cluster, addrs, vec![w])
+}
+
+/// A one-device job running `script` under `sh -c`, with `extra` lines after its resources.
+fn sh_job(name: &str, script: &str, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\ncommand = [\"sh\", \"-c\", '''{script}''']\n[resources]\ndevices = 1\n{extra}"
+    )
 }
 
 fn worker<'w>(workers: &'w [Worker], name: &str) -> &'w Worker {
@@ -289,15 +303,9 @@ async fn a_lost_worker_gang_restarts_elsewhere_from_its_checkpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_worker_readopts_its_running_task() {
-    // Phase 1: one trainer on one host.
-    let mut cluster = TestCluster::start(3);
-    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
-    let addrs = cluster.addrs();
-    let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
-    // A short grace leaves the agent most of the lease (2.25 s) to come back before the task's
-    // shim would fence it.
-    w.grace = "200ms";
-    w.start();
+    // Phase 1: one trainer on one host. A short grace leaves the agent most of the lease
+    // (2.25 s) to come back before the task's shim would fence it.
+    let (cluster, addrs, mut w) = host("solo", |w| w.grace = "200ms").await;
     let id = submit(&addrs[0], &trainer_spec("solo", 1, 4), "solo")
         .await
         .expect("submit")
@@ -365,18 +373,9 @@ async fn a_restarted_worker_readopts_its_running_task() {
 /// file when it comes back, and the job completes without its task being started again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_ends_while_its_agent_is_down_is_reported_when_it_returns() {
-    let mut cluster = TestCluster::start(3);
-    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
-    let addrs = cluster.addrs();
-    let mut w = Worker::new(cluster.dir.path(), "solo", "r1", addrs.clone());
-    w.grace = "200ms";
-    w.start();
-    let spec = r#"name = "brief"
-command = ["sh", "-c", "echo started; sleep 0.5; echo done"]
-[resources]
-devices = 1
-"#;
-    let id = submit(&addrs[0], spec, "brief")
+    let (cluster, addrs, mut w) = host("solo", |w| w.grace = "200ms").await;
+    let spec = sh_job("brief", "echo started; sleep 0.5; echo done", "");
+    let id = submit(&addrs[0], &spec, "brief")
         .await
         .expect("submit")
         .job_id;
@@ -392,12 +391,7 @@ devices = 1
     // The agent dies while the task runs; the task ends without it, its shim writing the exit
     // file and exiting.
     w.kill_agent();
-    let exit_file = w
-        .data
-        .join("tasks")
-        .join(&id)
-        .join("task-0")
-        .join(format!("exit-{epoch}.json"));
+    let exit_file = w.exit_file(&id, 0, epoch);
     wait_until(
         Duration::from_secs(5),
         "the shim's exit file",

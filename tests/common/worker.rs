@@ -128,6 +128,15 @@ impl WorkerProcess {
         .unwrap_or_default()
     }
 
+    /// Where the shim of rank `task` of `job` records how lease `epoch`'s run ended.
+    pub fn exit_file(&self, job: &str, task: u32, epoch: u64) -> PathBuf {
+        self.data
+            .join("tasks")
+            .join(job)
+            .join(format!("task-{task}"))
+            .join(format!("exit-{epoch}.json"))
+    }
+
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

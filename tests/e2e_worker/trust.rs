@@ -23,21 +23,13 @@ async fn started(pid_file: &std::path::Path, what: &str, logs: impl Fn() -> Stri
         .unwrap()
 }
 
-fn sh_job(name: &str, script: &str, extra: &str) -> String {
-    format!(
-        "name = \"{name}\"\ncommand = [\"sh\", \"-c\", '''{script}''']\n[resources]\ndevices = 1\n{extra}"
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_that_cannot_receive_its_allocations_stops_a_revoked_task_by_its_lease_deadline() {
     // Phase 1: one host that decodes allocation sets of at most 4 KiB runs a small job.
-    let mut cluster = TestCluster::start(3);
-    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
-    let addrs = cluster.addrs();
-    let mut w = Worker::new(cluster.dir.path(), "narrow", "r1", addrs.clone());
-    w.args = vec!["--allocation-stream-max-bytes".into(), "4096".into()];
-    w.start();
+    let (cluster, addrs, w) = host("narrow", |w| {
+        w.args = vec!["--allocation-stream-max-bytes".into(), "4096".into()];
+    })
+    .await;
     let logs = || format!("{}\n--- worker ---\n{}", cluster.logs(), w.log_tail(40));
     let pid_file = cluster.dir.path().join("sleeper.pid");
     let script = format!("echo $$ > {}; exec sleep 600", pid_file.display());
@@ -100,11 +92,7 @@ async fn a_host_that_cannot_receive_its_allocations_stops_a_revoked_task_by_its_
 async fn a_rank_that_finishes_early_does_not_stop_its_hosts_renewals() {
     // Rank 1 of a 2-rank gang succeeds at once while rank 0 runs on: the host's allocation set
     // changes without the gang ending. The host must learn the new set and keep renewing.
-    let mut cluster = TestCluster::start(3);
-    cluster.wait_for_leader(None, Duration::from_secs(30)).await;
-    let addrs = cluster.addrs();
-    let mut w = Worker::new(cluster.dir.path(), "early", "r1", addrs.clone());
-    w.start();
+    let (cluster, addrs, w) = host("early", |_| {}).await;
     let logs = || format!("{}\n--- worker ---\n{}", cluster.logs(), w.log_tail(40));
     let pid_file = cluster.dir.path().join("rank0.pid");
     let script = format!(
