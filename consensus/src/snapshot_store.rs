@@ -25,6 +25,7 @@ const DAMAGED: &str = "current.snap.damaged";
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta,
+    #[serde(with = "serde_bytes")]
     data: Vec<u8>,
 }
 
@@ -102,4 +103,23 @@ pub(crate) fn encode(meta: &SnapshotMeta, data: &[u8]) -> io::Result<Vec<u8>> {
         meta: meta.clone(),
         data: data.to_vec(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::tests::some_bytes;
+    use crate::codec::tests::written_as_before;
+
+    #[test]
+    fn a_snapshot_file_is_written_as_it_always_was() {
+        for b in some_bytes() {
+            let meta = SnapshotMeta::default();
+            let stored = StoredSnapshot {
+                meta: meta.clone(),
+                data: b.clone(),
+            };
+            written_as_before(&stored, &(&meta, &b));
+        }
+    }
 }

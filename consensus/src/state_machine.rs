@@ -52,6 +52,7 @@ pub(crate) struct SmState<S> {
 #[derive(Serialize, Deserialize)]
 pub(crate) struct SnapshotBody {
     pub(crate) last_time_ms: u64,
+    #[serde(with = "serde_bytes")]
     pub(crate) app: Vec<u8>,
 }
 

@@ -24,6 +24,7 @@ pub struct LogCommand {
     /// Leader wall-clock milliseconds since the Unix epoch, at proposal time.
     pub stamped_ms: u64,
     /// The application's command, encoded with [`crate::codec`].
+    #[serde(with = "serde_bytes")]
     pub command: Vec<u8>,
 }
 
@@ -43,6 +44,7 @@ impl std::fmt::Display for LogCommand {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogResponse {
     /// The application's response, encoded with [`crate::codec`]; empty for non-application entries.
+    #[serde(with = "serde_bytes")]
     pub response: Vec<u8>,
     /// Set when the command could not be decoded (e.g. written by an incompatible build). The entry
     /// is skipped identically on every replica, so this is deterministic, and the writer gets a

@@ -22,7 +22,11 @@ use crate::types::TypeConfig;
 /// Reply to a forwarded write, bincode inside `ForwardWriteReply.data`.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum ForwardReply {
-    Applied { index: u64, response: Vec<u8> },
+    Applied {
+        index: u64,
+        #[serde(with = "serde_bytes")]
+        response: Vec<u8>,
+    },
     Failed(WireError),
 }
 

@@ -26,6 +26,8 @@ use serde::Serialize;
 pub struct Append {
     pub key: String,
     pub op_id: u64,
+    /// Opaque bytes (the writes bench's value), encoded as one slice.
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
