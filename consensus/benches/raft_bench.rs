@@ -41,6 +41,7 @@ fn bench_timing() -> Timing {
         write_timeout: Duration::from_secs(2),
         snapshot_every: 1_000_000,
         keep_after_snapshot: 10_000,
+        replication: Default::default(),
     }
 }
 

@@ -18,6 +18,7 @@ use crate::error::WireError;
 use crate::leader_loss::presence_stream;
 use crate::leader_loss::LeaderLoss;
 use crate::log_store::StorageHealth;
+use crate::network::follower;
 use crate::network::sender;
 use crate::network::FaultInjector;
 use crate::network::DROPPED_KEY;
@@ -256,6 +257,7 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
             refused: Arc::default(),
         };
         let refused = check.refused.clone();
+        let window = follower::window(&req);
         // A stopping replica ends the stream both ways (as it ends presence streams): the
         // server's graceful shutdown waits for every stream, and the leader would keep this one
         // open. The requests end, which lets go of the request side, and so do the replies.
@@ -263,7 +265,7 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         let requests = futures::StreamExt::take_until(req.into_inner(), stopping_in)
             .map_while(move |msg| check.admit_append(msg));
         let contact = self.leader_contact.clone();
-        let replies = self.raft.stream_append(requests).map(move |r| {
+        let replies = follower::replies(self.raft.clone(), requests, window).map(move |r| {
             let r = r.map_err(raft_err)?;
             if !matches!(r, Err(openraft::raft::StreamAppendError::HigherVote(_))) {
                 touch(&contact);

@@ -1,8 +1,9 @@
-//! Raft transport: the client side (openraft's network trait over gRPC), the pluggable connector
-//! and the fault injector used by tests.
+//! Raft transport: the client side (openraft's network trait over gRPC), the follower's end of the
+//! replication stream, the pluggable connector and the fault injector used by tests.
 
 pub(crate) mod client;
 pub(crate) mod fault;
+pub(crate) mod follower;
 pub(crate) mod stream;
 pub(crate) mod transport;
 

@@ -117,7 +117,9 @@ pub(crate) async fn open(
         },
     )
     .take_until(replies_dropped);
-    let opened = tokio::time::timeout(reply_timeout, client.stream_append(tagged(from, outgoing)))
+    let mut request = tagged(from, outgoing);
+    super::follower::declare_window(&mut request, pace.in_flight);
+    let opened = tokio::time::timeout(reply_timeout, client.stream_append(request))
         .await
         .map_err(|_| CallError::Timeout(reply_timeout))?
         .map_err(status_error)?;

@@ -103,3 +103,59 @@ async fn writes_replicate_reads_are_linearizable_and_followers_redirect() {
     assert!(slow.is_empty(), "accepted without TCP_NODELAY: {slow:?}");
     c.shutdown().await;
 }
+
+/// Concurrent writes on a cluster whose leader keeps `in_flight` append requests awaiting replies
+/// per follower: every acknowledged write is on every replica, once, in one order.
+async fn concurrent_writes_replicate_with(in_flight: u32) {
+    let timing = Timing {
+        replication: format!("stream:{in_flight}").parse().unwrap(),
+        ..Timing::default()
+    };
+    let c = std::sync::Arc::new(Cluster::start(3, 0, 7, timing).await);
+    c.leader().await;
+    let writers: Vec<_> = (0..8u64)
+        .map(|w| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                for i in 0..40u64 {
+                    c.write_ok(&format!("k{}", w % 2), w * 1_000 + i).await;
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let acked: BTreeSet<u64> = (0..8u64)
+        .flat_map(|w| (0..40u64).map(move |i| w * 1_000 + i))
+        .collect();
+    let states = c.converge(Duration::from_secs(10)).await;
+    check_history(&states, &acked);
+    // Each writer's ops are in the order it wrote them, on every replica.
+    for kv in states.values() {
+        for w in 0..8u64 {
+            let mine: Vec<u64> = kv.data[&format!("k{}", w % 2)]
+                .iter()
+                .copied()
+                .filter(|op| op / 1_000 == w)
+                .collect();
+            assert_eq!(mine, (0..40u64).map(|i| w * 1_000 + i).collect::<Vec<_>>());
+        }
+    }
+    std::sync::Arc::into_inner(c)
+        .expect("writers done")
+        .shutdown()
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_replicate_with_one_append_in_flight_per_follower() {
+    let _g = serial().await;
+    concurrent_writes_replicate_with(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_replicate_with_four_appends_in_flight_per_follower() {
+    let _g = serial().await;
+    concurrent_writes_replicate_with(4).await;
+}

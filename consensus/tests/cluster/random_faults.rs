@@ -16,6 +16,7 @@ use std::time::Duration;
 use gangway_consensus::ConsensusError;
 use gangway_consensus::NodeId;
 use gangway_consensus::ReplicaHandle;
+use gangway_consensus::Replication;
 use rand::Rng;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -83,8 +84,14 @@ async fn random_fault_schedule_loses_and_duplicates_nothing() {
 async fn schedule(seed: u64, steps: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
 
+    // Half the schedules replicate with one request in flight (the follower answers each before
+    // reading the next), half with four (openraft's pipelined follower side).
+    let in_flight = if rng.random_bool(0.5) { 1 } else { 4 };
+    let replication: Replication = format!("stream:{in_flight}").parse().unwrap();
+    println!("replication {replication}");
     let timing = Timing {
         write_timeout: Duration::from_secs(2),
+        replication,
         ..Timing::default()
     };
     let mut c = Cluster::start(5, 0, seed, timing).await;

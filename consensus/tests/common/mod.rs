@@ -14,6 +14,7 @@ use gangway_consensus::FaultInjector;
 use gangway_consensus::NodeId;
 use gangway_consensus::ReplicaConfig;
 use gangway_consensus::ReplicaHandle;
+use gangway_consensus::Replication;
 use gangway_consensus::Role;
 use gangway_consensus::StateMachine;
 use gangway_consensus::Transport;
@@ -137,6 +138,8 @@ pub struct Timing {
     pub write_timeout: Duration,
     pub snapshot_every: u64,
     pub keep_after_snapshot: u64,
+    /// How leaders replicate (and so which way followers take the stream).
+    pub replication: Replication,
 }
 
 impl Default for Timing {
@@ -150,6 +153,7 @@ impl Default for Timing {
             write_timeout: Duration::from_secs(5),
             snapshot_every: 100_000,
             keep_after_snapshot: 1_000,
+            replication: Replication::default(),
         }
     }
 }
@@ -222,6 +226,7 @@ impl Cluster {
         cfg.snapshot_every_entries = self.timing.snapshot_every;
         cfg.keep_entries_after_snapshot = self.timing.keep_after_snapshot;
         cfg.snapshot_chunk_bytes = 4096;
+        cfg.replication = self.timing.replication;
         cfg
     }
 

@@ -1,0 +1,140 @@
+//! The follower's end of the replication stream: each append request handed to Raft and its reply
+//! sent back, in order.
+//!
+//! The leader says in the stream's metadata how many requests it keeps awaiting replies (its
+//! window, [`WINDOW_KEY`]). With one, the next request never comes before this reply has gone, so
+//! the follower takes each request, waits for Raft to persist it and answers, all in the task that
+//! sends the replies (one request in flight gains nothing from a second task). Otherwise (a wider
+//! window, or a leader that does not say) openraft's own `Raft::stream_append` takes the requests:
+//! a task of its own feeds Raft the next request while an earlier one is being persisted.
+//!
+//! Either way the stream ends after the first reply that is not a success (a conflict, a newer
+//! vote, or Raft stopped), as openraft's does: the leader opens a new one from where it stands.
+
+use std::num::NonZeroU32;
+
+use futures::stream::BoxStream;
+use futures::Stream;
+use futures::StreamExt;
+use openraft::errors::Fatal;
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::StreamAppendResult;
+
+use crate::types::RaftOf;
+use crate::types::TypeConfig;
+
+/// Metadata of a `StreamAppend` stream: the leader's window, requests awaiting replies at once.
+pub(crate) const WINDOW_KEY: &str = "x-gangway-raft-window";
+
+/// One reply as Raft gives it: persisted up to a log id, refused, or Raft is gone.
+pub(crate) type AppendReply = Result<StreamAppendResult<TypeConfig>, Fatal<TypeConfig>>;
+
+/// The window a stream's leader declared, if it declared a valid one.
+pub(crate) fn window<T>(req: &tonic::Request<T>) -> Option<NonZeroU32> {
+    req.metadata()
+        .get(WINDOW_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse().ok())
+}
+
+/// Tags a stream's request with the leader's window.
+pub(crate) fn declare_window<T>(req: &mut tonic::Request<T>, window: NonZeroU32) {
+    req.metadata_mut().insert(
+        WINDOW_KEY,
+        tonic::metadata::MetadataValue::from(window.get()),
+    );
+}
+
+/// The replies to `requests`, in order, for a leader with `window` requests in flight.
+pub(crate) fn replies<A, S>(
+    raft: RaftOf<A>,
+    requests: S,
+    window: Option<NonZeroU32>,
+) -> BoxStream<'static, AppendReply>
+where
+    A: crate::app::StateMachine,
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static,
+{
+    if window == Some(NonZeroU32::MIN) {
+        one_at_a_time(raft, requests).boxed()
+    } else {
+        raft.stream_append(requests).boxed()
+    }
+}
+
+/// Each request persisted and answered before the next is read.
+fn one_at_a_time<A, S>(raft: RaftOf<A>, requests: S) -> impl Stream<Item = AppendReply>
+where
+    A: crate::app::StateMachine,
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static,
+{
+    let replies = requests.then(move |rpc| {
+        let raft = raft.clone();
+        async move {
+            let prev = rpc.prev_log_id;
+            let last = rpc.entries.last().map(|e| e.log_id).or(prev);
+            let resp = raft
+                .append_entries(rpc)
+                .await
+                .map_err(|e| e.unwrap_fatal())?;
+            Ok(resp.into_stream_result(prev, last))
+        }
+    });
+    until_not_persisted(replies)
+}
+
+/// `replies` up to and including the first that is not a success.
+fn until_not_persisted(
+    replies: impl Stream<Item = AppendReply>,
+) -> impl Stream<Item = AppendReply> {
+    replies.scan(true, |go_on, reply| {
+        let yielded = std::mem::replace(go_on, matches!(reply, Ok(Ok(_)))).then_some(reply);
+        futures::future::ready(yielded)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_id(index: u64) -> crate::types::LogId {
+        let leader = openraft::impls::leader_id_adv::LeaderId {
+            term: 1,
+            node_id: 1,
+        };
+        crate::types::LogId::new(leader, index)
+    }
+
+    #[test]
+    fn a_leader_declares_its_window_and_the_follower_reads_it() {
+        let mut req = tonic::Request::new(());
+        assert_eq!(window(&req), None, "an older leader says nothing");
+        declare_window(&mut req, NonZeroU32::new(4).unwrap());
+        assert_eq!(window(&req), NonZeroU32::new(4));
+        let mut bad = tonic::Request::new(());
+        bad.metadata_mut()
+            .insert(WINDOW_KEY, tonic::metadata::MetadataValue::from_static("0"));
+        assert_eq!(window(&bad), None, "a zero window is no window");
+    }
+
+    #[tokio::test]
+    async fn the_replies_end_with_the_first_that_is_not_a_success() {
+        use openraft::raft::StreamAppendError;
+        let ok = |i| -> AppendReply { Ok(Ok(Some(log_id(i)))) };
+        let conflict: AppendReply = Ok(Err(StreamAppendError::Conflict(log_id(2))));
+        let table: Vec<(Vec<AppendReply>, usize)> = vec![
+            (vec![ok(1), ok(2), ok(3)], 3),
+            (vec![ok(1), conflict.clone(), ok(3)], 2),
+            (vec![conflict.clone(), ok(2)], 1),
+            (vec![ok(1), Err(Fatal::Stopped), ok(3)], 2),
+            (vec![], 0),
+        ];
+        for (given, kept) in table {
+            let want: Vec<_> = given[..kept].to_vec();
+            let got: Vec<_> = until_not_persisted(futures::stream::iter(given))
+                .collect()
+                .await;
+            assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        }
+    }
+}
