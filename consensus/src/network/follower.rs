@@ -68,7 +68,7 @@ where
     A: crate::app::StateMachine,
     S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static,
 {
-    let replies = requests.then(move |rpc| {
+    answer_until_refused(requests, move |rpc| {
         let raft = raft.clone();
         async move {
             let prev = rpc.prev_log_id;
@@ -79,17 +79,23 @@ where
                 .map_err(|e| e.unwrap_fatal())?;
             Ok(resp.into_stream_result(prev, last))
         }
-    });
-    until_not_persisted(replies)
+    })
 }
 
-/// `replies` up to and including the first that is not a success.
-fn until_not_persisted(
-    replies: impl Stream<Item = AppendReply>,
-) -> impl Stream<Item = AppendReply> {
-    replies.scan(true, |go_on, reply| {
-        let yielded = std::mem::replace(go_on, matches!(reply, Ok(Ok(_)))).then_some(reply);
-        futures::future::ready(yielded)
+/// `answer` applied to each request in turn, the next read only once the last is answered; after
+/// the first answer that is not a success nothing more is read.
+fn answer_until_refused<R, S, F, Fut>(requests: S, answer: F) -> impl Stream<Item = AppendReply>
+where
+    S: Stream<Item = R> + Send + 'static,
+    F: FnMut(R) -> Fut,
+    Fut: std::future::Future<Output = AppendReply>,
+{
+    let requests = Box::pin(requests);
+    futures::stream::unfold(Some((requests, answer)), |state| async move {
+        let (mut requests, mut answer) = state?;
+        let reply = answer(requests.next().await?).await;
+        let go_on = matches!(reply, Ok(Ok(_)));
+        Some((reply, go_on.then_some((requests, answer))))
     })
 }
 
@@ -118,23 +124,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_replies_end_with_the_first_that_is_not_a_success() {
+    async fn after_the_first_reply_that_is_not_a_success_no_request_is_read() {
         use openraft::raft::StreamAppendError;
         let ok = |i| -> AppendReply { Ok(Ok(Some(log_id(i)))) };
         let conflict: AppendReply = Ok(Err(StreamAppendError::Conflict(log_id(2))));
+        let newer: AppendReply = Ok(Err(StreamAppendError::HigherVote(crate::types::Vote::new(
+            2, 3,
+        ))));
+        // Raft's answers, one per request in turn, and how many requests are read.
         let table: Vec<(Vec<AppendReply>, usize)> = vec![
             (vec![ok(1), ok(2), ok(3)], 3),
             (vec![ok(1), conflict.clone(), ok(3)], 2),
-            (vec![conflict.clone(), ok(2)], 1),
+            (vec![conflict, ok(2)], 1),
+            (vec![newer, ok(2)], 1),
             (vec![ok(1), Err(Fatal::Stopped), ok(3)], 2),
             (vec![], 0),
         ];
-        for (given, kept) in table {
-            let want: Vec<_> = given[..kept].to_vec();
-            let got: Vec<_> = until_not_persisted(futures::stream::iter(given))
-                .collect()
-                .await;
-            assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        for (answers, read) in table {
+            let want = format!("{:?}", &answers[..read]);
+            let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counted = taken.clone();
+            let requests = futures::stream::iter(0..answers.len()).inspect(move |_| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+            let mut answers = answers.into_iter();
+            let got: Vec<_> = answer_until_refused(requests, |_| {
+                futures::future::ready(answers.next().unwrap())
+            })
+            .collect()
+            .await;
+            assert_eq!(format!("{got:?}"), want);
+            assert_eq!(taken.load(std::sync::atomic::Ordering::SeqCst), read);
         }
     }
 }
