@@ -31,10 +31,7 @@ pub(crate) type AppendReply = Result<StreamAppendResult<TypeConfig>, Fatal<TypeC
 
 /// The window a stream's leader declared, if it declared a valid one.
 pub(crate) fn window<T>(req: &tonic::Request<T>) -> Option<NonZeroU32> {
-    req.metadata()
-        .get(WINDOW_KEY)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse().ok())
+    super::transport::tag(req, WINDOW_KEY)
 }
 
 /// Tags a stream's request with the leader's window.

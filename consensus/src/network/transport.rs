@@ -202,8 +202,13 @@ pub(crate) fn tagged<T>(from: NodeId, msg: T) -> tonic::Request<T> {
 
 /// The sender a request was tagged with, if any.
 pub(crate) fn sender<T>(req: &tonic::Request<T>) -> Option<NodeId> {
+    tag(req, FROM_KEY)
+}
+
+/// The value a request's metadata holds under `key`, if it holds one that parses.
+pub(crate) fn tag<T, V: std::str::FromStr>(req: &tonic::Request<T>, key: &str) -> Option<V> {
     req.metadata()
-        .get(FROM_KEY)
+        .get(key)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse().ok())
 }

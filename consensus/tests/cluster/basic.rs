@@ -108,17 +108,19 @@ async fn writes_replicate_reads_are_linearizable_and_followers_redirect() {
 /// per follower: every acknowledged write is on every replica, once, in one order.
 async fn concurrent_writes_replicate_with(in_flight: u32) {
     let timing = Timing {
-        replication: format!("stream:{in_flight}").parse().unwrap(),
+        replication: stream_of(in_flight),
         ..Timing::default()
     };
     let c = std::sync::Arc::new(Cluster::start(3, 0, 7, timing).await);
     c.leader().await;
+    // Writer w's ops, in the order it writes them, to key k(w % 2).
+    let ops_of = |w: u64| (0..40u64).map(move |i| w * 1_000 + i);
     let writers: Vec<_> = (0..8u64)
         .map(|w| {
             let c = c.clone();
             tokio::spawn(async move {
-                for i in 0..40u64 {
-                    c.write_ok(&format!("k{}", w % 2), w * 1_000 + i).await;
+                for op in ops_of(w) {
+                    c.write_ok(&format!("k{}", w % 2), op).await;
                 }
             })
         })
@@ -126,9 +128,7 @@ async fn concurrent_writes_replicate_with(in_flight: u32) {
     for w in writers {
         w.await.expect("writer");
     }
-    let acked: BTreeSet<u64> = (0..8u64)
-        .flat_map(|w| (0..40u64).map(move |i| w * 1_000 + i))
-        .collect();
+    let acked: BTreeSet<u64> = (0..8u64).flat_map(ops_of).collect();
     let states = c.converge(Duration::from_secs(10)).await;
     check_history(&states, &acked);
     // Each writer's ops are in the order it wrote them, on every replica.
@@ -139,7 +139,7 @@ async fn concurrent_writes_replicate_with(in_flight: u32) {
                 .copied()
                 .filter(|op| op / 1_000 == w)
                 .collect();
-            assert_eq!(mine, (0..40u64).map(|i| w * 1_000 + i).collect::<Vec<_>>());
+            assert_eq!(mine, ops_of(w).collect::<Vec<_>>());
         }
     }
     std::sync::Arc::into_inner(c)

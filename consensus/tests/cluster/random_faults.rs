@@ -16,7 +16,6 @@ use std::time::Duration;
 use gangway_consensus::ConsensusError;
 use gangway_consensus::NodeId;
 use gangway_consensus::ReplicaHandle;
-use gangway_consensus::Replication;
 use rand::Rng;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -86,8 +85,7 @@ async fn schedule(seed: u64, steps: u64) {
 
     // Half the schedules replicate with one request in flight (the follower answers each before
     // reading the next), half with four (openraft's pipelined follower side).
-    let in_flight = if rng.random_bool(0.5) { 1 } else { 4 };
-    let replication: Replication = format!("stream:{in_flight}").parse().unwrap();
+    let replication = stream_of(if rng.random_bool(0.5) { 1 } else { 4 });
     println!("replication {replication}");
     let timing = Timing {
         write_timeout: Duration::from_secs(2),

@@ -351,6 +351,13 @@ impl Cluster {
     }
 }
 
+/// Leaders replicating on one stream per follower with `in_flight` requests awaiting replies.
+pub fn stream_of(in_flight: u32) -> Replication {
+    Replication::Stream {
+        in_flight: std::num::NonZeroU32::new(in_flight).expect("at least one in flight"),
+    }
+}
+
 /// Assert no op was applied twice and every acknowledged op is present, on every replica.
 pub fn check_history(states: &BTreeMap<NodeId, Kv>, acked: &BTreeSet<u64>) {
     for (id, kv) in states {
