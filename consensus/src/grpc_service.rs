@@ -39,11 +39,6 @@ use crate::write_path::WriteLimits;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AuthenticatedReplica(pub NodeId);
 
-/// The largest Raft message a replica decodes: one append may carry a restored backup, which is
-/// one log entry of up to 1 GiB (the client API's restore limit), plus room for its framing.
-/// Only authenticated replicas reach the decoder when TLS is on.
-pub const MAX_RAFT_MESSAGE_BYTES: usize = (1 << 30) + (16 << 20);
-
 /// The largest snapshot a replica accepts from its leader (it is held in memory to install).
 pub const MAX_SNAPSHOT_BYTES: usize = 8 << 30;
 

@@ -199,8 +199,8 @@ impl<S: StateMachine> ReplicaHandle<S> {
                 stop: self.inner.stop.subscribe(),
             },
         ))
-        .max_decoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES)
-        .max_encoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES)
+        .max_decoding_message_size(crate::network::MAX_RAFT_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::network::MAX_RAFT_MESSAGE_BYTES)
     }
 
     /// The limits of a write proposed here, from the configuration: a leader counts as cut off

@@ -43,7 +43,6 @@ pub use error::Result;
 pub use grpc_service::testing;
 pub use grpc_service::AuthenticatedReplica;
 pub use grpc_service::RaftGrpcService;
-pub use grpc_service::MAX_RAFT_MESSAGE_BYTES;
 pub use handle::ReplicaHandle;
 pub use metrics::ReplicaMetrics;
 pub use metrics::Role;
@@ -52,6 +51,7 @@ pub use network::FaultInjector;
 pub use network::TcpConnector;
 pub use network::Transport;
 pub use network::Verdict;
+pub use network::MAX_RAFT_MESSAGE_BYTES;
 pub use types::NodeId;
 
 /// Storage internals, public for the conformance tests and for tools that inspect a data dir.

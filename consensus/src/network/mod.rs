@@ -15,3 +15,4 @@ pub use transport::Connector;
 pub use transport::TcpConnector;
 pub use transport::Transport;
 pub(crate) use transport::DROPPED_KEY;
+pub use transport::MAX_RAFT_MESSAGE_BYTES;

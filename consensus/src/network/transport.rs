@@ -117,8 +117,8 @@ impl Transport {
             }
         };
         Ok(RaftTransportClient::new(ch)
-            .max_decoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES)
-            .max_encoding_message_size(crate::grpc_service::MAX_RAFT_MESSAGE_BYTES))
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES))
     }
 
     /// Whether a message on the link `from -> to` goes through (after any injected delay).
@@ -187,6 +187,11 @@ impl Transport {
         Ok(client.presence(req).await?.into_inner())
     }
 }
+
+/// The largest Raft message a replica decodes: one append may carry a restored backup, which is
+/// one log entry of up to 1 GiB (the client API's restore limit), plus room for its framing.
+/// Only authenticated replicas reach the decoder when TLS is on.
+pub const MAX_RAFT_MESSAGE_BYTES: usize = (1 << 30) + (16 << 20);
 
 /// Metadata key naming the sending replica of a Raft message, so the receiver can apply its own
 /// injected faults to the link it arrived on.
