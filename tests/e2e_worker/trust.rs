@@ -13,14 +13,12 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// The pid a task wrote to `pid_file` once it started (within 20 s).
+/// The pid a task wrote to `pid_file` once it started (within 20 s). The shell creates the file
+/// before it writes the pid, so the wait is for a whole pid, not for the file.
 async fn started(pid_file: &std::path::Path, what: &str, logs: impl Fn() -> String) -> u32 {
-    wait_until(Duration::from_secs(20), what, logs, || pid_file.exists()).await;
-    std::fs::read_to_string(pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    let pid = || std::fs::read_to_string(pid_file).ok()?.trim().parse().ok();
+    wait_until(Duration::from_secs(20), what, logs, || pid().is_some()).await;
+    pid().expect("the pid just read")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
