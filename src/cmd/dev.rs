@@ -512,9 +512,7 @@ async fn submit_demo(leader: &str, trainer: &Path) -> anyhow::Result<Vec<(String
 }
 
 /// Every job as the cluster lists it: id -> (state, hosts, lease epoch).
-async fn job_states(
-    addrs: &[String],
-) -> std::collections::BTreeMap<String, (String, Vec<String>, u64)> {
+async fn job_states(addrs: &[String]) -> std::collections::BTreeMap<String, pb::JobSummary> {
     for addr in addrs {
         let Ok(mut c) = admin_client(addr).await else {
             continue;
@@ -524,14 +522,15 @@ async fn job_states(
                 .into_inner()
                 .jobs
                 .into_iter()
-                .map(|j| {
-                    let state = j.state().word().to_owned();
-                    (j.id, (state, j.hosts, j.lease_epoch))
-                })
+                .map(|j| (j.id.clone(), j))
                 .collect();
         }
     }
     Default::default()
+}
+
+fn running(job: &pb::JobSummary) -> bool {
+    job.state() == pb::JobState::Running
 }
 
 pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
@@ -600,21 +599,29 @@ async fn run_demo(
     while Instant::now() < until
         && !placeable
             .iter()
-            .all(|id| states.get(id).is_some_and(|s| s.0 == "running"))
+            .all(|id| states.get(id).is_some_and(running))
     {
         tokio::time::sleep(Duration::from_millis(300)).await;
         states = job_states(&cluster.addrs).await;
     }
     let all_running = placeable
         .iter()
-        .all(|id| states.get(id).is_some_and(|s| s.0 == "running"));
+        .all(|id| states.get(id).is_some_and(running));
     for (key, id) in &ids {
         match states.get(id) {
-            Some((state, hosts, epoch)) if state == "running" => println!(
-                "  {key:<11} {id:<16} running (epoch {epoch}) on {}",
-                hosts.join(", ")
+            Some(j) if running(j) => println!(
+                "  {key:<11} {id:<16} running (epoch {}) on {}",
+                j.lease_epoch,
+                j.hosts.join(", ")
             ),
-            Some((state, _, _)) => println!("  {key:<11} {id:<16} {state}"),
+            Some(j) if j.pending_reason.is_empty() => {
+                println!("  {key:<11} {id:<16} {}", j.state().word())
+            }
+            Some(j) => println!(
+                "  {key:<11} {id:<16} {} ({})",
+                j.state().word(),
+                j.pending_reason
+            ),
             None => println!("  {key:<11} {id:<16} unknown"),
         }
     }
