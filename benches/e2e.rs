@@ -13,6 +13,10 @@
 //! one `SubmitJob` per job), which takes the submission path out of what bounds placement.
 //! `GANGWAY_BENCH_RATE=N` offers N jobs per second in all (open loop: submit-to-lease latency at
 //! a given load, not under a backlog); by default submitters send as fast as they are answered.
+//! The storm's 64 submitters are connected to the leader before its clock starts (long-running
+//! clients that found the leader once), so its first 100 ms are not 64 handshakes and, for the
+//! two thirds that would start on a follower, a redirect; the failover phase's submissions
+//! connect inside the clock, as a client arriving during a failover does.
 //! `GANGWAY_BENCH_ORDER=gangs-first` (the default) submits every gang before the single jobs: at
 //! 2,500 jobs/s the 1,000 gangs (16,000 GPUs) arrive in 0.4 s on 8,000 GPUs, twice the fleet, so
 //! the first second is queueing for capacity. `mixed` spreads the gangs evenly among the single
@@ -304,26 +308,48 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx]
 }
 
+/// Where each submitter starts.
+enum Start<'a> {
+    /// Connects to `addrs[w % addrs.len()]` when its turn comes (inside the caller's clock) and
+    /// follows the redirect if that is not the leader: a client arriving during a failover.
+    Cold(&'a [String]),
+    /// Every submitter is connected to the leader at this address before the first request (and
+    /// before [`submit_all`] returns its start instant): a long-running client that found the
+    /// leader once, so the storm measures the submissions, not 64 connections being made.
+    Connected(&'a str),
+}
+
 /// Submits every spec with `concurrency` clients against the leader (following redirects),
 /// `batch` specs per request (`SubmitJob` when 1, else `SubmitJobs`); returns submit start time
-/// per job id. With a `rate` (jobs per second, all clients together), each client starts a
-/// request every `concurrency * batch / rate` (open loop, clients spread over the period; a
-/// client behind schedule sends at once); without one, each sends as fast as it is answered.
+/// per job id, and the instant the first submitter could send. With a `rate` (jobs per second,
+/// all clients together), each client starts a request every `concurrency * batch / rate` (open
+/// loop, clients spread over the period; a client behind schedule sends at once); without one,
+/// each sends as fast as it is answered.
 async fn submit_all(
-    addrs: &[String],
+    start: Start<'_>,
     specs: Vec<String>,
     concurrency: usize,
     batch: usize,
     rate: Option<f64>,
     key_prefix: &str,
-) -> BTreeMap<String, Submitted> {
+) -> (Instant, BTreeMap<String, Submitted>) {
     let specs = Arc::new(tokio::sync::Mutex::new(
         specs.into_iter().enumerate().collect::<Vec<_>>(),
     ));
+    let targets: Vec<String> = (0..concurrency)
+        .map(|w| match &start {
+            Start::Cold(addrs) => addrs[w % addrs.len()].clone(),
+            Start::Connected(leader) => (*leader).to_owned(),
+        })
+        .collect();
+    let clients: Vec<Option<ClientApiClient<Channel>>> = match start {
+        Start::Cold(_) => targets.iter().map(|_| None).collect(),
+        Start::Connected(_) => futures::future::join_all(targets.iter().map(|t| connect(t))).await,
+    };
+    let began = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..concurrency {
+    for (w, (target, ready)) in targets.into_iter().zip(clients).enumerate() {
         let specs = specs.clone();
-        let addrs = addrs.to_vec();
         let key_prefix = key_prefix.to_owned();
         let mut pace = rate.map(|r| {
             let every = Duration::from_secs_f64((concurrency * batch.max(1)) as f64 / r);
@@ -334,8 +360,11 @@ async fn submit_all(
         });
         tasks.spawn(async move {
             let mut out = Vec::new();
-            let mut target = addrs[w % addrs.len()].clone();
-            let mut client = connect(&target).await;
+            let mut target = target;
+            let mut client = match ready {
+                Some(c) => Some(c),
+                None => connect(&target).await,
+            };
             loop {
                 if let Some(tick) = pace.as_mut() {
                     tick.tick().await;
@@ -398,7 +427,7 @@ async fn submit_all(
     while let Some(r) = tasks.join_next().await {
         all.extend(r.expect("submitter"));
     }
-    all
+    (began, all)
 }
 
 /// When a job's request was sent, and when its acceptance (committed) came back.
@@ -494,8 +523,15 @@ async fn phase(
     let specs = arrival(jobs, gangs);
     let total = specs.len();
     let term_before = cluster.term().await;
-    let t0 = Instant::now();
-    let submitted = submit_all(&cluster.addrs, specs, 64, batch, rate, "storm").await;
+    let (t0, submitted) = submit_all(
+        Start::Connected(&cluster.addrs[leader]),
+        specs,
+        64,
+        batch,
+        rate,
+        "storm",
+    )
+    .await;
     let submit_secs = t0.elapsed().as_secs_f64();
     let all_placed = fleet
         .wait_for(Duration::from_secs(600), |seen| {
@@ -632,8 +668,8 @@ async fn phase(
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         });
-        let ids = submit_all(
-            &survivors,
+        let (_, ids) = submit_all(
+            Start::Cold(&survivors),
             vec![single_gpu(1_000_000 + k)],
             1,
             1,
