@@ -283,3 +283,46 @@ fn failing_device_calls_name_the_call_and_device() {
         .starts_with("nvmlDeviceGetMemoryInfo_v2 failed on device 1"));
     assert!(err.is_retryable());
 }
+
+/// Copies of the library configured at the same moment on several threads, as the tests of this
+/// file are: each must read its own NVLinks. (The fake once split its lists with `strtok`, whose
+/// position is one static of the C library shared by every copy, and two tests here read each
+/// other's links.)
+#[test]
+fn copies_configured_at_once_each_read_their_own_links() {
+    // Thread t links its 64 devices in pairs t apart (pairs 0-t, 1-(t+1), ... in blocks of 2t),
+    // a long list so that the parsing of one overlaps the others'.
+    fn config(t: usize) -> (String, Vec<u16>) {
+        let mut links = Vec::new();
+        let mut expected = vec![0u16; 64];
+        let mut domain = 0u16;
+        for block in (0..64).step_by(2 * t) {
+            for a in block..block + t {
+                links.push(format!("{a}-{}", a + t));
+                expected[a] = domain;
+                expected[a + t] = domain;
+                domain += 1;
+            }
+        }
+        (
+            format!("devices=64\nnvlink={}\n", links.join(",")),
+            expected,
+        )
+    }
+    let threads: Vec<_> = [1, 2, 4, 8, 16, 32]
+        .into_iter()
+        .map(|t| {
+            std::thread::spawn(move || {
+                let (conf, expected) = config(t);
+                for round in 0..50 {
+                    let (_dir, backend) = load(&conf);
+                    let got = domains(&backend.unwrap());
+                    assert_eq!(got, expected, "pairs {t} apart, round {round}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a copy read another's configuration");
+    }
+}

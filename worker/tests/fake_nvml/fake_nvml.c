@@ -160,7 +160,11 @@ static void set_numa(unsigned int i, unsigned long long v) {
     devices[i].has_numa = 1;
 }
 
+/* Lists are split with strtok_r, never strtok: strtok keeps its position in one static of the C
+ * library, shared by every copy of this library in the process, so two tests configuring their
+ * copies at once would read each other's tokens. */
 static void configure(const char *key, char *value) {
+    char *rest;
     if (strcmp(key, "devices") == 0) {
         device_count = (unsigned int)strtoul(value, NULL, 10);
         if (device_count > MAX_DEVICES) device_count = MAX_DEVICES;
@@ -177,7 +181,7 @@ static void configure(const char *key, char *value) {
     } else if (strcmp(key, "numa") == 0) {
         parse_list(value, set_numa);
     } else if (strcmp(key, "nvlink") == 0) {
-        for (char *pair = strtok(value, ","); pair; pair = strtok(NULL, ",")) {
+        for (char *pair = strtok_r(value, ",", &rest); pair; pair = strtok_r(NULL, ",", &rest)) {
             unsigned int a, b;
             if (sscanf(pair, "%u-s%u", &a, &b) == 2) {
                 add_link(a, 0xC0 + b);
@@ -187,13 +191,13 @@ static void configure(const char *key, char *value) {
             }
         }
     } else if (strcmp(key, "xid") == 0) {
-        for (char *item = strtok(value, ","); item && xid_count < MAX_XIDS; item = strtok(NULL, ",")) {
+        for (char *item = strtok_r(value, ",", &rest); item && xid_count < MAX_XIDS; item = strtok_r(NULL, ",", &rest)) {
             if (sscanf(item, "%u:%llu", &xids[xid_count].device, &xids[xid_count].code) == 2) {
                 xids[xid_count++].delivered = 0;
             }
         }
     } else if (strcmp(key, "fail") == 0) {
-        for (char *item = strtok(value, ","); item && fail_count < MAX_FAILS; item = strtok(NULL, ",")) {
+        for (char *item = strtok_r(value, ",", &rest); item && fail_count < MAX_FAILS; item = strtok_r(NULL, ",", &rest)) {
             char *colon = strrchr(item, ':');
             if (!colon) continue;
             *colon = '\0';
