@@ -32,7 +32,10 @@
 //! Connections: one per 16 clients (at least one), the clients of a connection multiplexed on it.
 //!
 //! Output lines, parsed by deploy/peers/table.py:
-//!   RESULT write SYSTEM clients=C conns=K ops=N secs=S tput=OPS p50_ms=X p99_ms=Y errors=E replication=stream:N|calls|-
+//!   RESULT write SYSTEM clients=C conns=K ops=N secs=S tput=OPS p50_ms=X p99_ms=Y errors=E
+//!     cpu_us=U gen_cpu_us=G replication=stream:N|calls|-
+//!   (U: CPU time of the three members per write, user + system, in microseconds; G: this load
+//!   generator's, the same program for both systems)
 //!   RESULT failover SYSTEM kills=N p50_ms=X p99_ms=Y max_ms=Z campaign_ms=A-B timeout_ms=C-D detect=on|off|-
 //!   (campaign: when a follower may first stand after the last heartbeat it saw, without
 //!   detection; detect: Gangway's leader-loss detection, `PEERS_DETECT=on|off`, on by default:
@@ -307,6 +310,16 @@ impl Members {
         self.children[i] = Some(child);
     }
 
+    /// CPU time the running members have used so far, in microseconds.
+    fn cpu_us(&self) -> u64 {
+        self.children
+            .iter()
+            .flatten()
+            .filter_map(|c| c.id())
+            .map(|pid| cpu_us(&pid.to_string()))
+            .sum()
+    }
+
     /// kill -9 member `i` and reap it.
     async fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {
@@ -399,6 +412,27 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// `clients` writers over `clients / 16` connections (at least one) to the leader for `secs`.
+/// CPU time (user + system) process `pid` has used so far, in microseconds; 0 when it cannot be
+/// read (the process is gone).
+fn cpu_us(pid: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command (which may hold spaces) closed by the last ')': utime and stime
+    // are the 12th and 13th of them, in clock ticks.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map_or(0, |f| f.iter().filter_map(|t| t.parse::<u64>().ok()).sum());
+    // SAFETY: sysconf reads a constant of the running system.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks * 1_000_000 / per_second
+}
+
 async fn throughput(m: &Members, clients: usize, secs: f64, vbytes: usize, next_op: &AtomicU64) {
     let leader = m.leader(next_op).await;
     let conns = (clients / 16).max(1);
@@ -414,6 +448,7 @@ async fn throughput(m: &Members, clients: usize, secs: f64, vbytes: usize, next_
     let ops = Arc::new(AtomicU64::new(start_op));
     let value = Arc::new(vec![b'x'; vbytes]);
     let run_for = Duration::from_secs_f64(secs);
+    let cpu_before = (m.cpu_us(), cpu_us("self"));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -441,9 +476,15 @@ async fn throughput(m: &Members, clients: usize, secs: f64, vbytes: usize, next_
         errors += e;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    // CPU per write over the whole run (the clients' ramp included, the same for both systems):
+    // the three members together, and this load generator.
+    let per_write =
+        |before: u64, after: u64| after.saturating_sub(before) / (all.len() as u64).max(1);
+    let members_cpu = per_write(cpu_before.0, m.cpu_us());
+    let generator_cpu = per_write(cpu_before.1, cpu_us("self"));
     all.sort_by(|a, b| a.total_cmp(b));
     println!(
-        "RESULT write {} clients={clients} conns={conns} ops={} secs={elapsed:.2} tput={:.0} p50_ms={:.2} p99_ms={:.2} errors={errors} replication={}",
+        "RESULT write {} clients={clients} conns={conns} ops={} secs={elapsed:.2} tput={:.0} p50_ms={:.2} p99_ms={:.2} errors={errors} cpu_us={members_cpu} gen_cpu_us={generator_cpu} replication={}",
         m.sys.name(),
         all.len(),
         all.len() as f64 / elapsed,

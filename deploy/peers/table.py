@@ -2,7 +2,7 @@
 """The one table of make bench-peers: reads the RESULT lines of a run, prints Markdown.
 
 Usage: table.py RESULTS_FILE [HEADER_LINE]
-Ratios are Gangway / peer: above 1 is better for rates, below 1 is better for times and p99.
+Ratios are Gangway / peer: above 1 is better for rates, below 1 is better for times, p99 and CPU.
 """
 import sys
 
@@ -61,6 +61,13 @@ def main():
         g, e = gangway_write(c), find(rows, "write", "etcd", clients=c)
         rat = f"{ratio(g['tput'], e['tput'])} throughput, {ratio(g['p99_ms'], e['p99_ms'])} p99" if g and e else "-"
         out.append(f"| 256-byte replicated writes, {c} client{'s' if c != '1' else ''} (vs etcd) | {cell(g)} | {cell(e)} | {rat} |")
+    # CPU per write (a run from before the fields has none): the members' own, which is what the
+    # two systems differ in, and the load generator's beside it, which both pay on the same cores.
+    cpu = lambda r: f"{f(r['cpu_us'])} us (load generator {f(r['gen_cpu_us'])} us)"
+    for c in clients:
+        g, e = gangway_write(c), find(rows, "write", "etcd", clients=c)
+        if g and e and "cpu_us" in g and "cpu_us" in e:
+            out.append(f"| CPU per write of the three members, {c} client{'s' if c != '1' else ''} (vs etcd) | {cpu(g)} | {cpu(e)} | {ratio(g['cpu_us'], e['cpu_us'])} CPU |")
     for c in clients:
         g, s = gangway_write(c), find(rows, "write", "gangway", clients=c, replication="calls")
         if g and s:
