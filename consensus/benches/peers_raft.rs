@@ -316,7 +316,7 @@ impl Members {
             .iter()
             .flatten()
             .filter_map(|c| c.id())
-            .map(|pid| cpu_us(&pid.to_string()))
+            .map(|pid| process_cpu_us(&pid.to_string()))
             .sum()
     }
 
@@ -411,10 +411,9 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// `clients` writers over `clients / 16` connections (at least one) to the leader for `secs`.
-/// CPU time (user + system) process `pid` has used so far, in microseconds; 0 when it cannot be
-/// read (the process is gone).
-fn cpu_us(pid: &str) -> u64 {
+/// CPU time (user + system) process `pid` (or `self`) has used so far, in microseconds; 0 when it
+/// cannot be read (the process is gone).
+fn process_cpu_us(pid: &str) -> u64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
@@ -433,6 +432,7 @@ fn cpu_us(pid: &str) -> u64 {
     ticks * 1_000_000 / per_second
 }
 
+/// `clients` writers over `clients / 16` connections (at least one) to the leader for `secs`.
 async fn throughput(m: &Members, clients: usize, secs: f64, vbytes: usize, next_op: &AtomicU64) {
     let leader = m.leader(next_op).await;
     let conns = (clients / 16).max(1);
@@ -448,7 +448,7 @@ async fn throughput(m: &Members, clients: usize, secs: f64, vbytes: usize, next_
     let ops = Arc::new(AtomicU64::new(start_op));
     let value = Arc::new(vec![b'x'; vbytes]);
     let run_for = Duration::from_secs_f64(secs);
-    let cpu_before = (m.cpu_us(), cpu_us("self"));
+    let cpu_before = (m.cpu_us(), process_cpu_us("self"));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -481,7 +481,7 @@ async fn throughput(m: &Members, clients: usize, secs: f64, vbytes: usize, next_
     let per_write =
         |before: u64, after: u64| after.saturating_sub(before) / (all.len() as u64).max(1);
     let members_cpu = per_write(cpu_before.0, m.cpu_us());
-    let generator_cpu = per_write(cpu_before.1, cpu_us("self"));
+    let generator_cpu = per_write(cpu_before.1, process_cpu_us("self"));
     all.sort_by(|a, b| a.total_cmp(b));
     println!(
         "RESULT write {} clients={clients} conns={conns} ops={} secs={elapsed:.2} tput={:.0} p50_ms={:.2} p99_ms={:.2} errors={errors} cpu_us={members_cpu} gen_cpu_us={generator_cpu} replication={}",
