@@ -2,6 +2,8 @@
 # make bench-peers: Gangway beside etcd and Slurm on this machine, in one run, one table.
 # See deploy/peers/README.md for what each row measures. Knobs (defaults = the full run):
 #   PEERS_CLIENTS=1,16,64,256  PEERS_WRITE_SECS=10  PEERS_KILLS=20     (vs etcd)
+#   PEERS_WRITE_ROUNDS=3           the writes in this many rounds, the two systems in turn; each row
+#                                  is the round of median throughput (this VM drifts between runs)
 #   PEERS_JOBS=1000  PEERS_GANGS=100  PEERS_SUBMITS=400                (vs Slurm)
 #   PEERS_TLS=on|off|both (both)   Gangway's job runs: mutual TLS (production) and/or plain TCP
 #   PEERS_ONLY=raft|jobs           one half only
@@ -11,8 +13,9 @@ HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/gangway/target}
 CARGO=${CARGO:-cargo}
 if [ "${PEERS_QUICK:-0}" != 0 ]; then
-  : "${PEERS_CLIENTS:=1,16}" "${PEERS_WRITE_SECS:=2}" "${PEERS_KILLS:=3}" "${PEERS_JOBS:=100}" "${PEERS_GANGS:=10}" "${PEERS_SUBMITS:=40}"
+  : "${PEERS_CLIENTS:=1,16}" "${PEERS_WRITE_SECS:=2}" "${PEERS_KILLS:=3}" "${PEERS_JOBS:=100}" "${PEERS_GANGS:=10}" "${PEERS_SUBMITS:=40}" "${PEERS_WRITE_ROUNDS:=1}"
 fi
+ROUNDS=${PEERS_WRITE_ROUNDS:-3}
 export PEERS_CLIENTS=${PEERS_CLIENTS:-1,16,64,256} PEERS_WRITE_SECS=${PEERS_WRITE_SECS:-10} PEERS_KILLS=${PEERS_KILLS:-20}
 export PEERS_JOBS=${PEERS_JOBS:-1000} PEERS_GANGS=${PEERS_GANGS:-100} PEERS_SUBMITS=${PEERS_SUBMITS:-400}
 TLS=${PEERS_TLS:-both}; ONLY=${PEERS_ONLY:-}
@@ -60,6 +63,15 @@ if [ "$ONLY" != jobs ]; then
   if [ $have_etcd = 1 ]; then say "etcd: writes and $PEERS_KILLS leader kills"; raft etcd "$RUN/etcd" | tee -a "$RESULTS"
   else echo "etcd missing: its rows are skipped"; fi
   say "gangway consensus: writes and $PEERS_KILLS leader kills"; raft gangway "$RUN/raft" | tee -a "$RESULTS"
+  # More rounds of the writes alone, the two systems in turn (Gangway first in even rounds).
+  for ((r = 2; r <= ROUNDS; r++)); do
+    order=(etcd gangway); (( r % 2 == 0 )) && order=(gangway etcd)
+    for sys in "${order[@]}"; do
+      [ $sys = etcd ] && [ $have_etcd = 0 ] && continue
+      say "$sys: writes, round $r of $ROUNDS"
+      PEERS_KILLS=0 raft $sys "$RUN/$sys-round-$r" | tee -a "$RESULTS"
+    done
+  done
   # The same kills with leader-loss detection off: what the election timeout alone gives.
   say "gangway consensus: $PEERS_KILLS leader kills, detection off"
   PEERS_CLIENTS="" PEERS_DETECT=off raft gangway "$RUN/raft-nodetect" | tee -a "$RESULTS"

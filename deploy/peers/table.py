@@ -25,6 +25,17 @@ def find(rows, kind, system, **match):
     return None
 
 
+def median(found):
+    """The row of median throughput among a write's rounds (the lower middle of an even count),
+    with the rounds' range beside it; None when there is none."""
+    if not found:
+        return None
+    ranked = sorted(found, key=lambda kv: float(kv["tput"]))
+    row = dict(ranked[(len(ranked) - 1) // 2])
+    row["rounds"] = [kv["tput"] for kv in found]
+    return row
+
+
 def f(x, digits=0):
     return f"{float(x):,.{digits}f}"
 
@@ -48,28 +59,34 @@ def main():
     for k, s, kv in rows:
         if k == "write" and kv["clients"] not in clients:
             clients.append(kv["clients"])
-    cell = lambda r: (f"{f(r['tput'])}/s, p99 {f(r['p99_ms'], 1)} ms" + (f" ({r['errors']} errors)" if r["errors"] != "0" else "")) if r else "skipped"
-    def gangway_write(c):
-        # The production way (the default stream); runs from before the field had no other.
-        for k, s, kv in rows:
-            way = kv.get("replication", "stream")
-            if k == "write" and s == "gangway" and kv["clients"] == c and way.startswith("stream"):
-                return kv
-        return None
+    def rounds(r):
+        runs = r.get("rounds", [])
+        if len(runs) < 2:
+            return ""
+        return f"; median of {len(runs)} rounds: {', '.join(f(t) for t in runs)}/s"
+    cell = lambda r: (f"{f(r['tput'])}/s, p99 {f(r['p99_ms'], 1)} ms" + (f" ({r['errors']} errors)" if r["errors"] != "0" else "") + rounds(r)) if r else "skipped"
+    # Each write is run in one or more rounds (PEERS_WRITE_ROUNDS, the two systems in turn); a row
+    # is the round of median throughput.
+    def write(system, c, stream=True):
+        # Gangway's production way is the default stream (runs from before the field had no
+        # other); stream=False: its A/B runs one AppendEntries call at a time. etcd has one way.
+        way = lambda kv: system != "gangway" or kv.get("replication", "stream").startswith("stream") == stream
+        return median([kv for k, s, kv in rows if k == "write" and s == system and kv["clients"] == c and way(kv)])
+    gangway_write = lambda c: write("gangway", c)
 
     for c in clients:
-        g, e = gangway_write(c), find(rows, "write", "etcd", clients=c)
+        g, e = gangway_write(c), write("etcd", c)
         rat = f"{ratio(g['tput'], e['tput'])} throughput, {ratio(g['p99_ms'], e['p99_ms'])} p99" if g and e else "-"
         out.append(f"| 256-byte replicated writes, {c} client{'s' if c != '1' else ''} (vs etcd) | {cell(g)} | {cell(e)} | {rat} |")
     # CPU per write (a run from before the fields has none): the members' own, which is what the
     # two systems differ in, and the load generator's beside it, which both pay on the same cores.
     cpu = lambda r: f"{f(r['cpu_us'])} us (load generator {f(r['gen_cpu_us'])} us)"
     for c in clients:
-        g, e = gangway_write(c), find(rows, "write", "etcd", clients=c)
+        g, e = gangway_write(c), write("etcd", c)
         if g and e and "cpu_us" in g and "cpu_us" in e:
             out.append(f"| CPU per write of the three members, {c} client{'s' if c != '1' else ''} (vs etcd) | {cpu(g)} | {cpu(e)} | {ratio(g['cpu_us'], e['cpu_us'])} CPU |")
     for c in clients:
-        g, s = gangway_write(c), find(rows, "write", "gangway", clients=c, replication="calls")
+        g, s = gangway_write(c), write("gangway", c, False)
         if g and s:
             rat = f"{ratio(g['tput'], s['tput'])} throughput, {ratio(g['p99_ms'], s['p99_ms'])} p99"
             out.append(f"| same, {c} client{'s' if c != '1' else ''}: replication on one stream per follower vs one AppendEntries call at a time (Gangway vs Gangway) | {cell(g)} | {cell(s)} | {rat} |")
