@@ -511,7 +511,7 @@ async fn submit_demo(leader: &str, trainer: &Path) -> anyhow::Result<Vec<(String
     Ok(ids)
 }
 
-/// Every job as the cluster lists it: id -> (state, hosts, lease epoch).
+/// Every job as the cluster lists it, by id.
 async fn job_states(addrs: &[String]) -> std::collections::BTreeMap<String, pb::JobSummary> {
     for addr in addrs {
         let Ok(mut c) = admin_client(addr).await else {
@@ -614,14 +614,13 @@ async fn run_demo(
                 j.lease_epoch,
                 j.hosts.join(", ")
             ),
-            Some(j) if j.pending_reason.is_empty() => {
-                println!("  {key:<11} {id:<16} {}", j.state().word())
+            Some(j) => {
+                let why = match j.pending_reason.as_str() {
+                    "" => String::new(),
+                    reason => format!(" ({reason})"),
+                };
+                println!("  {key:<11} {id:<16} {}{why}", j.state().word())
             }
-            Some(j) => println!(
-                "  {key:<11} {id:<16} {} ({})",
-                j.state().word(),
-                j.pending_reason
-            ),
             None => println!("  {key:<11} {id:<16} unknown"),
         }
     }
