@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_stream::StreamExt;
 use tonic::transport::server::TcpIncoming;
 
 use crate::app::StateChange;
@@ -38,6 +39,7 @@ use crate::log_store::WalLogStore;
 use crate::metrics::ReplicaMetrics;
 use crate::network::client::NetworkFactory;
 use crate::network::transport::CallError;
+use crate::network::CoalescedWrites;
 use crate::network::Transport;
 use crate::pb;
 use crate::pb::raft_transport_server::RaftTransportServer;
@@ -229,7 +231,10 @@ impl<S: StateMachine> ReplicaHandle<S> {
             // Server::tcp_nodelay applies only to listeners tonic binds itself: a connection
             // accepted here gets it from TcpIncoming, or small replies wait on Nagle's algorithm
             // for the peer's delayed ACK (tens of milliseconds).
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            // Each connection's replies go out together (CoalescedWrites), as in the scheduler.
+            let incoming = TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map(|s| s.map(CoalescedWrites::new));
             let res = tonic::transport::Server::builder()
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async move {

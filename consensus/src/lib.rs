@@ -46,6 +46,7 @@ pub use grpc_service::RaftGrpcService;
 pub use handle::ReplicaHandle;
 pub use metrics::ReplicaMetrics;
 pub use metrics::Role;
+pub use network::CoalescedWrites;
 pub use network::Connector;
 pub use network::FaultInjector;
 pub use network::TcpConnector;

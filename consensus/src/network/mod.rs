@@ -1,12 +1,15 @@
 //! Raft transport: the client side (openraft's network trait over gRPC), the follower's end of the
-//! replication stream, the pluggable connector and the fault injector used by tests.
+//! replication stream, the pluggable connector, the fault injector used by tests, and the
+//! server connection whose replies go out together ([`CoalescedWrites`]).
 
 pub(crate) mod client;
+pub(crate) mod coalesce;
 pub(crate) mod fault;
 pub(crate) mod follower;
 pub(crate) mod stream;
 pub(crate) mod transport;
 
+pub use coalesce::CoalescedWrites;
 pub use fault::FaultInjector;
 pub use fault::Verdict;
 pub(crate) use transport::sender;

@@ -8,7 +8,7 @@ use super::fsm::SchedulerFsm;
 use super::heartbeats::HeartbeatTracker;
 use super::worker_api::WorkerService;
 use super::{http, leader};
-use gangway_consensus::{ConsensusError, ReplicaConfig, ReplicaHandle, Transport};
+use gangway_consensus::{CoalescedWrites, ConsensusError, ReplicaConfig, ReplicaHandle, Transport};
 use gangway_proto::pb::client_api_server::ClientApiServer;
 use gangway_proto::pb::worker_api_server::WorkerApiServer;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_stream::StreamExt;
 
 /// How long a stopping replica waits for open connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +46,11 @@ pub enum ServerError {
 
 /// The process-wide Prometheus recorder: installed once, shared by every replica a process runs
 /// (tests run several in one process).
+/// An accepted connection, its replies coalesced ([`CoalescedWrites`]).
+fn coalesced<T>(accepted: std::io::Result<T>) -> std::io::Result<CoalescedWrites<T>> {
+    accepted.map(CoalescedWrites::new)
+}
+
 fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -176,13 +182,14 @@ impl Replica {
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
+            // Each connection's replies go out together, over TLS when there is TLS.
             let served = match tls {
                 Some(tls) => {
-                    grpc.serve_with_incoming_shutdown(tls.incoming(grpc_listener), stopped)
-                        .await
+                    let incoming = tls.incoming(grpc_listener).map(coalesced);
+                    grpc.serve_with_incoming_shutdown(incoming, stopped).await
                 }
                 None => {
-                    let incoming = gangway_tls::plain_incoming(grpc_listener);
+                    let incoming = gangway_tls::plain_incoming(grpc_listener).map(coalesced);
                     grpc.serve_with_incoming_shutdown(incoming, stopped).await
                 }
             };
