@@ -230,8 +230,8 @@ impl<S: StateMachine> ReplicaHandle<S> {
         let task = tokio::spawn(async move {
             // Server::tcp_nodelay applies only to listeners tonic binds itself: a connection
             // accepted here gets it from TcpIncoming, or small replies wait on Nagle's algorithm
-            // for the peer's delayed ACK (tens of milliseconds).
-            // Each connection's replies go out together (CoalescedWrites), as in the scheduler.
+            // for the peer's delayed ACK (tens of milliseconds). Each connection's replies go out
+            // together (CoalescedWrites), as on the scheduler's port.
             let incoming = TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
                 .map(|s| s.map(CoalescedWrites::new));

@@ -44,13 +44,13 @@ pub enum ServerError {
     Tls(String),
 }
 
-/// The process-wide Prometheus recorder: installed once, shared by every replica a process runs
-/// (tests run several in one process).
 /// An accepted connection, its replies coalesced ([`CoalescedWrites`]).
 fn coalesced<T>(accepted: std::io::Result<T>) -> std::io::Result<CoalescedWrites<T>> {
     accepted.map(CoalescedWrites::new)
 }
 
+/// The process-wide Prometheus recorder: installed once, shared by every replica a process runs
+/// (tests run several in one process).
 fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
