@@ -219,6 +219,23 @@ async fn followers_redirect_reads_to_the_leader_and_report_the_cluster() {
     let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let mut c = client(&cluster.addr(follower)).await.unwrap();
+    // A leader is elected on one other vote: the third replica may not have heard from it yet
+    // (it then answers Unavailable naming no leader). The story is a follower that knows it.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while c
+        .cluster_status(pb::Empty {})
+        .await
+        .unwrap()
+        .into_inner()
+        .leader_id
+        != leader
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "replica {follower} did not hear from leader {leader} within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let err = c
         .list_jobs(pb::ListJobsRequest::default())
         .await
