@@ -50,11 +50,6 @@ impl<T> CoalescedWrites<T> {
         }
     }
 
-    /// The connection underneath.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     fn holding(&self) -> usize {
         self.held.len() - self.sent
     }
@@ -103,13 +98,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<T> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        ready!(this.poll_room(cx, data.len()))?;
-        if this.holding() == 0 && data.len() >= HOLD_AT_MOST {
-            return Pin::new(&mut this.inner).poll_write(cx, data);
-        }
-        this.held.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        self.poll_write_vectored(cx, &[IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
@@ -262,23 +251,20 @@ mod tests {
             1,
             "the task woke itself to come back"
         );
-        assert!(c.get_ref().writes.is_empty());
+        assert!(c.inner.writes.is_empty());
         // Other tasks finish their replies meanwhile; the connection writes them when polled.
         assert_eq!(write(&mut c, &mut cx, b"reply-2;"), Poll::Ready(8));
         let two = [IoSlice::new(b"reply-3"), IoSlice::new(b";")];
         let n = Pin::new(&mut c).poll_write_vectored(&mut cx, &two);
         assert!(matches!(n, Poll::Ready(Ok(8))));
         assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
-        assert_eq!(
-            c.get_ref().writes,
-            vec![b"reply-1;reply-2;reply-3;".to_vec()]
-        );
-        assert_eq!(c.get_ref().flushed, 1);
+        assert_eq!(c.inner.writes, vec![b"reply-1;reply-2;reply-3;".to_vec()]);
+        assert_eq!(c.inner.flushed, 1);
         // The next reply is put off again, once.
         assert_eq!(write(&mut c, &mut cx, b"reply-4;"), Poll::Ready(8));
         assert!(flush(&mut c, &mut cx).is_pending());
         assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
-        assert_eq!(c.get_ref().writes.len(), 2);
+        assert_eq!(c.inner.writes.len(), 2);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
     }
 
@@ -289,7 +275,7 @@ mod tests {
         let mut c = CoalescedWrites::new(Wire::default());
         assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
         assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
-        assert_eq!(c.get_ref().flushed, 1);
+        assert_eq!(c.inner.flushed, 1);
     }
 
     #[test]
@@ -299,7 +285,7 @@ mod tests {
         let mut c = CoalescedWrites::new(Wire::default());
         let big = vec![7u8; HOLD_AT_MOST];
         assert_eq!(write(&mut c, &mut cx, &big), Poll::Ready(HOLD_AT_MOST));
-        assert_eq!(c.get_ref().writes, vec![big]);
+        assert_eq!(c.inner.writes, vec![big]);
         assert_eq!(c.holding(), 0);
     }
 
@@ -320,12 +306,12 @@ mod tests {
         c.inner.full = false;
         c.inner.per_call = 1000;
         assert_eq!(write(&mut c, &mut cx, &[2u8; 20]), Poll::Ready(20));
-        let out: Vec<u8> = c.get_ref().writes.concat();
+        let out: Vec<u8> = c.inner.writes.concat();
         assert_eq!(out, first);
         assert_eq!(c.holding(), 20);
         assert!(flush(&mut c, &mut cx).is_pending());
         assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
-        let out: Vec<u8> = c.get_ref().writes.concat();
+        let out: Vec<u8> = c.inner.writes.concat();
         assert_eq!(&out[first.len()..], &[2u8; 20]);
     }
 
@@ -339,8 +325,8 @@ mod tests {
             Pin::new(&mut c).poll_shutdown(&mut cx),
             Poll::Ready(Ok(()))
         ));
-        assert_eq!(c.get_ref().writes, vec![b"last words".to_vec()]);
-        assert!(c.get_ref().shut);
+        assert_eq!(c.inner.writes, vec![b"last words".to_vec()]);
+        assert!(c.inner.shut);
 
         let mut c = CoalescedWrites::new(Wire {
             fail: true,
