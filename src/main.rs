@@ -7,7 +7,7 @@ mod client;
 mod cmd;
 
 use clap::{Parser, Subcommand};
-use cmd::common::run_client;
+use cmd::common::{run_client, run_client_on, Threads};
 use std::process::ExitCode;
 
 /// mimalloc, not glibc's malloc: a replica runs for months over a state whose records are created
@@ -141,7 +141,7 @@ fn main() -> ExitCode {
         Command::Queue(g) => run_client(cmd::queues::queue(g)),
         Command::Cluster(g) => run_client(cmd::cluster::cluster(g)),
         Command::Defrag(g) => run_client(cmd::defrag::defrag(g)),
-        Command::Drill(g) => run_client(cmd::drill::drill(g)),
+        Command::Drill(g) => run_client_on(Threads::PerCore, cmd::drill::drill(g)),
         Command::Access(g) => run_client(cmd::access::access(g)),
         Command::Whoami(a) => run_client(cmd::access::whoami(a)),
         Command::Audit(a) => run_client(cmd::audit::audit(a)),

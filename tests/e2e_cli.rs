@@ -358,3 +358,86 @@ async fn operators_grow_shrink_and_hand_over_the_cluster_from_the_cli() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `THP_enabled` of a running `gangway ARGS...` (with `env` added), read once it has connected to
+/// `silent` (a listener that accepts and never answers: the process is then in `main`, after the
+/// constructor that decides), then the process is killed.
+fn huge_pages_of(silent: &std::net::TcpListener, args: &[&str], env: &[(&str, &str)]) -> u32 {
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn gangway");
+    silent.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let connection = loop {
+        match silent.accept() {
+            Ok((conn, _)) => break Some(conn),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("accept: {e}"),
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        connection.is_some(),
+        "gangway {args:?} did not connect within 10 s"
+    );
+    let status = status.expect("the process's status");
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
+    line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no THP_enabled in {status}"))
+}
+
+#[test]
+fn short_commands_go_without_huge_pages_and_the_agent_keeps_them_for_its_tasks() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let list = ["jobs", "--insecure", "--timeout", "30s", "--addr", &addr];
+    assert_eq!(
+        huge_pages_of(&silent, &list, &[]),
+        0,
+        "a client command turns them off"
+    );
+    assert_eq!(
+        huge_pages_of(&silent, &list, &[("MIMALLOC_ALLOW_THP", "1")]),
+        1,
+        "MIMALLOC_ALLOW_THP is the operator's choice and wins"
+    );
+
+    // The agent keeps the system's setting: its tasks would inherit the flag.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let checkpoints = dir.path().join("ck").display().to_string();
+    let listen = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let agent = [
+        "worker",
+        "--insecure",
+        "--servers",
+        &addr,
+        "--node",
+        "n1",
+        "--listen",
+        &listen,
+        "--fake-devices",
+        "1xH100",
+        "--data-dir",
+        &data,
+        "--checkpoint-dir",
+        &checkpoints,
+        "--task-user-same-as-agent",
+    ];
+    assert_eq!(
+        huge_pages_of(&silent, &agent, &[]),
+        1,
+        "the agent leaves them alone"
+    );
+}

@@ -102,15 +102,38 @@ pub struct WatchOpts {
     pub interval: Duration,
 }
 
-/// Runs a client command on a fresh multi-threaded runtime; its error becomes a message on stderr
-/// and the error's exit code.
+/// The threads a client command's runtime runs its tasks on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    /// The calling thread alone: a command makes a call or a few and prints them. A worker pool
+    /// cost every `gangway submit` about a millisecond of its ~5.5 ms of CPU (threads started,
+    /// work handed between them; README, "The CLI's own cost").
+    One,
+    /// A worker per core: drills, whose load, probes and clocks run side by side and are measured.
+    PerCore,
+}
+
+/// Runs a client command on one thread (see [`Threads::One`]); its error becomes a message on
+/// stderr and the error's exit code.
 pub fn run_client<F>(fut: F) -> anyhow::Result<ExitCode>
 where
     F: Future<Output = Result<(), ClientError>>,
 {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    run_client_on(Threads::One, fut)
+}
+
+/// Runs a client command on a fresh runtime with these threads; its error becomes a message on
+/// stderr and the error's exit code.
+pub fn run_client_on<F>(threads: Threads, fut: F) -> anyhow::Result<ExitCode>
+where
+    F: Future<Output = Result<(), ClientError>>,
+{
+    let runtime = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread(),
+        Threads::PerCore => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()?;
     let result = runtime.block_on(fut);
     // Do not wait for connections still closing in the background.
     runtime.shutdown_background();

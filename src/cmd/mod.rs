@@ -8,6 +8,7 @@ pub mod defrag;
 pub mod dev;
 pub mod drill;
 pub mod health;
+pub mod huge_pages;
 pub mod jobs;
 pub mod logs;
 pub mod nodes;

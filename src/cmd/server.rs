@@ -133,29 +133,6 @@ pub async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// mimalloc's own switch for transparent huge pages; set, it is the operator's choice and wins.
-const ALLOW_THP: &str = "MIMALLOC_ALLOW_THP";
-
-/// Whether a replica turns transparent huge pages off for itself: unless `MIMALLOC_ALLOW_THP`
-/// says otherwise (mimalloc then does what it says, `0` included).
-fn thp_off_by_default(allow_thp: Option<&std::ffi::OsStr>) -> bool {
-    allow_thp.is_none()
-}
-
-/// Turns transparent huge pages off for this process (`prctl(PR_SET_THP_DISABLE)`). mimalloc asks
-/// for huge pages on its arenas, and a replica allocates and frees small pieces all the time (log
-/// entries, state records, replies): each fault on memory mimalloc had handed back to the kernel
-/// then zeroed a 2 MiB page instead of a 4 KiB one, 16-20% of the leader's CPU in the e2e storm
-/// (README, "Fast where it counts"). A replica starts no other program, so nothing inherits it.
-fn disable_transparent_huge_pages() {
-    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and touches no memory of ours.
-    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        tracing::debug!(error = %e, "cannot turn transparent huge pages off; left as they are");
-    }
-}
-
 pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let config = match args.to_config() {
         Ok(c) => c,
@@ -164,9 +141,8 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(super::EXIT_INVALID));
         }
     };
-    if thp_off_by_default(std::env::var_os(ALLOW_THP).as_deref()) {
-        disable_transparent_huge_pages();
-    }
+    // Transparent huge pages are already off for this process, unless the operator chose
+    // otherwise: see `huge_pages`.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -176,28 +152,4 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         replica.run(shutdown_signal()).await?;
         Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::ffi::OsStr;
-
-    #[test]
-    fn huge_pages_go_off_unless_the_operator_chose() {
-        assert!(thp_off_by_default(None));
-        for chosen in ["0", "1", "2", ""] {
-            assert!(!thp_off_by_default(Some(OsStr::new(chosen))), "{chosen:?}");
-        }
-    }
-
-    #[test]
-    fn turning_huge_pages_off_shows_in_the_process() {
-        disable_transparent_huge_pages();
-        // SAFETY: PR_GET_THP_DISABLE takes integer arguments only.
-        let rc = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
-        assert_eq!(rc, 1, "the process's THP flag");
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        assert!(status.contains("THP_enabled:\t0"), "{status}");
-    }
 }
