@@ -15,6 +15,15 @@ fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).expect("JSON on stdout")
 }
 
+/// The item of `listing[list]` whose `key` is `value` (a job by id, a node by name).
+fn item(listing: &Value, list: &str, key: &str, value: &str) -> Value {
+    listing[list]
+        .as_array()
+        .and_then(|items| items.iter().find(|i| i[key] == value))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {key} {value} in {list}: {listing}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_submits_lists_drains_and_snapshots_through_any_replica() {
     let mut cluster = TestCluster::start(3);
@@ -52,6 +61,7 @@ async fn the_cli_submits_lists_drains_and_snapshots_through_any_replica() {
     let listed = &jobs["jobs"][0];
     assert_eq!(listed["id"], id.as_str());
     assert_eq!(listed["state"], "running");
+    assert_eq!(listed["finished_at_ms"], 0, "not ended: {listed}");
     let status = json(&gangway(&["job", "status", &id, "--addr", &addrs, "-o", "json"]).await);
     let tasks = status["task_placements"].as_array().expect("tasks");
     assert_eq!(tasks.len(), 2, "{status}");
@@ -98,6 +108,18 @@ async fn the_cli_submits_lists_drains_and_snapshots_through_any_replica() {
     let third = json(&gangway(&["job", "status", &ids[2], "--addr", &addrs, "-o", "json"]).await);
     assert_eq!(third["env"]["GANGWAY_ARRAY_INDEX"], "2", "{third}");
     assert_eq!(third["env"]["GANGWAY_ARRAY_SIZE"], "3", "{third}");
+    // An ended job's listing says when it ended (the leader's clock), as its status does.
+    let out = gangway(&["cancel", &ids[0], "--addr", &addrs]).await;
+    assert!(out.status.success(), "{out:?}");
+    let listed = json(&gangway(&["jobs", "--addr", &addrs, "-o", "json"]).await);
+    let first = item(&listed, "jobs", "id", &ids[0]);
+    let ended = first["finished_at_ms"].as_u64().unwrap_or(0);
+    assert!(
+        first["state"] == "cancelled" && ended >= first["submitted_at_ms"].as_u64().unwrap(),
+        "{first}"
+    );
+    let status = json(&gangway(&["job", "status", &ids[0], "--addr", &addrs, "-o", "json"]).await);
+    assert_eq!(status["finished_at_ms"].as_u64(), Some(ended), "{status}");
     let before = json(&gangway(&["jobs", "--addr", &addrs, "-o", "json"]).await)["jobs"]
         .as_array()
         .unwrap()
@@ -125,13 +147,7 @@ async fn the_cli_submits_lists_drains_and_snapshots_through_any_replica() {
     let out = gangway(&["node", "drain", "host-1", "--addr", &addrs]).await;
     assert!(out.status.success(), "{out:?}");
     let nodes = json(&gangway(&["nodes", "--addr", &addrs, "-o", "json"]).await);
-    let host1 = nodes["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == "host-1")
-        .cloned()
-        .unwrap();
+    let host1 = item(&nodes, "nodes", "name", "host-1");
     assert_eq!(host1["state"], "draining", "{nodes}");
     let cs = json(&gangway(&["cluster", "status", "--addr", &addrs, "-o", "json"]).await);
     assert_eq!(cs["leader_id"], leader);
@@ -226,13 +242,7 @@ async fn the_cli_submits_lists_drains_and_snapshots_through_any_replica() {
         "{restored}"
     );
     let jobs = json(&gangway(&["jobs", "--addr", &addr, "-o", "json"]).await);
-    let job = jobs["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["id"] == id.as_str())
-        .cloned()
-        .unwrap_or_else(|| panic!("job {id} not restored: {jobs}"));
+    let job = item(&jobs, "jobs", "id", &id);
     // Pending, or already placed again on the restored (worker-less) nodes under a new epoch
     // past the jump: never under its old lease.
     match job["state"].as_str() {

@@ -109,6 +109,17 @@ left() {
   case $out in *'"id"'*) echo 1 ;; *'"jobs"'*) echo 0 ;; *) echo error ;; esac
 }
 count() { "$GW" jobs --state "$1" -o json 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["jobs"]))' 2>/dev/null || echo "?"; }
+# The same span as the replicas recorded it: from the first of the jobs submitted since T0 (ms,
+# this host's clock, which stamps the leader's entries too) being accepted to the last one's end,
+# both leader-stamped (`submitted_at_ms`, `finished_at_ms`); free of the CLI's start and of the
+# poll's up to 0.2 s. slurm.sh reads Slurm's from slurmctld's log the same way.
+recorded() {
+  "$GW" jobs --state succeeded,failed,cancelled -o json 2>/dev/null | python3 -c '
+import json, sys
+jobs = [j for j in json.load(sys.stdin)["jobs"] if j["submitted_at_ms"] >= int(sys.argv[1])]
+ends = [j["finished_at_ms"] for j in jobs if j.get("finished_at_ms")]
+print(max(ends) - min(j["submitted_at_ms"] for j in jobs) if ends else "?")' "$1" 2>/dev/null || echo "?"
+}
 
 run_jobs() {  # LABEL N SPEC [array]
   local label=$1 n=$2 spec=$3 before t0 t1 t2 ok
@@ -129,7 +140,7 @@ run_jobs() {  # LABEL N SPEC [array]
   done
   t2=$(ms)
   ok=$(( $(count succeeded) - before ))
-  echo "RESULT jobs gangway-$MODE label=$label n=$n completed=$ok submit_ms=$((t1-t0)) total_ms=$((t2-t0))"
+  echo "RESULT jobs gangway-$MODE label=$label n=$n completed=$ok submit_ms=$((t1-t0)) total_ms=$((t2-t0)) recorded_ms=$(recorded "$t0")"
 }
 part trivial && run_jobs trivial "$JOBS" "$DIR/trivial.toml"
 part array && run_jobs array "$(( JOBS < 1000 ? JOBS : 1000 ))" "$DIR/trivial.toml" array

@@ -14,6 +14,30 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 cmd=$1; DIR=$2; shift 2
 export SLURM_CONF=$DIR/etc/slurm.conf
 ms() { date +%s%3N; }
+# From the first submission of the jobs numbered above FIRST to the last one's end, as slurmctld
+# logged them (`_slurm_rpc_submit_batch_job: JobId=K`, `_job_complete: JobId=..(K) done` or
+# `JobId=K done`; its log stamps milliseconds): the span gangway-jobs.sh reads from the replicas.
+recorded() {
+  python3 - "$DIR/log/slurmctld.log" "$1" <<'PY' 2>/dev/null || echo "?"
+import re, sys
+from datetime import datetime
+first, subs, ends = int(sys.argv[2]), [], []
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"\[(\S+)\] (_slurm_rpc_submit_batch_job|_job_complete): JobId=(\S+)(.*)", line)
+    if not m:
+        continue
+    at, what, job, rest = m.groups()
+    k = re.search(r"\((\d+)\)$", job) or re.match(r"(\d+)$", job)
+    if not k or int(k.group(1)) <= first:
+        continue
+    t = datetime.fromisoformat(at).timestamp() * 1000
+    if what.startswith("_slurm"):
+        subs.append(t)
+    elif rest.strip() == "done":
+        ends.append(t)
+print(round(max(ends) - min(subs)) if subs and ends else "?")
+PY
+}
 
 case $cmd in
 start)
@@ -41,7 +65,8 @@ start)
   echo "slurm: nodes did not come up; see $DIR/log"; sinfo; exit 1 ;;
 jobs|array)
   label=$1; n=$2; shift 2
-  first=$(squeue -h -t all -o %i | sort -n | tail -1); first=${first:-0}
+  # %A: every array element has a job id of its own (%i would print 12_999 and hide them).
+  first=$(squeue -h -t all -o %A | sort -n | tail -1); first=${first:-0}
   t0=$(ms)
   if [ "$cmd" = array ]; then
     sbatch -Q -o /dev/null -e /dev/null --array="0-$((n-1))" "$@" --wrap true >/dev/null || echo "submit failed"
@@ -52,7 +77,7 @@ jobs|array)
   while [ "$(squeue -h -t PD,R,CG,CF | wc -l)" -gt 0 ]; do sleep 0.2; done
   t2=$(ms)
   ok=$(scontrol show job -o 2>/dev/null | awk -v f="$first" '{ split($1,a,"="); if (a[2]+0>f+0) print }' | grep -c 'JobState=COMPLETED')
-  echo "RESULT jobs slurm label=$label n=$n completed=$ok submit_ms=$((t1-t0)) total_ms=$((t2-t0))" ;;
+  echo "RESULT jobs slurm label=$label n=$n completed=$ok submit_ms=$((t1-t0)) total_ms=$((t2-t0)) recorded_ms=$(recorded "$first")" ;;
 submit)
   P=$1; K=$2; t0=$(ms)
   for p in $(seq 1 "$P"); do ( for k in $(seq 1 "$K"); do sbatch -Q -H -o /dev/null --wrap true >/dev/null || echo "submit failed"; done ) & done; wait

@@ -47,6 +47,12 @@ def ratio(a, b):
         return "-"
 
 
+def recorded(r):
+    """Whether a jobs row carries the span its system recorded (submission accepted -> last end,
+    from the replicas' leader-stamped times or slurmctld's log; runs before it do not)."""
+    return r.get("recorded_ms", "?").isdigit()
+
+
 def main():
     rows = parse(sys.argv[1])
     out = []
@@ -118,10 +124,13 @@ def main():
             if not r:
                 return "skipped"
             bad = "" if r["completed"] == r["n"] else f", {r['completed']}/{r['n']} succeeded"
-            return f"{f(int(r['total_ms']) / 1000, 1)} s (submitting {f(int(r['submit_ms']) / 1000, 1)} s{bad})"
+            rec = f"; {f(int(r['recorded_ms']) / 1000, 2)} s as recorded" if recorded(r) else ""
+            return f"{f(int(r['total_ms']) / 1000, 1)} s (submitting {f(int(r['submit_ms']) / 1000, 1)} s{rec}{bad})"
         g = gt or gi
         gcell = cell(gt) + (f"; TLS off {cell(gi)}" if gt and gi else "") if gt else cell(gi)
         rat = ratio(g["total_ms"], s["total_ms"]) + " time" if g and s else "-"
+        if g and s and recorded(g) and recorded(s):
+            rat += f" ({ratio(g['recorded_ms'], s['recorded_ms'])} as recorded)"
         out.append(f"| {n} {what} (vs Slurm, 8 slurmd) | {gcell} | {cell(s)} | {rat} |")
     for p in ("1", "8"):
         (gt, gi), s = gw("submit", submitters=p), find(rows, "submit", "slurm", submitters=p)

@@ -198,6 +198,9 @@ pub struct JobView {
     pub restarts: u32,
     /// Repairs after infrastructure failures (a device or host lost); never limited.
     pub repairs: u32,
+    /// When it ended, leader-stamped; 0 and null while it has not.
+    pub finished_at_ms: u64,
+    pub finished_at: Option<String>,
 }
 
 impl From<&pb::JobSummary> for JobView {
@@ -222,6 +225,8 @@ impl From<&pb::JobSummary> for JobView {
             reclaims: j.reclaims,
             restarts: j.restarts,
             repairs: j.repairs,
+            finished_at_ms: j.finished_at_ms,
+            finished_at: rfc3339(j.finished_at_ms),
         }
     }
 }
@@ -295,8 +300,6 @@ pub struct JobDetailView {
     pub command: Vec<String>,
     pub required_topology: String,
     pub preferred_topology: String,
-    pub finished_at_ms: u64,
-    pub finished_at: Option<String>,
     pub task_placements: Vec<TaskView>,
     pub last_checkpoint: Option<CheckpointView>,
     /// A migration waiting for its checkpoint, in words; empty when none.
@@ -316,7 +319,9 @@ pub struct JobDetailView {
 
 impl From<&pb::JobDetail> for JobDetailView {
     fn from(d: &pb::JobDetail) -> Self {
-        let summary = d.summary.clone().unwrap_or_default();
+        let mut summary = d.summary.clone().unwrap_or_default();
+        // A replica from before the summary carried it names it in the detail only.
+        summary.finished_at_ms = summary.finished_at_ms.max(d.finished_at_ms);
         Self {
             job: JobView::from(&summary),
             command: d.command.clone(),
@@ -324,8 +329,6 @@ impl From<&pb::JobDetail> for JobDetailView {
             secret_env: d.secret_env.clone(),
             required_topology: d.required_topology.clone(),
             preferred_topology: d.preferred_topology.clone(),
-            finished_at_ms: d.finished_at_ms,
-            finished_at: rfc3339(d.finished_at_ms),
             migration: d.migration.clone(),
             last_hosts: d.last_hosts.clone(),
             runs: run_views(summary.attempts, &d.runs),
@@ -444,8 +447,8 @@ pub fn job_detail_table(v: &JobDetailView, now_ms: u64) -> String {
         ("Devices", j.devices.clone()),
         ("Submitted", when(j.submitted_at_ms, now_ms)),
     ];
-    if v.finished_at_ms != 0 {
-        lines.push(("Finished", when(v.finished_at_ms, now_ms)));
+    if j.finished_at_ms != 0 {
+        lines.push(("Finished", when(j.finished_at_ms, now_ms)));
     }
     if !j.pending_reason.is_empty() {
         lines.push(("Pending", j.pending_reason.clone()));
@@ -880,6 +883,7 @@ mod tests {
             reclaims: 3,
             restarts: 0,
             repairs: 1,
+            finished_at_ms: 0,
         }
     }
 
@@ -907,6 +911,8 @@ mod tests {
             "reclaims",
             "restarts",
             "repairs",
+            "finished_at_ms",
+            "finished_at",
         ];
         want.sort_unstable();
         assert_eq!(keys, want);
@@ -1056,6 +1062,32 @@ mod tests {
         assert_eq!(json["runs"][0]["cause"], "infrastructure");
         assert_eq!(json["runs"][1]["cause"], serde_json::Value::Null);
         assert_eq!(json["restart"]["max_restarts"], 3);
+    }
+
+    #[test]
+    fn a_finished_jobs_end_shows_in_the_listing_and_in_its_status() {
+        let ended = pb::JobSummary {
+            state: pb::JobState::Succeeded.into(),
+            finished_at_ms: 1_700_000_060_000,
+            ..summary()
+        };
+        let listed = serde_json::to_value(JobView::from(&ended)).unwrap();
+        assert_eq!(listed["finished_at_ms"], 1_700_000_060_000u64);
+        assert_eq!(listed["finished_at"], "2023-11-14T22:14:20.000Z");
+        // A replica from before the summary carried the end names it in the detail only.
+        let older = pb::JobDetail {
+            summary: Some(pb::JobSummary {
+                finished_at_ms: 0,
+                ..ended
+            }),
+            finished_at_ms: 1_700_000_060_000,
+            ..Default::default()
+        };
+        let view = JobDetailView::from(&older);
+        let status = serde_json::to_value(&view).unwrap();
+        assert_eq!(status["finished_at"], "2023-11-14T22:14:20.000Z");
+        assert!(job_detail_table(&view, 1_700_000_120_000)
+            .contains("Finished:    2023-11-14T22:14:20.000Z (1m ago)"));
     }
 
     #[test]

@@ -107,6 +107,7 @@ pub fn job_summary(job: &JobRecord) -> pb::JobSummary {
         reclaims: job.reclaims,
         restarts: job.restarts,
         repairs: job.repairs,
+        finished_at_ms: job.finished_at_ms.unwrap_or(0),
     }
 }
 
