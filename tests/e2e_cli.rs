@@ -408,7 +408,7 @@ fn huge_pages_of(silent: &std::net::TcpListener, args: &[&str], env: &[(&str, &s
 }
 
 #[test]
-fn short_commands_go_without_huge_pages_and_the_agent_keeps_them_for_its_tasks() {
+fn short_commands_and_the_agent_go_without_huge_pages() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap().to_string();
     let list = ["jobs", "--insecure", "--timeout", "30s", "--addr", &addr];
@@ -423,7 +423,7 @@ fn short_commands_go_without_huge_pages_and_the_agent_keeps_them_for_its_tasks()
         "MIMALLOC_ALLOW_THP is the operator's choice and wins"
     );
 
-    // The agent keeps the system's setting: its tasks would inherit the flag.
+    // The agent too (its tasks get them back from their shim: e2e_worker's stale-directive story).
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data").display().to_string();
     let checkpoints = dir.path().join("ck").display().to_string();
@@ -447,7 +447,7 @@ fn short_commands_go_without_huge_pages_and_the_agent_keeps_them_for_its_tasks()
     ];
     assert_eq!(
         huge_pages_of(&silent, &agent, &[]),
-        1,
-        "the agent leaves them alone"
+        0,
+        "the agent turns them off for itself"
     );
 }

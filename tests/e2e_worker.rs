@@ -599,7 +599,10 @@ fn marker_task(job: &str, epoch: u64, device: u32, marker: &Path) -> pb::Allocat
         command: vec![
             "sh".into(),
             "-c".into(),
-            format!("echo started >> {}; exec sleep 600", marker.display()),
+            format!(
+                "echo started >> {m}; grep THP_enabled /proc/self/status > {m}.thp; exec sleep 600",
+                m = marker.display()
+            ),
         ],
         ..Default::default()
     }
@@ -647,6 +650,34 @@ async fn a_stale_directive_is_refused_and_says_so() {
         || current.exists(),
     )
     .await;
+    // The agent runs without transparent huge pages; its task has the flag this test's process
+    // (the agent's parent) has: on, unless whoever runs the tests turned them off.
+    let thp = |pid: String| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("THP_enabled:"))
+            .map(str::to_owned)
+    };
+    let thp_file = dir.path().join("current.marker.thp");
+    wait_until(
+        Duration::from_secs(10),
+        "the task's THP line",
+        || w.agent_log(),
+        || std::fs::read_to_string(&thp_file).is_ok_and(|s| s.ends_with('\n')),
+    )
+    .await;
+    let own = thp("self".into()).expect("this kernel shows THP_enabled");
+    assert_eq!(
+        thp(w.pid().expect("agent").to_string()).as_deref(),
+        Some("THP_enabled:\t0"),
+        "the agent's"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&thp_file).unwrap().trim_end(),
+        own,
+        "the task's, as the agent's parent's"
+    );
 
     // Phase 2: a directive for the same device under the older epoch 3 is refused, and logged.
     tx.send(pb::AllocationSet {

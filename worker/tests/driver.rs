@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use gangway_worker::driver::{
-    boottime_ms, shim_main, DriverConfig, DriverError, ExitOutcome, ExitReason, LaunchSpec,
-    ProcessRecord, TaskDriver, TaskHandle, TaskKey,
+    boottime_ms, shim_main, task_huge_pages, DriverConfig, DriverError, ExitOutcome, ExitReason,
+    LaunchSpec, ProcessRecord, TaskDriver, TaskHandle, TaskKey,
 };
 
 type CaseResult = Result<(), String>;
@@ -83,6 +83,12 @@ fn main() {
             "a task runs as the user it was given and cannot write the lease file or the agent's \
              state, signal another job's task or open its files (root only)",
             || Box::pin(isolation::tasks_are_isolated_from_the_agent_and_each_other()),
+        ),
+        (
+            "a_task_gets_back_the_huge_pages_its_agent_gave_up",
+            "the agent runs without transparent huge pages; a task must get the setting the agent \
+             found (and never see the variable that carries it), not the agent's choice",
+            || Box::pin(a_task_gets_back_the_huge_pages_its_agent_gave_up()),
         ),
         (
             "failed_to_start_names_program",
@@ -291,6 +297,44 @@ async fn env_workdir_log_and_exit_code() -> CaseResult {
         "epochs out of order:\n{log}"
     );
     Ok(())
+}
+
+/// As the agent: huge pages off for this process (and, inherited, for the shims and their fork
+/// server), `GANGWAY_TASK_HUGE_PAGES=on` in the shim's environment (the agent's, in production).
+async fn a_task_gets_back_the_huge_pages_its_agent_gave_up() -> CaseResult {
+    let thp_disable = |on: u64| {
+        // SAFETY: PR_SET_THP_DISABLE takes integer arguments only.
+        match unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, on, 0, 0, 0) } {
+            0 => Ok(()),
+            _ => Err(format!("prctl: {}", std::io::Error::last_os_error())),
+        }
+    };
+    thp_disable(1)?;
+    let result = async {
+        let fx = Fixture::new(Duration::from_secs(1))?;
+        let script =
+            "grep THP_enabled /proc/self/status; echo \"var=${GANGWAY_TASK_HUGE_PAGES-unset}\"";
+        let mut asked = sh_spec("thp-back", 1, script);
+        let var = task_huge_pages::VAR.to_str().map_err(|e| e.to_string())?;
+        let on = task_huge_pages::ON.to_str().map_err(|e| e.to_string())?;
+        asked.env.insert(var.into(), on.into());
+        for (spec, want) in [
+            (asked, "THP_enabled:\t1\nvar=unset"),
+            (sh_spec("thp-kept", 1, script), "THP_enabled:\t0\nvar=unset"),
+        ] {
+            let job = spec.key.job.clone();
+            let handle = fx.driver.launch(spec).await.map_err(|e| e.to_string())?;
+            let outcome = wait_within(&handle, LONG).await?;
+            ensure!(outcome.success(), "{job}: {outcome:?}");
+            let log =
+                std::fs::read_to_string(fx.driver.log_path(&job, 0)).map_err(|e| e.to_string())?;
+            ensure!(log.contains(want), "{job}: want {want:?} in\n{log}");
+        }
+        Ok(())
+    }
+    .await;
+    thp_disable(0)?;
+    result
 }
 
 async fn checkpoint_signal_reaches_task() -> CaseResult {

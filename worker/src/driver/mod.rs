@@ -40,6 +40,7 @@ mod signals;
 mod spec;
 mod task_driver;
 mod task_handle;
+pub mod task_huge_pages;
 
 pub use config::{shim_command_for, DriverConfig, SHIM_BINARY};
 pub use error::DriverError;

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use super::child_exit::ChildExit;
 use super::lease::{boottime_ms, read_deadline};
 use super::signals::{signal_group, signal_name, survive_group_signals};
-use super::{exit_file, DriverError, ExitOutcome, ExitReason, TaskIdentity};
+use super::{exit_file, task_huge_pages, DriverError, ExitOutcome, ExitReason, TaskIdentity};
 
 /// How often the shim re-reads the lease file.
 const LEASE_POLL: Duration = Duration::from_millis(100);
@@ -200,6 +200,7 @@ pub fn run_shim(args: ShimArgs) -> i32 {
             ),
         );
     }
+    task_huge_pages::restore_for_task();
     let mut child = match start_task(&args, &program) {
         Ok(child) => child,
         Err(why) => {
@@ -257,6 +258,7 @@ pub fn run_shim(args: ShimArgs) -> i32 {
 fn start_task(args: &ShimArgs, program: &str) -> Result<Child, String> {
     let mut command = Command::new(program);
     command.args(&args.command[1..]);
+    command.env_remove(task_huge_pages::var_name());
     if let Some(dir) = &args.workdir {
         if !dir.is_dir() {
             return Err(format!(
