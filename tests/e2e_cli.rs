@@ -394,17 +394,14 @@ fn huge_pages_of(silent: &std::net::TcpListener, args: &[&str], env: &[(&str, &s
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+    let thp = thp_enabled(&child.id().to_string());
     let _ = child.kill();
     let _ = child.wait();
     assert!(
         connection.is_some(),
         "gangway {args:?} did not connect within 10 s"
     );
-    let status = status.expect("the process's status");
-    let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
-    line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or_else(|| panic!("no THP_enabled in {status}"))
+    thp.unwrap_or_else(|| panic!("no THP_enabled for gangway {args:?}"))
 }
 
 #[test]

@@ -652,13 +652,6 @@ async fn a_stale_directive_is_refused_and_says_so() {
     .await;
     // The agent runs without transparent huge pages; its task has the flag this test's process
     // (the agent's parent) has: on, unless whoever runs the tests turned them off.
-    let thp = |pid: String| {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("THP_enabled:"))
-            .map(str::to_owned)
-    };
     let thp_file = dir.path().join("current.marker.thp");
     wait_until(
         Duration::from_secs(10),
@@ -667,15 +660,15 @@ async fn a_stale_directive_is_refused_and_says_so() {
         || std::fs::read_to_string(&thp_file).is_ok_and(|s| s.ends_with('\n')),
     )
     .await;
-    let own = thp("self".into()).expect("this kernel shows THP_enabled");
+    let own = thp_enabled("self").expect("this kernel shows THP_enabled");
     assert_eq!(
-        thp(w.pid().expect("agent").to_string()).as_deref(),
-        Some("THP_enabled:\t0"),
+        thp_enabled(&w.pid().expect("agent").to_string()),
+        Some(0),
         "the agent's"
     );
     assert_eq!(
-        std::fs::read_to_string(&thp_file).unwrap().trim_end(),
-        own,
+        thp_value(&std::fs::read_to_string(&thp_file).unwrap()),
+        Some(own),
         "the task's, as the agent's parent's"
     );
 

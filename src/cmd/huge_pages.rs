@@ -102,7 +102,7 @@ pub fn disable() -> std::io::Result<()> {
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod early {
-    use super::{at_start, disable, for_command, is_off, ALLOW_THP};
+    use super::{at_start, disable, for_command, is_off, HugePages, ALLOW_THP};
     use gangway_worker::driver::task_huge_pages;
     use std::ffi::{c_char, c_int, CStr};
 
@@ -129,8 +129,11 @@ mod early {
         // SAFETY: getenv reads the environment glibc set up before any constructor and
         // allocates nothing.
         let operator_chose = !unsafe { libc::getenv(ALLOW_THP.as_ptr()) }.is_null();
+        // Only the agent's rule reads the inherited flag: other commands start with no extra call.
         // A kernel that cannot say is taken as off: the tasks then get nothing turned on.
-        let todo = at_start(for_command(name), operator_chose, is_off().unwrap_or(true));
+        let rule = for_command(name);
+        let already_off = rule == HugePages::OffExceptTasks && is_off().unwrap_or(true);
+        let todo = at_start(rule, operator_chose, already_off);
         // SAFETY: setenv copies both NUL-terminated strings (with glibc's allocator, not the
         // Rust heap's) and unsetenv reads one; no other thread exists yet to read the
         // environment meanwhile.

@@ -18,6 +18,20 @@ use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_gangway");
 
+/// The `THP_enabled` value of a `/proc/<pid>/status` text (or any text with that line): 0 when the
+/// process turned transparent huge pages off (`PR_SET_THP_DISABLE`), 1 otherwise.
+pub fn thp_value(status: &str) -> Option<u32> {
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))?;
+    line.trim().parse().ok()
+}
+
+/// [`thp_value`] of a running process (`pid` may be `self`); `None` once it is gone.
+pub fn thp_enabled(pid: &str) -> Option<u32> {
+    thp_value(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
 /// Ports the OS says are free now (bound and released).
 pub fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..n)
