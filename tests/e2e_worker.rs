@@ -53,6 +53,18 @@ fn state_of(d: &pb::JobDetail) -> (&str, u64, Vec<String>) {
     )
 }
 
+/// Waits until job `id` has succeeded; `logs` on timeout.
+async fn wait_succeeded(addrs: &[String], id: &str, logs: impl Fn() -> String) {
+    poll(Duration::from_secs(20), "the job's success", logs, || {
+        let (addrs, id) = (addrs.to_vec(), id.to_owned());
+        async move {
+            let d = job(&addrs, &id).await?;
+            (state_of(&d).0 == "succeeded").then_some(())
+        }
+    })
+    .await;
+}
+
 fn four_workers(cluster: &TestCluster) -> Vec<Worker> {
     [("w1", "r1"), ("w2", "r1"), ("w3", "r2"), ("w4", "r2")]
         .into_iter()
@@ -404,19 +416,7 @@ async fn a_task_that_ends_while_its_agent_is_down_is_reported_when_it_returns() 
 
     // Back within the node's TTL: the end comes from the exit file, the job succeeds.
     w.start();
-    poll(
-        Duration::from_secs(20),
-        "the job's success",
-        || w.agent_log(),
-        || {
-            let (addrs, id) = (addrs.clone(), id.clone());
-            async move {
-                let d = job(&addrs, &id).await?;
-                (state_of(&d).0 == "succeeded").then_some(())
-            }
-        },
-    )
-    .await;
+    wait_succeeded(&addrs, &id, || w.agent_log()).await;
     assert!(
         w.agent_log()
             .contains("task ended while the agent was away"),
@@ -426,6 +426,35 @@ async fn a_task_that_ends_while_its_agent_is_down_is_reported_when_it_returns() 
     let log = w.task_log(&id, 0);
     let starts = log.lines().filter(|l| *l == "started").count();
     assert_eq!(starts, 1, "the task ran once: {log}");
+}
+
+/// Checkpoint storage is shared by every host and nothing sweeps it: a job whose spec has no
+/// `[checkpoint]` section is never asked to checkpoint, so its task gets no directory there, nor
+/// the variable that would name one; a job that can checkpoint gets both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_job_that_can_checkpoint_gets_a_directory_on_the_checkpoint_storage() {
+    let (cluster, addrs, w) = host("solo", |_| {}).await;
+    let script = r#"echo "ckdir=${GANGWAY_CHECKPOINT_DIR-unset}""#;
+    let mut ids = Vec::new();
+    for (name, extra) in [("plain", ""), ("ready", "[checkpoint]\n")] {
+        let spec = sh_job(name, script, extra);
+        ids.push(submit(&addrs[0], &spec, name).await.expect("submit").job_id);
+    }
+    for id in &ids {
+        let logs = || format!("{}\n--- worker ---\n{}", cluster.logs(), w.agent_log());
+        wait_succeeded(&addrs, id, logs).await;
+    }
+    let (plain, ready) = (&ids[0], &ids[1]);
+    let log = w.task_log(plain, 0);
+    assert!(log.contains("ckdir=unset"), "{log}");
+    assert!(
+        !w.checkpoints.join(plain).exists(),
+        "no directory for a job that cannot checkpoint"
+    );
+    let dir = w.checkpoints.join(ready);
+    let log = w.task_log(ready, 0);
+    assert!(log.contains(&format!("ckdir={}", dir.display())), "{log}");
+    assert!(dir.is_dir(), "{} was not made", dir.display());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,8 @@ pub struct WorkerProcess {
     rack: String,
     port: u16,
     pub data: PathBuf,
-    checkpoints: PathBuf,
+    /// `--checkpoint-dir`: `dir/checkpoints`, shared by every worker of the test.
+    pub checkpoints: PathBuf,
     pub log: PathBuf,
     servers: Vec<String>,
     /// `--fake-devices` (default `8xH100`).

@@ -154,6 +154,8 @@ async fn tasks_run_as_a_user_of_their_own_that_cannot_touch_the_agents_files() {
         w.data.join("lease-deadline").display(),
         w.data.join("agent-state.1").display()
     );
+    // A job that can checkpoint: only such a job gets a checkpoint directory.
+    let env = format!("{env}[checkpoint]\n");
     let id = submit(&addrs[0], &sh_job("probe", PROBES, &env), "probe")
         .await
         .expect("submit")

@@ -924,7 +924,9 @@ impl Agent {
     ) -> Option<TaskHandle> {
         let env = task_env::task_env(&alloc, &self.inventory, &self.cfg.checkpoint_dir);
         let ckdir = task_env::checkpoint_dir(&self.cfg.checkpoint_dir, &alloc.job_id);
-        isolation::hand_over_checkpoint_dir(&ckdir, identity.as_ref());
+        if task_env::has_checkpoint_dir(&alloc) {
+            isolation::hand_over_checkpoint_dir(&ckdir, identity.as_ref());
+        }
         // The shim stops the task this long before the lease deadline. A quarter of the lease
         // keeps a task from being fenced at birth when the stop grace is longer than the lease.
         let lease_ttl = Duration::from_millis(self.lease_ttl_ms.load(Ordering::Relaxed));

@@ -11,6 +11,14 @@ pub fn checkpoint_dir(root: &Path, job: &str) -> std::path::PathBuf {
     root.join(job)
 }
 
+/// Whether the task gets a checkpoint directory: its job can checkpoint (its spec has a
+/// `[checkpoint]` section, which the lease carries as the signal) or resumes from a checkpoint.
+/// Any other job is never asked to checkpoint, so a directory made for it would only leave one
+/// empty directory per job on the shared storage, and cost a launch a `mkdir` there.
+pub fn has_checkpoint_dir(alloc: &pb::Allocation) -> bool {
+    !alloc.checkpoint_signal.is_empty() || !alloc.restore_from.is_empty()
+}
+
 /// Variables set for every task; the spec's own `env` comes first, so these win over it.
 pub fn task_env(
     alloc: &pb::Allocation,
@@ -41,12 +49,14 @@ pub fn task_env(
         set("RANK", alloc.task.to_string());
         set("WORLD_SIZE", alloc.task_count.to_string());
     }
-    set(
-        "GANGWAY_CHECKPOINT_DIR",
-        checkpoint_dir(checkpoint_root, &alloc.job_id)
-            .display()
-            .to_string(),
-    );
+    if has_checkpoint_dir(alloc) {
+        set(
+            "GANGWAY_CHECKPOINT_DIR",
+            checkpoint_dir(checkpoint_root, &alloc.job_id)
+                .display()
+                .to_string(),
+        );
+    }
     if !alloc.restore_from.is_empty() {
         set("GANGWAY_RESTORE_FROM", alloc.restore_from.clone());
     }
@@ -149,5 +159,41 @@ mod tests {
 
         let env = task_env(&alloc(&[]), &gpus, Path::new("/ck"));
         assert_eq!(env["CUDA_VISIBLE_DEVICES"], "", "a CPU task sees no GPU");
+    }
+
+    #[test]
+    fn only_a_job_that_checkpoints_or_resumes_gets_a_checkpoint_directory() {
+        let gpus = FakeBackend::parse("1xH100", "h1")
+            .unwrap()
+            .inventory()
+            .unwrap();
+        let dir_of = |signal: &str, restore: &str| {
+            let a = pb::Allocation {
+                checkpoint_signal: signal.into(),
+                restore_from: restore.into(),
+                ..alloc(&[(0, "GPU-a", 1000)])
+            };
+            (
+                has_checkpoint_dir(&a),
+                task_env(&a, &gpus, Path::new("/ck"))
+                    .get("GANGWAY_CHECKPOINT_DIR")
+                    .cloned(),
+            )
+        };
+        let dir = Some("/ck/train-4".to_owned());
+        // (signal: the spec's [checkpoint], restore point) -> (a directory, its variable)
+        let table = [
+            (("SIGUSR1", ""), (true, dir.clone())),
+            (("SIGUSR1", "/ck/train-4/step-40"), (true, dir.clone())),
+            (("", "/ck/train-4/step-40"), (true, dir)),
+            (("", ""), (false, None)),
+        ];
+        for ((signal, restore), want) in table {
+            assert_eq!(
+                dir_of(signal, restore),
+                want,
+                "signal {signal:?}, restore {restore:?}"
+            );
+        }
     }
 }
