@@ -53,9 +53,9 @@ fn state_of(d: &pb::JobDetail) -> (&str, u64, Vec<String>) {
     )
 }
 
-/// Waits until job `id` has succeeded; `logs` on timeout.
-async fn wait_succeeded(addrs: &[String], id: &str, logs: impl Fn() -> String) {
-    poll(Duration::from_secs(20), "the job's success", logs, || {
+/// Waits up to `within` until job `id` has succeeded; `logs` on timeout.
+async fn wait_succeeded(addrs: &[String], id: &str, within: Duration, logs: impl Fn() -> String) {
+    poll(within, "the job's success", logs, || {
         let (addrs, id) = (addrs.to_vec(), id.to_owned());
         async move {
             let d = job(&addrs, &id).await?;
@@ -416,7 +416,7 @@ async fn a_task_that_ends_while_its_agent_is_down_is_reported_when_it_returns() 
 
     // Back within the node's TTL: the end comes from the exit file, the job succeeds.
     w.start();
-    wait_succeeded(&addrs, &id, || w.agent_log()).await;
+    wait_succeeded(&addrs, &id, Duration::from_secs(20), || w.agent_log()).await;
     assert!(
         w.agent_log()
             .contains("task ended while the agent was away"),
@@ -442,7 +442,7 @@ async fn only_a_job_that_can_checkpoint_gets_a_directory_on_the_checkpoint_stora
     }
     for id in &ids {
         let logs = || format!("{}\n--- worker ---\n{}", cluster.logs(), w.agent_log());
-        wait_succeeded(&addrs, id, logs).await;
+        wait_succeeded(&addrs, id, Duration::from_secs(20), logs).await;
     }
     let (plain, ready) = (&ids[0], &ids[1]);
     let log = w.task_log(plain, 0);

@@ -160,21 +160,7 @@ async fn tasks_run_as_a_user_of_their_own_that_cannot_touch_the_agents_files() {
         .await
         .expect("submit")
         .job_id;
-    poll(
-        Duration::from_secs(30),
-        "the probe job to finish",
-        logs,
-        || {
-            let addrs = addrs.clone();
-            let id = id.clone();
-            async move {
-                let d = job(&addrs, &id).await?;
-                let s = d.summary?;
-                (s.state() == pb::JobState::Succeeded).then_some(())
-            }
-        },
-    )
-    .await;
+    wait_succeeded(&addrs, &id, Duration::from_secs(30), logs).await;
     let log = w.task_log(&id, 0);
     let uid: u32 = log
         .lines()

@@ -923,9 +923,9 @@ impl Agent {
         identity: Option<crate::driver::TaskIdentity>,
     ) -> Option<TaskHandle> {
         let env = task_env::task_env(&alloc, &self.inventory, &self.cfg.checkpoint_dir);
-        let ckdir = task_env::checkpoint_dir(&self.cfg.checkpoint_dir, &alloc.job_id);
-        if task_env::has_checkpoint_dir(&alloc) {
-            isolation::hand_over_checkpoint_dir(&ckdir, identity.as_ref());
+        let ckdir = task_env::task_checkpoint_dir(&self.cfg.checkpoint_dir, &alloc);
+        if let Some(dir) = &ckdir {
+            isolation::hand_over_checkpoint_dir(dir, identity.as_ref());
         }
         // The shim stops the task this long before the lease deadline. A quarter of the lease
         // keeps a task from being fenced at birth when the stop grace is longer than the lease.
@@ -964,7 +964,7 @@ impl Agent {
                 // yet. Rank 0 says so, or a migration waiting for one of them would wait
                 // forever.
                 if key.task == 0 && alloc.checkpoint_request > alloc.checkpoint_request_at_grant {
-                    let result = match checkpoint::read_manifest(&ckdir) {
+                    let result = match ckdir.as_deref().and_then(checkpoint::read_manifest) {
                         Some(m) => Ok((m.path, m.step, m.bytes)),
                         None => Err(
                             "no checkpoint yet: the task had not started under this lease"

@@ -11,12 +11,13 @@ pub fn checkpoint_dir(root: &Path, job: &str) -> std::path::PathBuf {
     root.join(job)
 }
 
-/// Whether the task gets a checkpoint directory: its job can checkpoint (its spec has a
-/// `[checkpoint]` section, which the lease carries as the signal) or resumes from a checkpoint.
-/// Any other job is never asked to checkpoint, so a directory made for it would only leave one
-/// empty directory per job on the shared storage, and cost a launch a `mkdir` there.
-pub fn has_checkpoint_dir(alloc: &pb::Allocation) -> bool {
-    !alloc.checkpoint_signal.is_empty() || !alloc.restore_from.is_empty()
+/// The task's checkpoint directory under `root`, if it gets one: its job can checkpoint (its
+/// spec has a `[checkpoint]` section, which the lease carries as the signal) or resumes from a
+/// checkpoint. Any other job is never asked to checkpoint, so a directory made for it would only
+/// leave one empty directory per job on the shared storage, and cost a launch a `mkdir` there.
+pub fn task_checkpoint_dir(root: &Path, alloc: &pb::Allocation) -> Option<std::path::PathBuf> {
+    let checkpoints = !alloc.checkpoint_signal.is_empty() || !alloc.restore_from.is_empty();
+    checkpoints.then(|| checkpoint_dir(root, &alloc.job_id))
 }
 
 /// Variables set for every task; the spec's own `env` comes first, so these win over it.
@@ -49,13 +50,8 @@ pub fn task_env(
         set("RANK", alloc.task.to_string());
         set("WORLD_SIZE", alloc.task_count.to_string());
     }
-    if has_checkpoint_dir(alloc) {
-        set(
-            "GANGWAY_CHECKPOINT_DIR",
-            checkpoint_dir(checkpoint_root, &alloc.job_id)
-                .display()
-                .to_string(),
-        );
+    if let Some(dir) = task_checkpoint_dir(checkpoint_root, alloc) {
+        set("GANGWAY_CHECKPOINT_DIR", dir.display().to_string());
     }
     if !alloc.restore_from.is_empty() {
         set("GANGWAY_RESTORE_FROM", alloc.restore_from.clone());
@@ -174,7 +170,7 @@ mod tests {
                 ..alloc(&[(0, "GPU-a", 1000)])
             };
             (
-                has_checkpoint_dir(&a),
+                task_checkpoint_dir(Path::new("/ck"), &a).is_some(),
                 task_env(&a, &gpus, Path::new("/ck"))
                     .get("GANGWAY_CHECKPOINT_DIR")
                     .cloned(),
