@@ -11,6 +11,7 @@
 mod app;
 mod codec;
 mod config;
+mod core_thread;
 mod error;
 pub mod fuzz;
 mod grpc_service;

@@ -11,6 +11,9 @@
 #   gang:    PEERS_GANGS (100) x a gang of 2 tasks x 8 GPUs running `true`, the same way
 #   submit:  1 and 8 parallel submitters, PEERS_SUBMITS (400) jobs each time, of a job no host can
 #            place (16 devices per task on 8-GPU hosts: it stays pending, as Slurm's held jobs do)
+#   drill:   not in the default: PEERS_DRILLS (6) x `gangway drill partition-leader --for 4s` (the
+#            leader cut off from the others, not killed), each drill's time to a new leader and to
+#            the first placement after the fault (the replicas run with allow_drills = true)
 # PEERS_PARTS (default "trivial array gang submit") runs some of them only.
 # Configuration: the production defaults (deploy/config/gangway-server.toml) except ports, data
 # directories, and the per-client submit rate limit (200/s by default, for every client on one
@@ -18,7 +21,7 @@
 # tls: mutual TLS on every link as in production (`gangway tls init/issue`); insecure: plain TCP.
 set -uo pipefail
 GW=$1; DIR=$2; MODE=${3:-tls}
-JOBS=${PEERS_JOBS:-1000}; GANGS=${PEERS_GANGS:-100}; SUBMITS=${PEERS_SUBMITS:-400}
+JOBS=${PEERS_JOBS:-1000}; GANGS=${PEERS_GANGS:-100}; SUBMITS=${PEERS_SUBMITS:-400}; DRILLS=${PEERS_DRILLS:-6}
 PARTS=" ${PEERS_PARTS:-trivial array gang submit} "
 part() { [[ $PARTS == *" $1 "* ]]; }
 ms() { date +%s%3N; }
@@ -49,6 +52,7 @@ for i in 1 2 3; do
     echo "http = \"127.0.0.1:1520$i\""
     echo "data_dir = \"$DIR/replica-$i\""
     echo "initial_cluster = \"$CLUSTER\""
+    part drill && echo "allow_drills = true"
     echo "[clients]"
     echo "submit_per_second = 1000000"
     echo "submit_burst = 1000000"
@@ -152,4 +156,20 @@ part submit && for P in 1 8; do
   wait "${subs[@]}"
   t1=$(ms); n=$(( P * K ))
   echo "RESULT submit gangway-$MODE submitters=$P n=$n ms=$((t1-t0)) rate=$(( n*1000/(t1-t0) ))"
+done
+
+part drill && for d in $(seq 1 "$DRILLS"); do
+  "$GW" drill partition-leader --for 4s -o json > "$DIR/drill-$d.json" 2> "$DIR/drill-$d.err"
+  rc=$?
+  python3 - "$DIR/drill-$d.json" "$d" "$MODE" "$rc" <<'P'
+import json, sys
+path, d, mode, rc = sys.argv[1:]
+try:
+    r = json.load(open(path))
+except (OSError, ValueError):
+    r = {}
+print(f"RESULT drill gangway-{mode} n={d} rc={rc} new_leader_ms={r.get('time_to_new_leader_ms', '?')} "
+      f"first_placement_ms={r.get('time_to_first_placement_ms', '?')} passed={str(r.get('passed', '?')).lower()}")
+P
+  sleep 3
 done

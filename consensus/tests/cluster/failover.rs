@@ -135,3 +135,112 @@ async fn a_dead_leaders_process_is_replaced_before_any_election_timeout() {
     check_history(&states, &BTreeSet::from([0, 1]));
     c.shutdown().await;
 }
+
+/// The application's runtime, on a thread of its own, that the test can block as a long
+/// computation or a blocking call on it would.
+struct AppRuntime {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl AppRuntime {
+    fn start() -> AppRuntime {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let _ = rt.block_on(stopped);
+        });
+        AppRuntime {
+            handle,
+            _stop: stop,
+        }
+    }
+
+    /// Block its one thread for `d`.
+    fn block_for(&self, d: Duration) {
+        self.handle.spawn(async move { std::thread::sleep(d) });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_application_runtime_is_blocked_keeps_leading() {
+    let _g = serial().await;
+    let mut c = Cluster::start(3, 0, 11, Timing::default()).await;
+    // Replica 1 again, started from an application runtime the test can block: its Raft server
+    // and its callers live there, its consensus layer on a thread of its own.
+    let app = AppRuntime::start();
+    c.kill(1).await;
+    c.start_node_on(1, &app.handle).await;
+    let l = c.leader().await;
+    if l != 1 {
+        c.node(l).transfer_leader(1).await.expect("transfer to 1");
+    }
+    assert_eq!(c.leader().await, 1);
+    c.write_ok("b", 0).await;
+    let term = c.node(1).metrics().term;
+
+    // Blocked for four times the longest election timeout: were the leader's heartbeats on that
+    // runtime, the followers would have elected another leader long before it ends.
+    let blocked = c.timing.election_max * 4;
+    app.block_for(blocked);
+    tokio::time::sleep(blocked - c.timing.election_min).await;
+    assert!(
+        c.node(1).is_confirmed_leader(c.timing.election_min),
+        "a quorum acknowledged the leader while its application's runtime was blocked"
+    );
+    tokio::time::sleep(c.timing.election_min * 2).await;
+    for id in c.live() {
+        let m = c.node(id).metrics();
+        assert_eq!(
+            (m.term, m.leader),
+            (term, Some(1)),
+            "replica {id} kept the leader and its term"
+        );
+    }
+    c.write_ok("b", 1).await;
+    c.shutdown().await;
+    drop(app);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_state_is_held_by_a_long_reader_keeps_leading() {
+    let _g = serial().await;
+    let c = Cluster::start(3, 0, 12, Timing::default()).await;
+    let l = c.leader().await;
+    c.write_ok("r", 0).await;
+    let term = c.node(l).metrics().term;
+
+    // A reader holds the leader's state for four times the longest election timeout (a slow
+    // status page, a large copy), while a write waits to be applied behind it.
+    let held = c.timing.election_max * 4;
+    let leader = c.node(l).clone();
+    let reader = std::thread::spawn(move || leader.read_local(|_| std::thread::sleep(held)));
+    tokio::time::sleep(c.timing.election_min / 5).await;
+    let leader = c.node(l).clone();
+    let write = tokio::spawn(async move { leader.write(append("r", 1)).await });
+
+    tokio::time::sleep(held - c.timing.election_min).await;
+    assert!(!write.is_finished(), "the write waits for the reader");
+    assert!(
+        c.node(l).is_confirmed_leader(c.timing.election_min),
+        "a quorum acknowledged the leader while its state was held"
+    );
+    reader.join().unwrap();
+    write
+        .await
+        .unwrap()
+        .expect("the write applies once the reader lets go");
+    for id in c.live() {
+        let m = c.node(id).metrics();
+        assert_eq!(
+            (m.term, m.leader),
+            (term, Some(l)),
+            "replica {id} kept the leader"
+        );
+    }
+    c.shutdown().await;
+}
