@@ -632,6 +632,8 @@ async fn run(sys: System, dir: &Path) {
 
 /// One Gangway replica until killed.
 async fn serve(args: &[String]) {
+    // Warnings (or GANGWAY_LOG) into the member's log.
+    common::init_tracing();
     let id: u64 = args[0].parse().expect("id");
     let dir = PathBuf::from(&args[1]);
     let peers: BTreeMap<u64, String> = args[2]

@@ -40,8 +40,7 @@ pub trait StateMachine: Send + Sync + 'static {
     /// are applied, e.g. "allocation changed for node X".
     type Event: Clone + Send + Sync + std::fmt::Debug + 'static;
 
-    /// Apply one committed command. Push any watcher events into `events`. Runs on the replica's
-    /// consensus thread, which also carries its heartbeats: keep it quick.
+    /// Apply one committed command. Push any watcher events into `events`.
     fn apply(
         &mut self,
         ctx: &ApplyContext,

@@ -26,7 +26,6 @@ use crate::app::StateMachine;
 use crate::codec;
 use crate::config::LogStorage;
 use crate::config::ReplicaConfig;
-use crate::core_thread::CoreThread;
 use crate::error::ConsensusError;
 use crate::error::Result;
 use crate::grpc_service::RaftGrpcService;
@@ -68,9 +67,6 @@ struct Inner<S: StateMachine> {
     servers: Mutex<Vec<JoinHandle<()>>>,
     leader_contact: crate::grpc_service::LeaderContact,
     loss: LeaderLoss,
-    /// Where openraft's tasks, the leader-loss watcher and the replica's connections run; the
-    /// last field, so that it stops after the rest of the replica is dropped.
-    core: CoreThread,
 }
 
 /// A running replica. Cheap to clone; all clones drive the same replica.
@@ -94,10 +90,6 @@ impl<S: StateMachine> ReplicaHandle<S> {
     /// Start a replica: open (or create) its data directory, recover vote, log, committed index,
     /// snapshot and state machine from it, and start Raft. `app` is the empty state; it is replaced
     /// from the on-disk snapshot when there is one.
-    ///
-    /// openraft's tasks, the replica's outgoing connections and its leader-loss watcher run on a
-    /// thread and single-threaded runtime of its own (`core_thread.rs`), ended by
-    /// [`Self::shutdown`] or by dropping the last handle.
     ///
     /// The replica does not serve its gRPC endpoint by itself: mount [`Self::grpc_service`] on your
     /// server, or call [`Self::serve`]. A brand-new cluster also needs [`Self::initialize`] once.
@@ -127,9 +119,6 @@ impl<S: StateMachine> ReplicaHandle<S> {
         let state = sm.state.clone();
         let applied = sm.applied_watch();
 
-        // openraft spawns its tasks where `Raft::new` runs: on the consensus thread.
-        let core = CoreThread::start(config.node_id)?;
-        let transport = transport.on_runtime(core.handle().clone());
         let network = NetworkFactory {
             self_id: config.node_id,
             transport: transport.clone(),
@@ -137,19 +126,12 @@ impl<S: StateMachine> ReplicaHandle<S> {
             chunk_bytes: config.snapshot_chunk_bytes,
             replication: config.replication,
         };
-        let raft = core
-            .run(openraft::Raft::new(
-                config.node_id,
-                raft_config,
-                network,
-                log_store,
-                sm,
-            ))
-            .await?
+        let raft = openraft::Raft::new(config.node_id, raft_config, network, log_store, sm)
+            .await
             .map_err(|e| write_path::fatal(&health, &e))?;
         let (stop, _) = watch::channel(false);
         let loss = LeaderLoss::new(config.leader_loss_detection);
-        let watcher = core.handle().spawn(
+        let watcher = tokio::spawn(
             Watcher {
                 raft: raft.clone(),
                 transport: transport.clone(),
@@ -174,7 +156,6 @@ impl<S: StateMachine> ReplicaHandle<S> {
                 servers: Mutex::new(vec![watcher]),
                 leader_contact: Arc::default(),
                 loss,
-                core,
             }),
         })
     }
@@ -674,7 +655,6 @@ impl<S: StateMachine> ReplicaHandle<S> {
         for t in tasks {
             let _ = t.await;
         }
-        self.inner.core.stop().await;
         res.map_err(|e| ConsensusError::Fatal(format!("raft core did not stop cleanly: {e}")))
     }
 }

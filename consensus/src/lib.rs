@@ -11,7 +11,6 @@
 mod app;
 mod codec;
 mod config;
-mod core_thread;
 mod error;
 pub mod fuzz;
 mod grpc_service;

@@ -11,10 +11,9 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::RwLock;
-use std::sync::TryLockError;
 
 use futures::Stream;
-use futures::TryStreamExt;
+use futures::StreamExt;
 use openraft::storage::EntryResponder;
 use openraft::storage::RaftStateMachine;
 use openraft::EntryPayload;
@@ -132,82 +131,10 @@ impl<S: StateMachine> StateMachineStore<S> {
     pub(crate) fn applied_watch(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
     }
-}
 
-/// The state for writing, even if a thread panicked holding the lock (every holder leaves it
-/// whole).
-fn write<S>(state: &RwLock<SmState<S>>) -> std::sync::RwLockWriteGuard<'_, SmState<S>> {
-    state.write().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Runs `work` with the state's lock held, on the consensus thread when the lock is free, else
-/// on the blocking pool: that thread carries every replica's heartbeats and must never wait for
-/// the lock, which a snapshot being serialized or a reader may hold for a while.
-async fn with_state<S, R>(
-    state: &Arc<RwLock<SmState<S>>>,
-    health: &StorageHealth,
-    work: impl FnOnce(&mut SmState<S>) -> io::Result<R> + Send + 'static,
-) -> io::Result<R>
-where
-    S: StateMachine,
-    R: Send + 'static,
-{
-    let work = match state.try_write() {
-        Ok(mut g) => return work(&mut g),
-        Err(TryLockError::Poisoned(p)) => return work(&mut p.into_inner()),
-        Err(TryLockError::WouldBlock) => work,
-    };
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || work(&mut write(&state)))
-        .await
-        .map_err(|e| storage_err(health, "state machine task", e))?
-}
-
-/// Applies `batch` in log order, answering each entry's proposer; returns the events to publish.
-fn apply_batch<S: StateMachine>(
-    g: &mut SmState<S>,
-    batch: Vec<EntryResponder<TypeConfig>>,
-) -> io::Result<Vec<StateChange<S::Event>>> {
-    let mut events = Vec::new();
-    for (entry, responder) in batch {
-        let log_id = entry.log_id;
-        let mut resp = LogResponse::default();
-        match entry.payload {
-            EntryPayload::Blank => {}
-            EntryPayload::Membership(m) => {
-                g.membership = StoredMembership::new(Some(log_id), m);
-            }
-            EntryPayload::Normal(cmd) => {
-                let time_ms = g.last_time_ms.max(cmd.stamped_ms);
-                g.last_time_ms = time_ms;
-                let ctx = ApplyContext {
-                    index: log_id.index,
-                    term: log_id.leader_id.term,
-                    time_ms,
-                };
-                match codec::decode::<S::Command>(&cmd.command) {
-                    Ok(command) => {
-                        let mut evs = Vec::new();
-                        let r = g.app.apply(&ctx, command, &mut evs);
-                        resp.response = codec::encode(&r)?;
-                        events.extend(evs.into_iter().map(|event| StateChange::Event {
-                            index: log_id.index,
-                            event,
-                        }));
-                    }
-                    Err(e) => {
-                        tracing::warn!(index = log_id.index, error = %e, "undecodable command skipped");
-                        resp.rejected = Some(format!("undecodable command: {e}"));
-                    }
-                }
-            }
-        }
-        g.last_applied = Some(log_id);
-        if let Some(r) = responder {
-            r.send(resp);
-        }
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, SmState<S>> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
     }
-    Ok(events)
 }
 
 /// Why the on-disk snapshot could not be restored.
@@ -252,37 +179,29 @@ impl<S: StateMachine> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        // Off the consensus thread: a consistent view serialized under the read lock, then the
-        // disk I/O without it.
-        let (state, store, health) = (
-            self.state.clone(),
-            self.snapshots.clone(),
-            self.health.clone(),
-        );
-        let (meta, data) = tokio::task::spawn_blocking(move || {
-            let (meta, data) = {
-                let g = state.read().unwrap_or_else(|p| p.into_inner());
-                let app = g
-                    .app
-                    .snapshot()
-                    .map_err(|e| storage_err(&health, "application snapshot", e))?;
-                let body = codec::encode(&SnapshotBody {
-                    last_time_ms: g.last_time_ms,
-                    app,
-                })?;
-                let meta = SnapshotMeta {
-                    last_log_id: g.last_applied,
-                    last_membership: g.membership.clone(),
-                };
-                (meta, body)
+        // Take a consistent view under the read lock, then do the disk I/O without it.
+        let (meta, data) = {
+            let g = self.state.read().unwrap_or_else(|p| p.into_inner());
+            let app = g
+                .app
+                .snapshot()
+                .map_err(|e| storage_err(&self.health, "application snapshot", e))?;
+            let body = codec::encode(&SnapshotBody {
+                last_time_ms: g.last_time_ms,
+                app,
+            })?;
+            let meta = SnapshotMeta {
+                last_log_id: g.last_applied,
+                last_membership: g.membership.clone(),
             };
-            store
-                .save(&meta, &data)
-                .map_err(|e| storage_err(&health, "save snapshot", e))?;
-            Ok::<_, io::Error>((meta, data))
-        })
-        .await
-        .map_err(|e| storage_err(&self.health, "snapshot build task", e))??;
+            (meta, body)
+        };
+        let store = self.snapshots.clone();
+        let (m2, d2) = (meta.clone(), data.clone());
+        tokio::task::spawn_blocking(move || store.save(&m2, &d2))
+            .await
+            .map_err(|e| storage_err(&self.health, "snapshot save task", e))?
+            .map_err(|e| storage_err(&self.health, "save snapshot", e))?;
         tracing::info!(snapshot = %meta, bytes = data.len(), "snapshot built");
         Ok(Snapshot {
             meta,
@@ -300,20 +219,62 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         Ok((g.last_applied, g.membership.clone()))
     }
 
-    async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), io::Error>
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
-        let batch: Vec<EntryResponder<TypeConfig>> = entries.try_collect().await?;
-        let Some(last_index) = batch.last().map(|(e, _)| e.log_id.index) else {
-            return Ok(());
-        };
-        let events = with_state(&self.state, &self.health, move |g| apply_batch(g, batch)).await?;
+        let mut last_index = None;
+        let mut events = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let log_id = entry.log_id;
+            let mut resp = LogResponse::default();
+            {
+                let mut g = self.write();
+                match entry.payload {
+                    EntryPayload::Blank => {}
+                    EntryPayload::Membership(m) => {
+                        g.membership = StoredMembership::new(Some(log_id), m);
+                    }
+                    EntryPayload::Normal(cmd) => {
+                        let time_ms = g.last_time_ms.max(cmd.stamped_ms);
+                        g.last_time_ms = time_ms;
+                        let ctx = ApplyContext {
+                            index: log_id.index,
+                            term: log_id.leader_id.term,
+                            time_ms,
+                        };
+                        match codec::decode::<S::Command>(&cmd.command) {
+                            Ok(command) => {
+                                let mut evs = Vec::new();
+                                let r = g.app.apply(&ctx, command, &mut evs);
+                                resp.response = codec::encode(&r)?;
+                                events.extend(evs.into_iter().map(|event| StateChange::Event {
+                                    index: log_id.index,
+                                    event,
+                                }));
+                            }
+                            Err(e) => {
+                                tracing::warn!(index = log_id.index, error = %e, "undecodable command skipped");
+                                resp.rejected = Some(format!("undecodable command: {e}"));
+                            }
+                        }
+                    }
+                }
+                g.last_applied = Some(log_id);
+            }
+            last_index = Some(log_id.index);
+            if let Some(r) = responder {
+                r.send(resp);
+            }
+        }
         for ev in events {
             // No receivers is fine: nobody is watching.
             let _ = self.changes.send(ev);
         }
-        self.applied.send_replace(last_index);
+        if let Some(i) = last_index {
+            self.applied.send_replace(i);
+        }
         Ok(())
     }
 
@@ -330,33 +291,25 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
+        let body: SnapshotBody = codec::decode(&snapshot)?;
         // Restore first, persist after: a snapshot that does not restore is never written, so it
         // cannot keep this replica from starting again. A crash between the two restarts from the
         // previous snapshot and the log, as if this one had not arrived; the leader sends it again.
-        // Both off the consensus thread (decoding and restoring a whole state takes a while).
-        let (state, store, health) = (
-            self.state.clone(),
-            self.snapshots.clone(),
-            self.health.clone(),
-        );
-        let m2 = meta.clone();
-        tokio::task::spawn_blocking(move || {
-            let body: SnapshotBody = codec::decode(&snapshot)?;
-            {
-                let mut g = write(&state);
-                g.app
-                    .restore(&body.app)
-                    .map_err(|e| storage_err(&health, "restore application from snapshot", e))?;
-                g.last_applied = m2.last_log_id;
-                g.membership = m2.last_membership.clone();
-                g.last_time_ms = body.last_time_ms;
-            }
-            store
-                .save(&m2, &snapshot)
-                .map_err(|e| storage_err(&health, "save installed snapshot", e))
-        })
-        .await
-        .map_err(|e| storage_err(&self.health, "snapshot install task", e))??;
+        {
+            let mut g = self.write();
+            g.app
+                .restore(&body.app)
+                .map_err(|e| storage_err(&self.health, "restore application from snapshot", e))?;
+            g.last_applied = meta.last_log_id;
+            g.membership = meta.last_membership.clone();
+            g.last_time_ms = body.last_time_ms;
+        }
+        let store = self.snapshots.clone();
+        let (m2, d2) = (meta.clone(), snapshot);
+        tokio::task::spawn_blocking(move || store.save(&m2, &d2))
+            .await
+            .map_err(|e| storage_err(&self.health, "snapshot save task", e))?
+            .map_err(|e| storage_err(&self.health, "save installed snapshot", e))?;
         let index = meta.last_log_id.as_ref().map(|l| l.index).unwrap_or(0);
         let _ = self.changes.send(StateChange::SnapshotInstalled { index });
         self.applied.send_replace(index);

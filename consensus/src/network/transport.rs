@@ -72,9 +72,6 @@ pub struct Transport {
     connector: Arc<dyn Connector>,
     faults: Option<Arc<FaultInjector>>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
-    /// The runtime a new channel's tasks are spawned on (a replica's consensus thread); the
-    /// caller's when `None`.
-    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for Transport {
@@ -90,19 +87,6 @@ impl Transport {
             connector,
             faults: None,
             channels: Arc::new(Mutex::new(HashMap::new())),
-            runtime: None,
-        }
-    }
-
-    /// The same connector and faults, with a cache of its own whose channels run their tasks on
-    /// `runtime`: a replica's, so that its connections live and die with its consensus thread
-    /// (a channel whose tasks ran on a stopped runtime answers nothing).
-    pub(crate) fn on_runtime(&self, runtime: tokio::runtime::Handle) -> Self {
-        Transport {
-            connector: self.connector.clone(),
-            faults: self.faults.clone(),
-            channels: Arc::new(Mutex::new(HashMap::new())),
-            runtime: Some(runtime),
         }
     }
 
@@ -127,8 +111,6 @@ impl Transport {
         let ch = match cache.get(addr) {
             Some(c) => c.clone(),
             None => {
-                // A channel spawns its tasks where it is made.
-                let _on = self.runtime.as_ref().map(|r| r.enter());
                 let c = self.connector.channel(addr).map_err(CallError::NotSent)?;
                 cache.insert(addr.to_string(), c.clone());
                 c

@@ -249,30 +249,6 @@ impl Cluster {
         self.start_with_listener(id, l).await;
     }
 
-    /// (Re)start replica `id` as [`Self::start_node`] does, but from a task on `rt`: its server
-    /// and whatever the replica spawns on its caller's runtime run there (an application's
-    /// runtime that a test can block).
-    pub async fn start_node_on(&mut self, id: NodeId, rt: &tokio::runtime::Handle) {
-        assert!(
-            !self.nodes.contains_key(&id),
-            "replica {id} is already running"
-        );
-        let (addr, cfg) = (self.addrs[&id].clone(), self.config(id));
-        let transport = Transport::tcp().with_faults(self.faults.clone());
-        let h = rt
-            .spawn(async move {
-                let l = bind_addr(&addr).await;
-                let h = ReplicaHandle::start(cfg, Kv::default(), transport)
-                    .await
-                    .expect("start replica");
-                h.serve(l);
-                h
-            })
-            .await
-            .expect("start task");
-        self.nodes.insert(id, h);
-    }
-
     /// Stop replica `id` (Raft and its server); its data directory stays.
     pub async fn kill(&mut self, id: NodeId) {
         let h = self.nodes.remove(&id).expect("replica running");
