@@ -27,7 +27,8 @@
 //! (256), PEERS_KILLS (20), PEERS_ELECTION_MS (400-800), PEERS_HEARTBEAT_MS (100), PEERS_DETECT
 //! (on), PEERS_REPLICATION (`ReplicaConfig::replication`: stream (the default, one request in
 //! flight per follower), stream:N, or calls: one unary AppendEntries call at a time, as before),
-//! ETCD (etcd). An empty PEERS_CLIENTS runs no write rows (failover
+//! ETCD (etcd), GANGWAY_LOG (the Gangway members' log filter, `warn` by default; each member
+//! logs to DIR/member-N.log). An empty PEERS_CLIENTS runs no write rows (failover
 //! only).
 //! Connections: one per 16 clients (at least one), the clients of a connection multiplexed on it.
 //!
@@ -632,7 +633,7 @@ async fn run(sys: System, dir: &Path) {
 
 /// One Gangway replica until killed.
 async fn serve(args: &[String]) {
-    // Warnings (or GANGWAY_LOG) into the member's log.
+    // Into DIR/member-N.log (see the header's GANGWAY_LOG).
     common::init_tracing();
     let id: u64 = args[0].parse().expect("id");
     let dir = PathBuf::from(&args[1]);
