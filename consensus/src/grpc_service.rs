@@ -291,16 +291,27 @@ impl<S: StateMachine> RaftTransport for RaftGrpcService<S> {
         check_vote(who, &rpc.vote)?;
         // Inside the leader's lease openraft refuses every vote, so that a live leader is not
         // deposed; a leader whose process is provably gone is not live (see `leader_loss`).
+        let loss = &self.presence.loss;
+        let mut proof = None;
         if !rpc.leadership_transfer {
             use openraft::vote::RaftLeaderId;
-            let candidate = *rpc.vote.leader_id().node_id();
-            rpc.leadership_transfer = self
-                .presence
-                .loss
+            let candidate = (*rpc.vote.leader_id().node_id(), rpc.vote.leader_id().term());
+            proof = loss
                 .voter_proves_gone(&self.raft, candidate, |l| self.cut_off_from(l))
                 .await;
+            rpc.leadership_transfer = proof.is_some();
         }
-        let resp = self.raft.vote(rpc).await.map_err(raft_err)?;
+        let candidate_log = rpc.last_log_id;
+        let resp = {
+            // Not between a campaign's reading of openraft's vote and its start (`leader_loss`).
+            let _turn = loss.gate().await;
+            self.raft.vote(rpc).await.map_err(raft_err)?
+        };
+        if let Some(proof) =
+            proof.filter(|_| !resp.vote_granted && candidate_log < resp.last_log_id)
+        {
+            loss.refused_behind(&proof);
+        }
         reply(&resp)
     }
 

@@ -130,14 +130,18 @@ impl<S: StateMachine> ReplicaHandle<S> {
             .await
             .map_err(|e| write_path::fatal(&health, &e))?;
         let (stop, _) = watch::channel(false);
-        let loss = LeaderLoss::new(config.leader_loss_detection);
+        let loss = LeaderLoss::new(
+            config.leader_loss_detection,
+            config.node_id,
+            config.heartbeat_interval,
+            transport.faults(),
+        );
         let watcher = tokio::spawn(
             Watcher {
                 raft: raft.clone(),
                 transport: transport.clone(),
                 me: config.node_id,
                 loss: loss.clone(),
-                stagger: config.heartbeat_interval,
                 stop: stop.subscribe(),
             }
             .run(),

@@ -6,9 +6,11 @@
 //! requests to b, and the replies to b's requests to a (b's request is still processed by a, as
 //! with a real asymmetric network fault).
 
+use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
+use std::time::Instant;
 
 use crate::types::NodeId;
 
@@ -32,6 +34,8 @@ struct State {
     /// Probability of losing any single message, in [0, 1].
     drop_rate: f64,
     rng: u64,
+    /// `(seen_by, of)`: until when `of`'s port still seems to accept `seen_by`'s connections.
+    lingering: HashMap<(NodeId, NodeId), Instant>,
 }
 
 /// Shared, test-controlled network faults. Cheap to share behind an `Arc`.
@@ -86,10 +90,28 @@ impl FaultInjector {
         self.lock().drop_rate = p.clamp(0.0, 1.0);
     }
 
+    /// For `for_` from now, `of`'s port still accepts `seen_by`'s connections whatever its process
+    /// does: a dying process's listening socket can close after its connections do, and one
+    /// survivor can see that while another already finds the port refusing.
+    pub fn linger(&self, seen_by: NodeId, of: NodeId, for_: Duration) {
+        self.lock()
+            .lingering
+            .insert((seen_by, of), Instant::now() + for_);
+    }
+
+    /// Whether `of`'s port still seems to accept `seen_by`'s connections (see [`Self::linger`]).
+    pub fn lingers(&self, seen_by: NodeId, of: NodeId) -> bool {
+        self.lock()
+            .lingering
+            .get(&(seen_by, of))
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
     /// Remove every fault.
     pub fn heal(&self) {
         let mut s = self.lock();
         s.blocked.clear();
+        s.lingering.clear();
         s.delay = Duration::ZERO;
         s.drop_rate = 0.0;
     }

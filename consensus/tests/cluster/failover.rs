@@ -106,12 +106,10 @@ async fn storage_failure_on_leader_stops_its_writes_and_cluster_fails_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_leaders_process_is_replaced_before_any_election_timeout() {
     let _g = serial().await;
-    let timing = Timing {
-        heartbeat: Duration::from_millis(100),
-        election_min: Duration::from_secs(2),
-        election_max: Duration::from_secs(4),
-        ..Timing::default()
-    };
+    let timing = detection_only(
+        Duration::from_millis(100),
+        (Duration::from_secs(2), Duration::from_secs(4)),
+    );
     let mut c = Cluster::start(3, 0, 21, timing).await;
     let old = c.leader().await;
     c.write_ok("k", 0).await;
@@ -131,6 +129,130 @@ async fn a_dead_leaders_process_is_replaced_before_any_election_timeout() {
     let new = c.leader_among(&survivors, Duration::from_secs(3)).await;
     assert_ne!(new, old);
     c.write_ok("k", 1).await;
+    holds_both_writes(c).await;
+}
+
+/// The first survivor in line to campaign still sees the dead leader's port accept connections a
+/// while (its listening socket outlived its connections; injected), while the other finds it
+/// refusing at once and waits its stagger. However long the port lingers, they elect one leader
+/// for the very next term, before any election timeout could, and nobody deposes it afterwards:
+/// no split vote (a late prover campaigns only in its own slot, after re-probing within
+/// milliseconds), no second campaign by a survivor that has granted the other's vote (the decision
+/// reads openraft's own state, not its trailing metrics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_that_sees_the_dead_port_linger_neither_splits_the_vote_nor_deposes() {
+    let _g = serial().await;
+    let timing = detection_only(
+        Duration::from_millis(100),
+        (Duration::from_secs(2), Duration::from_secs(4)),
+    );
+    // Lingering shorter than half a stagger, exactly one (the first survivor's proof lands on the
+    // second's slot), and longer than one (the second campaigns while the first still sees it).
+    for (seed, linger_ms) in [(31, 20), (32, 100), (33, 103), (34, 160)] {
+        let mut c = Cluster::start(3, 0, seed, timing.clone()).await;
+        let old = c.leader().await;
+        c.write_ok("k", 0).await;
+        let term = c.node(old).metrics().term;
+        let survivors: Vec<_> = c.live().into_iter().filter(|id| *id != old).collect();
+        let first = survivors[0];
+        c.faults
+            .linger(first, old, Duration::from_millis(linger_ms));
+        c.kill(old).await;
+
+        let new = c
+            .leader_among(&survivors, Duration::from_millis(1_500))
+            .await;
+        let m = c.node(new).metrics();
+        assert_eq!(
+            m.term,
+            term + 1,
+            "port lingering {linger_ms} ms to replica {first}: one election, for the next term (a \
+             split vote or a deposed leader takes more); reproduce with seed {seed}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let later = c.leader_among(&survivors, Duration::from_secs(1)).await;
+        assert_eq!(
+            (later, c.node(later).metrics().term),
+            (new, term + 1),
+            "port lingering {linger_ms} ms to replica {first}: the new leader is not deposed"
+        );
+        c.write_ok("k", 1).await;
+        holds_both_writes(c).await;
+    }
+}
+
+/// The leader dies having replicated its last write to the second survivor in line but not to
+/// the first. The first campaigns at once and is refused (its log is behind); the second, which
+/// refused it, campaigns at once too instead of waiting for its slot a stagger later, and wins.
+/// The stagger here is 400 ms, so a leader within 300 ms of the kill can only come from that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_ahead_in_the_log_takes_over_at_once_from_one_behind() {
+    let _g = serial().await;
+    let timing = detection_only(
+        Duration::from_millis(400),
+        (Duration::from_secs(3), Duration::from_secs(5)),
+    );
+    let mut lagged = 0;
+    for seed in 41..46 {
+        let mut c = Cluster::start(3, 0, seed, timing.clone()).await;
+        let old = c.leader().await;
+        c.write_ok("k", 0).await;
+        let term = c.node(old).metrics().term;
+        let survivors: Vec<_> = c.live().into_iter().filter(|id| *id != old).collect();
+        let (behind, ahead) = (survivors[0], survivors[1]);
+        // The last write reaches `ahead` only; the leader dies before it can retry to `behind`.
+        c.faults.block_one_way(old, behind);
+        c.write_ok("k", 1).await;
+        c.faults.heal();
+        c.kill(old).await;
+        let killed = tokio::time::Instant::now();
+        let log = |id| c.node(id).metrics().last_log_index;
+        if log(behind) >= log(ahead) {
+            // The leader caught it up first: nothing to see in this round.
+            c.shutdown().await;
+            continue;
+        }
+        lagged += 1;
+        let new = c.leader_among(&survivors, Duration::from_secs(2)).await;
+        let took = killed.elapsed();
+        assert_eq!(
+            new, ahead,
+            "only the survivor with the write can win; seed {seed}"
+        );
+        assert!(
+            took < Duration::from_millis(300),
+            "the survivor ahead campaigned at once, not in its slot 400 ms in: {took:?}; seed {seed}"
+        );
+        assert_eq!(
+            c.node(new).metrics().term,
+            term + 1,
+            "one election; seed {seed}"
+        );
+        holds_both_writes(c).await;
+        if lagged == 2 {
+            return;
+        }
+    }
+    assert!(
+        lagged > 0,
+        "in no round did the leader die with the first survivor behind"
+    );
+}
+
+/// Timeouts so long that a new leader within a second or two can only come from leader-loss
+/// detection: openraft's own campaign comes its lease and then its timeout after the last
+/// heartbeat, `election` (min, max) each.
+fn detection_only(heartbeat: Duration, election: (Duration, Duration)) -> Timing {
+    Timing {
+        heartbeat,
+        election_min: election.0,
+        election_max: election.1,
+        ..Timing::default()
+    }
+}
+
+/// Every live replica applied writes 0 and 1 and nothing else; then the cluster stops.
+async fn holds_both_writes(c: Cluster) {
     let states = c.converge(Duration::from_secs(10)).await;
     check_history(&states, &BTreeSet::from([0, 1]));
     c.shutdown().await;
