@@ -81,12 +81,33 @@ impl Members {
         status_on(self.members.get(&id)?.channel.clone()).await
     }
 
-    /// Every replica that answers that it leads, as it answered itself (all asked at once).
-    pub async fn leaders(&self) -> Vec<pb::ClusterStatusReply> {
+    /// Asks every replica at once for its own view.
+    fn ask_all(&self) -> tokio::task::JoinSet<Option<pb::ClusterStatusReply>> {
         let mut asks = tokio::task::JoinSet::new();
         for m in self.members.values() {
             asks.spawn(status_on(m.channel.clone()));
         }
+        asks
+    }
+
+    /// The first answer `wanted` takes, as soon as it arrives: a replica slow to answer (one cut
+    /// off waits out the status timeout) does not delay another's news. `None` once all answered.
+    pub async fn first<T>(
+        &self,
+        mut wanted: impl FnMut(&pb::ClusterStatusReply) -> Option<T>,
+    ) -> Option<T> {
+        let mut asks = self.ask_all();
+        while let Some(done) = asks.join_next().await {
+            if let Some(found) = done.ok().flatten().as_ref().and_then(&mut wanted) {
+                return Some(found);
+            }
+        }
+        None
+    }
+
+    /// Every replica that answers that it leads, as it answered itself (all asked at once).
+    pub async fn leaders(&self) -> Vec<pb::ClusterStatusReply> {
+        let mut asks = self.ask_all();
         let mut answers = Vec::new();
         while let Some(done) = asks.join_next().await {
             if let Ok(Some(s)) = done {

@@ -573,7 +573,9 @@ async fn run(
     let except = matches!(kind, Kind::Partition(_)).then_some(old);
     let mut new_leader: Option<LeaderView> = None;
     while new_leader.is_none() && Instant::now() < fault_at + timeout {
-        new_leader = newer_leader(&members.leaders().await, before_leadership, except);
+        new_leader = members
+            .first(|s| newer_leader(std::slice::from_ref(s), before_leadership, except))
+            .await;
         if new_leader.is_none() {
             tokio::time::sleep(POLL).await;
         }
