@@ -140,7 +140,6 @@ impl<S: StateMachine> ReplicaHandle<S> {
             Watcher {
                 raft: raft.clone(),
                 transport: transport.clone(),
-                me: config.node_id,
                 loss: loss.clone(),
                 stop: stop.subscribe(),
             }

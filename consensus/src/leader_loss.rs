@@ -62,6 +62,13 @@ pub(crate) struct Followed {
     pub term: u64,
 }
 
+impl Followed {
+    /// The leader and term a proof, or a campaign for its succession, is about.
+    fn key(&self) -> (NodeId, u64) {
+        (self.leader, self.term)
+    }
+}
+
 /// What a probe of the leader's address found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Probe {
@@ -232,7 +239,7 @@ impl LeaderLoss {
             .now
             .succession
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some((f.0.leader, f.0.term));
+            .unwrap_or_else(|p| p.into_inner()) = Some(f.0.key());
         self.now.changed.notify_waiters();
     }
 
@@ -245,7 +252,7 @@ impl LeaderLoss {
                 .succession
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if succession == Some((f.leader, f.term)) {
+            if succession == Some(f.key()) {
                 return;
             }
             notified.await;
@@ -253,11 +260,11 @@ impl LeaderLoss {
     }
 
     fn remember(&self, f: &Followed) {
-        *self.proved.lock().unwrap_or_else(|p| p.into_inner()) = Some((f.leader, f.term));
+        *self.proved.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.key());
     }
 
     fn knows(&self, f: &Followed) -> bool {
-        *self.proved.lock().unwrap_or_else(|p| p.into_inner()) == Some((f.leader, f.term))
+        *self.proved.lock().unwrap_or_else(|p| p.into_inner()) == Some(f.key())
     }
 
     /// Probes `f`'s leader's port (through injected faults, which may keep it lingering).
@@ -329,8 +336,8 @@ impl LeaderLoss {
 pub(crate) struct Watcher<S: crate::app::StateMachine> {
     pub raft: crate::types::RaftOf<S>,
     pub transport: Transport,
-    pub me: NodeId,
-    /// The proof, shared with the replica's vote handler; its stagger spaces the survivors' slots.
+    /// What it shares with the replica's vote handler; its `me` is this replica, its stagger spaces
+    /// the survivors' slots.
     pub loss: LeaderLoss,
     pub stop: watch::Receiver<bool>,
 }
@@ -393,7 +400,11 @@ impl<S: crate::app::StateMachine> Watcher<S> {
     async fn attend(&self, f: &Followed, since: Option<Instant>) -> Attended {
         let mut metrics = self.raft.metrics();
         let connected = async {
-            match self.transport.presence(self.me, f.leader, &f.addr).await {
+            match self
+                .transport
+                .presence(self.loss.me, f.leader, &f.addr)
+                .await
+            {
                 Ok(mut stream) => {
                     while let Ok(Some(_)) = stream.message().await {}
                     true
@@ -427,7 +438,7 @@ impl<S: crate::app::StateMachine> Watcher<S> {
             Proved::Gone => return true,
             Proved::Moved => return false,
             Proved::NotGone(last) => tracing::debug!(
-                id = self.me,
+                id = self.loss.me,
                 leader = f.leader,
                 term = f.term,
                 probe = ?last,
@@ -443,12 +454,12 @@ impl<S: crate::app::StateMachine> Watcher<S> {
     /// leader appears first or openraft's own state (read inside its core) shows it has moved on
     /// from `f`.
     async fn campaign(&self, f: &Followed, ended: Instant) {
-        let Some((rank, survivors)) = rank(&self.raft, self.me, f.leader) else {
+        let Some((rank, survivors)) = rank(&self.raft, self.loss.me, f.leader) else {
             return;
         };
         let wait = slot_wait(rank, survivors, self.loss.stagger, ended.elapsed());
         tracing::info!(
-            id = self.me,
+            id = self.loss.me,
             leader = f.leader,
             term = f.term,
             rank,
