@@ -239,7 +239,7 @@ pub struct DrillReport {
     /// partition-leader: how long the leader was cut off.
     pub partition_ms: Option<u64>,
     /// From the fault to a new leader (a replica leading in a newer term), as first seen by the
-    /// drill, which asks the replicas every 10 ms.
+    /// drill, which asks the replicas every [`super::LEADER_POLL`].
     pub time_to_new_leader_ms: Option<u64>,
     /// From the fault to the placement of a probe job submitted after it.
     pub time_to_first_placement_ms: Option<u64>,
