@@ -84,18 +84,15 @@ pub(crate) enum Probe {
 
 /// Connects to `addr` once, within [`PROBE_TIMEOUT`].
 pub(crate) async fn probe(addr: &str) -> Probe {
+    use std::io::ErrorKind;
     match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(_)) => Probe::Listening,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Probe::Refused,
-        Ok(Err(e))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
-            ) =>
-        {
-            Probe::Listening
-        }
-        Ok(Err(_)) | Err(_) => Probe::Unknown,
+        Ok(Err(e)) => match e.kind() {
+            ErrorKind::ConnectionRefused => Probe::Refused,
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => Probe::Listening,
+            _ => Probe::Unknown,
+        },
+        Err(_) => Probe::Unknown,
     }
 }
 
@@ -308,11 +305,11 @@ impl LeaderLoss {
     }
 
     /// The proof that lets a vote request from `candidate` for `term` be granted inside this
-    /// replica's leader lease, if it holds: detection is on, this replica follows another leader, the request is for the
-    /// term right after that leader's (a campaign for its succession, not against the leader
-    /// elected after it), and that leader's process is gone (proved before, or by a probe now).
-    /// `blocked` says whether injected faults cut the link to the leader (a drill's partition
-    /// proves nothing).
+    /// replica's leader lease, if it holds: detection is on, this replica follows another leader,
+    /// the request is for the term right after that leader's (a campaign for its succession, not
+    /// against the leader elected after it), and that leader's process is gone (proved before, or
+    /// by a probe now). `blocked` says whether injected faults cut the link to the leader (a
+    /// drill's partition proves nothing).
     pub(crate) async fn voter_proves_gone(
         &self,
         raft: &crate::types::RaftOf<impl crate::app::StateMachine>,

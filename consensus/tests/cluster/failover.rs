@@ -1,6 +1,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use gangway_consensus::NodeId;
+
 use crate::common::*;
 use crate::serial;
 
@@ -110,10 +112,7 @@ async fn a_dead_leaders_process_is_replaced_before_any_election_timeout() {
         Duration::from_millis(100),
         (Duration::from_secs(2), Duration::from_secs(4)),
     );
-    let mut c = Cluster::start(3, 0, 21, timing).await;
-    let old = c.leader().await;
-    c.write_ok("k", 0).await;
-    let term = c.node(old).metrics().term;
+    let (mut c, old, term, survivors) = three_with_a_write(21, timing).await;
 
     // A second of heartbeats with every presence stream open: nobody campaigns.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -125,7 +124,6 @@ async fn a_dead_leaders_process_is_replaced_before_any_election_timeout() {
     );
 
     c.kill(old).await;
-    let survivors: Vec<_> = c.live();
     let new = c.leader_among(&survivors, Duration::from_secs(3)).await;
     assert_ne!(new, old);
     c.write_ok("k", 1).await;
@@ -149,11 +147,7 @@ async fn a_survivor_that_sees_the_dead_port_linger_neither_splits_the_vote_nor_d
     // Lingering shorter than half a stagger, exactly one (the first survivor's proof lands on the
     // second's slot), and longer than one (the second campaigns while the first still sees it).
     for (seed, linger_ms) in [(31, 20), (32, 100), (33, 103), (34, 160)] {
-        let mut c = Cluster::start(3, 0, seed, timing.clone()).await;
-        let old = c.leader().await;
-        c.write_ok("k", 0).await;
-        let term = c.node(old).metrics().term;
-        let survivors: Vec<_> = c.live().into_iter().filter(|id| *id != old).collect();
+        let (mut c, old, term, survivors) = three_with_a_write(seed, timing.clone()).await;
         let first = survivors[0];
         c.faults
             .linger(first, old, Duration::from_millis(linger_ms));
@@ -194,11 +188,7 @@ async fn a_survivor_ahead_in_the_log_takes_over_at_once_from_one_behind() {
     );
     let mut lagged = 0;
     for seed in 41..46 {
-        let mut c = Cluster::start(3, 0, seed, timing.clone()).await;
-        let old = c.leader().await;
-        c.write_ok("k", 0).await;
-        let term = c.node(old).metrics().term;
-        let survivors: Vec<_> = c.live().into_iter().filter(|id| *id != old).collect();
+        let (mut c, old, term, survivors) = three_with_a_write(seed, timing.clone()).await;
         let (behind, ahead) = (survivors[0], survivors[1]);
         // The last write reaches `ahead` only; the leader dies before it can retry to `behind`.
         c.faults.block_one_way(old, behind);
@@ -249,6 +239,17 @@ fn detection_only(heartbeat: Duration, election: (Duration, Duration)) -> Timing
         election_max: election.1,
         ..Timing::default()
     }
+}
+
+/// A three-replica cluster whose first write (0) is committed, as a leader-loss story starts it:
+/// the cluster, its leader, the leader's term, and the replicas that would survive it.
+async fn three_with_a_write(seed: u64, timing: Timing) -> (Cluster, NodeId, u64, Vec<NodeId>) {
+    let c = Cluster::start(3, 0, seed, timing).await;
+    let leader = c.leader().await;
+    c.write_ok("k", 0).await;
+    let term = c.node(leader).metrics().term;
+    let survivors = c.live().into_iter().filter(|id| *id != leader).collect();
+    (c, leader, term, survivors)
 }
 
 /// Every live replica applied writes 0 and 1 and nothing else; then the cluster stops.
