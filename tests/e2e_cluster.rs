@@ -317,3 +317,84 @@ async fn http_get(addr: &str, path: &str, want: &str) -> String {
     }
     last
 }
+
+/// Founding replicas come up in any order (three hosts booting at their own pace): one that starts
+/// after the others formed the cluster joins it as a follower. It must not bootstrap a cluster of
+/// its own on the way: a brand-new replica that campaigns for term 1 with a higher id than the
+/// term-1 leader outranks it, and the leader would step down for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_founder_that_starts_late_joins_without_deposing_the_leader() {
+    let mut cluster = TestCluster::configure(3, &ClusterOptions::default());
+    cluster.start_replica(1);
+    cluster.start_replica(2);
+    let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let term = status(&cluster.addr(leader))
+        .await
+        .expect("leader status")
+        .term;
+
+    // Replica 3, the highest id, starts now and hears from the leader.
+    cluster.start_replica(3);
+    let late = cluster.addr(3);
+    common::trainer::poll(
+        Duration::from_secs(15),
+        &format!("replica 3 to follow leader {leader}"),
+        || cluster.logs(),
+        || {
+            let late = late.clone();
+            async move {
+                let s = status(&late).await?;
+                (s.leader_id == leader && s.role == "follower").then_some(())
+            }
+        },
+    )
+    .await;
+
+    // Longer than any founder waits before it would bootstrap (two election timeouts for the third):
+    // every replica still follows the same leader in the same term.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    for id in 1..=3 {
+        let s = status(&cluster.addr(id)).await.expect("status");
+        assert_eq!(
+            (s.leader_id, s.term),
+            (leader, term),
+            "replica {id}: the leader and term from before replica 3 started\n{}",
+            cluster.logs()
+        );
+    }
+}
+
+/// The founders take turns bootstrapping, lowest id first; when the first never comes up, the next
+/// one's turn comes and the other two form the cluster without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_forms_without_its_first_founder() {
+    let mut cluster = TestCluster::configure(3, &ClusterOptions::default());
+    cluster.start_replica(2);
+    cluster.start_replica(3);
+    let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    assert!(leader == 2 || leader == 3, "leader {leader}");
+    let mut c = client(&cluster.addr(leader)).await.expect("leader client");
+    let s = c.cluster_status(pb::Empty {}).await.unwrap().into_inner();
+    assert_eq!(
+        s.members.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "the founding members, replica 1 among them"
+    );
+
+    // Replica 1 comes up at last and follows.
+    cluster.start_replica(1);
+    let first = cluster.addr(1);
+    common::trainer::poll(
+        Duration::from_secs(15),
+        &format!("replica 1 to follow leader {leader}"),
+        || cluster.logs(),
+        || {
+            let first = first.clone();
+            async move {
+                let s = status(&first).await?;
+                (s.leader_id == leader && s.role == "follower").then_some(())
+            }
+        },
+    )
+    .await;
+}

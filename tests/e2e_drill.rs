@@ -168,7 +168,8 @@ async fn a_drill_is_refused_unless_the_replica_allows_it() {
     assert_eq!(
         status(&cluster.addr(leader)).await.unwrap().role,
         "leader",
-        "the leader still leads"
+        "the leader still leads\n{}",
+        cluster.logs()
     );
 }
 

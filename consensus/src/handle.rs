@@ -174,8 +174,9 @@ impl<S: StateMachine> ReplicaHandle<S> {
     }
 
     /// Bootstrap a new cluster with these voters (`id -> gRPC address`). Call it on exactly one
-    /// replica of a brand-new cluster; calling it on an already initialized replica is a no-op, so
-    /// it is safe to call on every start of that replica. Returns whether this call initialized it.
+    /// replica of a brand-new cluster (several founders: [`Self::bootstrap_as_founder`]); calling
+    /// it on an already initialized replica is a no-op, so it is safe to call on every start of
+    /// that replica. Returns whether this call initialized it.
     pub async fn initialize(&self, voters: BTreeMap<NodeId, String>) -> Result<bool> {
         let nodes: BTreeMap<NodeId, Node> = voters
             .into_iter()
@@ -187,6 +188,28 @@ impl<S: StateMachine> ReplicaHandle<S> {
             Err(RaftError::APIError(e)) => Err(ConsensusError::Rejected(e.to_string())),
             Err(RaftError::Fatal(f)) => Err(write_path::fatal(&self.inner.health, &f)),
         }
+    }
+
+    /// Bootstrap a brand-new cluster as one of its founders: every founding replica calls this with
+    /// the same `voters`, once it serves its endpoint, and whichever start first form the cluster.
+    ///
+    /// Founders take turns, lowest id first: the first bootstraps at once, the one ranked `r` waits
+    /// `r` longest election timeouts and then bootstraps only if no leader or candidate has reached
+    /// it meanwhile (openraft refuses a replica that has seen a vote). A founder that starts after
+    /// the cluster formed therefore joins it: bootstrapping would make it a candidate for term 1,
+    /// and with a higher id than a term-1 leader it would outrank that leader and depose it (an
+    /// election for nothing, right after the cluster formed). A late first founder outranks
+    /// nobody: every term-1 leader has a higher id. Returns whether this replica bootstrapped; a
+    /// replica that stops while it waits does not.
+    pub async fn bootstrap_as_founder(&self, voters: BTreeMap<NodeId, String>) -> Result<bool> {
+        let rank = voters.keys().take_while(|id| **id != self.id()).count() as u32;
+        let wait = self.inner.config.election_timeout_max * rank;
+        let mut stop = self.inner.stop.subscribe();
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return Ok(false),
+            _ = tokio::time::sleep(wait) => {}
+        }
+        self.initialize(voters).await
     }
 
     /// The tonic service to mount on a gRPC server (`Router::add_service`). It carries Raft

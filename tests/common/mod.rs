@@ -166,6 +166,16 @@ impl TestCluster {
 
     /// [`Self::start`] with replica settings other than the defaults.
     pub fn start_with(n: usize, opts: &ClusterOptions) -> Self {
+        let mut c = Self::configure(n, opts);
+        for id in 1..=n as u64 {
+            c.start_replica(id);
+        }
+        c
+    }
+
+    /// `n` founding replicas configured (ports, data directories, configuration files), none
+    /// started yet: [`Self::start_replica`] starts each.
+    pub fn configure(n: usize, opts: &ClusterOptions) -> Self {
         let serial = Self::serial();
         let dir = tempfile::Builder::new()
             .prefix("gangway-e2e-")
@@ -198,15 +208,11 @@ impl TestCluster {
                 child: None,
             });
         }
-        let mut c = TestCluster {
+        TestCluster {
             _serial: serial,
             dir,
             replicas,
-        };
-        for id in 1..=n as u64 {
-            c.start_replica(id);
         }
-        c
     }
 
     pub fn replica(&mut self, id: u64) -> &mut Replica {

@@ -83,12 +83,10 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Validates the configuration, opens the data directory and binds both ports. A brand-new data
-    /// directory with an `initial_cluster` bootstraps the cluster (every founding replica does this
-    /// with the same member list, so the cluster forms whichever of them starts first).
+    /// Validates the configuration, opens the data directory and binds both ports. A founding
+    /// replica (an `initial_cluster`) bootstraps once it serves ([`Self::run`]).
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
         config.validate()?;
-        let members = config.initial_members()?;
         let tls = super::tls_link::ReplicaTls::new(&config)
             .map_err(|e| ServerError::Tls(e.to_string()))?;
         let bind = |addr: String, what| async move {
@@ -114,13 +112,6 @@ impl Replica {
             .map_err(|e| ServerError::Archive(e.to_string()))?;
         let fsm = SchedulerFsm::with_archive(Arc::new(archive));
         let raft = ReplicaHandle::start(rc, fsm, transport).await?;
-        // Every founding member asks; Raft refuses all but a brand-new, never-initialized one.
-        if !members.is_empty() && raft.initialize(members.clone()).await? {
-            tracing::info!(
-                ?members,
-                "new data directory: bootstrapped the founding members"
-            );
-        }
         let rules_raft = raft.clone();
         let rules: super::auth::Rules =
             Arc::new(move |f| rules_raft.read_local(|fsm| f(fsm.store().access())));
@@ -198,6 +189,24 @@ impl Replica {
                 message: e.to_string(),
             })
         });
+
+        // Every founding member asks, in its turn, once it serves; Raft refuses all but a
+        // brand-new replica that no leader or candidate has reached.
+        let members = ctx.config.initial_members()?;
+        if !members.is_empty() {
+            let raft = ctx.raft.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                if raft.bootstrap_as_founder(members.clone()).await? {
+                    tracing::info!(
+                        ?members,
+                        "new data directory: bootstrapped the founding members"
+                    );
+                }
+                let _ = stop.wait_for(|s| *s).await;
+                Ok(())
+            });
+        }
 
         let prometheus = prometheus();
         let app = http::router(ctx.clone(), prometheus.clone());
