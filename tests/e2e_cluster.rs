@@ -335,20 +335,7 @@ async fn a_founder_that_starts_late_joins_without_deposing_the_leader() {
 
     // Replica 3, the highest id, starts now and hears from the leader.
     cluster.start_replica(3);
-    let late = cluster.addr(3);
-    common::trainer::poll(
-        Duration::from_secs(15),
-        &format!("replica 3 to follow leader {leader}"),
-        || cluster.logs(),
-        || {
-            let late = late.clone();
-            async move {
-                let s = status(&late).await?;
-                (s.leader_id == leader && s.role == "follower").then_some(())
-            }
-        },
-    )
-    .await;
+    until_follows(&cluster, 3, leader).await;
 
     // Longer than any founder waits before it would bootstrap (two election timeouts for the third):
     // every replica still follows the same leader in the same term.
@@ -383,15 +370,20 @@ async fn the_cluster_forms_without_its_first_founder() {
 
     // Replica 1 comes up at last and follows.
     cluster.start_replica(1);
-    let first = cluster.addr(1);
+    until_follows(&cluster, 1, leader).await;
+}
+
+/// Waits (up to 15 s) until replica `id` answers as a follower of `leader`.
+async fn until_follows(cluster: &TestCluster, id: u64, leader: u64) {
+    let addr = cluster.addr(id);
     common::trainer::poll(
         Duration::from_secs(15),
-        &format!("replica 1 to follow leader {leader}"),
+        &format!("replica {id} to follow leader {leader}"),
         || cluster.logs(),
         || {
-            let first = first.clone();
+            let addr = addr.clone();
             async move {
-                let s = status(&first).await?;
+                let s = status(&addr).await?;
                 (s.leader_id == leader && s.role == "follower").then_some(())
             }
         },
