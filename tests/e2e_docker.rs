@@ -94,15 +94,10 @@ fn compose_command() -> Option<Vec<&'static str>> {
 /// The image for this build, built (or found up to date) by the deployment's own script. Each
 /// binary gets its own tag, so runs of different builds side by side do not swap images.
 fn build_image() -> Result<String, String> {
-    let out = run_ok(
-        Command::new("bash")
-            .arg(format!("{ROOT}/deploy/image/build-image.sh"))
-            .args(["--binary", common::BIN, "--tag", "gangway:e2e-{hash}"])
-            .args(["--label", E2E_LABEL]),
-        Duration::from_secs(300),
-    )?;
     // Images of earlier builds pile up otherwise. Only those no container uses and older than an
-    // hour go, so a run beside this one keeps its image.
+    // hour go, so a run beside this one keeps its image. Pruned before this build's image is
+    // looked for: afterwards, an image of this same binary built over an hour ago (found up to
+    // date) would go too, just before its use.
     let _ = docker(&[
         "image",
         "prune",
@@ -113,6 +108,13 @@ fn build_image() -> Result<String, String> {
         "--filter",
         "until=1h",
     ]);
+    let out = run_ok(
+        Command::new("bash")
+            .arg(format!("{ROOT}/deploy/image/build-image.sh"))
+            .args(["--binary", common::BIN, "--tag", "gangway:e2e-{hash}"])
+            .args(["--label", E2E_LABEL]),
+        Duration::from_secs(300),
+    )?;
     out.lines()
         .last()
         .map(str::to_owned)

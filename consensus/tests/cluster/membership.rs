@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gangway_consensus::ConsensusError;
+use gangway_consensus::NodeId;
 
 use crate::common::*;
 use crate::serial;
@@ -110,4 +111,53 @@ async fn leadership_transfers_to_the_named_replica() {
     }
     check_history(&c.converge(Duration::from_secs(10)).await, &acked);
     c.shutdown().await;
+}
+
+/// Founding replicas start at their own pace, each bootstrapping with the same voters
+/// (`bootstrap_as_founder`): those up first form the cluster, and one that comes up once they
+/// have a leader joins it without an election, whatever its id. Rows: the founders started first,
+/// then the one started once they agree on a leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn founders_starting_in_any_order_keep_the_first_leader_they_elect() {
+    let _g = serial().await;
+    let rows: &[(&[NodeId], NodeId)] = &[(&[1, 2], 3), (&[2, 3], 1), (&[1, 3], 2)];
+    for (first, late) in rows {
+        let timing = Timing::default();
+        let turns = timing.election_max * 2;
+        let (mut c, _) = Cluster::reserve(3, 31, timing).await;
+        let voters = c.addrs.clone();
+        let found = |c: &Cluster, id: NodeId| {
+            let (h, voters) = (c.node(id).clone(), voters.clone());
+            tokio::spawn(async move { h.bootstrap_as_founder(voters).await })
+        };
+        for id in first.iter() {
+            c.start_node(*id).await;
+            found(&c, *id);
+        }
+        let leader = c.leader_among(first, Duration::from_secs(10)).await;
+        let term = c.node(leader).metrics().term;
+
+        c.start_node(*late).await;
+        let bootstrapped = found(&c, *late);
+        assert_eq!(
+            c.leader_among(&[1, 2, 3], Duration::from_secs(10)).await,
+            leader,
+            "{first:?} then {late}"
+        );
+        // Past the last founder's turn: nobody campaigned. A late founder whose turn comes after
+        // the first joined instead of bootstrapping; the first founder's turn is at once, so it
+        // may bootstrap even late (racing the leader's first heartbeat), outranking nobody.
+        tokio::time::sleep(turns + Duration::from_millis(300)).await;
+        let bootstrapped = bootstrapped.await.unwrap().expect("bootstrap");
+        assert!(*late == 1 || !bootstrapped, "{first:?} then {late}");
+        for id in 1..=3 {
+            let m = c.node(id).metrics();
+            assert_eq!(
+                (m.leader, m.term),
+                (Some(leader), term),
+                "replica {id}, {first:?} then {late}"
+            );
+        }
+        c.shutdown().await;
+    }
 }

@@ -188,20 +188,7 @@ impl Cluster {
     /// Start `voters` replicas (ids 1..=voters) and bootstrap them as one cluster; also reserve
     /// addresses for `spare` more replicas (ids after the voters) that tests may start later.
     pub async fn start(voters: u64, spare: u64, seed: u64, timing: Timing) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut c = Cluster {
-            dir,
-            faults: Arc::new(FaultInjector::new(seed)),
-            timing,
-            addrs: BTreeMap::new(),
-            nodes: BTreeMap::new(),
-        };
-        let mut listeners = BTreeMap::new();
-        for id in 1..=voters + spare {
-            let l = bind_any().await;
-            c.addrs.insert(id, l.local_addr().unwrap().to_string());
-            listeners.insert(id, l);
-        }
+        let (mut c, mut listeners) = Self::reserve(voters + spare, seed, timing).await;
         for id in 1..=voters {
             let l = listeners.remove(&id).unwrap();
             c.start_with_listener(id, l).await;
@@ -210,6 +197,28 @@ impl Cluster {
             (1..=voters).map(|id| (id, c.addrs[&id].clone())).collect();
         c.nodes[&1].initialize(members).await.expect("initialize");
         c
+    }
+
+    /// Addresses for replicas 1..=n, none started (each bound now; its listener handed back).
+    pub async fn reserve(
+        n: u64,
+        seed: u64,
+        timing: Timing,
+    ) -> (Cluster, BTreeMap<NodeId, tokio::net::TcpListener>) {
+        let mut c = Cluster {
+            dir: tempfile::tempdir().expect("tempdir"),
+            faults: Arc::new(FaultInjector::new(seed)),
+            timing,
+            addrs: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+        };
+        let mut listeners = BTreeMap::new();
+        for id in 1..=n {
+            let l = bind_any().await;
+            c.addrs.insert(id, l.local_addr().unwrap().to_string());
+            listeners.insert(id, l);
+        }
+        (c, listeners)
     }
 
     pub fn data_dir(&self, id: NodeId) -> PathBuf {
