@@ -221,19 +221,7 @@ async fn followers_redirect_reads_to_the_leader_and_report_the_cluster() {
     let mut c = client(&cluster.addr(follower)).await.unwrap();
     // A leader is elected on one other vote: the third replica may not have heard from it yet
     // (it then answers Unavailable naming no leader). The story is a follower that knows it.
-    common::trainer::poll(
-        Duration::from_secs(10),
-        &format!("replica {follower} to hear from leader {leader}"),
-        || cluster.logs(),
-        || {
-            let mut c = c.clone();
-            async move {
-                let status = c.cluster_status(pb::Empty {}).await.unwrap().into_inner();
-                (status.leader_id == leader).then_some(())
-            }
-        },
-    )
-    .await;
+    until_follows(&cluster, follower, leader).await;
     let err = c
         .list_jobs(pb::ListJobsRequest::default())
         .await

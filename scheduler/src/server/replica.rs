@@ -12,6 +12,7 @@ use gangway_consensus::{CoalescedWrites, ConsensusError, ReplicaConfig, ReplicaH
 use gangway_proto::pb::client_api_server::ClientApiServer;
 use gangway_proto::pb::worker_api_server::WorkerApiServer;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -80,6 +81,8 @@ pub struct Replica {
     http_listener: TcpListener,
     tls: Option<gangway_tls::ServerTls>,
     auth: super::auth::AuthLayer,
+    /// The founding voters from `initial_cluster` (empty for a replica that joins a cluster).
+    founders: BTreeMap<u64, String>,
 }
 
 impl Replica {
@@ -87,6 +90,7 @@ impl Replica {
     /// replica (an `initial_cluster`) bootstraps once it serves ([`Self::run`]).
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
         config.validate()?;
+        let founders = config.initial_members()?;
         let tls = super::tls_link::ReplicaTls::new(&config)
             .map_err(|e| ServerError::Tls(e.to_string()))?;
         let bind = |addr: String, what| async move {
@@ -118,6 +122,7 @@ impl Replica {
         let auth = super::auth::AuthLayer::new(tls.mode.clone(), rules);
         Ok(Self {
             tls: tls.server,
+            founders,
             auth,
             ctx: ReplicaContext {
                 raft,
@@ -159,6 +164,7 @@ impl Replica {
             http_listener,
             tls,
             auth,
+            founders,
         } = self;
         let stop_rx = ctx.stopping();
         let mut tasks: JoinSet<Result<(), ServerError>> = JoinSet::new();
@@ -191,15 +197,15 @@ impl Replica {
         });
 
         // Every founding member asks, in its turn, once it serves; Raft refuses all but a
-        // brand-new replica that no leader or candidate has reached.
-        let members = ctx.config.initial_members()?;
-        if !members.is_empty() {
+        // brand-new replica that no leader or candidate has reached. The task then waits for the
+        // stop like the others: a task that ends stops the replica.
+        if !founders.is_empty() {
             let raft = ctx.raft.clone();
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {
-                if raft.bootstrap_as_founder(members.clone()).await? {
+                if raft.bootstrap_as_founder(founders.clone()).await? {
                     tracing::info!(
-                        ?members,
+                        members = ?founders,
                         "new data directory: bootstrapped the founding members"
                     );
                 }
