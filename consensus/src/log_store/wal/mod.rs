@@ -9,10 +9,7 @@
 //! Durability: an append puts its entries in the log's tail in memory ([`Tail`], where readers
 //! find them at once) and queues them for a single fsync thread ([`writer`]), which takes every op
 //! queued meanwhile, writes their records with one `pwrite` and one `fdatasync` and only then tells
-//! openraft the entries are persisted (group commit). A follower writes the entries its leader
-//! sent in place instead, on the raft core's thread, while nothing is queued ([`Place`]): its
-//! reply waits for them anyway, and the way through the fsync thread and back is two wake-ups of
-//! threads on every write's path. Records overwrite zeros already on disk, so
+//! openraft the entries are persisted (group commit). Records overwrite zeros already on disk, so
 //! the fdatasync writes data only: the file's size and blocks never change under it. A
 //! truncation, a purge and a vote go through the same thread and return once on disk, so they
 //! can never land before appends queued ahead of them. Any write or fsync failure is returned to
@@ -37,8 +34,6 @@ use std::io;
 use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::AtomicUsize;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -62,7 +57,6 @@ use super::tail::Tail;
 use super::StorageHealth;
 use crate::types::Entry;
 use crate::types::LogId;
-use crate::types::NodeId;
 use crate::types::TypeConfig;
 use crate::types::Vote;
 
@@ -92,9 +86,6 @@ pub struct WalLogStore {
     health: StorageHealth,
     /// The committed index last saved (the fsync thread writes it with its next group).
     committed: Arc<Mutex<Option<LogId>>>,
-    /// The replica this log belongs to, once known: entries another replica led are written in
-    /// place ([`Place`]). None: every group goes through the fsync thread.
-    replica: Option<NodeId>,
 }
 
 /// What is on disk: the index of the records and the segment files, open for reading.
@@ -108,10 +99,6 @@ struct Disk {
 /// releases the lock: a new store on the directory never overlaps the old one's writes.
 struct Flusher {
     tx: Option<mpsc::Sender<Op>>,
-    /// Ops sent to the thread and not yet answered.
-    queued: Arc<AtomicUsize>,
-    /// The writer, the thread's between groups; an in-place group takes it while nothing is queued.
-    writer: Arc<Mutex<Writer>>,
     thread: Option<std::thread::JoinHandle<()>>,
     _lock: segment::DirLock,
 }
@@ -153,60 +140,22 @@ impl WalLogStore {
             committed: committed.clone(),
             health: health.clone(),
             spare: writer::Spare::found(dir),
-            failed: None,
         };
-        let writer = Arc::new(Mutex::new(writer));
-        let queued = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel::<Op>();
-        let thread = {
-            let (writer, queued) = (writer.clone(), queued.clone());
-            std::thread::Builder::new()
-                .name("raft-log-fsync".into())
-                .spawn(move || writer::run(writer, rx, queued))?
-        };
+        let thread = std::thread::Builder::new()
+            .name("raft-log-fsync".into())
+            .spawn(move || writer.run(rx))?;
         Ok(WalLogStore {
             disk,
             tail,
             flusher: Arc::new(Flusher {
                 tx: Some(tx),
-                queued,
-                writer,
                 thread: Some(thread),
                 _lock: lock,
             }),
             health,
             committed,
-            replica: None,
         })
-    }
-
-    /// The log of replica `id`: the entries another replica led (a follower's, sent by its
-    /// leader) are written in place while nothing is queued ([`Place`]).
-    pub fn of_replica(mut self, id: NodeId) -> Self {
-        self.replica = Some(id);
-        self
-    }
-
-    /// Where the group appending `entries` is written.
-    fn place(&self, entries: &[Entry]) -> Place {
-        use openraft::vote::RaftLeaderId;
-        Place::of(
-            self.replica,
-            entries
-                .first()
-                .map(|e| *e.log_id().committed_leader_id().node_id()),
-            self.flusher.queued.load(Ordering::Acquire),
-            multi_thread_runtime(),
-        )
-    }
-
-    /// Writes `op` as a group of its own on this thread, blocking it for one `pwrite` and one
-    /// `fdatasync`. The raft core calling waits for the group anyway (its reply to the leader
-    /// does); the runtime's other workers run the rest meanwhile. Not `block_in_place`: handing
-    /// this worker's tasks to another thread each time cost more than it saved (measured: p99 at
-    /// one client 4.5 ms with it, 1.9 ms without, 3.8 ms through the fsync thread).
-    fn commit_in_place(&self, op: Op) {
-        lock(&self.flusher.writer).commit(vec![op]);
     }
 
     /// Record a failure in the health flag and pass it on.
@@ -217,7 +166,6 @@ impl WalLogStore {
 
     /// Queues `op` for the fsync thread.
     fn send(&self, op: Op) -> io::Result<()> {
-        self.flusher.queued.fetch_add(1, Ordering::AcqRel);
         let sent = self.flusher.tx.as_ref().map(|tx| tx.send(op));
         if !matches!(sent, Some(Ok(()))) {
             return Err(self.fail(FSYNC_THREAD_GONE.into()));
@@ -253,46 +201,6 @@ impl WalLogStore {
             })
             .collect()
     }
-}
-
-/// Where an append's group is written. A follower's reply to its leader waits until the entries
-/// are on disk, so the fsync thread buys it nothing: handing the group over and being told it is
-/// written are two wake-ups of threads on the write's path (often of the other CPU, halted). A
-/// leader's own entries go to the thread, so that replication runs beside its fsync instead of
-/// after it. Either way the group is one `pwrite` and one `fdatasync` by the one [`Writer`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Place {
-    /// On the caller's thread, now: `append` returns with the entries on disk.
-    InPlace,
-    /// Queued for the fsync thread, with whatever else is queued.
-    Queued,
-}
-
-impl Place {
-    /// In place only when all of these hold: the log knows its replica, another replica led the
-    /// entries, nothing is queued or being written (so nothing asked for earlier can land after
-    /// them; the raft core is the only one that queues), and the runtime has other threads to run
-    /// its other tasks meanwhile (a multi-threaded one: on a single thread the whole runtime would
-    /// wait for the disk).
-    fn of(
-        replica: Option<NodeId>,
-        leader: Option<NodeId>,
-        queued: usize,
-        multi_thread: bool,
-    ) -> Place {
-        let followed = matches!((replica, leader), (Some(me), Some(l)) if l != me);
-        if followed && queued == 0 && multi_thread {
-            Place::InPlace
-        } else {
-            Place::Queued
-        }
-    }
-}
-
-/// Whether this thread runs on a multi-threaded tokio runtime.
-fn multi_thread_runtime() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// Reads back the entry `index` from its record.
@@ -380,21 +288,13 @@ impl RaftLogStorage<TypeConfig> for WalLogStore {
         self.health.check().map_err(io::Error::other)?;
         let entries: Vec<Entry> = entries.into_iter().collect();
         {
-            // Readable now, durable once its group is written.
+            // Readable now, durable once the fsync thread's group covers it.
             let mut tail = lock(&self.tail);
             for e in &entries {
                 tail.push(e.clone());
             }
         }
-        let place = self.place(&entries);
-        let op = Op::Append { entries, callback };
-        match place {
-            Place::InPlace => {
-                self.commit_in_place(op);
-                Ok(())
-            }
-            Place::Queued => self.send(op),
-        }
+        self.send(Op::Append { entries, callback })
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use openraft::impls::leader_id_adv::LeaderId;
 use openraft::storage::RaftLogStorageExt;
@@ -114,109 +113,6 @@ async fn an_entry_is_readable_as_soon_as_it_is_appended_and_acknowledged_once_on
     drop(log);
     let mut log = open(dir.path());
     assert_eq!(all(&mut log).await, [(1, 1), (1, 2)]);
-}
-
-#[test]
-fn a_follower_writes_what_its_leader_sent_in_place_only_when_nothing_is_queued() {
-    use Place::*;
-    // (this log's replica, the entries' leader, ops queued, multi-threaded runtime) -> place
-    let table = [
-        (Some(2), Some(1), 0, true, InPlace),
-        (Some(1), Some(1), 0, true, Queued), // a leader's own entries: replication runs beside
-        (Some(2), Some(1), 1, true, Queued), // after what was asked for earlier
-        (Some(2), Some(1), 0, false, Queued), // nowhere to lend this worker's other tasks
-        (None, Some(1), 0, true, Queued),    // a log that does not know its replica
-        (Some(2), None, 0, true, Queued),    // nothing to write
-    ];
-    for (replica, leader, queued, multi, want) in table {
-        assert_eq!(
-            Place::of(replica, leader, queued, multi),
-            want,
-            "replica {replica:?}, leader {leader:?}, {queued} queued, multi-threaded {multi}"
-        );
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_follower_acknowledges_its_leaders_entries_on_disk_before_append_returns() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = open(dir.path()).of_replica(2);
-    let (tx, mut flushed) = TypeConfig::oneshot();
-    log.append([entry(1, 1), entry(1, 2)], IOFlushed::signal(tx))
-        .await
-        .unwrap();
-    // Written in place: the callback came before append returned.
-    assert!(matches!(flushed.try_recv(), Ok(Ok(_))), "not yet on disk");
-    drop(log);
-    let mut log = open(dir.path());
-    assert_eq!(all(&mut log).await, [(1, 1), (1, 2)]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leaders_own_entries_and_whatever_follows_a_queued_op_go_through_the_fsync_thread() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = open(dir.path()).of_replica(1);
-    // The writer held by another thread: nothing is written until it is let go.
-    let (let_go, held) = hold(log.flusher.writer.clone());
-    let (tx, mut own) = TypeConfig::oneshot();
-    log.append([entry(1, 1)], IOFlushed::signal(tx))
-        .await
-        .unwrap();
-    assert!(
-        own.try_recv().is_err(),
-        "replica 1's own entry was not queued"
-    );
-    // Replica 1 following replica 2 now: queued too, behind entry 1 (in place it would wait for
-    // the writer here).
-    let followed = Entry::new_normal(
-        LogId::new(
-            LeaderId {
-                term: 2,
-                node_id: 2,
-            },
-            2,
-        ),
-        LogCommand {
-            stamped_ms: 2,
-            command: vec![2; 200],
-        },
-    );
-    let (tx, mut then) = TypeConfig::oneshot();
-    let mut clone = log.clone();
-    let appended = tokio::spawn(async move {
-        clone
-            .append([followed], IOFlushed::signal(tx))
-            .await
-            .unwrap();
-    });
-    tokio::time::timeout(Duration::from_secs(5), appended)
-        .await
-        .expect("the append behind a queued one waited for the writer in place")
-        .unwrap();
-    assert!(
-        then.try_recv().is_err(),
-        "written before the entry queued ahead of it"
-    );
-    drop(let_go);
-    held.join().unwrap();
-    own.await.unwrap().unwrap();
-    then.await.unwrap().unwrap();
-    drop(log);
-    let mut log = open(dir.path());
-    assert_eq!(all(&mut log).await, [(1, 1), (2, 2)]);
-}
-
-/// Holds `writer` on a thread of its own until the returned sender is dropped.
-fn hold(writer: Arc<Mutex<Writer>>) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
-    let (let_go, wait) = std::sync::mpsc::channel::<()>();
-    let (taken, is_taken) = std::sync::mpsc::channel();
-    let holder = std::thread::spawn(move || {
-        let _held = lock(&writer);
-        taken.send(()).unwrap();
-        let _ = wait.recv();
-    });
-    is_taken.recv().unwrap();
-    (let_go, holder)
 }
 
 #[tokio::test]
@@ -490,10 +386,8 @@ fn enc<T: serde::Serialize>(value: &T) -> Vec<u8> {
 }
 
 /// Random appends, truncations, purges, votes and restarts against a model of the log, with
-/// segments small enough that a few steps fill one and purges delete them. Every entry is led by
-/// replica 1: half the cases are replica 1's log (every group through the fsync thread), half
-/// replica 2's (appends written in place).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// segments small enough that a few steps fill one and purges delete them.
+#[tokio::test]
 async fn random_histories_read_back_as_the_model_says() {
     let seed = std::env::var("WAL_SEED")
         .ok()
@@ -505,14 +399,9 @@ async fn random_histories_read_back_as_the_model_says() {
 }
 
 async fn history(seed: u64) {
-    let replica = 1 + seed % 2;
-    let open = |dir: &Path| open(dir).of_replica(replica);
     use rand::Rng;
     use rand::SeedableRng;
-    eprintln!(
-        "reproduce: WAL_SEED={seed} cargo test -p gangway-consensus --lib random_histories \
-         (replica {replica}'s log)"
-    );
+    eprintln!("reproduce: WAL_SEED={seed} cargo test -p gangway-consensus --lib random_histories");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let mut log = open(dir.path());

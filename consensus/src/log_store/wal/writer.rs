@@ -1,10 +1,8 @@
-//! The writer: group commit of whatever the raft core queued, into the current segment.
+//! The fsync thread: group commit of whatever the raft core queued, into the current segment.
 //!
-//! The fsync thread waits for one op, takes every other queued one, encodes them in order into one
-//! buffer, writes it with one `pwrite` and makes it durable with one `fdatasync`, then puts the
-//! records in the [`Index`](super::index::Index), marks the entries written in the tail and
-//! answers each op. The raft core may write a group of its own in place, through the same
-//! [`Writer`], while nothing is queued (see [`super::WalLogStore`]).
+//! It waits for one op, takes every other queued one, encodes them in order into one buffer,
+//! writes it with one `pwrite` and makes it durable with one `fdatasync`, then puts the records in
+//! the [`Index`](super::index::Index), marks the entries written in the tail and answers each op.
 //! A record that does not fit the segment goes to the next one, after what came before it is
 //! written and synced: an older segment is always whole. The next segment is made (zeroed) in the
 //! background once the current one is half full, so a roll is a rename.
@@ -12,8 +10,6 @@
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicUsize;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -81,8 +77,6 @@ pub(super) struct Writer {
     pub committed: Arc<Mutex<Option<LogId>>>,
     pub health: StorageHealth,
     pub spare: Spare,
-    /// Why a write or fsync failed, once one did.
-    pub failed: Option<String>,
 }
 
 /// The next segment, made ahead of use in the file `spare`.
@@ -116,50 +110,36 @@ struct Group {
     purged: bool,
 }
 
-/// The fsync thread: serves the queue until every store clone is gone, one group of whatever
-/// was queued at a time, then writes the committed index a last time. `queued` counts the ops
-/// sent and not yet answered (the sender adds, this thread takes away once a group is answered).
-pub(super) fn run(writer: Arc<Mutex<Writer>>, rx: mpsc::Receiver<Op>, queued: Arc<AtomicUsize>) {
-    // Segments an interrupted purge left behind.
-    lock(&writer).after(true);
-    while let Ok(first) = rx.recv() {
-        let mut ops = vec![first];
-        ops.extend(rx.try_iter());
-        let n = ops.len();
-        lock(&writer).commit(ops);
-        queued.fetch_sub(n, Ordering::AcqRel);
-    }
-    lock(&writer).close();
-}
-
 impl Writer {
-    /// Writes `ops` as one group (one `pwrite`, one `fdatasync`), then answers each. After a
-    /// failure every op is answered with it: nothing more is written.
-    pub(super) fn commit(&mut self, ops: Vec<Op>) {
-        if let Some(msg) = &self.failed {
-            let msg = msg.clone();
-            answer(ops, Err(msg));
-            return;
-        }
-        match self.write(&ops) {
-            Ok(group) => {
-                let purged = group.purged;
-                self.publish(group);
-                answer(ops, Ok(()));
-                self.after(purged);
-            }
-            Err(e) => {
-                let msg = format!("raft log write or fsync failed: {e}");
-                self.health.fail(&msg);
+    /// Serves the queue until every store clone is gone. After a failure every op is answered
+    /// with it: nothing more is written.
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Op>) {
+        // Segments an interrupted purge left behind.
+        self.after(true);
+        let mut failed: Option<String> = None;
+        while let Ok(first) = rx.recv() {
+            let mut ops = vec![first];
+            ops.extend(rx.try_iter());
+            if let Some(msg) = &failed {
                 answer(ops, Err(msg.clone()));
-                self.failed = Some(msg);
+                continue;
+            }
+            match self.write(&ops) {
+                Ok(group) => {
+                    let purged = group.purged;
+                    self.publish(group);
+                    answer(ops, Ok(()));
+                    self.after(purged);
+                }
+                Err(e) => {
+                    let msg = format!("raft log write or fsync failed: {e}");
+                    self.health.fail(&msg);
+                    answer(ops, Err(msg.clone()));
+                    failed = Some(msg);
+                }
             }
         }
-    }
-
-    /// At close: the committed index a last time, and the spare's thread joined.
-    fn close(&mut self) {
-        if self.failed.is_none() {
+        if failed.is_none() {
             if let Err(e) = self.write(&[]) {
                 tracing::warn!(error = %e, "writing the committed index at close failed");
             }
