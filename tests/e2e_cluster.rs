@@ -312,10 +312,7 @@ async fn http_get(addr: &str, path: &str, want: &str) -> String {
 /// term-1 leader outranks it, and the leader would step down for nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_founder_that_starts_late_joins_without_deposing_the_leader() {
-    let mut cluster = TestCluster::configure(3, &ClusterOptions::default());
-    cluster.start_replica(1);
-    cluster.start_replica(2);
-    let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let (mut cluster, leader) = founders_up([1, 2]).await;
     let term = status(&cluster.addr(leader))
         .await
         .expect("leader status")
@@ -343,10 +340,7 @@ async fn a_founder_that_starts_late_joins_without_deposing_the_leader() {
 /// one's turn comes and the other two form the cluster without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_forms_without_its_first_founder() {
-    let mut cluster = TestCluster::configure(3, &ClusterOptions::default());
-    cluster.start_replica(2);
-    cluster.start_replica(3);
-    let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    let (mut cluster, leader) = founders_up([2, 3]).await;
     assert!(leader == 2 || leader == 3, "leader {leader}");
     let mut c = client(&cluster.addr(leader)).await.expect("leader client");
     let s = c.cluster_status(pb::Empty {}).await.unwrap().into_inner();
@@ -359,6 +353,17 @@ async fn the_cluster_forms_without_its_first_founder() {
     // Replica 1 comes up at last and follows.
     cluster.start_replica(1);
     until_follows(&cluster, 1, leader).await;
+}
+
+/// Three founding replicas configured, only `up` of them started; returns once those two agree on
+/// a leader (its id).
+async fn founders_up(up: [u64; 2]) -> (TestCluster, u64) {
+    let mut cluster = TestCluster::configure(3, &ClusterOptions::default());
+    for id in up {
+        cluster.start_replica(id);
+    }
+    let leader = cluster.wait_for_leader(None, Duration::from_secs(30)).await;
+    (cluster, leader)
 }
 
 /// Waits (up to 15 s) until replica `id` answers as a follower of `leader`.
