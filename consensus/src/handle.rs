@@ -108,7 +108,7 @@ impl<S: StateMachine> ReplicaHandle<S> {
                     ))
                 })?;
                 let dir = config.data_dir.join(wal::migrate::DIR);
-                AnyLogStore::Wal(open_log_retrying(&dir, &health).await?)
+                AnyLogStore::Wal(open_log_retrying(config.node_id, &dir, &health).await?)
             }
             LogStorage::Memory => AnyLogStore::Memory(MemLogStore::new()),
         };
@@ -685,13 +685,17 @@ impl<S: StateMachine> ReplicaHandle<S> {
     }
 }
 
-/// Open the log, retrying briefly while a previous incarnation in the same process (tests) still
-/// holds its lock while its last tasks wind down.
-async fn open_log_retrying(dir: &std::path::Path, health: &StorageHealth) -> Result<WalLogStore> {
+/// Open replica `id`'s log, retrying briefly while a previous incarnation in the same process
+/// (tests) still holds its lock while its last tasks wind down.
+async fn open_log_retrying(
+    id: NodeId,
+    dir: &std::path::Path,
+    health: &StorageHealth,
+) -> Result<WalLogStore> {
     let mut tries = 0;
     loop {
         match WalLogStore::open(dir, health.clone()) {
-            Ok(s) => return Ok(s),
+            Ok(s) => return Ok(s.of_replica(id)),
             // The previous store still holds the directory's lock.
             Err(e) if tries < 100 && e.kind() == std::io::ErrorKind::WouldBlock => {
                 tries += 1;

@@ -68,6 +68,21 @@ impl StoreBuilder<TypeConfig, WalLogStore, StateMachineStore<Sum>, tempfile::Tem
     }
 }
 
+/// The log of a replica that led none of the suite's entries: every append written in place.
+struct FollowerWalBuilder;
+
+impl StoreBuilder<TypeConfig, WalLogStore, StateMachineStore<Sum>, tempfile::TempDir>
+    for FollowerWalBuilder
+{
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, WalLogStore, StateMachineStore<Sum>), StorageError<TypeConfig>>
+    {
+        let (dir, log, sm) = WalBuilder.build().await?;
+        Ok((dir, log.of_replica(u64::MAX), sm))
+    }
+}
+
 struct MemBuilder;
 
 impl StoreBuilder<TypeConfig, MemLogStore, StateMachineStore<Sum>, tempfile::TempDir>
@@ -86,6 +101,13 @@ impl StoreBuilder<TypeConfig, MemLogStore, StateMachineStore<Sum>, tempfile::Tem
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segment_log_store_passes_openraft_conformance_suite() {
     Suite::test_all(WalBuilder).await.expect("conformance");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_log_store_written_in_place_passes_openraft_conformance_suite() {
+    Suite::test_all(FollowerWalBuilder)
+        .await
+        .expect("conformance");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

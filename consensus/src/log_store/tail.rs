@@ -2,7 +2,7 @@
 //! written there, and the most recent written ones.
 //!
 //! An append puts its entries here and returns; the fsync thread writes them to the current segment
-//! (one `pwrite` and one `fdatasync` per group commit) and marks them written. Readers (replication,
+//! (one durable write per group commit) and marks them written. Readers (replication,
 //! the state machine's apply) find an entry here or, if it is not here, in its segment: only
 //! written entries ever leave the tail, oldest first, once it holds more of them than its [`Keep`]
 //! allows (by count and by encoded bytes, so a run of large entries cannot hold much memory). An entry is marked written only if

@@ -8,18 +8,23 @@
 //!
 //! Durability: an append puts its entries in the log's tail in memory ([`Tail`], where readers
 //! find them at once) and queues them for a single fsync thread ([`writer`]), which takes every op
-//! queued meanwhile, writes their records with one `pwrite` and one `fdatasync` and only then tells
-//! openraft the entries are persisted (group commit). Records overwrite zeros already on disk, so
-//! the fdatasync writes data only: the file's size and blocks never change under it. A
-//! truncation, a purge and a vote go through the same thread and return once on disk, so they
-//! can never land before appends queued ahead of them. Any write or fsync failure is returned to
-//! openraft (which stops the Raft core) and recorded in [`StorageHealth`]: the replica never
-//! acknowledges what it did not persist. Opening replays the segments ([`recover`]); a torn last
-//! group (never acknowledged) is dropped and zeroed.
+//! queued meanwhile, writes their records as one group and only then tells openraft the entries
+//! are persisted (group commit). A follower writes the entries its leader sent in place instead,
+//! on the raft core's thread, while nothing is queued ([`Place`]): its reply waits for them
+//! anyway, and the way through the fsync thread and back is two wake-ups of threads on every
+//! write's path. A group is one `O_DIRECT | O_DSYNC` write of whole blocks, durable when it returns
+//! ([`direct`]), or where the filesystem takes no direct writes a `pwrite` and an `fdatasync`.
+//! Records overwrite zeros already on disk, so either writes data only: the file's size and
+//! blocks never change under it. A truncation, a purge and a vote go through the same thread and
+//! return once on disk, so they can never land before appends queued ahead of them. Any write or
+//! fsync failure is returned to openraft (which stops the Raft core) and recorded in
+//! [`StorageHealth`]: the replica never acknowledges what it did not persist. Opening replays the
+//! segments ([`recover`]); a torn last group (never acknowledged) is dropped and zeroed.
 //!
 //! Reads: an entry is in the tail or, if the tail let it go (only written entries leave), read
 //! back from its segment at the offset the [`index`] keeps, its CRC checked.
 
+mod direct;
 mod index;
 pub(crate) mod migrate;
 mod record;
@@ -34,6 +39,8 @@ use std::io;
 use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -50,6 +57,7 @@ use self::index::Loc;
 use self::record::Read;
 use self::record::Record;
 use self::writer::Done;
+pub(crate) use self::writer::Io;
 use self::writer::Op;
 use self::writer::Writer;
 use super::tail::Keep;
@@ -57,6 +65,7 @@ use super::tail::Tail;
 use super::StorageHealth;
 use crate::types::Entry;
 use crate::types::LogId;
+use crate::types::NodeId;
 use crate::types::TypeConfig;
 use crate::types::Vote;
 
@@ -86,6 +95,9 @@ pub struct WalLogStore {
     health: StorageHealth,
     /// The committed index last saved (the fsync thread writes it with its next group).
     committed: Arc<Mutex<Option<LogId>>>,
+    /// The replica this log belongs to, once known: entries another replica led are written in
+    /// place ([`Place`]). None: every group goes through the fsync thread.
+    replica: Option<NodeId>,
 }
 
 /// What is on disk: the index of the records and the segment files, open for reading.
@@ -99,6 +111,10 @@ struct Disk {
 /// releases the lock: a new store on the directory never overlaps the old one's writes.
 struct Flusher {
     tx: Option<mpsc::Sender<Op>>,
+    /// Ops sent to the thread and not yet answered.
+    queued: Arc<AtomicUsize>,
+    /// The writer, the thread's between groups; an in-place group takes it while nothing is queued.
+    writer: Arc<Mutex<Writer>>,
     thread: Option<std::thread::JoinHandle<()>>,
     _lock: segment::DirLock,
 }
@@ -120,6 +136,16 @@ impl WalLogStore {
 
     /// Opens (or creates) the log in `dir`; new segments are `segment_bytes` long.
     pub fn open_with(dir: &Path, health: StorageHealth, segment_bytes: u64) -> io::Result<Self> {
+        Self::open_io(dir, health, segment_bytes, Io::Direct)
+    }
+
+    /// Opens (or creates) the log in `dir`, writing its groups as `io` says.
+    pub(crate) fn open_io(
+        dir: &Path,
+        health: StorageHealth,
+        segment_bytes: u64,
+        io: Io,
+    ) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let lock = segment::DirLock::take(dir)?;
         let found = recover::recover(dir, segment_bytes)?;
@@ -130,7 +156,7 @@ impl WalLogStore {
             files: found.files,
         }));
         let tail = Arc::new(Mutex::new(Tail::new(TAIL_KEEP)));
-        let writer = Writer {
+        let mut writer = Writer {
             dir: dir.to_path_buf(),
             segment_bytes,
             cursor: found.cursor,
@@ -140,22 +166,62 @@ impl WalLogStore {
             committed: committed.clone(),
             health: health.clone(),
             spare: writer::Spare::found(dir),
+            failed: None,
+            io,
         };
+        writer.open_direct();
+        let writer = Arc::new(Mutex::new(writer));
+        let queued = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel::<Op>();
-        let thread = std::thread::Builder::new()
-            .name("raft-log-fsync".into())
-            .spawn(move || writer.run(rx))?;
+        let thread = {
+            let (writer, queued) = (writer.clone(), queued.clone());
+            std::thread::Builder::new()
+                .name("raft-log-fsync".into())
+                .spawn(move || writer::run(writer, rx, queued))?
+        };
         Ok(WalLogStore {
             disk,
             tail,
             flusher: Arc::new(Flusher {
                 tx: Some(tx),
+                queued,
+                writer,
                 thread: Some(thread),
                 _lock: lock,
             }),
             health,
             committed,
+            replica: None,
         })
+    }
+
+    /// The log of replica `id`: the entries another replica led (a follower's, sent by its
+    /// leader) are written in place while nothing is queued ([`Place`]).
+    pub fn of_replica(mut self, id: NodeId) -> Self {
+        self.replica = Some(id);
+        self
+    }
+
+    /// Where the group appending `entries` is written.
+    fn place(&self, entries: &[Entry]) -> Place {
+        use openraft::vote::RaftLeaderId;
+        Place::of(
+            self.replica,
+            entries
+                .first()
+                .map(|e| *e.log_id().committed_leader_id().node_id()),
+            self.flusher.queued.load(Ordering::Acquire),
+            multi_thread_runtime(),
+        )
+    }
+
+    /// Writes `op` as a group of its own on this thread, blocking it for one direct write (or one
+    /// `pwrite` and one `fdatasync`). The raft core calling waits for the group anyway (its reply
+    /// to the leader does); the runtime's other workers run the rest meanwhile. Not `block_in_place`: handing
+    /// this worker's tasks to another thread each time cost more than it saved (measured: p99 at
+    /// one client 4.5 ms with it, 1.9 ms without, 3.8 ms through the fsync thread).
+    fn commit_in_place(&self, op: Op) {
+        lock(&self.flusher.writer).commit(vec![op]);
     }
 
     /// Record a failure in the health flag and pass it on.
@@ -166,6 +232,7 @@ impl WalLogStore {
 
     /// Queues `op` for the fsync thread.
     fn send(&self, op: Op) -> io::Result<()> {
+        self.flusher.queued.fetch_add(1, Ordering::AcqRel);
         let sent = self.flusher.tx.as_ref().map(|tx| tx.send(op));
         if !matches!(sent, Some(Ok(()))) {
             return Err(self.fail(FSYNC_THREAD_GONE.into()));
@@ -201,6 +268,46 @@ impl WalLogStore {
             })
             .collect()
     }
+}
+
+/// Where an append's group is written. A follower's reply to its leader waits until the entries
+/// are on disk, so the fsync thread buys it nothing: handing the group over and being told it is
+/// written are two wake-ups of threads on the write's path (often of the other CPU, halted). A
+/// leader's own entries go to the thread, so that replication runs beside its fsync instead of
+/// after it. Either way the group is one durable write by the one [`Writer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// On the caller's thread, now: `append` returns with the entries on disk.
+    InPlace,
+    /// Queued for the fsync thread, with whatever else is queued.
+    Queued,
+}
+
+impl Place {
+    /// In place only when all of these hold: the log knows its replica, another replica led the
+    /// entries, nothing is queued or being written (so nothing asked for earlier can land after
+    /// them; the raft core is the only one that queues), and the runtime has other threads to run
+    /// its other tasks meanwhile (a multi-threaded one: on a single thread the whole runtime would
+    /// wait for the disk).
+    fn of(
+        replica: Option<NodeId>,
+        leader: Option<NodeId>,
+        queued: usize,
+        multi_thread: bool,
+    ) -> Place {
+        let followed = matches!((replica, leader), (Some(me), Some(l)) if l != me);
+        if followed && queued == 0 && multi_thread {
+            Place::InPlace
+        } else {
+            Place::Queued
+        }
+    }
+}
+
+/// Whether this thread runs on a multi-threaded tokio runtime.
+fn multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// Reads back the entry `index` from its record.
@@ -288,13 +395,21 @@ impl RaftLogStorage<TypeConfig> for WalLogStore {
         self.health.check().map_err(io::Error::other)?;
         let entries: Vec<Entry> = entries.into_iter().collect();
         {
-            // Readable now, durable once the fsync thread's group covers it.
+            // Readable now, durable once its group is written.
             let mut tail = lock(&self.tail);
             for e in &entries {
                 tail.push(e.clone());
             }
         }
-        self.send(Op::Append { entries, callback })
+        let place = self.place(&entries);
+        let op = Op::Append { entries, callback };
+        match place {
+            Place::InPlace => {
+                self.commit_in_place(op);
+                Ok(())
+            }
+            Place::Queued => self.send(op),
+        }
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {

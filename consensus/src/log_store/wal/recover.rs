@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use openraft::entry::RaftEntry;
 
+use super::direct::Direct;
 use super::index::Effect;
 use super::index::Index;
 use super::index::Loc;
@@ -41,6 +42,8 @@ pub(super) struct Cursor {
     pub file: Arc<File>,
     pub offset: u64,
     pub capacity: u64,
+    /// The segment open for direct writes, when the writer uses them ([`super::direct`]).
+    pub direct: Option<Direct>,
 }
 
 /// The log as found on disk.
@@ -235,6 +238,7 @@ fn resume(
         file: file.clone(),
         offset: end,
         capacity: bytes.len() as u64,
+        direct: None,
     };
     if end == 0 {
         let start = Record::<&crate::types::Entry>::Start(Start {

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use openraft::impls::leader_id_adv::LeaderId;
 use openraft::storage::RaftLogStorageExt;
@@ -113,6 +114,155 @@ async fn an_entry_is_readable_as_soon_as_it_is_appended_and_acknowledged_once_on
     drop(log);
     let mut log = open(dir.path());
     assert_eq!(all(&mut log).await, [(1, 1), (1, 2)]);
+}
+
+#[test]
+fn a_follower_writes_what_its_leader_sent_in_place_only_when_nothing_is_queued() {
+    use Place::*;
+    // (this log's replica, the entries' leader, ops queued, multi-threaded runtime) -> place
+    let table = [
+        (Some(2), Some(1), 0, true, InPlace),
+        (Some(1), Some(1), 0, true, Queued), // a leader's own entries: replication runs beside
+        (Some(2), Some(1), 1, true, Queued), // after what was asked for earlier
+        (Some(2), Some(1), 0, false, Queued), // nowhere to lend this worker's other tasks
+        (None, Some(1), 0, true, Queued),    // a log that does not know its replica
+        (Some(2), None, 0, true, Queued),    // nothing to write
+    ];
+    for (replica, leader, queued, multi, want) in table {
+        assert_eq!(
+            Place::of(replica, leader, queued, multi),
+            want,
+            "replica {replica:?}, leader {leader:?}, {queued} queued, multi-threaded {multi}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_acknowledges_its_leaders_entries_on_disk_before_append_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path()).of_replica(2);
+    let (tx, mut flushed) = TypeConfig::oneshot();
+    log.append([entry(1, 1), entry(1, 2)], IOFlushed::signal(tx))
+        .await
+        .unwrap();
+    // Written in place: the callback came before append returned.
+    assert!(matches!(flushed.try_recv(), Ok(Ok(_))), "not yet on disk");
+    drop(log);
+    let mut log = open(dir.path());
+    assert_eq!(all(&mut log).await, [(1, 1), (1, 2)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaders_own_entries_and_whatever_follows_a_queued_op_go_through_the_fsync_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path()).of_replica(1);
+    // The writer held by another thread: nothing is written until it is let go.
+    let (let_go, held) = hold(log.flusher.writer.clone());
+    let (tx, mut own) = TypeConfig::oneshot();
+    log.append([entry(1, 1)], IOFlushed::signal(tx))
+        .await
+        .unwrap();
+    assert!(
+        own.try_recv().is_err(),
+        "replica 1's own entry was not queued"
+    );
+    // Replica 1 following replica 2 now: queued too, behind entry 1 (in place it would wait for
+    // the writer here).
+    let followed = Entry::new_normal(
+        LogId::new(
+            LeaderId {
+                term: 2,
+                node_id: 2,
+            },
+            2,
+        ),
+        LogCommand {
+            stamped_ms: 2,
+            command: vec![2; 200],
+        },
+    );
+    let (tx, mut then) = TypeConfig::oneshot();
+    let mut clone = log.clone();
+    let appended = tokio::spawn(async move {
+        clone
+            .append([followed], IOFlushed::signal(tx))
+            .await
+            .unwrap();
+    });
+    tokio::time::timeout(Duration::from_secs(5), appended)
+        .await
+        .expect("the append behind a queued one waited for the writer in place")
+        .unwrap();
+    assert!(
+        then.try_recv().is_err(),
+        "written before the entry queued ahead of it"
+    );
+    drop(let_go);
+    held.join().unwrap();
+    own.await.unwrap().unwrap();
+    then.await.unwrap().unwrap();
+    drop(log);
+    let mut log = open(dir.path());
+    assert_eq!(all(&mut log).await, [(1, 1), (2, 2)]);
+}
+
+/// Holds `writer` on a thread of its own until the returned sender is dropped.
+fn hold(writer: Arc<Mutex<Writer>>) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (let_go, wait) = std::sync::mpsc::channel::<()>();
+    let (taken, is_taken) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let _held = lock(&writer);
+        taken.send(()).unwrap();
+        let _ = wait.recv();
+    });
+    is_taken.recv().unwrap();
+    (let_go, holder)
+}
+
+/// Whether this process holds `path` open with `O_DIRECT` (Linux's `/proc/self/fdinfo` flags).
+fn open_direct(path: &Path) -> bool {
+    let want = path.canonicalize().unwrap();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .any(|fd| {
+            let same = std::fs::read_link(fd.path()).is_ok_and(|p| p == want);
+            let info = std::fs::read_to_string(format!(
+                "/proc/self/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ));
+            let flags = info.ok().and_then(|i| {
+                i.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            });
+            same && flags.is_some_and(|f| f & libc::O_DIRECT as u32 != 0)
+        })
+}
+
+#[tokio::test]
+async fn groups_go_to_disk_directly_where_the_filesystem_takes_it_and_through_the_page_cache_when_asked(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    if !super::direct::takes_direct_writes(dir.path()) {
+        eprintln!("skipped: {} takes no O_DIRECT writes", dir.path().display());
+        return;
+    }
+    for (io, direct) in [(Io::Direct, true), (Io::PageCache, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log =
+            WalLogStore::open_io(dir.path(), StorageHealth::default(), SMALL, io).unwrap();
+        // Across a roll: the next segment is opened the same way.
+        append(&mut log, 1, 1..=60).await;
+        assert!(segments(dir.path()).len() > 1, "{io:?}");
+        assert_eq!(open_direct(&newest(dir.path())), direct, "{io:?}");
+        drop(log);
+        let mut log = open(dir.path());
+        assert_eq!(
+            all(&mut log).await,
+            (1..=60).map(|i| (1, i)).collect::<Vec<_>>()
+        );
+    }
 }
 
 #[tokio::test]
@@ -386,8 +536,10 @@ fn enc<T: serde::Serialize>(value: &T) -> Vec<u8> {
 }
 
 /// Random appends, truncations, purges, votes and restarts against a model of the log, with
-/// segments small enough that a few steps fill one and purges delete them.
-#[tokio::test]
+/// segments small enough that a few steps fill one and purges delete them. Every entry is led by
+/// replica 1: half the cases are replica 1's log (every group through the fsync thread), half
+/// replica 2's (appends written in place).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_histories_read_back_as_the_model_says() {
     let seed = std::env::var("WAL_SEED")
         .ok()
@@ -399,9 +551,25 @@ async fn random_histories_read_back_as_the_model_says() {
 }
 
 async fn history(seed: u64) {
+    // Four seeds in a row: both kinds of replica, each writing directly and through the page
+    // cache.
+    let replica = 1 + seed % 2;
+    let io = if (seed / 2) % 2 == 0 {
+        Io::Direct
+    } else {
+        Io::PageCache
+    };
+    let open = |dir: &Path| {
+        WalLogStore::open_io(dir, StorageHealth::default(), SMALL, io)
+            .expect("open the log")
+            .of_replica(replica)
+    };
     use rand::Rng;
     use rand::SeedableRng;
-    eprintln!("reproduce: WAL_SEED={seed} cargo test -p gangway-consensus --lib random_histories");
+    eprintln!(
+        "reproduce: WAL_SEED={seed} cargo test -p gangway-consensus --lib random_histories \
+         (replica {replica}'s log, {io:?})"
+    );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let mut log = open(dir.path());

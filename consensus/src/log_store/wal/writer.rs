@@ -1,8 +1,10 @@
-//! The fsync thread: group commit of whatever the raft core queued, into the current segment.
+//! The writer: group commit of whatever the raft core queued, into the current segment.
 //!
-//! It waits for one op, takes every other queued one, encodes them in order into one buffer,
-//! writes it with one `pwrite` and makes it durable with one `fdatasync`, then puts the records in
-//! the [`Index`](super::index::Index), marks the entries written in the tail and answers each op.
+//! The fsync thread waits for one op, takes every other queued one, encodes them in order into one
+//! buffer, writes it with one direct write that is durable when it returns ([`Direct`]; a
+//! `pwrite` and an `fdatasync` where the filesystem takes none), then puts the records in the
+//! [`Index`](super::index::Index), marks the entries written in the tail and answers each op. The raft core may write a group of its own in place, through the same
+//! [`Writer`], while nothing is queued (see [`super::WalLogStore`]).
 //! A record that does not fit the segment goes to the next one, after what came before it is
 //! written and synced: an older segment is always whole. The next segment is made (zeroed) in the
 //! background once the current one is half full, so a roll is a rename.
@@ -10,6 +12,8 @@
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -17,6 +21,7 @@ use std::sync::Mutex;
 use openraft::entry::RaftEntry;
 use openraft::storage::IOFlushed;
 
+use super::direct::Direct;
 use super::index::Effect;
 use super::index::Loc;
 use super::index::State;
@@ -77,6 +82,20 @@ pub(super) struct Writer {
     pub committed: Arc<Mutex<Option<LogId>>>,
     pub health: StorageHealth,
     pub spare: Spare,
+    /// Why a write or fsync failed, once one did.
+    pub failed: Option<String>,
+    /// How groups reach the disk.
+    pub io: Io,
+}
+
+/// How a group is made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Io {
+    /// One `O_DIRECT | O_DSYNC` write where the segment's filesystem takes it ([`Direct`]), else
+    /// as [`Io::PageCache`].
+    Direct,
+    /// A `pwrite` into the page cache and an `fdatasync`.
+    PageCache,
 }
 
 /// The next segment, made ahead of use in the file `spare`.
@@ -110,36 +129,50 @@ struct Group {
     purged: bool,
 }
 
+/// The fsync thread: serves the queue until every store clone is gone, one group of whatever
+/// was queued at a time, then writes the committed index a last time. `queued` counts the ops
+/// sent and not yet answered (the sender adds, this thread takes away once a group is answered).
+pub(super) fn run(writer: Arc<Mutex<Writer>>, rx: mpsc::Receiver<Op>, queued: Arc<AtomicUsize>) {
+    // Segments an interrupted purge left behind.
+    lock(&writer).after(true);
+    while let Ok(first) = rx.recv() {
+        let mut ops = vec![first];
+        ops.extend(rx.try_iter());
+        let n = ops.len();
+        lock(&writer).commit(ops);
+        queued.fetch_sub(n, Ordering::AcqRel);
+    }
+    lock(&writer).close();
+}
+
 impl Writer {
-    /// Serves the queue until every store clone is gone. After a failure every op is answered
-    /// with it: nothing more is written.
-    pub(super) fn run(mut self, rx: mpsc::Receiver<Op>) {
-        // Segments an interrupted purge left behind.
-        self.after(true);
-        let mut failed: Option<String> = None;
-        while let Ok(first) = rx.recv() {
-            let mut ops = vec![first];
-            ops.extend(rx.try_iter());
-            if let Some(msg) = &failed {
-                answer(ops, Err(msg.clone()));
-                continue;
+    /// Writes `ops` as one group (one write, durable when done), then answers each. After a
+    /// failure every op is answered with it: nothing more is written.
+    pub(super) fn commit(&mut self, ops: Vec<Op>) {
+        if let Some(msg) = &self.failed {
+            let msg = msg.clone();
+            answer(ops, Err(msg));
+            return;
+        }
+        match self.write(&ops) {
+            Ok(group) => {
+                let purged = group.purged;
+                self.publish(group);
+                answer(ops, Ok(()));
+                self.after(purged);
             }
-            match self.write(&ops) {
-                Ok(group) => {
-                    let purged = group.purged;
-                    self.publish(group);
-                    answer(ops, Ok(()));
-                    self.after(purged);
-                }
-                Err(e) => {
-                    let msg = format!("raft log write or fsync failed: {e}");
-                    self.health.fail(&msg);
-                    answer(ops, Err(msg.clone()));
-                    failed = Some(msg);
-                }
+            Err(e) => {
+                let msg = format!("raft log write or fsync failed: {e}");
+                self.health.fail(&msg);
+                answer(ops, Err(msg.clone()));
+                self.failed = Some(msg);
             }
         }
-        if failed.is_none() {
+    }
+
+    /// At close: the committed index a last time, and the spare's thread joined.
+    fn close(&mut self) {
+        if self.failed.is_none() {
             if let Err(e) = self.write(&[]) {
                 tracing::warn!(error = %e, "writing the committed index at close failed");
             }
@@ -220,17 +253,58 @@ impl Writer {
         }
     }
 
-    /// Writes the buffer at the cursor (and fsyncs if asked), then empties it.
+    /// Writes the buffer at the cursor (and fsyncs if asked), then empties it. A segment open for
+    /// direct writes needs no fsync: each write is durable when it returns, and nothing of it is
+    /// in the page cache.
     fn flush(&mut self, buf: &mut Vec<u8>, sync: bool) -> io::Result<()> {
-        if !buf.is_empty() {
+        let written = !buf.is_empty() && self.write_direct(buf)?;
+        if !buf.is_empty() && !written {
             self.cursor.file.write_all_at(buf, self.cursor.offset)?;
-            self.cursor.offset += buf.len() as u64;
-            buf.clear();
         }
-        if sync {
+        self.cursor.offset += buf.len() as u64;
+        buf.clear();
+        if sync && self.cursor.direct.is_none() {
             self.cursor.file.sync_data()?;
         }
         Ok(())
+    }
+
+    /// Writes `buf` at the cursor directly if the segment is open for it; false if it is not, or
+    /// if the filesystem refused the write (from then on the log writes through the page cache).
+    fn write_direct(&mut self, buf: &[u8]) -> io::Result<bool> {
+        let Some(direct) = self.cursor.direct.as_mut() else {
+            return Ok(false);
+        };
+        match direct.write(buf, self.cursor.offset) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                tracing::warn!(error = %e, "the raft log's filesystem refused a direct write; writing through the page cache");
+                self.cursor.direct = None;
+                self.io = Io::PageCache;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens the cursor's segment for direct writes, if the log uses them; a segment that cannot
+    /// be is written through the page cache, and so is the rest of the log.
+    pub(super) fn open_direct(&mut self) {
+        if self.io != Io::Direct {
+            return;
+        }
+        let path = self.dir.join(segment::name(self.cursor.seq));
+        match Direct::open(&path, self.cursor.offset, self.cursor.capacity) {
+            Ok(Some(direct)) => self.cursor.direct = Some(direct),
+            Ok(None) => {
+                tracing::info!(path = %path.display(), "the raft log's filesystem takes no direct writes, or its segments are not whole blocks: writing through the page cache");
+                self.io = Io::PageCache;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "the raft log's segment cannot be opened for direct writes; writing through the page cache");
+                self.io = Io::PageCache;
+            }
+        }
     }
 
     /// Moves the cursor to a new segment with room for a record of `need` bytes after its start.
@@ -249,7 +323,9 @@ impl Writer {
             file,
             offset: 0,
             capacity,
+            direct: None,
         };
+        self.open_direct();
         Ok(())
     }
 
