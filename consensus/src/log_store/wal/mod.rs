@@ -98,6 +98,8 @@ pub struct WalLogStore {
     /// The replica this log belongs to, once known: entries another replica led are written in
     /// place ([`Place`]). None: every group goes through the fsync thread.
     replica: Option<NodeId>,
+    /// Whether the log was given its replica on a multi-threaded runtime (read once, there).
+    multi_thread: bool,
 }
 
 /// What is on disk: the index of the records and the segment files, open for reading.
@@ -192,13 +194,16 @@ impl WalLogStore {
             health,
             committed,
             replica: None,
+            multi_thread: false,
         })
     }
 
     /// The log of replica `id`: the entries another replica led (a follower's, sent by its
-    /// leader) are written in place while nothing is queued ([`Place`]).
+    /// leader) are written in place while nothing is queued ([`Place`]). Called on the runtime
+    /// the replica runs on: its flavor is read here, once.
     pub fn of_replica(mut self, id: NodeId) -> Self {
         self.replica = Some(id);
+        self.multi_thread = multi_thread_runtime();
         self
     }
 
@@ -211,15 +216,16 @@ impl WalLogStore {
                 .first()
                 .map(|e| *e.log_id().committed_leader_id().node_id()),
             self.flusher.queued.load(Ordering::Acquire),
-            multi_thread_runtime(),
+            self.multi_thread,
         )
     }
 
     /// Writes `op` as a group of its own on this thread, blocking it for one direct write (or one
     /// `pwrite` and one `fdatasync`). The raft core calling waits for the group anyway (its reply
-    /// to the leader does); the runtime's other workers run the rest meanwhile. Not `block_in_place`: handing
-    /// this worker's tasks to another thread each time cost more than it saved (measured: p99 at
-    /// one client 4.5 ms with it, 1.9 ms without, 3.8 ms through the fsync thread).
+    /// to the leader does); the runtime's other workers run the rest meanwhile. Not
+    /// `block_in_place`: handing this worker's tasks to another thread each time cost more than it
+    /// saved (measured: p99 at one client 4.5 ms with it, 1.9 ms without, 3.8 ms through the
+    /// fsync thread).
     fn commit_in_place(&self, op: Op) {
         lock(&self.flusher.writer).commit(vec![op]);
     }

@@ -3,8 +3,8 @@
 //! A segment is made whole before it is used: written out with zeros to its full size, fsynced and
 //! only then renamed into place (and the directory fsynced). Records are then written over the
 //! zeros, so a direct write (or an fdatasync after a buffered one) flushes data alone: the file's
-//! size and its blocks are already on disk and need no journal commit (on this project's test VM an fsync'd 512-byte write
-//! takes 115 us over written blocks and 176 us growing a file).
+//! size and its blocks are already on disk and need no journal commit (on this project's test VM
+//! an fsync'd 512-byte write takes 115 us over written blocks and 176 us growing a file).
 
 use std::fs::File;
 use std::fs::OpenOptions;

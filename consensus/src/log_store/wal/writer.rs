@@ -3,8 +3,9 @@
 //! The fsync thread waits for one op, takes every other queued one, encodes them in order into one
 //! buffer, writes it with one direct write that is durable when it returns ([`Direct`]; a
 //! `pwrite` and an `fdatasync` where the filesystem takes none), then puts the records in the
-//! [`Index`](super::index::Index), marks the entries written in the tail and answers each op. The raft core may write a group of its own in place, through the same
-//! [`Writer`], while nothing is queued (see [`super::WalLogStore`]).
+//! [`Index`](super::index::Index), marks the entries written in the tail and answers each op.
+//! The raft core may write a group of its own in place, through the same [`Writer`], while
+//! nothing is queued (see [`super::WalLogStore`]).
 //! A record that does not fit the segment goes to the next one, after what came before it is
 //! written and synced: an older segment is always whole. The next segment is made (zeroed) in the
 //! background once the current one is half full, so a roll is a rename.
@@ -257,8 +258,7 @@ impl Writer {
     /// direct writes needs no fsync: each write is durable when it returns, and nothing of it is
     /// in the page cache.
     fn flush(&mut self, buf: &mut Vec<u8>, sync: bool) -> io::Result<()> {
-        let written = !buf.is_empty() && self.write_direct(buf)?;
-        if !buf.is_empty() && !written {
+        if !buf.is_empty() && !self.write_direct(buf)? {
             self.cursor.file.write_all_at(buf, self.cursor.offset)?;
         }
         self.cursor.offset += buf.len() as u64;
